@@ -1,0 +1,47 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each bootstraps .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint typecheck unit proto bench engines-start engines-stop clean
+
+$(VENV)/.stamp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+demo: venv
+	$(BIN)/dspy-infra demo
+
+lint: venv
+	$(BIN)/ruff check dspy_infra tests benchmarks examples
+	$(BIN)/ruff format --check dspy_infra tests benchmarks examples
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+proto: venv
+	$(BIN)/python scripts/gen_proto.py
+
+bench: venv
+	$(BIN)/python benchmarks/scheduler.py
+	$(BIN)/python benchmarks/services.py
+	$(BIN)/python benchmarks/rpc.py
+
+engines-start:
+	bash scripts/engines.sh start
+
+engines-stop:
+	bash scripts/engines.sh stop
+
+clean:
+	rm -rf $(VENV) build *.egg-info

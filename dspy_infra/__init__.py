@@ -1,0 +1,91 @@
+"""dspy_infra: services, tasks and test fixtures for AI-agent apps from one line.
+
+    infra = await ensure_infra(services=["redis"])
+
+Only the public API lives here; everything else is an implementation module.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import Settings, load_settings
+from .errors import (
+    AlreadyExists,
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    CycleError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    HealthCheckFailed,
+    InfraError,
+    MissingBinary,
+    NotFound,
+    ResourceUnavailable,
+    ServiceError,
+    SpecError,
+    TaskError,
+    Unauthenticated,
+    Unavailable,
+)
+from .hookspecs import hookimpl
+from .infra import Infra, SyncInfra, ensure_infra, ensure_infra_sync, shutdown_infra, use_infra
+from .models import (
+    DependsOn,
+    Event,
+    HealthCheck,
+    PortMapping,
+    Resources,
+    RestartPolicy,
+    ServiceSpec,
+    TaskClass,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    TaskStatus,
+    VolumeMount,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "CycleError",
+    "DeadlineExceeded",
+    "DependsOn",
+    "Event",
+    "FailedPrecondition",
+    "HealthCheck",
+    "HealthCheckFailed",
+    "Infra",
+    "InfraError",
+    "MissingBinary",
+    "NotFound",
+    "PortMapping",
+    "ResourceUnavailable",
+    "Resources",
+    "RestartPolicy",
+    "ServiceError",
+    "ServiceSpec",
+    "Settings",
+    "SpecError",
+    "SyncInfra",
+    "TaskClass",
+    "TaskError",
+    "TaskResult",
+    "TaskSpec",
+    "TaskState",
+    "TaskStatus",
+    "Unauthenticated",
+    "Unavailable",
+    "VolumeMount",
+    "__version__",
+    "ensure_infra",
+    "ensure_infra_sync",
+    "hookimpl",
+    "load_settings",
+    "shutdown_infra",
+    "use_infra",
+]

@@ -1,0 +1,94 @@
+"""EventBus: publish/subscribe with a bounded history that subscribers can replay.
+
+Publishing never blocks and never fails: events go into one ring buffer with a sequence
+number, and each subscriber reads from its own cursor. A subscriber that falls so far
+behind that its next event has left the ring gets one ``events_dropped`` event saying how
+many it missed, then carries on from the oldest kept event. No per-subscriber queues, so a
+slow or abandoned subscriber costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+
+from .models import Event
+
+__all__ = ["EventBus"]
+
+
+class EventBus:
+    """In-process event bus. Call ``publish`` from the event loop's thread."""
+
+    def __init__(self, history: int = 10_000, *, clock: Callable[[], float] = time.time) -> None:
+        self._ring: deque[tuple[int, Event]] = deque(maxlen=history)
+        self._next_seq = 0
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def publish(self, type: str, resource_id: str, data: Mapping[str, object] | None = None) -> Event:
+        event = Event(
+            type=type,
+            resource_id=resource_id,
+            data={k: str(v) for k, v in (data or {}).items()},
+            timestamp=self._clock(),
+        )
+        self._ring.append((self._next_seq, event))
+        self._next_seq += 1
+        for listener in self._listeners:
+            listener(event)
+        # Wake every waiting subscriber; the next waiters get a fresh Event.
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+        return event
+
+    def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``fn`` synchronously on every event (for metrics); returns the remover."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn)
+
+    def history(self, types: Iterable[str] | None = None, since: float | None = None) -> list[Event]:
+        wanted = set(types) if types else None
+        return [
+            e
+            for _, e in self._ring
+            if (wanted is None or e.type in wanted) and (since is None or e.timestamp >= since)
+        ]
+
+    def close(self) -> None:
+        """End every subscription (they return after draining what is buffered)."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def subscribe(
+        self, types: Iterable[str] | None = None, since: float | None = None
+    ) -> AsyncIterator[Event]:
+        """Yield matching events: those kept since ``since`` (if given), then live ones."""
+        wanted = set(types) if types else None
+        if since is not None:
+            cursor = self._ring[0][0] if self._ring else self._next_seq
+        else:
+            cursor = self._next_seq
+        while True:
+            oldest = self._ring[0][0] if self._ring else self._next_seq
+            if cursor < oldest:
+                missed = oldest - cursor
+                cursor = oldest
+                yield Event("events_dropped", "", {"missed": str(missed)}, self._clock())
+            start = cursor - oldest
+            batch = [self._ring[i] for i in range(start, len(self._ring))]
+            for seq, event in batch:
+                cursor = seq + 1
+                if wanted is not None and event.type not in wanted:
+                    continue
+                if since is not None and event.timestamp < since:
+                    continue
+                yield event
+            if self._closed and cursor >= self._next_seq:
+                return
+            if cursor >= self._next_seq:
+                await self._wakeup.wait()

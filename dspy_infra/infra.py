@@ -1,0 +1,417 @@
+"""Infra: owns the scheduler, the service manager, workflows and (optionally) the servers.
+
+``ensure_infra()`` returns the process-wide shared instance: an embedded ``Infra`` or, when a
+server answers, a ``RemoteInfra`` with the same methods over gRPC.
+
+Ownership: every component is an async context manager that owns its background tasks.
+``Infra`` enters them all inside one *owner task* and leaves them in reverse order when
+``aclose()`` is called, whichever task calls it. (anyio task groups must be entered and left
+by the same task, and ``ensure_infra()`` / ``shutdown_infra()`` are often called from
+different tasks, so the owner task is what makes structured concurrency hold here.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import SpecError, Unavailable
+from .events import EventBus
+from .metrics import InfraMetrics
+from .models import Event, QueueStatus, ServiceSpec, TaskResult, TaskSpec, TaskState
+from .plugins import build_plugin_manager
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .scheduler.scheduler import Scheduler
+    from .scheduler.workflows import WorkflowEngine
+    from .services.manager import ServiceManager
+
+__all__ = [
+    "Infra",
+    "SyncInfra",
+    "ensure_infra",
+    "ensure_infra_sync",
+    "shutdown_infra",
+    "use_infra",
+]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, str]]])
+
+
+class Infra:
+    """Embedded infrastructure. ``async with Infra(...) as infra:`` or ``await infra.start()``."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        backend: Backend | str | None = None,
+        plugins: Iterable[Any] = (),
+        services: Iterable[ServiceSpec] = (),
+        load_entry_points: bool = True,
+    ) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self.home: Path = self.settings.resolved_home()
+        self.bus = EventBus()
+        self.metrics = InfraMetrics()
+        self.plugins = build_plugin_manager(plugins, load_entry_points=load_entry_points)
+        self._backend_arg = backend
+        self._extra_services = list(services)
+        self._scheduler: Scheduler | None = None
+        self._services: ServiceManager | None = None
+        self._workflows: WorkflowEngine | None = None
+        self._owner: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._ready: asyncio.Future[None] | None = None
+        self._closed = False
+        self._started_services: list[str] = []
+        self.servers: list[Any] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, services: Sequence[str] = (), *, serve: bool = False) -> Self:
+        """Start the components (and the named services, with their dependencies)."""
+        if self._owner is None:
+            if self._closed:
+                raise Unavailable("this Infra was closed", fix="create a new Infra")
+            loop = asyncio.get_running_loop()
+            self._ready = loop.create_future()
+            self._owner = asyncio.create_task(self._own(serve), name="dspy_infra-owner")
+            await asyncio.shield(self._ready)
+        if services:
+            await self.ensure_services(services)
+        return self
+
+    async def _own(self, serve: bool) -> None:
+        assert self._ready is not None
+        from .scheduler.scheduler import Scheduler
+        from .scheduler.workflows import WorkflowEngine
+        from .services.manager import ServiceManager
+
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                self.home.mkdir(parents=True, exist_ok=True)
+                self._services = await stack.enter_async_context(
+                    ServiceManager(
+                        self.settings,
+                        bus=self.bus,
+                        metrics=self.metrics,
+                        plugins=self.plugins,
+                        backend=self._backend_arg,
+                        extra_services=self._extra_services,
+                        queue_status=self.queue_status,
+                    )
+                )
+                self._scheduler = await stack.enter_async_context(
+                    Scheduler(self.settings, bus=self.bus, metrics=self.metrics, plugins=self.plugins)
+                )
+                self._workflows = await stack.enter_async_context(
+                    WorkflowEngine(self.settings, scheduler=self._scheduler, bus=self.bus)
+                )
+                if serve:
+                    from .rpc.server import InfraServer
+
+                    self.servers.append(await stack.enter_async_context(InfraServer(self, self.settings)))
+                stack.push_async_callback(self._stop_services_on_exit)
+                self.plugins.hook.dspy_infra_started(infra=self)
+                self._ready.set_result(None)
+                await self._stop.wait()
+                self.plugins.hook.dspy_infra_stopping(infra=self)
+        except BaseException as exc:
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+                return
+            raise
+
+    async def _stop_services_on_exit(self) -> None:
+        if self._started_services and self._services is not None:
+            await self._services.stop(self._started_services)
+
+    async def aclose(self) -> None:
+        """Stop servers, workflows, scheduler (running tasks stay durable) and owned services."""
+        self._closed = True
+        owner, self._owner = self._owner, None
+        if owner is None:
+            return
+        self._stop.set()
+        await owner
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def running(self) -> bool:
+        return self._owner is not None and not self._owner.done()
+
+    def _need(self, component: Any, what: str) -> Any:
+        if component is None or not self.running:
+            raise Unavailable(f"infra is not running ({what} unavailable)", fix="await infra.start() first")
+        return component
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._need(self._scheduler, "scheduler")
+
+    @property
+    def services(self) -> ServiceManager:
+        return self._need(self._services, "service manager")
+
+    @property
+    def workflows(self) -> WorkflowEngine:
+        return self._need(self._workflows, "workflows")
+
+    # -- services --------------------------------------------------------------------------
+
+    async def ensure_services(self, names: Sequence[str]) -> None:
+        """Start ``names`` and their dependencies; they are stopped when this Infra closes."""
+        started = await self.services.ensure(list(names))
+        for name in started:
+            if name not in self._started_services:
+                self._started_services.append(name)
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    async def submit_task(
+        self,
+        id: str,
+        task_class: str = "cpu_short",
+        payload: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_attempts: int = 1,
+        workflow_id: str = "",
+    ) -> TaskState:
+        spec = TaskSpec(
+            id=id,
+            task_class=task_class,
+            payload=dict(payload or {}),
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            workflow_id=workflow_id,
+        )
+        return await self.scheduler.submit(spec)
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        return await self.scheduler.wait(task_id, timeout=timeout)
+
+    async def get_task(self, task_id: str) -> TaskState:
+        return await self.scheduler.get(task_id)
+
+    async def cancel(self, task_id: str) -> TaskState:
+        return await self.scheduler.cancel(task_id)
+
+    async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
+        return await self.scheduler.list_tasks(status=status, limit=limit)
+
+    def stream_results(
+        self, task_ids: Sequence[str] | None = None, *, include_completed: bool = False
+    ) -> AsyncIterator[TaskResult]:
+        return self.scheduler.stream_results(task_ids, include_completed=include_completed)
+
+    def events(self, types: Iterable[str] | None = None, since: float | None = None) -> AsyncIterator[Event]:
+        return self.bus.subscribe(types, since)
+
+    def queue_status(self) -> dict[str, QueueStatus]:
+        return self.scheduler.queue_status() if self._scheduler is not None else {}
+
+    def handler(self, name: str) -> Callable[[F], F]:
+        """Decorator: ``@infra.handler("embed") async def embed(ctx) -> dict[str, str]``."""
+
+        def register(fn: F) -> F:
+            self.scheduler.register_handler(name, fn)
+            return fn
+
+        return register
+
+    # -- workflows -------------------------------------------------------------------------
+
+    async def create_workflow(self, id: str, name: str = "", description: str = "", spec: Any = None) -> Any:
+        return await self.workflows.create_workflow(id, name, description, spec)
+
+    async def start_run(
+        self, workflow_id: str, *, input: Mapping[str, Any] | None = None, idempotency_key: str = ""
+    ) -> str:
+        return await self.workflows.start_run(workflow_id, input=input, idempotency_key=idempotency_key)
+
+    async def get_run(self, run_id: str) -> Any:
+        return await self.workflows.get_run(run_id)
+
+    def run_status(self, run_id: str) -> AsyncIterator[Any]:
+        return self.workflows.run_status(run_id)
+
+    async def cancel_run(self, run_id: str) -> Any:
+        return await self.workflows.cancel_run(run_id)
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """``{"healthy": bool, "version": str, "services": {name: status}}``."""
+        services: dict[str, str] = {}
+        if self._services is not None and self.running:
+            services = {name: str(st.status) for name, st in (await self._services.status()).items()}
+        bad = {"unhealthy", "failed"}
+        return {
+            "healthy": self.running and not (set(services.values()) & bad),
+            "version": __version__,
+            "services": services,
+        }
+
+
+# -- the process-wide shared instance ---------------------------------------------------------
+
+_shared: Any = None
+_shared_lock: asyncio.Lock | None = None
+_shared_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _lock() -> asyncio.Lock:
+    global _shared_lock, _shared_loop
+    loop = asyncio.get_running_loop()
+    if _shared_lock is None or _shared_loop is not loop:
+        _shared_lock, _shared_loop = asyncio.Lock(), loop
+    return _shared_lock
+
+
+async def ensure_infra(
+    *,
+    services: Sequence[str] = (),
+    backend: Backend | str | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    mode: str | None = None,
+    addr: str | None = None,
+    serve: bool = False,
+    config_file: str | os.PathLike[str] | None = None,
+    plugins: Iterable[Any] = (),
+    **settings: Any,
+) -> Any:
+    """Return the process's shared infra, creating it on first call (concurrent callers get
+    the same one). With ``DSPY_INFRA_ADDR`` / ``addr`` set, or ``mode="auto"`` and a server
+    answering at the default address, this is a ``RemoteInfra``; otherwise an embedded
+    ``Infra`` (``serve=True`` also serves gRPC/HTTP for other processes)."""
+    global _shared
+    async with _lock():
+        if _shared is not None and getattr(_shared, "running", True):
+            if services:
+                await _shared.ensure_services(services)
+            return _shared
+        backend_name = backend if isinstance(backend, str) else None
+        cfg = load_settings(
+            config_file, home=state_dir, mode=mode, addr=addr, backend=backend_name, **settings
+        )
+        remote = await _maybe_remote(cfg, serve=serve)
+        if remote is not None:
+            if services:
+                await remote.ensure_services(services)
+            _shared = remote
+            return remote
+        infra = Infra(cfg, backend=backend if not isinstance(backend, str) else None, plugins=plugins)
+        await infra.start(services, serve=serve)
+        _shared = infra
+        return infra
+
+
+async def _maybe_remote(cfg: Settings, *, serve: bool) -> Any:
+    """A connected RemoteInfra when the settings say to use (or may use) a server."""
+    if cfg.mode == "embedded" or serve:
+        return None
+    from .rpc.client import RemoteInfra
+
+    if cfg.addr:
+        return await RemoteInfra.connect(cfg.addr, token=cfg.token, required=True)
+    if cfg.mode == "remote":
+        return await RemoteInfra.connect(f"127.0.0.1:{cfg.grpc_port}", token=cfg.token, required=True)
+    return await RemoteInfra.connect(f"127.0.0.1:{cfg.grpc_port}", token=cfg.token, required=False)
+
+
+async def shutdown_infra() -> None:
+    """Close the shared infra (stopping the services it started). Safe to call twice."""
+    global _shared
+    async with _lock():
+        infra, _shared = _shared, None
+    if infra is not None:
+        await infra.aclose()
+
+
+@contextlib.asynccontextmanager
+async def use_infra(**kwargs: Any) -> AsyncIterator[Any]:
+    """``async with use_infra(services=["redis"]) as infra:`` — ensure, then shut down."""
+    infra = await ensure_infra(**kwargs)
+    try:
+        yield infra
+    finally:
+        await shutdown_infra()
+
+
+# -- synchronous facade ---------------------------------------------------------------------
+
+
+class SyncInfra:
+    """Blocking proxy to an infra running on a private event loop in a daemon thread.
+
+    Coroutine methods become blocking calls; ``close()`` shuts the infra down and the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, infra: Any) -> None:
+        self._loop, self._thread, self._infra = loop, thread, infra
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._infra, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(attr(*args, **kwargs), self._loop).result()
+
+        return call
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(shutdown_infra(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ensure_infra_sync(**kwargs: Any) -> SyncInfra:
+    """``ensure_infra`` for code without an event loop. Inside a running loop, use
+    ``await ensure_infra()`` instead (this raises ``SpecError`` there)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise SpecError(
+            "ensure_infra_sync() was called inside a running event loop",
+            fix="use `await ensure_infra(...)` in async code",
+        )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="dspy_infra-loop", daemon=True)
+    thread.start()
+    try:
+        infra = asyncio.run_coroutine_threadsafe(ensure_infra(**kwargs), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    return SyncInfra(loop, thread, infra)

@@ -1,0 +1,555 @@
+"""Value classes: specs (what a user asks for) and states (what the system reports).
+
+Small, frozen, slotted attrs classes, validated at construction so a bad spec fails at the
+edge with a ``SpecError`` naming the field. No I/O here and nothing of ours but ``errors``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from .errors import SpecError
+
+__all__ = [
+    "CONDITIONS",
+    "DependsOn",
+    "Event",
+    "ExecResult",
+    "GPUInfo",
+    "HardwareInfo",
+    "HealthCheck",
+    "HealthUpdate",
+    "ImagePullProgress",
+    "Instance",
+    "LogEntry",
+    "PortMapping",
+    "QueueStatus",
+    "ResourceAvailability",
+    "ResourceUsage",
+    "Resources",
+    "RestartPolicy",
+    "ServiceSpec",
+    "ServiceState",
+    "ServiceStatus",
+    "ServiceStatusUpdate",
+    "TaskClass",
+    "TaskResult",
+    "TaskSpec",
+    "TaskState",
+    "TaskStatus",
+    "VolumeMount",
+    "coerce_str_map",
+    "validate_name",
+]
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_ID_MAX = 256
+
+
+def validate_name(value: str, field: str) -> str:
+    """A service / class / step name: lowercase letters, digits, ``_ . -``; 1-63 chars."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise SpecError(
+            f"invalid name {value!r}",
+            field=field,
+            fix="use 1-63 lowercase letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
+    return value
+
+
+def coerce_str_map(value: Any, field: str) -> dict[str, str]:
+    """A ``map<string,string>`` as on the wire: str keys; str, int, float or bool values.
+
+    Numbers and booleans are turned into strings (JSON spelling for booleans) so that a
+    payload written in Python arrives the same as one sent over gRPC; anything else is refused.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"expected a mapping of strings, got {type(value).__name__}", field=field)
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise SpecError(f"key {key!r} is not a string", field=field)
+        if isinstance(item, bool):
+            out[key] = "true" if item else "false"
+        elif isinstance(item, (str, int, float)):
+            out[key] = str(item)
+        else:
+            raise SpecError(
+                f"value of {key!r} is a {type(item).__name__}",
+                field=f"{field}.{key}",
+                fix="payload values must be strings (JSON-encode structured data)",
+            )
+    return out
+
+
+def _payload(value: Any) -> dict[str, str]:
+    return coerce_str_map(value, "payload")
+
+
+def _environment(value: Any) -> dict[str, str]:
+    return coerce_str_map(value, "environment")
+
+
+def _labels(value: Any) -> dict[str, str]:
+    return coerce_str_map(value, "labels")
+
+
+def _str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise SpecError(
+            f"expected a list of arguments, got the string {value!r}",
+            field="command",
+            fix='write it as a list, e.g. ["redis-server", "--port", "6379"]',
+        )
+    return tuple(str(v) for v in value)
+
+
+def _service_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    validate_name(value, "name")
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+def _check_task_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value or len(value) > _ID_MAX:
+        raise SpecError(
+            f"task id must be a non-empty string of at most {_ID_MAX} characters, got {value!r}",
+            field="id",
+        )
+
+
+def _check_positive_or_none(inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise SpecError(f"must be > 0 or unset, got {value!r}", field=attr.name)
+
+
+@attrs.frozen
+class TaskClass:
+    """A resource class: its own queue and an adaptive concurrency limit in [min, max]."""
+
+    name: str = attrs.field(validator=_service_name)
+    min_concurrency: int = 1
+    base_concurrency: int = 1
+    max_concurrency: int = 1
+    adaptive: bool = True
+    #: True for classes that need an accelerator (refused at submit when none is present).
+    needs_gpu: bool = False
+    #: Name of the executor that runs this class ("local" or e.g. "slurm").
+    executor: str = "local"
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.min_concurrency <= self.base_concurrency <= self.max_concurrency:
+            raise SpecError(
+                f"need 1 <= min ({self.min_concurrency}) <= base ({self.base_concurrency})"
+                f" <= max ({self.max_concurrency})",
+                field=f"task_classes.{self.name}",
+                fix="set min_concurrency <= base_concurrency <= max_concurrency, all >= 1",
+            )
+
+
+@attrs.frozen
+class TaskSpec:
+    """A task as submitted. ``content_hash`` decides idempotent resubmission."""
+
+    id: str = attrs.field(validator=_check_task_id)
+    task_class: str = "cpu_short"
+    payload: dict[str, str] = attrs.field(factory=dict, converter=_payload)
+    priority: int = 0
+    timeout: float | None = attrs.field(default=None, validator=_check_positive_or_none)
+    max_attempts: int = 1
+    workflow_id: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise SpecError(f"must be an integer, got {self.priority!r}", field="priority")
+        if not isinstance(self.max_attempts, int) or not 1 <= self.max_attempts <= 100:
+            raise SpecError(
+                f"must be an integer from 1 to 100, got {self.max_attempts!r}", field="max_attempts"
+            )
+
+    @property
+    def content_hash(self) -> str:
+        doc = attrs.asdict(self)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@attrs.frozen
+class TaskResult:
+    """Outcome of a task, shaped like the wire's ``TaskResult``."""
+
+    task_id: str
+    status: TaskStatus
+    result: dict[str, str] = attrs.field(factory=dict)
+    error: str = ""
+    duration_ms: float = 0.0
+    #: Unix time in seconds (0 while not terminal).
+    completed_at: float = 0.0
+
+
+@attrs.frozen
+class TaskState:
+    """Everything known about one task right now."""
+
+    spec: TaskSpec
+    status: TaskStatus
+    attempts: int = 0
+    result: dict[str, str] = attrs.field(factory=dict)
+    error: str = ""
+    submitted_at: float = 0.0
+    started_at: float = 0.0
+    completed_at: float = 0.0
+    duration_ms: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def to_result(self) -> TaskResult:
+        return TaskResult(
+            task_id=self.spec.id,
+            status=self.status,
+            result=dict(self.result),
+            error=self.error,
+            duration_ms=self.duration_ms,
+            completed_at=self.completed_at,
+        )
+
+
+@attrs.frozen
+class QueueStatus:
+    """One class's queue: waiting tasks, running tasks, current limit and its bounds."""
+
+    task_class: str
+    depth: int
+    inflight: int
+    limit: int
+    min_limit: int
+    max_limit: int
+
+
+# ---------------------------------------------------------------------------------------
+# Events
+
+
+@attrs.frozen
+class Event:
+    """Something that happened: ``task_completed``, ``service_healthy``, ``workflow_started``..."""
+
+    type: str
+    resource_id: str
+    data: dict[str, str] = attrs.field(factory=dict)
+    #: Unix time in seconds.
+    timestamp: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Services
+
+
+CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
+
+
+def _check_port(field: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise SpecError(f"port must be an integer 0-65535, got {value!r}", field=field)
+
+
+@attrs.frozen
+class PortMapping:
+    """``host_port`` on ``host_ip`` forwards to ``container_port``; host_port 0 = any free port,
+    None = not published (reachable only inside the service network)."""
+
+    container_port: int
+    host_port: int | None = None
+    host_ip: str = "127.0.0.1"
+    protocol: str = "tcp"
+
+    def __attrs_post_init__(self) -> None:
+        _check_port("ports.container_port", self.container_port)
+        if self.host_port is not None:
+            _check_port("ports.host_port", self.host_port)
+        if self.protocol not in ("tcp", "udp"):
+            raise SpecError(
+                f"unknown protocol {self.protocol!r}", field="ports.protocol", fix="use tcp or udp"
+            )
+
+
+@attrs.frozen
+class VolumeMount:
+    """A named volume (``source`` is a name) or bind mount (``source`` is an absolute path)."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    @property
+    def is_bind(self) -> bool:
+        return self.source.startswith("/")
+
+    def __attrs_post_init__(self) -> None:
+        if not self.source or not self.target.startswith("/"):
+            raise SpecError(
+                f"bad volume {self.source!r}:{self.target!r}",
+                field="volumes",
+                fix="source is a volume name or absolute host path; target an absolute path",
+            )
+
+
+@attrs.frozen
+class DependsOn:
+    """A dependency edge with a Docker Compose condition."""
+
+    name: str
+    condition: str = "service_healthy"
+
+    def __attrs_post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise SpecError(
+                f"unknown condition {self.condition!r}",
+                field=f"depends_on.{self.name}.condition",
+                fix="use one of " + ", ".join(CONDITIONS),
+            )
+
+
+@attrs.frozen
+class HealthCheck:
+    """How to tell a service is ready.
+
+    kind: ``http`` (GET ``path`` expects ``expected_status``), ``tcp``, ``redis`` (RESP PING),
+    ``exec`` (``command`` inside the service's environment exits 0), ``engine`` (the image's
+    own HEALTHCHECK state; for processes: still running), or ``none``.
+    ``port`` is the container/process port to probe (default: the first published port).
+    """
+
+    kind: str = "tcp"
+    port: int | None = None
+    path: str = "/"
+    expected_status: int = 200
+    command: tuple[str, ...] = ()
+    interval: float = 0.5
+    timeout: float = 2.0
+    start_period: float = 0.0
+    #: Overall time to wait for the first success before the start fails.
+    startup_timeout: float = 60.0
+    retries: int = 3
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in ("http", "tcp", "redis", "exec", "engine", "none"):
+            raise SpecError(
+                f"unknown health check kind {self.kind!r}",
+                field="health.kind",
+                fix="use http, tcp, redis, exec, engine or none",
+            )
+        if self.kind == "exec" and not self.command:
+            raise SpecError("an exec health check needs a command", field="health.command")
+        for name in ("interval", "timeout", "startup_timeout"):
+            if not getattr(self, name) > 0:
+                raise SpecError(f"must be > 0, got {getattr(self, name)!r}", field=f"health.{name}")
+
+
+@attrs.frozen
+class RestartPolicy:
+    """``no`` | ``on-failure`` | ``always``; restarts back off exponentially from ``backoff``."""
+
+    mode: str = "on-failure"
+    max_restarts: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode not in ("no", "on-failure", "always"):
+            raise SpecError(
+                f"unknown restart mode {self.mode!r}",
+                field="restart.mode",
+                fix="use no, on-failure or always",
+            )
+
+
+@attrs.frozen
+class Resources:
+    """Limits passed to the backend (cpus as a fraction of cores, memory in bytes)."""
+
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    gpus: int = 0
+
+
+@attrs.frozen
+class ServiceSpec:
+    """A supporting service. ``image`` is used by container backends, ``command`` by the
+    process backend (and, when set, overrides the image's command in a container)."""
+
+    name: str = attrs.field(validator=_service_name)
+    image: str = ""
+    command: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    ports: tuple[PortMapping, ...] = attrs.field(default=(), converter=tuple)
+    environment: dict[str, str] = attrs.field(factory=dict, converter=_environment)
+    volumes: tuple[VolumeMount, ...] = attrs.field(default=(), converter=tuple)
+    depends_on: tuple[DependsOn, ...] = attrs.field(default=(), converter=tuple)
+    health: HealthCheck = attrs.field(factory=HealthCheck)
+    required: bool = True
+    restart: RestartPolicy = attrs.field(factory=RestartPolicy)
+    labels: dict[str, str] = attrs.field(factory=dict, converter=_labels)
+    resources: Resources = attrs.field(factory=Resources)
+    #: A one-shot job (init container): it is expected to exit; exit 0 means success.
+    one_shot: bool = False
+    #: Working directory for the process backend.
+    workdir: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        seen: set[int] = set()
+        for p in self.ports:
+            if p.host_port:
+                if p.host_port in seen:
+                    raise SpecError(
+                        f"host port {p.host_port} is published twice", field=f"services.{self.name}.ports"
+                    )
+                seen.add(p.host_port)
+        for dep in self.depends_on:
+            if dep.name == self.name:
+                raise SpecError("a service cannot depend on itself", field=f"services.{self.name}.depends_on")
+
+    @property
+    def spec_hash(self) -> str:
+        """Stable hash of everything that shapes the running instance (not restart policy)."""
+        doc = attrs.asdict(self, filter=lambda a, _v: a.name not in ("restart", "required"))
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ServiceStatus(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@attrs.frozen
+class ResourceUsage:
+    cpu_percent: float = 0.0
+    memory_bytes: int = 0
+    network_rx_bytes: int = 0
+    network_tx_bytes: int = 0
+
+
+@attrs.frozen
+class Instance:
+    """A running (or exited) container or process as a backend reports it."""
+
+    id: str
+    name: str
+    labels: dict[str, str] = attrs.field(factory=dict)
+    #: ``created`` | ``running`` | ``exited``
+    state: str = "running"
+    exit_code: int | None = None
+    #: container port -> (host ip, host port) as published.
+    ports: dict[int, tuple[str, int]] = attrs.field(factory=dict)
+    started_at: float = 0.0
+    #: The engine's own HEALTHCHECK status (``healthy``/``unhealthy``/``starting``) or None.
+    engine_health: str | None = None
+    #: The address at which other services reach this one by name (container network alias).
+    address: str = ""
+
+
+@attrs.frozen
+class ExecResult:
+    exit_code: int
+    output: str = ""
+
+
+@attrs.frozen
+class ServiceState:
+    name: str
+    status: ServiceStatus
+    instance_id: str = ""
+    ports: dict[int, int] = attrs.field(factory=dict)
+    health_checks: dict[str, str] = attrs.field(factory=dict)
+    started_at: float = 0.0
+    resource_usage: ResourceUsage = attrs.field(factory=ResourceUsage)
+    restarts: int = 0
+    backend: str = ""
+    host: str = "127.0.0.1"
+
+
+@attrs.frozen
+class ServiceStatusUpdate:
+    service_name: str
+    status: ServiceStatus
+    message: str = ""
+    progress: int = 0
+
+
+@attrs.frozen
+class HealthUpdate:
+    service_name: str
+    healthy: bool
+    message: str = ""
+    timestamp: float = 0.0
+    details: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class LogEntry:
+    service_name: str
+    instance_id: str
+    stream: str
+    message: str
+    timestamp: float = 0.0
+
+
+@attrs.frozen
+class ImagePullProgress:
+    image_name: str
+    #: ``downloading`` | ``extracting`` | ``complete`` | ``error``
+    status: str
+    current: int = 0
+    total: int = 0
+    progress_percent: int = 0
+    message: str = ""
+
+
+@attrs.frozen
+class GPUInfo:
+    index: int
+    name: str
+    memory_bytes: int = 0
+    utilization_percent: float = 0.0
+
+
+@attrs.frozen
+class HardwareInfo:
+    cpu_cores: int
+    memory_bytes: int
+    gpus: tuple[GPUInfo, ...] = ()
+
+
+@attrs.frozen
+class ResourceAvailability:
+    available: bool
+    capacity: int
+    in_use: int
+    hardware: HardwareInfo
