@@ -147,10 +147,11 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         raise ConfigError(f"{raw!r} is not a valid {kind}", field=f"{source}{name}") from None
 
 
-def _unknown(key: str, source: str) -> ConfigError:
+def _unknown(key: str, source: str, shown: str | None = None) -> ConfigError:
     close = difflib.get_close_matches(key, list(_FIELDS), n=1)
     fix = f"did you mean {close[0]!r}?" if close else "see `dspy-infra config init` for every setting"
-    return ConfigError(f"unknown setting {key!r}", field=f"{source}{key}", fix=fix)
+    shown = shown or key
+    return ConfigError(f"unknown setting {shown!r}", field=f"{source}{shown}", fix=fix)
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if key.startswith("test_"):
             continue  # test-suite knobs (DSPY_INFRA_TEST_*) are not settings
         if key not in _FIELDS or key in _TABLES:
-            raise _unknown(key, "environment " + ENV_PREFIX)
+            raise _unknown(key, "environment ", shown=var)
         out[key] = _convert(key, value, ENV_PREFIX)
     if "docker_host" not in out and env.get("DOCKER_HOST"):
         out["docker_host"] = env["DOCKER_HOST"]

@@ -1,0 +1,105 @@
+"""Settings precedence and validation: defaults < TOML file < environment < arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dspy_infra.config import Settings, load_settings
+from dspy_infra.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dspy-infra.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_loopback_and_documented_ports() -> None:
+    s = load_settings(env={})
+    assert (s.host, s.grpc_port, s.env_manager_port, s.http_port) == ("127.0.0.1", 50052, 50100, 9097)
+    assert s.backend == "auto" and s.durable is True
+
+
+def test_file_then_env_then_arguments_win_in_order(tmp_path: Path) -> None:
+    cfg = write(tmp_path, 'grpc_port = 6000\nhttp_port = 6001\nbackend = "process"\n')
+    s = load_settings(cfg, env={"DSPY_INFRA_HTTP_PORT": "7001"}, backend="docker")
+    assert s.grpc_port == 6000  # file
+    assert s.http_port == 7001  # env beats file
+    assert s.backend == "docker"  # argument beats both
+
+
+def test_none_arguments_do_not_override(tmp_path: Path) -> None:
+    cfg = write(tmp_path, 'backend = "process"\n')
+    assert load_settings(cfg, env={}, backend=None).backend == "process"
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "retention = 5\n")
+    assert load_settings(env={"DSPY_INFRA_CONFIG": str(cfg)}).retention == 5
+    with pytest.raises(ConfigError, match="DSPY_INFRA_CONFIG"):
+        load_settings(env={"DSPY_INFRA_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_unknown_key_suggests_the_closest_name(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "grpc_prot = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert err.value.field is not None and "grpc_prot" in err.value.field
+    assert "grpc_port" in str(err.value)
+
+
+def test_unknown_environment_variable_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DSPY_INFRA_BAKEND"):
+        load_settings(env={"DSPY_INFRA_BAKEND": "docker"})
+
+
+def test_test_suite_variables_are_not_settings() -> None:
+    s = load_settings(env={"DSPY_INFRA_TEST_DOCKER_HOST": "x", "DSPY_INFRA_REQUIRE_ENGINES": "1"})
+    assert s == Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"DSPY_INFRA_GRPC_PORT": "abc"}, "grpc_port"),
+        ({"DSPY_INFRA_GRPC_PORT": "70000"}, "grpc_port"),
+        ({"DSPY_INFRA_DURABLE": "maybe"}, "durable"),
+        ({"DSPY_INFRA_BACKEND": "k8s"}, "backend"),
+        ({"DSPY_INFRA_RETENTION": "0"}, "retention"),
+    ],
+)
+def test_bad_values_name_the_field(env: dict[str, str], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(env=env)
+    assert field in str(err.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "grpc_port = = 1\n")
+    with pytest.raises(ConfigError, match="dspy-infra.toml"):
+        load_settings(cfg, env={})
+
+
+def test_tables_for_classes_and_services(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path,
+        "[task_classes.embed]\nmax_concurrency = 4\n[services.redis]\nimage = 'redis:7'\n",
+    )
+    s = load_settings(cfg, env={})
+    assert s.task_classes == {"embed": {"max_concurrency": 4}}
+    assert s.services["redis"]["image"] == "redis:7"
+
+
+def test_docker_host_falls_back_to_docker_host_variable() -> None:
+    assert load_settings(env={"DOCKER_HOST": "unix:///x.sock"}).docker_host == "unix:///x.sock"
+    env = {"DOCKER_HOST": "unix:///x.sock", "DSPY_INFRA_DOCKER_HOST": "unix:///y.sock"}
+    assert load_settings(env=env).docker_host == "unix:///y.sock"
+
+
+def test_owner_is_stable_per_home(tmp_path: Path) -> None:
+    a = load_settings(env={}, home=str(tmp_path / "a"))
+    b = load_settings(env={}, home=str(tmp_path / "b"))
+    assert a.resolved_owner() == load_settings(env={}, home=str(tmp_path / "a")).resolved_owner()
+    assert a.resolved_owner() != b.resolved_owner()

@@ -1,0 +1,113 @@
+"""Value classes validate at construction and name the field that is wrong."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dspy_infra.errors import CycleError, HealthCheckFailed, SpecError
+from dspy_infra.models import (
+    DependsOn,
+    HealthCheck,
+    PortMapping,
+    ServiceSpec,
+    TaskClass,
+    TaskSpec,
+    TaskStatus,
+    VolumeMount,
+    coerce_str_map,
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"id": ""}, "id"),
+        ({"id": "x" * 300}, "id"),
+        ({"id": "a", "max_attempts": 0}, "max_attempts"),
+        ({"id": "a", "timeout": -1}, "timeout"),
+        ({"id": "a", "priority": "high"}, "priority"),
+        ({"id": "a", "payload": {"k": [1]}}, "payload.k"),
+        ({"id": "a", "payload": "cmd"}, "payload"),
+    ],
+)
+def test_bad_task_specs_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError) as err:
+        TaskSpec(**kwargs)  # type: ignore[arg-type]
+    assert err.value.field == field
+
+
+def test_payload_numbers_and_booleans_become_wire_strings() -> None:
+    spec = TaskSpec("a", payload={"n": 3, "ok": True, "x": 1.5})
+    assert spec.payload == {"n": "3", "ok": "true", "x": "1.5"}
+
+
+def test_content_hash_tracks_content_not_identity() -> None:
+    a = TaskSpec("a", payload={"cmd": "echo"})
+    assert a.content_hash == TaskSpec("a", payload={"cmd": "echo"}).content_hash
+    assert a.content_hash != TaskSpec("a", payload={"cmd": "echo 2"}).content_hash
+    assert a.content_hash != TaskSpec("a", payload={"cmd": "echo"}, priority=1).content_hash
+
+
+def test_terminal_statuses() -> None:
+    assert {s for s in TaskStatus if s.terminal} == {
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.CANCELLED,
+    }
+
+
+def test_task_class_bounds() -> None:
+    TaskClass("x", 1, 2, 3)
+    with pytest.raises(SpecError, match="task_classes.x"):
+        TaskClass("x", 2, 1, 3)
+
+
+@pytest.mark.parametrize("name", ["", "Redis", "-x", "a b", "x" * 64])
+def test_bad_service_names(name: str) -> None:
+    with pytest.raises(SpecError) as err:
+        ServiceSpec(name)
+    assert err.value.field == "name"
+
+
+def test_service_spec_checks() -> None:
+    with pytest.raises(SpecError, match="published twice"):
+        ServiceSpec("a", ports=[PortMapping(1, 8080), PortMapping(2, 8080)])
+    with pytest.raises(SpecError, match="itself"):
+        ServiceSpec("a", depends_on=[DependsOn("a")])
+    with pytest.raises(SpecError, match="condition"):
+        DependsOn("b", condition="service_ready")
+    with pytest.raises(SpecError, match="0-65535"):
+        PortMapping(70000)
+    with pytest.raises(SpecError, match="health.kind"):
+        HealthCheck(kind="grpc")
+    with pytest.raises(SpecError, match="health.command"):
+        HealthCheck(kind="exec")
+    with pytest.raises(SpecError, match="volumes"):
+        VolumeMount("data", "relative/path")
+    with pytest.raises(SpecError, match="command"):
+        ServiceSpec("a", command="redis-server --port 1")  # type: ignore[arg-type]
+
+
+def test_spec_hash_ignores_restart_policy_but_not_image() -> None:
+    from dspy_infra.models import RestartPolicy
+
+    base = ServiceSpec("a", image="x:1")
+    assert base.spec_hash == ServiceSpec("a", image="x:1", restart=RestartPolicy(mode="no")).spec_hash
+    assert base.spec_hash != ServiceSpec("a", image="x:2").spec_hash
+
+
+def test_errors_render_field_and_fix() -> None:
+    err = SpecError("bad", field="payload.cmd", fix="quote it")
+    assert str(err) == "payload.cmd: bad (fix: quote it)"
+    assert "a -> b -> a" in str(CycleError(["a", "b", "a"]))
+    hc = HealthCheckFailed("redis", last_failure="connection refused", last_logs=["boom"], timeout=5)
+    assert "redis" in str(hc) and "connection refused" in str(hc) and "boom" in str(hc)
+
+
+@given(st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), st.integers(), st.booleans())))
+def test_coerce_str_map_always_yields_strings(value: dict[str, object]) -> None:
+    out = coerce_str_map(value, "payload")
+    assert set(out) == set(value)
+    assert all(isinstance(v, str) for v in out.values())
