@@ -1,23 +1,913 @@
-"""The ``dspy-infra`` command."""
+"""The ``dspy-infra`` command.
+
+Every command that needs an infra goes through ``use_infra()``: it talks to a running server
+when one answers (``--addr`` / ``DSPY_INFRA_ADDR``, or the default address in ``mode=auto``)
+and otherwise runs an embedded ``Infra`` on the state directory for the length of the command.
+
+Errors are one line on stderr, ``dspy-infra: error: <text>``, where the text is the
+``InfraError``'s own (it names the field and the fix). Exit codes: 0 ok, 1 a failure (a task
+failed, a service did not come up, a server did not answer), 2 bad input (a ``SpecError``,
+an unknown id, a bad argument), 130 interrupted. ``--debug`` shows the traceback instead.
+
+The settings reference (``config init`` and ``config reference``) is generated from
+``config.Settings`` itself, so the commented file and docs/configuration.md cannot drift.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
+import json
+import re
 import sys
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["main"]
+import attrs
+
+from .config import CONFIG_FILE_NAME, ENV_PREFIX, Settings, load_settings
+from .errors import AlreadyExists, InfraError, NotFound, SpecError
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "SettingDoc",
+    "main",
+    "parse_pairs",
+    "render_config_template",
+    "render_settings_markdown",
+    "settings_reference",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_TERMINAL_TASK = frozenset({"completed", "failed", "cancelled"})
+_TERMINAL_RUN = frozenset({"completed", "failed", "cancelled"})
+_BAD_SERVICE = frozenset({"unhealthy", "failed"})
+
+# ---------------------------------------------------------------------------------------------
+# Settings reference: one generator for `config init`, `config reference` and the docs.
+
+#: Descriptions for Settings fields that carry no ``#:`` comment in config.py.
+_EXTRA_HELP: dict[str, str] = {
+    "grpc_port": "Port of the gRPC server (OrchestratorService and EnvManagerService).",
+    "env_manager_port": "Second port on which the EnvManagerService is also served (the old stack's port).",
+    "http_port": "Port of the HTTP server: /metrics, /health, /queue/status, /queue/submit.",
+    "token": "Bearer token every gRPC call and HTTP endpoint (except /health, /metrics) must carry. "
+    "Required when host is not a loopback address.",
+    "tls_cert": "PEM certificate file; with tls_key, the gRPC and HTTP servers use TLS.",
+    "tls_key": "PEM private key file matching tls_cert.",
+    "slurm_partition": "Slurm partition gpu_slurm jobs are submitted to; None = the cluster default.",
+}
+
+#: Example values shown (commented out) for settings whose default is unset.
+_EXAMPLES: dict[str, Any] = {
+    "home": "/var/lib/dspy-infra",
+    "docker_host": "unix:///var/run/docker.sock",
+    "owner": "my-app",
+    "addr": "127.0.0.1:50052",
+    "token": "change-me",
+    "tls_cert": "/etc/dspy-infra/tls/server.crt",
+    "tls_key": "/etc/dspy-infra/tls/server.key",
+    "slurm": "cli",
+    "slurm_partition": "gpu",
+}
+
+_TABLE_FIELDS = ("task_classes", "services")
+
+_TABLE_EXAMPLES = """\
+# -- Task classes -------------------------------------------------------------------------------
+# Each [task_classes.NAME] table overrides a built-in class (cpu_short, cpu_long, gpu,
+# gpu_slurm) or declares a new one. The limit adapts between min and max, starting at base.
+#
+# [task_classes.cpu_short]
+# max_concurrency = 16
+#
+# [task_classes.embed]
+# min_concurrency = 1
+# base_concurrency = 2
+# max_concurrency = 8
+# adaptive = true
+
+# -- Services -----------------------------------------------------------------------------------
+# Each [services.NAME] table overrides a built-in service (redis, reddb, ollama, kafka,
+# zookeeper, prometheus, infermesh-*) or declares a new one. `image` is used by the docker
+# backend, `command` by the process backend.
+#
+# [services.redis]
+# ports = [{ container_port = 6379, host_port = 16379 }]
+#
+# [services.web]
+# image = "python:3.11-slim"
+# command = ["python3", "-m", "http.server", "8000"]
+# ports = [{ container_port = 8000, host_port = 8000 }]
+# health = { kind = "http", path = "/", startup_timeout = 30 }
+# depends_on = ["redis"]
+"""
+
+
+@attrs.frozen
+class SettingDoc:
+    """One ``Settings`` field as documented: name, type, default, environment variable, text."""
+
+    name: str
+    type: str
+    default: Any
+    env_var: str | None
+    description: str
+    #: The value written (commented out) by ``config init``: the default, or an example.
+    example: Any
+
+
+def _field_comments() -> dict[str, str]:
+    """The ``#:`` comment lines above each field in the source of ``Settings``."""
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(Settings).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+            continue
+        match = re.match(r"^([a-z_][a-z0-9_]*)\s*:\s*[^=]+", stripped)
+        if match and line.startswith("    ") and not line.startswith("     "):
+            if pending:
+                comments[match.group(1)] = " ".join(pending)
+            pending = []
+        elif not stripped.startswith("#"):
+            pending = []
+    return comments
+
+
+def settings_reference() -> list[SettingDoc]:
+    """Every ``Settings`` field, in declaration order, with its documentation."""
+    comments = _field_comments()
+    docs: list[SettingDoc] = []
+    for field in attrs.fields(Settings):
+        default: Any = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        description = comments.get(field.name) or _EXTRA_HELP.get(field.name, "")
+        docs.append(
+            SettingDoc(
+                name=field.name,
+                type=str(field.type),
+                default=default,
+                env_var=None if field.name in _TABLE_FIELDS else ENV_PREFIX + field.name.upper(),
+                description=description,
+                example=_EXAMPLES.get(field.name, default) if default is None else default,
+            )
+        )
+    return docs
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string for plain text and paths
+
+
+def render_config_template() -> str:
+    """A commented ``dspy-infra.toml`` covering every setting and example tables."""
+    out = [
+        f"# {CONFIG_FILE_NAME}: configuration of dspy_infra (written by `dspy-infra config init`).",
+        "#",
+        "# Precedence: built-in defaults < this file < DSPY_INFRA_* environment < command-line options.",
+        "# The file is found at $DSPY_INFRA_CONFIG, else ./dspy-infra.toml, or given with --config.",
+        "# Every line is commented out, so as written this file changes nothing. Each value shown is",
+        "# the default, or an example for settings that are unset by default.",
+        "",
+    ]
+    for doc in settings_reference():
+        if doc.name in _TABLE_FIELDS:
+            continue
+        out.extend(f"# {line}" for line in _wrap(doc.description, 92))
+        out.append(f"# Environment: {doc.env_var}" + ("   (unset by default)" if doc.default is None else ""))
+        out.append(f"# {doc.name} = {_toml_value(doc.example)}")
+        out.append("")
+    out.append(_TABLE_EXAMPLES)
+    return "\n".join(out)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        if current and len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    return [*lines, current] if current else lines
+
+
+def _markdown_default(doc: SettingDoc) -> str:
+    if doc.default is None:
+        return "unset"
+    if isinstance(doc.default, dict):
+        return "`{}` (tables)"
+    return f"`{_toml_value(doc.default)}`"
+
+
+def render_settings_markdown() -> str:
+    """The settings table of docs/configuration.md (``dspy-infra config reference``)."""
+    rows = [
+        "| Setting | Environment variable | Type | Default | Description |",
+        "|---|---|---|---|---|",
+    ]
+    for doc in settings_reference():
+        env = f"`{doc.env_var}`" if doc.env_var else "TOML tables only"
+        description = doc.description.replace("|", "\\|")
+        type_ = doc.type.replace("|", "\\|")
+        rows.append(f"| `{doc.name}` | {env} | `{type_}` | {_markdown_default(doc)} | {description} |")
+    return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument helpers
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line ``SpecError`` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SpecError(message, field=self.prog, fix=f"see `{self.prog} --help`")
+
+
+def parse_pairs(values: Sequence[str] | None, field: str) -> dict[str, str]:
+    """``["k=v", ...]`` to a dict; a missing ``=``, an empty key or a repeated key is refused."""
+    out: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(
+                f"expected KEY=VALUE, got {item!r}", field=field, fix=f"write e.g. {field} cmd=echo"
+            )
+        if key in out:
+            raise SpecError(f"key {key!r} given twice", field=field, fix="give each key once")
+        out[key] = value
+    return out
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _ts(seconds: float) -> str:
+    if not seconds:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _pairs_text(mapping: Mapping[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in mapping.items())
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """An attrs instance, a mapping or an object with a ``__dict__`` as a JSON-able dict."""
+    if attrs.has(type(obj)):
+        doc = attrs.asdict(obj, recurse=True)
+    elif isinstance(obj, Mapping):
+        doc = dict(obj)
+    else:
+        doc = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+    return json.loads(json.dumps(doc, default=str))
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _aiter(value: Any) -> AsyncGenerator[Any, None]:
+    """Iterate an async iterator, or an awaitable that returns one (remote or embedded APIs)."""
+    value = await _maybe_await(value)
+    async for item in value:
+        yield item
+
+
+def _status_text(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running against an infra
+
+
+def _infra_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "config_file": args.config,
+        "addr": args.addr,
+        "state_dir": args.home,
+        "token": args.token,
+        "mode": args.mode,
+        "backend": getattr(args, "backend", None),
+    }
+
+
+def _is_embedded(infra: Any) -> bool:
+    from .infra import Infra
+
+    return isinstance(infra, Infra)
+
+
+def _run_with_infra(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
+    async def run() -> int:
+        from .infra import use_infra
+
+        async with use_infra(**_infra_kwargs(args)) as infra:
+            return await body(infra)
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return int(demo_main() or 0)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        args.config,
+        home=args.home,
+        token=args.token,
+        backend=args.backend,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        env_manager_port=args.env_manager_port,
+        http_port=args.http_port,
+        mode="embedded",
+    )
+    from .rpc.server import run_server
+
+    return int(asyncio.run(run_server(settings)) or 0)
+
+
+def _service_names(args: argparse.Namespace, settings_services: Mapping[str, Any]) -> list[str]:
+    if args.names:
+        return list(args.names)
+    if settings_services:
+        return list(settings_services)
+    raise SpecError(
+        "no services named",
+        field="NAMES",
+        fix=f"name them (e.g. `dspy-infra up redis`) or declare [services.NAME] tables in {CONFIG_FILE_NAME}",
+    )
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    async def body(infra: Any) -> int:
+        configured = getattr(getattr(infra, "settings", None), "services", {}) or {}
+        names = _service_names(args, configured)
+        out = _console()
+        final: dict[str, Any] = {}
+        progress = Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[status]:<10} {task.fields[message]}"),
+            console=out,
+            transient=not out.is_terminal,
+        )
+        with progress:
+            rows: dict[str, Any] = {}
+            async for update in _aiter(infra.services.start(names, parallel=not args.sequential)):
+                name = update.service_name
+                if name not in rows:
+                    rows[name] = progress.add_task(name, total=100, status="", message="")
+                status = _status_text(update.status)
+                progress.update(rows[name], completed=update.progress, status=status, message=update.message)
+                final[name] = update
+        failed = []
+        for name, update in final.items():
+            status = _status_text(update.status)
+            mark = "FAILED" if status in _BAD_SERVICE else "ok"
+            out.print(f"{name}: {status} [{mark}]" + (f" {update.message}" if update.message else ""))
+            if status in _BAD_SERVICE:
+                failed.append(name)
+        if _is_embedded(infra):
+            out.print(
+                "note: no server is running, so nothing supervises these services after this command;"
+                " run `dspy-infra serve` for restarts and health streams"
+            )
+        if failed:
+            raise _Failure(f"service(s) did not come up: {', '.join(failed)}")
+        return EXIT_OK
+
+    return _run_with_infra(args, body)
+
+
+class _Failure(Exception):
+    """A command finished but what it did failed (exit 1), with a one-line message."""
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    async def body(infra: Any) -> int:
+        names = list(args.names)
+        if not names:
+            states = await _maybe_await(infra.services.status())
+            names = [n for n, st in states.items() if _status_text(st.status) != "stopped"]
+        if not names:
+            _console().print("no services are running")
+            return EXIT_OK
+        results = await _maybe_await(infra.services.stop(names, timeout=args.timeout))
+        out = _console()
+        bad = []
+        for name in names:
+            outcome = results.get(name, "unknown")
+            out.print(f"{name}: {outcome}")
+            if outcome not in ("stopped", "not running", "ok", "already stopped"):
+                bad.append(name)
+        if bad:
+            raise _Failure(f"could not stop: {', '.join(bad)}")
+        return EXIT_OK
+
+    return _run_with_infra(args, body)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    async def body(infra: Any) -> int:
+        health = await infra.health()
+        services = await _maybe_await(infra.services.status())
+        queues = await _maybe_await(infra.queue_status())
+        mode = "embedded" if _is_embedded(infra) else "server"
+        if args.json:
+            _print_json(
+                {
+                    "mode": mode,
+                    "health": health,
+                    "services": {n: _as_dict(s) for n, s in services.items()},
+                    "queues": {n: _as_dict(q) for n, q in queues.items()},
+                }
+            )
+            return EXIT_OK
+        out = _console()
+        out.print(
+            f"dspy-infra {health.get('version', '?')} ({mode}): "
+            + ("healthy" if health.get("healthy") else "UNHEALTHY")
+        )
+        table = Table(title="Services")
+        for column in ("service", "status", "backend", "ports", "instance", "started", "restarts"):
+            table.add_column(column)
+        for name, st in sorted(services.items()):
+            ports = ", ".join(f"{h}->{c}" for c, h in sorted(st.ports.items())) or "-"
+            table.add_row(
+                name,
+                _status_text(st.status),
+                st.backend or "-",
+                ports,
+                (st.instance_id or "-")[:12],
+                _ts(st.started_at),
+                str(st.restarts),
+            )
+        if not services:
+            table.add_row("(none)", "", "", "", "", "", "")
+        out.print(table)
+        qtable = Table(title="Queues and limits")
+        for column in ("class", "queued", "running", "limit", "min", "max"):
+            qtable.add_column(column, justify="right" if column != "class" else "left")
+        for name, q in sorted(queues.items()):
+            qtable.add_row(
+                name, str(q.depth), str(q.inflight), str(q.limit), str(q.min_limit), str(q.max_limit)
+            )
+        out.print(qtable)
+        return EXIT_OK if health.get("healthy") else EXIT_FAILURE
+
+    return _run_with_infra(args, body)
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    async def body(infra: Any) -> int:
+        stream = infra.services.logs(args.name, follow=args.follow, tail=args.tail, since=args.since)
+        async for entry in _aiter(stream):
+            target = sys.stderr if entry.stream == "stderr" else sys.stdout
+            target.write(entry.message.rstrip("\n") + "\n")
+            target.flush()
+        return EXIT_OK
+
+    return _run_with_infra(args, body)
+
+
+def _task_row(state: Any) -> dict[str, Any]:
+    return {
+        "id": state.id,
+        "class": state.spec.task_class,
+        "status": _status_text(state.status),
+        "attempts": state.attempts,
+        "submitted_at": state.submitted_at,
+        "duration_ms": state.duration_ms,
+        "result": dict(state.result),
+        "error": state.error,
+    }
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    payload = parse_pairs(args.payload, "--payload")
+
+    async def body(infra: Any) -> int:
+        state = await infra.submit_task(
+            args.id,
+            args.task_class,
+            payload,
+            priority=args.priority,
+            timeout=args.timeout,
+            max_attempts=args.max_attempts,
+        )
+        out = _console()
+        if not args.wait:
+            if args.json:
+                _print_json(_task_row(state))
+            else:
+                out.print(f"submitted {state.id} ({state.spec.task_class}): {_status_text(state.status)}")
+                if _is_embedded(infra) and _status_text(state.status) not in _TERMINAL_TASK:
+                    out.print(
+                        "note: no server is running; the task is stored and runs the next time an infra"
+                        " starts on this state directory (use --wait, or run `dspy-infra serve`)"
+                    )
+            return EXIT_OK
+        result = await infra.wait(args.id, timeout=args.wait_timeout)
+        status = _status_text(result.status)
+        if args.json:
+            _print_json(_as_dict(result))
+        else:
+            out.print(f"{result.task_id}: {status} in {result.duration_ms:.0f} ms")
+            for key, value in result.result.items():
+                out.print(f"  {key}: {value}")
+            if result.error:
+                out.print(f"  error: {result.error}")
+        return EXIT_OK if status == "completed" else EXIT_FAILURE
+
+    return _run_with_infra(args, body)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    async def body(infra: Any) -> int:
+        states = await infra.list_tasks(status=args.status, limit=args.limit)
+        if args.json:
+            _print_json([_task_row(s) for s in states])
+            return EXIT_OK
+        table = Table(title=f"Tasks ({len(states)})")
+        for column in ("id", "class", "status", "attempts", "submitted", "duration", "error"):
+            table.add_column(column)
+        for s in states:
+            table.add_row(
+                s.id,
+                s.spec.task_class,
+                _status_text(s.status),
+                str(s.attempts),
+                _ts(s.submitted_at),
+                f"{s.duration_ms:.0f} ms" if s.duration_ms else "-",
+                (s.error or "")[:60],
+            )
+        _console().print(table)
+        return EXIT_OK
+
+    return _run_with_infra(args, body)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    async def body(infra: Any) -> int:
+        since = time.time() - args.since if args.since is not None else 0.0
+        types = args.type or None
+        out = _console()
+
+        def show(event: Any) -> None:
+            out.print(
+                f"{_ts(event.timestamp)} {event.type} {event.resource_id} {_pairs_text(event.data)}".rstrip()
+            )
+
+        bus = getattr(infra, "bus", None)
+        if not args.follow and bus is not None:
+            for event in bus.history(types, since):
+                show(event)
+            return EXIT_OK
+        stream = _aiter(infra.events(types, since))
+        if args.follow:
+            async for event in stream:
+                show(event)
+            return EXIT_OK
+        # A server streams history then live events without an end marker: stop when idle.
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(stream), timeout=args.idle)
+            except (TimeoutError, StopAsyncIteration):
+                await stream.aclose()
+                return EXIT_OK
+            show(event)
+
+    return _run_with_infra(args, body)
+
+
+def _read_workflow_spec(path: str) -> Any:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise SpecError(
+            f"cannot read {path}: {exc.strerror}", field="FILE", fix="give the path of a JSON workflow spec"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            field="FILE",
+            fix="fix the JSON (a workflow spec is a JSON object with a `steps` list)",
+        ) from None
+
+
+def _run_update_line(update: Any) -> str:
+    step = f" step={update.current_step}" if update.current_step else ""
+    text = (
+        f"{update.run_id}: {_status_text(update.status)} {update.steps_completed}/{update.total_steps}{step}"
+    )
+    if update.output:
+        text += f" output: {_pairs_text(update.output)}"
+    if update.error:
+        text += f" error: {update.error}"
+    return text
+
+
+def _cmd_workflow(args: argparse.Namespace) -> int:
+    if args.wf_command == "create":
+        spec = _read_workflow_spec(args.file)
+
+        async def create(infra: Any) -> int:
+            await infra.create_workflow(args.id, args.name or args.id, args.description, spec)
+            _console().print(f"created workflow {args.id}")
+            return EXIT_OK
+
+        return _run_with_infra(args, create)
+
+    if args.wf_command == "run":
+        run_input = parse_pairs(args.input, "--input")
+
+        async def run(infra: Any) -> int:
+            run_id = await infra.start_run(args.id, input=run_input, idempotency_key=args.key)
+            out = _console()
+            out.print(f"run {run_id} started")
+            if not args.follow:
+                return EXIT_OK
+            last = ""
+            async for update in _aiter(infra.run_status(run_id)):
+                out.print(_run_update_line(update))
+                last = _status_text(update.status)
+                if last in _TERMINAL_RUN:
+                    break
+            return EXIT_OK if last == "completed" else EXIT_FAILURE
+
+        return _run_with_infra(args, run)
+
+    async def status(infra: Any) -> int:
+        run = await infra.get_run(args.run_id)
+        doc = _as_dict(run)
+        if args.json:
+            _print_json(doc)
+        else:
+            out = _console()
+            for key, value in doc.items():
+                out.print(f"{key}: {value}")
+        return EXIT_OK
+
+    return _run_with_infra(args, status)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    out = _console()
+    if args.cfg_command == "init":
+        path = Path(args.path)
+        if path.is_dir():
+            path = path / CONFIG_FILE_NAME
+        if path.exists() and not args.force:
+            raise AlreadyExists(f"{path} already exists", field="PATH", fix="pass --force to overwrite it")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render_config_template())
+        except OSError as exc:
+            raise SpecError(f"cannot write {path}: {exc.strerror}", field="PATH") from None
+        out.print(f"wrote {path}")
+        return EXIT_OK
+    if args.cfg_command == "reference":
+        sys.stdout.write(render_settings_markdown())
+        return EXIT_OK
+    settings = load_settings(args.config, home=args.home, token=args.token, addr=args.addr, mode=args.mode)
+    doc = _as_dict(settings)
+    if doc.get("token"):
+        doc["token"] = "***"
+    doc["resolved_home"] = str(settings.resolved_home())
+    doc["resolved_owner"] = settings.resolved_owner()
+    _print_json(doc)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dspy-infra",
+        description="Services, tasks and workflows for AI-agent apps. Talks to a running server "
+        "when one answers, else runs embedded.",
+    )
+    parser.add_argument("--config", metavar="FILE", help=f"settings file (default: ./{CONFIG_FILE_NAME})")
+    parser.add_argument("--addr", metavar="HOST:PORT", help="gRPC address of a running server")
+    parser.add_argument("--home", metavar="DIR", help="state directory (store, logs, locks)")
+    parser.add_argument("--token", help="bearer token for the server")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "embedded", "remote"),
+        help="auto: a server if one answers, else embedded (default)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(run=fn)
+        return p
+
+    p = command("serve", _cmd_serve, "serve gRPC and HTTP for other processes (until SIGTERM/SIGINT)")
+    p.add_argument("--host", help="bind address (non-loopback needs --token)")
+    p.add_argument("--grpc-port", type=_non_negative_int)
+    p.add_argument("--env-manager-port", type=_non_negative_int)
+    p.add_argument("--http-port", type=_non_negative_int)
+    p.add_argument("--backend", choices=("auto", "docker", "process"))
+
+    p = command("up", _cmd_up, "start services (and their dependencies) with live progress")
+    p.add_argument("names", nargs="*", metavar="NAMES")
+    p.add_argument("--backend", choices=("auto", "docker", "process"))
+    p.add_argument("--sequential", action="store_true", help="start one at a time")
+
+    p = command("down", _cmd_down, "stop services (default: every running one)")
+    p.add_argument("names", nargs="*", metavar="NAMES")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds before a kill")
+
+    p = command("status", _cmd_status, "health, services, queues and concurrency limits")
+    p.add_argument("--json", action="store_true")
+
+    p = command("logs", _cmd_logs, "a service's log lines")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", type=_non_negative_int, help="only the last N lines")
+    p.add_argument("--since", type=float, metavar="UNIX_TIME")
+
+    p = command("submit", _cmd_submit, "submit a task")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--class", dest="task_class", default="cpu_short", metavar="CLASS")
+    p.add_argument(
+        "--payload", nargs="*", metavar="KEY=VALUE", help="e.g. --payload handler=exec cmd='echo hi'"
+    )
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--timeout", type=_positive_float, help="task timeout in seconds")
+    p.add_argument("--max-attempts", type=int, default=1)
+    p.add_argument("--wait", action="store_true", help="wait for the result; exit 1 unless completed")
+    p.add_argument("--wait-timeout", type=_positive_float)
+    p.add_argument("--json", action="store_true")
+
+    p = command("tasks", _cmd_tasks, "list tasks, newest first")
+    p.add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"))
+    p.add_argument("--limit", type=_non_negative_int, default=100)
+    p.add_argument("--json", action="store_true")
+
+    p = command("events", _cmd_events, "recent events; -f to keep following")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--type", action="append", metavar="TYPE", help="only this event type (repeatable)")
+    p.add_argument("--since", type=float, metavar="SECONDS", help="only events of the last SECONDS")
+    p.add_argument("--idle", type=_positive_float, default=0.5, help=argparse.SUPPRESS)
+
+    p = command("workflow", _cmd_workflow, "create, run and watch workflows")
+    wf = p.add_subparsers(dest="wf_command", required=True, metavar="SUBCOMMAND")
+    c = wf.add_parser("create", help="create a workflow from a JSON spec file")
+    c.add_argument("id", metavar="ID")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--name", default="")
+    c.add_argument("--description", default="")
+    r = wf.add_parser("run", help="start a run")
+    r.add_argument("id", metavar="ID")
+    r.add_argument("--input", nargs="*", metavar="KEY=VALUE")
+    r.add_argument("--key", default="", help="idempotency key: the same key returns the same run")
+    r.add_argument("--follow", action="store_true", help="stream status until the run ends")
+    s = wf.add_parser("status", help="a run's state")
+    s.add_argument("run_id", metavar="RUN_ID")
+    s.add_argument("--json", action="store_true")
+
+    p = command("config", _cmd_config, "write, show or document the settings")
+    cfg = p.add_subparsers(dest="cfg_command", required=True, metavar="SUBCOMMAND")
+    i = cfg.add_parser("init", help=f"write a commented {CONFIG_FILE_NAME}")
+    i.add_argument("path", nargs="?", default=CONFIG_FILE_NAME, metavar="PATH")
+    i.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cfg.add_parser("show", help="the effective settings as JSON")
+    cfg.add_parser("reference", help="the settings table of docs/configuration.md (markdown)")
+
+    command("demo", _cmd_demo, "run the demo on the embedded default (no container engine needed)")
+    return parser
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, InfraError):
+            return leaf
+    return leaves[0] if leaves else group
+
+
+def _exit_code(err: InfraError) -> int:
+    return EXIT_USAGE if isinstance(err, (SpecError, NotFound, AlreadyExists)) else EXIT_FAILURE
+
+
+def _fail(text: str) -> None:
+    sys.stderr.write(f"dspy-infra: error: {text}\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dspy-infra")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run the demo on the embedded default (no container engine needed)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main()
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = _build_parser().parse_args(argv)
+        try:
+            return int(args.run(args))
+        except BaseExceptionGroup as group:
+            # Task groups wrap errors; report the first of ours (or the first at all).
+            raise _first_leaf(group) from None
+    except InfraError as err:
+        if debug:
+            raise
+        _fail(str(err))
+        return _exit_code(err)
+    except _Failure as err:
+        _fail(str(err))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        text = str(err).splitlines()[0] if str(err) else ""
+        _fail(f"unexpected {type(err).__name__}: {text} (rerun with --debug for the traceback)")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
