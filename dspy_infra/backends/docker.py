@@ -1,0 +1,663 @@
+"""The ``docker`` backend: services as containers through the Docker Engine API (aiodocker).
+
+The same code drives a real Docker Engine and Podman's Docker-compatible service; where the
+two differ (Podman runs image HEALTHCHECKs only on request when there is no systemd) the
+difference is handled here and named. Three things live in exactly one place each:
+
+- ``container_config`` turns a ``ServiceSpec`` into the engine's create-container body;
+- ``translate_docker_error`` turns aiodocker / aiohttp failures into ``dspy_infra.errors``;
+- ``DockerBackend._api`` times every engine call into
+  ``env_manager_docker_api_duration_seconds{operation,status}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aiodocker
+import aiohttp
+import anyio
+import attrs
+
+from ..config import Settings
+from ..errors import (
+    AlreadyExists,
+    BackendError,
+    BackendUnavailable,
+    DeadlineExceeded,
+    InfraError,
+    NotFound,
+    SpecError,
+)
+from ..hookspecs import hookimpl
+from ..metrics import InfraMetrics
+from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
+from .base import LABEL_SERVICE, Backend
+
+__all__ = [
+    "DEFAULT_DOCKER_HOST",
+    "DockerBackend",
+    "LogDemuxer",
+    "PullTracker",
+    "container_config",
+    "dspy_infra_backends",
+    "parse_engine_time",
+    "resolve_docker_host",
+    "split_image_ref",
+    "translate_docker_error",
+]
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+_START_ENGINE_FIX = (
+    "start Docker or Podman (`bash scripts/engines.sh start` in this repo, `dockerd`, or "
+    "`podman system service --time=0 unix:///run/podman/podman.sock`), or point "
+    "DSPY_INFRA_DOCKER_HOST / DOCKER_HOST at a socket that answers"
+)
+
+
+def resolve_docker_host(settings: Settings, host: str | None = None) -> str:
+    """The engine address: ``host``, else ``settings.docker_host``, else ``$DOCKER_HOST``,
+    else the default socket."""
+    return host or settings.docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+
+
+# ---------------------------------------------------------------------------------------
+# One place: errors
+
+
+def translate_docker_error(exc: BaseException, *, operation: str, target: str = "") -> InfraError:
+    """Map an aiodocker / aiohttp / OS error from ``operation`` on ``target`` to our hierarchy."""
+    what = f"{operation} {target}".strip()
+    if isinstance(exc, InfraError):
+        return exc
+    if isinstance(exc, aiodocker.DockerError):
+        status, message = exc.status, str(exc.message)
+        lowered = message.lower()
+        if status == 900:  # aiodocker's "cannot connect"
+            return BackendUnavailable(f"{what}: {message}", field="docker_host", fix=_START_ENGINE_FIX)
+        if status == 404 or "no such" in lowered:
+            if "image" in lowered:
+                return NotFound(
+                    f"{what}: {message}",
+                    field="image",
+                    fix="pull the image (infra.services.pull) or build it first",
+                )
+            return NotFound(f"{what}: {message}")
+        if status == 409:
+            return AlreadyExists(
+                f"{what}: {message}", fix="remove the existing object or choose another name"
+            )
+        if status == 400:
+            return SpecError(f"{what}: the engine refused the request: {message}", field=operation)
+        return BackendError(f"{what}: engine answered {status}: {message}")
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return BackendUnavailable(f"{what}: {exc}", field="docker_host", fix=_START_ENGINE_FIX)
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceeded(f"{what}: the engine did not answer in time")
+    return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------
+# One place: container config
+
+
+def container_config(
+    spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str], network: str
+) -> dict[str, Any]:
+    """The body of ``POST /containers/create`` for ``spec`` (Docker and Podman alike).
+
+    ``labels`` (ownership) win over ``spec.labels``; the service name is the container's
+    alias on ``network`` so other services reach it by name.
+    """
+    if not spec.image:
+        raise SpecError(
+            "the docker backend needs an image",
+            field=f"services.{spec.name}.image",
+            fix="set image = 'name:tag', or use the process backend with a command",
+        )
+    exposed: dict[str, dict[str, Any]] = {}
+    bindings: dict[str, list[dict[str, str]]] = {}
+    for port in spec.ports:
+        key = f"{port.container_port}/{port.protocol}"
+        exposed[key] = {}
+        if port.host_port is not None:
+            # "" lets the engine choose a free host port (host_port 0).
+            host_port = str(port.host_port) if port.host_port else ""
+            bindings.setdefault(key, []).append({"HostIp": port.host_ip, "HostPort": host_port})
+    host_config: dict[str, Any] = {
+        "NetworkMode": network,
+        "PortBindings": bindings,
+        "Binds": [
+            f"{volume.source}:{volume.target}" + (":ro" if volume.read_only else "")
+            for volume in spec.volumes
+        ],
+        # Restarts are the manager's policy, never the engine's.
+        "RestartPolicy": {"Name": "no"},
+    }
+    if spec.resources.cpus is not None:
+        host_config["NanoCpus"] = int(spec.resources.cpus * 1e9)
+    if spec.resources.memory_bytes is not None:
+        host_config["Memory"] = int(spec.resources.memory_bytes)
+    config: dict[str, Any] = {
+        "Image": spec.image,
+        "Env": [f"{key}={value}" for key, value in spec.environment.items()],
+        "Labels": {**spec.labels, **labels},
+        "ExposedPorts": exposed,
+        "HostConfig": host_config,
+        "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [spec.name]}}},
+    }
+    if spec.command:
+        config["Cmd"] = list(spec.command)
+    if spec.workdir:
+        config["WorkingDir"] = spec.workdir
+    return config
+
+
+def split_image_ref(image: str) -> tuple[str, str]:
+    """``repo[:tag]`` -> ``(repo, tag)``; a ``host:port/`` prefix is not a tag; digests stay whole."""
+    if "@" in image:
+        return image, ""
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon > slash:
+        return image[:colon], image[colon + 1 :]
+    return image, "latest"
+
+
+# ---------------------------------------------------------------------------------------
+# Engine output parsing (pure, so property tests can cover them)
+
+_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_engine_time(text: str) -> float:
+    """RFC 3339 with up to nanoseconds (as engines write it) -> Unix seconds; 0.0 for unset."""
+    match = _TIME_RE.match(text.strip())
+    if not match:
+        return 0.0
+    whole, fraction, zone = match.groups()
+    stamp = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    if stamp.year <= 1:  # "0001-01-01T00:00:00Z": never happened
+        return 0.0
+    seconds = stamp.astimezone(UTC).timestamp()
+    if fraction:
+        seconds += int(fraction[:9].ljust(9, "0")) / 1e9
+    return seconds
+
+
+_STREAMS = {0: "stdout", 1: "stdout", 2: "stderr"}
+
+
+@attrs.define
+class LogDemuxer:
+    """Splits the engine's multiplexed log stream (8-byte frame headers: stream id, length)
+    into ``(stream, line)`` pairs, however the bytes were chunked on the wire."""
+
+    _buffer: bytearray = attrs.field(factory=bytearray)
+    _partial: dict[str, bytes] = attrs.field(factory=dict)
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[str, str]]:
+        self._buffer += chunk
+        while len(self._buffer) >= 8:
+            stream_id, length = struct.unpack(">BxxxL", self._buffer[:8])
+            if len(self._buffer) < 8 + length:
+                break
+            payload = bytes(self._buffer[8 : 8 + length])
+            del self._buffer[: 8 + length]
+            yield from self._lines(_STREAMS.get(stream_id, "stdout"), payload)
+
+    def close(self) -> Iterator[tuple[str, str]]:
+        """Flush lines that never got their newline."""
+        for stream, rest in sorted(self._partial.items()):
+            if rest:
+                yield stream, rest.decode("utf-8", "replace")
+        self._partial.clear()
+
+    def _lines(self, stream: str, payload: bytes) -> Iterator[tuple[str, str]]:
+        data = self._partial.pop(stream, b"") + payload
+        *complete, rest = data.split(b"\n")
+        for line in complete:
+            yield stream, line.decode("utf-8", "replace").removesuffix("\r")
+        if rest:
+            self._partial[stream] = rest
+
+
+@attrs.define
+class PullTracker:
+    """Folds the engine's per-layer pull messages into one image-level progress figure."""
+
+    image: str
+    _layers: dict[str, tuple[int, int]] = attrs.field(factory=dict)
+
+    def update(self, message: Mapping[str, Any]) -> ImagePullProgress:
+        status_text = str(message.get("status", ""))
+        layer = str(message.get("id", ""))
+        detail = message.get("progressDetail") or {}
+        current, total = int(detail.get("current") or 0), int(detail.get("total") or 0)
+        if layer and total:
+            self._layers[layer] = (min(current, total), total)
+        elif layer and status_text.lower() in ("download complete", "pull complete", "already exists"):
+            done = self._layers.get(layer)
+            if done:
+                self._layers[layer] = (done[1], done[1])
+        lowered = status_text.lower()
+        kind = "extracting" if "extract" in lowered or "pull complete" in lowered else "downloading"
+        return self._progress(kind, status_text)
+
+    def complete(self, message: str = "") -> ImagePullProgress:
+        self._layers = {k: (t, t) for k, (_c, t) in self._layers.items()}
+        return attrs.evolve(self._progress("complete", message), progress_percent=100)
+
+    def _progress(self, status: str, message: str) -> ImagePullProgress:
+        current = sum(c for c, _t in self._layers.values())
+        total = sum(t for _c, t in self._layers.values())
+        percent = int(current * 100 / total) if total else 0
+        return ImagePullProgress(
+            image_name=self.image,
+            status=status,
+            current=current,
+            total=total,
+            progress_percent=percent,
+            message=message,
+        )
+
+
+def _usage_from_stats(stats: Mapping[str, Any]) -> ResourceUsage:
+    cpu = stats.get("cpu_stats") or {}
+    pre = stats.get("precpu_stats") or {}
+    cpu_delta = (cpu.get("cpu_usage") or {}).get("total_usage", 0) - (pre.get("cpu_usage") or {}).get(
+        "total_usage", 0
+    )
+    system_delta = (cpu.get("system_cpu_usage") or 0) - (pre.get("system_cpu_usage") or 0)
+    cpus = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or ()) or 1
+    percent = cpu_delta / system_delta * cpus * 100.0 if cpu_delta > 0 and system_delta > 0 else 0.0
+    memory = stats.get("memory_stats") or {}
+    detail = memory.get("stats") or {}
+    # What `docker stats` shows: usage minus page cache (cgroup v1 "cache", v2 "inactive_file").
+    cache = detail.get("inactive_file", detail.get("total_inactive_file", detail.get("cache", 0))) or 0
+    used = max(int(memory.get("usage") or 0) - int(cache), 0)
+    networks = stats.get("networks") or {}
+    rx = sum(int(n.get("rx_bytes") or 0) for n in networks.values())
+    tx = sum(int(n.get("tx_bytes") or 0) for n in networks.values())
+    return ResourceUsage(cpu_percent=percent, memory_bytes=used, network_rx_bytes=rx, network_tx_bytes=tx)
+
+
+def _instance_from_inspect(data: Mapping[str, Any]) -> Instance:
+    state = data.get("State") or {}
+    config = data.get("Config") or {}
+    labels = dict(config.get("Labels") or {})
+    status = str(state.get("Status", "")).lower()
+    if state.get("Running") or status in ("running", "paused", "restarting"):
+        kind = "running"
+    elif status in ("created", "configured", "initialized"):
+        kind = "created"
+    else:
+        kind = "exited"
+    ports: dict[int, tuple[str, int]] = {}
+    for key, bound in ((data.get("NetworkSettings") or {}).get("Ports") or {}).items():
+        number, _, _proto = key.partition("/")
+        for binding in bound or ():
+            if binding.get("HostPort"):
+                ports.setdefault(int(number), (binding.get("HostIp") or "", int(binding["HostPort"])))
+    health = state.get("Health") or state.get("Healthcheck") or {}
+    return Instance(
+        id=str(data["Id"]),
+        name=str(data.get("Name", "")).lstrip("/"),
+        labels=labels,
+        state=kind,
+        exit_code=int(state.get("ExitCode", 0)) if kind == "exited" else None,
+        ports=ports,
+        started_at=parse_engine_time(str(state.get("StartedAt", ""))),
+        engine_health=(health.get("Status") or None) if health else None,
+        address=labels.get(LABEL_SERVICE) or str(data.get("Name", "")).lstrip("/"),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The backend
+
+
+class DockerBackend(Backend):
+    """Services as containers on a Docker Engine or Podman (Docker-compatible API)."""
+
+    name = "docker"
+
+    def __init__(
+        self, settings: Settings, *, host: str | None = None, metrics: InfraMetrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.address = resolve_docker_host(settings, host)
+        self.network = settings.network
+        self.metrics = metrics if metrics is not None else InfraMetrics()
+        #: "docker" or "podman", known after ``open()``.
+        self.engine = ""
+        self.api_version = ""
+        self._docker: aiodocker.Docker | None = None
+        self._network_ready = False
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise BackendError(
+                "the docker backend is not open", fix="use `async with backend:` or await backend.open()"
+            )
+        return self._docker
+
+    @asynccontextmanager
+    async def _api(self, operation: str, target: str = "") -> AsyncIterator[None]:
+        """Time one engine call and translate its failure (the one place for both)."""
+        started = time.perf_counter()
+        status = "error"
+        try:
+            yield
+            status = "ok"
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise translate_docker_error(exc, operation=operation, target=target) from exc
+        finally:
+            self.metrics.docker_api_duration_seconds.labels(operation=operation, status=status).observe(
+                time.perf_counter() - started
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._docker is not None:
+            return
+        try:
+            docker = aiodocker.Docker(url=self.address)
+        except ValueError as exc:
+            raise SpecError(
+                f"cannot use {self.address!r}: {exc}",
+                field="docker_host",
+                fix="use unix:///path/to.sock or tcp://host:port",
+            ) from None
+        try:
+            with anyio.fail_after(10):
+                async with self._api("ping", self.address):
+                    version = await docker.version()
+        except BaseException as exc:
+            await docker.close()
+            if isinstance(exc, TimeoutError):
+                raise BackendUnavailable(
+                    f"no container engine answers at {self.address} (timed out)",
+                    field="docker_host",
+                    fix=_START_ENGINE_FIX,
+                ) from None
+            if isinstance(exc, InfraError) and not isinstance(exc, BackendUnavailable):
+                raise BackendUnavailable(
+                    f"no container engine answers at {self.address}: {exc}",
+                    field="docker_host",
+                    fix=_START_ENGINE_FIX,
+                ) from None
+            raise
+        components = " ".join(str(c.get("Name", "")) for c in version.get("Components") or ())
+        self.engine = "podman" if "podman" in components.lower() else "docker"
+        self.api_version = str(version.get("ApiVersion", ""))
+        self._docker = docker
+
+    async def aclose(self) -> None:
+        docker, self._docker = self._docker, None
+        if docker is not None:
+            await docker.close()
+
+    # -- instances -----------------------------------------------------------------------
+
+    async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
+        await self._ensure_network()
+        for spec in specs:
+            if not spec.image:
+                container_config(spec, instance_name=spec.name, labels={}, network=self.network)
+            try:
+                await self._ensure_image(spec.image)
+            except InfraError as exc:
+                raise BackendError(
+                    f"service {spec.name!r}: image {spec.image!r} is not available: {exc.message}",
+                    field=f"services.{spec.name}.image",
+                    fix="check the image name, or build/pull it where this engine can see it",
+                ) from exc
+
+    async def _ensure_network(self) -> None:
+        if self._network_ready:
+            return
+        try:
+            async with self._api("network_inspect", self.network):
+                await self.docker.networks.get(self.network)
+        except NotFound:
+            try:
+                async with self._api("network_create", self.network):
+                    await self.docker.networks.create(
+                        {"Name": self.network, "Driver": "bridge", "CheckDuplicate": True}
+                    )
+            except AlreadyExists:
+                pass  # another process created it in the meantime: same outcome
+        self._network_ready = True
+
+    async def _ensure_image(self, image: str) -> None:
+        try:
+            async with self._api("image_inspect", image):
+                await self.docker.images.inspect(image)
+            return
+        except NotFound:
+            pass
+        async for _progress in self.pull(image):
+            pass
+
+    async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
+        config = container_config(spec, instance_name=instance_name, labels=labels, network=self.network)
+        await self._ensure_network()
+        try:
+            container = await self._create(config, instance_name)
+        except NotFound as exc:
+            if exc.field != "image":
+                raise
+            await self._ensure_image(spec.image)
+            container = await self._create(config, instance_name)
+        try:
+            async with self._api("container_start", instance_name):
+                await container.start()
+        except BaseException:
+            # A created-but-unstartable container would leak: remove it, then report.
+            with anyio.CancelScope(shield=True):
+                await self.remove(container.id)
+            raise
+        return await self.inspect(container.id)
+
+    async def _create(
+        self, config: dict[str, Any], instance_name: str
+    ) -> aiodocker.containers.DockerContainer:
+        async with self._api("container_create", instance_name):
+            return await self.docker.containers.create(config, name=instance_name)
+        raise AssertionError("unreachable")  # pragma: no cover (mypy: _api may swallow)
+
+    async def inspect(self, instance_id: str) -> Instance:
+        data = await self._inspect_raw(instance_id)
+        instance = _instance_from_inspect(data)
+        if self.engine == "podman" and instance.state == "running" and instance.engine_health:
+            # Podman schedules HEALTHCHECK runs with systemd timers; without systemd they never
+            # run, so ask the engine to run the image's check now (libpod endpoint).
+            instance = attrs.evolve(instance, engine_health=await self._podman_healthcheck(instance.id))
+        return instance
+
+    async def _inspect_raw(self, instance_id: str) -> dict[str, Any]:
+        async with self._api("container_inspect", instance_id):
+            return await self.docker.containers.container(instance_id).show()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _podman_healthcheck(self, instance_id: str) -> str | None:
+        async with (
+            self._api("healthcheck_run", instance_id),
+            self.docker._query(
+                f"/libpod/containers/{instance_id}/healthcheck", versioned_api=False
+            ) as response,
+        ):
+            result = json.loads(await response.read() or b"{}")
+        return str(result.get("Status") or "") or None
+
+    async def list_instances(self, labels: Mapping[str, str]) -> list[Instance]:
+        filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
+        async with self._api("container_list"):
+            found = await self.docker.containers.list(all=True, filters=filters)
+        instances: list[Instance] = []
+        for container in found:
+            try:
+                instances.append(_instance_from_inspect(await self._inspect_raw(container.id)))
+            except NotFound:
+                continue  # removed between list and inspect
+        # The label filter is the engine's; check again so nothing unlabelled is ever returned.
+        return [i for i in instances if all(i.labels.get(k) == v for k, v in labels.items())]
+
+    async def stop(self, instance_id: str, *, timeout: float = 10.0) -> None:
+        grace = max(0, math.ceil(timeout))
+        try:
+            async with self._api("container_stop", instance_id):
+                await self.docker.containers.container(instance_id).stop(
+                    t=grace, timeout=aiohttp.ClientTimeout(total=grace + 30)
+                )
+        except NotFound:
+            return
+
+    async def remove(self, instance_id: str) -> None:
+        try:
+            async with self._api("container_remove", instance_id):
+                await self.docker.containers.container(instance_id).delete(force=True, v=True)
+        except NotFound:
+            return
+        except BackendError as exc:
+            # Both engines answer 409 while a removal is already in progress: same outcome.
+            if "in progress" not in str(exc):
+                raise
+
+    # -- observation -----------------------------------------------------------------------
+
+    async def logs(
+        self,
+        instance_id: str,
+        *,
+        service_name: str,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[LogEntry]:
+        params: dict[str, Any] = {
+            "stdout": True,
+            "stderr": True,
+            "timestamps": True,
+            "follow": follow,
+            "tail": "all" if tail is None else str(max(tail, 0)),
+        }
+        if since is not None:
+            params["since"] = f"{since:.6f}"
+        demux = LogDemuxer()
+        async with self._api("container_logs", instance_id):
+            # aiodocker's log API merges stdout and stderr; read the raw frames to keep them apart.
+            response_cm = self.docker._query(
+                f"containers/{instance_id}/logs", params=params, timeout=aiohttp.ClientTimeout()
+            )
+            response = await response_cm.__aenter__()
+        try:
+            while True:
+                try:
+                    chunk = await response.content.readany()
+                except (aiohttp.ClientError, OSError):
+                    break
+                if not chunk:
+                    break
+                # ``since`` is applied by the engine (Podman stamps lines to the second only,
+                # so filtering again here would drop lines of the same second).
+                for stream, line in demux.feed(chunk):
+                    yield self._log_entry(instance_id, service_name, stream, line)
+            for stream, line in demux.close():
+                yield self._log_entry(instance_id, service_name, stream, line)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response_cm.__aexit__(None, None, None)
+
+    @staticmethod
+    def _log_entry(instance_id: str, service_name: str, stream: str, line: str) -> LogEntry:
+        stamp_text, _, message = line.partition(" ")
+        stamp = parse_engine_time(stamp_text)
+        if not stamp:  # no timestamp prefix after all: keep the whole line
+            message, stamp = line, time.time()
+        return LogEntry(
+            service_name=service_name,
+            instance_id=instance_id,
+            stream=stream,
+            message=message,
+            timestamp=stamp,
+        )
+
+    async def stats(self, instance_id: str) -> ResourceUsage:
+        async with self._api("container_stats", instance_id):
+            # stream=0: the engine samples twice, so precpu_stats is filled for a CPU percent.
+            samples = await self.docker.containers.container(instance_id).stats(stream=False)
+        return _usage_from_stats(samples[0] if samples else {})
+
+    async def exec(self, instance_id: str, command: Sequence[str], *, timeout: float = 10.0) -> ExecResult:
+        container = self.docker.containers.container(instance_id)
+        async with self._api("exec_create", instance_id):
+            execution = await container.exec(list(command), stdout=True, stderr=True)
+        chunks: list[bytes] = []
+        try:
+            with anyio.fail_after(timeout):
+                async with self._api("exec_start", instance_id):
+                    async with execution.start(detach=False) as stream:
+                        while (message := await stream.read_out()) is not None:
+                            chunks.append(message.data)
+                while True:
+                    async with self._api("exec_inspect", instance_id):
+                        details = await execution.inspect()
+                    if not details.get("Running"):
+                        break
+                    await anyio.sleep(0.01)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"exec {list(command)!r} in {instance_id[:12]} did not finish within {timeout:g}s",
+                field="timeout",
+            ) from None
+        code = details.get("ExitCode")
+        return ExecResult(
+            exit_code=int(code) if code is not None else -1,
+            output=b"".join(chunks).decode("utf-8", "replace"),
+        )
+
+    async def pull(self, image: str) -> AsyncIterator[ImagePullProgress]:
+        repo, tag = split_image_ref(image)
+        tracker = PullTracker(image)
+        async with self._api("image_pull", image):
+            async for message in self.docker.images.pull(repo, tag=tag, stream=True):
+                if message.get("error"):
+                    yield attrs.evolve(tracker.complete(), status="error", message=str(message["error"]))
+                    raise BackendError(f"pull {image}: {message['error']}", field="image")
+                yield tracker.update(message)
+        yield tracker.complete(f"pulled {image}")
+
+    def probe_address(self, instance: Instance, container_port: int) -> tuple[str, int]:
+        published = instance.ports.get(container_port)
+        if published is None:
+            raise SpecError(
+                f"port {container_port} of {instance.name!r} is not published, so the host cannot probe it",
+                field="ports",
+                fix=f"publish it: PortMapping(container_port={container_port}, host_port=0)",
+            )
+        host_ip, host_port = published
+        if host_ip in ("", "0.0.0.0", "::"):
+            host_ip = "127.0.0.1"
+        return host_ip, host_port
+
+
+@hookimpl
+def dspy_infra_backends() -> dict[str, type[Backend]]:
+    """The built-in ``docker`` backend."""
+    return {"docker": DockerBackend}
