@@ -57,6 +57,7 @@ from ..config import Settings
 from ..errors import AlreadyExists, CycleError, InfraError, NotFound, SpecError, Unavailable
 from ..events import EventBus
 from ..models import TaskSpec, TaskStatus, coerce_str_map, validate_name
+from .store import translate_sqlite_error
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -650,7 +651,10 @@ class _Store:
             await self._call(db.close)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except (sqlite3.Error, OSError) as exc:
+            raise translate_sqlite_error(exc, self._path or ":memory:") from exc
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
