@@ -1,0 +1,401 @@
+"""Conversions between dspy_infra's value classes and the wire messages, both directions.
+
+One place for each mapping, so the server (model -> message) and the client
+(message -> model) cannot drift apart. Wire timestamps are int64 unix seconds, as in the
+contract; where an addition carries sub-second precision (``SystemEvent.timestamp_seconds``,
+``GetTaskStatusResponse`` times) it is preferred when present.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ..models import (
+    Event,
+    GPUInfo,
+    HardwareInfo,
+    HealthUpdate,
+    ImagePullProgress,
+    LogEntry,
+    QueueStatus,
+    ResourceAvailability,
+    ResourceUsage,
+    ServiceState,
+    ServiceStatus,
+    ServiceStatusUpdate,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    TaskStatus,
+)
+from ._gen.env_manager import v1 as env_pb
+from ._gen.orchestrator import v1 as orch_pb
+
+__all__ = [
+    "RunUpdate",
+    "event_from_pb",
+    "event_to_pb",
+    "health_update_from_pb",
+    "health_update_to_pb",
+    "log_entry_from_pb",
+    "log_entry_to_pb",
+    "pull_progress_from_pb",
+    "pull_progress_to_pb",
+    "queue_status_from_pb",
+    "queue_status_to_pb",
+    "resources_from_pb",
+    "resources_to_pb",
+    "run_update_from_pb",
+    "run_update_to_pb",
+    "service_state_from_pb",
+    "service_state_to_pb",
+    "status_update_from_pb",
+    "status_update_to_pb",
+    "task_result_from_pb",
+    "task_result_to_pb",
+    "task_state_from_pb",
+    "task_state_to_pb",
+]
+
+
+def _status(value: str) -> TaskStatus:
+    try:
+        return TaskStatus(value)
+    except ValueError:
+        # An older server may send a status we do not know; pending is the safe reading.
+        return TaskStatus.PENDING
+
+
+# -- tasks --------------------------------------------------------------------------------
+
+
+def task_result_to_pb(result: TaskResult) -> orch_pb.TaskResult:
+    return orch_pb.TaskResult(
+        task_id=result.task_id,
+        status=str(result.status),
+        result=dict(result.result),
+        error=result.error,
+        duration_ms=result.duration_ms,
+        completed_at=int(result.completed_at),
+    )
+
+
+def task_result_from_pb(msg: orch_pb.TaskResult) -> TaskResult:
+    return TaskResult(
+        task_id=msg.task_id,
+        status=_status(msg.status),
+        result=dict(msg.result),
+        error=msg.error,
+        duration_ms=msg.duration_ms,
+        completed_at=float(msg.completed_at),
+    )
+
+
+def task_state_to_pb(state: TaskState) -> orch_pb.GetTaskStatusResponse:
+    spec = state.spec
+    return orch_pb.GetTaskStatusResponse(
+        task_id=spec.id,
+        status=str(state.status),
+        result=dict(state.result),
+        error=state.error,
+        class_=spec.task_class,
+        attempts=state.attempts,
+        duration_ms=state.duration_ms,
+        submitted_at=state.submitted_at,
+        started_at=state.started_at,
+        completed_at=state.completed_at,
+        payload=dict(spec.payload),
+        priority=spec.priority,
+        workflow_id=spec.workflow_id,
+        timeout_seconds=spec.timeout or 0.0,
+        max_attempts=spec.max_attempts,
+    )
+
+
+def task_state_from_pb(msg: orch_pb.GetTaskStatusResponse) -> TaskState:
+    spec = TaskSpec(
+        id=msg.task_id,
+        task_class=msg.class_ or "cpu_short",
+        payload=dict(msg.payload),
+        priority=msg.priority,
+        timeout=msg.timeout_seconds or None,
+        max_attempts=msg.max_attempts or 1,
+        workflow_id=msg.workflow_id,
+    )
+    return TaskState(
+        spec=spec,
+        status=_status(msg.status),
+        attempts=msg.attempts,
+        result=dict(msg.result),
+        error=msg.error,
+        submitted_at=msg.submitted_at,
+        started_at=msg.started_at,
+        completed_at=msg.completed_at,
+        duration_ms=msg.duration_ms,
+    )
+
+
+def queue_status_to_pb(q: QueueStatus) -> orch_pb.QueueStatus:
+    return orch_pb.QueueStatus(
+        task_class=q.task_class,
+        depth=q.depth,
+        inflight=q.inflight,
+        limit=q.limit,
+        min_limit=q.min_limit,
+        max_limit=q.max_limit,
+    )
+
+
+def queue_status_from_pb(msg: orch_pb.QueueStatus) -> QueueStatus:
+    return QueueStatus(
+        task_class=msg.task_class,
+        depth=msg.depth,
+        inflight=msg.inflight,
+        limit=msg.limit,
+        min_limit=msg.min_limit,
+        max_limit=msg.max_limit,
+    )
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+def event_to_pb(event: Event) -> orch_pb.SystemEvent:
+    return orch_pb.SystemEvent(
+        event_type=event.type,
+        resource_id=event.resource_id,
+        data=dict(event.data),
+        timestamp=int(event.timestamp),
+        timestamp_seconds=event.timestamp,
+    )
+
+
+def event_from_pb(msg: orch_pb.SystemEvent) -> Event:
+    return Event(
+        type=msg.event_type,
+        resource_id=msg.resource_id,
+        data=dict(msg.data),
+        timestamp=msg.timestamp_seconds or float(msg.timestamp),
+    )
+
+
+# -- workflows ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RunUpdate:
+    """A workflow run's progress as the wire carries it (``WorkflowStatusUpdate``)."""
+
+    run_id: str
+    status: str
+    current_step: str = ""
+    steps_completed: int = 0
+    total_steps: int = 0
+    output: dict[str, str] = attrs.field(factory=dict)
+    error: str = ""
+
+
+def run_update_to_pb(update: Any) -> orch_pb.WorkflowStatusUpdate:
+    """From the workflow engine's run object or update (read by attribute, so any object with
+    the wire's field names works: the engine's RunUpdate, a Run, or ours)."""
+    output = getattr(update, "output", None) or {}
+    return orch_pb.WorkflowStatusUpdate(
+        run_id=str(getattr(update, "run_id", "") or getattr(update, "id", "")),
+        status=str(getattr(update, "status", "")),
+        current_step=str(getattr(update, "current_step", "") or ""),
+        steps_completed=int(getattr(update, "steps_completed", 0) or 0),
+        total_steps=int(getattr(update, "total_steps", 0) or 0),
+        output={str(k): str(v) for k, v in dict(output).items()},
+        error=str(getattr(update, "error", "") or ""),
+    )
+
+
+def run_update_from_pb(msg: orch_pb.WorkflowStatusUpdate) -> RunUpdate:
+    return RunUpdate(
+        run_id=msg.run_id,
+        status=msg.status,
+        current_step=msg.current_step,
+        steps_completed=msg.steps_completed,
+        total_steps=msg.total_steps,
+        output=dict(msg.output),
+        error=msg.error,
+    )
+
+
+# -- services -----------------------------------------------------------------------------
+
+
+def _service_status(value: str) -> ServiceStatus:
+    try:
+        return ServiceStatus(value)
+    except ValueError:
+        return ServiceStatus.UNHEALTHY
+
+
+def status_update_to_pb(update: ServiceStatusUpdate) -> env_pb.ServiceStatusUpdate:
+    return env_pb.ServiceStatusUpdate(
+        service_name=update.service_name,
+        status=str(update.status),
+        message=update.message,
+        progress=update.progress,
+    )
+
+
+def status_update_from_pb(msg: env_pb.ServiceStatusUpdate) -> ServiceStatusUpdate:
+    return ServiceStatusUpdate(
+        service_name=msg.service_name,
+        status=_service_status(msg.status),
+        message=msg.message,
+        progress=msg.progress,
+    )
+
+
+def service_state_to_pb(state: ServiceState) -> env_pb.ServiceStatus:
+    usage = state.resource_usage
+    return env_pb.ServiceStatus(
+        name=state.name,
+        status=str(state.status),
+        container_id=state.instance_id,
+        ports=sorted(state.ports.values()),
+        health_checks=dict(state.health_checks),
+        started_at=int(state.started_at),
+        resource_usage=env_pb.ResourceUsage(
+            cpu_percent=usage.cpu_percent,
+            memory_bytes=usage.memory_bytes,
+            network_rx_bytes=usage.network_rx_bytes,
+            network_tx_bytes=usage.network_tx_bytes,
+        ),
+        port_map=dict(state.ports),
+        restarts=state.restarts,
+        backend=state.backend,
+        host=state.host,
+    )
+
+
+def service_state_from_pb(msg: env_pb.ServiceStatus) -> ServiceState:
+    usage = msg.resource_usage or env_pb.ResourceUsage()
+    return ServiceState(
+        name=msg.name,
+        status=_service_status(msg.status),
+        instance_id=msg.container_id,
+        ports=dict(msg.port_map),
+        health_checks=dict(msg.health_checks),
+        started_at=float(msg.started_at),
+        resource_usage=ResourceUsage(
+            cpu_percent=usage.cpu_percent,
+            memory_bytes=usage.memory_bytes,
+            network_rx_bytes=usage.network_rx_bytes,
+            network_tx_bytes=usage.network_tx_bytes,
+        ),
+        restarts=msg.restarts,
+        backend=msg.backend,
+        host=msg.host or "127.0.0.1",
+    )
+
+
+def health_update_to_pb(update: HealthUpdate) -> env_pb.HealthUpdate:
+    return env_pb.HealthUpdate(
+        service_name=update.service_name,
+        healthy=update.healthy,
+        message=update.message,
+        timestamp=int(update.timestamp),
+        details=dict(update.details),
+    )
+
+
+def health_update_from_pb(msg: env_pb.HealthUpdate) -> HealthUpdate:
+    return HealthUpdate(
+        service_name=msg.service_name,
+        healthy=msg.healthy,
+        message=msg.message,
+        timestamp=float(msg.timestamp),
+        details=dict(msg.details),
+    )
+
+
+def resources_to_pb(avail: ResourceAvailability) -> env_pb.ResourceAvailabilityResponse:
+    hw = avail.hardware
+    return env_pb.ResourceAvailabilityResponse(
+        available=avail.available,
+        capacity=avail.capacity,
+        in_use=avail.in_use,
+        hardware=env_pb.HardwareInfo(
+            cpu_cores=hw.cpu_cores,
+            memory_bytes=hw.memory_bytes,
+            gpus=[
+                env_pb.Gpu(
+                    index=g.index,
+                    name=g.name,
+                    memory_bytes=g.memory_bytes,
+                    utilization_percent=g.utilization_percent,
+                )
+                for g in hw.gpus
+            ],
+        ),
+    )
+
+
+def resources_from_pb(msg: env_pb.ResourceAvailabilityResponse) -> ResourceAvailability:
+    hw = msg.hardware or env_pb.HardwareInfo()
+    return ResourceAvailability(
+        available=msg.available,
+        capacity=msg.capacity,
+        in_use=msg.in_use,
+        hardware=HardwareInfo(
+            cpu_cores=hw.cpu_cores,
+            memory_bytes=hw.memory_bytes,
+            gpus=tuple(
+                GPUInfo(
+                    index=g.index,
+                    name=g.name,
+                    memory_bytes=g.memory_bytes,
+                    utilization_percent=g.utilization_percent,
+                )
+                for g in hw.gpus
+            ),
+        ),
+    )
+
+
+def pull_progress_to_pb(p: ImagePullProgress) -> env_pb.ImagePullProgress:
+    return env_pb.ImagePullProgress(
+        image_name=p.image_name,
+        status=p.status,
+        current=p.current,
+        total=p.total,
+        progress_percent=p.progress_percent,
+        message=p.message,
+    )
+
+
+def pull_progress_from_pb(msg: env_pb.ImagePullProgress) -> ImagePullProgress:
+    return ImagePullProgress(
+        image_name=msg.image_name,
+        status=msg.status,
+        current=msg.current,
+        total=msg.total,
+        progress_percent=msg.progress_percent,
+        message=msg.message,
+    )
+
+
+def log_entry_to_pb(entry: LogEntry) -> env_pb.LogEntry:
+    return env_pb.LogEntry(
+        service_name=entry.service_name,
+        container_id=entry.instance_id,
+        stream=entry.stream,
+        message=entry.message,
+        timestamp=int(entry.timestamp),
+    )
+
+
+def log_entry_from_pb(msg: env_pb.LogEntry) -> LogEntry:
+    return LogEntry(
+        service_name=msg.service_name,
+        instance_id=msg.container_id,
+        stream=msg.stream,
+        message=msg.message,
+        timestamp=float(msg.timestamp),
+    )

@@ -1,0 +1,600 @@
+"""gRPC clients: ``OrchestratorClient``, ``EnvManagerClient`` and ``RemoteInfra``.
+
+The clients speak the wire contract and hand back dspy_infra's value classes; every grpclib
+error is turned back into a dspy_infra error by ``from_grpc_error`` (the mirror of the
+server's one status table), and a server that does not answer becomes ``Unavailable``
+naming the address. ``RemoteInfra`` offers the embedded ``Infra``'s methods over those
+clients, so application code does not care which one ``ensure_infra()`` returned.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import anyio
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from ..errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InfraError,
+    NotFound,
+    ServiceError,
+    SpecError,
+    Unauthenticated,
+    Unavailable,
+)
+from ..models import (
+    Event,
+    HealthUpdate,
+    ImagePullProgress,
+    LogEntry,
+    QueueStatus,
+    ResourceAvailability,
+    ServiceState,
+    ServiceStatusUpdate,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    TaskStatus,
+)
+from . import _convert as cv
+from ._convert import RunUpdate
+from ._gen.env_manager import v1 as env_pb
+from ._gen.orchestrator import v1 as orch_pb
+
+__all__ = [
+    "EnvManagerClient",
+    "OrchestratorClient",
+    "RemoteInfra",
+    "RemoteServices",
+    "RunUpdate",
+    "from_grpc_error",
+    "parse_addr",
+]
+
+_T = TypeVar("_T")
+_M = TypeVar("_M")
+
+# -- errors ---------------------------------------------------------------------------------
+
+_ERROR_BY_STATUS: dict[Status, type[InfraError]] = {
+    Status.INVALID_ARGUMENT: SpecError,
+    Status.NOT_FOUND: NotFound,
+    Status.ALREADY_EXISTS: AlreadyExists,
+    Status.FAILED_PRECONDITION: FailedPrecondition,
+    Status.UNAVAILABLE: Unavailable,
+    Status.DEADLINE_EXCEEDED: DeadlineExceeded,
+    Status.UNAUTHENTICATED: Unauthenticated,
+}
+# The server renders errors as "field: message (fix: ...)"; read them back into parts.
+_RENDERED = re.compile(r"^(?:(?P<field>[^\s:]+): )?(?P<message>.*?)(?: \(fix: (?P<fix>.*)\))?$", re.DOTALL)
+
+
+def from_grpc_error(exc: GRPCError, addr: str = "") -> InfraError:
+    """The dspy_infra error for a gRPC status (``InfraError`` for anything unmapped)."""
+    cls = _ERROR_BY_STATUS.get(exc.status, InfraError)
+    text = exc.message or exc.status.name
+    match = _RENDERED.match(text)
+    if match is None:  # pragma: no cover - the pattern matches any string
+        return cls(text)
+    if cls is InfraError and addr:
+        return InfraError(f"{exc.status.name} from {addr}: {text}")
+    return cls(match["message"], field=match["field"], fix=match["fix"])
+
+
+def _unreachable(addr: str, exc: BaseException) -> Unavailable:
+    return Unavailable(
+        f"no dspy-infra server answers at {addr} ({type(exc).__name__}: {exc})",
+        field="addr",
+        fix="start one with `dspy-infra serve`, or fix DSPY_INFRA_ADDR / the address",
+    )
+
+
+# -- connection ------------------------------------------------------------------------------
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (an optional ``grpc://`` prefix is allowed)."""
+    text = addr.strip().removeprefix("grpc://")
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SpecError(
+            f"invalid server address {addr!r}",
+            field="addr",
+            fix="write it as host:port, e.g. 127.0.0.1:50052",
+        )
+    return host, int(port)
+
+
+def _client_ssl(tls: bool | str | ssl.SSLContext | None) -> ssl.SSLContext | None:
+    if tls is None or tls is False:
+        return None
+    if isinstance(tls, ssl.SSLContext):
+        ctx = tls
+    else:
+        ctx = ssl.create_default_context(cafile=tls if isinstance(tls, str) else None)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+class _Client:
+    """A grpclib channel with the bearer token attached to every call."""
+
+    def __init__(self, channel: Channel, addr: str, *, token: str | None, owns_channel: bool = True) -> None:
+        self.channel = channel
+        self.addr = addr
+        self.metadata = {"authorization": f"Bearer {token}"} if token else {}
+        self._owns_channel = owns_channel
+
+    @classmethod
+    def connect(
+        cls, addr: str, *, token: str | None = None, tls: bool | str | ssl.SSLContext | None = None
+    ) -> Self:
+        """A client for ``addr`` (``host:port``). Connecting is lazy: the first call connects.
+        ``tls``: True (system CAs), a CA file path, or an ``SSLContext``."""
+        host, port = parse_addr(addr)
+        return cls(Channel(host, port, ssl=_client_ssl(tls)), addr, token=token)
+
+    async def _unary(self, call: Awaitable[_T]) -> _T:
+        try:
+            return await call
+        except GRPCError as exc:
+            raise from_grpc_error(exc, self.addr) from None
+        except (OSError, StreamTerminatedError, ProtocolError) as exc:
+            raise _unreachable(self.addr, exc) from None
+
+    async def _stream(self, stream: AsyncIterator[_M], convert: Callable[[_M], _T]) -> AsyncIterator[_T]:
+        try:
+            async for message in stream:
+                yield convert(message)
+        except GRPCError as exc:
+            raise from_grpc_error(exc, self.addr) from None
+        except (OSError, StreamTerminatedError, ProtocolError) as exc:
+            raise _unreachable(self.addr, exc) from None
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self.channel.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _spec_bytes(spec: bytes | str | Mapping[str, Any]) -> bytes:
+    if isinstance(spec, bytes):
+        return spec
+    if isinstance(spec, str):
+        return spec.encode()
+    return json.dumps(spec).encode()
+
+
+# -- orchestrator ----------------------------------------------------------------------------
+
+
+class OrchestratorClient(_Client):
+    """``orchestrator.v1.OrchestratorService`` client."""
+
+    def __init__(self, channel: Channel, addr: str, *, token: str | None, owns_channel: bool = True) -> None:
+        super().__init__(channel, addr, token=token, owns_channel=owns_channel)
+        self.stub = orch_pb.OrchestratorServiceStub(channel, metadata=self.metadata)
+
+    async def health_check(self, *, timeout: float | None = None) -> dict[str, Any]:
+        resp = await self._unary(self.stub.health(orch_pb.HealthRequest(), timeout=timeout))
+        return {"healthy": resp.healthy, "version": resp.version, "services": dict(resp.services)}
+
+    async def get_metrics(self, names: Iterable[str] = ()) -> dict[str, float]:
+        resp = await self._unary(self.stub.get_metrics(orch_pb.GetMetricsRequest(metric_names=list(names))))
+        return dict(resp.metrics)
+
+    async def submit_task(
+        self,
+        id: str,
+        task_class: str = "cpu_short",
+        payload: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_attempts: int = 1,
+        workflow_id: str = "",
+    ) -> TaskState:
+        # Building the spec validates it here, before anything goes on the wire.
+        spec = TaskSpec(
+            id=id,
+            task_class=task_class,
+            payload=dict(payload or {}),
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            workflow_id=workflow_id,
+        )
+        resp = await self._unary(self.stub.submit_task(self._request(spec)))
+        return TaskState(spec=spec, status=TaskStatus(resp.status or "pending"))
+
+    @staticmethod
+    def _request(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
+        return orch_pb.SubmitTaskRequest(
+            id=spec.id,
+            class_=spec.task_class,
+            payload=spec.payload,
+            priority=spec.priority,
+            workflow_id=spec.workflow_id,
+            timeout_seconds=spec.timeout or 0.0,
+            max_attempts=spec.max_attempts,
+        )
+
+    async def submit_tasks(self, specs: Sequence[TaskSpec]) -> list[TaskState | InfraError]:
+        """Many tasks in one call (``SubmitTasks``); one entry per spec, in order: its state,
+        or the error that refused it (the others are accepted regardless)."""
+        req = orch_pb.SubmitTasksRequest(tasks=[self._request(s) for s in specs])
+        resp = await self._unary(self.stub.submit_tasks(req))
+        out: list[TaskState | InfraError] = []
+        for spec, r in zip(specs, resp.results, strict=True):
+            if r.success:
+                out.append(TaskState(spec=spec, status=TaskStatus(r.status or "pending")))
+            else:
+                out.append(from_grpc_error(GRPCError(Status.INVALID_ARGUMENT, r.error)))
+        return out
+
+    async def get_task_status(self, task_id: str) -> TaskState:
+        resp = await self._unary(self.stub.get_task_status(orch_pb.GetTaskStatusRequest(task_id=task_id)))
+        return cv.task_state_from_pb(resp)
+
+    async def cancel_task(self, task_id: str) -> TaskState:
+        resp = await self._unary(self.stub.cancel_task(orch_pb.CancelTaskRequest(task_id=task_id)))
+        return cv.task_state_from_pb(resp)
+
+    async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
+        req = orch_pb.ListTasksRequest(status=status or "", limit=limit)
+        resp = await self._unary(self.stub.list_tasks(req))
+        return [cv.task_state_from_pb(t) for t in resp.tasks]
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        req = orch_pb.WaitTaskRequest(task_id=task_id, timeout_seconds=timeout or 0.0)
+        # The server enforces `timeout`; the call's own deadline only adds slack for the trip.
+        resp = await self._unary(self.stub.wait_task(req, timeout=None if timeout is None else timeout + 5))
+        return cv.task_result_from_pb(resp)
+
+    async def queue_status(self) -> dict[str, QueueStatus]:
+        resp = await self._unary(self.stub.get_queue_status(orch_pb.GetQueueStatusRequest()))
+        return {name: cv.queue_status_from_pb(q) for name, q in resp.queues.items()}
+
+    def stream_results(
+        self, task_ids: Sequence[str] | None = None, *, include_completed: bool = False
+    ) -> AsyncIterator[TaskResult]:
+        req = orch_pb.StreamTaskResultsRequest(
+            task_ids=list(task_ids or ()), include_completed=include_completed
+        )
+        return self._stream(self.stub.stream_task_results(req), cv.task_result_from_pb)
+
+    async def create_workflow(
+        self, id: str, name: str = "", description: str = "", spec: bytes | str | Mapping[str, Any] = b""
+    ) -> str:
+        req = orch_pb.CreateWorkflowRequest(id=id, name=name, description=description, spec=_spec_bytes(spec))
+        resp = await self._unary(self.stub.create_workflow(req))
+        return resp.workflow_id
+
+    async def start_workflow_run(
+        self, workflow_id: str, *, input: Mapping[str, Any] | None = None, idempotency_key: str = ""
+    ) -> str:
+        req = orch_pb.StartWorkflowRunRequest(
+            workflow_id=workflow_id,
+            idempotency_key=idempotency_key,
+            input={str(k): str(v) for k, v in (input or {}).items()},
+        )
+        resp = await self._unary(self.stub.start_workflow_run(req))
+        return resp.run_id
+
+    async def get_workflow_run(self, run_id: str) -> RunUpdate:
+        resp = await self._unary(self.stub.get_workflow_run(orch_pb.GetWorkflowRunRequest(run_id=run_id)))
+        return cv.run_update_from_pb(resp)
+
+    async def cancel_workflow_run(self, run_id: str) -> RunUpdate:
+        resp = await self._unary(self.stub.cancel_workflow_run(orch_pb.GetWorkflowRunRequest(run_id=run_id)))
+        return cv.run_update_from_pb(resp)
+
+    def stream_workflow_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
+        req = orch_pb.StreamWorkflowStatusRequest(run_id=run_id)
+        return self._stream(self.stub.stream_workflow_status(req), cv.run_update_from_pb)
+
+    def stream_events(
+        self, types: Iterable[str] | None = None, since: float | None = None
+    ) -> AsyncIterator[Event]:
+        req = orch_pb.StreamEventsRequest(event_types=list(types or ()), since_timestamp=int(since or 0))
+        return self._stream(self.stub.stream_events(req), cv.event_from_pb)
+
+
+# -- env manager ------------------------------------------------------------------------------
+
+
+class EnvManagerClient(_Client):
+    """``env_manager.v1.EnvManagerService`` client."""
+
+    def __init__(self, channel: Channel, addr: str, *, token: str | None, owns_channel: bool = True) -> None:
+        super().__init__(channel, addr, token=token, owns_channel=owns_channel)
+        self.stub = env_pb.EnvManagerServiceStub(channel, metadata=self.metadata)
+
+    def start_services(
+        self, names: Sequence[str], *, parallel: bool = True, overrides: Mapping[str, str] | None = None
+    ) -> AsyncIterator[ServiceStatusUpdate]:
+        req = env_pb.StartServicesRequest(
+            service_names=list(names), parallel=parallel, overrides=dict(overrides or {})
+        )
+        return self._stream(self.stub.start_services(req), cv.status_update_from_pb)
+
+    async def stop_services(
+        self, names: Sequence[str] = (), *, timeout: float | None = None
+    ) -> dict[str, str]:
+        req = env_pb.StopServicesRequest(service_names=list(names), timeout_seconds=round(timeout or 0))
+        resp = await self._unary(self.stub.stop_services(req))
+        return dict(resp.service_results)
+
+    async def restart_service(self, name: str, *, timeout: float | None = None) -> tuple[bool, str]:
+        req = env_pb.RestartServiceRequest(service_name=name, timeout_seconds=round(timeout or 0))
+        resp = await self._unary(self.stub.restart_service(req))
+        return resp.success, resp.message
+
+    async def get_services_status(self, names: Sequence[str] | None = None) -> dict[str, ServiceState]:
+        req = env_pb.GetServicesStatusRequest(service_names=list(names or ()))
+        resp = await self._unary(self.stub.get_services_status(req))
+        return {name: cv.service_state_from_pb(s) for name, s in resp.services.items()}
+
+    def stream_health(
+        self, names: Sequence[str] | None = None, *, interval: float = 5.0
+    ) -> AsyncIterator[HealthUpdate]:
+        req = env_pb.StreamHealthRequest(
+            service_names=list(names or ()), interval_seconds=max(1, round(interval))
+        )
+        return self._stream(self.stub.stream_health(req), cv.health_update_from_pb)
+
+    async def get_resource_availability(self, workload_class: str = "cpu_short") -> ResourceAvailability:
+        req = env_pb.GetResourceAvailabilityRequest(workload_class=workload_class)
+        return cv.resources_from_pb(await self._unary(self.stub.get_resource_availability(req)))
+
+    async def execute_task(
+        self,
+        task_id: str,
+        workload_class: str = "cpu_short",
+        payload: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> env_pb.ExecuteTaskResponse:
+        req = env_pb.ExecuteTaskRequest(
+            task_id=task_id,
+            workload_class=workload_class,
+            payload={str(k): str(v) for k, v in (payload or {}).items()},
+            timeout_seconds=round(timeout or 0),
+        )
+        return await self._unary(self.stub.execute_task(req))
+
+    def pull_images(self, images: Sequence[str]) -> AsyncIterator[ImagePullProgress]:
+        req = env_pb.PullImagesRequest(image_names=list(images))
+        return self._stream(self.stub.pull_images(req), cv.pull_progress_from_pb)
+
+    def stream_logs(
+        self, name: str, *, follow: bool = False, tail: int | None = None, since: float | None = None
+    ) -> AsyncIterator[LogEntry]:
+        req = env_pb.StreamLogsRequest(
+            service_name=name, follow=follow, tail=tail or 0, since_timestamp=int(since or 0)
+        )
+        return self._stream(self.stub.stream_logs(req), cv.log_entry_from_pb)
+
+
+# -- RemoteInfra -------------------------------------------------------------------------------
+
+
+class RemoteServices:
+    """The ServiceManager's method names over an ``EnvManagerClient``."""
+
+    def __init__(self, client: EnvManagerClient) -> None:
+        self.client = client
+
+    def start(
+        self, names: Sequence[str], *, parallel: bool = True, overrides: Mapping[str, str] | None = None
+    ) -> AsyncIterator[ServiceStatusUpdate]:
+        return self.client.start_services(names, parallel=parallel, overrides=overrides)
+
+    async def ensure(self, names: Sequence[str]) -> list[str]:
+        """Start ``names`` (and dependencies) on the server; raise if one does not come up."""
+        final: dict[str, ServiceStatusUpdate] = {}
+        async for update in self.start(names):
+            final[update.service_name] = update
+        bad = {n: u for n, u in final.items() if str(u.status) in ("unhealthy", "failed", "stopped")}
+        if bad:
+            name, update = next(iter(bad.items()))
+            raise ServiceError(f"service {name!r} is {update.status}: {update.message}", service=name)
+        return list(final)
+
+    async def stop(self, names: Sequence[str] = (), *, timeout: float | None = None) -> dict[str, str]:
+        return await self.client.stop_services(names, timeout=timeout)
+
+    async def restart(self, name: str, *, timeout: float | None = None) -> ServiceState:
+        await self.client.restart_service(name, timeout=timeout)
+        return (await self.client.get_services_status([name]))[name]
+
+    async def status(self, names: Sequence[str] | None = None) -> dict[str, ServiceState]:
+        return await self.client.get_services_status(names)
+
+    def logs(
+        self, name: str, *, follow: bool = False, tail: int | None = None, since: float | None = None
+    ) -> AsyncIterator[LogEntry]:
+        return self.client.stream_logs(name, follow=follow, tail=tail, since=since)
+
+    def health(
+        self, names: Sequence[str] | None = None, *, interval: float = 5.0
+    ) -> AsyncIterator[HealthUpdate]:
+        return self.client.stream_health(names, interval=interval)
+
+    def pull(self, images: Sequence[str]) -> AsyncIterator[ImagePullProgress]:
+        return self.client.pull_images(images)
+
+    async def resources(self, workload_class: str = "cpu_short") -> ResourceAvailability:
+        return await self.client.get_resource_availability(workload_class)
+
+
+class RemoteInfra:
+    """The embedded ``Infra``'s interface, served by a ``dspy-infra serve`` elsewhere."""
+
+    def __init__(self, orchestrator: OrchestratorClient, env_manager: EnvManagerClient) -> None:
+        self.orchestrator = orchestrator
+        self.env_manager = env_manager
+        self.services = RemoteServices(env_manager)
+        self.addr = orchestrator.addr
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        addr: str,
+        *,
+        token: str | None = None,
+        required: bool,
+        tls: bool | str | ssl.SSLContext | None = None,
+        timeout: float = 0.5,
+    ) -> RemoteInfra | None:
+        """Connect and check the server answers within ``timeout``. When nothing answers:
+        None if not ``required``, else ``Unavailable`` naming the address and the fix.
+        A server that answers but refuses the token raises ``Unauthenticated`` either way."""
+        host, port = parse_addr(addr)
+        channel = Channel(host, port, ssl=_client_ssl(tls))
+        orchestrator = OrchestratorClient(channel, addr, token=token, owns_channel=True)
+        try:
+            with anyio.fail_after(timeout):
+                await orchestrator.stub.health(orch_pb.HealthRequest(), timeout=timeout)
+        except GRPCError as exc:
+            if exc.status == Status.UNAUTHENTICATED:
+                channel.close()
+                raise Unauthenticated(
+                    f"the server at {addr} refused the token",
+                    field="token",
+                    fix="set DSPY_INFRA_TOKEN to the server's token",
+                ) from None
+            channel.close()
+            if required:
+                raise from_grpc_error(exc, addr) from None
+            return None
+        except Exception as exc:
+            channel.close()
+            if required:
+                raise _unreachable(addr, exc) from None
+            return None
+        env_manager = EnvManagerClient(channel, addr, token=token, owns_channel=False)
+        return cls(orchestrator, env_manager)
+
+    @property
+    def running(self) -> bool:
+        return not self._closed
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self.env_manager.close()
+        self.orchestrator.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- services --------------------------------------------------------------------------
+
+    async def ensure_services(self, names: Sequence[str]) -> None:
+        await self.services.ensure(names)
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def submit_task(
+        self,
+        id: str,
+        task_class: str = "cpu_short",
+        payload: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_attempts: int = 1,
+        workflow_id: str = "",
+    ) -> TaskState:
+        return await self.orchestrator.submit_task(
+            id,
+            task_class,
+            payload,
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            workflow_id=workflow_id,
+        )
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        return await self.orchestrator.wait(task_id, timeout)
+
+    async def get_task(self, task_id: str) -> TaskState:
+        return await self.orchestrator.get_task_status(task_id)
+
+    async def cancel(self, task_id: str) -> TaskState:
+        return await self.orchestrator.cancel_task(task_id)
+
+    async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
+        return await self.orchestrator.list_tasks(status=status, limit=limit)
+
+    def stream_results(
+        self, task_ids: Sequence[str] | None = None, *, include_completed: bool = False
+    ) -> AsyncIterator[TaskResult]:
+        return self.orchestrator.stream_results(task_ids, include_completed=include_completed)
+
+    def events(self, types: Iterable[str] | None = None, since: float | None = None) -> AsyncIterator[Event]:
+        return self.orchestrator.stream_events(types, since)
+
+    async def queue_status(self) -> dict[str, QueueStatus]:
+        return await self.orchestrator.queue_status()
+
+    async def metrics_snapshot(self, names: Iterable[str] = ()) -> dict[str, float]:
+        return await self.orchestrator.get_metrics(names)
+
+    async def health(self) -> dict[str, Any]:
+        return await self.orchestrator.health_check()
+
+    # -- workflows ---------------------------------------------------------------------------
+
+    async def create_workflow(
+        self, id: str, name: str = "", description: str = "", spec: bytes | str | Mapping[str, Any] = b""
+    ) -> str:
+        return await self.orchestrator.create_workflow(id, name, description, spec)
+
+    async def start_run(
+        self, workflow_id: str, *, input: Mapping[str, Any] | None = None, idempotency_key: str = ""
+    ) -> str:
+        return await self.orchestrator.start_workflow_run(
+            workflow_id, input=input, idempotency_key=idempotency_key
+        )
+
+    async def get_run(self, run_id: str) -> RunUpdate:
+        return await self.orchestrator.get_workflow_run(run_id)
+
+    def run_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
+        return self.orchestrator.stream_workflow_status(run_id)
+
+    async def cancel_run(self, run_id: str) -> RunUpdate:
+        return await self.orchestrator.cancel_workflow_run(run_id)

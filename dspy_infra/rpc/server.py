@@ -1,0 +1,611 @@
+"""gRPC servers (grpclib + betterproto2) over an ``Infra``, and ``dspy-infra serve``.
+
+``InfraServer(infra, settings)`` is an async context manager: on entry it serves
+``orchestrator.v1.OrchestratorService``, ``env_manager.v1.EnvManagerService`` and the
+standard ``grpc.health.v1.Health`` on ``settings.grpc_port``, the env manager again on
+``settings.env_manager_port`` (the old stack's separate port), and the HTTP app on
+``settings.http_port``; on exit it stops them all. Port 0 binds a free port; the bound
+ports are the attributes ``grpc_port``, ``env_manager_port`` and ``http_port``.
+
+Every gRPC call passes through one grpclib ``RecvRequest`` hook (``_guard``) which checks
+the bearer token and wraps the handler so that any dspy_infra error becomes a gRPC status
+decided by ``grpc_status_for`` -- the one place errors map to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import signal
+import socket
+import ssl
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import grpclib.const
+import grpclib.events
+import grpclib.server
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.health.service import Health
+
+from ..config import Settings
+from ..errors import (
+    AlreadyExists,
+    BackendUnavailable,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InfraError,
+    NotFound,
+    SpecError,
+    Unauthenticated,
+    Unavailable,
+)
+from ..models import TaskStatus, validate_name
+from . import _convert as cv
+from ._gen.env_manager import v1 as env_pb
+from ._gen.orchestrator import v1 as orch_pb
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..infra import Infra
+
+__all__ = [
+    "EnvManagerService",
+    "InfraServer",
+    "OrchestratorService",
+    "check_bind",
+    "check_submission",
+    "grpc_status_for",
+    "run_server",
+    "server_ssl_context",
+    "to_grpc_error",
+]
+
+log = logging.getLogger("dspy_infra.rpc")
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+# -- the one error -> status table ----------------------------------------------------------
+
+#: First match wins, so subclasses come before their bases.
+_STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
+    (SpecError, Status.INVALID_ARGUMENT),  # also ConfigError, CycleError
+    (NotFound, Status.NOT_FOUND),
+    (AlreadyExists, Status.ALREADY_EXISTS),
+    (FailedPrecondition, Status.FAILED_PRECONDITION),  # also ResourceUnavailable
+    (Unavailable, Status.UNAVAILABLE),
+    (BackendUnavailable, Status.UNAVAILABLE),
+    (DeadlineExceeded, Status.DEADLINE_EXCEEDED),
+    (Unauthenticated, Status.UNAUTHENTICATED),
+)
+
+
+def grpc_status_for(exc: BaseException) -> Status:
+    """The gRPC status for an exception (INTERNAL for anything not in the table)."""
+    for cls, status in _STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return Status.INTERNAL
+
+
+def to_grpc_error(exc: BaseException) -> GRPCError:
+    """A ``GRPCError`` whose message is ``str(exc)``: it names the field and the fix."""
+    if isinstance(exc, GRPCError):
+        return exc
+    status = grpc_status_for(exc)
+    message = str(exc) if isinstance(exc, InfraError) else f"{type(exc).__name__}: {exc}"
+    return GRPCError(status, message)
+
+
+# -- checks at the edge ----------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, or "" (all interfaces)
+
+
+def check_bind(settings: Settings) -> None:
+    """Refuse to serve on a non-loopback address without a token."""
+    if not _is_loopback(settings.host) and not settings.token:
+        raise SpecError(
+            f"refusing to bind {settings.host!r} (not loopback) without a token",
+            field="host",
+            fix="set token (DSPY_INFRA_TOKEN) or bind 127.0.0.1",
+        )
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        missing = "tls_key" if settings.tls_cert else "tls_cert"
+        raise SpecError("TLS needs both a certificate and a key", field=missing, fix=f"set {missing}")
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS context for both servers when ``tls_cert``/``tls_key`` are set (HTTP/2 via ALPN)."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SpecError(
+            f"cannot load certificate/key: {exc}", field="tls_cert", fix="point tls_cert/tls_key at PEM files"
+        ) from None
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+def _payload_size(payload: Mapping[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in payload.items())
+
+
+def check_submission(infra: Infra, task_id: str, task_class: str, payload: Mapping[str, str]) -> None:
+    """What SubmitTask, ExecuteTask and POST /queue/submit check before anything changes."""
+    if not task_id:
+        raise SpecError("is required", field="id", fix="give the task a unique, non-empty id")
+    limit = infra.settings.max_payload_bytes
+    size = _payload_size(payload)
+    if size > limit:
+        raise SpecError(
+            f"is {size} bytes, over the limit of {limit}",
+            field="payload",
+            fix="pass large data by reference (a path or URL) or raise max_payload_bytes",
+        )
+    classes = infra.queue_status()
+    if classes and task_class not in classes:
+        raise SpecError(
+            f"unknown task class {task_class!r}",
+            field="class",
+            fix="use one of " + ", ".join(sorted(classes)) + " or declare it under [task_classes]",
+        )
+
+
+def _names(values: list[str], field: str) -> list[str]:
+    for i, name in enumerate(values):
+        validate_name(name, f"{field}[{i}]")
+    return list(values)
+
+
+def _non_negative(value: float, field: str) -> float | None:
+    if value < 0:
+        raise SpecError(f"must be >= 0, got {value!r}", field=field, fix="use 0 for no limit")
+    return value or None
+
+
+async def _relay(stream: AsyncIterator[_In], convert: Callable[[_In], _Out]) -> AsyncIterator[_Out]:
+    """Convert a stream's items; close the source when the call ends (client gone, cancel)."""
+    try:
+        async for item in stream:
+            yield convert(item)
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# -- services ----------------------------------------------------------------------------
+
+
+class OrchestratorService(orch_pb.OrchestratorServiceBase):
+    """``orchestrator.v1.OrchestratorService`` over an Infra."""
+
+    def __init__(self, infra: Infra) -> None:
+        self.infra = infra
+
+    async def _submit(self, req: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
+        task_class = req.class_ or "cpu_short"
+        payload = dict(req.payload)
+        check_submission(self.infra, req.id, task_class, payload)
+        state = await self.infra.submit_task(
+            req.id,
+            task_class,
+            payload,
+            priority=req.priority,
+            timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
+            max_attempts=req.max_attempts or 1,
+            workflow_id=req.workflow_id,
+        )
+        return orch_pb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
+
+    async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
+        return await self._submit(message)
+
+    async def submit_tasks(self, message: orch_pb.SubmitTasksRequest) -> orch_pb.SubmitTasksResponse:
+        # A bad task fails alone (success=False, error names the field); the others go in.
+        results = []
+        for req in message.tasks:
+            try:
+                results.append(await self._submit(req))
+            except InfraError as exc:
+                results.append(orch_pb.SubmitTaskResponse(success=False, task_id=req.id, error=str(exc)))
+        return orch_pb.SubmitTasksResponse(results=results)
+
+    async def stream_task_results(
+        self, message: orch_pb.StreamTaskResultsRequest
+    ) -> AsyncIterator[orch_pb.TaskResult]:
+        stream = self.infra.stream_results(
+            list(message.task_ids) or None, include_completed=message.include_completed
+        )
+        async for item in _relay(stream, cv.task_result_to_pb):
+            yield item
+
+    async def get_task_status(self, message: orch_pb.GetTaskStatusRequest) -> orch_pb.GetTaskStatusResponse:
+        if not message.task_id:
+            raise SpecError("is required", field="task_id")
+        return cv.task_state_to_pb(await self.infra.get_task(message.task_id))
+
+    async def cancel_task(self, message: orch_pb.CancelTaskRequest) -> orch_pb.GetTaskStatusResponse:
+        if not message.task_id:
+            raise SpecError("is required", field="task_id")
+        return cv.task_state_to_pb(await self.infra.cancel(message.task_id))
+
+    async def list_tasks(self, message: orch_pb.ListTasksRequest) -> orch_pb.ListTasksResponse:
+        status = message.status or None
+        if status is not None and status not in {s.value for s in TaskStatus}:
+            raise SpecError(
+                f"unknown status {status!r}",
+                field="status",
+                fix="use one of " + ", ".join(s.value for s in TaskStatus),
+            )
+        if message.limit < 0:
+            raise SpecError(f"must be >= 0, got {message.limit}", field="limit")
+        states = await self.infra.list_tasks(status=status, limit=message.limit or 100)
+        return orch_pb.ListTasksResponse(tasks=[cv.task_state_to_pb(s) for s in states])
+
+    async def wait_task(self, message: orch_pb.WaitTaskRequest) -> orch_pb.TaskResult:
+        if not message.task_id:
+            raise SpecError("is required", field="task_id")
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        return cv.task_result_to_pb(await self.infra.wait(message.task_id, timeout))
+
+    async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
+        queues = self.infra.queue_status()
+        return orch_pb.QueueStatusResponse(queues={k: cv.queue_status_to_pb(q) for k, q in queues.items()})
+
+    async def create_workflow(self, message: orch_pb.CreateWorkflowRequest) -> orch_pb.CreateWorkflowResponse:
+        if not message.id:
+            raise SpecError("is required", field="id", fix="give the workflow a unique, non-empty id")
+        try:
+            spec = message.spec.decode()
+        except UnicodeDecodeError:
+            raise SpecError("is not UTF-8 JSON", field="spec") from None
+        await self.infra.create_workflow(message.id, message.name, message.description, spec)
+        return orch_pb.CreateWorkflowResponse(success=True, workflow_id=message.id)
+
+    async def start_workflow_run(
+        self, message: orch_pb.StartWorkflowRunRequest
+    ) -> orch_pb.StartWorkflowRunResponse:
+        if not message.workflow_id:
+            raise SpecError("is required", field="workflow_id")
+        run_id = await self.infra.start_run(
+            message.workflow_id, input=dict(message.input), idempotency_key=message.idempotency_key
+        )
+        return orch_pb.StartWorkflowRunResponse(success=True, run_id=run_id)
+
+    async def get_workflow_run(self, message: orch_pb.GetWorkflowRunRequest) -> orch_pb.WorkflowStatusUpdate:
+        if not message.run_id:
+            raise SpecError("is required", field="run_id")
+        return cv.run_update_to_pb(await self.infra.get_run(message.run_id))
+
+    async def cancel_workflow_run(
+        self, message: orch_pb.GetWorkflowRunRequest
+    ) -> orch_pb.WorkflowStatusUpdate:
+        if not message.run_id:
+            raise SpecError("is required", field="run_id")
+        return cv.run_update_to_pb(await self.infra.cancel_run(message.run_id))
+
+    async def stream_workflow_status(
+        self, message: orch_pb.StreamWorkflowStatusRequest
+    ) -> AsyncIterator[orch_pb.WorkflowStatusUpdate]:
+        if not message.run_id:
+            raise SpecError("is required", field="run_id")
+        stream = self.infra.run_status(message.run_id)
+        async for item in _relay(stream, cv.run_update_to_pb):
+            yield item
+
+    async def get_metrics(self, message: orch_pb.GetMetricsRequest) -> orch_pb.MetricsResponse:
+        snapshot = self.infra.metrics.snapshot(list(message.metric_names) or None)
+        return orch_pb.MetricsResponse(metrics=snapshot, timestamp=int(time.time()))
+
+    async def stream_events(self, message: orch_pb.StreamEventsRequest) -> AsyncIterator[orch_pb.SystemEvent]:
+        since = float(message.since_timestamp) if message.since_timestamp > 0 else None
+        stream = self.infra.events(list(message.event_types) or None, since)
+        async for item in _relay(stream, cv.event_to_pb):
+            yield item
+
+    async def health(self, message: orch_pb.HealthRequest) -> orch_pb.HealthResponse:
+        doc = await self.infra.health()
+        return orch_pb.HealthResponse(
+            healthy=bool(doc["healthy"]),
+            version=str(doc["version"]),
+            services={str(k): str(v) for k, v in doc["services"].items()},
+        )
+
+
+class EnvManagerService(env_pb.EnvManagerServiceBase):
+    """``env_manager.v1.EnvManagerService`` over an Infra's ServiceManager."""
+
+    def __init__(self, infra: Infra) -> None:
+        self.infra = infra
+
+    async def start_services(
+        self, message: env_pb.StartServicesRequest
+    ) -> AsyncIterator[env_pb.ServiceStatusUpdate]:
+        names = _names(list(message.service_names), "service_names")
+        stream = self.infra.services.start(
+            names, parallel=message.parallel, overrides=dict(message.overrides)
+        )
+        async for item in _relay(stream, cv.status_update_to_pb):
+            yield item
+
+    async def stop_services(self, message: env_pb.StopServicesRequest) -> env_pb.StopServicesResponse:
+        names = _names(list(message.service_names), "service_names")
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        results = await self.infra.services.stop(names, timeout=timeout)
+        ok = all(v in ("stopped", "not running", "ok") for v in results.values())
+        return env_pb.StopServicesResponse(success=ok, service_results=dict(results))
+
+    async def restart_service(self, message: env_pb.RestartServiceRequest) -> env_pb.RestartServiceResponse:
+        if not message.service_name:
+            raise SpecError("is required", field="service_name")
+        validate_name(message.service_name, "service_name")
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        state = await self.infra.services.restart(message.service_name, timeout=timeout)
+        return env_pb.RestartServiceResponse(
+            success=str(state.status) in ("running", "healthy"),
+            message=f"{state.name} is {state.status}",
+        )
+
+    async def get_services_status(
+        self, message: env_pb.GetServicesStatusRequest
+    ) -> env_pb.ServicesStatusResponse:
+        names = _names(list(message.service_names), "service_names")
+        states = await self.infra.services.status(names or None)
+        return env_pb.ServicesStatusResponse(
+            services={name: cv.service_state_to_pb(state) for name, state in states.items()}
+        )
+
+    async def stream_health(self, message: env_pb.StreamHealthRequest) -> AsyncIterator[env_pb.HealthUpdate]:
+        names = _names(list(message.service_names), "service_names")
+        if message.interval_seconds < 0:
+            raise SpecError(f"must be >= 0, got {message.interval_seconds}", field="interval_seconds")
+        stream = self.infra.services.health(names or None, interval=float(message.interval_seconds or 5))
+        async for item in _relay(stream, cv.health_update_to_pb):
+            yield item
+
+    async def get_resource_availability(
+        self, message: env_pb.GetResourceAvailabilityRequest
+    ) -> env_pb.ResourceAvailabilityResponse:
+        workload_class = message.workload_class or "cpu_short"
+        classes = self.infra.queue_status()
+        if classes and workload_class not in classes:
+            raise SpecError(
+                f"unknown workload class {workload_class!r}",
+                field="workload_class",
+                fix="use one of " + ", ".join(sorted(classes)),
+            )
+        return cv.resources_to_pb(await self.infra.services.resources(workload_class))
+
+    async def execute_task(self, message: env_pb.ExecuteTaskRequest) -> env_pb.ExecuteTaskResponse:
+        # The old env manager ran tasks itself; here they go through the one scheduler.
+        task_id = message.task_id or uuid.uuid4().hex
+        task_class = message.workload_class or "cpu_short"
+        payload = dict(message.payload)
+        check_submission(self.infra, task_id, task_class, payload)
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        began = time.perf_counter()
+        await self.infra.submit_task(task_id, task_class, payload, timeout=timeout)
+        result = await self.infra.wait(task_id)
+        latency_ms = (time.perf_counter() - began) * 1000.0
+        return env_pb.ExecuteTaskResponse(
+            success=result.status == TaskStatus.COMPLETED,
+            result=dict(result.result),
+            error=result.error,
+            latency_ms=latency_ms,
+        )
+
+    async def pull_images(self, message: env_pb.PullImagesRequest) -> AsyncIterator[env_pb.ImagePullProgress]:
+        images = list(message.image_names)
+        if not images or any(not name.strip() for name in images):
+            raise SpecError("must list at least one non-empty image name", field="image_names")
+        stream = self.infra.services.pull(images)
+        async for item in _relay(stream, cv.pull_progress_to_pb):
+            yield item
+
+    async def stream_logs(self, message: env_pb.StreamLogsRequest) -> AsyncIterator[env_pb.LogEntry]:
+        if not message.service_name:
+            raise SpecError("is required", field="service_name")
+        validate_name(message.service_name, "service_name")
+        if message.tail < 0:
+            raise SpecError(f"must be >= 0, got {message.tail}", field="tail", fix="use 0 for all lines")
+        stream = self.infra.services.logs(
+            message.service_name,
+            follow=message.follow,
+            tail=message.tail or None,
+            since=float(message.since_timestamp) if message.since_timestamp > 0 else None,
+        )
+        async for item in _relay(stream, cv.log_entry_to_pb):
+            yield item
+
+
+# -- the guard: auth + error mapping for every call -------------------------------------------
+
+_Handler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
+
+
+def _guard(token: str | None) -> Callable[[grpclib.events.RecvRequest], Coroutine[Any, Any, None]]:
+    expected = f"Bearer {token}".encode() if token else None
+
+    async def on_request(event: grpclib.events.RecvRequest) -> None:
+        inner: _Handler = event.method_func
+        authorized = True
+        if expected is not None:
+            given = event.metadata.get("authorization", "")
+            given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+            authorized = hmac.compare_digest(given_bytes, expected)
+
+        async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
+            if not authorized:
+                raise GRPCError(
+                    Status.UNAUTHENTICATED,
+                    "authorization: missing or wrong bearer token"
+                    " (fix: send metadata 'authorization: Bearer <token>')",
+                )
+            try:
+                await inner(stream)
+            except (GRPCError, asyncio.CancelledError):
+                raise
+            except InfraError as exc:
+                raise to_grpc_error(exc) from None
+            except Exception as exc:
+                log.exception("unexpected error in %s", event.method_name)
+                raise to_grpc_error(exc) from None
+
+        event.method_func = guarded
+
+    return on_request
+
+
+# -- InfraServer ---------------------------------------------------------------------------
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise Unavailable(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            field="port",
+            fix="choose a free port (0 = any) or stop what uses it",
+        ) from None
+
+
+class InfraServer:
+    """gRPC (both services + health) and HTTP servers for one Infra, as an async context manager."""
+
+    def __init__(self, infra: Infra, settings: Settings | None = None) -> None:
+        self.infra = infra
+        self.settings = settings if settings is not None else infra.settings
+        self.grpc_port = 0
+        self.env_manager_port = 0
+        self.http_port = 0
+        self._grpc: list[grpclib.server.Server] = []
+        self._http: web.AppRunner | None = None
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
+
+    async def __aenter__(self) -> Self:
+        from aiohttp import web
+
+        from ..http import build_app
+
+        check_bind(self.settings)
+        tls = server_ssl_context(self.settings)
+        try:
+            orchestrator, env_manager = OrchestratorService(self.infra), EnvManagerService(self.infra)
+            main = grpclib.server.Server([orchestrator, env_manager, Health()])
+            grpclib.events.listen(main, grpclib.events.RecvRequest, _guard(self.settings.token))
+            self._grpc.append(main)
+            sock = _listen(self.host, self.settings.grpc_port)
+            self.grpc_port = sock.getsockname()[1]
+            await main.start(sock=sock, ssl=tls)
+
+            env_only = grpclib.server.Server([EnvManagerService(self.infra), Health()])
+            grpclib.events.listen(env_only, grpclib.events.RecvRequest, _guard(self.settings.token))
+            self._grpc.append(env_only)
+            sock = _listen(self.host, self.settings.env_manager_port)
+            self.env_manager_port = sock.getsockname()[1]
+            await env_only.start(sock=sock, ssl=tls)
+
+            self._http = web.AppRunner(build_app(self.infra, self.settings), access_log=None)
+            await self._http.setup()
+            sock = _listen(self.host, self.settings.http_port)
+            self.http_port = sock.getsockname()[1]
+            await web.SockSite(self._http, sock, ssl_context=tls).start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def aclose(self) -> None:
+        """Stop accepting and end the calls in progress (streams end; clients see UNAVAILABLE)."""
+        http, self._http = self._http, None
+        if http is not None:
+            await http.cleanup()
+        servers, self._grpc = self._grpc, []
+        for server in servers:
+            server.close()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+# -- dspy-infra serve ------------------------------------------------------------------------
+
+
+async def run_server(
+    settings: Settings,
+    *,
+    stop_services: bool = False,
+    on_ready: Callable[[InfraServer], None] | None = None,
+) -> int:
+    """Run an embedded Infra with its servers until SIGTERM/SIGINT, then shut down gracefully:
+    stop accepting, give running tasks ``settings.shutdown_grace`` seconds to finish (the rest
+    stay durable for the next start), and stop the services only when ``stop_services``.
+    Prints one ``dspy-infra serving ...`` line with the bound addresses when ready."""
+    from ..infra import Infra
+
+    check_bind(settings)  # refuse before starting anything
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Infra(settings) as infra:
+            async with InfraServer(infra, settings) as server:
+                scheme = "https" if settings.tls_cert else "http"
+                print(
+                    f"dspy-infra serving grpc={server.host}:{server.grpc_port}"
+                    f" env_manager={server.host}:{server.env_manager_port}"
+                    f" http={scheme}://{server.host}:{server.http_port}",
+                    flush=True,
+                )
+                if on_ready is not None:
+                    on_ready(server)
+                await stop.wait()
+            # Servers are closed: nothing new comes in. Let running tasks finish.
+            drain = getattr(infra.scheduler, "drain", None)
+            if drain is not None:
+                await drain(settings.shutdown_grace)
+            if stop_services:
+                running = await infra.services.status()
+                names = [n for n, st in running.items() if str(st.status) not in ("stopped", "failed")]
+                if names:
+                    await infra.services.stop(names)
+    except InfraError as exc:
+        print(f"dspy-infra: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
