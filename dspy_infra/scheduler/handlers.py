@@ -1,0 +1,169 @@
+"""Task handlers: what actually runs when a task starts.
+
+A task names its handler in ``payload["handler"]``. A handler is an async function of a
+``TaskContext`` returning the result map (``dict[str, str]``); raising fails the attempt (the
+scheduler retries while attempts remain), raising ``PermanentFailure`` fails the task at once.
+
+Built-ins, registered through the ``dspy_infra_handlers`` hook like any plugin's handlers:
+
+- ``exec``: ``payload["cmd"]`` through ``/bin/sh -c`` as an asyncio subprocess in its own
+  process group; timeout or cancel kills the whole group. Result: ``exit_code`` and the last
+  4 KiB of ``stdout`` / ``stderr``; a non-zero exit fails the attempt with the stderr tail.
+  Optional ``payload["cwd"]``.
+- ``noop``: returns ``{}`` at once (benchmarks).
+- ``sleep``: sleeps ``payload["seconds"]`` (default 1) and returns ``{"slept": seconds}``.
+- ``fail``: always fails with ``payload["message"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+import attrs
+
+from ..hookspecs import hookimpl
+from ..models import TaskSpec
+
+__all__ = [
+    "TAIL_BYTES",
+    "ExecFailed",
+    "Handler",
+    "PermanentFailure",
+    "TaskContext",
+    "dspy_infra_handlers",
+    "exec_handler",
+    "fail_handler",
+    "noop_handler",
+    "sleep_handler",
+]
+
+#: How much of a subprocess's stdout / stderr a result keeps (the end of it).
+TAIL_BYTES = 4096
+
+
+@attrs.frozen
+class TaskContext:
+    """What a handler gets: the task's spec and which attempt this is (1-based)."""
+
+    spec: TaskSpec
+    attempt: int
+
+    @property
+    def payload(self) -> dict[str, str]:
+        return self.spec.payload
+
+
+Handler = Callable[[TaskContext], Awaitable[Mapping[str, str]]]
+
+
+class PermanentFailure(Exception):
+    """Raised by a handler for a failure no retry can fix (bad payload, unknown handler)."""
+
+
+class _Tail:
+    """Keeps the last ``TAIL_BYTES`` of a stream without holding all of it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * TAIL_BYTES:
+            del self.data[: len(self.data) - TAIL_BYTES]
+
+    def text(self) -> str:
+        return bytes(self.data[-TAIL_BYTES:]).decode("utf-8", errors="replace")
+
+
+async def _drain(stream: asyncio.StreamReader | None, tail: _Tail) -> None:
+    if stream is None:
+        return
+    while chunk := await stream.read(65536):
+        tail.feed(chunk)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def exec_handler(ctx: TaskContext) -> dict[str, str]:
+    cmd = ctx.payload.get("cmd", "")
+    if not cmd.strip():
+        raise PermanentFailure('payload.cmd: missing (fix: give the shell command, e.g. {"cmd": "echo hi"})')
+    cwd = ctx.payload.get("cwd") or None
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+        # Own session = own process group, so a kill reaches the shell's children too.
+        start_new_session=True,
+    )
+    out, err = _Tail(), _Tail()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_drain, proc.stdout, out)
+            tg.start_soon(_drain, proc.stderr, err)
+        exit_code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc.pid)
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+        else:
+            # The shell is gone; background children it left behind die with their group.
+            _kill_group(proc.pid)
+    result = {"exit_code": str(exit_code), "stdout": out.text(), "stderr": err.text()}
+    if exit_code != 0:
+        raise ExecFailed(exit_code, result)
+    return result
+
+
+class ExecFailed(Exception):
+    """An ``exec`` command exited non-zero; carries the result map (exit code and tails)."""
+
+    def __init__(self, exit_code: int, result: dict[str, str]) -> None:
+        self.exit_code = exit_code
+        self.result = result
+        tail = result["stderr"].strip() or result["stdout"].strip()
+        super().__init__(f"command exited with {exit_code}" + (f": {tail}" if tail else ""))
+
+
+async def noop_handler(ctx: TaskContext) -> dict[str, str]:
+    return {}
+
+
+def _seconds(ctx: TaskContext) -> float:
+    raw = ctx.payload.get("seconds", "1")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise PermanentFailure(f"payload.seconds: {raw!r} is not a number (fix: e.g. 0.5)") from None
+    if seconds < 0:
+        raise PermanentFailure(f"payload.seconds: must be >= 0, got {raw!r}")
+    return seconds
+
+
+async def sleep_handler(ctx: TaskContext) -> dict[str, str]:
+    seconds = _seconds(ctx)
+    await anyio.sleep(seconds)
+    return {"slept": f"{seconds:g}"}
+
+
+async def fail_handler(ctx: TaskContext) -> dict[str, str]:
+    raise RuntimeError(ctx.payload.get("message", "failed on purpose"))
+
+
+@hookimpl
+def dspy_infra_handlers() -> Mapping[str, Handler]:
+    """The built-in handlers."""
+    return {"exec": exec_handler, "noop": noop_handler, "sleep": sleep_handler, "fail": fail_handler}

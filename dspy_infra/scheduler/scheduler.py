@@ -1,0 +1,968 @@
+"""Scheduler: task classes, priorities, dispatch, retries, timeouts, cancellation, durability.
+
+Shape of the hot path (kept cheap on purpose: no per-task threads, transactions or scans):
+
+- Each class has a heap of queued tasks ordered by (priority desc, submission order) and a
+  ``ResizableSemaphore`` whose ``in_use`` is exactly the number of running tasks.
+- Running tasks are executed by *workers*: coroutines owned by the scheduler's task group.
+  A worker that finishes a task takes the next one itself while a slot is free, and parks
+  when its class has nothing to do; a new worker is started only when no parked one exists,
+  so there are never more workers than the class's peak concurrency.
+- State changes go to the store as cheap tuples; the store's writer thread commits them in
+  groups. ``submit`` returns once its row is committed; results are delivered (``wait``,
+  ``stream_results``) once the terminal row is committed, so a result a caller has seen is
+  never run again after a crash.
+- Every ``limiter_interval`` the sampler asks each adaptive class's ``AimdPolicy`` for a new
+  limit and resizes the semaphore.
+
+Executors: a class whose ``executor`` is not ``"local"`` runs its tasks through the executor
+of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` must return an
+object with ``async run(ctx: TaskContext) -> Mapping[str, str]`` (or be such a function).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import pluggy
+
+from ..config import Settings
+from ..errors import AlreadyExists, DeadlineExceeded, InfraError, NotFound, SpecError, Unavailable
+from ..events import EventBus
+from ..hardware import detect_hardware
+from ..metrics import InfraMetrics
+from ..models import HardwareInfo, QueueStatus, TaskClass, TaskResult, TaskSpec, TaskState, TaskStatus
+from ..plugins import collect_mapping
+from .classes import check_runnable, resolve_classes
+from .handlers import Handler, PermanentFailure, TaskContext
+from .limiter import AimdPolicy, ResizableSemaphore, SampleWindow
+from .store import MemoryStore, SqliteStore, StoredTask, TaskRow
+
+__all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "Scheduler", "retry_delay"]
+
+log = logging.getLogger(__name__)
+
+#: First retry waits this long (seconds); each further retry doubles it, up to the cap.
+RETRY_BACKOFF_BASE = 0.1
+RETRY_BACKOFF_CAP = 30.0
+
+_PENDING = TaskStatus.PENDING
+_RUNNING = TaskStatus.RUNNING
+_COMPLETED = TaskStatus.COMPLETED
+_FAILED = TaskStatus.FAILED
+_CANCELLED = TaskStatus.CANCELLED
+
+
+def retry_delay(failed_attempts: int) -> float:
+    """Backoff before the next attempt after ``failed_attempts`` failures (>= 1)."""
+    return min(RETRY_BACKOFF_CAP, RETRY_BACKOFF_BASE * 2 ** (failed_attempts - 1))
+
+
+class _Task:
+    """Mutable bookkeeping for one task (the public view is ``TaskState``)."""
+
+    __slots__ = (
+        "attempts",
+        "cancel_requested",
+        "completed_at",
+        "delivered",
+        "duration_ms",
+        "error",
+        "queued",
+        "ready_at",
+        "result",
+        "seq",
+        "spec",
+        "started_at",
+        "status",
+        "submitted_at",
+        "timer",
+        "waiters",
+        "worker",
+    )
+
+    def __init__(self, spec: TaskSpec, seq: int, now: float) -> None:
+        self.spec = spec
+        self.seq = seq
+        self.status = _PENDING
+        self.attempts = 0
+        self.result: dict[str, str] = {}
+        self.error = ""
+        self.submitted_at = now
+        self.ready_at = now
+        self.started_at = 0.0
+        self.completed_at = 0.0
+        self.duration_ms = 0.0
+        #: True while an entry for this task in its class heap is live.
+        self.queued = False
+        #: True once the terminal state is committed and handed to waiters and streams.
+        self.delivered = False
+        self.cancel_requested = False
+        self.waiters: list[asyncio.Future[None]] | None = None
+        self.worker: asyncio.Task[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def row(self) -> TaskRow:
+        return (
+            self.spec.id,
+            self.seq,
+            self.spec,
+            self.status.value,
+            self.attempts,
+            self.result,
+            self.error,
+            self.submitted_at,
+            self.started_at,
+            self.completed_at,
+            self.duration_ms,
+        )
+
+    def state(self) -> TaskState:
+        return TaskState(
+            spec=self.spec,
+            status=self.status,
+            attempts=self.attempts,
+            result=dict(self.result),
+            error=self.error,
+            submitted_at=self.submitted_at,
+            started_at=self.started_at,
+            completed_at=self.completed_at,
+            duration_ms=self.duration_ms,
+        )
+
+    def to_result(self) -> TaskResult:
+        return TaskResult(
+            task_id=self.spec.id,
+            status=self.status,
+            result=dict(self.result),
+            error=self.error,
+            duration_ms=self.duration_ms,
+            completed_at=self.completed_at,
+        )
+
+
+class _ClassQueue:
+    """One class: its heap, limiter, policy, sample window, parked workers, metric children."""
+
+    __slots__ = (
+        "cls",
+        "depth",
+        "gpu_wait",
+        "heap",
+        "idle",
+        "m_duration",
+        "m_error_rate",
+        "m_errors",
+        "m_total",
+        "m_wait",
+        "policy",
+        "refusal",
+        "sem",
+        "window",
+    )
+
+    def __init__(self, cls: TaskClass, metrics: InfraMetrics, refusal: InfraError | None) -> None:
+        self.cls = cls
+        self.sem = ResizableSemaphore(cls.base_concurrency)
+        self.policy = AimdPolicy(cls.min_concurrency, cls.max_concurrency) if cls.adaptive else None
+        self.window = SampleWindow()
+        self.heap: list[tuple[int, int, _Task]] = []
+        #: Live (not cancelled) entries in ``heap``.
+        self.depth = 0
+        self.idle: deque[asyncio.Future[_Task]] = deque()
+        self.refusal = refusal
+        name = cls.name
+        # Gauges are read when scraped, so the hot path never touches them.
+        metrics.concurrency_limit.labels(name).set_function(lambda: self.sem.limit)
+        metrics.inflight_tasks.labels(name).set_function(lambda: self.sem.in_use)
+        metrics.queue_depth.labels(name).set_function(lambda: self.depth)
+        self.m_error_rate = metrics.error_rate.labels(name)
+        self.m_errors = metrics.task_errors_total.labels(name)
+        self.m_wait = metrics.task_wait_seconds.labels(name)
+        self.gpu_wait = metrics.gpu_wait_seconds.labels(name) if cls.needs_gpu else None
+        self.m_total = {s: metrics.tasks_total.labels(name, s.value) for s in TaskStatus if s.terminal}
+        self.m_duration = {
+            s: metrics.task_duration_seconds.labels(name, s.value) for s in (_COMPLETED, _FAILED, _CANCELLED)
+        }
+
+
+class _Subscriber:
+    """One ``stream_results`` consumer: a buffer and a wake-up future."""
+
+    __slots__ = ("buffer", "closed", "wakeup", "wanted")
+
+    def __init__(self, wanted: set[str] | None) -> None:
+        self.wanted = wanted
+        self.buffer: deque[TaskResult] = deque()
+        self.wakeup: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def push(self, result: TaskResult) -> None:
+        self.buffer.append(result)
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+
+class Scheduler:
+    """Runs submitted tasks by class. ``async with Scheduler(settings, bus=..., ...)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: EventBus,
+        metrics: InfraMetrics,
+        plugins: pluggy.PluginManager,
+        hardware: HardwareInfo | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.metrics = metrics
+        self.plugins = plugins
+        self._hardware_arg = hardware
+        self.hardware: HardwareInfo | None = hardware
+        self._classes: dict[str, TaskClass] = {}
+        self._queues: dict[str, _ClassQueue] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._executors: dict[str, Handler] = {}
+        self._tasks: dict[str, _Task] = {}
+        #: Delivered terminal tasks in delivery order (for retention).
+        self._finished: dict[str, None] = {}
+        self._listeners: list[Callable[[TaskState], None]] = []
+        self._subscribers: set[_Subscriber] = set()
+        self._store: SqliteStore | MemoryStore = MemoryStore()
+        self._seq = 0
+        self._inflight = 0
+        self._idle_event: asyncio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._dispatching = False
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        if self.hardware is None:
+            # nvidia-smi is a subprocess: detect off the loop (cached for the process).
+            self.hardware = await anyio.to_thread.run_sync(detect_hardware)
+        self._classes = resolve_classes(self.settings, self.plugins, self._hardware_arg)
+        for name, fn in collect_mapping(self.plugins.hook.dspy_infra_handlers()).items():
+            self.register_handler(name, fn)
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self._build_executors(stack)
+            for cls in self._classes.values():
+                refusal: InfraError | None = None
+                try:
+                    check_runnable(
+                        cls, hardware=self.hardware, settings=self.settings, executors=self._executors
+                    )
+                except InfraError as exc:
+                    refusal = exc
+                self._queues[cls.name] = _ClassQueue(cls, self.metrics, refusal)
+            if self.settings.durable:
+                self._store = SqliteStore(
+                    self.settings.resolved_home(), commit_interval=self.settings.commit_interval
+                )
+            stored = await self._store.open()
+            stack.push_async_callback(self._fail_leftovers)
+            stack.push_async_callback(self._store.aclose)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self._accepting = self._dispatching = True
+            self._recover(stored)
+            self._tg.start_soon(self._sample_loop, name="dspy_infra-limiter")
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def _build_executors(self, stack: contextlib.AsyncExitStack) -> None:
+        for name, factory in collect_mapping(self.plugins.hook.dspy_infra_executors()).items():
+            executor = factory(self.settings)
+            if hasattr(executor, "__aenter__"):
+                executor = await stack.enter_async_context(executor)
+            run = getattr(executor, "run", executor)
+            if not callable(run):
+                raise SpecError(
+                    f"executor {name!r} has no run(ctx) method",
+                    field="dspy_infra_executors",
+                    fix="return a factory whose result has `async def run(ctx)`",
+                )
+            self._executors[name] = run
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
+
+        Tasks still queued or running stay in the store and run again on the next start.
+        """
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        self._accepting = False
+        try:
+            await self.drain(self.settings.shutdown_grace)
+        finally:
+            self._stopping = True
+            self._dispatching = False
+            for rec in self._tasks.values():
+                if rec.timer is not None:
+                    rec.timer.cancel()
+                    rec.timer = None
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            await stack.aclose()
+
+    async def _fail_leftovers(self) -> None:
+        """After the store is closed: nobody waits forever on a task that will not finish here."""
+        for rec in self._tasks.values():
+            if rec.waiters:
+                for fut in rec.waiters:
+                    if not fut.done():
+                        fut.set_exception(
+                            Unavailable(
+                                f"the scheduler stopped before task {rec.spec.id!r} finished"
+                                " (it is kept and runs again on the next start)"
+                            )
+                        )
+                rec.waiters = None
+        for sub in list(self._subscribers):
+            sub.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Start no more tasks; wait up to ``timeout`` seconds for running ones to finish.
+
+        Queued tasks (and ones still running at the deadline) stay durable.
+        """
+        self._dispatching = False
+        if self._inflight == 0:
+            return
+        self._idle_event = asyncio.Event()
+        with anyio.move_on_after(timeout):
+            await self._idle_event.wait()
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def _recover(self, stored: list[StoredTask]) -> None:
+        finished: list[_Task] = []
+        requeue: list[_Task] = []
+        for row in stored:
+            rec = _Task(row.spec, row.seq, row.submitted_at)
+            rec.attempts = row.attempts
+            rec.result = row.result
+            rec.error = row.error
+            rec.started_at = row.started_at
+            rec.completed_at = row.completed_at
+            rec.duration_ms = row.duration_ms
+            self._tasks[rec.spec.id] = rec
+            self._seq = max(self._seq, row.seq + 1)
+            if row.status.terminal:
+                rec.status = row.status
+                rec.delivered = True
+                finished.append(rec)
+            else:
+                # Queued or running when the last process stopped: run it again
+                # (at-least-once). The interrupted attempt stays counted in ``attempts``.
+                requeue.append(rec)
+        finished.sort(key=lambda r: r.completed_at)
+        for rec in finished:
+            self._finished[rec.spec.id] = None
+        self._prune()
+        now = time.time()
+        for rec in requeue:
+            cq = self._queues.get(rec.spec.task_class)
+            if cq is None:
+                self._terminal(
+                    rec,
+                    _FAILED,
+                    f"task_class: {rec.spec.task_class!r} is no longer configured"
+                    " (fix: declare it again under [task_classes] to run such tasks)",
+                    now,
+                    count_inflight=False,
+                )
+                continue
+            if rec.status is not _PENDING:
+                rec.status = _PENDING
+            self._enqueue(cq, rec, now)
+        for cq in self._queues.values():
+            self._pump(cq)
+
+    # -- classes and handlers -------------------------------------------------------------
+
+    @property
+    def classes(self) -> dict[str, TaskClass]:
+        return dict(self._classes)
+
+    def register_handler(self, name: str, fn: Handler) -> None:
+        """Make ``fn`` run tasks whose ``payload["handler"]`` is ``name`` (replaces any)."""
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"handler name must be a non-empty string, got {name!r}", field="name")
+        if not callable(fn):
+            raise SpecError(
+                f"handler {name!r} is not callable",
+                field="fn",
+                fix="pass `async def handler(ctx) -> dict[str, str]`",
+            )
+        self._handlers[name] = fn
+
+    def handler_names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def _check(self, spec: TaskSpec) -> _ClassQueue:
+        if not self._accepting:
+            raise Unavailable("the scheduler is not running", fix="start it (async with Scheduler(...))")
+        cq = self._queues.get(spec.task_class)
+        if cq is None:
+            raise SpecError(
+                f"unknown task class {spec.task_class!r}",
+                field="task_class",
+                fix="use one of " + ", ".join(sorted(self._queues)) + " or declare it under [task_classes]",
+            )
+        if cq.refusal is not None:
+            raise cq.refusal
+        limit = self.settings.max_payload_bytes
+        size = sum(len(k) + len(v) for k, v in spec.payload.items())
+        if size * 4 > limit:  # cheap bound first; exact UTF-8 size only when it may matter
+            size = sum(len(k.encode()) + len(v.encode()) for k, v in spec.payload.items())
+            if size > limit:
+                raise SpecError(
+                    f"payload is {size} bytes, more than the limit of {limit}",
+                    field="payload",
+                    fix="pass large data by reference (a path or URL), or raise max_payload_bytes",
+                )
+        return cq
+
+    def _existing(self, spec: TaskSpec) -> _Task | None:
+        rec = self._tasks.get(spec.id)
+        if rec is not None and rec.spec != spec and rec.spec.content_hash != spec.content_hash:
+            raise AlreadyExists(
+                f"task {spec.id!r} already exists with different content",
+                field="id",
+                fix="use a new id, or resubmit exactly the same task to get the existing one",
+            )
+        return rec
+
+    async def submit(self, spec: TaskSpec) -> TaskState:
+        """Accept ``spec`` durably and queue it. Idempotent on (id, content)."""
+        return (await self.submit_many((spec,)))[0]
+
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[TaskState]:
+        """Accept a batch with one group commit. Validation is all-or-nothing."""
+        checked: list[tuple[TaskSpec, _ClassQueue | None]] = []
+        batch: dict[str, TaskSpec] = {}
+        for spec in specs:
+            if not isinstance(spec, TaskSpec):
+                raise SpecError(f"expected a TaskSpec, got {type(spec).__name__}", field="spec")
+            queue = self._check(spec)
+            earlier = batch.get(spec.id)
+            if earlier is not None and earlier != spec:
+                raise AlreadyExists(
+                    f"task {spec.id!r} appears twice in the batch with different content", field="id"
+                )
+            batch[spec.id] = spec
+            checked.append((spec, None if self._existing(spec) is not None else queue))
+        now = time.time()
+        records: list[_Task] = []
+        for spec, cq in checked:
+            if cq is None or spec.id in self._tasks:
+                records.append(self._tasks[spec.id])
+                continue
+            rec = _Task(spec, self._seq, now)
+            self._seq += 1
+            self._tasks[spec.id] = rec
+            self._store.put(rec.row())
+            self.bus.publish(
+                "task_submitted",
+                spec.id,
+                {"task_class": spec.task_class, "priority": spec.priority, "workflow_id": spec.workflow_id},
+            )
+            if self._listeners:
+                self._notify(rec)
+            self._enqueue(cq, rec, now)
+            records.append(rec)
+        for cq in {id(q): q for _, q in checked if q is not None}.values():
+            self._pump(cq)
+        if self._store.durable:
+            await self._committed()
+        return [rec.state() for rec in records]
+
+    async def _committed(self) -> None:
+        """Return once everything queued for the store so far is committed."""
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def done(error: InfraError | None) -> None:
+            if fut.done():
+                return
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+        self._store.after_commit(done)
+        await fut
+
+    # -- queries --------------------------------------------------------------------------
+
+    def _record(self, task_id: str) -> _Task:
+        rec = self._tasks.get(task_id)
+        if rec is None:
+            raise NotFound(f"no task with id {task_id!r}", field="task_id")
+        return rec
+
+    async def get(self, task_id: str) -> TaskState:
+        return self._record(task_id).state()
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
+        """The task's result once it is terminal (and committed). ``DeadlineExceeded`` after
+        ``timeout`` seconds."""
+        rec = self._record(task_id)
+        if rec.delivered:
+            return rec.to_result()
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if rec.waiters is None:
+            rec.waiters = []
+        rec.waiters.append(fut)
+        try:
+            with anyio.fail_after(timeout):
+                await fut
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"task {task_id!r} is still {rec.status.value} after {timeout:g}s",
+                field="timeout",
+                fix="wait longer, or cancel the task",
+            ) from None
+        finally:
+            if rec.waiters is not None and fut in rec.waiters:
+                rec.waiters.remove(fut)
+        return rec.to_result()
+
+    async def list_tasks(
+        self, *, status: str | None = None, limit: int = 100, workflow_id: str | None = None
+    ) -> list[TaskState]:
+        """Newest first, optionally only one status and/or one workflow."""
+        wanted: TaskStatus | None = None
+        if status:
+            try:
+                wanted = TaskStatus(status)
+            except ValueError:
+                raise SpecError(
+                    f"unknown status {status!r}",
+                    field="status",
+                    fix="use one of " + ", ".join(s.value for s in TaskStatus),
+                ) from None
+        if not isinstance(limit, int) or limit < 1:
+            raise SpecError(f"must be a positive integer, got {limit!r}", field="limit")
+        out: list[TaskState] = []
+        for rec in reversed(self._tasks.values()):
+            if wanted is not None and rec.status is not wanted:
+                continue
+            if workflow_id is not None and rec.spec.workflow_id != workflow_id:
+                continue
+            out.append(rec.state())
+            if len(out) >= limit:
+                break
+        return out
+
+    def queue_status(self) -> dict[str, QueueStatus]:
+        return {
+            name: QueueStatus(
+                task_class=name,
+                depth=cq.depth,
+                inflight=cq.sem.in_use,
+                limit=cq.sem.limit,
+                min_limit=cq.cls.min_concurrency,
+                max_limit=cq.cls.max_concurrency,
+            )
+            for name, cq in self._queues.items()
+        }
+
+    def add_listener(self, fn: Callable[[TaskState], None]) -> Callable[[], None]:
+        """Call ``fn(state)`` synchronously on every state change; returns the remover."""
+        self._listeners.append(fn)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(fn)
+
+        return remove
+
+    async def stream_results(
+        self, task_ids: Sequence[str] | None = None, *, include_completed: bool = False
+    ) -> AsyncIterator[TaskResult]:
+        """Terminal results as they happen (finished ones first with ``include_completed``).
+
+        With ``task_ids``, the stream ends once every one of them is terminal.
+        """
+        wanted = set(task_ids) if task_ids else None
+        remaining: set[str] = set()
+        if wanted is not None:
+            for task_id in wanted:
+                rec = self._record(task_id)
+                if not rec.delivered:
+                    remaining.add(task_id)
+        sub = _Subscriber(wanted)
+        self._subscribers.add(sub)
+        try:
+            if include_completed:
+                ids: Iterable[str] = (
+                    [t for t in task_ids if t not in remaining] if task_ids else list(self._finished)
+                )
+                for task_id in ids:
+                    done = self._tasks.get(task_id)
+                    if done is not None and done.delivered:
+                        yield done.to_result()
+            while wanted is None or remaining:
+                while sub.buffer:
+                    result = sub.buffer.popleft()
+                    remaining.discard(result.task_id)
+                    yield result
+                if wanted is not None and not remaining:
+                    return
+                if sub.closed:
+                    if remaining:
+                        raise Unavailable(
+                            f"the scheduler stopped before {len(remaining)} streamed task(s) finished"
+                        )
+                    return
+                assert self._loop is not None
+                sub.wakeup = self._loop.create_future()
+                await sub.wakeup
+                sub.wakeup = None
+        finally:
+            self._subscribers.discard(sub)
+
+    # -- cancel ---------------------------------------------------------------------------
+
+    async def cancel(self, task_id: str) -> TaskState:
+        """Cancel a queued task (removed from its queue) or a running one (its handler is
+        cancelled; an ``exec`` subprocess group is killed). Terminal tasks are unchanged."""
+        rec = self._record(task_id)
+        if rec.status.terminal:
+            return rec.state()
+        now = time.time()
+        if rec.status is _PENDING:
+            cq = self._queues.get(rec.spec.task_class)
+            if rec.queued and cq is not None:
+                rec.queued = False
+                cq.depth -= 1
+            if rec.timer is not None:
+                rec.timer.cancel()
+                rec.timer = None
+            self._terminal(rec, _CANCELLED, "cancelled while queued", now, count_inflight=False)
+        elif rec.status is _RUNNING and rec.worker is not None and not rec.cancel_requested:
+            rec.cancel_requested = True
+            rec.worker.cancel()
+        if not rec.delivered:
+            # Return once the handler has stopped (its subprocess is gone) and it is recorded.
+            await self.wait(task_id)
+        return rec.state()
+
+    # -- dispatch (hot path) --------------------------------------------------------------
+
+    def _enqueue(self, cq: _ClassQueue, rec: _Task, now: float) -> None:
+        rec.ready_at = now
+        rec.queued = True
+        cq.depth += 1
+        heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq, rec))
+
+    def _take(self, cq: _ClassQueue) -> _Task | None:
+        """Next queued task of ``cq`` if a slot is free (the slot is then taken)."""
+        if not self._dispatching:
+            return None
+        heap = cq.heap
+        while heap and not heap[0][2].queued:
+            heapq.heappop(heap)  # entry of a task cancelled while queued
+        if not heap or not cq.sem.try_acquire():
+            return None
+        rec = heapq.heappop(heap)[2]
+        rec.queued = False
+        cq.depth -= 1
+        self._start(cq, rec)
+        return rec
+
+    def _start(self, cq: _ClassQueue, rec: _Task) -> None:
+        now = time.time()
+        rec.status = _RUNNING
+        rec.attempts += 1
+        rec.started_at = now
+        rec.cancel_requested = False
+        self._inflight += 1
+        waited = now - rec.ready_at
+        cq.window.record_start(waited)
+        cq.m_wait.observe(waited)
+        if cq.gpu_wait is not None:
+            cq.gpu_wait.observe(waited)
+        self._store.put(rec.row())
+        self.bus.publish("task_started", rec.spec.id, {"task_class": cq.cls.name, "attempt": rec.attempts})
+        if self._listeners:
+            self._notify(rec)
+
+    def _pump(self, cq: _ClassQueue) -> None:
+        """Start as many queued tasks of ``cq`` as its free slots allow."""
+        while (rec := self._take(cq)) is not None:
+            while cq.idle:
+                parked = cq.idle.popleft()
+                if not parked.done():
+                    parked.set_result(rec)
+                    break
+            else:
+                assert self._tg is not None
+                self._tg.start_soon(self._worker, cq, rec)
+
+    async def _worker(self, cq: _ClassQueue, first: _Task) -> None:
+        """Run tasks of one class until cancelled at shutdown; park while there is no work."""
+        me = asyncio.current_task()
+        assert me is not None and self._loop is not None
+        rec: _Task | None = first
+        while True:
+            if rec is None:
+                parked: asyncio.Future[_Task] = self._loop.create_future()
+                cq.idle.append(parked)
+                rec = await parked
+            await self._run(cq, rec, me)
+            cq.sem.release()
+            rec = self._take(cq)
+
+    def _handler_for(self, cq: _ClassQueue, spec: TaskSpec) -> Handler:
+        if cq.cls.executor != "local":
+            return self._executors[cq.cls.executor]
+        name = spec.payload.get("handler", "")
+        handler = self._handlers.get(name)
+        if handler is None:
+            known = ", ".join(self.handler_names()) or "none"
+            what = f"no handler named {name!r}" if name else "missing"
+            raise PermanentFailure(
+                f"payload.handler: {what} (known handlers: {known}; fix: name one of them,"
+                f" or register one with @infra.handler({name or 'NAME'!r}))"
+            )
+        return handler
+
+    async def _run(self, cq: _ClassQueue, rec: _Task, me: asyncio.Task[Any]) -> None:
+        """One attempt of ``rec``; records its outcome. Re-raises only shutdown cancellation."""
+        rec.worker = me
+        spec = rec.spec
+        result: Mapping[str, str] | None = None
+        error = ""
+        retryable = True
+        timeout_cm: asyncio.Timeout | None = None
+        try:
+            handler = self._handler_for(cq, spec)
+            if spec.timeout is None:
+                result = await handler(TaskContext(spec, rec.attempts))
+            else:
+                timeout_cm = asyncio.timeout(spec.timeout)
+                async with timeout_cm:
+                    result = await handler(TaskContext(spec, rec.attempts))
+        except asyncio.CancelledError:
+            if rec.cancel_requested and not self._stopping and me.uncancel() == 0:
+                rec.worker = None
+                self._attempt_ended(cq, rec, _CANCELLED, "cancelled while running", None)
+                return
+            self._interrupted(cq, rec)
+            raise
+        except PermanentFailure as exc:
+            error, retryable = str(exc), False
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and timeout_cm is not None and timeout_cm.expired():
+                error = f"timed out after {spec.timeout:g}s"
+            else:
+                error = str(exc) or type(exc).__name__
+            partial = getattr(exc, "result", None)
+            if isinstance(partial, Mapping):
+                rec.result = {str(k): str(v) for k, v in partial.items()}
+        rec.worker = None
+        if rec.cancel_requested:
+            # The handler ended on its own just as cancel() arrived; its outcome stands.
+            while me.cancelling():
+                me.uncancel()
+        if result is not None and not error:
+            try:
+                clean = result if type(result) is dict and not result else _result_map(result)
+            except SpecError as exc:
+                error, retryable = str(exc), False
+            else:
+                self._attempt_ended(cq, rec, _COMPLETED, "", clean)
+                return
+        if not error:
+            error = "handler returned None (fix: return a dict of strings, e.g. {})"
+            retryable = False
+        if retryable and rec.attempts < spec.max_attempts and not self._stopping:
+            self._retry(cq, rec, error)
+        else:
+            self._attempt_ended(cq, rec, _FAILED, error, None)
+
+    def _interrupted(self, cq: _ClassQueue, rec: _Task) -> None:
+        """Shutdown cancelled a running attempt: it stays ``running`` in the store, so the
+        next start re-queues it (attempt counted)."""
+        rec.worker = None
+        rec.status = _PENDING
+        self._inflight -= 1
+
+    def _retry(self, cq: _ClassQueue, rec: _Task, error: str) -> None:
+        assert self._loop is not None
+        now = time.time()
+        delay = retry_delay(rec.attempts)
+        cq.window.record_outcome(True)
+        cq.m_errors.inc()
+        cq.m_duration[_FAILED].observe(now - rec.started_at)
+        self._inflight -= 1
+        rec.status = _PENDING
+        rec.error = error
+        self._store.put(rec.row())
+        self.bus.publish(
+            "task_retried",
+            rec.spec.id,
+            {"task_class": cq.cls.name, "attempt": rec.attempts, "delay": f"{delay:g}", "error": error},
+        )
+        if self._listeners:
+            self._notify(rec)
+        rec.timer = self._loop.call_later(delay, self._requeue, cq, rec)
+        self._idle_check()
+
+    def _requeue(self, cq: _ClassQueue, rec: _Task) -> None:
+        rec.timer = None
+        if rec.status is _PENDING and not self._stopping:
+            self._enqueue(cq, rec, time.time())
+            self._pump(cq)
+
+    def _attempt_ended(
+        self, cq: _ClassQueue, rec: _Task, status: TaskStatus, error: str, result: dict[str, str] | None
+    ) -> None:
+        now = time.time()
+        cq.window.record_outcome(status is _FAILED)
+        cq.m_duration[status].observe(now - rec.started_at)
+        if status is _FAILED:
+            cq.m_errors.inc()
+        if result is not None:
+            rec.result = result
+        self._terminal(rec, status, error, now)
+
+    def _terminal(
+        self, rec: _Task, status: TaskStatus, error: str, now: float, *, count_inflight: bool = True
+    ) -> None:
+        if count_inflight:
+            self._inflight -= 1
+        rec.status = status
+        rec.error = error
+        rec.completed_at = now
+        if rec.started_at:
+            rec.duration_ms = (now - rec.started_at) * 1000.0
+        cq = self._queues.get(rec.spec.task_class)
+        if cq is not None:
+            cq.m_total[status].inc()
+        self._store.put(rec.row())
+        data: dict[str, object] = {"task_class": rec.spec.task_class, "attempts": rec.attempts}
+        if status is _COMPLETED:
+            data["duration_ms"] = f"{rec.duration_ms:.3f}"
+        elif error:
+            data["error"] = error
+        self.bus.publish(f"task_{status.value}", rec.spec.id, data)
+        if self._listeners:
+            self._notify(rec)
+        self._store.after_commit(lambda _error: self._deliver(rec))
+        self._idle_check()
+
+    def _deliver(self, rec: _Task) -> None:
+        """The terminal row is committed: hand the result to waiters and streams."""
+        rec.delivered = True
+        if rec.waiters:
+            for fut in rec.waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            rec.waiters = None
+        if self._subscribers:
+            result = rec.to_result()
+            for sub in self._subscribers:
+                if sub.wanted is None or rec.spec.id in sub.wanted:
+                    sub.push(result)
+        if self._tasks.get(rec.spec.id) is rec:
+            self._finished[rec.spec.id] = None
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep at most ``settings.retention`` finished tasks (oldest go first)."""
+        excess = len(self._finished) - self.settings.retention
+        if excess <= 0:
+            return
+        finished = self._finished
+        oldest = iter(finished)
+        for task_id in [next(oldest) for _ in range(excess)]:
+            del finished[task_id]
+            self._tasks.pop(task_id, None)
+            self._store.delete(task_id)
+
+    def _idle_check(self) -> None:
+        if self._inflight == 0 and self._idle_event is not None:
+            self._idle_event.set()
+
+    def _notify(self, rec: _Task) -> None:
+        state = rec.state()
+        for fn in list(self._listeners):
+            try:
+                fn(state)
+            except Exception:
+                log.exception("task listener %r failed", fn)
+
+    # -- adaptive limits ------------------------------------------------------------------
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.limiter_interval)
+            self.sample_limits()
+
+    def sample_limits(self) -> None:
+        """Take one sample per class and apply its policy (the sampler calls this)."""
+        for cq in self._queues.values():
+            sample = cq.window.take(cq.depth, cq.sem.in_use)
+            cq.m_error_rate.set(sample.error_rate)
+            if cq.policy is None:
+                continue
+            new = cq.policy.next_limit(cq.sem.limit, sample)
+            if new != cq.sem.limit:
+                cq.sem.resize(new)
+                self._pump(cq)
+
+
+def _result_map(result: Mapping[str, Any]) -> dict[str, str]:
+    if not isinstance(result, Mapping):
+        raise SpecError(
+            f"handler returned a {type(result).__name__}",
+            field="result",
+            fix="return a dict of strings, e.g. {'answer': '42'}",
+        )
+    out: dict[str, str] = {}
+    for key, value in result.items():
+        if isinstance(value, bool):
+            out[str(key)] = "true" if value else "false"
+        else:
+            out[str(key)] = value if isinstance(value, str) else str(value)
+    return out

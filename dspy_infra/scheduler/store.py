@@ -1,0 +1,353 @@
+"""Durable task state: SQLite (stdlib ``sqlite3``, WAL) at ``<home>/state.db``.
+
+Threading: every sqlite call runs on one dedicated writer thread that owns the connection;
+the event loop only puts operations on a queue (never blocks on disk). Group commit: the
+writer takes the first queued operation, keeps collecting for ``commit_interval`` seconds,
+coalesces them per task id (only the latest row of a task is written) and commits the lot
+in one transaction. Callbacks registered with ``after_commit`` run on the loop once the
+batch that holds every operation queued before them is committed; that is how ``submit``
+returns only after its row is on disk.
+
+The scheduler keeps every live task (and up to ``retention`` finished ones) in memory, so
+the store is write-only after ``open()`` has loaded the rows. Recovery (re-queueing tasks
+that were pending or running) is the scheduler's job; the store just returns what it has.
+
+Workflows keep their own file, ``<home>/workflows.db``; this module owns ``state.db``. An
+exclusive lock on ``<home>/state.lock`` keeps two processes from running the same state.
+
+``MemoryStore`` has the same interface and keeps nothing (``settings.durable = False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+from ..errors import FailedPrecondition, InfraError, Unavailable
+from ..models import TaskSpec, TaskStatus
+
+__all__ = [
+    "DB_FILE_NAME",
+    "LOCK_FILE_NAME",
+    "CommitCallback",
+    "MemoryStore",
+    "SqliteStore",
+    "StoredTask",
+    "TaskRow",
+    "translate_sqlite_error",
+]
+
+DB_FILE_NAME = "state.db"
+LOCK_FILE_NAME = "state.lock"
+_SCHEMA_VERSION = 1
+
+#: Called on the event loop after a commit: ``None`` on success, else the translated error.
+CommitCallback = Callable[[InfraError | None], None]
+
+#: What the scheduler hands the store for one task (built cheaply on the loop; the writer
+#: thread serialises it): (id, seq, spec, status, attempts, result, error,
+#: submitted_at, started_at, completed_at, duration_ms).
+TaskRow = tuple[str, int, TaskSpec, str, int, dict[str, str], str, float, float, float, float]
+
+
+@attrs.frozen
+class StoredTask:
+    """One task row as loaded at open."""
+
+    spec: TaskSpec
+    seq: int
+    status: TaskStatus
+    attempts: int
+    result: dict[str, str]
+    error: str
+    submitted_at: float
+    started_at: float
+    completed_at: float
+    duration_ms: float
+
+
+def translate_sqlite_error(exc: BaseException, path: Path | str) -> InfraError:
+    """The one place that turns sqlite3 (and OS) errors about the state file into ours."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return Unavailable(
+            f"state database {path} is locked by another process: {text}",
+            fix="stop the other dspy-infra process or use another state_dir",
+        )
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "not a database" in text or "malformed" in text or "corrupt" in text
+    ):
+        return FailedPrecondition(
+            f"state database {path} is unreadable: {text}",
+            field="state_dir",
+            fix=f"move {path} aside (tasks in it are lost) or point state_dir elsewhere",
+        )
+    if isinstance(exc, sqlite3.OperationalError | OSError):
+        return Unavailable(
+            f"cannot use state database {path}: {text}",
+            fix="check that the state directory exists, is writable and its disk is not full",
+        )
+    return Unavailable(f"state database {path} failed: {type(exc).__name__}: {text}")
+
+
+def _spec_json(spec: TaskSpec) -> str:
+    return json.dumps(
+        {
+            "task_class": spec.task_class,
+            "payload": spec.payload,
+            "priority": spec.priority,
+            "timeout": spec.timeout,
+            "max_attempts": spec.max_attempts,
+            "workflow_id": spec.workflow_id,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _stored(row: tuple[Any, ...]) -> StoredTask:
+    doc = json.loads(row[2])
+    return StoredTask(
+        spec=TaskSpec(id=row[0], **doc),
+        seq=row[1],
+        status=TaskStatus(row[3]),
+        attempts=row[4],
+        result=json.loads(row[5]) if row[5] else {},
+        error=row[6],
+        submitted_at=row[7],
+        started_at=row[8],
+        completed_at=row[9],
+        duration_ms=row[10],
+    )
+
+
+_CREATE = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    started_at REAL NOT NULL,
+    completed_at REAL NOT NULL,
+    duration_ms REAL NOT NULL
+)
+"""
+_UPSERT = "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_DELETE = "DELETE FROM tasks WHERE id = ?"
+_SELECT = (
+    "SELECT id, seq, spec, status, attempts, result, error, submitted_at, started_at,"
+    " completed_at, duration_ms FROM tasks ORDER BY seq"
+)
+
+_STOP = object()
+
+
+class MemoryStore:
+    """Keeps nothing: for ``durable = False``. Callbacks run at once."""
+
+    durable = False
+
+    async def open(self) -> list[StoredTask]:
+        return []
+
+    def put(self, row: TaskRow) -> None:
+        pass
+
+    def delete(self, task_id: str) -> None:
+        pass
+
+    def after_commit(self, callback: CommitCallback) -> None:
+        callback(None)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class SqliteStore:
+    """Durable store in ``<home>/state.db`` with one writer thread and group commit."""
+
+    durable = True
+
+    def __init__(self, home: Path, *, commit_interval: float = 0.005) -> None:
+        self.home = Path(home)
+        self.path = self.home / DB_FILE_NAME
+        self._interval = commit_interval
+        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._call_soon: Callable[..., Any] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> list[StoredTask]:
+        """Lock the state directory, open (or create) the database, return every row."""
+        self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
+        rows = await anyio.to_thread.run_sync(self._open_sync)
+        self._thread = threading.Thread(target=self._writer, name="dspy_infra-store", daemon=True)
+        self._thread.start()
+        return rows
+
+    def _open_sync(self) -> list[StoredTask]:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.home / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise translate_sqlite_error(exc, self.home) from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise Unavailable(
+                f"state directory {self.home} is in use by another scheduler",
+                field="state_dir",
+                fix="connect to that process (ensure_infra(addr=...)) or use another state_dir",
+            ) from None
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk when it returns, so an accepted task survives even
+            # a power cut; group commit keeps the fsync count low.
+            conn.execute("PRAGMA synchronous=FULL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise FailedPrecondition(
+                    f"state database {self.path} has schema {version}, newer than this dspy-infra"
+                    f" understands ({_SCHEMA_VERSION})",
+                    field="state_dir",
+                    fix="upgrade dspy-infra or use another state_dir",
+                )
+            conn.execute(_CREATE)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            rows = [_stored(r) for r in conn.execute(_SELECT)]
+        except sqlite3.Error as exc:
+            self._release_lock()
+            raise translate_sqlite_error(exc, self.path) from None
+        except BaseException:
+            self._release_lock()
+            raise
+        self._conn = conn
+        return rows
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def aclose(self) -> None:
+        """Commit everything queued, stop the writer thread, close and unlock."""
+        if self._thread is None:
+            return
+        self._ops.put(_STOP)
+        thread, self._thread = self._thread, None
+        await anyio.to_thread.run_sync(thread.join)
+
+    # -- operations (called on the event loop; never block) -------------------------------
+
+    def put(self, row: TaskRow) -> None:
+        self._ops.put(row)
+
+    def delete(self, task_id: str) -> None:
+        self._ops.put(task_id)
+
+    def after_commit(self, callback: CommitCallback) -> None:
+        if self._thread is None:
+            callback(Unavailable("the task store is closed"))
+            return
+        self._ops.put(callback)
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _writer(self) -> None:
+        assert self._conn is not None
+        stop = False
+        try:
+            while not stop:
+                first = self._ops.get()
+                deadline = time.monotonic() + self._interval
+                batch = [first]
+                while True:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        op = self._ops.get(timeout=remaining) if remaining > 0 else self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    batch.append(op)
+                    if op is _STOP:
+                        break
+                stop = self._commit(batch)
+        finally:
+            # Anything queued after a stop still gets its callback (as a failure).
+            leftovers = []
+            while True:
+                try:
+                    leftovers.append(self._ops.get_nowait())
+                except queue.Empty:
+                    break
+            if leftovers:
+                self._commit(leftovers)
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._release_lock()
+
+    def _commit(self, batch: list[Any]) -> bool:
+        """Write one batch in one transaction; True when it held the stop marker."""
+        assert self._conn is not None
+        latest: dict[str, TaskRow | None] = {}
+        callbacks: list[CommitCallback] = []
+        stop = False
+        for op in batch:
+            if op is _STOP:
+                stop = True
+            elif isinstance(op, tuple):
+                latest[op[0]] = op
+            elif isinstance(op, str):
+                latest[op] = None
+            else:
+                callbacks.append(op)
+        error: InfraError | None = None
+        if latest:
+            upserts = [
+                (r[0], r[1], _spec_json(r[2]), r[3], r[4], json.dumps(r[5]) if r[5] else "", *r[6:])
+                for r in latest.values()
+                if r is not None
+            ]
+            deletes = [(task_id,) for task_id, r in latest.items() if r is None]
+            try:
+                self._conn.execute("BEGIN")
+                if upserts:
+                    self._conn.executemany(_UPSERT, upserts)
+                if deletes:
+                    self._conn.executemany(_DELETE, deletes)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                error = translate_sqlite_error(exc, self.path)
+        if callbacks and self._call_soon is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
+                self._call_soon(_run_callbacks, callbacks, error)
+        return stop
+
+
+def _run_callbacks(callbacks: list[CommitCallback], error: InfraError | None) -> None:
+    for callback in callbacks:
+        callback(error)
