@@ -19,6 +19,8 @@ Test modules use the fixtures with ``from engines import *`` (they are plain pyt
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -41,10 +43,10 @@ from dspy_infra.backends.base import LABEL_OWNER
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings
 
-try:
-    from tests.conftest import skip_or_fail
-except ImportError:  # tests/ is on sys.path as a plain directory
-    from conftest import skip_or_fail  # type: ignore[no-redef]
+try:  # tests/ is on sys.path as a plain directory (rootdir conftest, no __init__.py)
+    from conftest import skip_or_fail
+except ImportError:
+    from tests.conftest import skip_or_fail  # type: ignore[no-redef]
 
 __all__ = [
     "ENGINE_KINDS",
@@ -57,6 +59,7 @@ __all__ = [
     "engine",
     "engine_backend",
     "engine_host",
+    "engine_kind",
     "engine_settings",
     "ensure_test_images",
     "free_port",
@@ -274,8 +277,6 @@ class Engine:
 
 
 def _engine(kind: str) -> Engine:
-    import asyncio
-
     host = engine_host(kind)
     contexts = test_image_contexts()
 
@@ -283,8 +284,11 @@ def _engine(kind: str) -> Engine:
         async with aiodocker.Docker(url=host) as docker:
             return await ensure_test_images(docker, contexts)
 
-    # Session setup runs before any test's event loop: a short private loop builds the images.
-    return Engine(kind=kind, host=host, images=asyncio.run(build()))
+    # Session setup may happen while a test's loop is running (getfixturevalue from an async
+    # fixture): build on a private loop in a worker thread so neither loop blocks the other.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        images = pool.submit(asyncio.run, build()).result()
+    return Engine(kind=kind, host=host, images=images)
 
 
 @pytest.fixture(scope="session")
@@ -333,9 +337,15 @@ async def docker_backend(docker_engine: Engine, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture(params=ENGINE_KINDS)
-def engine(request: pytest.FixtureRequest) -> Engine:
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    """Each real engine kind in turn (a sync fixture: anyio's wrapper drops async params)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def engine(engine_kind: str, request: pytest.FixtureRequest) -> Engine:
     """Each real engine in turn (Docker Engine, then Podman)."""
-    return request.getfixturevalue(f"{request.param}_engine")  # type: ignore[no-any-return]
+    return request.getfixturevalue(f"{engine_kind}_engine")  # type: ignore[no-any-return]
 
 
 @pytest.fixture
