@@ -1,0 +1,564 @@
+"""The local-process backend: each service is a process group on this machine.
+
+How an instance runs (the same idea as Podman's ``conmon``): a tiny supervisor *shim*
+(``python -S``, stdlib only) is started in a new session, forks into the background and
+starts the service's command in its process group. The shim is what owns the service's
+stdout/stderr pipes: it writes every line, timestamped, to ``stdout.log`` / ``stderr.log``
+and, when the service exits, its exit code to ``exit.json``. So a service keeps running,
+keeps logging and has a known exit code even after the Python process that started it died,
+which is what lets a later ``ServiceManager`` adopt it.
+
+Each instance lives in ``<home>/services/<instance name>/``: ``record.json`` (labels, pids,
+the service's ``/proc`` start time, ports, environment, start time), the two log files and
+``exit.json``. ``list_instances`` reads these records; a pid is trusted only while
+``/proc/PID/stat`` shows the same start time, and a zombie (state ``Z``) counts as exited.
+
+Ports: a process binds whatever its command says, so the host port *is* the container port
+here. A ``PortMapping`` with ``host_port`` 0/None publishes ``container_port`` as is (the
+command must pass that port itself); a mapping whose host and container ports differ is
+refused with a ``SpecError`` (only a container backend can remap ports).
+
+Stopping sends SIGTERM to the process group and SIGKILL after the timeout. Network counters
+are reported as 0: a process in the host network namespace has no counters of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+
+import anyio
+import attrs
+
+from ..config import Settings
+from ..errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecError
+from ..hookspecs import hookimpl
+from ..metrics import InfraMetrics
+from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
+from .base import Backend
+
+__all__ = ["APT_PACKAGES", "ProcessBackend", "dspy_infra_backends", "pid_alive", "proc_start_time"]
+
+#: Debian package that provides a binary, for the "install it" hint.
+APT_PACKAGES = {
+    "redis-server": "redis-server",
+    "redis-cli": "redis-tools",
+    "prometheus": "prometheus",
+    "etcd": "etcd-server",
+    "busybox": "busybox-static",
+    "python3": "python3",
+}
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_STATS_INTERVAL = 0.1
+_FOLLOW_POLL = 0.1
+
+# The supervisor shim. argv: instance dir, JSON command. It double-forks so the service is
+# not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
+# stdout, then pumps the service's output into timestamped log files until it exits.
+_SHIM = r"""
+import json, os, selectors, signal, subprocess, sys, time
+d, cmd = sys.argv[1], json.loads(sys.argv[2])
+if os.fork():
+    os._exit(0)
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)  # the group gets SIGTERM; the shim drains logs, then exits
+try:
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)])
+except OSError as e:
+    sys.stdout.write("error %s\n" % e); sys.stdout.flush(); os._exit(0)
+sys.stdout.write("ok %d %d\n" % (p.pid, os.getpid())); sys.stdout.flush()
+null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); os.dup2(null, 2)
+outs = {p.stdout.fileno(): open(os.path.join(d, "stdout.log"), "ab", buffering=0),
+        p.stderr.fileno(): open(os.path.join(d, "stderr.log"), "ab", buffering=0)}
+partial = {fd: b"" for fd in outs}
+sel = selectors.DefaultSelector()
+for fd in outs:
+    sel.register(fd, selectors.EVENT_READ)
+def emit(fd, data, final=False):
+    data = partial[fd] + data
+    lines = data.split(b"\n")
+    partial[fd] = b"" if final else lines.pop()
+    stamp = b"%.6f " % time.time()
+    chunk = b"".join(stamp + ln + b"\n" for ln in lines if ln or not final)
+    if chunk:
+        outs[fd].write(chunk)
+while sel.get_map():
+    for key, _ in sel.select():
+        data = os.read(key.fd, 65536)
+        if data:
+            emit(key.fd, data)
+        else:
+            emit(key.fd, b"", final=True)
+            sel.unregister(key.fd)
+rc = p.wait()
+with open(os.path.join(d, "exit.json.tmp"), "w") as f:
+    json.dump({"exit_code": rc, "finished_at": time.time()}, f)
+os.replace(os.path.join(d, "exit.json.tmp"), os.path.join(d, "exit.json"))
+"""
+
+
+def proc_start_time(pid: int) -> tuple[int, str] | None:
+    """``(start time in clock ticks since boot, state letter)`` of ``pid``, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return int(fields[19]), fields[0]
+
+
+def pid_alive(pid: int, start_time: int | None = None) -> bool:
+    """True while ``pid`` exists, is not a zombie and (if given) has that start time."""
+    if pid <= 0:
+        return False
+    info = proc_start_time(pid)
+    if info is None or info[1] in ("Z", "X"):
+        return False
+    return start_time is None or info[0] == start_time
+
+
+def _proc_cpu_rss(pid: int) -> tuple[int, int] | None:
+    """(utime + stime ticks, resident bytes) of ``pid``."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12]), int(fields[21]) * _PAGE
+
+
+def _group_members(pgid: int, exclude: int) -> list[int]:
+    """Pids in process group ``pgid`` (scanning /proc), except ``exclude`` (the shim)."""
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
+
+
+@attrs.frozen
+class _Record:
+    """What ``record.json`` holds about one instance."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    pid: int
+    pgid: int
+    shim_pid: int
+    proc_start: int
+    ports: dict[int, tuple[str, int]]
+    started_at: float
+    command: tuple[str, ...]
+    environment: dict[str, str]
+    workdir: str | None
+
+    def to_json(self) -> str:
+        doc = attrs.asdict(self)
+        doc["ports"] = {str(k): list(v) for k, v in self.ports.items()}
+        return json.dumps(doc, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> _Record:
+        doc = json.loads(text)
+        doc["ports"] = {int(k): (str(v[0]), int(v[1])) for k, v in doc["ports"].items()}
+        doc["command"] = tuple(doc["command"])
+        return cls(**doc)
+
+
+def _install_hint(binary: str) -> str:
+    pkg = APT_PACKAGES.get(os.path.basename(binary))
+    install = f"install it (apt-get install -y {pkg})" if pkg else f"install {binary!r} so it is on PATH"
+    return f'{install}, or use backend="docker"'
+
+
+class ProcessBackend(Backend):
+    """Runs each service's ``command`` as a local process group (see the module docstring)."""
+
+    name = "process"
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        home: str | os.PathLike[str] | None = None,
+        metrics: InfraMetrics | None = None,
+    ) -> None:
+        base = Path(home) if home is not None else (settings or Settings()).resolved_home()
+        self.root = base / "services"
+        self.metrics = metrics
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(lambda: self.root.mkdir(parents=True, exist_ok=True))
+
+    async def aclose(self) -> None:
+        """Nothing to release: instances keep running (their shims own them)."""
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _dir(self, instance_id: str) -> Path:
+        if not instance_id or "/" in instance_id or instance_id.startswith("."):
+            raise NotFound(f"no process instance {instance_id!r}", field="instance_id")
+        return self.root / instance_id
+
+    def _read_record(self, instance_id: str) -> _Record:
+        try:
+            return _Record.from_json((self._dir(instance_id) / "record.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no process instance {instance_id!r}", field="instance_id") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackendError(f"corrupt record for {instance_id!r}: {exc}") from None
+
+    def _instance(self, rec: _Record) -> Instance:
+        exit_file = self._dir(rec.id) / "exit.json"
+        running = pid_alive(rec.pid, rec.proc_start)
+        exit_code: int | None = None
+        if not running:
+            try:
+                exit_code = int(json.loads(exit_file.read_text())["exit_code"])
+            except (OSError, ValueError, KeyError):
+                exit_code = None  # killed together with its shim: no code recorded
+        return Instance(
+            id=rec.id,
+            name=rec.name,
+            labels=dict(rec.labels),
+            state="running" if running else "exited",
+            exit_code=exit_code,
+            ports=dict(rec.ports),
+            started_at=rec.started_at,
+            engine_health=None,
+            address="127.0.0.1",
+        )
+
+    def _inspect_sync(self, instance_id: str) -> Instance:
+        return self._instance(self._read_record(instance_id))
+
+    @staticmethod
+    def _env(environment: Mapping[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(environment)
+        return env
+
+    @staticmethod
+    def _ports(spec: ServiceSpec) -> dict[int, tuple[str, int]]:
+        ports: dict[int, tuple[str, int]] = {}
+        for p in spec.ports:
+            if p.host_port not in (None, 0, p.container_port):
+                raise SpecError(
+                    f"the process backend cannot map host port {p.host_port} to port {p.container_port}",
+                    field=f"services.{spec.name}.ports",
+                    fix="use the same host and container port (the command binds it), or backend='docker'",
+                )
+            ip = "127.0.0.1" if p.host_ip in ("", "0.0.0.0") else p.host_ip
+            ports[p.container_port] = (ip, p.container_port)
+        return ports
+
+    def _check_binary(self, spec: ServiceSpec) -> None:
+        if not spec.command:
+            raise MissingBinary(
+                f"service {spec.name!r} has no process command (only an image: {spec.image or 'none'})",
+                field=f"services.{spec.name}.command",
+                fix='use backend="docker", or set command = ["binary", "arg", ...] for the process backend',
+            )
+        binary = spec.command[0]
+        path = self._env(spec.environment).get("PATH")
+        if "/" in binary:
+            found = os.access(binary, os.X_OK)
+        else:
+            found = shutil.which(binary, path=path) is not None
+        if not found:
+            raise MissingBinary(
+                f"service {spec.name!r} needs {binary!r}, which is not installed",
+                field=f"services.{spec.name}.command",
+                fix=_install_hint(binary),
+            )
+
+    # -- instances -------------------------------------------------------------------------
+
+    async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
+        for spec in specs:
+            self._check_binary(spec)
+            self._ports(spec)
+        await self.open()
+
+    async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
+        self._check_binary(spec)
+        ports = self._ports(spec)
+        return await anyio.to_thread.run_sync(self._spawn, spec, instance_name, dict(labels), ports)
+
+    def _spawn(
+        self, spec: ServiceSpec, instance_name: str, labels: dict[str, str], ports: dict[int, tuple[str, int]]
+    ) -> Instance:
+        d = self._dir(instance_name)
+        if (d / "record.json").exists():
+            old = self._read_record(instance_name)
+            if pid_alive(old.pid, old.proc_start):
+                raise AlreadyExists(
+                    f"process instance {instance_name!r} is already running (pid {old.pid})",
+                    field="instance_name",
+                    fix="stop and remove it first",
+                )
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        env = self._env(spec.environment)
+        if spec.workdir:
+            Path(spec.workdir).mkdir(parents=True, exist_ok=True)
+        shim = subprocess.Popen(
+            [sys.executable, "-S", "-c", _SHIM, str(d), json.dumps(list(spec.command))],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            cwd=spec.workdir or None,
+            start_new_session=True,
+        )
+        assert shim.stdout is not None
+        with shim.stdout:
+            answer = shim.stdout.readline().decode("utf-8", "replace").strip()
+        shim.wait()  # the first shim process exits right after forking; reap it now
+        if answer.startswith("error"):
+            shutil.rmtree(d, ignore_errors=True)
+            raise MissingBinary(
+                f"service {spec.name!r}: cannot run {spec.command[0]!r}: {answer[6:]}",
+                field=f"services.{spec.name}.command",
+                fix=_install_hint(spec.command[0]),
+            )
+        parts = answer.split()
+        if len(parts) != 3 or parts[0] != "ok":
+            shutil.rmtree(d, ignore_errors=True)
+            raise BackendError(f"service {spec.name!r}: the process shim failed to start ({answer!r})")
+        pid, shim_pid = int(parts[1]), int(parts[2])
+        info = proc_start_time(pid)
+        rec = _Record(
+            id=instance_name,
+            name=instance_name,
+            labels=labels,
+            pid=pid,
+            pgid=shim.pid,
+            shim_pid=shim_pid,
+            proc_start=info[0] if info else -1,
+            ports=ports,
+            started_at=time.time(),
+            command=spec.command,
+            environment=dict(spec.environment),
+            workdir=spec.workdir,
+        )
+        tmp = d / "record.json.tmp"
+        tmp.write_text(rec.to_json())
+        tmp.replace(d / "record.json")
+        return self._instance(rec)
+
+    async def inspect(self, instance_id: str) -> Instance:
+        return await anyio.to_thread.run_sync(self._inspect_sync, instance_id)
+
+    def _list_sync(self, labels: Mapping[str, str]) -> list[Instance]:
+        out: list[Instance] = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(self.root.iterdir()):
+            if not (d / "record.json").is_file():
+                continue
+            try:
+                rec = self._read_record(d.name)
+            except (NotFound, BackendError):
+                continue
+            if all(rec.labels.get(k) == v for k, v in labels.items()):
+                out.append(self._instance(rec))
+        return out
+
+    async def list_instances(self, labels: Mapping[str, str]) -> list[Instance]:
+        return await anyio.to_thread.run_sync(self._list_sync, labels)
+
+    def _signal_group(self, rec: _Record, sig: signal.Signals) -> None:
+        # Only signal the group while its leader processes are still ours (pid reuse guard).
+        if pid_alive(rec.pid, rec.proc_start) or pid_alive(rec.shim_pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(rec.pgid, sig)
+
+    def _group_alive(self, rec: _Record) -> bool:
+        return pid_alive(rec.pid, rec.proc_start) or bool(_group_members(rec.pgid, exclude=-1))
+
+    async def stop(self, instance_id: str, *, timeout: float = 10.0) -> None:
+        rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
+        if not await anyio.to_thread.run_sync(self._group_alive, rec):
+            return
+        self._signal_group(rec, signal.SIGTERM)
+        if await self._wait_gone(rec, timeout):
+            return
+        self._signal_group(rec, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(rec.pgid, signal.SIGKILL)
+        if not await self._wait_gone(rec, 5.0):
+            raise BackendError(f"process group {rec.pgid} of {instance_id!r} survived SIGKILL")
+
+    async def _wait_gone(self, rec: _Record, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while await anyio.to_thread.run_sync(self._group_alive, rec):
+            if time.monotonic() >= deadline:
+                return False
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        return True
+
+    async def remove(self, instance_id: str) -> None:
+        try:
+            rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
+        except NotFound:
+            return
+        if await anyio.to_thread.run_sync(self._group_alive, rec):
+            await self.stop(instance_id, timeout=0)
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(instance_id), ignore_errors=True))
+
+    # -- observation -----------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[float, str]:
+        text = raw.decode("utf-8", "replace")
+        stamp, _, message = text.partition(" ")
+        try:
+            return float(stamp), message
+        except ValueError:
+            return 0.0, text
+
+    def _read_from(self, instance_id: str, offsets: dict[str, int]) -> list[tuple[float, str, str]]:
+        """Complete lines appended to each log since ``offsets`` (updated in place)."""
+        d = self._dir(instance_id)
+        out: list[tuple[float, str, str]] = []
+        for stream in ("stdout", "stderr"):
+            try:
+                with open(d / f"{stream}.log", "rb") as fh:
+                    fh.seek(offsets.get(stream, 0))
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # leave a half-written line for the next read
+            offsets[stream] = offsets.get(stream, 0) + end
+            for raw in data[:end].splitlines():
+                ts, message = self._parse(raw)
+                out.append((ts, stream, message))
+        out.sort(key=lambda e: e[0])
+        return out
+
+    async def logs(
+        self,
+        instance_id: str,
+        *,
+        service_name: str,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[LogEntry]:
+        await anyio.to_thread.run_sync(self._read_record, instance_id)  # NotFound early
+        offsets: dict[str, int] = {}
+        batch = await anyio.to_thread.run_sync(self._read_from, instance_id, offsets)
+        if since is not None:
+            batch = [e for e in batch if e[0] >= since]
+        if tail is not None:
+            batch = batch[-tail:] if tail > 0 else []
+        for ts, stream, message in batch:
+            yield LogEntry(service_name, instance_id, stream, message, ts)
+        while follow:
+            exited = (await self.inspect(instance_id)).state == "exited"
+            if exited:
+                # The shim writes the last lines after the service exits; give it a moment.
+                await self._wait_shim(instance_id)
+            batch = await anyio.to_thread.run_sync(self._read_from, instance_id, offsets)
+            for ts, stream, message in batch:
+                if since is None or ts >= since:
+                    yield LogEntry(service_name, instance_id, stream, message, ts)
+            if exited:
+                return
+            await anyio.sleep(_FOLLOW_POLL)
+
+    async def _wait_shim(self, instance_id: str, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
+        except NotFound:
+            return
+        for _ in range(int(timeout / 0.02)):
+            if not pid_alive(rec.shim_pid) or time.monotonic() >= deadline:
+                return
+            await anyio.sleep(0.02)
+
+    def _sample(self, rec: _Record) -> tuple[int, int]:
+        ticks = rss = 0
+        for pid in _group_members(rec.pgid, exclude=rec.shim_pid) or [rec.pid]:
+            got = _proc_cpu_rss(pid)
+            if got is not None:
+                ticks += got[0]
+                rss += got[1]
+        return ticks, rss
+
+    async def stats(self, instance_id: str) -> ResourceUsage:
+        rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
+        if not pid_alive(rec.pid, rec.proc_start):
+            return ResourceUsage()
+        t0 = time.monotonic()
+        ticks0, _ = await anyio.to_thread.run_sync(self._sample, rec)
+        await anyio.sleep(_STATS_INTERVAL)
+        ticks1, rss = await anyio.to_thread.run_sync(self._sample, rec)
+        elapsed = time.monotonic() - t0
+        cpu = max(0, ticks1 - ticks0) / _CLK_TCK / elapsed * 100.0 if elapsed > 0 else 0.0
+        return ResourceUsage(cpu_percent=cpu, memory_bytes=rss, network_rx_bytes=0, network_tx_bytes=0)
+
+    async def exec(self, instance_id: str, command: Sequence[str], *, timeout: float = 10.0) -> ExecResult:
+        rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
+        if not command:
+            raise SpecError("exec needs a command", field="command")
+        try:
+            return await _run_with_timeout(list(command), self._env(rec.environment), rec.workdir, timeout)
+        except FileNotFoundError:
+            return ExecResult(127, f"{command[0]}: not found ({_install_hint(command[0])})")
+
+    async def pull(self, image: str) -> AsyncIterator[ImagePullProgress]:
+        # Nothing to fetch: a process service runs a binary already on this machine.
+        yield ImagePullProgress(image_name=image, status="complete", progress_percent=100)
+
+    def probe_address(self, instance: Instance, container_port: int) -> tuple[str, int]:
+        ip, port = instance.ports.get(container_port, ("127.0.0.1", container_port))
+        return ("127.0.0.1" if ip in ("", "0.0.0.0") else ip), port
+
+
+async def _run_with_timeout(
+    command: list[str], env: dict[str, str], workdir: str | None, timeout: float
+) -> ExecResult:
+    # anyio.run_process kills the child when the scope is cancelled.
+    with anyio.move_on_after(timeout) as scope:
+        done = await anyio.run_process(
+            command, check=False, stderr=subprocess.STDOUT, env=env, cwd=workdir or None
+        )
+    if scope.cancelled_caught:
+        return ExecResult(124, f"{command[0]}: timed out after {timeout:g}s")
+    return ExecResult(done.returncode, done.stdout.decode("utf-8", "replace"))
+
+
+@hookimpl
+def dspy_infra_backends() -> dict[str, type[Backend]]:
+    return {"process": ProcessBackend}

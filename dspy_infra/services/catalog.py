@@ -1,0 +1,382 @@
+"""The service catalog: built-in specs, then plugins, then ``[services.NAME]`` tables, then Python.
+
+``build_catalog(settings, plugins, extra)`` merges, later sources winning by name:
+
+1. ``dspy_infra_services`` hook results (the built-ins below are registered through that hook
+   exactly like a third-party plugin; a later plugin overrides by name);
+2. ``settings.services``: TOML tables that override any field of an existing spec (nested
+   ``health`` / ``restart`` / ``resources`` tables are merged field by field) or declare new
+   services; an unknown key is a ``ConfigError`` naming ``services.NAME.KEY`` with the closest
+   known key;
+3. ``extra``: ``ServiceSpec`` objects given in Python.
+
+A ``{home}`` in a command argument expands to the state directory (the built-in Prometheus
+keeps its config and data there).
+
+TOML shapes accepted::
+
+    [services.web]
+    command = ["python3", "-m", "http.server", "8000"]
+    ports = ["8000:8000"]                  # or [{host_port = 8000, container_port = 8000}]
+    health = {kind = "http", path = "/"}
+    depends_on = ["redis", {name = "init", condition = "service_completed_successfully"}]
+    volumes = ["data:/data", "/srv/conf:/etc/conf:ro"]
+    restart = {mode = "on-failure", max_restarts = 3}
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pluggy
+
+from ..config import Settings
+from ..errors import ConfigError, SpecError
+from ..hookspecs import hookimpl
+from ..models import (
+    DependsOn,
+    HealthCheck,
+    PortMapping,
+    Resources,
+    RestartPolicy,
+    ServiceSpec,
+    VolumeMount,
+    validate_name,
+)
+
+__all__ = [
+    "BUILTIN_SERVICES",
+    "apply_fields",
+    "build_catalog",
+    "dspy_infra_services",
+    "parse_overrides",
+    "parse_service_table",
+    "write_support_files",
+]
+
+_OPTIONAL_RESTART = RestartPolicy(mode="on-failure", max_restarts=3)
+
+
+def _builtin(**fields: Any) -> ServiceSpec:
+    # Through Any: mypy's attrs plugin mistypes the models' ``converter=tuple`` fields.
+    return ServiceSpec(**fields)
+
+
+#: The defaults of DESIGN.md. ``command`` is what the process backend runs (only where a
+#: local binary exists; the rest need a container backend).
+BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
+    _builtin(
+        name="redis",
+        image="redis:7-alpine",
+        command=("redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        ports=(PortMapping(6379, 6379),),
+        health=HealthCheck(kind="redis"),
+    ),
+    _builtin(
+        name="reddb",
+        image="dspy-lightweight:latest",
+        ports=(PortMapping(8080, 8082),),
+        health=HealthCheck(kind="http", path="/health", port=8080),
+    ),
+    _builtin(
+        name="ollama",
+        image="ollama/ollama:latest",
+        ports=(PortMapping(11434, 11435),),
+        health=HealthCheck(kind="http", path="/api/tags", port=11434, startup_timeout=120.0),
+        required=False,
+        restart=_OPTIONAL_RESTART,
+    ),
+    *(
+        _builtin(
+            name=f"infermesh-node-{node}",
+            image="official-infermesh:latest",
+            environment={"NODE_ID": f"node-{node}", "REDIS_URL": "redis://redis:6379"},
+            depends_on=(DependsOn("redis"),),
+            health=HealthCheck(kind="engine"),
+            required=False,
+            restart=_OPTIONAL_RESTART,
+        )
+        for node in ("a", "b")
+    ),
+    _builtin(
+        name="infermesh-router",
+        image="official-infermesh:latest",
+        environment={"ROLE": "router", "NODES": "infermesh-node-a,infermesh-node-b"},
+        ports=(PortMapping(9000, 19000),),
+        depends_on=(DependsOn("infermesh-node-a"), DependsOn("infermesh-node-b")),
+        health=HealthCheck(kind="http", path="/health", port=9000),
+        required=False,
+        restart=_OPTIONAL_RESTART,
+    ),
+    _builtin(
+        name="zookeeper",
+        image="confluentinc/cp-zookeeper:7.5.0",
+        environment={"ZOOKEEPER_CLIENT_PORT": "2181", "ZOOKEEPER_TICK_TIME": "2000"},
+        ports=(PortMapping(2181, 2181),),
+        health=HealthCheck(kind="tcp", port=2181),
+        required=False,
+        restart=_OPTIONAL_RESTART,
+    ),
+    _builtin(
+        name="kafka",
+        image="confluentinc/cp-kafka:7.5.0",
+        environment={
+            "KAFKA_BROKER_ID": "1",
+            "KAFKA_ZOOKEEPER_CONNECT": "zookeeper:2181",
+            "KAFKA_LISTENERS": "PLAINTEXT://0.0.0.0:29092",
+            "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://localhost:9092",
+            "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        },
+        ports=(PortMapping(29092, 9092),),
+        depends_on=(DependsOn("zookeeper"),),
+        health=HealthCheck(kind="tcp", port=29092, startup_timeout=120.0),
+        required=False,
+        restart=_OPTIONAL_RESTART,
+    ),
+    _builtin(
+        name="prometheus",
+        image="prom/prometheus:latest",
+        command=(
+            "prometheus",
+            "--config.file={home}/prometheus/prometheus.yml",
+            "--storage.tsdb.path={home}/prometheus/data",
+            "--web.listen-address=127.0.0.1:9090",
+        ),
+        ports=(PortMapping(9090, 9090),),
+        health=HealthCheck(kind="http", path="/-/healthy", port=9090),
+        required=False,
+        restart=_OPTIONAL_RESTART,
+    ),
+)
+
+
+@hookimpl
+def dspy_infra_services() -> Iterable[ServiceSpec]:
+    return BUILTIN_SERVICES
+
+
+# -- parsing TOML tables -------------------------------------------------------------------
+
+_SPEC_KEYS = [a.name for a in attrs.fields(ServiceSpec) if a.name != "name"]
+_NESTED: dict[str, type[Any]] = {"health": HealthCheck, "restart": RestartPolicy, "resources": Resources}
+
+
+def _unknown_key(where: str, key: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    fix = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(sorted(known))
+    return ConfigError(f"unknown key {key!r}", field=f"{where}.{key}", fix=fix)
+
+
+def _parse_port(value: Any, where: str) -> PortMapping:
+    if isinstance(value, PortMapping):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return PortMapping(container_port=value, host_port=0)
+    if isinstance(value, Mapping):
+        known = [a.name for a in attrs.fields(PortMapping)]
+        for key in value:
+            if key not in known:
+                raise _unknown_key(where, str(key), known)
+        return PortMapping(**dict(value))
+    if isinstance(value, str):
+        text, _, protocol = value.partition("/")
+        parts = text.split(":")
+        try:
+            nums = [int(p) for p in parts[-2:]]
+        except ValueError:
+            nums = []
+        if nums and 1 <= len(parts) <= 3:
+            if len(parts) == 1:
+                return PortMapping(container_port=nums[0], host_port=0, protocol=protocol or "tcp")
+            ip = parts[0] if len(parts) == 3 else "127.0.0.1"
+            return PortMapping(
+                container_port=nums[1], host_port=nums[0], host_ip=ip, protocol=protocol or "tcp"
+            )
+    raise ConfigError(
+        f"cannot read port {value!r}",
+        field=where,
+        fix='write "HOST:CONTAINER" (e.g. "6379:6379") or {host_port = 6379, container_port = 6379}',
+    )
+
+
+def _parse_volume(value: Any, where: str) -> VolumeMount:
+    if isinstance(value, VolumeMount):
+        return value
+    if isinstance(value, Mapping):
+        known = [a.name for a in attrs.fields(VolumeMount)]
+        for key in value:
+            if key not in known:
+                raise _unknown_key(where, str(key), known)
+        return VolumeMount(**dict(value))
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) in (2, 3) and (len(parts) == 2 or parts[2] in ("ro", "rw")):
+            return VolumeMount(parts[0], parts[1], read_only=len(parts) == 3 and parts[2] == "ro")
+    raise ConfigError(
+        f"cannot read volume {value!r}",
+        field=where,
+        fix='write "NAME:/path", "/host/path:/path" or "/host/path:/path:ro"',
+    )
+
+
+def _parse_depends(value: Any, where: str) -> tuple[DependsOn, ...]:
+    items: list[Any]
+    if isinstance(value, Mapping):  # Compose style: {redis = {condition = "service_started"}}
+        items = [{"name": k, **(dict(v) if isinstance(v, Mapping) else {})} for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ConfigError(
+            f"expected a list, got {value!r}", field=where, fix='write depends_on = ["redis", ...]'
+        )
+    out: list[DependsOn] = []
+    for item in items:
+        if isinstance(item, DependsOn):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(DependsOn(validate_name(item, where)))
+        elif isinstance(item, Mapping):
+            for key in item:
+                if key not in ("name", "condition"):
+                    raise _unknown_key(where, str(key), ["name", "condition"])
+            if "name" not in item:
+                raise ConfigError("a dependency table needs a name", field=where)
+            out.append(
+                DependsOn(validate_name(item["name"], where), item.get("condition", "service_healthy"))
+            )
+        else:
+            raise ConfigError(f"cannot read dependency {item!r}", field=where)
+    return tuple(out)
+
+
+def _parse_nested(key: str, value: Any, base: Any, where: str) -> Any:
+    cls = _NESTED[key]
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a table, got {value!r}", field=where)
+    known = [a.name for a in attrs.fields(cls)]
+    for k in value:
+        if k not in known:
+            raise _unknown_key(where, str(k), known)
+    fields = dict(value)
+    if key == "health" and "command" in fields:
+        fields["command"] = tuple(fields["command"])
+    # A partial table overrides only the fields it names.
+    return attrs.evolve(base, **fields) if base is not None else cls(**fields)
+
+
+def apply_fields(name: str, fields: Mapping[str, Any], base: ServiceSpec | None = None) -> ServiceSpec:
+    """A spec for ``name`` with ``fields`` (TOML-shaped values) applied over ``base`` (or over
+    the defaults for a new service). Errors name ``services.NAME.KEY``."""
+    where = f"services.{name}"
+    validate_name(name, where)
+    changes: dict[str, Any] = {}
+    try:
+        for key, value in fields.items():
+            field = f"{where}.{key}"
+            if key not in _SPEC_KEYS:
+                raise _unknown_key(where, key, _SPEC_KEYS)
+            if key == "ports":
+                changes[key] = tuple(_parse_port(v, field) for v in _as_list(value, field))
+            elif key == "volumes":
+                changes[key] = tuple(_parse_volume(v, field) for v in _as_list(value, field))
+            elif key == "depends_on":
+                changes[key] = _parse_depends(value, field)
+            elif key in _NESTED:
+                changes[key] = _parse_nested(key, value, getattr(base, key) if base else None, field)
+            elif key in ("required", "one_shot"):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"expected true or false, got {value!r}", field=field)
+                changes[key] = value
+            else:
+                changes[key] = value
+        return attrs.evolve(base, **changes) if base is not None else ServiceSpec(name=name, **changes)
+    except ConfigError:
+        raise
+    except SpecError as exc:
+        field = exc.field or ""
+        if not field.startswith("services."):
+            field = f"{where}.{field}" if field else where
+        raise ConfigError(exc.message, field=field, fix=exc.fix) from None
+    except TypeError as exc:
+        raise ConfigError(f"invalid value: {exc}", field=where) from None
+
+
+def _as_list(value: Any, field: str) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"expected a list, got {value!r}", field=field)
+
+
+def parse_service_table(name: str, table: Mapping[str, Any], base: ServiceSpec | None = None) -> ServiceSpec:
+    """One ``[services.NAME]`` table, over ``base`` when the name is already in the catalog."""
+    return apply_fields(name, table, base)
+
+
+def parse_overrides(
+    overrides: Mapping[str, str], catalog: Mapping[str, ServiceSpec]
+) -> dict[str, ServiceSpec]:
+    """``{"NAME.KEY": value}`` (the wire's StartServices overrides) applied to the catalog.
+    A value is read as JSON when it parses (``'["redis-server", "--port", "7000"]'``), else as a
+    plain string. Returns the changed specs by name."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for dotted, raw in overrides.items():
+        name, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(
+                f"override key {dotted!r} has no field",
+                field="overrides",
+                fix='write "SERVICE.FIELD", e.g. "redis.command"',
+            )
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        grouped.setdefault(name, {})[key] = value
+    return {name: apply_fields(name, fields, catalog.get(name)) for name, fields in grouped.items()}
+
+
+def _expand_home(spec: ServiceSpec, home: Path) -> ServiceSpec:
+    if not any("{home}" in arg for arg in spec.command):
+        return spec
+    return attrs.evolve(spec, command=tuple(arg.replace("{home}", str(home)) for arg in spec.command))
+
+
+def build_catalog(
+    settings: Settings, plugins: pluggy.PluginManager, extra: Iterable[ServiceSpec] = ()
+) -> dict[str, ServiceSpec]:
+    """Hook results, then ``settings.services`` tables, then ``extra`` (later wins by name)."""
+    catalog: dict[str, ServiceSpec] = {}
+    # pluggy calls later-registered plugins first; walk backwards so later plugins win.
+    for result in reversed(list(plugins.hook.dspy_infra_services())):
+        for spec in result or ():
+            catalog[spec.name] = spec
+    for name, table in settings.services.items():
+        catalog[name] = parse_service_table(name, table, catalog.get(name))
+    for spec in extra:
+        catalog[spec.name] = spec
+    home = settings.resolved_home()
+    return {name: _expand_home(spec, home) for name, spec in catalog.items()}
+
+
+def write_support_files(settings: Settings) -> None:
+    """Files built-in services read from the state dir (blocking: call in a thread)."""
+    prom = settings.resolved_home() / "prometheus"
+    config = prom / "prometheus.yml"
+    if config.exists():
+        return
+    prom.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        "# Written by dspy_infra; edit freely (it is not overwritten).\n"
+        "global:\n  scrape_interval: 15s\n"
+        "scrape_configs:\n"
+        "  - job_name: prometheus\n    static_configs:\n      - targets: ['127.0.0.1:9090']\n"
+        "  - job_name: dspy_infra\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{settings.http_port}']\n"
+    )

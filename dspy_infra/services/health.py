@@ -1,0 +1,272 @@
+"""Health probes: one ``Probe`` class per ``HealthCheck.kind``, and the startup wait.
+
+A probe answers "is this instance ready right now?" with a ``ProbeResult(ok, message,
+duration)`` and never raises for an unhealthy service (only for a programming error).
+``wait_until_healthy`` retries a probe with exponential backoff and full jitter under the
+check's overall ``startup_timeout``; when that runs out it raises ``HealthCheckFailed``
+carrying the last probe failure and the service's last log lines. It also stops waiting as
+soon as the instance has exited, since a dead process will not turn healthy.
+
+Every probe run through ``run_probe`` is recorded in
+``env_manager_service_health_check_duration_seconds{service_name,status}``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+import time
+from typing import ClassVar
+
+import anyio
+import attrs
+
+from ..backends.base import Backend
+from ..errors import HealthCheckFailed, InfraError, NotFound
+from ..metrics import InfraMetrics
+from ..models import HealthCheck, Instance, ServiceSpec
+
+__all__ = [
+    "EngineProbe",
+    "ExecProbe",
+    "HttpProbe",
+    "NoProbe",
+    "Probe",
+    "ProbeResult",
+    "RedisProbe",
+    "TcpProbe",
+    "last_log_lines",
+    "probe_for",
+    "run_probe",
+    "wait_until_healthy",
+]
+
+#: First retry delay of the startup wait; doubles up to the check's ``interval``.
+_FIRST_DELAY = 0.01
+
+
+@attrs.frozen
+class ProbeResult:
+    ok: bool
+    message: str
+    #: Seconds the probe took.
+    duration: float = 0.0
+
+
+def _target_port(spec: ServiceSpec, check: HealthCheck) -> int | None:
+    if check.port is not None:
+        return check.port
+    return spec.ports[0].container_port if spec.ports else None
+
+
+class Probe(abc.ABC):
+    """Checks one instance once. Subclasses implement ``_check``; ``check`` times it."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, check: HealthCheck) -> None:
+        self.health = check
+
+    async def check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> ProbeResult:
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self.health.timeout):
+                ok, message = await self._check(backend, spec, instance)
+        except TimeoutError:
+            ok, message = False, f"{self.kind} probe timed out after {self.health.timeout:g}s"
+        except OSError as exc:
+            ok, message = False, f"{self.kind} probe: {exc.strerror or exc}"
+        except InfraError as exc:
+            ok, message = False, f"{self.kind} probe: {exc}"
+        return ProbeResult(ok, message, time.perf_counter() - started)
+
+    def _address(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[str, int]:
+        port = _target_port(spec, self.health)
+        if port is None:
+            raise NotFound(
+                f"a {self.kind} health check needs a port",
+                field=f"services.{spec.name}.health.port",
+                fix="set health.port or publish a port",
+            )
+        return backend.probe_address(instance, port)
+
+    @abc.abstractmethod
+    async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]: ...
+
+
+class TcpProbe(Probe):
+    """Ready when the port accepts a TCP connection."""
+
+    kind = "tcp"
+
+    async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
+        host, port = self._address(backend, spec, instance)
+        _reader, writer = await asyncio.open_connection(host, port)
+        writer.close()
+        await writer.wait_closed()
+        return True, f"tcp {host}:{port} accepts connections"
+
+
+class HttpProbe(Probe):
+    """Ready when ``GET path`` answers ``expected_status`` (a raw HTTP/1.0 request: no client
+    library, no connection pool, nothing to leak between probes)."""
+
+    kind = "http"
+
+    async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
+        host, port = self._address(backend, spec, instance)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            request = f"GET {self.health.path} HTTP/1.0\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode("latin-1"))
+            await writer.drain()
+            status_line = (await reader.readline()).decode("latin-1").strip()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            return False, f"http {self.health.path}: not an HTTP answer: {status_line[:80]!r}"
+        status = int(parts[1])
+        if status != self.health.expected_status:
+            return False, f"http {self.health.path} answered {status}, expected {self.health.expected_status}"
+        return True, f"http {self.health.path} answered {status}"
+
+
+class RedisProbe(Probe):
+    """Ready when a RESP ``PING`` gets ``+PONG`` (servers without AUTH; a ``-NOAUTH`` or
+    ``-LOADING`` answer is reported as the failure message)."""
+
+    kind = "redis"
+
+    async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
+        host, port = self._address(backend, spec, instance)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(b"*1\r\n$4\r\nPING\r\n")
+            await writer.drain()
+            answer = (await reader.readline()).decode("utf-8", "replace").strip()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        if answer == "+PONG":
+            return True, "redis PING answered +PONG"
+        return False, f"redis PING answered {answer[:120]!r}" if answer else "redis closed without answering"
+
+
+class ExecProbe(Probe):
+    """Ready when ``command`` exits 0 inside the instance's environment."""
+
+    kind = "exec"
+
+    async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
+        result = await backend.exec(instance.id, self.health.command, timeout=self.health.timeout)
+        tail = result.output.strip().splitlines()[-1:] if result.output.strip() else []
+        detail = f": {tail[0][:120]}" if tail else ""
+        return result.exit_code == 0, f"exec {self.health.command[0]} exited {result.exit_code}{detail}"
+
+
+class EngineProbe(Probe):
+    """The engine's own HEALTHCHECK verdict; with none (or for processes), "still running"."""
+
+    kind = "engine"
+
+    async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
+        current = await backend.inspect(instance.id)
+        if current.engine_health is not None:
+            return current.engine_health == "healthy", f"engine health: {current.engine_health}"
+        if current.state == "running":
+            return True, "running"
+        return False, f"state {current.state} (exit code {current.exit_code})"
+
+
+class NoProbe(EngineProbe):
+    """``kind = "none"``: no readiness check beyond the instance running."""
+
+    kind = "none"
+
+
+_PROBES: dict[str, type[Probe]] = {
+    cls.kind: cls for cls in (TcpProbe, HttpProbe, RedisProbe, ExecProbe, EngineProbe, NoProbe)
+}
+
+
+def probe_for(check: HealthCheck) -> Probe:
+    """The probe implementing ``check.kind``."""
+    return _PROBES[check.kind](check)
+
+
+async def run_probe(
+    probe: Probe,
+    backend: Backend,
+    spec: ServiceSpec,
+    instance: Instance,
+    *,
+    metrics: InfraMetrics | None = None,
+) -> ProbeResult:
+    """One probe, recorded in the health-check duration histogram."""
+    result = await probe.check(backend, spec, instance)
+    if metrics is not None:
+        metrics.service_health_check_duration_seconds.labels(
+            service_name=spec.name, status="healthy" if result.ok else "unhealthy"
+        ).observe(result.duration)
+    return result
+
+
+async def last_log_lines(backend: Backend, spec: ServiceSpec, instance_id: str, n: int = 20) -> list[str]:
+    """The instance's last ``n`` log lines, for error messages (empty when unreadable)."""
+    lines: list[str] = []
+    try:
+        async for entry in backend.logs(instance_id, service_name=spec.name, tail=n):
+            lines.append(f"[{entry.stream}] {entry.message}")
+    except InfraError:
+        pass
+    return lines[-n:]
+
+
+def _backoff(attempt: int, ceiling: float) -> float:
+    # Exponential from _FIRST_DELAY, capped at the check interval, with "full jitter" between
+    # half and all of it so many services probed together do not knock in step.
+    delay = min(ceiling, _FIRST_DELAY * (2**attempt))
+    return random.uniform(delay / 2, delay)
+
+
+async def wait_until_healthy(
+    backend: Backend,
+    spec: ServiceSpec,
+    instance: Instance,
+    *,
+    metrics: InfraMetrics | None = None,
+    timeout: float | None = None,
+) -> ProbeResult:
+    """Probe until the first success; ``HealthCheckFailed`` (with last failure and log lines)
+    when ``timeout`` (default: the check's ``startup_timeout``) runs out or the instance exits."""
+    check = spec.health
+    probe = probe_for(check)
+    budget = check.startup_timeout if timeout is None else timeout
+    deadline = time.monotonic() + budget
+    last = ProbeResult(False, "not probed yet")
+    attempt = 0
+    while True:
+        last = await run_probe(probe, backend, spec, instance, metrics=metrics)
+        if last.ok:
+            return last
+        current = await backend.inspect(instance.id)
+        if current.state == "exited":
+            failure = (
+                f"exited with code {current.exit_code} before becoming healthy (last probe: {last.message})"
+            )
+            raise HealthCheckFailed(
+                spec.name, last_failure=failure, last_logs=await last_log_lines(backend, spec, instance.id)
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HealthCheckFailed(
+                spec.name,
+                last_failure=last.message,
+                last_logs=await last_log_lines(backend, spec, instance.id),
+                timeout=budget,
+            )
+        await anyio.sleep(min(remaining, _backoff(attempt, check.interval)))
+        attempt += 1

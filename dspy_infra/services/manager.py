@@ -1,0 +1,958 @@
+"""ServiceManager: bring services up in dependency order, watch them, restart, stop.
+
+One manager per ``Infra``. It owns an anyio task group (entered in ``__aenter__``) in which
+the *monitor* and every ``start()`` stream run, so nothing outlives ``aclose()``.
+
+Starting (``start`` / ``ensure``): the requested services plus their dependencies are
+validated (unknown names, cycles, host-port clashes), then each service waits for its
+dependencies' Compose conditions (``service_started``, ``service_healthy``,
+``service_completed_successfully``) and starts as soon as they hold, at most
+``max_parallel_starts`` at once: siblings start in parallel and a service never starts
+before its dependencies are ready. Each start is gated on its health probe.
+A required service that fails aborts the start: what this call had started is stopped again
+and the error names the service and why (``HealthCheckFailed`` carries the last probe
+failure and log lines). An optional service that fails is reported; its dependents are
+skipped with a message naming it, and the rest go on.
+
+Ownership: every instance carries ``dspy_infra.owner`` (``settings.resolved_owner()``),
+``dspy_infra.service``, ``dspy_infra.spec_hash`` and ``dspy_infra.owner_pid`` labels and a
+stable name ``dspy_infra-<owner>-<service>``. A start adopts a healthy running instance with
+the same spec hash instead of recreating it (and writes a *lease* file naming the adopting
+pid, because a container's labels cannot change), recreates one whose hash differs, and
+removes instances of this owner whose owner process (and lease holder) is dead (orphans).
+Nothing without our owner label is ever touched.
+
+The monitor probes every healthy service on its check's interval; one that exits, or fails
+``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
+(exponential backoff, at most ``max_restarts``), then marked failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+import anyio
+import attrs
+import pluggy
+from anyio.abc import TaskGroup
+
+from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_SERVICE, LABEL_SPEC_HASH, Backend
+from ..backends.process import pid_alive
+from ..config import Settings
+from ..errors import (
+    AlreadyExists,
+    BackendError,
+    BackendUnavailable,
+    HealthCheckFailed,
+    InfraError,
+    MissingBinary,
+    NotFound,
+    ServiceError,
+    SpecError,
+)
+from ..events import EventBus
+from ..hardware import detect_hardware
+from ..metrics import InfraMetrics
+from ..models import (
+    HardwareInfo,
+    HealthUpdate,
+    ImagePullProgress,
+    Instance,
+    LogEntry,
+    QueueStatus,
+    ResourceAvailability,
+    ResourceUsage,
+    ServiceSpec,
+    ServiceState,
+    ServiceStatus,
+    ServiceStatusUpdate,
+)
+from ..plugins import collect_mapping
+from .catalog import build_catalog, parse_overrides, write_support_files
+from .graph import check_host_ports, dependency_closure, stop_order, validate_graph
+from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
+
+__all__ = ["ServiceManager", "instance_name_for"]
+
+#: Outcomes of one service within one start.
+_HEALTHY, _STARTED, _COMPLETED, _FAILED, _SKIPPED = "healthy", "started", "completed", "failed", "skipped"
+_SATISFIES = {
+    "service_started": {_HEALTHY, _STARTED, _COMPLETED},
+    "service_healthy": {_HEALTHY, _COMPLETED},
+    "service_completed_successfully": {_COMPLETED},
+}
+#: Longest wait for an existing (adoptable) instance to answer its probe before recreating it.
+_ADOPT_WAIT = 5.0
+_MONITOR_TICK = 0.2
+
+
+def instance_name_for(owner: str, service: str) -> str:
+    """Stable instance (container / process) name, so a later run can find and adopt it."""
+    return "dspy_infra-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", owner) + "-" + service
+
+
+@attrs.define
+class _Managed:
+    """What the manager knows of one service it runs (mutable; only touched under its lock)."""
+
+    spec: ServiceSpec
+    instance: Instance
+    status: ServiceStatus
+    message: str = ""
+    restarts: int = 0
+    failures: int = 0
+    next_probe: float = 0.0
+    adopted: bool = False
+
+
+@attrs.define
+class _StartRun:
+    """Book-keeping of one start call."""
+
+    specs: dict[str, ServiceSpec]
+    emit: Callable[[ServiceStatusUpdate], Awaitable[None]] | None
+    done: dict[str, anyio.Event] = attrs.field(factory=dict)
+    outcome: dict[str, str] = attrs.field(factory=dict)
+    reason: dict[str, str] = attrs.field(factory=dict)
+    errors: dict[str, BaseException] = attrs.field(factory=dict)
+    created: list[str] = attrs.field(factory=list)
+    unprepared: dict[str, BackendError] = attrs.field(factory=dict)
+    finished: int = 0
+
+    @property
+    def progress(self) -> int:
+        return int(100 * self.finished / max(1, len(self.specs)))
+
+
+class ServiceManager:
+    """Starts, watches, restarts and stops services on one backend (see module docstring)."""
+
+    #: At most this many services are being created/probed at once during a start.
+    max_parallel_starts: int = 8
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: EventBus,
+        metrics: InfraMetrics,
+        plugins: pluggy.PluginManager,
+        backend: Backend | str | None = None,
+        extra_services: Iterable[ServiceSpec] = (),
+        queue_status: Callable[[], Mapping[str, QueueStatus]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.metrics = metrics
+        self.plugins = plugins
+        self.owner = settings.resolved_owner()
+        self.catalog: dict[str, ServiceSpec] = build_catalog(settings, plugins, extra_services)
+        validate_graph(self.catalog)
+        self._backend_arg: Backend | str = backend if backend is not None else settings.backend
+        self._owns_backend = False
+        self._backend: Backend | None = None
+        self._queue_status = queue_status
+        self._managed: dict[str, _Managed] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._busy: set[str] = set()
+        self._tg: TaskGroup | None = None
+        self._start_slots = anyio.Semaphore(self.max_parallel_starts)
+        self._leases = settings.resolved_home() / "services" / ".leases"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise BackendUnavailable(
+                "the service manager is not open", fix="use `async with ServiceManager(...)`"
+            )
+        return self._backend
+
+    async def __aenter__(self) -> Self:
+        self._backend = await self._resolve_backend()
+        try:
+            await anyio.to_thread.run_sync(write_support_files, self.settings)
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+        except BaseException:
+            await self._close_backend()
+            raise
+        self._tg.start_soon(self._monitor, name="dspy_infra-service-monitor")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the monitor and close the backend (if this manager created it). Services keep
+        running: ``Infra`` stops the ones it started."""
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+        finally:
+            await self._close_backend()
+
+    async def _close_backend(self) -> None:
+        if self._backend is not None and self._owns_backend:
+            await self._backend.aclose()
+        self._backend = None
+
+    def _backend_classes(self) -> dict[str, type[Backend]]:
+        return collect_mapping(self.plugins.hook.dspy_infra_backends())
+
+    async def _resolve_backend(self) -> Backend:
+        arg = self._backend_arg
+        if isinstance(arg, Backend):
+            await arg.open()  # idempotent; the caller keeps ownership (we do not close it)
+            return arg
+        classes = self._backend_classes()
+        if arg == "auto":
+            docker_cls = classes.get("docker")
+            if docker_cls is not None:
+                candidate = self._construct(docker_cls)
+                try:
+                    await candidate.open()
+                except BackendError:
+                    await candidate.aclose()
+                else:
+                    self._owns_backend = True
+                    return candidate
+            arg = "process"
+        cls = classes.get(arg)
+        if cls is None:
+            raise SpecError(
+                f"unknown backend {arg!r}",
+                field="backend",
+                fix="use one of: auto, " + ", ".join(sorted(classes)),
+            )
+        backend = self._construct(cls)
+        await backend.open()
+        self._owns_backend = True
+        return backend
+
+    def _construct(self, cls: type[Backend]) -> Backend:
+        # Backend classes from the hook take (settings, *, metrics=...): see backends/base.py.
+        factory: Callable[..., Backend] = cls
+        return factory(self.settings, metrics=self.metrics)
+
+    def _task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise BackendUnavailable(
+                "the service manager is not open", fix="use `async with ServiceManager(...)`"
+            )
+        return self._tg
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def add_service(self, spec: ServiceSpec) -> None:
+        """Declare or replace a service (validated against the rest of the catalog)."""
+        candidate = {**self.catalog, spec.name: spec}
+        validate_graph(candidate)
+        self.catalog = candidate
+
+    def _lock(self, name: str) -> anyio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = anyio.Lock()
+        return lock
+
+    def _labels(self, spec: ServiceSpec) -> dict[str, str]:
+        return {
+            **spec.labels,
+            LABEL_OWNER: self.owner,
+            LABEL_SERVICE: spec.name,
+            LABEL_SPEC_HASH: spec.spec_hash,
+            LABEL_OWNER_PID: str(os.getpid()),
+        }
+
+    def _set_active_gauge(self) -> None:
+        up = (ServiceStatus.HEALTHY, ServiceStatus.RUNNING, ServiceStatus.UNHEALTHY)
+        self.metrics.active_services.set(sum(1 for m in self._managed.values() if m.status in up))
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        parallel: bool = True,
+        overrides: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[ServiceStatusUpdate]:
+        """Start ``names`` (default: the whole catalog) and their dependencies, yielding status
+        updates with progress; raises at the end if a required service failed."""
+        return self._start_stream(list(names) if names is not None else None, parallel, dict(overrides or {}))
+
+    async def _start_stream(
+        self, names: list[str] | None, parallel: bool, overrides: dict[str, str]
+    ) -> AsyncIterator[ServiceStatusUpdate]:
+        # The start runs in the manager's task group (its owner); this generator only reads.
+        # Abandoning the iterator does not abandon the start half-way.
+        send, receive = anyio.create_memory_object_stream[ServiceStatusUpdate | BaseException](256)
+
+        async def emit(update: ServiceStatusUpdate) -> None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await send.send(update)
+
+        async def run() -> None:
+            async with send:
+                try:
+                    await self._start_graph(names, parallel=parallel, overrides=overrides, emit=emit)
+                except Exception as exc:
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        await send.send(exc)
+
+        self._task_group().start_soon(run, name="dspy_infra-service-start")
+        async with receive:
+            async for item in receive:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+    async def ensure(self, names: Sequence[str]) -> list[str]:
+        """Start ``names`` and their dependencies; raise if a required one fails. Returns the
+        services now up (started, adopted or already running), in start order."""
+        return await self._start_graph(list(names), parallel=True, overrides={}, emit=None)
+
+    async def _start_graph(
+        self,
+        names: list[str] | None,
+        *,
+        parallel: bool,
+        overrides: Mapping[str, str],
+        emit: Callable[[ServiceStatusUpdate], Awaitable[None]] | None,
+    ) -> list[str]:
+        catalog = dict(self.catalog)
+        if overrides:
+            catalog.update(parse_overrides(overrides, catalog))
+            validate_graph(catalog)
+        wanted = names if names is not None else sorted(catalog)
+        order = dependency_closure(catalog, wanted)
+        specs = {n: catalog[n] for n in order}
+        others = [m.spec for n, m in self._managed.items() if n not in specs]
+        check_host_ports([*specs.values(), *others])
+        run = _StartRun(specs=specs, emit=emit)
+        for name in order:
+            run.done[name] = anyio.Event()
+        await self._prepare(run)
+        await self._remove_orphans(keep=set(specs))
+        try:
+            if parallel:
+                async with anyio.create_task_group() as tg:
+                    for name in order:
+                        tg.start_soon(self._start_one, run, name, tg.cancel_scope, name=f"start-{name}")
+            else:
+                with anyio.CancelScope() as scope:
+                    for name in order:
+                        await self._start_one(run, name, scope)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._rollback(run)
+            raise
+        failed_required = [
+            n for n in order if run.outcome.get(n) in (_FAILED, _SKIPPED, None) and specs[n].required
+        ]
+        # Report the service that actually failed, not one cancelled because of it.
+        failed_required.sort(key=lambda n: n not in run.errors)
+        if failed_required:
+            with anyio.CancelScope(shield=True):
+                await self._rollback(run)
+            first = failed_required[0]
+            error = run.errors.get(first)
+            if isinstance(error, InfraError):
+                raise error
+            raise ServiceError(
+                f"required service {first!r} did not start: {run.reason.get(first, 'start aborted')}",
+                service=first,
+            )
+        return [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
+
+    async def _prepare(self, run: _StartRun) -> None:
+        """Backend preparation once; when it refuses, find out which services it refuses (so
+        an optional service without a binary does not block the rest)."""
+        try:
+            await self.backend.prepare(list(run.specs.values()))
+            return
+        except BackendError:
+            pass
+        for name, spec in run.specs.items():
+            try:
+                await self.backend.prepare([spec])
+            except BackendError as exc:
+                run.unprepared[name] = exc
+
+    async def _notify(self, run: _StartRun, name: str, status: ServiceStatus, message: str) -> None:
+        if run.emit is not None:
+            await run.emit(ServiceStatusUpdate(name, status, message, run.progress))
+
+    async def _start_one(self, run: _StartRun, name: str, abort: anyio.CancelScope) -> None:
+        spec = run.specs[name]
+        try:
+            for dep in spec.depends_on:
+                await run.done[dep.name].wait()
+                got = run.outcome.get(dep.name, _FAILED)
+                if got not in _SATISFIES[dep.condition]:
+                    why = run.reason.get(dep.name, got)
+                    await self._finish(
+                        run,
+                        name,
+                        _SKIPPED,
+                        f"skipped: dependency {dep.name!r} is {got} ({why}); needs {dep.condition}",
+                    )
+                    return
+            if name in run.unprepared:
+                raise run.unprepared[name]
+            async with self._start_slots, self._lock(name):
+                outcome, message = await self._bring_up(run, spec)
+            await self._finish(run, name, outcome, message)
+        except Exception as exc:
+            self.metrics.service_start_total.labels(service_name=name, status="failure").inc()
+            self.metrics.failed_service_starts_total.labels(service_name=name, reason=_reason(exc)).inc()
+            self.bus.publish("service_failed", name, {"error": str(exc), "required": spec.required})
+            run.errors[name] = exc
+            await self._finish(run, name, _FAILED, str(exc))
+            if spec.required:
+                abort.cancel()  # stop the whole start: a required service is down
+        finally:
+            run.done[name].set()
+
+    async def _finish(self, run: _StartRun, name: str, outcome: str, message: str) -> None:
+        run.outcome[name] = outcome
+        run.reason[name] = message
+        run.finished += 1
+        status = {
+            _HEALTHY: ServiceStatus.HEALTHY,
+            _STARTED: ServiceStatus.RUNNING,
+            _COMPLETED: ServiceStatus.STOPPED,
+        }.get(outcome, ServiceStatus.FAILED)
+        await self._notify(run, name, status, message)
+
+    async def _bring_up(self, run: _StartRun, spec: ServiceSpec) -> tuple[str, str]:
+        """Adopt or (re)create one instance and wait for it. Caller holds the service's lock."""
+        name = spec.name
+        current = self._managed.get(name)
+        if current is not None and current.spec.spec_hash == spec.spec_hash:
+            inst = await self._inspect_or_none(current.instance.id)
+            if inst is not None and inst.state == "running" and current.status == ServiceStatus.HEALTHY:
+                return _HEALTHY, "already running"
+        adopted = await self._try_adopt(spec)
+        if adopted is not None:
+            return adopted
+        await self._notify(run, name, ServiceStatus.STARTING, "starting")
+        self.bus.publish("service_starting", name, {"backend": self.backend.name})
+        instance = await self._create(spec)
+        run.created.append(name)
+        return await self._await_ready(spec, instance)
+
+    async def _create(self, spec: ServiceSpec) -> Instance:
+        instance_name = instance_name_for(self.owner, spec.name)
+        try:
+            instance = await self.backend.run(spec, instance_name=instance_name, labels=self._labels(spec))
+        except AlreadyExists:
+            # Another process of this owner is starting it right now; recreate only what is ours.
+            await self._remove_instances(spec.name)
+            instance = await self.backend.run(spec, instance_name=instance_name, labels=self._labels(spec))
+        self._managed[spec.name] = _Managed(spec=spec, instance=instance, status=ServiceStatus.STARTING)
+        return instance
+
+    async def _await_ready(self, spec: ServiceSpec, instance: Instance) -> tuple[str, str]:
+        name = spec.name
+        managed = self._managed[name]
+        try:
+            if spec.one_shot:
+                code = await self._wait_exit(spec, instance)
+                if code != 0:
+                    raise HealthCheckFailed(
+                        name,
+                        last_failure=f"one-shot job exited with code {code}",
+                        last_logs=await last_log_lines(self.backend, spec, instance.id),
+                    )
+                managed.status, managed.message = ServiceStatus.STOPPED, "completed"
+                self.metrics.service_start_total.labels(service_name=name, status="success").inc()
+                self.bus.publish("service_completed", name, {"exit_code": 0})
+                return _COMPLETED, "completed successfully"
+            result = await wait_until_healthy(self.backend, spec, instance, metrics=self.metrics)
+        except BaseException:
+            self._managed.pop(name, None)
+            with anyio.CancelScope(shield=True):
+                await self._discard(instance.id)
+            self._set_active_gauge()
+            raise
+        managed.status, managed.message = ServiceStatus.HEALTHY, result.message
+        managed.next_probe = time.monotonic() + spec.health.interval
+        self.metrics.service_start_total.labels(service_name=name, status="success").inc()
+        self._set_active_gauge()
+        self.bus.publish("service_healthy", name, {"instance_id": instance.id, "probe": result.message})
+        return _HEALTHY, result.message
+
+    async def _wait_exit(self, spec: ServiceSpec, instance: Instance) -> int | None:
+        deadline = time.monotonic() + spec.health.startup_timeout
+        delay = 0.01
+        while True:
+            current = await self.backend.inspect(instance.id)
+            if current.state == "exited":
+                return current.exit_code
+            if time.monotonic() >= deadline:
+                raise HealthCheckFailed(
+                    spec.name,
+                    last_failure="one-shot job still running",
+                    last_logs=await last_log_lines(self.backend, spec, instance.id),
+                    timeout=spec.health.startup_timeout,
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, spec.health.interval)
+
+    async def _try_adopt(self, spec: ServiceSpec) -> tuple[str, str] | None:
+        """Adopt a matching healthy instance; remove the others of this service."""
+        existing = await self.backend.list_instances({LABEL_OWNER: self.owner, LABEL_SERVICE: spec.name})
+        for inst in existing:
+            if inst.labels.get(LABEL_SPEC_HASH) != spec.spec_hash:
+                continue
+            if spec.one_shot and inst.state == "exited" and inst.exit_code == 0:
+                self._managed[spec.name] = _Managed(
+                    spec, inst, ServiceStatus.STOPPED, "completed", adopted=True
+                )
+                return _COMPLETED, "completed earlier (adopted)"
+            if inst.state != "running" or spec.one_shot:
+                continue
+            try:
+                result = await wait_until_healthy(
+                    self.backend,
+                    spec,
+                    inst,
+                    metrics=self.metrics,
+                    timeout=min(_ADOPT_WAIT, spec.health.startup_timeout),
+                )
+            except HealthCheckFailed:
+                continue
+            await anyio.to_thread.run_sync(self._write_lease, inst.name)
+            self._managed[spec.name] = _Managed(
+                spec,
+                inst,
+                ServiceStatus.HEALTHY,
+                result.message,
+                next_probe=time.monotonic() + spec.health.interval,
+                adopted=True,
+            )
+            self._set_active_gauge()
+            self.metrics.service_start_total.labels(service_name=spec.name, status="adopted").inc()
+            self.bus.publish("service_healthy", spec.name, {"instance_id": inst.id, "adopted": True})
+            return _HEALTHY, f"adopted running instance {inst.name}"
+        for inst in existing:
+            await self._discard(inst.id)
+        return None
+
+    # -- ownership -------------------------------------------------------------------------
+
+    def _write_lease(self, instance_name: str) -> None:
+        self._leases.mkdir(parents=True, exist_ok=True)
+        (self._leases / instance_name).write_text(str(os.getpid()))
+
+    def _lease_holder(self, instance_name: str) -> int:
+        try:
+            return int((self._leases / instance_name).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _owner_alive(self, inst: Instance) -> bool:
+        try:
+            pid = int(inst.labels.get(LABEL_OWNER_PID, "0"))
+        except ValueError:
+            pid = 0
+        return pid_alive(pid) or pid_alive(self._lease_holder(inst.name))
+
+    async def _remove_orphans(self, keep: set[str]) -> list[str]:
+        """Remove this owner's instances whose owner process is gone, except services in
+        ``keep`` (the start about to run adopts or recreates those)."""
+        removed: list[str] = []
+        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+            service = inst.labels.get(LABEL_SERVICE, "")
+            if service in keep or service in self._managed:
+                continue
+            if await anyio.to_thread.run_sync(self._owner_alive, inst):
+                continue
+            await self._discard(inst.id)
+            removed.append(inst.name)
+            self.bus.publish("service_orphan_removed", service, {"instance": inst.name})
+        return removed
+
+    async def _discard(self, instance_id: str, timeout: float = 5.0) -> None:
+        with contextlib.suppress(NotFound):
+            await self.backend.stop(instance_id, timeout=timeout)
+        with contextlib.suppress(NotFound):
+            await self.backend.remove(instance_id)
+        with contextlib.suppress(OSError):
+            await anyio.to_thread.run_sync((self._leases / instance_id).unlink)
+
+    async def _remove_instances(self, service: str, timeout: float = 5.0) -> int:
+        found = await self.backend.list_instances({LABEL_OWNER: self.owner, LABEL_SERVICE: service})
+        for inst in found:
+            await self._discard(inst.id, timeout)
+        return len(found)
+
+    async def _inspect_or_none(self, instance_id: str) -> Instance | None:
+        try:
+            return await self.backend.inspect(instance_id)
+        except NotFound:
+            return None
+
+    async def _rollback(self, run: _StartRun) -> None:
+        """Stop what this start created (a required service failed)."""
+        for name in stop_order(run.specs, run.created):
+            managed = self._managed.pop(name, None)
+            if managed is not None:
+                await self._discard(managed.instance.id)
+                self.metrics.service_stop_total.labels(service_name=name, status="success").inc()
+                self.bus.publish("service_stopped", name, {"reason": "start aborted"})
+        self._set_active_gauge()
+
+    # -- stop / restart --------------------------------------------------------------------
+
+    async def stop(self, names: Sequence[str] | None = None, *, timeout: float = 10.0) -> dict[str, str]:
+        """Stop and remove services (default: all of this owner's), dependents first.
+        Returns ``{name: "stopped" | "not running" | "error: ..."}``."""
+        if names is None:
+            listed = await self.backend.list_instances({LABEL_OWNER: self.owner})
+            targets = set(self._managed) | {i.labels.get(LABEL_SERVICE, "") for i in listed} - {""}
+        else:
+            targets = set(names)
+            for name in targets:
+                if name not in self.catalog and name not in self._managed:
+                    raise NotFound(f"unknown service {name!r}", field="service_names")
+        results: dict[str, str] = {}
+        for name in stop_order(self.catalog, targets):
+            async with self._lock(name):
+                self._managed.pop(name, None)
+                try:
+                    count = await self._remove_instances(name, timeout)
+                except InfraError as exc:
+                    results[name] = f"error: {exc}"
+                    self.metrics.service_stop_total.labels(service_name=name, status="failure").inc()
+                    continue
+            self._set_active_gauge()
+            if count:
+                results[name] = "stopped"
+                self.metrics.service_stop_total.labels(service_name=name, status="success").inc()
+                self.bus.publish("service_stopped", name, {})
+            else:
+                results[name] = "not running"
+        return results
+
+    async def restart(self, name: str, *, timeout: float = 10.0) -> ServiceState:
+        """Stop ``name`` and start it afresh (its dependencies are assumed up)."""
+        spec = self.catalog.get(name)
+        if spec is None:
+            raise NotFound(f"unknown service {name!r}", field="service_name")
+        async with self._lock(name):
+            await self._recreate(spec, timeout=timeout, manual=True)
+        return (await self.status([name]))[name]
+
+    async def _recreate(self, spec: ServiceSpec, *, timeout: float, manual: bool) -> None:
+        """Replace the instance of ``spec`` and wait for it. Caller holds the lock."""
+        previous = self._managed.pop(spec.name, None)
+        restarts = previous.restarts if previous is not None else 0
+        await self._remove_instances(spec.name, timeout)
+        self.bus.publish("service_starting", spec.name, {"backend": self.backend.name, "restart": True})
+        instance = await self._create(spec)
+        try:
+            await self._await_ready(spec, instance)
+        except InfraError:
+            if previous is not None and not manual:
+                # Keep the record so the monitor can count restarts and try again.
+                self._managed[spec.name] = attrs.evolve(
+                    previous, instance=instance, status=ServiceStatus.UNHEALTHY, restarts=restarts + 1
+                )
+            raise
+        managed = self._managed[spec.name]
+        managed.restarts = restarts + 1
+        self.bus.publish("service_restarted", spec.name, {"restarts": managed.restarts, "manual": manual})
+
+    # -- the monitor -----------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        while True:
+            await anyio.sleep(_MONITOR_TICK)
+            now = time.monotonic()
+            for name, managed in list(self._managed.items()):
+                if name in self._busy or now < managed.next_probe:
+                    continue
+                if managed.status not in (ServiceStatus.HEALTHY, ServiceStatus.UNHEALTHY):
+                    continue
+                managed.next_probe = now + max(_MONITOR_TICK, managed.spec.health.interval)
+                self._busy.add(name)
+                self._task_group().start_soon(self._watch_once, name, name=f"watch-{name}")
+
+    async def _watch_once(self, name: str) -> None:
+        try:
+            managed = self._managed.get(name)
+            if managed is None:
+                return
+            spec, instance = managed.spec, managed.instance
+            current = await self._inspect_or_none(instance.id)
+            exited = current is None or current.state == "exited"
+            if exited:
+                code = None if current is None else current.exit_code
+                ok, message = False, f"exited with code {code}" if current is not None else "instance is gone"
+            else:
+                result = await run_probe(
+                    probe_for(spec.health), self.backend, spec, instance, metrics=self.metrics
+                )
+                ok, message = result.ok, result.message
+            if self._managed.get(name) is not managed:
+                return  # stopped or replaced while we probed
+            if ok:
+                if managed.status != ServiceStatus.HEALTHY:
+                    self.bus.publish("service_healthy", name, {"instance_id": instance.id, "probe": message})
+                managed.status, managed.message, managed.failures = ServiceStatus.HEALTHY, message, 0
+                self._set_active_gauge()
+                return
+            managed.failures += 1
+            managed.message = message
+            if not exited and managed.failures < max(1, spec.health.retries):
+                return
+            if managed.status != ServiceStatus.UNHEALTHY:
+                managed.status = ServiceStatus.UNHEALTHY
+                self.bus.publish("service_unhealthy", name, {"reason": message})
+                self._set_active_gauge()
+            await self._apply_restart_policy(
+                name, managed, exited_code=current.exit_code if current else None
+            )
+        finally:
+            self._busy.discard(name)
+
+    async def _apply_restart_policy(self, name: str, managed: _Managed, *, exited_code: int | None) -> None:
+        policy = managed.spec.restart
+        clean_exit = (
+            exited_code == 0 and managed.status == ServiceStatus.UNHEALTHY and "exited" in managed.message
+        )
+        if policy.mode == "no" or (policy.mode == "on-failure" and clean_exit):
+            await self._give_up(name, managed, f"{managed.message}; restart policy {policy.mode!r}")
+            return
+        if managed.restarts >= policy.max_restarts:
+            await self._give_up(
+                name, managed, f"{managed.message}; gave up after {managed.restarts} restarts"
+            )
+            return
+        delay = min(policy.max_backoff, policy.backoff * math.pow(2, managed.restarts))
+        await anyio.sleep(delay)
+        async with self._lock(name):
+            if self._managed.get(name) is not managed:
+                return  # stopped while we backed off
+            try:
+                await self._recreate(managed.spec, timeout=10.0, manual=False)
+            except Exception as exc:
+                self.metrics.failed_service_starts_total.labels(service_name=name, reason=_reason(exc)).inc()
+                self.metrics.service_start_total.labels(service_name=name, status="failure").inc()
+                again = self._managed.get(name)
+                if again is None:
+                    self._managed[name] = attrs.evolve(
+                        managed,
+                        status=ServiceStatus.UNHEALTHY,
+                        restarts=managed.restarts + 1,
+                        message=str(exc),
+                    )
+                    again = self._managed[name]
+                again.next_probe = time.monotonic()  # let the monitor decide again soon
+
+    async def _give_up(self, name: str, managed: _Managed, why: str) -> None:
+        managed.status, managed.message = ServiceStatus.FAILED, why
+        self._set_active_gauge()
+        self.bus.publish("service_failed", name, {"error": why, "restarts": managed.restarts})
+
+    # -- observation -----------------------------------------------------------------------
+
+    async def _instances_by_service(self) -> dict[str, Instance]:
+        out: dict[str, Instance] = {}
+        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+            service = inst.labels.get(LABEL_SERVICE, "")
+            if service and (service not in out or inst.state == "running"):
+                out[service] = inst
+        return out
+
+    async def status(self, names: Sequence[str] | None = None) -> dict[str, ServiceState]:
+        """Status, instance id, ports, health details and resource usage of each service
+        (default: the catalog plus anything this owner runs)."""
+        listed = await self._instances_by_service()
+        if names is None:
+            targets = sorted(set(self.catalog) | set(self._managed) | set(listed))
+        else:
+            targets = list(names)
+            for name in targets:
+                if name not in self.catalog and name not in self._managed and name not in listed:
+                    raise NotFound(f"unknown service {name!r}", field="service_names")
+        states: dict[str, ServiceState] = {}
+
+        async def one(name: str) -> None:
+            states[name] = await self._state(name, listed.get(name))
+
+        async with anyio.create_task_group() as tg:
+            for name in targets:
+                tg.start_soon(one, name)
+        return {name: states[name] for name in targets}
+
+    async def _state(self, name: str, listed: Instance | None) -> ServiceState:
+        managed = self._managed.get(name)
+        instance = managed.instance if managed is not None else listed
+        if instance is None:
+            return ServiceState(name=name, status=ServiceStatus.STOPPED, backend=self.backend.name)
+        current = await self._inspect_or_none(instance.id)
+        if current is None:
+            return ServiceState(name=name, status=ServiceStatus.STOPPED, backend=self.backend.name)
+        usage = ResourceUsage()
+        if current.state == "running":
+            with contextlib.suppress(InfraError):
+                usage = await self.backend.stats(current.id)
+        if managed is not None:
+            status = managed.status
+            if current.state == "exited" and status in (ServiceStatus.HEALTHY, ServiceStatus.RUNNING):
+                status = ServiceStatus.UNHEALTHY
+            checks = {managed.spec.health.kind: managed.message}
+            restarts = managed.restarts
+        else:
+            status = ServiceStatus.RUNNING if current.state == "running" else ServiceStatus.STOPPED
+            checks, restarts = {}, 0
+        ports = {c: self.backend.probe_address(current, c)[1] for c in current.ports}
+        return ServiceState(
+            name=name,
+            status=status,
+            instance_id=current.id,
+            ports=ports,
+            health_checks=checks,
+            started_at=current.started_at,
+            resource_usage=usage,
+            restarts=restarts,
+            backend=self.backend.name,
+            host=self.backend.probe_address(current, next(iter(current.ports)))[0]
+            if current.ports
+            else "127.0.0.1",
+        )
+
+    async def _find_instance(self, name: str) -> Instance:
+        managed = self._managed.get(name)
+        if managed is not None:
+            return managed.instance
+        listed = await self._instances_by_service()
+        if name in listed:
+            return listed[name]
+        if name not in self.catalog:
+            raise NotFound(f"unknown service {name!r}", field="service_name")
+        raise NotFound(
+            f"service {name!r} is not running", field="service_name", fix=f"start it: ensure([{name!r}])"
+        )
+
+    async def logs(
+        self, name: str, *, follow: bool = False, tail: int | None = None, since: float | None = None
+    ) -> AsyncIterator[LogEntry]:
+        """The service's log lines (stdout and stderr), oldest first; ``follow`` keeps going."""
+        instance = await self._find_instance(name)
+        async for entry in self.backend.logs(
+            instance.id, service_name=name, follow=follow, tail=tail, since=since
+        ):
+            yield entry
+
+    async def health(
+        self, names: Sequence[str] | None = None, *, interval: float = 5.0
+    ) -> AsyncIterator[HealthUpdate]:
+        """Probe ``names`` (default: the services this manager runs) every ``interval``
+        seconds, forever, yielding one update per service per round."""
+        if interval <= 0:
+            raise SpecError(f"must be > 0, got {interval!r}", field="interval_seconds")
+        while True:
+            targets = list(names) if names else sorted(self._managed)
+            for name in targets:
+                yield await self._health_once(name)
+            await anyio.sleep(interval)
+
+    async def _health_once(self, name: str) -> HealthUpdate:
+        managed = self._managed.get(name)
+        now = time.time()
+        if managed is None:
+            return HealthUpdate(name, False, "not running", now, {})
+        spec, instance = managed.spec, managed.instance
+        current = await self._inspect_or_none(instance.id)
+        if current is None or current.state == "exited":
+            return HealthUpdate(name, False, "exited", now, {"status": str(managed.status)})
+        result = await run_probe(probe_for(spec.health), self.backend, spec, instance, metrics=self.metrics)
+        return HealthUpdate(
+            name,
+            result.ok,
+            result.message,
+            now,
+            {
+                "kind": spec.health.kind,
+                "duration_ms": f"{result.duration * 1000:.3f}",
+                "instance_id": instance.id,
+                "status": str(managed.status),
+                "restarts": str(managed.restarts),
+            },
+        )
+
+    async def pull(self, images: Sequence[str] | None = None) -> AsyncIterator[ImagePullProgress]:
+        """Fetch ``images`` (default: every catalog image) with progress."""
+        wanted = list(images) if images else sorted({s.image for s in self.catalog.values() if s.image})
+        for image in wanted:
+            try:
+                async for progress in self.backend.pull(image):
+                    yield progress
+            except InfraError as exc:
+                yield ImagePullProgress(image_name=image, status="error", message=str(exc))
+
+    async def resources(self, workload_class: str) -> ResourceAvailability:
+        """Hardware plus capacity / in-use of ``workload_class`` (from the scheduler)."""
+        hardware: HardwareInfo = await anyio.to_thread.run_sync(detect_hardware)
+        queues = dict(self._queue_status()) if self._queue_status is not None else {}
+        if self._queue_status is None:
+            capacity, in_use = hardware.cpu_cores, 0
+        elif workload_class in queues:
+            q = queues[workload_class]
+            capacity, in_use = q.limit, q.inflight
+        else:
+            raise NotFound(
+                f"unknown workload class {workload_class!r}",
+                field="workload_class",
+                fix="use one of: " + ", ".join(sorted(queues)),
+            )
+        needs_gpu = workload_class.startswith("gpu")
+        available = in_use < capacity and (not needs_gpu or bool(hardware.gpus))
+        return ResourceAvailability(available=available, capacity=capacity, in_use=in_use, hardware=hardware)
+
+    def endpoint(self, name: str, container_port: int | None = None) -> tuple[str, int]:
+        """``(host, port)`` at which a client on this machine reaches ``name``."""
+        managed = self._managed.get(name)
+        if managed is None:
+            raise NotFound(
+                f"service {name!r} is not running here", field="service_name", fix=f"ensure([{name!r}]) first"
+            )
+        port = container_port
+        if port is None:
+            if managed.spec.ports:
+                port = managed.spec.ports[0].container_port
+            elif managed.spec.health.port is not None:
+                port = managed.spec.health.port
+            else:
+                raise NotFound(f"service {name!r} publishes no port", field="container_port")
+        return self.backend.probe_address(managed.instance, port)
+
+
+def _reason(exc: BaseException) -> str:
+    """Low-cardinality label for env_manager_failed_service_starts_total."""
+    if isinstance(exc, HealthCheckFailed):
+        return "exited" if "exited" in exc.last_failure else "health_check"
+    if isinstance(exc, MissingBinary):
+        return "missing_binary"
+    if isinstance(exc, BackendError):
+        return "backend_error"
+    if isinstance(exc, SpecError):
+        return "invalid_spec"
+    return type(exc).__name__
