@@ -286,7 +286,10 @@ def _positive_float(text: str) -> float:
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    # Not a terminal (a pipe, a log): wide enough that tables of ids do not wrap.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def _ts(seconds: float) -> str:
@@ -384,7 +387,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     from .rpc.server import run_server
 
-    return int(asyncio.run(run_server(settings)) or 0)
+    return int(asyncio.run(run_server(settings, stop_services=args.stop_services)) or 0)
 
 
 def _service_names(args: argparse.Namespace, settings_services: Mapping[str, Any]) -> list[str]:
@@ -433,8 +436,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 failed.append(name)
         if _is_embedded(infra):
             out.print(
-                "note: no server is running, so nothing supervises these services after this command;"
-                " run `dspy-infra serve` for restarts and health streams"
+                "note: no server is running, so nothing watches these services after this command;"
+                " the next infra on this state directory adopts them if it asks for them and removes"
+                " them as orphans otherwise. Run `dspy-infra serve` to keep them supervised."
             )
         if failed:
             raise _Failure(f"service(s) did not come up: {', '.join(failed)}")
@@ -580,7 +584,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         else:
             out.print(f"{result.task_id}: {status} in {result.duration_ms:.0f} ms")
             for key, value in result.result.items():
-                out.print(f"  {key}: {value}")
+                out.print(f"  {key}: {value.rstrip()}")
             if result.error:
                 out.print(f"  error: {result.error}")
         return EXIT_OK if status == "completed" else EXIT_FAILURE
@@ -628,6 +632,11 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
         bus = getattr(infra, "bus", None)
         if not args.follow and bus is not None:
+            out.print(
+                "note: no server is running; events live in a server's memory, so this embedded"
+                " infra has only its own (run `dspy-infra serve`)",
+                style="dim",
+            )
             for event in bus.history(types, since):
                 show(event)
             return EXIT_OK
@@ -783,6 +792,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env-manager-port", type=_non_negative_int)
     p.add_argument("--http-port", type=_non_negative_int)
     p.add_argument("--backend", choices=("auto", "docker", "process"))
+    p.add_argument("--stop-services", action="store_true", help="stop running services on shutdown")
 
     p = command("up", _cmd_up, "start services (and their dependencies) with live progress")
     p.add_argument("names", nargs="*", metavar="NAMES")
