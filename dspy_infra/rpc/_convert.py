@@ -8,10 +8,6 @@ contract; where an addition carries sub-second precision (``SystemEvent.timestam
 
 from __future__ import annotations
 
-from typing import Any
-
-import attrs
-
 from ..models import (
     Event,
     GPUInfo,
@@ -30,11 +26,11 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
+from ..scheduler.workflows import RunState, RunStatus, RunUpdate
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
 __all__ = [
-    "RunUpdate",
     "event_from_pb",
     "event_to_pb",
     "health_update_from_pb",
@@ -184,38 +180,32 @@ def event_from_pb(msg: orch_pb.SystemEvent) -> Event:
 # -- workflows ----------------------------------------------------------------------------
 
 
-@attrs.frozen
-class RunUpdate:
-    """A workflow run's progress as the wire carries it (``WorkflowStatusUpdate``)."""
-
-    run_id: str
-    status: str
-    current_step: str = ""
-    steps_completed: int = 0
-    total_steps: int = 0
-    output: dict[str, str] = attrs.field(factory=dict)
-    error: str = ""
+def _run_status(value: str) -> RunStatus:
+    try:
+        return RunStatus(value)
+    except ValueError:
+        return RunStatus.PENDING
 
 
-def run_update_to_pb(update: Any) -> orch_pb.WorkflowStatusUpdate:
-    """From the workflow engine's run object or update (read by attribute, so any object with
-    the wire's field names works: the engine's RunUpdate, a Run, or ours)."""
-    output = getattr(update, "output", None) or {}
+def run_update_to_pb(update: RunUpdate | RunState) -> orch_pb.WorkflowStatusUpdate:
+    """From the workflow engine's ``RunUpdate`` (a stream item) or ``RunState`` (get/cancel)."""
+    if isinstance(update, RunState):
+        update = update.to_update()
     return orch_pb.WorkflowStatusUpdate(
-        run_id=str(getattr(update, "run_id", "") or getattr(update, "id", "")),
-        status=str(getattr(update, "status", "")),
-        current_step=str(getattr(update, "current_step", "") or ""),
-        steps_completed=int(getattr(update, "steps_completed", 0) or 0),
-        total_steps=int(getattr(update, "total_steps", 0) or 0),
-        output={str(k): str(v) for k, v in dict(output).items()},
-        error=str(getattr(update, "error", "") or ""),
+        run_id=update.run_id,
+        status=str(update.status),
+        current_step=update.current_step,
+        steps_completed=update.steps_completed,
+        total_steps=update.total_steps,
+        output=dict(update.output),
+        error=update.error,
     )
 
 
 def run_update_from_pb(msg: orch_pb.WorkflowStatusUpdate) -> RunUpdate:
     return RunUpdate(
         run_id=msg.run_id,
-        status=msg.status,
+        status=_run_status(msg.status),
         current_step=msg.current_step,
         steps_completed=msg.steps_completed,
         total_steps=msg.total_steps,

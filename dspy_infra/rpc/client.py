@@ -46,8 +46,8 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
+from ..scheduler.workflows import RunUpdate
 from . import _convert as cv
-from ._convert import RunUpdate
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -56,7 +56,6 @@ __all__ = [
     "OrchestratorClient",
     "RemoteInfra",
     "RemoteServices",
-    "RunUpdate",
     "from_grpc_error",
     "parse_addr",
 ]

@@ -1,0 +1,112 @@
+"""Two separate processes that each call ``ensure_infra()`` while a server runs share one
+scheduler: each sees and awaits the other's tasks. Plus connect-or-embed's quick miss."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dspy_infra import errors
+from dspy_infra.rpc.client import RemoteInfra
+from tests._rpc_support import ROOT, serve_process
+
+CHILD = """
+import asyncio, json, sys
+from dspy_infra import NotFound, ensure_infra, shutdown_infra
+from dspy_infra.rpc.client import RemoteInfra
+
+async def main(mine, theirs):
+    infra = await ensure_infra()
+    assert isinstance(infra, RemoteInfra), type(infra)
+    await infra.submit_task(mine, payload={"handler": "sleep", "seconds": "0.5"})
+    for _ in range(300):
+        try:
+            await infra.get_task(theirs)
+            break
+        except NotFound:
+            await asyncio.sleep(0.1)
+    theirs_result = await infra.wait(theirs, timeout=60)
+    mine_result = await infra.wait(mine, timeout=60)
+    listed = [t.id for t in await infra.list_tasks(limit=1000)]
+    print(json.dumps({"theirs": str(theirs_result.status), "mine": str(mine_result.status), "listed": listed}))
+    await shutdown_infra()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    env.update(PYTHONPATH=str(ROOT), XDG_STATE_HOME=str(tmp_path / "child-state"), **extra)
+    return env
+
+
+def test_two_processes_share_one_scheduler(tmp_path: Path) -> None:
+    with serve_process(tmp_path / "server") as server:
+        # One finds the server through DSPY_INFRA_ADDR, the other by auto mode at its port.
+        a = subprocess.Popen(
+            [sys.executable, "-c", CHILD, "from-a", "from-b"],
+            env=_child_env(tmp_path, DSPY_INFRA_ADDR=server.addr),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        b = subprocess.Popen(
+            [sys.executable, "-c", CHILD, "from-b", "from-a"],
+            env=_child_env(tmp_path, DSPY_INFRA_GRPC_PORT=str(server.grpc_port)),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out_a, err_a = a.communicate(timeout=120)
+        out_b, err_b = b.communicate(timeout=120)
+        assert a.returncode == 0, err_a
+        assert b.returncode == 0, err_b
+        for out in (out_a, out_b):
+            doc = json.loads(out.strip().splitlines()[-1])
+            assert doc["theirs"] == "completed" and doc["mine"] == "completed"
+            assert {"from-a", "from-b"} <= set(doc["listed"])
+    # Neither child made an embedded infra of its own.
+    assert not (tmp_path / "child-state" / "dspy-infra").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_connect_misses_quickly_when_nothing_answers() -> None:
+    addr = f"127.0.0.1:{_closed_port()}"
+    began = time.perf_counter()
+    assert await RemoteInfra.connect(addr, required=False) is None
+    assert time.perf_counter() - began < 0.5
+    with pytest.raises(errors.Unavailable) as info:
+        await RemoteInfra.connect(addr, required=True)
+    assert addr in str(info.value) and info.value.field == "addr" and info.value.fix
+
+
+async def test_connect_refuses_a_malformed_address() -> None:
+    with pytest.raises(errors.SpecError) as info:
+        await RemoteInfra.connect("no-port-here", required=True)
+    assert info.value.field == "addr"
+
+
+async def test_connect_times_out_on_a_silent_listener() -> None:
+    # A socket that accepts but never speaks HTTP/2: still a quick None, not a hang.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        addr = f"127.0.0.1:{listener.getsockname()[1]}"
+        began = time.perf_counter()
+        assert await RemoteInfra.connect(addr, required=False, timeout=0.3) is None
+        assert time.perf_counter() - began < 1.0
