@@ -5,17 +5,31 @@ Engine tests run the real Scheduler (real subprocesses for ``exec`` steps, SQLit
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspy_infra.errors import CycleError, SpecError
+from dspy_infra.config import Settings
+from dspy_infra.errors import AlreadyExists, CycleError, NotFound, SpecError
+from dspy_infra.events import EventBus
+from dspy_infra.metrics import InfraMetrics
+from dspy_infra.models import TaskStatus
+from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.scheduler.workflows import (
+    RunStatus,
     StepSpec,
+    StepStatus,
+    WorkflowEngine,
     WorkflowSpec,
     find_cycle,
     parse_workflow_spec,
@@ -206,3 +220,293 @@ def test_spec_round_trips_through_its_json(graph: dict[str, list[str]], cof: boo
     )
     again = parse_workflow_spec(spec.to_json())
     assert again == spec and again.spec_hash == spec.spec_hash
+
+
+# -- the engine, on the real scheduler -------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(
+    home: Path, *, durable: bool = True
+) -> AsyncIterator[tuple[Scheduler, WorkflowEngine, EventBus]]:
+    settings = Settings(home=home, durable=durable)
+    bus = EventBus()
+    plugins = build_plugin_manager(load_entry_points=False)
+    async with Scheduler(settings, bus=bus, metrics=InfraMetrics(), plugins=plugins) as scheduler:
+        async with WorkflowEngine(settings, scheduler=scheduler, bus=bus) as engine:
+            yield scheduler, engine, bus
+
+
+def sh(name: str, cmd: str, *deps: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "depends_on": list(deps), "payload": {"handler": "exec", "cmd": cmd}, **extra}
+
+
+def wf_types(bus: EventBus) -> list[str]:
+    return [e.type for e in bus.history() if e.type.startswith("workflow_")]
+
+
+async def final(engine: WorkflowEngine, run_id: str) -> Any:
+    with anyio.fail_after(30):
+        async for _ in engine.run_status(run_id):
+            pass
+    return await engine.get_run(run_id)
+
+
+async def test_templates_carry_input_and_upstream_results_into_payloads(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, _bus):
+        await engine.create_workflow(
+            "tpl",
+            spec=spec_of(
+                sh("fetch", "printf %s '{{ input.model }}.bin'"),
+                sh("train", "printf 'trained %s' '{{ steps.fetch.result.stdout }}'", "fetch"),
+                output={"artifact": "{{ steps.train.result.stdout }}", "model": "{{ input.model }}"},
+            ),
+        )
+        run_id = await engine.start_run("tpl", input={"model": "llama"})
+        run = await final(engine, run_id)
+        assert run.status is RunStatus.COMPLETED, run.error
+        assert run.output == {"artifact": "trained llama.bin", "model": "llama"}
+        train = await scheduler.get(f"{run_id}.train")
+        assert train.spec.payload["cmd"] == "printf 'trained %s' 'llama.bin'"
+        assert train.spec.workflow_id == "tpl"
+
+
+async def test_default_output_is_the_sink_results(tmp_path: Path) -> None:
+    async with running(tmp_path) as (_s, engine, _bus):
+        await engine.create_workflow(
+            "sinks", spec=spec_of(sh("a", "printf A"), sh("b", "printf B", "a"), sh("c", "printf C"))
+        )
+        run = await final(engine, await engine.start_run("sinks"))
+        assert run.output["b.stdout"] == "B" and run.output["c.stdout"] == "C"
+        assert not any(k.startswith("a.") for k in run.output)
+
+
+async def test_missing_input_is_refused_at_start_and_starts_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, bus):
+        await engine.create_workflow(
+            "needs-input", spec=spec_of(sh("a", "echo {{ input.model }} {{ input.size }}"))
+        )
+        with pytest.raises(SpecError) as info:
+            await engine.start_run("needs-input", input={"size": "7b"})
+        assert info.value.field == "input.model"
+        assert await engine.list_runs() == []
+        assert await scheduler.list_tasks() == []
+        assert "workflow_started" not in wf_types(bus)
+
+
+async def test_missing_result_key_fails_the_step_before_its_task_exists(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, _bus):
+        await engine.create_workflow(
+            "badkey",
+            spec=spec_of(
+                sh("a", "printf x"), sh("b", "echo {{ steps.a.result.path }}", "a"), sh("c", "true", "b")
+            ),
+        )
+        run_id = await engine.start_run("badkey")
+        run = await final(engine, run_id)
+        assert run.status is RunStatus.FAILED
+        b = run.steps["b"]
+        assert b.status is StepStatus.FAILED
+        assert "step 'a' has no result key 'path'" in b.error and "stdout" in b.error
+        assert run.steps["c"].status is StepStatus.SKIPPED
+        with pytest.raises(NotFound):
+            await scheduler.get(f"{run_id}.b")
+        with pytest.raises(NotFound):
+            await scheduler.get(f"{run_id}.c")
+
+
+FAN = (
+    sh("root", "true"),
+    sh("bad", "echo broken >&2; exit 3", "root"),
+    sh("after-bad", "true", "bad"),
+    sh("slow", "sleep 0.5", "root"),
+    sh("after-slow", "true", "slow"),
+)
+
+
+async def test_default_policy_fails_the_run_and_starts_nothing_new(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, bus):
+        await engine.create_workflow("fan", spec=spec_of(*FAN))
+        run_id = await engine.start_run("fan")
+        run = await final(engine, run_id)
+        status = {n: s.status for n, s in run.steps.items()}
+        assert status == {
+            "root": StepStatus.COMPLETED,
+            "bad": StepStatus.FAILED,
+            "after-bad": StepStatus.SKIPPED,
+            "slow": StepStatus.COMPLETED,  # already running when `bad` failed: it finishes
+            "after-slow": StepStatus.SKIPPED,  # not started: the run had failed
+        }
+        assert run.status is RunStatus.FAILED
+        assert "step 'bad' failed" in run.error and "broken" in run.error
+        for never in ("after-bad", "after-slow"):
+            with pytest.raises(NotFound):
+                await scheduler.get(f"{run_id}.{never}")
+        assert wf_types(bus)[-1] == "workflow_failed"
+
+
+async def test_continue_on_failure_lets_independent_branches_finish(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, _bus):
+        await engine.create_workflow("fan-cof", spec=spec_of(*FAN, continue_on_failure=True))
+        run_id = await engine.start_run("fan-cof")
+        run = await final(engine, run_id)
+        assert run.steps["after-slow"].status is StepStatus.COMPLETED
+        assert run.steps["after-bad"].status is StepStatus.SKIPPED
+        assert "'bad'" in run.steps["after-bad"].error
+        assert run.status is RunStatus.FAILED
+        with pytest.raises(NotFound):
+            await scheduler.get(f"{run_id}.after-bad")
+
+
+async def test_cancel_run_cancels_running_tasks_and_skips_the_rest(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, bus):
+        marker = tmp_path / "a-started"
+        await engine.create_workflow(
+            "long", spec=spec_of(sh("a", f"touch {marker}; sleep 30"), sh("b", "true", "a"))
+        )
+        run_id = await engine.start_run("long")
+        with anyio.fail_after(10):
+            while not marker.exists():  # the subprocess really runs
+                await anyio.sleep(0.02)
+        with anyio.fail_after(10):
+            run = await engine.cancel_run(run_id)
+        assert run.status is RunStatus.CANCELLED
+        assert run.steps["a"].status is StepStatus.CANCELLED
+        assert run.steps["b"].status is StepStatus.CANCELLED
+        assert (await scheduler.get(f"{run_id}.a")).status is TaskStatus.CANCELLED
+        with pytest.raises(NotFound):
+            await scheduler.get(f"{run_id}.b")
+        assert wf_types(bus)[-1] == "workflow_cancelled"
+        # Cancelling a finished run changes nothing.
+        assert (await engine.cancel_run(run_id)).status is RunStatus.CANCELLED
+
+
+async def test_create_workflow_is_idempotent_per_spec(tmp_path: Path) -> None:
+    async with running(tmp_path) as (_s, engine, bus):
+        doc = spec_of(noop("a"))
+        first = await engine.create_workflow("w", "W", "d", doc)
+        again = await engine.create_workflow("w", "W", "d", json.dumps(doc))
+        assert again == first
+        with pytest.raises(AlreadyExists) as info:
+            await engine.create_workflow("w", spec=spec_of(noop("a"), noop("b")))
+        assert info.value.field == "id"
+        assert wf_types(bus) == ["workflow_created"]
+        assert [w.id for w in await engine.list_workflows()] == ["w"]
+
+
+BAD_SPECS = [
+    ('{"steps": [', SpecError),
+    (spec_of(noop("a"), noop("a")), SpecError),
+    (spec_of(noop("a", "ghost")), SpecError),
+    (spec_of(noop("a", "b"), noop("b", "a")), CycleError),
+    (spec_of({"name": "a", "task_class": "no-such-class"}), SpecError),
+    (spec_of(noop("a", x="{{ steps.b.result.k }}"), noop("b")), SpecError),
+]
+
+
+@pytest.mark.anyio  # explicit: the collection-time marker comes too late for parametrize
+@pytest.mark.parametrize(("doc", "error"), BAD_SPECS)
+async def test_bad_spec_is_refused_and_leaves_no_trace(
+    tmp_path: Path, doc: Any, error: type[Exception]
+) -> None:
+    async with running(tmp_path) as (_s, engine, bus):
+        with pytest.raises(error):
+            await engine.create_workflow("bad", spec=doc)
+        assert await engine.list_workflows() == []
+        assert wf_types(bus) == []
+        with pytest.raises(NotFound):
+            await engine.start_run("bad")
+    # Nothing on disk either, and a fresh engine knows nothing of it.
+    with sqlite3.connect(tmp_path / "workflows.db") as db:
+        assert db.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+    async with running(tmp_path) as (_s, engine, _bus):
+        assert await engine.list_workflows() == []
+
+
+async def test_bad_workflow_id_is_refused(tmp_path: Path) -> None:
+    async with running(tmp_path, durable=False) as (_s, engine, _bus):
+        with pytest.raises(SpecError) as info:
+            await engine.create_workflow("has space", spec=spec_of(noop("a")))
+        assert info.value.field == "id"
+
+
+async def test_concurrent_start_run_with_one_key_starts_one_run(tmp_path: Path) -> None:
+    async with running(tmp_path) as (scheduler, engine, bus):
+        await engine.create_workflow("idem", spec=spec_of(noop("a"), noop("b", "a")))
+        ids: list[str] = []
+
+        async def start() -> None:
+            ids.append(await engine.start_run("idem", input={"x": 1}, idempotency_key="k1"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(start)
+        assert len(ids) == 20 and len(set(ids)) == 1
+        await final(engine, ids[0])
+        assert await engine.start_run("idem", input={"x": "1"}, idempotency_key="k1") == ids[0]
+        assert len(await engine.list_runs("idem")) == 1
+        assert wf_types(bus).count("workflow_started") == 1
+        assert len(await scheduler.list_tasks(workflow_id="idem")) == 2
+        with pytest.raises(AlreadyExists) as info:
+            await engine.start_run("idem", input={"x": 2}, idempotency_key="k1")
+        assert info.value.field == "idempotency_key"
+        other = await engine.start_run("idem", input={"x": 1}, idempotency_key="k2")
+        assert other != ids[0]
+
+
+async def test_run_status_streams_every_change_and_ends_after_the_terminal_one(tmp_path: Path) -> None:
+    async with running(tmp_path) as (_s, engine, bus):
+        await engine.create_workflow(
+            "stream", spec=spec_of(sh("a", "sleep 0.2"), sh("b", "printf done", "a"))
+        )
+        run_id = await engine.start_run("stream")
+        updates = []
+        with anyio.fail_after(20):
+            async for update in engine.run_status(run_id):
+                updates.append(update)
+        assert updates[0].total_steps == 2
+        assert updates[-1].status is RunStatus.COMPLETED
+        assert updates[-1].steps_completed == 2 and updates[-1].output["b.stdout"] == "done"
+        assert [u.steps_completed for u in updates] == sorted(u.steps_completed for u in updates)
+        assert sum(1 for u in updates if u.status.terminal) == 1
+        changed = [u.current_step for u in updates[1:] if u.current_step]
+        assert changed[-2:] == ["b", "b"]  # running, then completed
+        # A finished run streams just its final state.
+        assert [u.status for u in [u async for u in engine.run_status(run_id)]] == [RunStatus.COMPLETED]
+        types = wf_types(bus)
+        assert types[:2] == ["workflow_created", "workflow_started"]
+        assert types.count("workflow_step_completed") == 2 and types[-1] == "workflow_completed"
+
+
+async def test_unknown_ids_raise_not_found(tmp_path: Path) -> None:
+    async with running(tmp_path, durable=False) as (_s, engine, _bus):
+        with pytest.raises(NotFound):
+            await engine.start_run("nope")
+        with pytest.raises(NotFound):
+            await engine.get_run("run-nope")
+        with pytest.raises(NotFound):
+            await engine.cancel_run("run-nope")
+        with pytest.raises(NotFound):
+            async for _ in engine.run_status("run-nope"):
+                pass
+
+
+async def test_memory_only_engine_writes_no_file(tmp_path: Path) -> None:
+    async with running(tmp_path, durable=False) as (_s, engine, _bus):
+        await engine.create_workflow("m", spec=spec_of(noop("a")))
+        run = await final(engine, await engine.start_run("m"))
+        assert run.status is RunStatus.COMPLETED
+    assert not (tmp_path / "workflows.db").exists()
+
+
+async def test_workflows_and_finished_runs_survive_a_restart(tmp_path: Path) -> None:
+    async with running(tmp_path) as (_s, engine, _bus):
+        await engine.create_workflow("keep", "Keep", "kept", spec_of(sh("a", "printf kept")))
+        run_id = await engine.start_run("keep", idempotency_key="once")
+        before = await final(engine, run_id)
+    async with running(tmp_path) as (_s, engine, _bus):
+        (wf,) = await engine.list_workflows()
+        assert (wf.id, wf.name, wf.description) == ("keep", "Keep", "kept")
+        after = await engine.get_run(run_id)
+        assert after == before
+        assert await engine.start_run("keep", idempotency_key="once") == run_id

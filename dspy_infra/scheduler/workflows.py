@@ -325,6 +325,15 @@ class RunState:
     def steps_completed(self) -> int:
         return sum(1 for s in self.steps.values() if s.status is StepStatus.COMPLETED)
 
+    @property
+    def total_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def current_step(self) -> str:
+        """A running step's name ("" when none runs), as the wire's ``current_step``."""
+        return next((s.name for s in self.steps.values() if s.status is StepStatus.RUNNING), "")
+
     def to_update(self, current_step: str = "") -> RunUpdate:
         return RunUpdate(
             run_id=self.run_id,
@@ -1033,8 +1042,7 @@ class WorkflowEngine:
             if live is None:
                 yield run.to_update()
                 return
-        running = [s.name for s in live.state.steps.values() if s.status is StepStatus.RUNNING]
-        yield live.state.to_update(running[0] if running else "")
+        yield live.state.to_update(live.state.current_step)
         cursor = len(live.updates)
         while True:
             while cursor < len(live.updates):
