@@ -238,6 +238,12 @@ class ProcessBackend(Backend):
         running = pid_alive(rec.pid, rec.proc_start)
         exit_code: int | None = None
         if not running:
+            # The shim records the exit code a moment after the service exits (once it has
+            # drained the pipes); wait for that briefly rather than report no code.
+            for _ in range(200):
+                if exit_file.exists() or not pid_alive(rec.shim_pid):
+                    break
+                time.sleep(0.005)
             try:
                 exit_code = int(json.loads(exit_file.read_text())["exit_code"])
             except (OSError, ValueError, KeyError):

@@ -275,9 +275,9 @@ def apply_fields(name: str, fields: Mapping[str, Any], base: ServiceSpec | None 
     """A spec for ``name`` with ``fields`` (TOML-shaped values) applied over ``base`` (or over
     the defaults for a new service). Errors name ``services.NAME.KEY``."""
     where = f"services.{name}"
-    validate_name(name, where)
     changes: dict[str, Any] = {}
     try:
+        validate_name(name, where)
         for key, value in fields.items():
             field = f"{where}.{key}"
             if key not in _SPEC_KEYS:

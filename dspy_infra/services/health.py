@@ -252,7 +252,12 @@ async def wait_until_healthy(
         last = await run_probe(probe, backend, spec, instance, metrics=metrics)
         if last.ok:
             return last
-        current = await backend.inspect(instance.id)
+        try:
+            current = await backend.inspect(instance.id)
+        except NotFound:
+            raise HealthCheckFailed(
+                spec.name, last_failure=f"instance disappeared (last probe: {last.message})"
+            ) from None
         if current.state == "exited":
             failure = (
                 f"exited with code {current.exit_code} before becoming healthy (last probe: {last.message})"
