@@ -66,28 +66,30 @@ async def test_submit_defaults_and_runs(http: tuple[aiohttp.ClientSession, str, 
     assert state.spec.task_class == "cpu_long" and state.spec.priority == 3
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "needle"),
-    [
-        (b"{not json", 400, "invalid JSON"),
-        (b"[1, 2]", 400, "JSON object"),
-        (json.dumps({"class": "warp", "payload": {}}).encode(), 400, "class"),
-        (json.dumps({"payload": {"blob": "x" * 5000}}).encode(), 400, "payload"),
-        (json.dumps({"payload": {"a": [1]}}).encode(), 400, "payload.a"),
-        (json.dumps({"payload": {}, "priority": "high"}).encode(), 400, "priority"),
-        (json.dumps({"payload": {}, "colour": 1}).encode(), 400, "colour"),
-    ],
-)
+BAD_SUBMISSIONS: list[tuple[bytes, int, str]] = [
+    (b"{not json", 400, "invalid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"class": "warp", "payload": {}}).encode(), 400, "class"),
+    (json.dumps({"payload": {"blob": "x" * 5000}}).encode(), 400, "payload"),
+    (json.dumps({"payload": {"a": [1]}}).encode(), 400, "payload.a"),
+    (json.dumps({"payload": {}, "priority": "high"}).encode(), 400, "priority"),
+    (json.dumps({"payload": {}, "colour": 1}).encode(), 400, "colour"),
+]
+
+
 async def test_bad_submissions_are_refused_with_the_reason(
-    http: tuple[aiohttp.ClientSession, str, Infra], body: bytes, status: int, needle: str
+    http: tuple[aiohttp.ClientSession, str, Infra],
 ) -> None:
     session, base, infra = http
     before = await infra.list_tasks(limit=1000)
-    async with session.post(f"{base}/queue/submit", data=body) as resp:
-        assert resp.status == status
-        doc = await resp.json()
-    assert needle in doc["error"]
+    for body, status, needle in BAD_SUBMISSIONS:
+        async with session.post(f"{base}/queue/submit", data=body) as resp:
+            assert resp.status == status, body
+            doc = await resp.json()
+        assert needle in doc["error"], (body, doc)
     assert await infra.list_tasks(limit=1000) == before
+    async with session.get(f"{base}/health") as resp:
+        assert resp.status == 200  # still serving
 
 
 async def test_duplicate_id_with_other_content_is_409(http: tuple[aiohttp.ClientSession, str, Infra]) -> None:

@@ -48,7 +48,7 @@ from ..errors import (
     Unauthenticated,
     Unavailable,
 )
-from ..models import TaskStatus, validate_name
+from ..models import TaskSpec, TaskStatus, validate_name
 from . import _convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
@@ -203,33 +203,52 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
     def __init__(self, infra: Infra) -> None:
         self.infra = infra
 
-    async def _submit(self, req: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
+    async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
+        state = await self.infra.scheduler.submit(self._spec(message))
+        return orch_pb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
+
+    def _spec(self, req: orch_pb.SubmitTaskRequest) -> TaskSpec:
         task_class = req.class_ or "cpu_short"
         payload = dict(req.payload)
         check_submission(self.infra, req.id, task_class, payload)
-        state = await self.infra.submit_task(
-            req.id,
-            task_class,
-            payload,
+        return TaskSpec(
+            id=req.id,
+            task_class=task_class,
+            payload=payload,
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=req.max_attempts or 1,
             workflow_id=req.workflow_id,
         )
-        return orch_pb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
-
-    async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
-        return await self._submit(message)
 
     async def submit_tasks(self, message: orch_pb.SubmitTasksRequest) -> orch_pb.SubmitTasksResponse:
         # A bad task fails alone (success=False, error names the field); the others go in.
-        results = []
+        # The fast path hands all valid specs to the scheduler as one batch (one group commit);
+        # if the scheduler refuses the batch, each goes alone so only the bad ones fail.
+        results: list[orch_pb.SubmitTaskResponse | None] = []
+        good: list[tuple[int, TaskSpec]] = []
         for req in message.tasks:
             try:
-                results.append(await self._submit(req))
+                good.append((len(results), self._spec(req)))
+                results.append(None)
             except InfraError as exc:
                 results.append(orch_pb.SubmitTaskResponse(success=False, task_id=req.id, error=str(exc)))
-        return orch_pb.SubmitTasksResponse(results=results)
+        try:
+            states = await self.infra.scheduler.submit_many([spec for _, spec in good])
+            for (i, _), state in zip(good, states, strict=True):
+                results[i] = orch_pb.SubmitTaskResponse(
+                    success=True, task_id=state.id, status=str(state.status)
+                )
+        except InfraError:
+            for i, spec in good:
+                try:
+                    state = await self.infra.scheduler.submit(spec)
+                    results[i] = orch_pb.SubmitTaskResponse(
+                        success=True, task_id=state.id, status=str(state.status)
+                    )
+                except InfraError as exc:
+                    results[i] = orch_pb.SubmitTaskResponse(success=False, task_id=spec.id, error=str(exc))
+        return orch_pb.SubmitTasksResponse(results=[r for r in results if r is not None])
 
     async def stream_task_results(
         self, message: orch_pb.StreamTaskResultsRequest
@@ -352,7 +371,8 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
     async def stop_services(self, message: env_pb.StopServicesRequest) -> env_pb.StopServicesResponse:
         names = _names(list(message.service_names), "service_names")
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
-        results = await self.infra.services.stop(names, timeout=timeout)
+        services = self.infra.services
+        results = await (services.stop(names, timeout=timeout) if timeout else services.stop(names))
         ok = all(v in ("stopped", "not running", "ok") for v in results.values())
         return env_pb.StopServicesResponse(success=ok, service_results=dict(results))
 
@@ -361,7 +381,8 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
             raise SpecError("is required", field="service_name")
         validate_name(message.service_name, "service_name")
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
-        state = await self.infra.services.restart(message.service_name, timeout=timeout)
+        services, name = self.infra.services, message.service_name
+        state = await (services.restart(name, timeout=timeout) if timeout else services.restart(name))
         return env_pb.RestartServiceResponse(
             success=str(state.status) in ("running", "healthy"),
             message=f"{state.name} is {state.status}",
