@@ -289,7 +289,7 @@ def _console(stderr: bool = False) -> Any:
     stream = sys.stderr if stderr else sys.stdout
     # Not a terminal (a pipe, a log): wide enough that tables of ids do not wrap.
     width = None if stream.isatty() else 160
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    return Console(stderr=stderr, highlight=False, markup=False, soft_wrap=True, width=width)
 
 
 def _ts(seconds: float) -> str:
@@ -621,7 +621,8 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     async def body(infra: Any) -> int:
-        since = time.time() - args.since if args.since is not None else 0.0
+        # since=None means "live only" on the wire; 1 (the epoch's first second) means all kept.
+        since = time.time() - args.since if args.since is not None else 1.0
         types = args.type or None
         out = _console()
 
