@@ -27,6 +27,8 @@ class EventBus:
         self._next_seq = 0
         self._clock = clock
         self._wakeup = asyncio.Event()
+        #: True while some subscriber waits on ``_wakeup`` (publish skips the swap otherwise).
+        self._waited = False
         self._closed = False
         self._listeners: list[Callable[[Event], None]] = []
 
@@ -42,8 +44,10 @@ class EventBus:
         for listener in self._listeners:
             listener(event)
         # Wake every waiting subscriber; the next waiters get a fresh Event.
-        wakeup, self._wakeup = self._wakeup, asyncio.Event()
-        wakeup.set()
+        if self._waited:
+            self._waited = False
+            wakeup, self._wakeup = self._wakeup, asyncio.Event()
+            wakeup.set()
         return event
 
     def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
@@ -91,4 +95,5 @@ class EventBus:
             if self._closed and cursor >= self._next_seq:
                 return
             if cursor >= self._next_seq:
+                self._waited = True
                 await self._wakeup.wait()

@@ -60,6 +60,9 @@ _RUNNING = TaskStatus.RUNNING
 _COMPLETED = TaskStatus.COMPLETED
 _FAILED = TaskStatus.FAILED
 _CANCELLED = TaskStatus.CANCELLED
+_EVENT_TYPE = {s: f"task_{s.value}" for s in TaskStatus}
+#: A worker yields to the event loop after this many tasks that finished without awaiting.
+_YIELD_EVERY = 64
 
 
 def retry_delay(failed_attempts: int) -> float:
@@ -116,7 +119,7 @@ class _Task:
             self.spec.id,
             self.seq,
             self.spec,
-            self.status.value,
+            self.status,
             self.attempts,
             self.result,
             self.error,
@@ -448,7 +451,8 @@ class Scheduler:
         if cq.refusal is not None:
             raise cq.refusal
         limit = self.settings.max_payload_bytes
-        size = sum(len(k) + len(v) for k, v in spec.payload.items())
+        payload = spec.payload
+        size = sum(map(len, payload)) + sum(map(len, payload.values()))
         if size * 4 > limit:  # cheap bound first; exact UTF-8 size only when it may matter
             size = sum(len(k.encode()) + len(v.encode()) for k, v in spec.payload.items())
             if size > limit:
@@ -497,7 +501,7 @@ class Scheduler:
             rec = _Task(spec, self._seq, now)
             self._seq += 1
             self._tasks[spec.id] = rec
-            self._store.put(rec.row())
+            self._store.insert(rec.row())
             self.bus.publish(
                 "task_submitted",
                 spec.id,
@@ -743,13 +747,20 @@ class Scheduler:
         me = asyncio.current_task()
         assert me is not None and self._loop is not None
         rec: _Task | None = first
+        streak = 0
         while True:
             if rec is None:
                 parked: asyncio.Future[_Task] = self._loop.create_future()
                 cq.idle.append(parked)
                 rec = await parked
+                streak = 0
             await self._run(cq, rec, me)
             cq.sem.release()
+            streak += 1
+            if streak >= _YIELD_EVERY:
+                # Handlers that never suspend would otherwise hold the loop for a whole backlog.
+                streak = 0
+                await asyncio.sleep(0)
             rec = self._take(cq)
 
     def _handler_for(self, cq: _ClassQueue, spec: TaskSpec) -> Handler:
@@ -885,10 +896,13 @@ class Scheduler:
             data["duration_ms"] = f"{rec.duration_ms:.3f}"
         elif error:
             data["error"] = error
-        self.bus.publish(f"task_{status.value}", rec.spec.id, data)
+        self.bus.publish(_EVENT_TYPE[status], rec.spec.id, data)
         if self._listeners:
             self._notify(rec)
-        self._store.after_commit(lambda _error: self._deliver(rec))
+        if self._store.durable:
+            self._store.after_commit(lambda _error: self._deliver(rec))
+        else:
+            self._deliver(rec)
         self._idle_check()
 
     def _deliver(self, rec: _Task) -> None:

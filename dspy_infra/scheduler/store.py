@@ -60,7 +60,7 @@ CommitCallback = Callable[[InfraError | None], None]
 #: What the scheduler hands the store for one task (built cheaply on the loop; the writer
 #: thread serialises it): (id, seq, spec, status, attempts, result, error,
 #: submitted_at, started_at, completed_at, duration_ms).
-TaskRow = tuple[str, int, TaskSpec, str, int, dict[str, str], str, float, float, float, float]
+TaskRow = tuple[str, int, TaskSpec, TaskStatus, int, dict[str, str], str, float, float, float, float]
 
 
 @attrs.frozen
@@ -103,41 +103,45 @@ def translate_sqlite_error(exc: BaseException, path: Path | str) -> InfraError:
     return Unavailable(f"state database {path} failed: {type(exc).__name__}: {text}")
 
 
-def _spec_json(spec: TaskSpec) -> str:
-    return json.dumps(
-        {
-            "task_class": spec.task_class,
-            "payload": spec.payload,
-            "priority": spec.priority,
-            "timeout": spec.timeout,
-            "max_attempts": spec.max_attempts,
-            "workflow_id": spec.workflow_id,
-        },
-        separators=(",", ":"),
-    )
-
-
 def _stored(row: tuple[Any, ...]) -> StoredTask:
-    doc = json.loads(row[2])
+    (task_id, seq, task_class, priority, timeout, max_attempts, workflow_id, payload) = row[:8]
+    spec = TaskSpec(
+        id=task_id,
+        task_class=task_class,
+        payload=json.loads(payload),
+        priority=priority,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        workflow_id=workflow_id,
+    )
     return StoredTask(
-        spec=TaskSpec(id=row[0], **doc),
-        seq=row[1],
-        status=TaskStatus(row[3]),
-        attempts=row[4],
-        result=json.loads(row[5]) if row[5] else {},
-        error=row[6],
-        submitted_at=row[7],
-        started_at=row[8],
-        completed_at=row[9],
-        duration_ms=row[10],
+        spec=spec,
+        seq=seq,
+        status=TaskStatus(row[8]),
+        attempts=row[9],
+        result=json.loads(row[10]) if row[10] else {},
+        error=row[11],
+        submitted_at=row[12],
+        started_at=row[13],
+        completed_at=row[14],
+        duration_ms=row[15],
     )
 
 
+_COLUMNS = (
+    "id, seq, task_class, priority, timeout, max_attempts, workflow_id, payload,"
+    " status, attempts, result, error, submitted_at, started_at, completed_at, duration_ms"
+)
 _CREATE = """
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
-    spec TEXT NOT NULL,
+    task_class TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    timeout REAL,
+    max_attempts INTEGER NOT NULL,
+    workflow_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL,
     result TEXT NOT NULL,
@@ -148,12 +152,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     duration_ms REAL NOT NULL
 )
 """
-_UPSERT = "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-_DELETE = "DELETE FROM tasks WHERE id = ?"
-_SELECT = (
-    "SELECT id, seq, spec, status, attempts, result, error, submitted_at, started_at,"
-    " completed_at, duration_ms FROM tasks ORDER BY seq"
+_INSERT = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({','.join('?' * 16)})"
+# Later changes of a task leave its spec alone: no need to serialise it again.
+_UPDATE = (
+    "UPDATE tasks SET status=?, attempts=?, result=?, error=?, started_at=?, completed_at=?,"
+    " duration_ms=? WHERE id=?"
 )
+_DELETE = "DELETE FROM tasks WHERE id = ?"
+_SELECT = f"SELECT {_COLUMNS} FROM tasks ORDER BY seq"
+_STATUS_TEXT = {s: s.value for s in TaskStatus}
 
 _STOP = object()
 
@@ -165,6 +172,9 @@ class MemoryStore:
 
     async def open(self) -> list[StoredTask]:
         return []
+
+    def insert(self, row: TaskRow) -> None:
+        pass
 
     def put(self, row: TaskRow) -> None:
         pass
@@ -262,8 +272,13 @@ class SqliteStore:
 
     # -- operations (called on the event loop; never block) -------------------------------
 
+    def insert(self, row: TaskRow) -> None:
+        """A newly accepted task."""
+        self._ops.put((True, row))
+
     def put(self, row: TaskRow) -> None:
-        self._ops.put(row)
+        """A changed task (its row exists, or its insert is queued before this)."""
+        self._ops.put((False, row))
 
     def delete(self, task_id: str) -> None:
         self._ops.put(task_id)
@@ -311,30 +326,61 @@ class SqliteStore:
     def _commit(self, batch: list[Any]) -> bool:
         """Write one batch in one transaction; True when it held the stop marker."""
         assert self._conn is not None
-        latest: dict[str, TaskRow | None] = {}
+        # Per task id: (needs insert, latest row) or None for a delete.
+        latest: dict[str, tuple[bool, TaskRow] | None] = {}
         callbacks: list[CommitCallback] = []
         stop = False
         for op in batch:
             if op is _STOP:
                 stop = True
-            elif isinstance(op, tuple):
-                latest[op[0]] = op
-            elif isinstance(op, str):
+            elif type(op) is tuple:
+                new, row = op
+                if not new:
+                    before = latest.get(row[0])
+                    new = before is not None and before[0]
+                latest[row[0]] = (new, row)
+            elif type(op) is str:
                 latest[op] = None
             else:
                 callbacks.append(op)
         error: InfraError | None = None
         if latest:
-            upserts = [
-                (r[0], r[1], _spec_json(r[2]), r[3], r[4], json.dumps(r[5]) if r[5] else "", *r[6:])
-                for r in latest.values()
-                if r is not None
-            ]
-            deletes = [(task_id,) for task_id, r in latest.items() if r is None]
+            inserts = []
+            updates = []
+            deletes = []
+            for task_id, entry in latest.items():
+                if entry is None:
+                    deletes.append((task_id,))
+                    continue
+                new, r = entry
+                result = json.dumps(r[5]) if r[5] else ""
+                status = _STATUS_TEXT[r[3]]
+                if new:
+                    spec = r[2]
+                    inserts.append(
+                        (
+                            r[0],
+                            r[1],
+                            spec.task_class,
+                            spec.priority,
+                            spec.timeout,
+                            spec.max_attempts,
+                            spec.workflow_id,
+                            json.dumps(spec.payload),
+                            status,
+                            r[4],
+                            result,
+                            *r[6:],
+                        )
+                    )
+                else:
+                    updates.append((status, r[4], result, r[6], r[8], r[9], r[10], r[0]))
             try:
                 self._conn.execute("BEGIN")
-                if upserts:
-                    self._conn.executemany(_UPSERT, upserts)
+                if inserts:
+                    self._conn.executemany(_INSERT, inserts)
+                if updates:
+                    self._conn.executemany(_UPDATE, updates)
                 if deletes:
                     self._conn.executemany(_DELETE, deletes)
                 self._conn.execute("COMMIT")
