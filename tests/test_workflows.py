@@ -31,7 +31,6 @@ from dspy_infra.scheduler.workflows import (
     StepStatus,
     WorkflowEngine,
     WorkflowSpec,
-    find_cycle,
     parse_workflow_spec,
     validate_workflow,
 )
@@ -202,14 +201,20 @@ def _acyclic(graph: dict[str, list[str]]) -> bool:
 
 
 @given(graphs())
-def test_find_cycle_reports_a_real_cycle_exactly_when_one_exists(graph: dict[str, list[str]]) -> None:
-    cycle = find_cycle(graph)
-    assert (cycle is None) == _acyclic(graph)
-    if cycle is not None:
+def test_cycles_are_refused_exactly_when_one_exists_naming_a_real_one(graph: dict[str, list[str]]) -> None:
+    spec = WorkflowSpec(steps=[StepSpec(n, depends_on=d) for n, d in graph.items()])
+    try:
+        validate_workflow(spec, CLASSES)
+    except CycleError as exc:
+        cycle = exc.cycle
+        assert not _acyclic(graph)
         assert cycle[0] == cycle[-1]
         assert len(set(cycle[:-1])) == len(cycle) - 1
         for node, dep in itertools.pairwise(cycle):
             assert dep in graph[node]
+        assert exc.field == f"steps.{cycle[0]}.depends_on"
+    else:
+        assert _acyclic(graph)
 
 
 @given(graphs(), st.booleans())

@@ -44,7 +44,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -57,6 +57,7 @@ from ..config import Settings
 from ..errors import AlreadyExists, CycleError, InfraError, NotFound, SpecError, Unavailable
 from ..events import EventBus
 from ..models import TaskSpec, TaskStatus, coerce_str_map, validate_name
+from ..services.graph import find_cycle
 from .store import translate_sqlite_error
 
 if TYPE_CHECKING:
@@ -72,7 +73,6 @@ __all__ = [
     "Workflow",
     "WorkflowEngine",
     "WorkflowSpec",
-    "find_cycle",
     "parse_workflow_spec",
     "validate_workflow",
 ]
@@ -448,37 +448,6 @@ def _refuse_unknown_keys(doc: Mapping[str, Any], known: Sequence[str], prefix: s
         close = difflib.get_close_matches(str(key), list(known), n=1)
         fix = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(known)
         raise SpecError(f"unknown key {key!r}", field=f"{prefix}{key}", fix=fix)
-
-
-def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
-    """A cycle in ``node -> dependencies`` as ``[a, b, ..., a]``, or None. Iterative DFS,
-    nodes visited in mapping order so the reported cycle is deterministic."""
-    white, grey, black = 0, 1, 2
-    color = dict.fromkeys(graph, white)
-    for root in graph:
-        if color[root] != white:
-            continue
-        path: list[str] = [root]
-        stack: list[Iterator[str]] = [iter(graph[root])]
-        color[root] = grey
-        while stack:
-            nxt: str | None = None
-            for dep in stack[-1]:
-                if dep not in color:
-                    continue  # unknown nodes are reported elsewhere
-                if color[dep] == grey:
-                    return [*path[path.index(dep) :], dep]
-                if color[dep] == white:
-                    nxt = dep
-                    break
-            if nxt is None:
-                color[path.pop()] = black
-                stack.pop()
-            else:
-                color[nxt] = grey
-                path.append(nxt)
-                stack.append(iter(graph[nxt]))
-    return None
 
 
 def _ancestors(spec: WorkflowSpec) -> dict[str, set[str]]:
