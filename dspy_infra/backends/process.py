@@ -379,6 +379,11 @@ class ProcessBackend(Backend):
         tmp.replace(d / "record.json")
         return self._instance(rec)
 
+    def main_pid(self, instance_id: str) -> int:
+        """The pid of the service's own process (what ``command`` started), for diagnostics
+        and for tests that kill a service from outside."""
+        return self._read_record(instance_id).pid
+
     async def inspect(self, instance_id: str) -> Instance:
         return await anyio.to_thread.run_sync(self._inspect_sync, instance_id)
 
