@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ..models import DependsOn, HealthCheck, PortMapping, ServiceSpec, ServiceStatus, ServiceStatusUpdate
+from ..models import ServiceSpec, ServiceStatus, ServiceStatusUpdate
+from .catalog import apply_fields
 from .manager import ServiceManager
 
 __all__ = ["demo_services", "services_section"]
@@ -42,21 +43,24 @@ def _free_port() -> int:
 
 def _http_server(name: str, root: Path, *deps: str) -> ServiceSpec:
     port = _free_port()
-    return ServiceSpec(
-        name=name,
-        command=[
-            sys.executable,
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(root),
-            str(port),
-        ],
-        ports=[PortMapping(port, port)],
-        depends_on=[DependsOn(d) for d in deps],
-        health=HealthCheck(kind="http", path="/", interval=0.1, startup_timeout=20.0),
+    command = [
+        sys.executable,
+        "-m",
+        "http.server",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        str(root),
+        str(port),
+    ]
+    return apply_fields(
+        name,
+        {
+            "command": command,
+            "ports": [f"{port}:{port}"],
+            "depends_on": list(deps),
+            "health": {"kind": "http", "path": "/", "interval": 0.1, "startup_timeout": 20.0},
+        },
     )
 
 
@@ -71,22 +75,15 @@ def demo_services(root: Path) -> list[ServiceSpec]:
     redis = shutil.which("redis-server")
     if redis:
         port = _free_port()
+        command = [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         specs.append(
-            ServiceSpec(
-                name="demo-redis",
-                command=[
-                    redis,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                ports=[PortMapping(port, port)],
-                health=HealthCheck(kind="redis", interval=0.1),
+            apply_fields(
+                "demo-redis",
+                {
+                    "command": command,
+                    "ports": [f"{port}:{port}"],
+                    "health": {"kind": "redis", "interval": 0.1},
+                },
             )
         )
     return specs
