@@ -76,7 +76,7 @@ from ..models import (
 )
 from ..plugins import collect_mapping
 from .catalog import build_catalog, parse_overrides, write_support_files
-from .graph import check_host_ports, dependency_closure, stop_order, validate_graph
+from .graph import check_host_ports, dependency_closure, startup_levels, stop_order, validate_graph
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 
 __all__ = ["ServiceManager", "instance_name_for"]
@@ -299,7 +299,9 @@ class ServiceManager:
     ) -> AsyncIterator[ServiceStatusUpdate]:
         # The start runs in the manager's task group (its owner); this generator only reads.
         # Abandoning the iterator does not abandon the start half-way.
-        send, receive = anyio.create_memory_object_stream[ServiceStatusUpdate | BaseException](256)
+        # Unbounded: a start emits a few updates per service, and a reader that stops reading
+        # must never stall the start itself.
+        send, receive = anyio.create_memory_object_stream[ServiceStatusUpdate | BaseException](math.inf)
 
         async def emit(update: ServiceStatusUpdate) -> None:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -486,7 +488,7 @@ class ServiceManager:
         except BaseException:
             self._managed.pop(name, None)
             with anyio.CancelScope(shield=True):
-                await self._discard(instance.id)
+                await self._discard(instance)
             self._set_active_gauge()
             raise
         managed.status, managed.message = ServiceStatus.HEALTHY, result.message
@@ -550,7 +552,7 @@ class ServiceManager:
             self.bus.publish("service_healthy", spec.name, {"instance_id": inst.id, "adopted": True})
             return _HEALTHY, f"adopted running instance {inst.name}"
         for inst in existing:
-            await self._discard(inst.id)
+            await self._discard(inst)
         return None
 
     # -- ownership -------------------------------------------------------------------------
@@ -582,23 +584,23 @@ class ServiceManager:
                 continue
             if await anyio.to_thread.run_sync(self._owner_alive, inst):
                 continue
-            await self._discard(inst.id)
+            await self._discard(inst)
             removed.append(inst.name)
             self.bus.publish("service_orphan_removed", service, {"instance": inst.name})
         return removed
 
-    async def _discard(self, instance_id: str, timeout: float = 5.0) -> None:
+    async def _discard(self, instance: Instance, timeout: float = 5.0) -> None:
         with contextlib.suppress(NotFound):
-            await self.backend.stop(instance_id, timeout=timeout)
+            await self.backend.stop(instance.id, timeout=timeout)
         with contextlib.suppress(NotFound):
-            await self.backend.remove(instance_id)
+            await self.backend.remove(instance.id)
         with contextlib.suppress(OSError):
-            await anyio.to_thread.run_sync((self._leases / instance_id).unlink)
+            await anyio.to_thread.run_sync((self._leases / instance.name).unlink)
 
     async def _remove_instances(self, service: str, timeout: float = 5.0) -> int:
         found = await self.backend.list_instances({LABEL_OWNER: self.owner, LABEL_SERVICE: service})
         for inst in found:
-            await self._discard(inst.id, timeout)
+            await self._discard(inst, timeout)
         return len(found)
 
     async def _inspect_or_none(self, instance_id: str) -> Instance | None:
@@ -612,7 +614,7 @@ class ServiceManager:
         for name in stop_order(run.specs, run.created):
             managed = self._managed.pop(name, None)
             if managed is not None:
-                await self._discard(managed.instance.id)
+                await self._discard(managed.instance)
                 self.metrics.service_stop_total.labels(service_name=name, status="success").inc()
                 self.bus.publish("service_stopped", name, {"reason": "start aborted"})
         self._set_active_gauge()
@@ -631,23 +633,32 @@ class ServiceManager:
                 if name not in self.catalog and name not in self._managed:
                     raise NotFound(f"unknown service {name!r}", field="service_names")
         results: dict[str, str] = {}
-        for name in stop_order(self.catalog, targets):
-            async with self._lock(name):
-                self._managed.pop(name, None)
-                try:
-                    count = await self._remove_instances(name, timeout)
-                except InfraError as exc:
-                    results[name] = f"error: {exc}"
-                    self.metrics.service_stop_total.labels(service_name=name, status="failure").inc()
-                    continue
-            self._set_active_gauge()
-            if count:
-                results[name] = "stopped"
-                self.metrics.service_stop_total.labels(service_name=name, status="success").inc()
-                self.bus.publish("service_stopped", name, {})
-            else:
-                results[name] = "not running"
-        return results
+        # Reverse dependency levels: dependents stop first; a level stops in parallel.
+        known = {n: self.catalog[n] for n in targets if n in self.catalog}
+        waves = [list(level) for level in reversed(startup_levels(known))]
+        waves.append(sorted(targets - set(known)))
+        for wave in waves:
+            async with anyio.create_task_group() as tg:
+                for name in wave:
+                    tg.start_soon(self._stop_one, name, timeout, results)
+        return {name: results[name] for name in stop_order(self.catalog, targets)}
+
+    async def _stop_one(self, name: str, timeout: float, results: dict[str, str]) -> None:
+        async with self._lock(name):
+            self._managed.pop(name, None)
+            try:
+                count = await self._remove_instances(name, timeout)
+            except InfraError as exc:
+                results[name] = f"error: {exc}"
+                self.metrics.service_stop_total.labels(service_name=name, status="failure").inc()
+                return
+        self._set_active_gauge()
+        if count:
+            results[name] = "stopped"
+            self.metrics.service_stop_total.labels(service_name=name, status="success").inc()
+            self.bus.publish("service_stopped", name, {})
+        else:
+            results[name] = "not running"
 
     async def restart(self, name: str, *, timeout: float = 10.0) -> ServiceState:
         """Stop ``name`` and start it afresh (its dependencies are assumed up)."""
