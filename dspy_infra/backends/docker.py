@@ -93,7 +93,7 @@ def translate_docker_error(exc: BaseException, *, operation: str, target: str = 
                     fix="pull the image (infra.services.pull) or build it first",
                 )
             return NotFound(f"{what}: {message}")
-        if status == 409:
+        if status == 409 or "already in use" in lowered:
             return AlreadyExists(
                 f"{what}: {message}", fix="remove the existing object or choose another name"
             )
@@ -234,40 +234,58 @@ class LogDemuxer:
 
 @attrs.define
 class PullTracker:
-    """Folds the engine's per-layer pull messages into one image-level progress figure."""
+    """Folds the engine's per-layer pull messages into one image-level progress figure.
+
+    Bytes come from ``progressDetail`` (Docker reports them while a layer downloads). Podman
+    reports bytes at most once a second, so a fast pull may carry none: then the percent
+    counts finished layers instead, and ``complete`` takes the image size as the byte total.
+    The percent never goes backwards and reaches 100 only at ``complete``.
+    """
 
     image: str
     _layers: dict[str, tuple[int, int]] = attrs.field(factory=dict)
+    _finished: dict[str, bool] = attrs.field(factory=dict)
+    _percent: int = 0
 
     def update(self, message: Mapping[str, Any]) -> ImagePullProgress:
         status_text = str(message.get("status", ""))
+        lowered = status_text.lower()
         layer = str(message.get("id", ""))
         detail = message.get("progressDetail") or {}
         current, total = int(detail.get("current") or 0), int(detail.get("total") or 0)
-        if layer and total:
-            self._layers[layer] = (min(current, total), total)
-        elif layer and status_text.lower() in ("download complete", "pull complete", "already exists"):
-            done = self._layers.get(layer)
-            if done:
-                self._layers[layer] = (done[1], done[1])
-        lowered = status_text.lower()
+        if layer and "pulling from" not in lowered and not lowered.startswith(("digest", "status")):
+            done = lowered in ("download complete", "pull complete", "already exists")
+            self._finished[layer] = self._finished.get(layer, False) or done
+            if total:
+                self._layers[layer] = (min(current, total), total)
+            elif done and layer in self._layers:
+                self._layers[layer] = (self._layers[layer][1], self._layers[layer][1])
         kind = "extracting" if "extract" in lowered or "pull complete" in lowered else "downloading"
         return self._progress(kind, status_text)
 
-    def complete(self, message: str = "") -> ImagePullProgress:
+    def complete(self, message: str = "", *, size: int = 0) -> ImagePullProgress:
         self._layers = {k: (t, t) for k, (_c, t) in self._layers.items()}
-        return attrs.evolve(self._progress("complete", message), progress_percent=100)
+        progress = self._progress("complete", message)
+        if not progress.total and size:
+            progress = attrs.evolve(progress, current=size, total=size)
+        return attrs.evolve(progress, progress_percent=100)
 
     def _progress(self, status: str, message: str) -> ImagePullProgress:
         current = sum(c for c, _t in self._layers.values())
         total = sum(t for _c, t in self._layers.values())
-        percent = int(current * 100 / total) if total else 0
+        if total:
+            percent = current * 100 // total
+        elif self._finished:
+            percent = sum(self._finished.values()) * 100 // len(self._finished)
+        else:
+            percent = 0
+        self._percent = max(self._percent, min(percent, 99))
         return ImagePullProgress(
             image_name=self.image,
             status=status,
             current=current,
             total=total,
-            progress_percent=percent,
+            progress_percent=self._percent,
             message=message,
         )
 
@@ -344,6 +362,10 @@ class DockerBackend(Backend):
         self.api_version = ""
         self._docker: aiodocker.Docker | None = None
         self._network_ready = False
+        #: Podman only: when each container's image HEALTHCHECK may run next (monotonic time).
+        self._health_due: dict[str, float] = {}
+        #: Last raw stats sample per container, for engines that send no ``precpu_stats``.
+        self._last_stats: dict[str, tuple[float, dict[str, Any]]] = {}
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -483,27 +505,41 @@ class DockerBackend(Backend):
 
     async def inspect(self, instance_id: str) -> Instance:
         data = await self._inspect_raw(instance_id)
-        instance = _instance_from_inspect(data)
-        if self.engine == "podman" and instance.state == "running" and instance.engine_health:
-            # Podman schedules HEALTHCHECK runs with systemd timers; without systemd they never
-            # run, so ask the engine to run the image's check now (libpod endpoint).
-            instance = attrs.evolve(instance, engine_health=await self._podman_healthcheck(instance.id))
-        return instance
+        if self.engine == "podman" and await self._podman_healthcheck_due(data):
+            data = await self._inspect_raw(instance_id)
+        return _instance_from_inspect(data)
 
     async def _inspect_raw(self, instance_id: str) -> dict[str, Any]:
         async with self._api("container_inspect", instance_id):
             return await self.docker.containers.container(instance_id).show()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _podman_healthcheck(self, instance_id: str) -> str | None:
-        async with (
-            self._api("healthcheck_run", instance_id),
-            self.docker._query(
-                f"/libpod/containers/{instance_id}/healthcheck", versioned_api=False
-            ) as response,
-        ):
-            result = json.loads(await response.read() or b"{}")
-        return str(result.get("Status") or "") or None
+    async def _podman_healthcheck_due(self, data: Mapping[str, Any]) -> bool:
+        """Podman schedules image HEALTHCHECK runs with systemd timers; without systemd they
+        never run. Stand in for the timer: when the check is due (the image's interval after
+        start, then every interval), ask Podman to run it (libpod endpoint). True if it ran."""
+        check = (data.get("Config") or {}).get("Healthcheck") or {}
+        test = check.get("Test") or []
+        if not (data.get("State") or {}).get("Running") or not test or test[0] == "NONE":
+            return False
+        interval = (check.get("Interval") or 30_000_000_000) / 1e9
+        instance_id = str(data["Id"])
+        now = time.monotonic()
+        if instance_id not in self._health_due:
+            running_for = max(time.time() - parse_engine_time(str(data["State"].get("StartedAt", ""))), 0.0)
+            self._health_due[instance_id] = now + max(interval - running_for, 0.0)
+        if now < self._health_due[instance_id]:
+            return False
+        self._health_due[instance_id] = now + interval
+        try:
+            async with (
+                self._api("healthcheck_run", instance_id),
+                self.docker._query(f"libpod/containers/{instance_id}/healthcheck") as response,
+            ):
+                await response.read()
+        except NotFound:
+            return False  # gone meanwhile; the next inspect says so
+        return True
 
     async def list_instances(self, labels: Mapping[str, str]) -> list[Instance]:
         filters = json.dumps({"label": [f"{k}={v}" for k, v in labels.items()]})
@@ -529,6 +565,8 @@ class DockerBackend(Backend):
             return
 
     async def remove(self, instance_id: str) -> None:
+        self._health_due.pop(instance_id, None)
+        self._last_stats.pop(instance_id, None)
         try:
             async with self._api("container_remove", instance_id):
                 await self.docker.containers.container(instance_id).delete(force=True, v=True)
@@ -599,10 +637,24 @@ class DockerBackend(Backend):
         )
 
     async def stats(self, instance_id: str) -> ResourceUsage:
+        previous = self._last_stats.get(instance_id)
+        sample = await self._stats_sample(instance_id)
+        if not (sample.get("precpu_stats") or {}).get("system_cpu_usage"):
+            # Podman sends no previous sample with stream=0: pair this one with our last one,
+            # or take a second one shortly after, so CPU percent is over a real interval.
+            if previous is None or time.monotonic() - previous[0] > 60:
+                await anyio.sleep(0.5)
+                previous, sample = (time.monotonic(), sample), await self._stats_sample(instance_id)
+            sample = {**sample, "precpu_stats": previous[1].get("cpu_stats") or {}}
+        return _usage_from_stats(sample)
+
+    async def _stats_sample(self, instance_id: str) -> dict[str, Any]:
         async with self._api("container_stats", instance_id):
-            # stream=0: the engine samples twice, so precpu_stats is filled for a CPU percent.
+            # stream=0: Docker samples twice, so precpu_stats is filled for a CPU percent.
             samples = await self.docker.containers.container(instance_id).stats(stream=False)
-        return _usage_from_stats(samples[0] if samples else {})
+        sample = dict(samples[0]) if samples else {}
+        self._last_stats[instance_id] = (time.monotonic(), sample)
+        return sample
 
     async def exec(self, instance_id: str, command: Sequence[str], *, timeout: float = 10.0) -> ExecResult:
         container = self.docker.containers.container(instance_id)
@@ -641,7 +693,9 @@ class DockerBackend(Backend):
                     yield attrs.evolve(tracker.complete(), status="error", message=str(message["error"]))
                     raise BackendError(f"pull {image}: {message['error']}", field="image")
                 yield tracker.update(message)
-        yield tracker.complete(f"pulled {image}")
+        async with self._api("image_inspect", image):
+            size = int((await self.docker.images.inspect(image)).get("Size") or 0)
+        yield tracker.complete(f"pulled {image}", size=size)
 
     def probe_address(self, instance: Instance, container_port: int) -> tuple[str, int]:
         published = instance.ports.get(container_port)
