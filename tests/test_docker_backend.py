@@ -281,7 +281,10 @@ def test_pull_progress_stays_within_bounds_and_completes_at_100(
         last_percent = progress.progress_percent
     done = tracker.complete(size=size)
     assert (done.status, done.progress_percent, done.current) == ("complete", 100, done.total)
-    assert done.total == (size if not any(total for *_x, total in messages) or not messages else done.total)
+    if not any(status in ("Downloading", "Extracting") for _layer, status, *_n in messages):
+        assert done.total == size  # no byte figures on the wire: the image size stands in
+    else:
+        assert done.total > 0
 
 
 @pytest.mark.parametrize(
@@ -521,9 +524,7 @@ async def test_pull_with_progress_from_the_local_registry(engine_backend: Docker
             # a fast local pull may carry none (then the percent counts layers).
             assert moving, f"no byte progress reported: {events}"
             assert max(e.total for e in moving) >= 1 << 20  # the 3 MiB layer (compressed)
-        assert (
-            events[-1].total >= 3 << 20 or events[-1].total >= max((e.total for e in moving), default=0) > 0
-        )
+        assert events[-1].total >= 3 << 20  # the random layer cannot compress
         assert (await docker.images.inspect(ref))["Id"]
     finally:
         try:
