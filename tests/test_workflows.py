@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra.config import Settings
-from dspy_infra.errors import AlreadyExists, CycleError, NotFound, SpecError
+from dspy_infra.errors import AlreadyExists, CycleError, NotFound, SpecError, Unavailable
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskStatus
@@ -234,7 +234,7 @@ def test_spec_round_trips_through_its_json(graph: dict[str, list[str]], cof: boo
 async def running(
     home: Path, *, durable: bool = True
 ) -> AsyncIterator[tuple[Scheduler, WorkflowEngine, EventBus]]:
-    settings = Settings(home=home, durable=durable)
+    settings = Settings(home=home, durable=durable, shutdown_grace=0.2)
     bus = EventBus()
     plugins = build_plugin_manager(load_entry_points=False)
     async with Scheduler(settings, bus=bus, metrics=InfraMetrics(), plugins=plugins) as scheduler:
@@ -515,3 +515,31 @@ async def test_workflows_and_finished_runs_survive_a_restart(tmp_path: Path) -> 
         after = await engine.get_run(run_id)
         assert after == before
         assert await engine.start_run("keep", idempotency_key="once") == run_id
+
+
+async def test_closing_the_engine_ends_status_streams_and_the_run_resumes(tmp_path: Path) -> None:
+    marker = tmp_path / "go"
+    spec = spec_of(sh("wait", f"while [ ! -f {marker} ]; do sleep 0.02; done; printf ok"))
+    seen: list[Any] = []
+
+    async def follow(engine: WorkflowEngine, run_id: str) -> None:
+        with pytest.raises(Unavailable):
+            async for update in engine.run_status(run_id):
+                seen.append(update)
+
+    async with anyio.create_task_group() as tg:
+        async with running(tmp_path) as (_s, engine, _bus):
+            await engine.create_workflow("paused", spec=spec)
+            run_id = await engine.start_run("paused")
+            tg.start_soon(follow, engine, run_id)
+            await anyio.sleep(0.2)
+        # Leaving the engine ends the reader instead of leaving it hanging.
+    assert seen and not seen[-1].status.terminal
+    marker.touch()
+    async with running(tmp_path) as (_s, engine, _bus):
+        run = await final(engine, run_id)
+        assert run.status is RunStatus.COMPLETED and run.output == {
+            "wait.exit_code": "0",
+            "wait.stdout": "ok",
+            "wait.stderr": "",
+        }

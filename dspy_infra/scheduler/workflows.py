@@ -827,6 +827,8 @@ class _LiveRun:
         self.cancel_requested = cancel_requested
         #: Set when the default policy stops new steps after a failure.
         self.stop_new = False
+        #: Set when the engine stops driving this run (shutdown); wakes status readers.
+        self.closed = False
         self.updates: list[RunUpdate] = [state.to_update()]
         self.wakeup = anyio.Event()
         self.finished = anyio.Event()
@@ -834,6 +836,13 @@ class _LiveRun:
 
     def publish(self, current_step: str = "") -> None:
         self.updates.append(self.state.to_update(current_step))
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
         wakeup, self.wakeup = self.wakeup, anyio.Event()
         wakeup.set()
 
@@ -887,6 +896,8 @@ class WorkflowEngine:
         if tg is not None:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
+        for live in self._live.values():
+            live.close()
         self._live.clear()
         await self._store.close()
 
@@ -1011,7 +1022,10 @@ class WorkflowEngine:
             if live is None:
                 yield run.to_update()
                 return
-        yield live.state.to_update(live.state.current_step)
+        first = live.state.to_update(live.state.current_step)
+        yield first
+        if first.status.terminal:
+            return
         cursor = len(live.updates)
         while True:
             while cursor < len(live.updates):
@@ -1020,8 +1034,11 @@ class WorkflowEngine:
                 yield update
                 if update.status.terminal:
                     return
-            if live.state.status.terminal:
-                return
+            if live.closed:
+                raise Unavailable(
+                    f"the workflow engine stopped while following run {run_id!r}",
+                    fix="the run resumes when the infra starts again; follow it then",
+                )
             await live.wakeup.wait()
 
     async def cancel_run(self, run_id: str) -> RunState:
@@ -1173,8 +1190,10 @@ class WorkflowEngine:
         steps = dict(live.state.steps)
         steps[name] = step
         live.state = attrs.evolve(live.state, steps=steps, updated_at=time.time())
-        await self._store.save_step(live.state.run_id, step)
+        # Published with the change itself (so each update counts exactly the steps done by
+        # then); dependents start only after the save below, which is what durability needs.
         live.publish(name)
+        await self._store.save_step(live.state.run_id, step)
         if step.status.terminal:
             self.bus.publish(
                 "workflow_step_completed",
@@ -1201,8 +1220,10 @@ class WorkflowEngine:
         output, output_error = _run_output(live.workflow.spec, state)
         if output_error and status is RunStatus.COMPLETED:
             status, error = RunStatus.FAILED, output_error
-        live.state = attrs.evolve(state, status=status, error=error, output=output, updated_at=time.time())
-        await self._store.save_run(live.state, cancel_requested=live.cancel_requested)
+        final = attrs.evolve(state, status=status, error=error, output=output, updated_at=time.time())
+        # Saved first: whoever sees the terminal state (stream, get_run, event) can rely on it.
+        await self._store.save_run(final, cancel_requested=live.cancel_requested)
+        live.state = final
         live.publish()
         event = {
             RunStatus.COMPLETED: "workflow_completed",
