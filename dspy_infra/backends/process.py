@@ -470,7 +470,7 @@ class ProcessBackend(Backend):
                 continue
             end = data.rfind(b"\n") + 1  # leave a half-written line for the next read
             offsets[stream] = offsets.get(stream, 0) + end
-            for raw in data[:end].splitlines():
+            for raw in data[:end].split(b"\n")[:-1]:  # only "\n" ends a line (the shim's framing)
                 ts, message = self._parse(raw)
                 out.append((ts, stream, message))
         out.sort(key=lambda e: e[0])
