@@ -17,8 +17,8 @@ Options: ``--infra-backend auto|process|docker`` and ``--infra-reuse`` (leave se
 for the next run, which adopts them by spec hash instead of starting them again).
 
 Sharing under pytest-xdist: services live in a *coordination directory* shared by all workers
-of one run (``$TMPDIR/dspy-infra-pytest-<testrunuid>``; with ``--infra-reuse`` a stable
-directory under the state home). Under an ``fcntl`` lock in that directory a ``state.json``
+of a run and by successive runs of one project (``<state home>/pytest/<hash of rootdir>``;
+its ``home/`` is the state directory of the infra that runs the services). Under an ``fcntl`` lock in that directory a ``state.json``
 records, per service, its leader (the worker that started it), its endpoint and the pids of
 the workers attached to it. The first worker to ask for a service leads: it marks the service
 ``starting``, starts it outside the lock, then records the endpoint; the others wait for that
@@ -40,7 +40,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 import warnings
@@ -417,15 +416,12 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-def _shared_dir(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, reuse: bool) -> Path:
-    """Where workers of one run (or, with reuse, successive runs) meet."""
-    if reuse:
-        root = str(config.rootpath.resolve())
-        return default_home() / "pytest" / hashlib.sha256(root.encode()).hexdigest()[:12]
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id:
-        return Path(tempfile.gettempdir()) / f"dspy-infra-pytest-{run_id}"
-    return tmp_path_factory.mktemp("dspy-infra-services")
+def _shared_dir(config: pytest.Config) -> Path:
+    """Where the workers of a run, and successive runs, of one project meet: a directory per
+    rootdir under the state home. Its services are adopted by the next run (by spec hash)
+    whether or not they were kept with ``--infra-reuse``, so a run without it cleans up."""
+    root = str(config.rootpath.resolve())
+    return default_home() / "pytest" / hashlib.sha256(root.encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,11 +448,10 @@ def _dspy_infra_session(
     infra_service_specs: Sequence[ServiceSpec],
 ) -> Iterator[_Session]:
     config = request.config
-    reuse = bool(config.getoption("--infra-reuse"))
     session = _Session(
         config,
         worker_home=tmp_path_factory.mktemp("dspy-infra-home"),
-        shared_dir=_shared_dir(config, tmp_path_factory, reuse),
+        shared_dir=_shared_dir(config),
     )
     session.settings_overrides = dict(infra_config)
     session.extra_specs = list(infra_service_specs)

@@ -1,0 +1,222 @@
+"""The pytest plugin, exercised with `pytester` in real pytest subprocesses.
+
+The service is real: a small Python HTTP server run by the process backend on a free port.
+Its command line carries a per-test token, so "nothing left behind" is checked by scanning
+/proc for that token, and it appends its pid to a file on start, so "started once" is counted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SERVICE_SCRIPT = """
+import http.server, os, sys
+port, token, pidfile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+with open(pidfile, "a") as fh:
+    fh.write(f"{os.getpid()}\\n")
+http.server.ThreadingHTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+CONFTEST = f"""
+import os, sys
+import pytest
+from dspy_infra import HealthCheck, PortMapping, ServiceSpec
+
+PORT = int(os.environ["WEB_PORT"])
+SCRIPT = {SERVICE_SCRIPT!r}
+
+@pytest.fixture(scope="session")
+def infra_service_specs():
+    return [
+        ServiceSpec(
+            name="web",
+            command=[sys.executable, "-c", SCRIPT, str(PORT), os.environ["WEB_TOKEN"], os.environ["WEB_PIDFILE"]],
+            ports=[PortMapping(container_port=PORT)],
+            health=HealthCheck(kind="http", path="/", startup_timeout=20),
+        )
+    ]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose command line contains ``token``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if token.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def assert_nothing_left(token: str, port: int) -> None:
+    # The backend stops the process group; PID 1 may reap it a moment later (zombies are ignored).
+    deadline = time.monotonic() + 5
+    while (processes_with(token) or port_open(port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with(token) == []
+    assert not port_open(port)
+
+
+@pytest.fixture
+def web(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    port, token = free_port(), f"dspy-plugin-test-{uuid.uuid4().hex}"
+    pidfile = pytester.path / "service-pids.txt"
+    monkeypatch.setenv("WEB_PORT", str(port))
+    monkeypatch.setenv("WEB_TOKEN", token)
+    monkeypatch.setenv("WEB_PIDFILE", str(pidfile))
+    pytester.makeconftest(CONFTEST)
+    yield {"port": port, "token": token, "pidfile": pidfile}
+    for pid in processes_with(token):  # never leave a leak to the next test, even on failure
+        os.kill(pid, 9)
+
+
+def started_pids(pidfile: Path) -> list[str]:
+    return pidfile.read_text().split() if pidfile.exists() else []
+
+
+def test_infra_fixture_marker_and_factory(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+    pytester.makepyfile(
+        f"""
+        import urllib.request
+        import pytest
+
+        @pytest.mark.infra_services("web")
+        def test_marker_starts_the_service(infra_endpoints):
+            ep = infra_endpoints["web"]
+            assert (ep.host, ep.port) == ("127.0.0.1", {web["port"]})
+            assert ep.ports == {{{web["port"]}: {web["port"]}}}
+            with urllib.request.urlopen(f"http://{{ep.address}}/") as resp:
+                assert resp.status == 200
+
+        def test_factory_returns_the_same_endpoint(infra_service):
+            assert infra_service("web").port == {web["port"]}
+
+        def test_infra_runs_tasks(infra):
+            infra.submit_task("t1", "cpu_short", {{"handler": "exec", "cmd": "echo plugin"}})
+            result = infra.wait("t1", timeout=30)
+            assert str(result.status) == "completed"
+            assert "plugin" in result.result["stdout"]
+
+        def test_unmarked_tests_get_no_endpoints(infra_endpoints):
+            assert infra_endpoints == {{}}
+        """
+    )
+    result = pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    assert len(started_pids(web["pidfile"])) == 1  # type: ignore[arg-type]
+    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+
+
+def test_markers_are_registered_and_options_shown(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--markers")
+    result.stdout.fnmatch_lines(["*infra_services(*names)*"])
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(["*--infra-backend*", "*--infra-reuse*"])
+
+
+def test_bad_marker_argument_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.infra_services(42)
+        def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*service names must be non-empty strings, got 42*"])
+
+
+def test_ctrl_c_mid_session_leaves_nothing_behind(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+    pytester.makepyfile(
+        """
+        import os, signal
+        import pytest
+
+        @pytest.mark.infra_services("web")
+        def test_interrupted(infra_endpoints, infra):
+            os.kill(os.getpid(), signal.SIGINT)
+
+        def test_never_runs():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert len(started_pids(web["pidfile"])) == 1  # type: ignore[arg-type]
+    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+
+
+def test_xdist_workers_share_one_service(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+    pytester.makepyfile(
+        f"""
+        import os, time, urllib.request
+        import pytest
+
+        @pytest.mark.infra_services("web")
+        @pytest.mark.parametrize("n", range(4))
+        def test_uses_web(infra_endpoints, n):
+            ep = infra_endpoints["web"]
+            with urllib.request.urlopen(f"http://{{ep.address}}/") as resp:
+                assert resp.status == 200
+            with open(os.path.join({str(web["pidfile"].parent)!r}, "workers.txt"), "a") as fh:  # type: ignore[union-attr]
+                fh.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+            time.sleep(0.5)  # keep both workers busy at once
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "--infra-backend", "process", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    workers = set((pytester.path / "workers.txt").read_text().split())
+    assert workers == {"gw0", "gw1"}
+    assert len(started_pids(web["pidfile"])) == 1  # type: ignore[arg-type]
+    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+
+
+def test_reuse_keeps_the_service_for_the_next_run(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.infra_services("web")
+        def test_uses_web(infra_endpoints):
+            assert infra_endpoints["web"].port > 0
+        """
+    )
+    args = ("--infra-backend", "process", "--infra-reuse", "-p", "no:cacheprovider")
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    assert port_open(web["port"])  # type: ignore[arg-type]
+    pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
+    assert len(started_pids(web["pidfile"])) == 1  # adopted by spec hash, not started again  # type: ignore[arg-type]
+    # A run without --infra-reuse adopts it too, and then stops it.
+    pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider").assert_outcomes(
+        passed=1
+    )
+    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
