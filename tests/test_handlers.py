@@ -1,0 +1,99 @@
+"""Built-in task handlers, run directly (the scheduler's use of them is in test_scheduler)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dspy_infra.models import TaskSpec
+from dspy_infra.plugins import build_plugin_manager, collect_mapping
+from dspy_infra.scheduler.handlers import (
+    TAIL_BYTES,
+    ExecFailed,
+    PermanentFailure,
+    TaskContext,
+    exec_handler,
+    fail_handler,
+    noop_handler,
+    sleep_handler,
+)
+
+
+def ctx(**payload: object) -> TaskContext:
+    return TaskContext(spec=TaskSpec("t", payload=payload), attempt=1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent's wait is missing.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
+
+
+async def test_exec_returns_exit_code_and_both_streams() -> None:
+    result = await exec_handler(ctx(cmd="echo out; echo err >&2"))
+    assert result == {"exit_code": "0", "stdout": "out\n", "stderr": "err\n"}
+
+
+async def test_exec_keeps_only_the_tail_of_long_output() -> None:
+    result = await exec_handler(ctx(cmd="head -c 100000 /dev/zero | tr '\\0' a; printf END"))
+    assert len(result["stdout"].encode()) == TAIL_BYTES
+    assert result["stdout"].endswith("aaaEND")
+
+
+async def test_exec_nonzero_exit_fails_with_the_stderr_tail() -> None:
+    with pytest.raises(ExecFailed) as info:
+        await exec_handler(ctx(cmd="echo partial; echo 'no such thing' >&2; exit 3"))
+    assert info.value.exit_code == 3
+    assert "exited with 3" in str(info.value) and "no such thing" in str(info.value)
+    assert info.value.result["stdout"] == "partial\n"
+
+
+async def test_exec_without_cmd_is_a_permanent_failure_naming_the_field() -> None:
+    with pytest.raises(PermanentFailure, match=r"payload\.cmd"):
+        await exec_handler(ctx())
+
+
+async def test_exec_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    # The shell starts a background grandchild: a kill of the shell alone would leak it.
+    cmd = f"sleep 30 & echo $! > {pidfile}; wait"
+    with anyio.move_on_after(0.5) as scope:
+        await exec_handler(ctx(cmd=cmd))
+    assert scope.cancelled_caught
+    grandchild = int(pidfile.read_text())
+    for _ in range(100):  # up to 5 s for the kill to land
+        if not _alive(grandchild):
+            break
+        await anyio.sleep(0.05)
+    assert not _alive(grandchild), "the background child of the command survived the cancel"
+
+
+async def test_exec_runs_in_cwd(tmp_path: Path) -> None:
+    result = await exec_handler(ctx(cmd="pwd", cwd=str(tmp_path)))
+    assert result["stdout"].strip() == str(tmp_path)
+
+
+async def test_noop_sleep_fail() -> None:
+    assert await noop_handler(ctx()) == {}
+    started = time.monotonic()
+    assert await sleep_handler(ctx(seconds="0.05")) == {"slept": "0.05"}
+    assert time.monotonic() - started >= 0.04
+    with pytest.raises(PermanentFailure, match=r"payload\.seconds"):
+        await sleep_handler(ctx(seconds="soon"))
+    with pytest.raises(RuntimeError, match="boom"):
+        await fail_handler(ctx(message="boom"))
+
+
+def test_builtins_are_registered_through_the_plugin_hook() -> None:
+    pm = build_plugin_manager(load_entry_points=False)
+    handlers = collect_mapping(pm.hook.dspy_infra_handlers())
+    assert {"exec", "noop", "sleep", "fail"} <= set(handlers)
+    assert handlers["exec"] is exec_handler
