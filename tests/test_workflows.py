@@ -6,6 +6,7 @@ Engine tests run the real Scheduler (real subprocesses for ``exec`` steps, SQLit
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import sqlite3
@@ -17,14 +18,17 @@ import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.console import Console
 
-from dspy_infra.config import Settings
+from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import AlreadyExists, CycleError, NotFound, SpecError, Unavailable
 from dspy_infra.events import EventBus
+from dspy_infra.infra import Infra
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
+from dspy_infra.scheduler.workflow_demo import DEMO_WORKFLOW_ID, workflow_section
 from dspy_infra.scheduler.workflows import (
     RunStatus,
     StepSpec,
@@ -543,3 +547,24 @@ async def test_closing_the_engine_ends_status_streams_and_the_run_resumes(tmp_pa
             "wait.stdout": "ok",
             "wait.stderr": "",
         }
+
+
+# -- through the public Infra, and the demo section -------------------------------------------
+
+
+async def test_infra_delegates_workflows_and_the_demo_section_runs(tmp_path: Path) -> None:
+    settings = load_settings(home=tmp_path, backend="process", mode="embedded", shutdown_grace=0.2)
+    async with Infra(settings, load_entry_points=False) as infra:
+        console = Console(file=io.StringIO(), width=120, force_terminal=False)
+        await workflow_section(infra, console)
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        assert "run completed" in text and "dspy-1,dspy-2,dspy-3" in text, text
+        (wf,) = await infra.workflows.list_workflows()
+        assert wf.id == DEMO_WORKFLOW_ID
+        runs = await infra.workflows.list_runs(DEMO_WORKFLOW_ID)
+        assert len(runs) == 1  # the demo's second start_run with its key started nothing
+        assert runs[0].output == {"merged": "dspy-1,dspy-2,dspy-3"}
+        tasks = await infra.list_tasks(limit=100)
+        assert {t.spec.workflow_id for t in tasks} == {DEMO_WORKFLOW_ID} and len(tasks) == 5
+        types = [e.type for e in infra.bus.history() if e.type.startswith("workflow_")]
+        assert types.count("workflow_step_completed") == 5 and types[-1] == "workflow_completed"

@@ -263,16 +263,9 @@ class StepStatus(enum.StrEnum):
         return self not in (StepStatus.PENDING, StepStatus.RUNNING)
 
 
-class RunStatus(enum.StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+#: A run goes through exactly a task's lifecycle (pending, running, then completed, failed
+#: or cancelled), so it shares the enum rather than repeating it.
+RunStatus = TaskStatus
 
 
 @attrs.frozen
