@@ -25,7 +25,7 @@ from dspy_infra.errors import AlreadyExists, CycleError, NotFound, SpecError, Un
 from dspy_infra.events import EventBus
 from dspy_infra.infra import Infra
 from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import TaskStatus
+from dspy_infra.models import TaskClass, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.scheduler.workflow_demo import DEMO_WORKFLOW_ID, workflow_section
@@ -171,6 +171,25 @@ def test_malformed_template_is_refused(template: str) -> None:
     with pytest.raises(SpecError) as info:
         check(spec_of(noop("a"), noop("b", "a", x=template)))
     assert info.value.field == "steps.b.payload.x" and "unknown template" in str(info.value)
+
+
+def test_handlers_are_checked_for_local_classes_only() -> None:
+    classes = {"cpu_short": TaskClass("cpu_short"), "gpu_slurm": TaskClass("gpu_slurm", executor="slurm")}
+    handlers = ["exec", "noop"]
+    with pytest.raises(SpecError) as info:
+        validate_workflow(
+            parse_workflow_spec(spec_of({"name": "a", "payload": {"handler": "exce"}})), classes, handlers
+        )
+    assert info.value.field == "steps.a.payload.handler" and "did you mean 'exec'" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        validate_workflow(parse_workflow_spec(spec_of({"name": "a", "payload": {}})), classes, handlers)
+    assert info.value.field == "steps.a.payload.handler" and "missing" in str(info.value)
+    # The slurm executor runs the payload itself; a handler chosen by the input is checked at run time.
+    ok = spec_of(
+        {"name": "a", "task_class": "gpu_slurm", "payload": {"script": "x"}},
+        {"name": "b", "payload": {"handler": "{{ input.h }}"}},
+    )
+    validate_workflow(parse_workflow_spec(ok), classes, handlers)
 
 
 def test_input_keys_collects_every_input_reference() -> None:
@@ -410,6 +429,8 @@ BAD_SPECS = [
     (spec_of(noop("a", "b"), noop("b", "a")), CycleError),
     (spec_of({"name": "a", "task_class": "no-such-class"}), SpecError),
     (spec_of(noop("a", x="{{ steps.b.result.k }}"), noop("b")), SpecError),
+    (spec_of({"name": "a", "payload": {"handler": "exce"}}), SpecError),
+    (spec_of({"name": "a", "payload": {"cmd": "true"}}), SpecError),
 ]
 
 

@@ -56,7 +56,7 @@ import attrs
 from ..config import Settings
 from ..errors import AlreadyExists, CycleError, InfraError, NotFound, SpecError, Unavailable
 from ..events import EventBus
-from ..models import TaskSpec, TaskStatus, coerce_str_map, validate_name
+from ..models import TaskClass, TaskSpec, TaskStatus, coerce_str_map, validate_name
 from ..services.graph import find_cycle
 from .store import translate_sqlite_error
 
@@ -484,9 +484,14 @@ def _template_refs(text: str, field: str) -> list[tuple[str, ...]]:
     return refs
 
 
-def validate_workflow(spec: WorkflowSpec, classes: Iterable[str] | None = None) -> None:
-    """Refuse duplicate names, unknown dependencies, cycles, unknown classes (when ``classes``
-    is given) and templates that refer to unknown or non-upstream steps."""
+def validate_workflow(
+    spec: WorkflowSpec,
+    classes: Mapping[str, TaskClass] | Iterable[str] | None = None,
+    handlers: Iterable[str] | None = None,
+) -> None:
+    """Refuse duplicate names, unknown dependencies, cycles, templates that refer to unknown or
+    non-upstream steps and, when given, unknown classes and unknown ``payload.handler`` names
+    (checked only for classes run by the local executor, which is what reads the handler)."""
     seen: set[str] = set()
     for step in spec.steps:
         if step.name in seen:
@@ -518,6 +523,8 @@ def validate_workflow(spec: WorkflowSpec, classes: Iterable[str] | None = None) 
                     field=f"steps.{step.name}.task_class",
                     fix=(f"did you mean {close[0]!r}? " if close else "") + "known: " + ", ".join(known),
                 )
+    if handlers is not None:
+        _check_handlers(spec, classes, sorted(handlers))
     upstream = _ancestors(spec)
     for step in spec.steps:
         for key, text in step.payload.items():
@@ -544,6 +551,33 @@ def validate_workflow(spec: WorkflowSpec, classes: Iterable[str] | None = None) 
                     field=f"output.{key}",
                     fix="name a step of this workflow",
                 )
+
+
+def _check_handlers(
+    spec: WorkflowSpec, classes: Mapping[str, TaskClass] | Iterable[str] | None, known: list[str]
+) -> None:
+    for step in spec.steps:
+        cls = classes.get(step.task_class) if isinstance(classes, Mapping) else None
+        if cls is not None and cls.executor != "local":
+            continue  # e.g. gpu_slurm: its executor runs the payload, no handler involved
+        field = f"steps.{step.name}.payload.handler"
+        name = step.payload.get("handler", "")
+        if "{{" in name:
+            continue  # chosen at run time; the scheduler refuses an unknown one then
+        if not name:
+            raise SpecError(
+                "missing", field=field, fix="name the handler that runs this step: " + ", ".join(known)
+            )
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise SpecError(
+                f"no handler named {name!r}",
+                field=field,
+                fix=(f"did you mean {close[0]!r}? " if close else "")
+                + "known: "
+                + ", ".join(known)
+                + " (register a new one with @infra.handler(NAME) before creating the workflow)",
+            )
 
 
 class _RenderError(Exception):
@@ -914,7 +948,7 @@ class WorkflowEngine:
                 fix="use 1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
             )
         parsed = parse_workflow_spec(spec)
-        validate_workflow(parsed, self.scheduler.classes)
+        validate_workflow(parsed, self.scheduler.classes, self.scheduler.handler_names())
         wf = Workflow(id=id, name=name or id, description=description, spec=parsed, created_at=time.time())
         async with self._create_lock:
             existing = await self._store.insert_workflow(wf)
