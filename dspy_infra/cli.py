@@ -102,8 +102,8 @@ _TABLE_EXAMPLES = """\
 # zookeeper, prometheus, infermesh-*) or declares a new one. `image` is used by the docker
 # backend, `command` by the process backend.
 #
-# [services.redis]
-# ports = [{ container_port = 6379, host_port = 16379 }]
+# [services.redis]                  # another host port (container backends can remap ports;
+# ports = ["16379:6379"]            # the process backend runs the command's own port as is)
 #
 # [services.web]
 # image = "python:3.11-slim"
@@ -682,13 +682,15 @@ def _run_update_line(update: Any) -> str:
         f"{update.run_id}: {_status_text(update.status)} {update.steps_completed}/{update.total_steps}{step}"
     )
     if update.output:
-        text += f" output: {_pairs_text(update.output)}"
+        text += " output: " + _pairs_text({k: v.strip() for k, v in update.output.items()})
     if update.error:
         text += f" error: {update.error}"
     return text
 
 
 def _cmd_workflow(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     if args.wf_command == "create":
         spec = _read_workflow_spec(args.file)
 
@@ -723,10 +725,31 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
         doc = _as_dict(run)
         if args.json:
             _print_json(doc)
-        else:
-            out = _console()
-            for key, value in doc.items():
-                out.print(f"{key}: {value}")
+            return EXIT_OK
+        out = _console()
+        steps = doc.pop("steps", None)
+        output = doc.pop("output", None)
+        for key, value in doc.items():
+            if key.endswith("_at"):
+                value = _ts(float(value or 0))
+            out.print(f"{key}: {value}")
+        if output:
+            out.print("output:")
+            for key, value in output.items():
+                out.print(f"  {key}: {str(value).rstrip()}")
+        if isinstance(steps, Mapping) and steps:
+            table = Table(title="Steps")
+            for column in ("step", "status", "attempts", "task", "error"):
+                table.add_column(column)
+            for name, step in steps.items():
+                table.add_row(
+                    name,
+                    str(step.get("status", "")),
+                    str(step.get("attempts", "")),
+                    str(step.get("task_id", "")),
+                    str(step.get("error", ""))[:60],
+                )
+            out.print(table)
         return EXIT_OK
 
     return _run_with_infra(args, status)

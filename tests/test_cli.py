@@ -378,3 +378,41 @@ def test_serve_refuses_a_public_bind_without_token(tmp_path: Path) -> None:
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert "token" in proc.stderr
+
+
+def test_workflow_create_run_follow_status_embedded(tmp_path: Path) -> None:
+    base = ["--mode", "embedded", "--home", str(tmp_path / "home")]
+    (tmp_path / "wf.json").write_text(
+        json.dumps(
+            {
+                "steps": [
+                    {"name": "fetch", "payload": {"handler": "exec", "cmd": "echo got-{{ input.model }}"}},
+                    {
+                        "name": "train",
+                        "depends_on": ["fetch"],
+                        "payload": {"handler": "exec", "cmd": "echo trained-{{ input.model }}"},
+                    },
+                ]
+            }
+        )
+    )
+    created = run(*base, "workflow", "create", "wf1", "wf.json", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    ran = run(
+        *base, "workflow", "run", "wf1", "--input", "model=tiny", "--key", "k1", "--follow", cwd=tmp_path
+    )
+    assert ran.returncode == 0, ran.stderr
+    run_id = re.search(r"^run (\S+) started$", ran.stdout, re.M).group(1)  # type: ignore[union-attr]
+    assert re.search(rf"^{run_id}: completed 2/2 .*train.stdout=trained-tiny", ran.stdout, re.M), ran.stdout
+    again = run(*base, "workflow", "run", "wf1", "--input", "model=tiny", "--key", "k1", cwd=tmp_path)
+    assert again.returncode == 0 and f"run {run_id} started" in again.stdout  # same key, same run
+    status = run(*base, "workflow", "status", run_id, "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["status"] == "completed" and doc["input"] == {"model": "tiny"}
+    assert {name: step["status"] for name, step in doc["steps"].items()} == {
+        "fetch": "completed",
+        "train": "completed",
+    }
+    missing = run(*base, "workflow", "status", "run-nope", cwd=tmp_path)
+    assert_one_line_error(missing, 2, "run-nope")
