@@ -608,3 +608,23 @@ async def test_drain_stops_starting_and_waits_for_running(tmp_path: Path) -> Non
         await sched.aclose()
         await pending
         assert waiter_error and "runs again on the next start" in str(waiter_error[0])
+
+
+async def test_cancel_right_after_submit_before_the_worker_runs(tmp_path: Path) -> None:
+    ran: list[str] = []
+
+    async def hold(ctx: TaskContext) -> dict[str, str]:
+        ran.append(ctx.spec.id)
+        await anyio.sleep(30)
+        return {}
+
+    async with running(tmp_path) as sched:
+        sched.register_handler("hold", hold)
+        await sched.submit(spec("quick", "hold"))
+        # submit started it (a slot was free) but its worker has not been scheduled yet
+        assert (await sched.get("quick")).status is TaskStatus.RUNNING
+        with anyio.fail_after(5):
+            state = await sched.cancel("quick")
+        assert state.status is TaskStatus.CANCELLED
+        assert ran == [], "the handler never started"
+        assert sched.queue_status()["cpu_short"].inflight == 0

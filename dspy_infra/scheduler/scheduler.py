@@ -682,9 +682,11 @@ class Scheduler:
                 rec.timer.cancel()
                 rec.timer = None
             self._terminal(rec, _CANCELLED, "cancelled while queued", now, count_inflight=False)
-        elif rec.status is _RUNNING and rec.worker is not None and not rec.cancel_requested:
+        elif rec.status is _RUNNING and not rec.cancel_requested:
             rec.cancel_requested = True
-            rec.worker.cancel()
+            # No worker yet: it was handed over but has not run; it checks the flag first.
+            if rec.worker is not None:
+                rec.worker.cancel()
         if not rec.delivered:
             # Return once the handler has stopped (its subprocess is gone) and it is recorded.
             await self.wait(task_id)
@@ -779,6 +781,9 @@ class Scheduler:
 
     async def _run(self, cq: _ClassQueue, rec: _Task, me: asyncio.Task[Any]) -> None:
         """One attempt of ``rec``; records its outcome. Re-raises only shutdown cancellation."""
+        if rec.cancel_requested:
+            self._attempt_ended(cq, rec, _CANCELLED, "cancelled while running", None)
+            return
         rec.worker = me
         spec = rec.spec
         result: Mapping[str, str] | None = None
