@@ -623,14 +623,26 @@ CREATE TABLE IF NOT EXISTS steps (
 """
 
 
+@attrs.define
+class _Batch:
+    """Step rows waiting for one transaction; ``done`` is set once it committed or failed."""
+
+    rows: dict[tuple[str, str], tuple[Any, ...]] = attrs.field(factory=dict)
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    error: InfraError | None = None
+
+
 class _Store:
     """SQLite persistence. Every public method is a coroutine that runs its statements in a
-    worker thread; a capacity limiter of one keeps them in submission order."""
+    worker thread; a capacity limiter of one keeps them in submission order. Step rows, the
+    frequent writes, are group-committed."""
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._batch = _Batch()
+        self._writing = False
 
     async def open(self) -> None:
         await self._call(self._open_sync)
@@ -742,13 +754,36 @@ class _Store:
         await self._call(go)
 
     async def save_step(self, run_id: str, step: StepState) -> None:
-        def go() -> None:
-            with self._conn() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", _step_row(run_id, step)
-                )
+        """Returns once the row is committed. Group commit: rows saved while a write is in
+        flight go together in the next transaction (the first caller writes for everyone)."""
+        mine = self._batch
+        mine.rows[(run_id, step.name)] = _step_row(run_id, step)
+        if not self._writing:
+            self._writing = True
+            try:
+                while self._batch.rows:
+                    batch, self._batch = self._batch, _Batch()
+                    try:
+                        await self._call(self._write_steps, list(batch.rows.values()))
+                    except InfraError as exc:
+                        batch.error = exc
+                    finally:
+                        batch.done.set()
+            finally:
+                self._writing = False
+                if self._batch.rows:
+                    # The writer was cancelled (shutdown): fail the rows it would have written
+                    # rather than leave their callers waiting.
+                    batch, self._batch = self._batch, _Batch()
+                    batch.error = Unavailable("the workflow store stopped before this write")
+                    batch.done.set()
+        await mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
 
-        await self._call(go)
+    def _write_steps(self, rows: list[tuple[Any, ...]]) -> None:
+        with self._conn() as db:
+            db.executemany("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     async def load_run(self, run_id: str) -> tuple[RunState, bool] | None:
         def go() -> tuple[RunState, bool] | None:
