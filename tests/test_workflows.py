@@ -35,6 +35,7 @@ from dspy_infra.scheduler.workflows import (
     StepStatus,
     WorkflowEngine,
     WorkflowSpec,
+    _render,
     parse_workflow_spec,
     validate_workflow,
 )
@@ -589,3 +590,27 @@ async def test_infra_delegates_workflows_and_the_demo_section_runs(tmp_path: Pat
         assert {t.spec.workflow_id for t in tasks} == {DEMO_WORKFLOW_ID} and len(tasks) == 5
         types = [e.type for e in infra.bus.history() if e.type.startswith("workflow_")]
         assert types.count("workflow_step_completed") == 5 and types[-1] == "workflow_completed"
+
+
+step_names = st.from_regex(r"\A[a-z0-9][a-z0-9_.-]{0,30}\Z").filter(lambda n: ".result." not in n + ".")
+result_keys = st.from_regex(r"\A[A-Za-z0-9_.:/-]{1,20}\Z")
+
+
+@given(step_names, result_keys, st.text(alphabet="ab -'/", max_size=8))
+def test_any_step_name_and_key_round_trip_through_a_template(name: str, key: str, around: str) -> None:
+    upstream = StepSpec(name, payload={"handler": "noop"})
+    reader = StepSpec(
+        "reader-x" if name != "reader-x" else "reader-y",
+        payload={"handler": "noop", "v": f"{around}{{{{ steps.{name}.result.{key} }}}}{around}"},
+        depends_on=[name],
+    )
+    spec = WorkflowSpec(steps=[upstream, reader])
+    validate_workflow(spec, CLASSES)
+    assert _render(reader.payload["v"], "v", {}, {name: {key: "VALUE"}}) == f"{around}VALUE{around}"
+
+
+def test_a_step_name_with_a_result_segment_is_refused() -> None:
+    with pytest.raises(SpecError) as info:
+        StepSpec("fetch.result")
+    assert info.value.field == "steps.fetch.result.name"
+    StepSpec("result.cache")  # a leading "result" segment is readable, so allowed

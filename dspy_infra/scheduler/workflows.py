@@ -6,18 +6,22 @@ an input mapping::
 
     {"steps": [
         {"name": "fetch", "task_class": "cpu_short",
-         "payload": {"handler": "exec", "cmd": "echo path=/data/{{ input.model }}"}},
+         "payload": {"handler": "exec", "cmd": "printf /data/%s.bin '{{ input.model }}'"}},
         {"name": "train", "depends_on": ["fetch"],
-         "payload": {"handler": "exec", "cmd": "train {{ steps.fetch.result.path }}"}}],
-     "continue_on_failure": false}
+         "payload": {"handler": "exec", "cmd": "train '{{ steps.fetch.result.stdout }}'"}}],
+     "continue_on_failure": false,
+     "output": {"model": "{{ steps.train.result.stdout }}"}}
 
 Rules (each enforced in exactly one place below):
 
 - Validation at ``create_workflow``: duplicate step names, unknown dependencies, cycles (the
-  cycle is named), unknown task classes, malformed JSON (line and column), and templates
-  that refer to unknown steps or to steps that are not upstream. A refused spec leaves no trace.
+  cycle is named), unknown task classes and handlers, malformed JSON (line and column), and
+  templates that refer to unknown steps or to steps that are not upstream. A refused spec
+  leaves no trace.
 - Templating: ``{{ input.KEY }}`` and ``{{ steps.NAME.result.KEY }}``. Missing input keys
   are refused by ``start_run``; a missing result key fails the step (before its task exists).
+  Values are substituted verbatim: inside an ``exec`` command, quote them, and do not feed
+  untrusted input to a shell.
 - Steps become scheduler tasks with deterministic ids ``f"{run_id}.{step}"`` carrying the
   workflow id, so the scheduler's idempotent submit makes re-driving a run after a crash safe.
   A step is submitted only after all its dependencies completed.
@@ -82,7 +86,8 @@ T = TypeVar("T")
 _WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _TEMPLATE_RE = re.compile(r"\{\{(.*?)\}\}")
 _INPUT_REF_RE = re.compile(r"^input\.(?P<key>[^\s{}]+)$")
-# Step names may contain dots, so the *first* ".result." ends the name (names cannot contain it).
+# Step names may contain dots, so the *first* ".result." ends the name (StepSpec refuses
+# names with a ".result" segment, which this could not read back).
 _STEP_REF_RE = re.compile(r"^steps\.(?P<step>[a-z0-9][a-z0-9_.-]*?)\.result\.(?P<key>[^\s{}]+)$")
 _TEMPLATE_FIX = "write {{ input.KEY }} or {{ steps.NAME.result.KEY }}"
 _SPEC_KEYS = ("steps", "continue_on_failure", "output")
@@ -125,6 +130,12 @@ class StepSpec:
     def __attrs_post_init__(self) -> None:
         validate_name(self.name, "steps[].name")
         where = f"steps.{self.name}"
+        if ".result." in f"{self.name}.":
+            raise SpecError(
+                "a step name may not have 'result' after a dot",
+                field=f"{where}.name",
+                fix="rename the step (templates read results as steps.NAME.result.KEY)",
+            )
         # Frozen class: the coerced payload replaces the raw one once, here.
         object.__setattr__(self, "payload", coerce_str_map(self.payload, f"{where}.payload"))
         if not isinstance(self.task_class, str) or not self.task_class:
