@@ -44,6 +44,7 @@ import difflib
 import enum
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -82,6 +83,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _WORKFLOW_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _TEMPLATE_RE = re.compile(r"\{\{(.*?)\}\}")
@@ -1109,7 +1111,7 @@ class WorkflowEngine:
                     return
             if live.closed:
                 raise Unavailable(
-                    f"the workflow engine stopped while following run {run_id!r}",
+                    f"run {run_id!r} stopped being driven (the engine stopped or its store failed)",
                     fix="the run resumes when the infra starts again; follow it then",
                 )
             await live.wakeup.wait()
@@ -1161,6 +1163,11 @@ class WorkflowEngine:
                     if not live.state.steps[step.name].status.terminal:
                         tg.start_soon(self._drive_step, live, step)
             await self._finish_run(live)
+        except* InfraError:
+            # The store failed (disk full, file gone): this run stops here, stays recorded as
+            # unfinished and resumes on the next start; other runs and the infra carry on.
+            log.exception("workflow run %s stopped", live.state.run_id)
+            live.close()
         finally:
             live.finished.set()
             if live.state.status.terminal:
