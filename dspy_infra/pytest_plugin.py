@@ -229,9 +229,12 @@ class _Session:
     def _new_infra(self, home: Path, **extra: Any) -> Any:
         from .infra import Infra
 
-        settings = load_settings(
-            None, home=home, backend=self.backend, mode="embedded", **{**self.settings_overrides, **extra}
-        )
+        # The plugin decides where state lives and that it is embedded; the user's
+        # infra_config decides everything else (and the backend when no option is given).
+        overrides = {**self.settings_overrides, **extra, "home": home, "mode": "embedded"}
+        if self.backend is not None:
+            overrides["backend"] = self.backend
+        settings = load_settings(None, **overrides)
 
         async def start() -> Any:
             infra = Infra(settings, services=self.extra_specs)

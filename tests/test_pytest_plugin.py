@@ -7,13 +7,21 @@ Its command line carries a per-test token, so "nothing left behind" is checked b
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dspy_infra.pytest_plugin import ServiceEndpoint, _Coordinator, _pid_alive
 
 pytest_plugins = ["pytester"]
 
@@ -220,3 +228,51 @@ def test_reuse_keeps_the_service_for_the_next_run(pytester: pytest.Pytester, web
         passed=1
     )
     assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+
+
+# -- the coordination primitives, in-process --------------------------------------------------
+
+
+@given(
+    st.text(min_size=1, max_size=20),
+    st.sampled_from(["127.0.0.1", "::1", "localhost"]),
+    st.integers(1, 65535),
+    st.dictionaries(st.integers(1, 65535), st.integers(1, 65535), max_size=4),
+)
+def test_endpoint_json_round_trips(name: str, host: str, port: int, ports: dict[int, int]) -> None:
+    endpoint = ServiceEndpoint(name=name, host=host, port=port, ports=ports)
+    doc = json.loads(json.dumps(endpoint.to_json()))
+    assert ServiceEndpoint.from_json(name, doc) == endpoint
+
+
+@given(st.integers(2, 4), st.integers(1, 15))
+@settings(max_examples=15, deadline=None)
+def test_coordinator_lock_loses_no_update(
+    tmp_path_factory: pytest.TempPathFactory, threads: int, rounds: int
+) -> None:
+    # Each thread opens the lock file itself, so flock excludes the threads from each other
+    # exactly as it excludes xdist workers.
+    coordinator = _Coordinator(tmp_path_factory.mktemp("coord"))
+
+    def bump() -> None:
+        for _ in range(rounds):
+            with coordinator.locked() as state:
+                count = state.get("count", 0)
+                time.sleep(0)  # invite a race
+                state["count"] = count + 1
+
+    workers = [threading.Thread(target=bump) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    with coordinator.locked() as state:
+        assert state["count"] == threads * rounds
+        assert state["services"] == {}
+
+
+def test_dead_pids_are_not_alive() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert _pid_alive(os.getpid())
+    assert not _pid_alive(proc.pid)
