@@ -628,3 +628,47 @@ async def test_cancel_right_after_submit_before_the_worker_runs(tmp_path: Path) 
         assert state.status is TaskStatus.CANCELLED
         assert ran == [], "the handler never started"
         assert sched.queue_status()["cpu_short"].inflight == 0
+
+
+# -- end to end through Infra: the demo's task section and the quickstart -------------------
+
+
+async def test_demo_tasks_section_shows_every_outcome() -> None:
+    import io
+
+    from rich.console import Console
+
+    from dspy_infra.demo import run_demo, tasks_section
+
+    out = io.StringIO()
+    await run_demo(Console(file=out, width=200), [tasks_section])
+    text = out.getvalue()
+    for expected in (
+        "gpu_slurm refused",
+        "no Slurm executor configured",
+        "worked on the retry",
+        "this task fails on purpose",
+        "timed out after 0.5s",
+        "cancelled",
+        "adaptive limits per class",
+        "cpu_long",
+    ):
+        assert expected in text, expected
+
+
+def test_quickstart_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "completed hi" in proc.stdout and "{'text': 'HELLO'}" in proc.stdout
+    assert "result: id-3 cancelled" in proc.stdout and "already exists" in proc.stdout
