@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hmac
 import json
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from grpclib.const import Status
@@ -111,18 +110,8 @@ async def _queue_status(request: web.Request) -> web.Response:
     )
 
 
-def _field(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = doc.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SpecError(f"must be a {kind.__name__}, got {type(value).__name__}", field=key)
-    return value
-
-
 async def _submit(request: web.Request) -> web.Response:
-    from .models import coerce_str_map
-    from .rpc.server import check_submission
+    from .rpc.server import spec_from_doc
 
     infra = request.app[INFRA_KEY]
     raw = await request.read()
@@ -130,27 +119,7 @@ async def _submit(request: web.Request) -> web.Response:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpecError(f"invalid JSON: {exc}", field="body", fix='send {"payload": {...}}') from None
-    if not isinstance(doc, dict):
-        raise SpecError(f"expected a JSON object, got {type(doc).__name__}", field="body")
-    unknown = sorted(set(doc) - {"id", "class", "payload", "priority", "timeout", "max_attempts"})
-    if unknown:
-        raise SpecError(
-            f"unknown key {unknown[0]!r}",
-            field=unknown[0],
-            fix="use id, class, payload, priority, timeout, max_attempts",
-        )
-    task_id = _field(doc, "id", str, "") or uuid.uuid4().hex
-    task_class = _field(doc, "class", str, "") or "cpu_short"
-    payload = coerce_str_map(_field(doc, "payload", dict, {}), "payload")
-    priority = _field(doc, "priority", int, 0)
-    timeout = doc.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
-        raise SpecError("must be a number of seconds", field="timeout")
-    max_attempts = _field(doc, "max_attempts", int, 1)
-    check_submission(infra, task_id, task_class, payload)
-    state = await infra.submit_task(
-        task_id, task_class, payload, priority=priority, timeout=timeout, max_attempts=max_attempts
-    )
+    state = await infra.scheduler.submit(spec_from_doc(doc, generate_id=True))
     return web.json_response({"id": state.id, "class": state.spec.task_class, "status": str(state.status)})
 
 

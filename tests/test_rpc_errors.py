@@ -189,7 +189,7 @@ async def test_client_raises_dspy_infra_errors(
     orch, _, _ = clients
     with pytest.raises(errors.SpecError) as spec_err:
         await orch.submit_task("a", "no_such_class", {"handler": "noop"})
-    assert spec_err.value.field == "class"
+    assert spec_err.value.field == "task_class"
     with pytest.raises(errors.NotFound):
         await orch.get_task_status("never-submitted")
     await orch.submit_task("dup", payload={"handler": "noop"})
@@ -239,8 +239,7 @@ def test_accepted_iff_valid_and_nothing_accepted_is_lost(
                 await orch.submit_task(task_id, "warp" if bad_class else "cpu_short", payload)
             except errors.SpecError as exc:
                 assert bad_class or total > LIMIT
-                # The payload limit is checked before the class.
-                assert exc.field == ("payload" if total > LIMIT else "class")
+                assert exc.field == ("task_class" if bad_class else "payload")
                 with pytest.raises(errors.NotFound):
                     await orch.get_task_status(task_id)
                 return
@@ -249,3 +248,29 @@ def test_accepted_iff_valid_and_nothing_accepted_is_lost(
             assert result.status == "completed"
 
     anyio.run(go)
+
+
+async def test_batch_submit_rejects_only_the_bad_tasks(
+    clients: tuple[OrchestratorClient, EnvManagerClient, object],
+) -> None:
+    from dspy_infra.models import TaskSpec
+
+    orch, _, _ = clients
+    await orch.submit_task("taken", payload={"handler": "noop"})
+    specs = [
+        TaskSpec(id="ok-1", payload={"handler": "noop"}),
+        TaskSpec(id="bad-class", task_class="warp"),
+        TaskSpec(id="taken", payload={"handler": "fail"}),  # same id, other content
+        TaskSpec(id="ok-2", payload={"handler": "noop"}),
+    ]
+    outcome = await orch.submit_tasks(specs)
+    assert outcome[0] is None and outcome[3] is None
+    assert isinstance(outcome[1], errors.SpecError) and outcome[1].field == "task_class"
+    assert isinstance(outcome[2], errors.AlreadyExists)
+    for task_id in ("ok-1", "ok-2"):
+        assert (await orch.wait(task_id, timeout=30)).status == "completed"
+    with pytest.raises(errors.NotFound):
+        await orch.get_task_status("bad-class")
+    # A malformed bulk body is refused whole, naming the field.
+    err = await _status_of(orch.stub.submit_tasks(orch_pb.SubmitTasksRequest(tasks_json=b"[{")))
+    assert err.status is Status.INVALID_ARGUMENT and "tasks_json" in (err.message or "")

@@ -82,12 +82,17 @@ def test_every_orchestrator_rpc(stubs: dict[str, Any], server: ServeProcess) -> 
                     pb.SubmitTaskRequest(id="b1", payload={"handler": "noop"}),
                     pb.SubmitTaskRequest(id="", payload={"handler": "noop"}),
                     pb.SubmitTaskRequest(id="b3", payload={"handler": "sleep", "seconds": "30"}),
-                ]
+                ],
+                tasks_json=json.dumps(
+                    [{"id": "j1", "payload": {"handler": "noop"}}, {"payload": {"handler": "noop"}}]
+                ).encode(),
             ),
             timeout=10,
         )
-        assert [r.success for r in batch.results] == [True, False, True]
-        assert "id" in batch.results[1].error
+        # Bad tasks fail alone, each with its reason; the rest are in.
+        assert batch.accepted == 3
+        assert [(r.index, r.code) for r in batch.rejected] == [(1, 3), (4, 3)]
+        assert all("id" in r.error for r in batch.rejected)
 
         cancelled = stub.CancelTask(pb.CancelTaskRequest(task_id="b3"), timeout=10)
         assert cancelled.task_id == "b3"

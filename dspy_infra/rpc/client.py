@@ -243,17 +243,28 @@ class OrchestratorClient(_Client):
             max_attempts=spec.max_attempts,
         )
 
-    async def submit_tasks(self, specs: Sequence[TaskSpec]) -> list[TaskState | InfraError]:
-        """Many tasks in one call (``SubmitTasks``); one entry per spec, in order: its state,
-        or the error that refused it (the others are accepted regardless)."""
-        req = orch_pb.SubmitTasksRequest(tasks=[self._request(s) for s in specs])
+    async def submit_tasks(self, specs: Sequence[TaskSpec]) -> list[InfraError | None]:
+        """Many tasks in one call (``SubmitTasks`` over its JSON bulk encoding). One entry per
+        spec, in order: None if accepted, else the error that refused it (the others are
+        accepted regardless)."""
+        docs = [
+            {
+                "id": s.id,
+                "class": s.task_class,
+                "payload": s.payload,
+                "priority": s.priority,
+                "timeout": s.timeout,
+                "max_attempts": s.max_attempts,
+                "workflow_id": s.workflow_id,
+            }
+            for s in specs
+        ]
+        req = orch_pb.SubmitTasksRequest(tasks_json=json.dumps(docs).encode())
         resp = await self._unary(self.stub.submit_tasks(req))
-        out: list[TaskState | InfraError] = []
-        for spec, r in zip(specs, resp.results, strict=True):
-            if r.success:
-                out.append(TaskState(spec=spec, status=TaskStatus(r.status or "pending")))
-            else:
-                out.append(from_grpc_error(GRPCError(Status.INVALID_ARGUMENT, r.error)))
+        out: list[InfraError | None] = [None] * len(specs)
+        for rejected in resp.rejected:
+            status = Status(rejected.code) if rejected.code else Status.INVALID_ARGUMENT
+            out[rejected.index] = from_grpc_error(GRPCError(status, rejected.error))
         return out
 
     async def get_task_status(self, task_id: str) -> TaskState:

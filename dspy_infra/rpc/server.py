@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -59,14 +60,15 @@ if TYPE_CHECKING:
     from ..infra import Infra
 
 __all__ = [
+    "TASK_JSON_KEYS",
     "EnvManagerService",
     "InfraServer",
     "OrchestratorService",
     "check_bind",
-    "check_submission",
     "grpc_status_for",
     "run_server",
     "server_ssl_context",
+    "spec_from_doc",
     "to_grpc_error",
 ]
 
@@ -104,6 +106,10 @@ def to_grpc_error(exc: BaseException) -> GRPCError:
     status = grpc_status_for(exc)
     message = str(exc) if isinstance(exc, InfraError) else f"{type(exc).__name__}: {exc}"
     return GRPCError(status, message)
+
+
+def _rejected(index: int, task_id: str, exc: InfraError) -> orch_pb.RejectedTask:
+    return orch_pb.RejectedTask(index=index, task_id=task_id, error=str(exc), code=grpc_status_for(exc).value)
 
 
 # -- checks at the edge ----------------------------------------------------------------------
@@ -146,31 +152,6 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def _payload_size(payload: Mapping[str, str]) -> int:
-    return sum(len(k.encode()) + len(v.encode()) for k, v in payload.items())
-
-
-def check_submission(infra: Infra, task_id: str, task_class: str, payload: Mapping[str, str]) -> None:
-    """What SubmitTask, ExecuteTask and POST /queue/submit check before anything changes."""
-    if not task_id:
-        raise SpecError("is required", field="id", fix="give the task a unique, non-empty id")
-    limit = infra.settings.max_payload_bytes
-    size = _payload_size(payload)
-    if size > limit:
-        raise SpecError(
-            f"is {size} bytes, over the limit of {limit}",
-            field="payload",
-            fix="pass large data by reference (a path or URL) or raise max_payload_bytes",
-        )
-    classes = infra.queue_status()
-    if classes and task_class not in classes:
-        raise SpecError(
-            f"unknown task class {task_class!r}",
-            field="class",
-            fix="use one of " + ", ".join(sorted(classes)) + " or declare it under [task_classes]",
-        )
-
-
 def _names(values: list[str], field: str) -> list[str]:
     for i, name in enumerate(values):
         validate_name(name, f"{field}[{i}]")
@@ -181,6 +162,57 @@ def _non_negative(value: float, field: str) -> float | None:
     if value < 0:
         raise SpecError(f"must be >= 0, got {value!r}", field=field, fix="use 0 for no limit")
     return value or None
+
+
+#: Keys of a task written as JSON (POST /queue/submit, SubmitTasks.tasks_json).
+TASK_JSON_KEYS = ("id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id")
+
+
+def _json_array(raw: bytes, field: str) -> list[Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"invalid JSON: {exc}", field=field) from None
+    if not isinstance(doc, list):
+        raise SpecError(f"expected a JSON array of tasks, got {type(doc).__name__}", field=field)
+    return doc
+
+
+def _typed(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = doc.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise SpecError(f"must be a {names}, got {type(value).__name__}", field=key)
+    return value
+
+
+def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
+    """A ``TaskSpec`` from a task written as JSON: ``{"id"?, "class"?, "payload", ...}``.
+    A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``."""
+    if not isinstance(doc, dict):
+        raise SpecError(f"expected a JSON object, got {type(doc).__name__}", field="body")
+    unknown = sorted(set(doc) - set(TASK_JSON_KEYS))
+    if unknown:
+        raise SpecError(
+            f"unknown key {unknown[0]!r}", field=unknown[0], fix="use " + ", ".join(TASK_JSON_KEYS)
+        )
+    task_id = _typed(doc, "id", str, "")
+    if not task_id and generate_id:
+        task_id = uuid.uuid4().hex
+    payload = doc.get("payload")
+    if payload is not None and not isinstance(payload, dict):
+        raise SpecError(f"must be an object of strings, got {type(payload).__name__}", field="payload")
+    return TaskSpec(
+        id=task_id,
+        task_class=_typed(doc, "class", str, "") or "cpu_short",
+        payload=payload or {},
+        priority=_typed(doc, "priority", int, 0),
+        timeout=_typed(doc, "timeout", (int, float), None),
+        max_attempts=_typed(doc, "max_attempts", int, 1),
+        workflow_id=_typed(doc, "workflow_id", str, ""),
+    )
 
 
 async def _relay(stream: AsyncIterator[_In], convert: Callable[[_In], _Out]) -> AsyncIterator[_Out]:
@@ -208,13 +240,12 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return orch_pb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
 
     def _spec(self, req: orch_pb.SubmitTaskRequest) -> TaskSpec:
-        task_class = req.class_ or "cpu_short"
-        payload = dict(req.payload)
-        check_submission(self.infra, req.id, task_class, payload)
+        # TaskSpec checks the id; the scheduler checks class, payload size and GPU needs
+        # before anything changes (one place for each rule).
         return TaskSpec(
             id=req.id,
-            task_class=task_class,
-            payload=payload,
+            task_class=req.class_ or "cpu_short",
+            payload=req.payload,
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=req.max_attempts or 1,
@@ -222,33 +253,37 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         )
 
     async def submit_tasks(self, message: orch_pb.SubmitTasksRequest) -> orch_pb.SubmitTasksResponse:
-        # A bad task fails alone (success=False, error names the field); the others go in.
-        # The fast path hands all valid specs to the scheduler as one batch (one group commit);
-        # if the scheduler refuses the batch, each goes alone so only the bad ones fail.
-        results: list[orch_pb.SubmitTaskResponse | None] = []
+        # A bad task fails alone (its error names the field); the others go in. All valid
+        # specs go to the scheduler as one batch (one group commit); if the scheduler refuses
+        # the batch, each goes alone so that only the bad ones fail.
+        rejected: list[orch_pb.RejectedTask] = []
         good: list[tuple[int, TaskSpec]] = []
+        index = 0
         for req in message.tasks:
             try:
-                good.append((len(results), self._spec(req)))
-                results.append(None)
+                good.append((index, self._spec(req)))
             except InfraError as exc:
-                results.append(orch_pb.SubmitTaskResponse(success=False, task_id=req.id, error=str(exc)))
+                rejected.append(_rejected(index, req.id, exc))
+            index += 1
+        if message.tasks_json:
+            for doc in _json_array(message.tasks_json, "tasks_json"):
+                try:
+                    good.append((index, spec_from_doc(doc, generate_id=False)))
+                except InfraError as exc:
+                    task_id = doc.get("id") if isinstance(doc, dict) else None
+                    rejected.append(_rejected(index, str(task_id or ""), exc))
+                index += 1
+        scheduler = self.infra.scheduler
         try:
-            states = await self.infra.scheduler.submit_many([spec for _, spec in good])
-            for (i, _), state in zip(good, states, strict=True):
-                results[i] = orch_pb.SubmitTaskResponse(
-                    success=True, task_id=state.id, status=str(state.status)
-                )
+            await scheduler.submit_many([spec for _, spec in good])
         except InfraError:
             for i, spec in good:
                 try:
-                    state = await self.infra.scheduler.submit(spec)
-                    results[i] = orch_pb.SubmitTaskResponse(
-                        success=True, task_id=state.id, status=str(state.status)
-                    )
+                    await scheduler.submit(spec)
                 except InfraError as exc:
-                    results[i] = orch_pb.SubmitTaskResponse(success=False, task_id=spec.id, error=str(exc))
-        return orch_pb.SubmitTasksResponse(results=[r for r in results if r is not None])
+                    rejected.append(_rejected(i, spec.id, exc))
+            rejected.sort(key=lambda r: r.index)
+        return orch_pb.SubmitTasksResponse(accepted=index - len(rejected), rejected=rejected)
 
     async def stream_task_results(
         self, message: orch_pb.StreamTaskResultsRequest
@@ -409,8 +444,8 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         self, message: env_pb.GetResourceAvailabilityRequest
     ) -> env_pb.ResourceAvailabilityResponse:
         workload_class = message.workload_class or "cpu_short"
-        classes = self.infra.queue_status()
-        if classes and workload_class not in classes:
+        classes = self.infra.scheduler.classes
+        if workload_class not in classes:
             raise SpecError(
                 f"unknown workload class {workload_class!r}",
                 field="workload_class",
@@ -421,12 +456,11 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
     async def execute_task(self, message: env_pb.ExecuteTaskRequest) -> env_pb.ExecuteTaskResponse:
         # The old env manager ran tasks itself; here they go through the one scheduler.
         task_id = message.task_id or uuid.uuid4().hex
-        task_class = message.workload_class or "cpu_short"
-        payload = dict(message.payload)
-        check_submission(self.infra, task_id, task_class, payload)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         began = time.perf_counter()
-        await self.infra.submit_task(task_id, task_class, payload, timeout=timeout)
+        await self.infra.submit_task(
+            task_id, message.workload_class or "cpu_short", message.payload, timeout=timeout
+        )
         result = await self.infra.wait(task_id)
         latency_ms = (time.perf_counter() - began) * 1000.0
         return env_pb.ExecuteTaskResponse(
@@ -502,15 +536,23 @@ def _guard(token: str | None) -> Callable[[grpclib.events.RecvRequest], Coroutin
 
 
 def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Created with proto=IPPROTO_TCP on purpose: asyncio only sets
+    TCP_NODELAY on accepted sockets whose proto says TCP, and without it every response
+    waits ~40 ms for Nagle + delayed ACK (``socket.create_server`` leaves proto 0)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
     except OSError as exc:
+        sock.close()
         raise Unavailable(
             f"cannot listen on {host}:{port}: {exc.strerror}",
             field="port",
             fix="choose a free port (0 = any) or stop what uses it",
         ) from None
+    return sock
 
 
 class InfraServer:

@@ -21,6 +21,7 @@ __all__ = (
     "OrchestratorServiceStub",
     "QueueStatus",
     "QueueStatusResponse",
+    "RejectedTask",
     "StartWorkflowRunRequest",
     "StartWorkflowRunResponse",
     "StreamEventsRequest",
@@ -268,6 +269,29 @@ default_message_pool.register_message("orchestrator.v1", "QueueStatusResponse", 
 
 
 @dataclass(eq=False, repr=False)
+class RejectedTask(betterproto2.Message):
+    index: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    position in the request (tasks, then tasks_json)
+    """
+
+    task_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    error: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    names the field and the fix
+    """
+
+    code: "int" = betterproto2.field(4, betterproto2.TYPE_INT32)
+    """
+    the gRPC status code the error maps to (e.g. 3 INVALID_ARGUMENT)
+    """
+
+
+default_message_pool.register_message("orchestrator.v1", "RejectedTask", RejectedTask)
+
+
+@dataclass(eq=False, repr=False)
 class StartWorkflowRunRequest(betterproto2.Message):
     workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
@@ -376,13 +400,29 @@ default_message_pool.register_message("orchestrator.v1", "SubmitTaskResponse", S
 class SubmitTasksRequest(betterproto2.Message):
     tasks: "list[SubmitTaskRequest]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
+    tasks_json: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+    """
+    The same tasks as a JSON array of objects with the keys of POST /queue/submit:
+    "id" (required here), "class", "payload", "priority", "timeout", "max_attempts",
+    "workflow_id". Decodes about 10x faster than `tasks` (C json vs the Python protobuf
+    codec): the bulk path. When both are set, `tasks` come first.
+    """
+
 
 default_message_pool.register_message("orchestrator.v1", "SubmitTasksRequest", SubmitTasksRequest)
 
 
 @dataclass(eq=False, repr=False)
 class SubmitTasksResponse(betterproto2.Message):
-    results: "list[SubmitTaskResponse]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    accepted: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
+    """
+    Tasks accepted (new, or idempotent repeats of an existing task).
+    """
+
+    rejected: "list[RejectedTask]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    The refused ones, each with its reason; the others were accepted regardless.
+    """
 
 
 default_message_pool.register_message("orchestrator.v1", "SubmitTasksResponse", SubmitTasksResponse)
