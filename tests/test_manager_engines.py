@@ -73,7 +73,8 @@ class ContainerKit:
         """TOML-shaped fields of a busybox HTTP service (also used by the child process)."""
         return {
             "image": self.engine.images.busybox,
-            "command": ["httpd", "-f", "-p", "8080", "-h", "/www"],
+            # httpd as PID 1 would ignore SIGTERM (no handler): a shell that traps it stops fast.
+            "command": ["sh", "-c", 'httpd -f -p 8080 -h /www & trap "exit 0" TERM; wait'],
             "ports": ["0:8080"],
             "health": {"kind": "http", "path": "/index.html", "interval": 0.1, "startup_timeout": 30.0},
         }
