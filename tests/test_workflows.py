@@ -614,3 +614,19 @@ def test_a_step_name_with_a_result_segment_is_refused() -> None:
         StepSpec("fetch.result")
     assert info.value.field == "steps.fetch.result.name"
     StepSpec("result.cache")  # a leading "result" segment is readable, so allowed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02])
+async def test_cancel_at_any_moment_after_start_ends_the_run_promptly(tmp_path: Path, delay: float) -> None:
+    # Races: before the first step is submitted, while it is being accepted, while it runs.
+    async with running(tmp_path) as (scheduler, engine, _bus):
+        await engine.create_workflow("racy", spec=spec_of(sh("a", "sleep 30"), sh("b", "true", "a")))
+        run_id = await engine.start_run("racy")
+        await anyio.sleep(delay)
+        with anyio.fail_after(10):
+            run = await engine.cancel_run(run_id)
+        assert run.status is RunStatus.CANCELLED
+        assert {s.status for s in run.steps.values()} <= {StepStatus.CANCELLED}
+        for task in await scheduler.list_tasks(workflow_id="racy"):
+            assert task.status is TaskStatus.CANCELLED

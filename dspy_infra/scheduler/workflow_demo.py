@@ -72,12 +72,18 @@ def _table(run: Any, started: float) -> Table:
     table.add_column("step")
     table.add_column("status")
     table.add_column("result")
-    for name, step in run.steps.items():
+    # An embedded infra reports every step; a remote one (the wire's WorkflowStatusUpdate)
+    # only the current step and counts.
+    steps = getattr(run, "steps", None) or {}
+    for name, step in steps.items():
         status = str(step.status)
         shown = step.result.get("stdout", "") if step.result else step.error
         table.add_row(name, f"[{_STYLE.get(status, '')}]{status}[/]", shown[:60])
-    done = sum(1 for s in run.steps.values() if str(s.status) == "completed")
-    table.caption = f"{done}/{len(run.steps)} steps completed in {time.monotonic() - started:.2f}s"
+    if not steps and run.current_step:
+        table.add_row(run.current_step, "[yellow]running[/]", "")
+    table.caption = (
+        f"{run.steps_completed}/{run.total_steps} steps completed in {time.monotonic() - started:.2f}s"
+    )
     return table
 
 
