@@ -191,8 +191,23 @@ async def test_probe_times_out_on_a_silent_server(backend: ProcessBackend) -> No
     assert 0.25 <= time.monotonic() - started < 3
 
 
-async def test_tcp_probe_open_and_closed_ports(backend: ProcessBackend) -> None:
+async def _hold_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # A real server: keeps the connection until the client goes.
+    await reader.read()
+    writer.close()
+
+
+async def test_tcp_probe_does_not_trust_an_accept_that_closes_at_once(backend: ProcessBackend) -> None:
+    # What a container engine's port proxy does when nothing listens inside the container.
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        result = await probe_for(HealthCheck(kind="tcp")).check(backend, _spec("tcp", port), _instance(port))
+    assert not result.ok and "closed at once" in result.message
+
+
+async def test_tcp_probe_open_and_closed_ports(backend: ProcessBackend) -> None:
+    server = await asyncio.start_server(_hold_open, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
         assert (
@@ -236,7 +251,7 @@ async def test_wait_retries_until_a_late_server_listens_and_records_metrics(back
 
     async def listen_later() -> None:
         await anyio.sleep(0.4)
-        servers.append(await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port))
+        servers.append(await asyncio.start_server(_hold_open, "127.0.0.1", port))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(listen_later)

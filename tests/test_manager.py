@@ -10,6 +10,7 @@ test runs unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,8 +25,10 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from engines import docker_engine, engine_settings, podman_engine
 
 from dspy_infra.backends.base import LABEL_OWNER, Backend
+from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.config import Settings
 from dspy_infra.errors import CycleError, HealthCheckFailed, MissingBinary, NotFound, SpecError
@@ -41,6 +44,7 @@ from dspy_infra.models import (
     ServiceSpec,
     ServiceStatus,
     ServiceStatusUpdate,
+    VolumeMount,
 )
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.services.catalog import apply_fields
@@ -50,6 +54,8 @@ try:
     from tests.conftest import skip_or_fail
 except ImportError:
     from conftest import skip_or_fail
+
+__all__ = ["docker_engine", "podman_engine"]  # engine fixtures this module uses, imported on purpose
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,6 +70,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_HTTP_HEALTH = {"kind": "http", "path": "/index.html", "interval": 0.1, "startup_timeout": 30.0}
+
+
 @attrs.define
 class ProcessKit:
     """Opens a process backend and spells services as host commands on free ports."""
@@ -74,8 +83,9 @@ class ProcessKit:
 
     name = "process"
 
-    def http_fields(self, port: int, *, delay: float = 0.0) -> dict[str, Any]:
+    def http_fields(self, *, delay: float = 0.0) -> dict[str, Any]:
         """TOML-shaped fields of an HTTP service (also used by the child process test)."""
+        port = free_port()
         busybox = shutil.which("busybox")
         if busybox:
             serve = f"exec {busybox} httpd -f -p 127.0.0.1:{port} -h {self.web_root}"
@@ -84,25 +94,11 @@ class ProcessKit:
                 f"exec {sys.executable} -m http.server --bind 127.0.0.1 --directory {self.web_root} {port}"
             )
         script = f"sleep {delay}; {serve}" if delay else serve
-        return {
-            "command": ["sh", "-c", script],
-            "ports": [f"{port}:{port}"],
-            "health": {"kind": "http", "path": "/index.html", "interval": 0.1, "startup_timeout": 15.0},
-        }
+        return {"command": ["sh", "-c", script], "ports": [f"{port}:{port}"], "health": _HTTP_HEALTH}
 
-    def http(self, name: str, *deps: str, delay: float = 0.0, **fields: Any) -> ServiceSpec:
-        spec = apply_fields(name, self.http_fields(free_port(), delay=delay))
-        return attrs.evolve(spec, depends_on=tuple(DependsOn(d) for d in deps), **fields)
-
-    def script(self, name: str, script: str, **fields: Any) -> ServiceSpec:
-        """A service that runs ``script`` (a failing one, or a one-shot job)."""
-        return ServiceSpec(
-            name=name,
-            command=["sh", "-c", script],
-            ports=[PortMapping(p := free_port(), p)],
-            health=HealthCheck(kind="tcp", interval=0.1, startup_timeout=10.0),
-            **fields,
-        )
+    def script_fields(self, script: str) -> dict[str, Any]:
+        port = free_port()
+        return {"command": ["sh", "-c", script], "ports": [f"{port}:{port}"]}
 
     def redis(self, name: str = "redis") -> ServiceSpec:
         exe = shutil.which("redis-server")
@@ -116,31 +112,148 @@ class ProcessKit:
             health=HealthCheck(kind="redis", interval=0.1),
         )
 
-    def kill_from_outside(self, instance_id: str) -> None:
+    def fixed_port(self, host_port: int) -> PortMapping:
+        """The HTTP service's port published on a fixed host port."""
+        return PortMapping(host_port, host_port)
+
+    def shared_dir(self, host_dir: Path) -> tuple[tuple[VolumeMount, ...], str]:
+        """Where a service writes files the test reads: here, the host directory itself."""
+        return (), str(host_dir)
+
+    async def kill_from_outside(self, instance_id: str) -> None:
         assert isinstance(self.backend, ProcessBackend)
         os.kill(self.backend.main_pid(instance_id), signal.SIGKILL)
 
+    def child_settings(self) -> dict[str, Any]:
+        return {"home": str(self.settings.resolved_home()), "backend": "process"}
 
-@pytest.fixture(params=["process"])
+
+@attrs.define
+class ContainerKit(ProcessKit):
+    """A Docker Engine or Podman backend; services are busybox / redis test images."""
+
+    engine: Any = None
+
+    name = "container"
+
+    def http_fields(self, *, delay: float = 0.0) -> dict[str, Any]:
+        # httpd is not PID 1 (PID 1 ignores SIGTERM): the shell forwards the stop signal.
+        serve = 'httpd -f -p 8080 -h /www & child=$!; trap "kill $child; exit 0" TERM; wait'
+        script = f"sleep {delay}; {serve}" if delay else serve
+        return {
+            "image": self.engine.images.busybox,
+            "command": ["sh", "-c", script],
+            "ports": [{"container_port": 8080, "host_port": 0}],
+            "health": {**_HTTP_HEALTH, "port": 8080},
+        }
+
+    def script_fields(self, script: str) -> dict[str, Any]:
+        return {
+            "image": self.engine.images.busybox,
+            "command": ["sh", "-c", script],
+            "ports": [{"container_port": 8080, "host_port": 0}],
+        }
+
+    def redis(self, name: str = "redis") -> ServiceSpec:
+        command = ["/usr/bin/redis-server", "--port", "6379", "--save", "", "--appendonly", "no"]
+        # Published ports arrive from the bridge, not loopback: protected mode would refuse them.
+        return apply_fields(
+            name,
+            {
+                "image": self.engine.images.redis,
+                "command": [*command, "--protected-mode", "no"],
+                "ports": [{"container_port": 6379, "host_port": 0}],
+                "health": {"kind": "redis", "interval": 0.1},
+            },
+        )
+
+    def fixed_port(self, host_port: int) -> PortMapping:
+        return PortMapping(8080, host_port)
+
+    def shared_dir(self, host_dir: Path) -> tuple[tuple[VolumeMount, ...], str]:
+        return (VolumeMount(str(host_dir), "/shared"),), "/shared"
+
+    async def kill_from_outside(self, instance_id: str) -> None:
+        assert isinstance(self.backend, DockerBackend)
+        await self.backend.docker.containers.container(instance_id).kill(signal="SIGKILL")
+
+    def child_settings(self) -> dict[str, Any]:
+        return {
+            "home": str(self.settings.resolved_home()),
+            "backend": "docker",
+            "docker_host": self.engine.host,
+            "network": self.settings.network,
+            "owner": self.settings.owner,
+        }
+
+
+Kit = ProcessKit
+
+
+def _http(kit: Kit, name: str, *deps: str, delay: float = 0.0, **fields: Any) -> ServiceSpec:
+    spec = apply_fields(name, kit.http_fields(delay=delay))
+    return attrs.evolve(spec, depends_on=tuple(DependsOn(d) for d in deps), **fields)
+
+
+def _script(kit: Kit, name: str, script: str, **fields: Any) -> ServiceSpec:
+    """A service that runs ``script``, probed on a port it never opens (so it must exit)."""
+    spec = apply_fields(name, {**kit.script_fields(script), "health": {"kind": "tcp", "interval": 0.1}})
+    return attrs.evolve(spec, **fields)
+
+
+@pytest.fixture(params=["process", "docker", "podman"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """Which backend the manager tests run on (a container kit can add "docker"/"podman")."""
+    """Which backend the manager tests run on."""
     return str(request.param)
 
 
 @pytest.fixture
-async def kit(backend: str, tmp_path: Path) -> AsyncIterator[ProcessKit]:
-    settings = Settings(home=tmp_path / "state", backend="process")
+def engine_for(backend: str, request: pytest.FixtureRequest) -> Any:
+    # A sync fixture: engine session setup happens outside any running event loop.
+    if backend == "process":
+        return None
+    return request.getfixturevalue(f"{backend}_engine")
+
+
+@contextlib.asynccontextmanager
+async def _open_kit(backend: str, engine: Any, tmp_path: Path) -> AsyncIterator[Kit]:
     root = tmp_path / "www"
     root.mkdir()
     (root / "index.html").write_text("ok\n")
-    async with ProcessBackend(settings) as be:
-        yield ProcessKit(settings=settings, web_root=root, backend=be)
-        # Nothing of this test's owner may be left behind, whatever the test did.
-        for inst in await be.list_instances({LABEL_OWNER: settings.resolved_owner()}):
-            await be.remove(inst.id)
+    if backend == "process":
+        settings = Settings(home=tmp_path / "state", backend="process")
+        be: Backend = ProcessBackend(settings)
+        made: Kit = ProcessKit(settings=settings, web_root=root, backend=be)
+    else:
+        settings = attrs.evolve(engine_settings(tmp_path), backend="docker", docker_host=engine.host)
+        be = DockerBackend(settings, host=engine.host)
+        made = ContainerKit(settings=settings, web_root=root, backend=be, engine=engine)
+    async with be:
+        try:
+            yield made
+        finally:
+            # Nothing of this test's owner may be left behind, whatever the test did.
+            for inst in await be.list_instances({LABEL_OWNER: settings.resolved_owner()}):
+                await be.remove(inst.id)
+            if backend != "process":
+                with contextlib.suppress(Exception):
+                    await (await be.docker.networks.get(settings.network)).delete()  # type: ignore[attr-defined]
 
 
-def _manager(kit: ProcessKit, *specs: ServiceSpec, **kw: Any) -> ServiceManager:
+@pytest.fixture
+async def kit(backend: str, engine_for: Any, tmp_path: Path) -> AsyncIterator[Kit]:
+    async with _open_kit(backend, engine_for, tmp_path) as made:
+        yield made
+
+
+@pytest.fixture
+async def process_kit(tmp_path: Path) -> AsyncIterator[Kit]:
+    """For what only the process backend has (binaries, the auto fallback)."""
+    async with _open_kit("process", None, tmp_path) as made:
+        yield made
+
+
+def _manager(kit: Kit, *specs: ServiceSpec, **kw: Any) -> ServiceManager:
     return ServiceManager(
         kit.settings,
         bus=kw.pop("bus", EventBus()),
@@ -166,19 +279,19 @@ async def _http_ok(host: str, port: int) -> bool:
         return False
 
 
-async def _owned(kit: ProcessKit) -> list[str]:
+async def _owned(kit: Kit) -> list[str]:
     return sorted(
         i.name for i in await kit.backend.list_instances({LABEL_OWNER: kit.settings.resolved_owner()})
     )
 
 
-async def test_three_levels_start_in_order_and_siblings_in_parallel(kit: ProcessKit) -> None:
+async def test_three_levels_start_in_order_and_siblings_in_parallel(kit: Kit) -> None:
     bus = EventBus()
     specs = [
-        kit.http("base-a", delay=0.6),
-        kit.http("base-b", delay=0.6),
-        kit.http("mid", "base-a", "base-b"),
-        kit.http("top", "mid"),
+        _http(kit, "base-a", delay=0.6),
+        _http(kit, "base-b", delay=0.6),
+        _http(kit, "mid", "base-a", "base-b"),
+        _http(kit, "top", "mid"),
     ]
     async with _manager(kit, *specs, bus=bus) as mgr:
         started = time.monotonic()
@@ -206,9 +319,9 @@ async def test_three_levels_start_in_order_and_siblings_in_parallel(kit: Process
         assert await _owned(kit) == []
 
 
-async def test_sequential_start_runs_one_at_a_time(kit: ProcessKit) -> None:
+async def test_sequential_start_runs_one_at_a_time(kit: Kit) -> None:
     bus = EventBus()
-    async with _manager(kit, kit.http("one"), kit.http("two"), bus=bus) as mgr:
+    async with _manager(kit, _http(kit, "one"), _http(kit, "two"), bus=bus) as mgr:
         updates = [u async for u in mgr.start(["one", "two"], parallel=False)]
         starting, healthy = _events(bus, "service_starting"), _events(bus, "service_healthy")
         assert starting["two"].timestamp >= healthy["one"].timestamp
@@ -216,31 +329,33 @@ async def test_sequential_start_runs_one_at_a_time(kit: ProcessKit) -> None:
         await mgr.stop()
 
 
-async def test_cycles_and_unknown_dependencies_are_refused(kit: ProcessKit) -> None:
-    async with _manager(kit, kit.http("a"), kit.http("b", "a")) as mgr:
+async def test_cycles_and_unknown_dependencies_are_refused(kit: Kit) -> None:
+    async with _manager(kit, _http(kit, "a"), _http(kit, "b", "a")) as mgr:
         with pytest.raises(CycleError, match="a -> b -> a"):
-            mgr.add_service(kit.http("a", "b"))
+            mgr.add_service(_http(kit, "a", "b"))
         with pytest.raises(SpecError) as info:
-            mgr.add_service(kit.http("c", "rediss"))
+            mgr.add_service(_http(kit, "c", "rediss"))
         assert info.value.field == "services.c.depends_on"
         with pytest.raises(NotFound, match="unknown service 'nope'"):
             await mgr.ensure(["nope"])
         with pytest.raises(CycleError):
             async for _ in mgr.start(["a"], overrides={"a.depends_on": '["b"]'}):
                 pass
-        clash = kit.http("d")
-        mgr.add_service(attrs.evolve(clash, ports=mgr.catalog["a"].ports))
-        with pytest.raises(SpecError, match="already published"):
-            await mgr.ensure(["a", "d"])
+        taken = kit.fixed_port(free_port())
+        mgr.add_service(attrs.evolve(_http(kit, "d"), ports=(taken,)))
+        mgr.add_service(attrs.evolve(_http(kit, "e"), ports=(taken,)))
+        with pytest.raises(SpecError, match="already published") as clash:
+            await mgr.ensure(["d", "e"])
+        assert clash.value.field == "services.e.ports"
         assert await _owned(kit) == []  # nothing was started for refused graphs
 
 
-async def test_failing_optional_service_does_not_block_the_rest(kit: ProcessKit) -> None:
+async def test_failing_optional_service_does_not_block_the_rest(kit: Kit) -> None:
     metrics = InfraMetrics()
     specs = [
-        kit.http("web"),
-        kit.script("flaky", "echo cannot start >&2; exit 1", required=False),
-        kit.http("needs-flaky", "flaky", required=False),
+        _http(kit, "web"),
+        _script(kit, "flaky", "echo cannot start >&2; exit 1", required=False),
+        _http(kit, "needs-flaky", "flaky", required=False),
     ]
     async with _manager(kit, *specs, metrics=metrics) as mgr:
         updates = [u async for u in mgr.start(["web", "needs-flaky"])]
@@ -259,12 +374,12 @@ async def test_failing_optional_service_does_not_block_the_rest(kit: ProcessKit)
         await mgr.stop()
 
 
-async def test_failing_required_service_stops_the_start_with_its_reason(kit: ProcessKit) -> None:
+async def test_failing_required_service_stops_the_start_with_its_reason(kit: Kit) -> None:
     bus = EventBus()
     specs = [
-        kit.http("sibling"),
-        kit.script("broken", "echo 'config error: no such key' >&2; sleep 0.3; exit 2"),
-        kit.http("app", "broken", "sibling"),
+        _http(kit, "sibling"),
+        _script(kit, "broken", "echo 'config error: no such key' >&2; sleep 0.3; exit 2"),
+        _http(kit, "app", "broken", "sibling"),
     ]
     async with _manager(kit, *specs, bus=bus) as mgr:
         with pytest.raises(HealthCheckFailed) as info:
@@ -279,15 +394,17 @@ async def test_failing_required_service_stops_the_start_with_its_reason(kit: Pro
         assert {s.status for s in statuses.values()} == {ServiceStatus.STOPPED}
 
 
-async def test_one_shot_job_gates_its_dependent(kit: ProcessKit, tmp_path: Path) -> None:
+async def test_one_shot_job_gates_its_dependent(kit: Kit, tmp_path: Path) -> None:
     bus = EventBus()
+    volumes, inside = kit.shared_dir(tmp_path)
     marker = tmp_path / "migrated"
-    init = ServiceSpec(
-        name="migrate",
-        command=["sh", "-c", f"sleep 0.2; echo migrated > {marker}"],
+    init = attrs.evolve(
+        apply_fields("migrate", kit.script_fields(f"sleep 0.2; echo migrated > {inside}/migrated")),
+        ports=(),
+        volumes=volumes,
         one_shot=True,
     )
-    app = kit.http("app")
+    app = _http(kit, "app")
     app = attrs.evolve(app, depends_on=(DependsOn("migrate", "service_completed_successfully"),))
     async with _manager(kit, init, app, bus=bus) as mgr:
         assert await mgr.ensure(["app"]) == ["migrate", "app"]
@@ -299,13 +416,13 @@ async def test_one_shot_job_gates_its_dependent(kit: ProcessKit, tmp_path: Path)
         await mgr.stop()
 
 
-async def test_monitor_restarts_a_service_killed_from_outside(kit: ProcessKit) -> None:
+async def test_monitor_restarts_a_service_killed_from_outside(kit: Kit) -> None:
     bus = EventBus()
-    web = kit.http("web", restart=RestartPolicy(backoff=0.05, max_restarts=3))
+    web = _http(kit, "web", restart=RestartPolicy(backoff=0.05, max_restarts=3))
     async with _manager(kit, web, bus=bus) as mgr:
         await mgr.ensure(["web"])
         first = (await mgr.status(["web"]))["web"]
-        kit.kill_from_outside(first.instance_id)
+        await kit.kill_from_outside(first.instance_id)
         with anyio.fail_after(20):
             async for event in bus.subscribe(["service_restarted"], since=0):
                 if event.resource_id == "web":
@@ -319,12 +436,12 @@ async def test_monitor_restarts_a_service_killed_from_outside(kit: ProcessKit) -
         await mgr.stop(["web"])
 
 
-async def test_restart_policy_no_marks_the_service_failed(kit: ProcessKit) -> None:
+async def test_restart_policy_no_marks_the_service_failed(kit: Kit) -> None:
     bus = EventBus()
-    web = kit.http("web", restart=RestartPolicy(mode="no"))
+    web = _http(kit, "web", restart=RestartPolicy(mode="no"))
     async with _manager(kit, web, bus=bus) as mgr:
         await mgr.ensure(["web"])
-        kit.kill_from_outside((await mgr.status(["web"]))["web"].instance_id)
+        await kit.kill_from_outside((await mgr.status(["web"]))["web"].instance_id)
         with anyio.fail_after(10):
             async for event in bus.subscribe(["service_failed"], since=0):
                 if event.resource_id == "web":
@@ -334,8 +451,8 @@ async def test_restart_policy_no_marks_the_service_failed(kit: ProcessKit) -> No
         await mgr.stop()
 
 
-async def test_adoption_across_managers_and_recreate_on_spec_change(kit: ProcessKit) -> None:
-    web = kit.http("web")
+async def test_adoption_across_managers_and_recreate_on_spec_change(kit: Kit) -> None:
+    web = _http(kit, "web")
     async with _manager(kit, web) as first:
         await first.ensure(["web"])
         before = (await first.status(["web"]))["web"]
@@ -366,9 +483,9 @@ from dspy_infra.services.catalog import apply_fields
 from dspy_infra.services.manager import ServiceManager
 
 async def main():
-    home, fields = sys.argv[1], json.loads(sys.argv[2])
+    settings, fields = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     specs = [apply_fields(name, f) for name, f in fields.items()]
-    mgr = ServiceManager(Settings(home=home, backend="process"), bus=EventBus(), metrics=InfraMetrics(),
+    mgr = ServiceManager(Settings(**settings), bus=EventBus(), metrics=InfraMetrics(),
                          plugins=build_plugin_manager(load_entry_points=False), extra_services=specs)
     async with mgr:
         await mgr.ensure(sorted(fields))
@@ -379,46 +496,48 @@ anyio.run(main)
 """
 
 
-async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: ProcessKit) -> None:
-    fields = {"keep": kit.http_fields(free_port()), "orphan": kit.http_fields(free_port())}
+async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> None:
+    fields = {"keep": kit.http_fields(), "orphan": kit.http_fields()}
     child = await anyio.open_process(
-        [sys.executable, "-c", _CHILD, str(kit.settings.resolved_home()), json.dumps(fields)],
+        [sys.executable, "-c", _CHILD, json.dumps(kit.child_settings()), json.dumps(fields)],
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
         assert child.stdout is not None
-        with anyio.fail_after(30):
+        with anyio.fail_after(60):
             line = await child.stdout.receive()
         assert line.startswith(b"ready"), line
     finally:
         child.kill()  # SIGKILL: the owner gets no chance to clean up
         await child.wait()
         await child.aclose()
-    orphan_port = int(fields["orphan"]["ports"][0].split(":")[0])
-    assert await _http_ok("127.0.0.1", orphan_port)  # its services outlived it
+    owner = {LABEL_OWNER: kit.settings.resolved_owner()}
+    listed = {i.labels["dspy_infra.service"]: i for i in await kit.backend.list_instances(owner)}
+    web_port = apply_fields("orphan", fields["orphan"]).ports[0].container_port
+    orphan_address = kit.backend.probe_address(listed["orphan"], web_port)
+    assert await _http_ok(*orphan_address)  # its services outlived it
 
     bus = EventBus()
     keep = apply_fields("keep", fields["keep"])
     async with _manager(kit, keep, apply_fields("orphan", fields["orphan"]), bus=bus) as mgr:
-        listed = {i.labels["dspy_infra.service"]: i for i in await kit.backend.list_instances({})}
         assert await mgr.ensure(["keep"]) == ["keep"]
         assert _events(bus, "service_healthy")["keep"].data["adopted"] == "True"
         assert (await mgr.status(["keep"]))["keep"].started_at == listed["keep"].started_at
         assert "orphan" in _events(bus, "service_orphan_removed")
-        assert not await _http_ok("127.0.0.1", orphan_port)
+        assert not await _http_ok(*orphan_address)
         assert await _owned(kit) == [listed["keep"].name]
         await mgr.stop()
     assert await _owned(kit) == []
 
 
-async def test_real_redis_as_a_local_process(kit: ProcessKit) -> None:
+async def test_real_redis(kit: Kit) -> None:
     redis = kit.redis()
-    port = redis.ports[0].container_port
+    container_port = redis.ports[0].container_port
     async with _manager(kit, redis) as mgr:
         updates: list[ServiceStatusUpdate] = [u async for u in mgr.start(["redis"])]
         assert updates[-1].status == ServiceStatus.HEALTHY and "+PONG" in updates[-1].message
-        host, got_port = mgr.endpoint("redis")
-        assert (host, got_port) == ("127.0.0.1", port)
+        host, port = mgr.endpoint("redis")
+        assert host == "127.0.0.1" and port > 0
         async with await anyio.connect_tcp(host, port) as stream:
             await stream.send(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
             data = b""
@@ -428,10 +547,10 @@ async def test_real_redis_as_a_local_process(kit: ProcessKit) -> None:
         assert data.startswith(b"+OK\r\n$5\r\nhello")
 
         state = (await mgr.status(["redis"]))["redis"]
-        assert state.status == ServiceStatus.HEALTHY and state.ports == {port: port}
+        assert state.status == ServiceStatus.HEALTHY and state.ports == {container_port: port}
         assert state.resource_usage.memory_bytes > 1_000_000  # a real redis-server's RSS
         assert state.health_checks == {"redis": "redis PING answered +PONG"}
-        assert state.backend == "process" and state.instance_id
+        assert state.backend == kit.backend.name and state.instance_id
 
         lines = [e.message async for e in mgr.logs("redis")]
         assert any("Ready to accept connections" in ln for ln in lines)
@@ -453,12 +572,9 @@ async def test_real_redis_as_a_local_process(kit: ProcessKit) -> None:
             [e async for e in mgr.logs("redis")]
 
 
-async def test_follow_logs_until_the_service_exits(kit: ProcessKit) -> None:
-    job = ServiceSpec(
-        name="talker",
-        command=["sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.1; done"],
-        one_shot=True,
-    )
+async def test_follow_logs_until_the_service_exits(kit: Kit) -> None:
+    fields = kit.script_fields("for i in 1 2 3; do echo line $i; sleep 0.1; done")
+    job = attrs.evolve(apply_fields("talker", fields), ports=(), one_shot=True)
     async with _manager(kit, job) as mgr:
         async with anyio.create_task_group() as tg:
             tg.start_soon(mgr.ensure, ["talker"])
@@ -473,7 +589,8 @@ async def test_follow_logs_until_the_service_exits(kit: ProcessKit) -> None:
         await mgr.stop()
 
 
-async def test_resources_pull_and_missing_binary(kit: ProcessKit) -> None:
+async def test_resources_pull_and_missing_binary(process_kit: Kit) -> None:
+    kit = process_kit
     queues = {"cpu_short": QueueStatus("cpu_short", depth=3, inflight=2, limit=4, min_limit=1, max_limit=8)}
     ghost = ServiceSpec(name="ghost", command=["no-such-binary-xyz"], required=True)
     async with _manager(kit, ghost, queue_status=lambda: queues) as mgr:
@@ -495,7 +612,8 @@ async def test_resources_pull_and_missing_binary(kit: ProcessKit) -> None:
         assert await _owned(kit) == []
 
 
-async def test_auto_backend_falls_back_to_process_without_an_engine(kit: ProcessKit) -> None:
+async def test_auto_backend_falls_back_to_process_without_an_engine(process_kit: Kit) -> None:
+    kit = process_kit
     settings = Settings(home=kit.settings.home, backend="auto", docker_host="unix:///nonexistent/docker.sock")
     mgr = ServiceManager(
         settings,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import random
 import time
 from typing import ClassVar
@@ -96,15 +97,31 @@ class Probe(abc.ABC):
 
 
 class TcpProbe(Probe):
-    """Ready when the port accepts a TCP connection."""
+    """Ready when the port accepts a TCP connection that stays open.
+
+    A container engine's port proxy (docker-proxy, Podman's forwarder) accepts on the host
+    port as soon as the container runs, then closes the connection at once when nothing
+    listens inside. So an accept alone proves nothing: the connection must also survive a
+    short grace period without being closed by the peer."""
 
     kind = "tcp"
+    #: How long an accepted connection must stay open. A proxy with nothing behind it closes
+    #: within a millisecond or two; a real server waits for the client to speak.
+    grace: ClassVar[float] = 0.02
 
     async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
         host, port = self._address(backend, spec, instance)
-        _reader, writer = await asyncio.open_connection(host, port)
-        writer.close()
-        await writer.wait_closed()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            closed = False
+            with anyio.move_on_after(min(self.grace, self.health.timeout / 2)):
+                closed = await reader.read(1) == b""
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if closed:
+            return False, f"tcp {host}:{port} accepted, then closed at once (nothing listening behind it)"
         return True, f"tcp {host}:{port} accepts connections"
 
 

@@ -123,7 +123,7 @@ class _StartRun:
     reason: dict[str, str] = attrs.field(factory=dict)
     errors: dict[str, BaseException] = attrs.field(factory=dict)
     created: list[str] = attrs.field(factory=list)
-    unprepared: dict[str, BackendError] = attrs.field(factory=dict)
+    unprepared: dict[str, InfraError] = attrs.field(factory=dict)
     finished: int = 0
 
     @property
@@ -382,16 +382,16 @@ class ServiceManager:
 
     async def _prepare(self, run: _StartRun) -> None:
         """Backend preparation once; when it refuses, find out which services it refuses (so
-        an optional service without a binary does not block the rest)."""
+        an optional service without a binary or image does not block the rest)."""
         try:
             await self.backend.prepare(list(run.specs.values()))
             return
-        except BackendError:
+        except InfraError:
             pass
         for name, spec in run.specs.items():
             try:
                 await self.backend.prepare([spec])
-            except BackendError as exc:
+            except InfraError as exc:
                 run.unprepared[name] = exc
 
     async def _notify(self, run: _StartRun, name: str, status: ServiceStatus, message: str) -> None:
