@@ -7,6 +7,8 @@ Its command line carries a per-test token, so "nothing left behind" is checked b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -17,7 +19,9 @@ import time
 import uuid
 from pathlib import Path
 
+import aiodocker
 import pytest
+from engines import Engine, docker_engine, engine, engine_kind, podman_engine, unique_name  # noqa: F401  (fixtures, used by name)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -276,3 +280,90 @@ def test_dead_pids_are_not_alive() -> None:
     proc.wait()
     assert _pid_alive(os.getpid())
     assert not _pid_alive(proc.pid)
+
+
+# -- container engines ------------------------------------------------------------------------
+
+ENGINE_CONFTEST = """
+import os
+import pytest
+from dspy_infra import HealthCheck, PortMapping, ServiceSpec
+
+@pytest.fixture(scope="session")
+def infra_config():
+    return {"docker_host": os.environ["ENGINE_HOST"], "network": os.environ["ENGINE_NETWORK"]}
+
+@pytest.fixture(scope="session")
+def infra_service_specs():
+    return [
+        ServiceSpec(
+            name="cache",
+            image=os.environ["ENGINE_IMAGE"],
+            ports=[PortMapping(container_port=6379, host_port=0)],
+            health=HealthCheck(kind="redis", startup_timeout=30),
+            labels={"test_token": os.environ["ENGINE_TOKEN"]},
+        )
+    ]
+"""
+
+
+def _containers(host: str, token: str) -> list[str]:
+    async def listing() -> list[str]:
+        async with aiodocker.Docker(url=host) as docker:
+            found = await docker.containers.list(all=True, filters={"label": [f"test_token={token}"]})
+            return [c.id for c in found]
+
+    return asyncio.run(listing())
+
+
+def _remove_network(host: str, name: str) -> None:
+    async def remove() -> None:
+        async with aiodocker.Docker(url=host) as docker:
+            with contextlib.suppress(aiodocker.DockerError):
+                await (await docker.networks.get(name)).delete()
+
+    asyncio.run(remove())
+
+
+def test_ctrl_c_leaves_no_container_behind(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    engine: Engine,  # noqa: F811  (the fixture imported above)
+) -> None:
+    token, network = f"dspy-plugin-{uuid.uuid4().hex[:10]}", unique_name("net")
+    for key, value in {
+        "ENGINE_HOST": engine.host,
+        "ENGINE_NETWORK": network,
+        "ENGINE_IMAGE": engine.images.redis,
+        "ENGINE_TOKEN": token,
+    }.items():
+        monkeypatch.setenv(key, value)
+    pytester.makeconftest(ENGINE_CONFTEST)
+    pytester.makepyfile(
+        """
+        import os, signal, socket
+        import pytest
+
+        @pytest.mark.infra_services("cache")
+        def test_interrupted(infra_endpoints):
+            ep = infra_endpoints["cache"]
+            with socket.create_connection((ep.host, ep.port), timeout=5) as s:
+                s.sendall(b"PING\\r\\n")
+                assert s.recv(16) == b"+PONG\\r\\n"
+            with open("endpoint.txt", "w") as fh:
+                fh.write(str(ep.port))
+            os.kill(os.getpid(), signal.SIGINT)
+        """
+    )
+    try:
+        result = pytester.runpytest_subprocess("--infra-backend", "docker", "-p", "no:cacheprovider")
+        assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+        port = int((pytester.path / "endpoint.txt").read_text())  # the test really reached Redis
+        assert _containers(engine.host, token) == []
+        assert not port_open(port)
+    finally:
+        for container in _containers(engine.host, token):  # never leak into the shared engine
+            subprocess.run(
+                ["docker", "-H", engine.host, "rm", "-f", container], capture_output=True, check=False
+            )
+        _remove_network(engine.host, network)
