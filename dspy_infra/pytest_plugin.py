@@ -347,6 +347,8 @@ class _Session:
             if self._led:
                 self._wait_for_attached()
                 self._stop_led()
+            else:
+                self._forget_own_entries()  # e.g. a start that failed here
         finally:
             self._close_infras()
 
@@ -358,6 +360,12 @@ class _Session:
                 entry = state["services"].get(name)
                 if entry is not None and self.pid in entry.get("attached", []):
                     entry["attached"].remove(self.pid)
+
+    def _forget_own_entries(self) -> None:
+        with self.coordinator.locked() as state:
+            for name in list(state["services"]):
+                if state["services"][name].get("leader") == self.pid:
+                    del state["services"][name]
 
     def _wait_for_attached(self) -> None:
         deadline = time.monotonic() + _DETACH_TIMEOUT
@@ -381,10 +389,7 @@ class _Session:
                     f"dspy_infra: workers {sorted(users)} still use services led by {self.pid}; stopping anyway",
                     stacklevel=1,
                 )
-                with self.coordinator.locked() as state:
-                    for name in list(state["services"]):
-                        if state["services"][name].get("leader") == self.pid:
-                            del state["services"][name]
+                self._forget_own_entries()
                 return
             time.sleep(_POLL)
 

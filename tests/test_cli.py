@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -61,6 +62,20 @@ def run(
         timeout=timeout,
         check=False,
     )
+
+
+def read_line_containing(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
+    """The first stdout line of ``proc`` containing ``needle``; "" after ``timeout`` seconds."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line or needle in line:
+            return line
+    return ""
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -416,3 +431,25 @@ def test_workflow_create_run_follow_status_embedded(tmp_path: Path) -> None:
     }
     missing = run(*base, "workflow", "status", "run-nope", cwd=tmp_path)
     assert_one_line_error(missing, 2, "run-nope")
+
+
+def test_events_follow_streams_live_and_ctrl_c_exits_quietly(server: Server) -> None:
+    follower = subprocess.Popen(
+        [CLI, "--addr", server.addr, "events", "-f", "--type", "task_completed"],
+        cwd=server.cwd,
+        env=server.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # let it subscribe (events before that are replayed anyway: since=all)
+        done = server.cli("submit", "live-1", "--payload", "handler=noop", "--wait")
+        assert done.returncode == 0, done.stderr
+        line = read_line_containing(follower, "live-1", timeout=15)
+        assert re.search(r"task_completed live-1\b", line), line
+    finally:
+        follower.send_signal(signal.SIGINT)
+        code = follower.wait(timeout=15)
+    assert code == 130
+    assert follower.stderr is not None and "Traceback" not in follower.stderr.read()
