@@ -200,3 +200,17 @@ def test_every_env_manager_rpc(stubs: dict[str, Any], server: ServeProcess) -> N
             pb.StopServicesRequest(service_names=["redis"], timeout_seconds=10), timeout=30
         )
         assert stopped.success and "redis" in stopped.service_results
+
+
+def test_standard_grpc_health_service(server: ServeProcess) -> None:
+    from grpclib.health.v1 import health_pb2
+
+    for port in (server.grpc_port, server.env_manager_port):
+        with grpc.insecure_channel(f"{server.host}:{port}") as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            reply = check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING

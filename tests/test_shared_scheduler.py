@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -110,3 +111,48 @@ async def test_connect_times_out_on_a_silent_listener() -> None:
         began = time.perf_counter()
         assert await RemoteInfra.connect(addr, required=False, timeout=0.3) is None
         assert time.perf_counter() - began < 1.0
+
+
+def test_sigterm_drains_running_tasks_and_keeps_queued_ones(tmp_path: Path) -> None:
+    import anyio
+
+    from dspy_infra.rpc.client import OrchestratorClient
+
+    home = tmp_path / "server"
+    # One cpu_long slot: the first task runs, the second waits in the queue.
+    classes = {
+        "cpu_long": {"min_concurrency": 1, "base_concurrency": 1, "max_concurrency": 1, "adaptive": False}
+    }
+    with serve_process(home, task_classes=classes, shutdown_grace=20.0) as server:
+
+        async def submit() -> None:
+            async with OrchestratorClient.connect(server.addr) as orch:
+                await orch.submit_task("running", "cpu_long", {"handler": "sleep", "seconds": "1.5"})
+                await orch.submit_task("queued", "cpu_long", {"handler": "noop"})
+                for _ in range(100):
+                    if (await orch.get_task_status("running")).status == "running":
+                        break
+                    await anyio.sleep(0.05)
+
+        anyio.run(submit)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+    # Restart on the same state directory: the running task had finished before exit, the
+    # queued one survived and now runs.
+    with serve_process(home, task_classes=classes) as again:
+
+        async def check() -> None:
+            async with OrchestratorClient.connect(again.addr) as orch:
+                finished = await orch.get_task_status("running")
+                assert finished.status == "completed", finished
+                assert (await orch.wait("queued", timeout=30)).status == "completed"
+
+        anyio.run(check)
+
+
+def test_env_manager_on_the_same_port_is_served_once(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with serve_process(tmp_path / "server", grpc_port=port, env_manager_port=port) as server:
+        assert server.grpc_port == server.env_manager_port == port

@@ -579,20 +579,18 @@ class InfraServer:
         check_bind(self.settings)
         tls = server_ssl_context(self.settings)
         try:
-            orchestrator, env_manager = OrchestratorService(self.infra), EnvManagerService(self.infra)
-            main = grpclib.server.Server([orchestrator, env_manager, Health()])
-            grpclib.events.listen(main, grpclib.events.RecvRequest, _guard(self.settings.token))
-            self._grpc.append(main)
-            sock = _listen(self.host, self.settings.grpc_port)
-            self.grpc_port = sock.getsockname()[1]
-            await main.start(sock=sock, ssl=tls)
-
-            env_only = grpclib.server.Server([EnvManagerService(self.infra), Health()])
-            grpclib.events.listen(env_only, grpclib.events.RecvRequest, _guard(self.settings.token))
-            self._grpc.append(env_only)
-            sock = _listen(self.host, self.settings.env_manager_port)
-            self.env_manager_port = sock.getsockname()[1]
-            await env_only.start(sock=sock, ssl=tls)
+            env_manager = EnvManagerService(self.infra)
+            self.grpc_port = await self._serve_grpc(
+                [OrchestratorService(self.infra), env_manager], self.settings.grpc_port, tls
+            )
+            # The env manager also answers on its own port, as the old stack's did (unless
+            # configured onto the same port, where it is already served).
+            if self.settings.env_manager_port and self.settings.env_manager_port == self.settings.grpc_port:
+                self.env_manager_port = self.grpc_port
+            else:
+                self.env_manager_port = await self._serve_grpc(
+                    [env_manager], self.settings.env_manager_port, tls
+                )
 
             self._http = web.AppRunner(build_app(self.infra, self.settings), access_log=None)
             await self._http.setup()
@@ -603,6 +601,15 @@ class InfraServer:
             await self.aclose()
             raise
         return self
+
+    async def _serve_grpc(self, services: list[Any], port: int, tls: ssl.SSLContext | None) -> int:
+        """Serve ``services`` + grpc.health.v1 behind the guard on ``port``; the bound port."""
+        server = grpclib.server.Server([*services, Health()])
+        grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(self.settings.token))
+        sock = _listen(self.host, port)
+        self._grpc.append(server)
+        await server.start(sock=sock, ssl=tls)
+        return int(sock.getsockname()[1])
 
     async def aclose(self) -> None:
         """Stop accepting and end the calls in progress (streams end; clients see UNAVAILABLE)."""
