@@ -578,13 +578,13 @@ async def test_follow_logs_until_the_service_exits(kit: Kit) -> None:
     async with _manager(kit, job) as mgr:
         async with anyio.create_task_group() as tg:
             tg.start_soon(mgr.ensure, ["talker"])
-            with anyio.fail_after(10):
-                while True:
-                    try:
-                        lines = [e.message async for e in mgr.logs("talker", follow=True)]
+            owner = {LABEL_OWNER: kit.settings.resolved_owner()}
+            with anyio.fail_after(20):
+                while True:  # follow from the moment the job runs
+                    if any(i.state == "running" for i in await kit.backend.list_instances(owner)):
                         break
-                    except NotFound:
-                        await anyio.sleep(0.01)
+                    await anyio.sleep(0.005)
+                lines = [e.message async for e in mgr.logs("talker", follow=True)]
         assert lines[-1] == "line 3"
         await mgr.stop()
 
