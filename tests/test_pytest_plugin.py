@@ -367,3 +367,48 @@ def test_ctrl_c_leaves_no_container_behind(
                 ["docker", "-H", engine.host, "rm", "-f", container], capture_output=True, check=False
             )
         _remove_network(engine.host, network)
+
+
+def test_a_service_that_fails_to_start_errors_clearly(pytester: pytest.Pytester) -> None:
+    port = free_port()
+    pytester.makeconftest(
+        f"""
+        import sys
+        import pytest
+        from dspy_infra import HealthCheck, PortMapping, RestartPolicy, ServiceSpec
+
+        @pytest.fixture(scope="session")
+        def infra_service_specs():
+            return [
+                ServiceSpec(
+                    name="broken",
+                    command=[sys.executable, "-c", "print('boom: no config', flush=True); raise SystemExit(3)"],
+                    ports=[PortMapping(container_port={port})],
+                    health=HealthCheck(kind="tcp", startup_timeout=5),
+                    restart=RestartPolicy(mode="no"),
+                )
+            ]
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.infra_services("broken")
+        def test_one():
+            pass
+
+        @pytest.mark.infra_services("broken")
+        def test_two():
+            pass
+
+        def test_unaffected():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=2)
+    text = result.stdout.str()
+    assert "service 'broken' did not become healthy" in text
+    assert "boom: no config" in text  # the service's last log lines are in the error
+    assert "Traceback" not in text.split("short test summary")[-1]
