@@ -35,7 +35,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.handlers import PermanentFailure, TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.workflows import RunState, RunStatus, StepStatus, WorkflowEngine
+from dspy_infra.scheduler.workflows import RunState, RunStatus, RunUpdate, StepStatus, WorkflowEngine
 
 
 @attrs.frozen
@@ -135,20 +135,19 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             yield Harness(portal, engine, log)
 
 
-async def _run(engine: WorkflowEngine, dag: Dag) -> RunState:
+async def _run(engine: WorkflowEngine, dag: Dag) -> tuple[RunState, list[RunUpdate]]:
     wf_id = "p-" + uuid.uuid4().hex[:12]
     await engine.create_workflow(wf_id, spec=dag.spec())
     run_id = await engine.start_run(wf_id)
     with anyio.fail_after(60):
-        async for _ in engine.run_status(run_id):
-            pass
-    return await engine.get_run(run_id)
+        updates = [u async for u in engine.run_status(run_id)]
+    return await engine.get_run(run_id), updates
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dag=dags())
 def test_random_dags_respect_order_budgets_and_failure_policy(harness: Harness, dag: Dag) -> None:
-    run = harness.portal.call(_run, harness.engine, dag)
+    run, updates = harness.portal.call(_run, harness.engine, dag)
     prefix = run.run_id + "."
     events = [
         (i, kind, tid[len(prefix) :], att)
@@ -211,3 +210,8 @@ def test_random_dags_respect_order_budgets_and_failure_policy(harness: Harness, 
     assert run.status is (RunStatus.FAILED if failed else RunStatus.COMPLETED)
     assert run.steps_completed == sum(1 for s in status.values() if s is StepStatus.COMPLETED)
     assert (run.error != "") == bool(failed)
+    # The status stream agrees too: counts never go down, and it ends with the final state.
+    counts = [u.steps_completed for u in updates]
+    assert counts == sorted(counts) and all(u.total_steps == len(dag.deps) for u in updates)
+    assert updates[-1].status is run.status and counts[-1] == run.steps_completed
+    assert [u.status.terminal for u in updates].count(True) == 1

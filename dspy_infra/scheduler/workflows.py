@@ -650,7 +650,7 @@ class _Store:
     worker thread; a capacity limiter of one keeps them in submission order. Step rows, the
     frequent writes, are group-committed."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         self._path = path
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
@@ -661,16 +661,10 @@ class _Store:
         await self._call(self._open_sync)
 
     def _open_sync(self) -> None:
-        if self._path is not None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(
-            str(self._path) if self._path is not None else ":memory:",
-            check_same_thread=False,
-            isolation_level=None,
-        )
-        if self._path is not None:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self._path), check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
         self._db = db
@@ -684,7 +678,7 @@ class _Store:
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except (sqlite3.Error, OSError) as exc:
-            raise translate_sqlite_error(exc, self._path or ":memory:") from exc
+            raise translate_sqlite_error(exc, self._path) from exc
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -832,6 +826,60 @@ class _Store:
         return [r[0] for r in await self._call(go)]
 
 
+class _MemoryStore:
+    """``_Store``'s interface over plain dicts, for ``settings.durable = False``: nothing to
+    write, so nothing leaves the event loop."""
+
+    def __init__(self) -> None:
+        self._workflows: dict[str, Workflow] = {}
+        #: run id -> (state, cancel requested); insertion order is creation order.
+        self._runs: dict[str, tuple[RunState, bool]] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def insert_workflow(self, wf: Workflow) -> Workflow | None:
+        existing = self._workflows.get(wf.id)
+        if existing is None:
+            self._workflows[wf.id] = wf
+        return existing
+
+    async def workflows(self) -> list[Workflow]:
+        return list(self._workflows.values())
+
+    async def insert_run(self, run: RunState) -> bool:
+        if run.run_id in self._runs:
+            return False
+        self._runs[run.run_id] = (run, False)
+        return True
+
+    async def save_run(self, run: RunState, *, cancel_requested: bool) -> None:
+        stored = self._runs[run.run_id][0]
+        self._runs[run.run_id] = (
+            attrs.evolve(
+                stored, status=run.status, output=run.output, error=run.error, updated_at=run.updated_at
+            ),
+            cancel_requested,
+        )
+
+    async def save_step(self, run_id: str, step: StepState) -> None:
+        stored, cancel_requested = self._runs[run_id]
+        self._runs[run_id] = (attrs.evolve(stored, steps={**stored.steps, step.name: step}), cancel_requested)
+
+    async def load_run(self, run_id: str) -> tuple[RunState, bool] | None:
+        return self._runs.get(run_id)
+
+    async def unfinished_run_ids(self) -> list[str]:
+        return [rid for rid, (run, _) in self._runs.items() if not run.status.terminal]
+
+    async def run_ids(self, workflow_id: str | None, limit: int) -> list[str]:
+        ids = [rid for rid, (run, _) in self._runs.items() if workflow_id in (None, run.workflow_id)]
+        return ids[::-1][:limit]
+
+
 def _step_row(run_id: str, s: StepState) -> tuple[Any, ...]:
     return (
         run_id,
@@ -904,22 +952,46 @@ class _LiveRun:
         self.stop_new = False
         #: Set when the engine stops driving this run (shutdown); wakes status readers.
         self.closed = False
+        self.completed = state.steps_completed
         self.updates: list[RunUpdate] = [state.to_update()]
         self.wakeup = anyio.Event()
         self.finished = anyio.Event()
         self.step_done = {name: anyio.Event() for name in state.steps}
 
     def publish(self, current_step: str = "") -> None:
-        self.updates.append(self.state.to_update(current_step))
+        state = self.state
+        # The count is kept incrementally: recounting every step on every change would make
+        # a run quadratic in its number of steps.
+        self.updates.append(
+            RunUpdate(
+                run_id=state.run_id,
+                status=state.status,
+                current_step=current_step,
+                steps_completed=self.completed,
+                total_steps=len(state.steps),
+                output=dict(state.output),
+                error=state.error,
+            )
+        )
         self._wake()
+
+    def set_step(self, step: StepState) -> None:
+        """Replace one step's state (and keep the completed count)."""
+        state = self.state
+        old = state.steps[step.name]
+        self.completed += (step.status is StepStatus.COMPLETED) - (old.status is StepStatus.COMPLETED)
+        self.state = attrs.evolve(state, steps={**state.steps, step.name: step}, updated_at=time.time())
 
     def close(self) -> None:
         self.closed = True
         self._wake()
 
     def _wake(self) -> None:
-        wakeup, self.wakeup = self.wakeup, anyio.Event()
-        wakeup.set()
+        # Readers check for new updates right before waiting (no await in between), so with
+        # nobody waiting there is nothing to wake and the event can stay.
+        if self.wakeup.statistics().tasks_waiting:
+            wakeup, self.wakeup = self.wakeup, anyio.Event()
+            wakeup.set()
 
 
 class WorkflowEngine:
@@ -933,8 +1005,9 @@ class WorkflowEngine:
         self.settings = settings
         self.scheduler = scheduler
         self.bus = bus
-        path = settings.resolved_home() / "workflows.db" if settings.durable else None
-        self._store = _Store(path)
+        self._store: _Store | _MemoryStore = (
+            _Store(settings.resolved_home() / "workflows.db") if settings.durable else _MemoryStore()
+        )
         self._tg: anyio.abc.TaskGroup | None = None
         self._live: dict[str, _LiveRun] = {}
         self._workflows: dict[str, Workflow] = {}
@@ -1267,9 +1340,7 @@ class WorkflowEngine:
 
     async def _set_step(self, live: _LiveRun, name: str, **changes: Any) -> None:
         step = attrs.evolve(live.state.steps[name], **changes)
-        steps = dict(live.state.steps)
-        steps[name] = step
-        live.state = attrs.evolve(live.state, steps=steps, updated_at=time.time())
+        live.set_step(step)
         # Published with the change itself (so each update counts exactly the steps done by
         # then); dependents start only after the save below, which is what durability needs.
         live.publish(name)
