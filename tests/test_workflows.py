@@ -630,3 +630,15 @@ async def test_cancel_at_any_moment_after_start_ends_the_run_promptly(tmp_path: 
         assert {s.status for s in run.steps.values()} <= {StepStatus.CANCELLED}
         for task in await scheduler.list_tasks(workflow_id="racy"):
             assert task.status is TaskStatus.CANCELLED
+
+
+async def test_a_stored_run_lists_its_steps_in_declaration_order(tmp_path: Path) -> None:
+    names = ["zeta", "alpha", "mid", "beta"]
+    async with running(tmp_path) as (_s, engine, _bus):
+        await engine.create_workflow("order", spec=spec_of(*(noop(n) for n in names)))
+        run_id = await engine.start_run("order")
+        assert list((await engine.get_run(run_id)).steps) == names
+        await final(engine, run_id)
+        assert list((await engine.get_run(run_id)).steps) == names
+    async with running(tmp_path) as (_s, engine, _bus):
+        assert list((await engine.get_run(run_id)).steps) == names

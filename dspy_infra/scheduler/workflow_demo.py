@@ -14,7 +14,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+
+from ..errors import TaskError
 
 __all__ = ["DEMO_WORKFLOW", "DEMO_WORKFLOW_ID", "workflow_section"]
 
@@ -68,7 +71,7 @@ _STYLE = {
 
 
 def _table(run: Any, started: float) -> Table:
-    table = Table(title=f"workflow run {run.run_id} ({run.status})", title_justify="left")
+    table = Table(title=f"run {run.run_id}: {run.status}", title_justify="left", min_width=64)
     table.add_column("step")
     table.add_column("status")
     table.add_column("result")
@@ -78,9 +81,9 @@ def _table(run: Any, started: float) -> Table:
     for name, step in steps.items():
         status = str(step.status)
         shown = step.result.get("stdout", "") if step.result else step.error
-        table.add_row(name, f"[{_STYLE.get(status, '')}]{status}[/]", shown[:60])
+        table.add_row(escape(name), f"[{_STYLE.get(status, '')}]{status}[/]", escape(shown[:60]))
     if not steps and run.current_step:
-        table.add_row(run.current_step, "[yellow]running[/]", "")
+        table.add_row(escape(run.current_step), "[yellow]running[/]", "")
     table.caption = (
         f"{run.steps_completed}/{run.total_steps} steps completed in {time.monotonic() - started:.2f}s"
     )
@@ -88,7 +91,8 @@ def _table(run: Any, started: float) -> Table:
 
 
 async def workflow_section(infra: Any, console: Console) -> None:
-    """Create the demo workflow, run it, and draw each step's status live until it ends."""
+    """Create the demo workflow, run it, and draw each step's status live until it ends.
+    Raises ``TaskError`` if the run does not complete (the demo then reports a failure)."""
     console.rule("workflows: fan-out / fan-in")
     await infra.create_workflow(
         DEMO_WORKFLOW_ID, "fan-out / fan-in", "three parallel shards joined by a merge step", DEMO_WORKFLOW
@@ -102,7 +106,8 @@ async def workflow_section(infra: Any, console: Console) -> None:
         async for _update in infra.run_status(run_id):
             live.update(_table(await infra.get_run(run_id), started))
     run = await infra.get_run(run_id)
-    if str(run.status) == "completed":
-        console.print(f"[green]run completed[/]: output {run.output}")
-    else:
-        console.print(f"[red]run {run.status}[/]: {run.error}")
+    if str(run.status) != "completed":
+        raise TaskError(
+            f"the demo workflow run ended {run.status}: {run.error}", task_id=run_id, status=str(run.status)
+        )
+    console.print(f"[green]run completed[/]: output {escape(str(dict(run.output)))}")

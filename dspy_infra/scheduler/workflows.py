@@ -1025,7 +1025,7 @@ class WorkflowEngine:
             await tg.__aenter__()
             self._tg = tg
             for run_id in await self._store.unfinished_run_ids():
-                loaded = await self._store.load_run(run_id)
+                loaded = await self._load_run(run_id)
                 if loaded is not None:
                     self._drive(*loaded)
         except BaseException:
@@ -1152,10 +1152,21 @@ class WorkflowEngine:
         live = self._live.get(run_id)
         if live is not None:
             return live.state
-        loaded = await self._store.load_run(run_id)
+        loaded = await self._load_run(run_id)
         if loaded is None:
             raise NotFound(f"no run {run_id!r}", field="run_id", fix="use the id start_run returned")
         return loaded[0]
+
+    async def _load_run(self, run_id: str) -> tuple[RunState, bool] | None:
+        """A stored run with its steps in declaration order (the store keeps no order)."""
+        loaded = await self._store.load_run(run_id)
+        if loaded is None:
+            return None
+        run, cancel_requested = loaded
+        wf = self._workflows.get(run.workflow_id)
+        if wf is not None and set(wf.spec.names) == set(run.steps):
+            run = attrs.evolve(run, steps={name: run.steps[name] for name in wf.spec.names})
+        return run, cancel_requested
 
     async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[RunState]:
         """Most recent first."""
