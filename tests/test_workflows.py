@@ -642,3 +642,19 @@ async def test_a_stored_run_lists_its_steps_in_declaration_order(tmp_path: Path)
         assert list((await engine.get_run(run_id)).steps) == names
     async with running(tmp_path) as (_s, engine, _bus):
         assert list((await engine.get_run(run_id)).steps) == names
+
+
+async def test_declared_output_with_a_missing_key_fails_the_run_naming_it(tmp_path: Path) -> None:
+    async with running(tmp_path, durable=False) as (_s, engine, bus):
+        await engine.create_workflow(
+            "out",
+            spec=spec_of(
+                sh("a", "printf x"),
+                output={"good": "{{ steps.a.result.stdout }}", "bad": "{{ steps.a.result.nope }}"},
+            ),
+        )
+        run = await final(engine, await engine.start_run("out"))
+        assert run.steps["a"].status is StepStatus.COMPLETED
+        assert run.status is RunStatus.FAILED
+        assert "output.bad" in run.error and "no result key 'nope'" in run.error
+        assert wf_types(bus)[-1] == "workflow_failed"

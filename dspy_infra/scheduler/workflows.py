@@ -22,13 +22,20 @@ Rules (each enforced in exactly one place below):
   are refused by ``start_run``; a missing result key fails the step (before its task exists).
   Values are substituted verbatim: inside an ``exec`` command, quote them, and do not feed
   untrusted input to a shell.
+- Output: the declared ``output`` mapping (templates, filled when the run ends; one that
+  cannot be filled fails the run, naming ``output.KEY``), else the results of the sink steps
+  keyed ``"STEP.KEY"``.
 - Steps become scheduler tasks with deterministic ids ``f"{run_id}.{step}"`` carrying the
   workflow id, so the scheduler's idempotent submit makes re-driving a run after a crash safe.
   A step is submitted only after all its dependencies completed.
 - Failure policy: by default the first failed step fails the run, no new step starts (steps
   already running finish) and everything not started is ``skipped``. With
   ``continue_on_failure`` only the failed step's dependents are skipped; independent branches
-  run to the end. Either way a run with a failed step ends ``failed``.
+  run to the end. Either way a run with a failed step ends ``failed``. ``cancel_run`` cancels
+  running tasks on the scheduler and marks every unfinished step ``cancelled``.
+- Events on the bus: ``workflow_created`` (resource: workflow id), ``workflow_started``,
+  ``workflow_step_completed`` (every step that ends, its ``status`` in the data),
+  ``workflow_completed``, ``workflow_failed``, ``workflow_cancelled`` (resource: run id).
 - Idempotent runs: a non-empty ``idempotency_key`` maps to one run id per workflow (a hash of
   both, inserted once in SQLite), so repeated or concurrent ``start_run`` calls never start a
   second run.
