@@ -146,10 +146,18 @@ async def start_overhead(backend: DockerBackend, image: str, n: int) -> dict[str
                 ours.append((await dspy_start(backend, spec, labels))[0])
             await _clean(backend, owner)
     raw_ms, ours_ms = statistics.median(raw) * 1000, statistics.median(ours) * 1000
+    # Each round's two starts ran back to back: the median of their ratios cancels the drift
+    # of a machine shared with other work better than a ratio of medians does.
+    ratio = statistics.median(o / r for o, r in zip(ours, raw, strict=True))
     print(f"start  raw aiodocker   median {raw_ms:7.1f} ms  (min {min(raw) * 1000:6.1f}, n={n})")
     print(f"start  dspy_infra      median {ours_ms:7.1f} ms  (min {min(ours) * 1000:6.1f}, n={n})")
-    print(f"start  overhead ratio  {ours_ms / raw_ms:.3f}  (target <= 1.05)")
-    return {"raw_start_ms": raw_ms, "dspy_start_ms": ours_ms, "start_overhead_ratio": ours_ms / raw_ms}
+    print(f"start  overhead ratio  {ratio:.3f}  (median of per-round ratios; target <= 1.05)")
+    return {
+        "raw_start_ms": raw_ms,
+        "dspy_start_ms": ours_ms,
+        "start_overhead_ratio": ratio,
+        "start_overhead_ratio_of_medians": ours_ms / raw_ms,
+    }
 
 
 _LEVELS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
@@ -237,16 +245,17 @@ async def graph(backend: DockerBackend, image: str, rounds: int, home: Path) -> 
     print(
         f"graph  raw level floor  median {raw_ms:7.1f} ms  (raw aiodocker, each level's containers at once)"
     )
-    print(f"graph  ratio            {wall_ms / path_ms:.3f}  (target <= 1.1)")
-    print(
-        f"graph  ratio vs raw     {wall_ms / raw_ms:.3f}  (what dspy_infra adds over the engine's own parallel cost)"
-    )
+    # Per-round ratios (the three runs of a round are back to back), then their median.
+    ratio = statistics.median(w / p for w, p in zip(samples["wall"], samples["path"], strict=True))
+    vs_raw = statistics.median(w / r for w, r in zip(samples["wall"], samples["raw_levels"], strict=True))
+    print(f"graph  ratio            {ratio:.3f}  (median of per-round ratios; target <= 1.1)")
+    print(f"graph  ratio vs raw     {vs_raw:.3f}  (over the engine's own cost of parallel starts)")
     return {
         "graph_wall_ms": wall_ms,
         "critical_path_ms": path_ms,
         "raw_levels_ms": raw_ms,
-        "graph_ratio": wall_ms / path_ms,
-        "graph_ratio_vs_raw_levels": wall_ms / raw_ms,
+        "graph_ratio": ratio,
+        "graph_ratio_vs_raw_levels": vs_raw,
     }
 
 
@@ -284,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=sorted(_HOSTS), default="docker")
     parser.add_argument("--host", help="engine address (default: the engines.sh socket of --engine)")
-    parser.add_argument("--n", type=int, default=15, help="starts of each kind")
+    parser.add_argument("--n", type=int, default=20, help="starts of each kind")
     parser.add_argument("--rounds", type=int, default=6, help="graph runs (and critical-path runs)")
     args = parser.parse_args(argv)
     host = args.host or os.environ.get(f"DSPY_INFRA_TEST_{args.engine.upper()}_HOST") or _HOSTS[args.engine]
