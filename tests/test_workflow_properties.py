@@ -58,10 +58,13 @@ class Dag:
                 stack.extend(self.deps[dep])
         return out
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self, ms: int = 0) -> dict[str, Any]:
+        """``ms``: each step sleeps ``0..ms`` milliseconds (varied by step)."""
         steps = []
-        for name, deps in self.deps.items():
+        for i, (name, deps) in enumerate(self.deps.items()):
             payload = {"handler": "record", "fail": str(name in self.failing).lower()}
+            if ms:
+                payload["ms"] = str(i * 7 % (ms + 1))
             if name in self.permanent:
                 payload["permanent"] = "true"
             steps.append(
@@ -105,16 +108,21 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def _running(home: Path, log: list[tuple[str, str, int]]) -> AsyncIterator[WorkflowEngine]:
-    settings = Settings(home=home, durable=False)
+async def _running(
+    home: Path, log: list[tuple[str, str, int]], *, durable: bool = False
+) -> AsyncIterator[WorkflowEngine]:
+    # A short grace: a shutdown interrupts running steps instead of waiting for them.
+    settings = Settings(home=home, durable=durable, shutdown_grace=0.01)
     bus = EventBus()
     plugins = build_plugin_manager(load_entry_points=False)
 
     async def record(ctx: TaskContext) -> dict[str, str]:
+        """Logs ("start" | "end" | "fail", task id, attempt); "end" only for a success."""
         log.append(("start", ctx.spec.id, ctx.attempt))
-        await anyio.lowlevel.checkpoint()  # let parallel steps interleave
-        log.append(("end", ctx.spec.id, ctx.attempt))
-        if ctx.payload["fail"] == "true":
+        await anyio.sleep(int(ctx.payload.get("ms", "0")) / 1000)  # let parallel steps interleave
+        fail = ctx.payload["fail"] == "true"
+        log.append(("fail" if fail else "end", ctx.spec.id, ctx.attempt))
+        if fail:
             if ctx.payload.get("permanent") == "true":
                 raise PermanentFailure("planned permanent failure")
             raise RuntimeError("planned failure")
@@ -215,3 +223,51 @@ def test_random_dags_respect_order_budgets_and_failure_policy(harness: Harness, 
     assert counts == sorted(counts) and all(u.total_steps == len(dag.deps) for u in updates)
     assert updates[-1].status is run.status and counts[-1] == run.steps_completed
     assert [u.status.terminal for u in updates].count(True) == 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(dag=dags(), cut_ms=st.integers(0, 200))
+def test_a_run_stopped_at_a_random_moment_resumes_without_rerunning_completed_steps(
+    tmp_path_factory: pytest.TempPathFactory, dag: Dag, cut_ms: int
+) -> None:
+    home = tmp_path_factory.mktemp("resume")
+    log: list[tuple[str, str, int]] = []
+
+    async def scenario() -> RunState:
+        async with _running(home, log, durable=True) as engine:
+            await engine.create_workflow("w", spec=dag.spec(ms=60))
+            run_id = await engine.start_run("w", idempotency_key="k")
+            await anyio.sleep(cut_ms / 1000)
+        # Stopped mid-run (running steps interrupted); a new process-worth of components:
+        async with _running(home, log, durable=True) as engine:
+            assert await engine.start_run("w", idempotency_key="k") == run_id
+            with anyio.fail_after(60):
+                async for _ in engine.run_status(run_id):
+                    pass
+            return await engine.get_run(run_id)
+
+    run = anyio.run(scenario)
+    prefix = run.run_id + "."
+    events = [(i, kind, tid[len(prefix) :]) for i, (kind, tid, _) in enumerate(log) if tid.startswith(prefix)]
+    status = {n: s.status for n, s in run.steps.items()}
+    for name in dag.deps:
+        starts = [i for i, kind, step in events if step == name and kind == "start"]
+        successes = [i for i, kind, step in events if step == name and kind == "end"]
+        # A step that succeeded never runs again, in this process or the next.
+        assert len(successes) <= 1
+        if successes:
+            assert max(starts) < successes[0]
+            assert status[name] is StepStatus.COMPLETED
+        # Never before its dependencies succeeded.
+        for start in starts:
+            for dep in dag.deps[name]:
+                dep_done = [i for i, kind, step in events if step == dep and kind == "end"]
+                assert dep_done and dep_done[0] < start
+        if status[name] is StepStatus.COMPLETED:
+            assert name not in dag.failing and successes
+        elif status[name] is StepStatus.FAILED:
+            assert name in dag.failing
+        else:
+            assert status[name] is StepStatus.SKIPPED and not starts
+    failed = {n for n, s in status.items() if s is StepStatus.FAILED}
+    assert run.status is (RunStatus.FAILED if failed else RunStatus.COMPLETED)
