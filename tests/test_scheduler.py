@@ -672,3 +672,31 @@ def test_quickstart_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "completed hi" in proc.stdout and "{'text': 'HELLO'}" in proc.stdout
     assert "result: id-3 cancelled" in proc.stdout and "already exists" in proc.stdout
+
+
+@settings(max_examples=100)
+@given(values=st.lists(st.floats(min_value=-1, max_value=5000, allow_nan=False), max_size=50))
+def test_batched_histogram_folds_to_exactly_what_direct_observes_give(values: list[float]) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from dspy_infra.scheduler.scheduler import _BatchedHistogram
+
+    direct = Histogram("d", "direct", registry=CollectorRegistry(), buckets=(0.001, 0.1, 1, 60, 900))
+    batched_metric = Histogram("b", "batched", registry=CollectorRegistry(), buckets=(0.001, 0.1, 1, 60, 900))
+    batched = _BatchedHistogram(batched_metric)
+    assert not batched.direct, "prometheus_client internals changed: the fast path is off"
+    for v in values:
+        direct.observe(v)
+        batched.observe(v)
+    batched.flush()
+    batched.flush()  # idempotent
+
+    def samples(h: Histogram) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name[1:], s.labels, round(s.value, 6))
+            for m in h.collect()
+            for s in m.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(direct) == samples(batched_metric)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,42 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at REAL NOT NULL,
     completed_at REAL NOT NULL,
     duration_ms REAL NOT NULL
-)
+) WITHOUT ROWID
 """
-_INSERT = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({','.join('?' * 16)})"
-# Later changes of a task leave its spec alone: no need to serialise it again.
-_UPDATE = (
-    "UPDATE tasks SET status=?, attempts=?, result=?, error=?, started_at=?, completed_at=?,"
-    " duration_ms=? WHERE id=?"
-)
-_DELETE = "DELETE FROM tasks WHERE id = ?"
+# Multi-row statements: sqlite3 releases and re-takes the GIL around every statement step,
+# so one statement per few hundred rows (not one per row) keeps the writer thread from
+# trading the GIL with the event loop tens of thousands of times a second.
+_ROWS_PER_STATEMENT = 256
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    one = "(" + ",".join("?" * 16) + ")"
+    return f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES " + ",".join([one] * rows)
+
+
+@functools.cache
+def _update_sql(rows: int) -> str:
+    # Later changes of a task leave its spec alone: no need to serialise it again.
+    one = "(" + ",".join("?" * 8) + ")"
+    return (
+        "UPDATE tasks SET status=v.column1, attempts=v.column2, result=v.column3, error=v.column4,"
+        " started_at=v.column5, completed_at=v.column6, duration_ms=v.column7"
+        " FROM (VALUES " + ",".join([one] * rows) + ") AS v WHERE tasks.id = v.column8"
+    )
+
+
+@functools.cache
+def _delete_sql(rows: int) -> str:
+    return "DELETE FROM tasks WHERE id IN (" + ",".join("?" * rows) + ")"
+
+
+def _write_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[tuple[Any, ...]]) -> None:
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        conn.execute(sql(len(chunk)), [value for row in chunk for value in row])
+
+
 _SELECT = f"SELECT {_COLUMNS} FROM tasks ORDER BY seq"
 _STATUS_TEXT = {s: s.value for s in TaskStatus}
 
@@ -198,7 +226,11 @@ class SqliteStore:
         self.home = Path(home)
         self.path = self.home / DB_FILE_NAME
         self._interval = commit_interval
-        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # deque append/popleft are atomic: the loop appends, the writer pops, no lock per op.
+        self._ops: deque[Any] = deque()
+        self._wake = threading.Event()
+        #: False once the writer has started draining: the next op must set ``_wake``.
+        self._awake = False
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -266,7 +298,7 @@ class SqliteStore:
         """Commit everything queued, stop the writer thread, close and unlock."""
         if self._thread is None:
             return
-        self._ops.put(_STOP)
+        self._enqueue(_STOP)
         thread, self._thread = self._thread, None
         await anyio.to_thread.run_sync(thread.join)
 
@@ -274,49 +306,45 @@ class SqliteStore:
 
     def insert(self, row: TaskRow) -> None:
         """A newly accepted task."""
-        self._ops.put((True, row))
+        self._enqueue((True, row))
 
     def put(self, row: TaskRow) -> None:
         """A changed task (its row exists, or its insert is queued before this)."""
-        self._ops.put((False, row))
+        self._enqueue((False, row))
 
     def delete(self, task_id: str) -> None:
-        self._ops.put(task_id)
+        self._enqueue(task_id)
 
     def after_commit(self, callback: CommitCallback) -> None:
         if self._thread is None:
             callback(Unavailable("the task store is closed"))
             return
-        self._ops.put(callback)
+        self._enqueue(callback)
+
+    def _enqueue(self, op: Any) -> None:
+        self._ops.append(op)
+        if not self._awake:
+            self._awake = True
+            self._wake.set()
 
     # -- the writer thread --------------------------------------------------------------
 
     def _writer(self) -> None:
         assert self._conn is not None
+        ops = self._ops
         stop = False
         try:
             while not stop:
-                first = self._ops.get()
-                deadline = time.monotonic() + self._interval
-                batch = [first]
-                while True:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        op = self._ops.get(timeout=remaining) if remaining > 0 else self._ops.get_nowait()
-                    except queue.Empty:
-                        break
-                    batch.append(op)
-                    if op is _STOP:
-                        break
+                self._wake.wait()
+                # The group-commit window: let more operations arrive, then take them all.
+                time.sleep(self._interval)
+                self._wake.clear()
+                self._awake = False  # before draining: an op appended after this wakes us again
+                batch = [ops.popleft() for _ in range(len(ops))]
                 stop = self._commit(batch)
         finally:
-            # Anything queued after a stop still gets its callback (as a failure).
-            leftovers = []
-            while True:
-                try:
-                    leftovers.append(self._ops.get_nowait())
-                except queue.Empty:
-                    break
+            # Anything queued after the stop marker is still written, callbacks still run.
+            leftovers = [ops.popleft() for _ in range(len(ops))]
             if leftovers:
                 self._commit(leftovers)
             with contextlib.suppress(sqlite3.Error):
@@ -377,12 +405,9 @@ class SqliteStore:
                     updates.append((status, r[4], result, r[6], r[8], r[9], r[10], r[0]))
             try:
                 self._conn.execute("BEGIN")
-                if inserts:
-                    self._conn.executemany(_INSERT, inserts)
-                if updates:
-                    self._conn.executemany(_UPDATE, updates)
-                if deletes:
-                    self._conn.executemany(_DELETE, deletes)
+                _write_rows(self._conn, _insert_sql, inserts)
+                _write_rows(self._conn, _update_sql, updates)
+                _write_rows(self._conn, _delete_sql, deletes)
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
