@@ -65,6 +65,7 @@ _HOSTS = {"docker": "unix:///run/dspy-test/docker.sock", "podman": "unix:///run/
 # A shell that traps TERM so stops between rounds are quick (httpd as PID 1 ignores TERM).
 _HTTPD = ["sh", "-c", 'httpd -f -p 8080 -h /www & trap "exit 0" TERM; wait']
 _POLL = 0.005  # raw path: seconds between attempts (tighter than any health backoff)
+_SETTLE = 0.2  # after removing a container the engine still tears down its network: let it
 
 
 def _free_port() -> int:
@@ -145,6 +146,7 @@ async def start_overhead(backend: DockerBackend, image: str, n: int) -> dict[str
             else:
                 ours.append((await dspy_start(backend, spec, labels))[0])
             await _clean(backend, owner)
+            await asyncio.sleep(_SETTLE)
     raw_ms, ours_ms = statistics.median(raw) * 1000, statistics.median(ours) * 1000
     # Each round's two starts ran back to back: the median of their ratios cancels the drift
     # of a machine shared with other work better than a ratio of medians does.
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=sorted(_HOSTS), default="docker")
     parser.add_argument("--host", help="engine address (default: the engines.sh socket of --engine)")
-    parser.add_argument("--n", type=int, default=20, help="starts of each kind")
+    parser.add_argument("--n", type=int, default=30, help="starts of each kind")
     parser.add_argument("--rounds", type=int, default=6, help="graph runs (and critical-path runs)")
     args = parser.parse_args(argv)
     host = args.host or os.environ.get(f"DSPY_INFRA_TEST_{args.engine.upper()}_HOST") or _HOSTS[args.engine]
