@@ -347,12 +347,13 @@ class RunState:
         """A running step's name ("" when none runs), as the wire's ``current_step``."""
         return next((s.name for s in self.steps.values() if s.status is StepStatus.RUNNING), "")
 
-    def to_update(self, current_step: str = "") -> RunUpdate:
+    def to_update(self, current_step: str = "", *, steps_completed: int | None = None) -> RunUpdate:
+        """This state as a stream update (``steps_completed`` when the caller keeps the count)."""
         return RunUpdate(
             run_id=self.run_id,
             status=self.status,
             current_step=current_step,
-            steps_completed=self.steps_completed,
+            steps_completed=self.steps_completed if steps_completed is None else steps_completed,
             total_steps=len(self.steps),
             output=dict(self.output),
             error=self.error,
@@ -966,20 +967,9 @@ class _LiveRun:
         self.step_done = {name: anyio.Event() for name in state.steps}
 
     def publish(self, current_step: str = "") -> None:
-        state = self.state
         # The count is kept incrementally: recounting every step on every change would make
         # a run quadratic in its number of steps.
-        self.updates.append(
-            RunUpdate(
-                run_id=state.run_id,
-                status=state.status,
-                current_step=current_step,
-                steps_completed=self.completed,
-                total_steps=len(state.steps),
-                output=dict(state.output),
-                error=state.error,
-            )
-        )
+        self.updates.append(self.state.to_update(current_step, steps_completed=self.completed))
         self._wake()
 
     def set_step(self, step: StepState) -> None:
