@@ -658,3 +658,27 @@ async def test_declared_output_with_a_missing_key_fails_the_run_naming_it(tmp_pa
         assert run.status is RunStatus.FAILED
         assert "output.bad" in run.error and "no result key 'nope'" in run.error
         assert wf_types(bus)[-1] == "workflow_failed"
+
+
+async def test_step_options_reach_the_task_and_a_step_timeout_fails_the_step(tmp_path: Path) -> None:
+    async with running(tmp_path, durable=False) as (scheduler, engine, _bus):
+        await engine.create_workflow(
+            "opts",
+            spec=spec_of(
+                sh("slow", "sleep 5", timeout=0.3, priority=7, max_attempts=1, task_class="cpu_long"),
+                sh("after", "true", "slow"),
+            ),
+        )
+        run_id = await engine.start_run("opts")
+        with anyio.fail_after(10):
+            run = await final(engine, run_id)
+        task = await scheduler.get(f"{run_id}.slow")
+        assert (task.spec.task_class, task.spec.priority, task.spec.timeout, task.spec.max_attempts) == (
+            "cpu_long",
+            7,
+            0.3,
+            1,
+        )
+        assert run.steps["slow"].status is StepStatus.FAILED and "timed out" in run.steps["slow"].error
+        assert run.steps["slow"].attempts == 1
+        assert run.steps["after"].status is StepStatus.SKIPPED
