@@ -682,3 +682,15 @@ async def test_step_options_reach_the_task_and_a_step_timeout_fails_the_step(tmp
         assert run.steps["slow"].status is StepStatus.FAILED and "timed out" in run.steps["slow"].error
         assert run.steps["slow"].attempts == 1
         assert run.steps["after"].status is StepStatus.SKIPPED
+
+
+async def test_a_flaky_step_is_retried_within_its_budget_and_counts_attempts(tmp_path: Path) -> None:
+    counter = tmp_path / "tries"
+    flaky = f"n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}; [ $n -ge 2 ]"
+    async with running(tmp_path, durable=False) as (_s, engine, _bus):
+        await engine.create_workflow(
+            "flaky", spec=spec_of(sh("f", flaky, max_attempts=3), sh("g", "true", "f"))
+        )
+        run = await final(engine, await engine.start_run("flaky"))
+        assert run.status is RunStatus.COMPLETED
+        assert run.steps["f"].attempts == 2 and counter.read_text().strip() == "2"
