@@ -10,6 +10,8 @@ import io
 import itertools
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -694,3 +696,14 @@ async def test_a_flaky_step_is_retried_within_its_budget_and_counts_attempts(tmp
         run = await final(engine, await engine.start_run("flaky"))
         assert run.status is RunStatus.COMPLETED
         assert run.steps["f"].attempts == 2 and counter.read_text().strip() == "2"
+
+
+def test_the_runnable_example_completes(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "workflow.py"
+    proc = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-2].startswith("completed 5/5")
+    assert lines[-1] == "output: {'best': '3:HELLO'}"
