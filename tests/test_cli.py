@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -65,15 +66,19 @@ def run(
 
 
 def read_line_containing(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
-    """The first stdout line of ``proc`` containing ``needle``; "" after ``timeout`` seconds."""
+    """The first stdout line of ``proc`` containing ``needle``; "" after ``timeout`` seconds.
+    Reads on a thread: select() on a buffered pipe misses lines already in the buffer."""
     assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = proc.stdout
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if not ready:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
             break
-        line = proc.stdout.readline()
-        if not line or needle in line:
+        if needle in line:
             return line
     return ""
 
