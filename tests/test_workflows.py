@@ -707,3 +707,21 @@ def test_the_runnable_example_completes(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[-2].startswith("completed 5/5")
     assert lines[-1] == "output: {'best': '3:HELLO'}"
+
+
+async def test_a_step_task_cancelled_from_outside_fails_the_run(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    async with running(tmp_path, durable=False) as (scheduler, engine, _bus):
+        await engine.create_workflow(
+            "ext",
+            spec=spec_of(sh("a", f"touch {marker}; sleep 30"), sh("b", "true", "a"), sh("c", "sleep 0.3")),
+        )
+        run_id = await engine.start_run("ext")
+        with anyio.fail_after(10):
+            while not marker.exists():  # noqa: ASYNC110 - a file a subprocess writes; no event to await
+                await anyio.sleep(0.02)
+        await scheduler.cancel(f"{run_id}.a")
+        run = await final(engine, run_id)
+        assert run.steps["a"].status is StepStatus.CANCELLED
+        assert run.steps["b"].status is StepStatus.SKIPPED
+        assert run.status is RunStatus.FAILED and "step 'a' was cancelled" in run.error

@@ -32,7 +32,8 @@ Rules (each enforced in exactly one place below):
   already running finish) and everything not started is ``skipped``. With
   ``continue_on_failure`` only the failed step's dependents are skipped; independent branches
   run to the end. Either way a run with a failed step ends ``failed``. ``cancel_run`` cancels
-  running tasks on the scheduler and marks every unfinished step ``cancelled``.
+  running tasks on the scheduler and marks every unfinished step ``cancelled``; a step whose
+  task is cancelled from outside the run counts as failed for the policy and the run.
 - Events on the bus: ``workflow_created`` (resource: workflow id), ``workflow_started``,
   ``workflow_step_completed`` (every step that ends, its ``status`` in the data),
   ``workflow_completed``, ``workflow_failed``, ``workflow_cancelled`` (resource: run id).
@@ -1319,6 +1320,11 @@ class WorkflowEngine:
                 live, step.name, result.error or f"task ended {result.status}", attempts, result.result
             )
             return
+        if status is StepStatus.CANCELLED and not live.cancel_requested:
+            # Cancelled from outside the run (e.g. infra.cancel(task_id)): the step did not
+            # do its work, so the failure policy applies as for a failure.
+            if not live.workflow.spec.continue_on_failure:
+                live.stop_new = True
         await self._set_step(
             live,
             step.name,
@@ -1369,11 +1375,12 @@ class WorkflowEngine:
     async def _finish_run(self, live: _LiveRun) -> None:
         state = live.state
         steps = state.steps.values()
-        failed = [s for s in steps if s.status is StepStatus.FAILED]
+        failed = [s for s in steps if s.status in (StepStatus.FAILED, StepStatus.CANCELLED)]
         if live.cancel_requested:
             status, error = RunStatus.CANCELLED, "run cancelled"
         elif failed:
-            status, error = RunStatus.FAILED, f"step {failed[0].name!r} failed: {failed[0].error}"
+            how = "failed" if failed[0].status is StepStatus.FAILED else "was cancelled"
+            status, error = RunStatus.FAILED, f"step {failed[0].name!r} {how}: {failed[0].error}"
         else:
             status, error = RunStatus.COMPLETED, ""
         output, output_error = _run_output(live.workflow.spec, state)
