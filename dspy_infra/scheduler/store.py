@@ -151,7 +151,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at REAL NOT NULL,
     completed_at REAL NOT NULL,
     duration_ms REAL NOT NULL
-) WITHOUT ROWID
+)
 """
 # Multi-row statements: sqlite3 releases and re-takes the GIL around every statement step,
 # so one statement per few hundred rows (not one per row) keeps the writer thread from
