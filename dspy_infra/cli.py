@@ -56,18 +56,6 @@ _BAD_SERVICE = frozenset({"unhealthy", "failed"})
 # ---------------------------------------------------------------------------------------------
 # Settings reference: one generator for `config init`, `config reference` and the docs.
 
-#: Descriptions for Settings fields that carry no ``#:`` comment in config.py.
-_EXTRA_HELP: dict[str, str] = {
-    "grpc_port": "Port of the gRPC server (OrchestratorService and EnvManagerService).",
-    "env_manager_port": "Second port on which the EnvManagerService is also served (the old stack's port).",
-    "http_port": "Port of the HTTP server: /metrics, /health, /queue/status, /queue/submit.",
-    "token": "Bearer token every gRPC call and HTTP endpoint (except /health, /metrics) must carry. "
-    "Required when host is not a loopback address.",
-    "tls_cert": "PEM certificate file; with tls_key, the gRPC and HTTP servers use TLS.",
-    "tls_key": "PEM private key file matching tls_cert.",
-    "slurm_partition": "Slurm partition gpu_slurm jobs are submitted to; None = the cluster default.",
-}
-
 #: Example values shown (commented out) for settings whose default is unset.
 _EXAMPLES: dict[str, Any] = {
     "home": "/var/lib/dspy-infra",
@@ -154,7 +142,7 @@ def settings_reference() -> list[SettingDoc]:
         default: Any = field.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = default.factory()
-        description = comments.get(field.name) or _EXTRA_HELP.get(field.name, "")
+        description = comments.get(field.name, "")
         docs.append(
             SettingDoc(
                 name=field.name,

@@ -77,11 +77,18 @@ class Settings:
     addr: str | None = None
     #: Bind address of the servers. Non-loopback requires a token.
     host: str = "127.0.0.1"
+    #: gRPC port serving both OrchestratorService and EnvManagerService (0 = any free port).
     grpc_port: int = attrs.field(default=50052, validator=_port)
+    #: Extra port serving EnvManagerService alone, for clients of the older env manager.
     env_manager_port: int = attrs.field(default=50100, validator=_port)
+    #: HTTP port of /metrics, /health, /queue/status and /queue/submit.
     http_port: int = attrs.field(default=9097, validator=_port)
+    #: Bearer token every gRPC call and HTTP endpoint (except /health, /metrics) must carry.
+    #: Required when host is not a loopback address.
     token: str | None = None
+    #: PEM certificate for TLS on gRPC and HTTP (with ``tls_key``); unset = plaintext.
     tls_cert: str | None = None
+    #: PEM private key matching ``tls_cert``.
     tls_key: str | None = None
     #: Finished tasks kept in the store; older ones are pruned.
     retention: int = attrs.field(default=10_000, validator=_positive)
@@ -91,7 +98,8 @@ class Settings:
     limiter_interval: float = attrs.field(default=1.0, validator=_positive)
     #: Group-commit window of the durable store, in seconds.
     commit_interval: float = attrs.field(default=0.005, validator=_positive)
-    #: Keep state in memory only (no SQLite file): fast, not durable.
+    #: Keep task and workflow state in SQLite under ``home`` so accepted work survives a crash;
+    #: false keeps it in memory only (faster, lost when the process exits).
     durable: bool = True
     #: Time running tasks get to finish on graceful shutdown.
     shutdown_grace: float = attrs.field(default=10.0, validator=_positive)
@@ -101,6 +109,7 @@ class Settings:
     services: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: Slurm executor for gpu_slurm: None = not configured; "cli" = sbatch/squeue on PATH.
     slurm: str | None = None
+    #: Slurm partition for gpu_slurm jobs; None = the cluster's default partition.
     slurm_partition: str | None = None
 
     def resolved_home(self) -> Path:
