@@ -183,3 +183,35 @@ def test_translate_sqlite_error_is_the_one_mapping(tmp_path: Path) -> None:
         err = translate_sqlite_error(exc, tmp_path / "state.db")
         assert type(err) is kind, (exc, err)
         assert str(tmp_path) in str(err)
+
+
+class FailingDisk:
+    """Test double for a failing disk (cannot be provoked for real here: we run as root on
+    a roomy filesystem): a connection proxy whose transactions fail like a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.failing = True
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self.failing and sql == "BEGIN":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def test_a_failed_commit_reaches_the_submitter_and_the_writer_survives(state_dir: Path) -> None:
+    async with durable(state_dir) as sched:
+        store = sched._store
+        assert isinstance(store, SqliteStore) and store._conn is not None
+        disk = FailingDisk(store._conn)
+        store._conn = disk  # type: ignore[assignment]
+        with pytest.raises(Unavailable) as info:
+            await sched.submit(TaskSpec("lost-write", payload={"handler": "sleep", "seconds": "5"}))
+        assert "disk is full" in str(info.value) and info.value.fix
+        disk.failing = False
+        await sched.submit(TaskSpec("next", payload={"handler": "noop"}))
+        assert (await sched.wait("next", timeout=5)).status is TaskStatus.COMPLETED
+        await sched.cancel("lost-write")

@@ -145,6 +145,7 @@ class _Task:
         )
 
     def to_result(self) -> TaskResult:
+        # TaskState.to_result without building the TaskState first (once per task).
         return TaskResult(
             task_id=self.spec.id,
             status=self.status,
@@ -358,9 +359,11 @@ class Scheduler:
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        # nvidia-smi is a subprocess: detect off the loop. The result is cached for the
+        # process, so the built-in classes hook (called below, on the loop) finds it ready.
+        detected = await anyio.to_thread.run_sync(detect_hardware)
         if self.hardware is None:
-            # nvidia-smi is a subprocess: detect off the loop (cached for the process).
-            self.hardware = await anyio.to_thread.run_sync(detect_hardware)
+            self.hardware = detected
         self._classes = resolve_classes(self.settings, self.plugins, self._hardware_arg)
         for name, fn in collect_mapping(self.plugins.hook.dspy_infra_handlers()).items():
             self.register_handler(name, fn)
@@ -867,7 +870,13 @@ class Scheduler:
 
     def _handler_for(self, cq: _ClassQueue, spec: TaskSpec) -> Handler:
         if cq.cls.executor != "local":
-            return self._executors[cq.cls.executor]
+            executor = self._executors.get(cq.cls.executor)
+            if executor is None:  # only a task recovered from an earlier run can get here
+                raise PermanentFailure(
+                    f"task_class: no {cq.cls.executor!r} executor configured for {cq.cls.name!r}"
+                    " (fix: install the plugin that provides it, then resubmit)"
+                )
+            return executor
         name = spec.payload.get("handler", "")
         handler = self._handlers.get(name)
         if handler is None:
@@ -1010,14 +1019,17 @@ class Scheduler:
         if self._listeners:
             self._notify(rec)
         if self._durable:
-            self._store.after_commit(lambda _error: self._deliver(rec))
+            self._store.after_commit(lambda error: self._deliver(rec, error))
         else:
             self._deliver(rec)
         if self._inflight == 0:
             self._idle_check()
 
-    def _deliver(self, rec: _Task) -> None:
+    def _deliver(self, rec: _Task, store_error: InfraError | None = None) -> None:
         """The terminal row is committed: hand the result to waiters and streams."""
+        if store_error is not None:
+            # The result stands (it happened), but after a crash the task would run again.
+            log.warning("task %s finished but its state was not saved: %s", rec.spec.id, store_error)
         rec.delivered = True
         if rec.waiters:
             for fut in rec.waiters:

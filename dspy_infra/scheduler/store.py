@@ -372,51 +372,60 @@ class SqliteStore:
             else:
                 callbacks.append(op)
         error: InfraError | None = None
-        if latest:
-            inserts = []
-            updates = []
-            deletes = []
-            for task_id, entry in latest.items():
-                if entry is None:
-                    deletes.append((task_id,))
-                    continue
-                new, r = entry
-                result = json.dumps(r[5]) if r[5] else ""
-                status = _STATUS_TEXT[r[3]]
-                if new:
-                    spec = r[2]
-                    inserts.append(
-                        (
-                            r[0],
-                            r[1],
-                            spec.task_class,
-                            spec.priority,
-                            spec.timeout,
-                            spec.max_attempts,
-                            spec.workflow_id,
-                            json.dumps(spec.payload),
-                            status,
-                            r[4],
-                            result,
-                            *r[6:],
-                        )
-                    )
-                else:
-                    updates.append((status, r[4], result, r[6], r[8], r[9], r[10], r[0]))
-            try:
-                self._conn.execute("BEGIN")
-                _write_rows(self._conn, _insert_sql, inserts)
-                _write_rows(self._conn, _update_sql, updates)
-                _write_rows(self._conn, _delete_sql, deletes)
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-                error = translate_sqlite_error(exc, self.path)
+        try:
+            if latest:
+                self._write(latest)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            error = translate_sqlite_error(exc, self.path)
+        except Exception as exc:  # never let the writer die: submitters would wait forever
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            error = Unavailable(f"saving task state failed: {type(exc).__name__}: {exc}")
         if callbacks and self._call_soon is not None:
             with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
                 self._call_soon(_run_callbacks, callbacks, error)
         return stop
+
+    def _write(self, latest: dict[str, tuple[bool, TaskRow] | None]) -> None:
+        """One transaction: inserts of new tasks, updates of changed ones, deletes."""
+        assert self._conn is not None
+        inserts = []
+        updates = []
+        deletes = []
+        for task_id, entry in latest.items():
+            if entry is None:
+                deletes.append((task_id,))
+                continue
+            new, r = entry
+            result = json.dumps(r[5]) if r[5] else ""
+            status = _STATUS_TEXT[r[3]]
+            if new:
+                spec = r[2]
+                inserts.append(
+                    (
+                        r[0],
+                        r[1],
+                        spec.task_class,
+                        spec.priority,
+                        spec.timeout,
+                        spec.max_attempts,
+                        spec.workflow_id,
+                        json.dumps(spec.payload),
+                        status,
+                        r[4],
+                        result,
+                        *r[6:],
+                    )
+                )
+            else:
+                updates.append((status, r[4], result, r[6], r[8], r[9], r[10], r[0]))
+        self._conn.execute("BEGIN")
+        _write_rows(self._conn, _insert_sql, inserts)
+        _write_rows(self._conn, _update_sql, updates)
+        _write_rows(self._conn, _delete_sql, deletes)
+        self._conn.execute("COMMIT")
 
 
 def _run_callbacks(callbacks: list[CommitCallback], error: InfraError | None) -> None:
