@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=sorted(_HOSTS), default="docker")
     parser.add_argument("--host", help="engine address (default: the engines.sh socket of --engine)")
-    parser.add_argument("--n", type=int, default=30, help="starts of each kind")
+    parser.add_argument("--n", type=int, default=40, help="starts of each kind")
     parser.add_argument("--rounds", type=int, default=6, help="graph runs (and critical-path runs)")
     args = parser.parse_args(argv)
     host = args.host or os.environ.get(f"DSPY_INFRA_TEST_{args.engine.upper()}_HOST") or _HOSTS[args.engine]

@@ -218,6 +218,12 @@ main() {
         status
         ;;
     stop)
+        # Podman's containers run under their own conmon, not under the API service: remove
+        # them (all of them live in this project-local storage) so nothing keeps running.
+        if command -v podman >/dev/null 2>&1 && [[ -f $CONTAINERS_STORAGE_CONF ]]; then
+            podman rm --all --force --time 1 >/dev/null 2>&1 || true
+            podman network prune --force >/dev/null 2>&1 || true
+        fi
         stop_one podman "$RUN_DIR/podman.pid"
         stop_one dockerd "$RUN_DIR/dockerd.pid"
         stop_one registry "$RUN_DIR/registry.pid"

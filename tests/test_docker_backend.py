@@ -580,3 +580,30 @@ async def test_prepare_names_the_service_whose_image_is_missing(engine_backend: 
         await engine_backend.prepare([spec])
     assert info.value.field == "services.ghost.image"
     assert "ghost" in str(info.value)
+
+
+async def test_follow_yields_new_lines_live_and_closes_early(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    spec = ServiceSpec(
+        name=unique_name("ticker"),
+        image=engine.images.busybox,
+        command=[
+            "sh",
+            "-c",
+            'trap "exit 0" TERM; i=0; while true; i=$((i+1)); do echo tick$i; sleep 0.2; done',
+        ],
+    )
+    instance = await _run(engine_backend, spec)
+    follow = engine_backend.logs(instance.id, service_name=spec.name, follow=True, tail=0)
+    seen: list[str] = []
+    with anyio.fail_after(15):
+        async for entry in follow:
+            seen.append(entry.message)
+            if len(seen) == 3:
+                break
+    await follow.aclose()  # type: ignore[attr-defined]
+    # Lines written after the stream opened, in order, and the service is untouched.
+    numbers = [int(line.removeprefix("tick")) for line in seen]
+    assert numbers == list(range(numbers[0], numbers[0] + 3))
+    assert (await engine_backend.inspect(instance.id)).state == "running"

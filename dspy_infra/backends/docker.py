@@ -12,6 +12,7 @@ difference is handled here and named. Three things live in exactly one place eac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -119,12 +120,7 @@ def container_config(
     ``labels`` (ownership) win over ``spec.labels``; the service name is the container's
     alias on ``network`` so other services reach it by name.
     """
-    if not spec.image:
-        raise SpecError(
-            "the docker backend needs an image",
-            field=f"services.{spec.name}.image",
-            fix="set image = 'name:tag', or use the process backend with a command",
-        )
+    _require_image(spec)
     exposed: dict[str, dict[str, Any]] = {}
     bindings: dict[str, list[dict[str, str]]] = {}
     for port in spec.ports:
@@ -161,6 +157,15 @@ def container_config(
     if spec.workdir:
         config["WorkingDir"] = spec.workdir
     return config
+
+
+def _require_image(spec: ServiceSpec) -> None:
+    if not spec.image:
+        raise SpecError(
+            "the docker backend needs an image",
+            field=f"services.{spec.name}.image",
+            fix="set image = 'name:tag', or use the process backend with a command",
+        )
 
 
 def split_image_ref(image: str) -> tuple[str, str]:
@@ -439,8 +444,7 @@ class DockerBackend(Backend):
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
         await self._ensure_network()
         for spec in specs:
-            if not spec.image:
-                container_config(spec, instance_name=spec.name, labels={}, network=self.network)
+            _require_image(spec)
             try:
                 await self._ensure_image(spec.image)
             except InfraError as exc:
@@ -500,8 +504,8 @@ class DockerBackend(Backend):
         self, config: dict[str, Any], instance_name: str
     ) -> aiodocker.containers.DockerContainer:
         async with self._api("container_create", instance_name):
-            return await self.docker.containers.create(config, name=instance_name)
-        raise AssertionError("unreachable")  # pragma: no cover (mypy: _api may swallow)
+            container = await self.docker.containers.create(config, name=instance_name)
+        return container
 
     async def inspect(self, instance_id: str) -> Instance:
         data = await self._inspect_raw(instance_id)
@@ -511,8 +515,8 @@ class DockerBackend(Backend):
 
     async def _inspect_raw(self, instance_id: str) -> dict[str, Any]:
         async with self._api("container_inspect", instance_id):
-            return await self.docker.containers.container(instance_id).show()
-        raise AssertionError("unreachable")  # pragma: no cover
+            data: dict[str, Any] = await self.docker.containers.container(instance_id).show()
+        return data
 
     async def _podman_healthcheck_due(self, data: Mapping[str, Any]) -> bool:
         """Podman schedules image HEALTHCHECK runs with systemd timers; without systemd they
@@ -598,13 +602,17 @@ class DockerBackend(Backend):
         if since is not None:
             params["since"] = f"{since:.6f}"
         demux = LogDemuxer()
-        async with self._api("container_logs", instance_id):
-            # aiodocker's log API merges stdout and stderr; read the raw frames to keep them apart.
-            response_cm = self.docker._query(
-                f"containers/{instance_id}/logs", params=params, timeout=aiohttp.ClientTimeout()
-            )
-            response = await response_cm.__aenter__()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            async with self._api("container_logs", instance_id):
+                # aiodocker's log API merges stdout and stderr; read the raw frames instead.
+                response = await stack.enter_async_context(
+                    self.docker._query(
+                        f"containers/{instance_id}/logs", params=params, timeout=aiohttp.ClientTimeout()
+                    )
+                )
+            # aiodocker's _query does not release the response; a follow stream closed early
+            # must drop its connection, or the engine keeps streaming into it.
+            stack.callback(response.close)
             while True:
                 try:
                     chunk = await response.content.readany()
@@ -618,9 +626,6 @@ class DockerBackend(Backend):
                     yield self._log_entry(instance_id, service_name, stream, line)
             for stream, line in demux.close():
                 yield self._log_entry(instance_id, service_name, stream, line)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await response_cm.__aexit__(None, None, None)
 
     @staticmethod
     def _log_entry(instance_id: str, service_name: str, stream: str, line: str) -> LogEntry:
