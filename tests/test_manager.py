@@ -473,6 +473,34 @@ async def test_adoption_across_managers_and_recreate_on_spec_change(kit: Kit) ->
     assert await _owned(kit) == []
 
 
+async def test_two_owners_starting_one_service_at_once_share_it(kit: Kit) -> None:
+    # What pytest-xdist workers sharing a state directory do: both ask for the same service.
+    web = _http(kit, "web", delay=0.3)
+    buses = [EventBus(), EventBus()]
+    results: list[list[str]] = []
+    # The shared network exists before the race (DockerBackend.prepare is not yet safe against
+    # two concurrent first calls: Docker then creates two networks of one name).
+    await kit.backend.prepare([web])
+    async with _manager(kit, web, bus=buses[0]) as one, _manager(kit, web, bus=buses[1]) as two:
+
+        async def ensure(mgr: ServiceManager) -> None:
+            results.append(await mgr.ensure(["web"]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ensure, one)
+            tg.start_soon(ensure, two)
+        assert results == [["web"], ["web"]]
+        assert len(await _owned(kit)) == 1  # one instance, not two fighting over a name
+        adopted = [b for b in buses if _events(b, "service_healthy")["web"].data.get("adopted") == "True"]
+        assert len(adopted) == 1
+        ids = {(await m.status(["web"]))["web"].instance_id for m in (one, two)}
+        assert len(ids) == 1
+    # Both monitors are gone now (either would restart a service the other stopped).
+    async with _manager(kit, web) as last:
+        assert await last.stop() == {"web": "stopped"}
+    assert await _owned(kit) == []
+
+
 _CHILD = r"""
 import anyio, json, sys
 from dspy_infra.config import Settings

@@ -61,6 +61,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _STATS_INTERVAL = 0.1
 _FOLLOW_POLL = 0.1
+#: A claimed instance directory without a record after this long was left by a crash.
+_CLAIM_STALE = 30.0
 
 # The supervisor shim. argv: instance dir, JSON command. It double-forks so the service is
 # not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
@@ -316,21 +318,42 @@ class ProcessBackend(Backend):
         ports = self._ports(spec)
         return await anyio.to_thread.run_sync(self._spawn, spec, instance_name, dict(labels), ports)
 
+    def _claim(self, instance_name: str) -> Path:
+        """Create the instance directory atomically (``mkdir`` is the cross-process lock), so
+        two owners starting the same instance at once cannot both run it."""
+        d = self._dir(instance_name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                d.mkdir()
+                return d
+            except FileExistsError:
+                pass
+            try:
+                old = self._read_record(instance_name)
+            except NotFound:
+                # Being created by someone else right now, or left by a crash during a spawn.
+                if time.time() - d.stat().st_mtime < _CLAIM_STALE:
+                    raise AlreadyExists(
+                        f"process instance {instance_name!r} is being started by another process",
+                        field="instance_name",
+                    ) from None
+            except BackendError:
+                pass  # a corrupt record: the directory is garbage
+            else:
+                if pid_alive(old.pid, old.proc_start):
+                    raise AlreadyExists(
+                        f"process instance {instance_name!r} is already running (pid {old.pid})",
+                        field="instance_name",
+                        fix="stop and remove it first",
+                    )
+            shutil.rmtree(d, ignore_errors=True)
+        raise AlreadyExists(f"cannot claim process instance {instance_name!r}", field="instance_name")
+
     def _spawn(
         self, spec: ServiceSpec, instance_name: str, labels: dict[str, str], ports: dict[int, tuple[str, int]]
     ) -> Instance:
-        d = self._dir(instance_name)
-        if (d / "record.json").exists():
-            old = self._read_record(instance_name)
-            if pid_alive(old.pid, old.proc_start):
-                raise AlreadyExists(
-                    f"process instance {instance_name!r} is already running (pid {old.pid})",
-                    field="instance_name",
-                    fix="stop and remove it first",
-                )
-        if d.exists():
-            shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+        d = self._claim(instance_name)
         env = self._env(spec.environment)
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)

@@ -275,6 +275,7 @@ async def wait_until_healthy(
             raise HealthCheckFailed(
                 spec.name, last_failure=f"instance disappeared (last probe: {last.message})"
             ) from None
+        instance = current  # a container that was only "created" gets its published ports on start
         if current.state == "exited":
             failure = (
                 f"exited with code {current.exit_code} before becoming healthy (last probe: {last.message})"

@@ -453,18 +453,28 @@ class ServiceManager:
             return adopted
         await self._notify(run, name, ServiceStatus.STARTING, "starting")
         self.bus.publish("service_starting", name, {"backend": self.backend.name})
-        instance = await self._create(spec)
+        deadline = time.monotonic() + spec.health.startup_timeout
+        delay = 0.02
+        while True:
+            try:
+                instance = await self._create(spec)
+                break
+            except AlreadyExists:
+                # Another process of this owner (a pytest-xdist worker, say) is creating it
+                # right now: wait for it and adopt it rather than fight over it.
+                if time.monotonic() > deadline:
+                    raise
+            adopted = await self._try_adopt(spec)
+            if adopted is not None:
+                return adopted
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
         run.created.append(name)
         return await self._await_ready(spec, instance)
 
     async def _create(self, spec: ServiceSpec) -> Instance:
         instance_name = instance_name_for(self.owner, spec.name)
-        try:
-            instance = await self.backend.run(spec, instance_name=instance_name, labels=self._labels(spec))
-        except AlreadyExists:
-            # Another process of this owner is starting it right now; recreate only what is ours.
-            await self._remove_instances(spec.name)
-            instance = await self.backend.run(spec, instance_name=instance_name, labels=self._labels(spec))
+        instance = await self.backend.run(spec, instance_name=instance_name, labels=self._labels(spec))
         self._managed[spec.name] = _Managed(spec=spec, instance=instance, status=ServiceStatus.STARTING)
         return instance
 
@@ -526,15 +536,17 @@ class ServiceManager:
                     spec, inst, ServiceStatus.STOPPED, "completed", adopted=True
                 )
                 return _COMPLETED, "completed earlier (adopted)"
-            if inst.state != "running" or spec.one_shot:
+            if inst.state == "exited" or spec.one_shot:
                 continue
+            # An instance whose owner is alive is being started by that owner: give it the
+            # whole startup time. One left by a dead owner must answer quickly.
+            owner_alive = await anyio.to_thread.run_sync(self._owner_alive, inst)
+            wait = (
+                spec.health.startup_timeout if owner_alive else min(_ADOPT_WAIT, spec.health.startup_timeout)
+            )
             try:
                 result = await wait_until_healthy(
-                    self.backend,
-                    spec,
-                    inst,
-                    metrics=self.metrics,
-                    timeout=min(_ADOPT_WAIT, spec.health.startup_timeout),
+                    self.backend, spec, inst, metrics=self.metrics, timeout=wait
                 )
             except HealthCheckFailed:
                 continue
@@ -592,7 +604,7 @@ class ServiceManager:
     async def _discard(self, instance: Instance, timeout: float = 5.0) -> None:
         with contextlib.suppress(NotFound):
             await self.backend.stop(instance.id, timeout=timeout)
-        with contextlib.suppress(NotFound):
+        with contextlib.suppress(NotFound, AlreadyExists):  # AlreadyExists: removal under way
             await self.backend.remove(instance.id)
         with contextlib.suppress(OSError):
             await anyio.to_thread.run_sync((self._leases / instance.name).unlink)
