@@ -459,8 +459,10 @@ async def test_resources_reach_the_engine_and_stats_see_load(
     spec = ServiceSpec(
         name=unique_name("busy"),
         image=engine.images.busybox,
-        # A bounded spin: the CPU limit (a fifth of a core) keeps it from hurting the machine.
-        command=["sh", "-c", "timeout 20 sh -c 'while :; do :; done'"],
+        # A bounded spin: the CPU limit (a fifth of a core) keeps it from hurting the machine,
+        # and `timeout` ends it even if nothing stops it. The trailing `exit` keeps the shell
+        # as PID 1 (no exec of the last command), so the loop is not PID 1, which ignores TERM.
+        command=["sh", "-c", "timeout 20 sh -c 'while :; do :; done'; exit 0"],
         resources=Resources(cpus=0.2, memory_bytes=64 << 20),
     )
     instance = await _run(engine_backend, spec)
