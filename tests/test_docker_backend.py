@@ -609,3 +609,23 @@ async def test_follow_yields_new_lines_live_and_closes_early(
     numbers = [int(line.removeprefix("tick")) for line in seen]
     assert numbers == list(range(numbers[0], numbers[0] + 3))
     assert (await engine_backend.inspect(instance.id)).state == "running"
+
+
+async def test_environment_workdir_and_labels_reach_the_container(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    spec = ServiceSpec(
+        name=unique_name("env"),
+        image=engine.images.busybox,
+        command=["sh", "-c", 'echo "$GREETING from $(pwd)"'],
+        environment={"GREETING": "hello world", "EMPTY": ""},
+        workdir="/www",
+        labels={"team": "infra", LABEL_OWNER: "spoofed"},
+    )
+    instance = await _run(engine_backend, spec)
+    assert await _wait_exit_code(engine_backend, instance.id) == 0
+    assert await _output(engine_backend, instance.id) == ["hello world from /www"]
+    # The spec's own labels are kept, but never over the ownership labels.
+    assert instance.labels["team"] == "infra"
+    assert instance.labels[LABEL_OWNER] == engine_backend.settings.resolved_owner()
+    assert instance.address == spec.name
