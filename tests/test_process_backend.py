@@ -6,6 +6,7 @@ port-remap errors."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra.backends.process import ProcessBackend, dspy_infra_backends, pid_alive, proc_start_time
-from dspy_infra.errors import AlreadyExists, MissingBinary, NotFound, SpecError
+from dspy_infra.errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecError
 from dspy_infra.models import PortMapping, ServiceSpec
 
 pytestmark = pytest.mark.usefixtures("anyio_backend")
@@ -136,6 +137,18 @@ async def test_missing_binary_and_port_remap_are_named(backend: ProcessBackend) 
     assert err.value.field == "services.web.ports" and "same host and container port" in str(err.value)
     same = ServiceSpec(name="web2", command=["sleep", "1"], ports=[PortMapping(8080, 0), PortMapping(9090)])
     await backend.prepare([same])  # 0 / None publish the container port as is
+
+
+async def test_a_port_held_by_someone_else_is_refused_before_starting(backend: ProcessBackend) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        spec = ServiceSpec(name="late", command=["sleep", "30"], ports=[PortMapping(port, port)])
+        with pytest.raises(BackendError) as info:
+            await backend.run(spec, instance_name="late", labels={})
+    assert info.value.field == "services.late.ports" and "already in use" in str(info.value)
+    assert await backend.list_instances({}) == []  # nothing half-created
 
 
 async def test_stats_see_a_busy_process(backend: ProcessBackend) -> None:

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -350,10 +351,32 @@ class ProcessBackend(Backend):
             shutil.rmtree(d, ignore_errors=True)
         raise AlreadyExists(f"cannot claim process instance {instance_name!r}", field="instance_name")
 
+    @staticmethod
+    def _check_ports_free(spec: ServiceSpec, ports: dict[int, tuple[str, int]]) -> None:
+        # A port held by someone else would make the service exit, and worse, a probe could
+        # get its answer from the other listener (a stray redis-server answering PING).
+        for ip, port in ports.values():
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((ip, port))
+                except OSError as exc:
+                    raise BackendError(
+                        f"port {ip}:{port} of service {spec.name!r} is already in use ({exc.strerror})",
+                        field=f"services.{spec.name}.ports",
+                        fix="stop what listens there, or give the service another port",
+                    ) from None
+
     def _spawn(
         self, spec: ServiceSpec, instance_name: str, labels: dict[str, str], ports: dict[int, tuple[str, int]]
     ) -> Instance:
-        d = self._claim(instance_name)
+        d = self._claim(instance_name)  # first: a running twin is AlreadyExists, not a port clash
+        try:
+            self._check_ports_free(spec, ports)
+        except BackendError:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         env = self._env(spec.environment)
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)
