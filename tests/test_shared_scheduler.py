@@ -156,3 +156,90 @@ def test_env_manager_on_the_same_port_is_served_once(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     with serve_process(tmp_path / "server", grpc_port=port, env_manager_port=port) as server:
         assert server.grpc_port == server.env_manager_port == port
+
+
+INFRA_METHODS = [
+    "submit_task",
+    "wait",
+    "get_task",
+    "cancel",
+    "list_tasks",
+    "stream_results",
+    "events",
+    "queue_status",
+    "health",
+    "create_workflow",
+    "start_run",
+    "get_run",
+    "run_status",
+    "cancel_run",
+    "ensure_services",
+    "aclose",
+    "handler",
+]
+SERVICE_METHODS = ["start", "stop", "restart", "status", "logs", "health", "pull", "resources", "ensure"]
+
+
+def test_remote_infra_offers_the_embedded_interface() -> None:
+    import inspect
+
+    from dspy_infra.infra import Infra
+    from dspy_infra.rpc.client import RemoteServices
+    from dspy_infra.services.manager import ServiceManager
+
+    for name in INFRA_METHODS:
+        local, remote = getattr(Infra, name), getattr(RemoteInfra, name)
+        # Same parameter names, so calls written for one work with the other.
+        assert list(inspect.signature(local).parameters) == list(inspect.signature(remote).parameters), name
+    assert isinstance(RemoteInfra.running, property)
+    for name in SERVICE_METHODS:
+        assert hasattr(ServiceManager, name) and hasattr(RemoteServices, name), name
+
+
+async def test_remote_infra_end_to_end(tmp_path: Path) -> None:
+    import anyio
+
+    from tests._rpc_support import in_process_server
+
+    async with in_process_server(tmp_path / "state") as (_infra, server):
+        remote = await RemoteInfra.connect(f"127.0.0.1:{server.grpc_port}", required=True)
+        assert remote is not None and remote.running
+        async with remote:
+            with pytest.raises(errors.FailedPrecondition):
+                remote.handler("mine")
+            state = await remote.submit_task("r1", payload={"handler": "exec", "cmd": "echo hello"})
+            assert state.id == "r1"
+            result = await remote.wait("r1", timeout=30)
+            assert result.status == "completed" and "hello" in json.dumps(result.result)
+            assert (await remote.get_task("r1")).spec.payload["cmd"] == "echo hello"
+            assert "r1" in [t.id for t in await remote.list_tasks(status="completed")]
+            async for replay in remote.stream_results(["r1"], include_completed=True):
+                assert replay.task_id == "r1"
+                break
+            slow = await remote.submit_task("r2", payload={"handler": "sleep", "seconds": "30"})
+            assert (await remote.cancel(slow.id)).status in ("cancelled", "running")
+            assert (await remote.wait("r2", timeout=30)).status == "cancelled"
+            async for event in remote.events(["task_completed"], since=0.001):
+                assert event.type == "task_completed"
+                break
+            assert (await remote.queue_status())["cpu_short"].limit >= 1
+            assert (await remote.health())["healthy"] is True
+
+            await remote.create_workflow(
+                "wf", spec={"steps": [{"name": "a", "payload": {"handler": "noop"}}]}
+            )
+            run_id = await remote.start_run("wf", idempotency_key="once")
+            assert await remote.start_run("wf", idempotency_key="once") == run_id
+            with anyio.fail_after(30):
+                async for update in remote.run_status(run_id):
+                    if update.status.terminal:
+                        break
+            assert (await remote.get_run(run_id)).status == "completed"
+            assert (await remote.cancel_run(run_id)).status == "completed"
+
+            await remote.ensure_services(["redis"])
+            status = await remote.services.status(["redis"])
+            assert str(status["redis"].status) in ("healthy", "running") and status["redis"].ports
+            assert (await remote.services.resources("cpu_short")).hardware.cpu_cores >= 1
+            assert (await remote.services.stop(["redis"]))["redis"] == "stopped"
+        assert not remote.running

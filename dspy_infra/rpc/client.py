@@ -10,6 +10,7 @@ clients, so application code does not care which one ``ensure_infra()`` returned
 from __future__ import annotations
 
 import json
+import math
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 _M = TypeVar("_M")
 
 # -- errors ---------------------------------------------------------------------------------
@@ -331,8 +333,23 @@ class OrchestratorClient(_Client):
     def stream_events(
         self, types: Iterable[str] | None = None, since: float | None = None
     ) -> AsyncIterator[Event]:
-        req = orch_pb.StreamEventsRequest(event_types=list(types or ()), since_timestamp=int(since or 0))
-        return self._stream(self.stub.stream_events(req), cv.event_from_pb)
+        # The wire carries whole seconds and 0 means "live only": ask from the second that
+        # contains `since` (at least 1), then drop the events of that second before it.
+        since_seconds = 0 if since is None else max(1, math.floor(since))
+        req = orch_pb.StreamEventsRequest(event_types=list(types or ()), since_timestamp=since_seconds)
+        events = self._stream(self.stub.stream_events(req), cv.event_from_pb)
+        return events if since is None else _events_since(events, since)
+
+
+async def _events_since(events: AsyncIterator[Event], since: float) -> AsyncIterator[Event]:
+    try:
+        async for event in events:
+            if event.timestamp >= since or event.type == "events_dropped":
+                yield event
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 # -- env manager ------------------------------------------------------------------------------
@@ -481,12 +498,15 @@ class RemoteInfra:
         token: str | None = None,
         required: bool,
         tls: bool | str | ssl.SSLContext | None = None,
-        timeout: float = 0.5,
+        timeout: float | None = None,
     ) -> RemoteInfra | None:
-        """Connect and check the server answers within ``timeout``. When nothing answers:
-        None if not ``required``, else ``Unavailable`` naming the address and the fix.
-        A server that answers but refuses the token raises ``Unauthenticated`` either way."""
+        """Connect and check the server answers within ``timeout`` (default 0.5 s when a miss
+        is fine, 5 s when ``required``). When nothing answers: None if not ``required``, else
+        ``Unavailable`` naming the address and the fix. A server that answers but refuses the
+        token raises ``Unauthenticated`` either way."""
         host, port = parse_addr(addr)
+        if timeout is None:
+            timeout = 5.0 if required else 0.5
         channel = Channel(host, port, ssl=_client_ssl(tls))
         orchestrator = OrchestratorClient(channel, addr, token=token, owns_channel=True)
         try:
@@ -533,6 +553,15 @@ class RemoteInfra:
 
     async def ensure_services(self, names: Sequence[str]) -> None:
         await self.services.ensure(names)
+
+    def handler(self, name: str) -> Callable[[_F], _F]:
+        """Handlers run where the scheduler runs: in the server process, not here."""
+        raise FailedPrecondition(
+            f"cannot register handler {name!r} on a remote infra ({self.addr})",
+            field="handler",
+            fix="register it in the server process (a plugin's dspy_infra_handlers hook),"
+            " or use an embedded infra (mode='embedded')",
+        )
 
     # -- tasks ------------------------------------------------------------------------------
 
