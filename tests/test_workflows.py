@@ -623,7 +623,10 @@ def test_a_step_name_with_a_result_segment_is_refused() -> None:
 async def test_cancel_at_any_moment_after_start_ends_the_run_promptly(tmp_path: Path, delay: float) -> None:
     # Races: before the first step is submitted, while it is being accepted, while it runs.
     async with running(tmp_path) as (scheduler, engine, _bus):
-        await engine.create_workflow("racy", spec=spec_of(sh("a", "sleep 30"), sh("b", "true", "a")))
+        # The `sleep` handler, not `exec`: this is about the engine's races; cancelling `exec`
+        # while its subprocess is being created is the handler's own case.
+        slow = {"name": "a", "payload": {"handler": "sleep", "seconds": "30"}}
+        await engine.create_workflow("racy", spec=spec_of(slow, noop("b", "a")))
         run_id = await engine.start_run("racy")
         await anyio.sleep(delay)
         with anyio.fail_after(10):
@@ -725,3 +728,20 @@ async def test_a_step_task_cancelled_from_outside_fails_the_run(tmp_path: Path) 
         assert run.steps["a"].status is StepStatus.CANCELLED
         assert run.steps["b"].status is StepStatus.SKIPPED
         assert run.status is RunStatus.FAILED and "step 'a' was cancelled" in run.error
+
+
+def test_python_objects_of_the_wrong_shape_are_refused_naming_the_field() -> None:
+    with pytest.raises(SpecError) as info:
+        StepSpec("a", depends_on=5)  # type: ignore[arg-type]
+    assert info.value.field == "depends_on"
+    with pytest.raises(SpecError) as info:
+        WorkflowSpec(steps=5)  # type: ignore[arg-type]
+    assert info.value.field == "steps"
+    with pytest.raises(SpecError) as info:
+        WorkflowSpec(steps=[{"name": "a"}])  # type: ignore[list-item]
+    assert info.value.field == "steps[0]"
+    # A whole-number timeout is the same spec as its float.
+    assert StepSpec("a", timeout=5) == StepSpec("a", timeout=5.0)
+    assert parse_workflow_spec(spec_of({"name": "a", "timeout": 5})).spec_hash == (
+        parse_workflow_spec(spec_of({"name": "a", "timeout": 5.0})).spec_hash
+    )

@@ -114,10 +114,22 @@ def _depends_on(value: Any) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, Iterable):
+        raise SpecError(
+            f"expected a list of step names, got {type(value).__name__}",
+            field="depends_on",
+            fix='e.g. depends_on=["fetch"]',
+        )
     return tuple(value)
 
 
 def _step_tuple(value: Iterable[StepSpec]) -> tuple[StepSpec, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise SpecError(
+            f"expected a list of steps, got {type(value).__name__}",
+            field="steps",
+            fix="pass a list of StepSpec (or the whole spec as a dict / JSON to parse_workflow_spec)",
+        )
     return tuple(value)
 
 
@@ -173,6 +185,9 @@ class StepSpec:
             raise SpecError(
                 f"must be a number of seconds > 0 or null, got {self.timeout!r}", field=f"{where}.timeout"
             )
+        if self.timeout is not None:
+            # 5 and 5.0 are the same spec (and the same spec hash).
+            object.__setattr__(self, "timeout", float(self.timeout))
         if (
             not isinstance(self.max_attempts, int)
             or isinstance(self.max_attempts, bool)
