@@ -318,6 +318,37 @@ def test_address_comes_from_argument_then_settings_then_environment(monkeypatch:
     )
 
 
+@given(st.integers(0, 10**10), st.integers(10**6, 10**11), st.integers(0, 10**6), st.integers(1, 64))
+def test_cpu_percent_is_busy_time_over_the_sampling_interval(
+    busy_ns: int, interval_ns: int, memory_cache: int, cpus: int
+) -> None:
+    from dspy_infra.backends.docker import _usage_from_stats
+
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    later = base + timedelta(microseconds=interval_ns // 1000 or 1)
+    stamp = "%Y-%m-%dT%H:%M:%S.%fZ"
+    usage = _usage_from_stats(
+        {
+            "read": later.strftime(stamp),
+            "preread": base.strftime(stamp),
+            "cpu_stats": {
+                "cpu_usage": {"total_usage": 5 + busy_ns},
+                "system_cpu_usage": 1,
+                "online_cpus": cpus,
+            },
+            "precpu_stats": {"cpu_usage": {"total_usage": 5}, "system_cpu_usage": 0},
+            "memory_stats": {"usage": 10_000_000, "stats": {"cache": memory_cache}},
+            "networks": {"eth0": {"rx_bytes": 3, "tx_bytes": 4}, "eth1": {"rx_bytes": 5, "tx_bytes": 6}},
+        }
+    )
+    seconds = (later - base).total_seconds()
+    # Engine timestamps are Unix seconds in a float: microseconds survive, so 1e-3 relative
+    # over intervals of a millisecond or more.
+    assert abs(usage.cpu_percent - busy_ns / 1e9 / seconds * 100) <= 1e-3 * max(1.0, usage.cpu_percent)
+    assert usage.memory_bytes == 10_000_000 - memory_cache
+    assert (usage.network_rx_bytes, usage.network_tx_bytes) == (8, 10)
+
+
 def test_hook_registers_the_docker_backend() -> None:
     assert dspy_infra_backends() == {"docker": DockerBackend}
 
@@ -471,7 +502,7 @@ async def test_resources_reach_the_engine_and_stats_see_load(
     assert raw["HostConfig"]["Memory"] == 64 << 20
     await anyio.sleep(0.5)
     usage = await engine_backend.stats(instance.id)
-    assert 1.0 < usage.cpu_percent < 60.0  # busy, but held near the 20 % limit
+    assert 5.0 < usage.cpu_percent < 40.0  # busy, but held near the 20 % limit
     assert 0 < usage.memory_bytes <= 64 << 20
     assert usage.network_rx_bytes >= 0 and usage.network_tx_bytes >= 0
     await engine_backend.stop(instance.id, timeout=0)

@@ -301,9 +301,23 @@ def _usage_from_stats(stats: Mapping[str, Any]) -> ResourceUsage:
     cpu_delta = (cpu.get("cpu_usage") or {}).get("total_usage", 0) - (pre.get("cpu_usage") or {}).get(
         "total_usage", 0
     )
+    # Percent of one core over the interval between the two samples (as `docker stats`).
+    # The interval is read from the samples' own timestamps when both have one: Podman's
+    # system_cpu_usage is read at a different moment than the cgroup counter, which skews
+    # the system-time formula on a busy machine.
+    wall_delta = (
+        parse_engine_time(str(stats.get("read", ""))) - parse_engine_time(str(stats.get("preread", "")))
+    ) * 1e9
     system_delta = (cpu.get("system_cpu_usage") or 0) - (pre.get("system_cpu_usage") or 0)
     cpus = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or ()) or 1
-    percent = cpu_delta / system_delta * cpus * 100.0 if cpu_delta > 0 and system_delta > 0 else 0.0
+    if cpu_delta <= 0:
+        percent = 0.0
+    elif 0 < wall_delta < 3600e9:
+        percent = cpu_delta / wall_delta * 100.0
+    elif system_delta > 0:
+        percent = cpu_delta / system_delta * cpus * 100.0
+    else:
+        percent = 0.0
     memory = stats.get("memory_stats") or {}
     detail = memory.get("stats") or {}
     # What `docker stats` shows: usage minus page cache (cgroup v1 "cache", v2 "inactive_file").
@@ -650,7 +664,11 @@ class DockerBackend(Backend):
             if previous is None or time.monotonic() - previous[0] > 60:
                 await anyio.sleep(0.5)
                 previous, sample = (time.monotonic(), sample), await self._stats_sample(instance_id)
-            sample = {**sample, "precpu_stats": previous[1].get("cpu_stats") or {}}
+            sample = {
+                **sample,
+                "precpu_stats": previous[1].get("cpu_stats") or {},
+                "preread": previous[1].get("read", ""),
+            }
         return _usage_from_stats(sample)
 
     async def _stats_sample(self, instance_id: str) -> dict[str, Any]:
