@@ -133,3 +133,31 @@ def test_http_status_follows_the_grpc_table(cls: type[errors.InfraError]) -> Non
         errors.DeadlineExceeded: 504,
     }[cls]
     assert http_status_for(cls("x")) == expected
+
+
+_json_scalar = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=8)
+_task_doc = st.dictionaries(
+    st.sampled_from(
+        ["id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id", "extra"]
+    ),
+    _json_scalar | st.dictionaries(st.text(max_size=4), _json_scalar, max_size=3),
+    max_size=6,
+)
+
+
+@given(doc=_task_doc)
+def test_task_json_is_accepted_as_written_or_refused_naming_the_key(doc: dict[str, object]) -> None:
+    from dspy_infra.rpc.server import spec_from_doc
+
+    try:
+        spec = spec_from_doc(doc, generate_id=True)
+    except errors.SpecError as exc:
+        assert exc.field is not None
+        # The field named is one the document has (or a key inside its payload), or the id.
+        assert exc.field.split(".")[0] in {*doc, "id", "payload", "timeout", "max_attempts"}
+        return
+    assert "extra" not in doc
+    assert spec.id == (doc.get("id") or spec.id) and spec.id
+    assert spec.task_class == (doc.get("class") or "cpu_short")
+    assert spec.priority == (doc.get("priority") or 0)
+    assert set(spec.payload) == set(doc.get("payload") or {})  # type: ignore[arg-type]

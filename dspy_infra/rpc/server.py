@@ -166,6 +166,7 @@ def _non_negative(value: float, field: str) -> float | None:
 
 #: Keys of a task written as JSON (POST /queue/submit, SubmitTasks.tasks_json).
 TASK_JSON_KEYS = ("id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id")
+_TASK_JSON_KEY_SET = frozenset(TASK_JSON_KEYS)
 
 
 def _json_array(raw: bytes, field: str) -> list[Any]:
@@ -193,7 +194,7 @@ def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
     A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``."""
     if not isinstance(doc, dict):
         raise SpecError(f"expected a JSON object, got {type(doc).__name__}", field="body")
-    unknown = sorted(set(doc) - set(TASK_JSON_KEYS))
+    unknown = sorted(doc.keys() - _TASK_JSON_KEY_SET)
     if unknown:
         raise SpecError(
             f"unknown key {unknown[0]!r}", field=unknown[0], fix="use " + ", ".join(TASK_JSON_KEYS)
