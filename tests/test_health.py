@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 from aiohttp import web
 from hypothesis import given
@@ -97,8 +98,9 @@ def redis_auth_port() -> Iterator[int]:
 async def _holder(backend: ProcessBackend, port: int) -> Instance:
     """A real (idle) process instance that "publishes" ``port``, standing for a service whose
     server runs elsewhere in the test, so the startup wait has something to inspect."""
-    spec = ServiceSpec(name="holder", command=["sleep", "60"], ports=[PortMapping(port, port)])
-    return await backend.run(spec, instance_name=f"holder-{port}", labels={})
+    spec = ServiceSpec(name="holder", command=["sleep", "60"])  # the port is someone else's
+    inst = await backend.run(spec, instance_name=f"holder-{port}", labels={})
+    return attrs.evolve(inst, ports={port: ("127.0.0.1", port)})
 
 
 async def _until_ok(probe_kind: str, port: int, backend: ProcessBackend, within: float = 10.0) -> ProbeResult:

@@ -65,25 +65,48 @@ _FOLLOW_POLL = 0.1
 #: A claimed instance directory without a record after this long was left by a crash.
 _CLAIM_STALE = 30.0
 
-# The supervisor shim. argv: instance dir, JSON command. It double-forks so the service is
-# not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
-# stdout, then pumps the service's output into timestamped log files until it exits.
+# The supervisor shim. argv: instance dir, then the command. It double-forks so the service
+# is not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
+# stdout, then pumps the service's output into timestamped log files until it exits. Only
+# light stdlib modules (no subprocess, no json): its start-up time is on every service start.
 _SHIM = r"""
-import json, os, selectors, signal, subprocess, sys, time
-d, cmd = sys.argv[1], json.loads(sys.argv[2])
+import os, selectors, signal, sys, time
+d, cmd = sys.argv[1], sys.argv[2:]
 if os.fork():
     os._exit(0)
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+for s in STOP:
     signal.signal(s, signal.SIG_IGN)  # the group gets SIGTERM; the shim drains logs, then exits
-try:
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)])
-except OSError as e:
-    sys.stdout.write("error %s\n" % e); sys.stdout.flush(); os._exit(0)
-sys.stdout.write("ok %d %d\n" % (p.pid, os.getpid())); sys.stdout.flush()
-null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); os.dup2(null, 2)
-outs = {p.stdout.fileno(): open(os.path.join(d, "stdout.log"), "ab", buffering=0),
-        p.stderr.fileno(): open(os.path.join(d, "stderr.log"), "ab", buffering=0)}
+out_r, out_w = os.pipe()
+err_r, err_w = os.pipe()
+chk_r, chk_w = os.pipe()  # close-on-exec: EOF here means the exec worked
+pid = os.fork()
+if pid == 0:
+    try:
+        for s in (*STOP, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(s, signal.SIG_DFL)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.execvp(cmd[0], cmd)
+    except BaseException as e:
+        os.write(chk_w, str(e).encode("utf-8", "replace"))
+    os._exit(127)
+for fd in (out_w, err_w, chk_w):
+    os.close(fd)
+failed = os.read(chk_r, 4096)
+if failed:
+    os.waitpid(pid, 0)
+    sys.stdout.write("error %s\n" % failed.decode("utf-8", "replace"))
+    sys.stdout.flush()
+    os._exit(0)
+sys.stdout.write("ok %d %d\n" % (pid, os.getpid()))
+sys.stdout.flush()
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 1)
+os.dup2(null, 2)
+outs = {out_r: open(os.path.join(d, "stdout.log"), "ab", buffering=0),
+        err_r: open(os.path.join(d, "stderr.log"), "ab", buffering=0)}
 partial = {fd: b"" for fd in outs}
 sel = selectors.DefaultSelector()
 for fd in outs:
@@ -104,10 +127,12 @@ while sel.get_map():
         else:
             emit(key.fd, b"", final=True)
             sel.unregister(key.fd)
-rc = p.wait()
-with open(os.path.join(d, "exit.json.tmp"), "w") as f:
-    json.dump({"exit_code": rc, "finished_at": time.time()}, f)
-os.replace(os.path.join(d, "exit.json.tmp"), os.path.join(d, "exit.json"))
+_, status = os.waitpid(pid, 0)
+rc = os.waitstatus_to_exitcode(status)
+tmp = os.path.join(d, "exit.json.tmp")
+with open(tmp, "w") as f:
+    f.write('{"exit_code": %d, "finished_at": %f}' % (rc, time.time()))
+os.replace(tmp, os.path.join(d, "exit.json"))
 """
 
 
@@ -381,7 +406,7 @@ class ProcessBackend(Backend):
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)
         shim = subprocess.Popen(
-            [sys.executable, "-S", "-c", _SHIM, str(d), json.dumps(list(spec.command))],
+            [sys.executable, "-I", "-S", "-c", _SHIM, str(d), *spec.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
