@@ -36,6 +36,7 @@ bench: venv
 	$(BIN)/python benchmarks/scheduler.py
 	$(BIN)/python benchmarks/services.py
 	$(BIN)/python benchmarks/rpc.py
+	$(BIN)/python benchmarks/workflows.py
 
 engines-start:
 	bash scripts/engines.sh start

@@ -46,6 +46,7 @@ from .models import (
     TaskStatus,
     VolumeMount,
 )
+from .scheduler.workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 
 __all__ = [
     "AlreadyExists",
@@ -67,10 +68,14 @@ __all__ = [
     "ResourceUnavailable",
     "Resources",
     "RestartPolicy",
+    "RunState",
+    "RunUpdate",
     "ServiceError",
     "ServiceSpec",
     "Settings",
     "SpecError",
+    "StepSpec",
+    "StepState",
     "SyncInfra",
     "TaskClass",
     "TaskError",
@@ -81,6 +86,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VolumeMount",
+    "Workflow",
+    "WorkflowSpec",
     "__version__",
     "ensure_infra",
     "ensure_infra_sync",
