@@ -26,6 +26,9 @@ import anyio
 import attrs
 import pytest
 from engines import docker_engine, engine_settings, podman_engine
+from hypothesis import HealthCheck as HypothesisHealthCheck
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dspy_infra.backends.base import LABEL_OWNER, Backend
 from dspy_infra.backends.docker import DockerBackend
@@ -317,6 +320,58 @@ async def test_three_levels_start_in_order_and_siblings_in_parallel(kit: Kit) ->
         order = list(result)  # dependents first
         assert order.index("top") < order.index("mid") < min(order.index("base-a"), order.index("base-b"))
         assert await _owned(kit) == []
+
+
+@st.composite
+def _dags(draw: st.DrawFn) -> dict[str, list[str]]:
+    n = draw(st.integers(1, 5))
+    names = [f"n{i}" for i in range(n)]
+    return {
+        name: draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=2)) if i else []
+        for i, name in enumerate(names)
+    }
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HypothesisHealthCheck.function_scoped_fixture, HypothesisHealthCheck.too_slow],
+)
+@given(edges=_dags(), parallel=st.booleans())
+async def test_property_no_service_starts_before_its_dependencies_are_ready(
+    process_kit: Kit, edges: dict[str, list[str]], parallel: bool
+) -> None:
+    kit = process_kit
+    bus = EventBus()
+    specs = [
+        ServiceSpec(
+            name=name,
+            command=["sleep", "30"],
+            depends_on=[DependsOn(d) for d in deps],
+            health=HealthCheck(kind="none"),
+        )
+        for name, deps in edges.items()
+    ]
+    async with _manager(kit, *specs, bus=bus) as mgr:
+        started = await mgr.ensure(sorted(edges)) if parallel else None
+        if not parallel:
+            started = [
+                u.service_name
+                async for u in mgr.start(sorted(edges), parallel=False)
+                if u.progress and u.status == ServiceStatus.HEALTHY
+            ]
+        assert started is not None and sorted(started) == sorted(edges)
+        starting, healthy = _events(bus, "service_starting"), _events(bus, "service_healthy")
+        for name, deps in edges.items():
+            for dep in deps:
+                assert starting[name].timestamp >= healthy[dep].timestamp
+        result = await mgr.stop(timeout=2)
+        assert set(result.values()) == {"stopped"}
+        stopped = [e.resource_id for e in bus.history(["service_stopped"])]
+        for name, deps in edges.items():
+            for dep in deps:
+                assert stopped.index(name) < stopped.index(dep)  # dependents stop first
+    assert await _owned(kit) == []
 
 
 async def test_sequential_start_runs_one_at_a_time(kit: Kit) -> None:
