@@ -34,7 +34,7 @@ from dspy_infra.backends.base import LABEL_OWNER, Backend
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.config import Settings
-from dspy_infra.errors import CycleError, HealthCheckFailed, MissingBinary, NotFound, SpecError
+from dspy_infra.errors import ConfigError, CycleError, HealthCheckFailed, MissingBinary, NotFound, SpecError
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import (
@@ -468,6 +468,25 @@ async def test_one_shot_job_gates_its_dependent(kit: Kit, tmp_path: Path) -> Non
             _events(bus, "service_starting")["app"].timestamp
             >= _events(bus, "service_completed")["migrate"].timestamp
         )
+        await mgr.stop()
+
+
+async def test_start_overrides_change_the_spec_and_recreate(kit: Kit) -> None:
+    web = _http(kit, "web")
+    async with _manager(kit, web) as mgr:
+        await mgr.ensure(["web"])
+        before = (await mgr.status(["web"]))["web"]
+        updates = [u async for u in mgr.start(["web"], overrides={"web.environment": '{"FLAVOUR": "mint"}'})]
+        assert updates[-1].status == ServiceStatus.HEALTHY
+        after = (await mgr.status(["web"]))["web"]
+        assert after.started_at > before.started_at  # another spec hash: a new instance
+        result = await kit.backend.exec(after.instance_id, ["sh", "-c", "echo $FLAVOUR"])
+        assert (result.exit_code, result.output.strip()) == (0, "mint")
+        assert mgr.catalog["web"].environment == {}  # overrides apply to that start only
+        with pytest.raises(ConfigError) as info:
+            async for _ in mgr.start(["web"], overrides={"web.colour": "x"}):
+                pass
+        assert info.value.field == "services.web.colour"
         await mgr.stop()
 
 
