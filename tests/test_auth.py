@@ -142,3 +142,32 @@ def test_tls_needs_both_cert_and_key() -> None:
     with pytest.raises(errors.SpecError) as info:
         check_bind(load_settings(env={}, tls_cert="/x.pem"))
     assert info.value.field == "tls_key"
+
+
+async def test_server_exit_ends_open_streams(tmp_path: Path) -> None:
+    # A client holding a live stream (and its connection) does not keep the server open.
+    import time
+
+    import anyio
+
+    got: list[BaseException] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            async with in_process_server(tmp_path / "s") as (_infra, server):
+                client = OrchestratorClient.connect(f"127.0.0.1:{server.grpc_port}")
+
+                async def listen() -> None:
+                    try:
+                        async for _ in client.stream_events(["never_published"]):
+                            pass
+                    except errors.InfraError as exc:
+                        got.append(exc)
+
+                tg.start_soon(listen)
+                await anyio.sleep(0.3)
+                began = time.perf_counter()
+            closed_in = time.perf_counter() - began
+    client.close()
+    assert closed_in < 6.0
+    assert got, "the stream should end with an error when the server goes away"
+    assert isinstance(got[0], errors.Unavailable) and "shutting down" in str(got[0])

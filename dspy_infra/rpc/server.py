@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+import anyio
 import grpclib.const
 import grpclib.events
 import grpclib.server
@@ -74,6 +75,8 @@ __all__ = [
 
 log = logging.getLogger("dspy_infra.rpc")
 _In = TypeVar("_In")
+#: Seconds InfraServer.aclose waits for connections to close after cancelling the calls.
+_CLOSE_TIMEOUT = 5.0
 _Out = TypeVar("_Out")
 
 # -- the one error -> status table ----------------------------------------------------------
@@ -500,7 +503,9 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
 _Handler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
 
 
-def _guard(token: str | None) -> Callable[[grpclib.events.RecvRequest], Coroutine[Any, Any, None]]:
+def _guard(
+    token: str | None, closing: asyncio.Event
+) -> Callable[[grpclib.events.RecvRequest], Coroutine[Any, Any, None]]:
     expected = f"Bearer {token}".encode() if token else None
 
     async def on_request(event: grpclib.events.RecvRequest) -> None:
@@ -520,8 +525,21 @@ def _guard(token: str | None) -> Callable[[grpclib.events.RecvRequest], Coroutin
                 )
             try:
                 await inner(stream)
-            except (GRPCError, asyncio.CancelledError):
+            except GRPCError:
                 raise
+            except asyncio.CancelledError:
+                if not closing.is_set():
+                    raise  # the client went away or its deadline passed
+                # The server is shutting down: end the call with a status the client can act
+                # on (grpclib's cancellation alone leaves open streams hanging on the client).
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                with contextlib.suppress(Exception):
+                    await stream.send_trailing_metadata(
+                        status=Status.UNAVAILABLE,
+                        status_message="server shutting down (fix: reconnect when it is back)",
+                    )
             except InfraError as exc:
                 raise to_grpc_error(exc) from None
             except Exception as exc:
@@ -567,6 +585,7 @@ class InfraServer:
         self.http_port = 0
         self._grpc: list[grpclib.server.Server] = []
         self._http: web.AppRunner | None = None
+        self._closing = asyncio.Event()
 
     @property
     def host(self) -> str:
@@ -606,7 +625,7 @@ class InfraServer:
     async def _serve_grpc(self, services: list[Any], port: int, tls: ssl.SSLContext | None) -> int:
         """Serve ``services`` + grpc.health.v1 behind the guard on ``port``; the bound port."""
         server = grpclib.server.Server([*services, Health()])
-        grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(self.settings.token))
+        grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(self.settings.token, self._closing))
         sock = _listen(self.host, port)
         self._grpc.append(server)
         await server.start(sock=sock, ssl=tls)
@@ -618,11 +637,15 @@ class InfraServer:
         if http is not None:
             await http.cleanup()
         servers, self._grpc = self._grpc, []
+        self._closing.set()
         for server in servers:
             server.close()
-        for server in servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+        # Handlers were cancelled; on Python >= 3.12 wait_closed also waits for idle client
+        # connections to go away, which a connected client need never do: bound the wait.
+        with anyio.move_on_after(_CLOSE_TIMEOUT):
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    await server.wait_closed()
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
