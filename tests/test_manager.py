@@ -525,6 +525,29 @@ async def test_restart_policy_no_marks_the_service_failed(kit: Kit) -> None:
         await mgr.stop()
 
 
+@pytest.mark.parametrize("mode", ["on-failure", "always"])
+async def test_a_clean_exit_stops_unless_the_policy_is_always(kit: Kit, mode: str) -> None:
+    bus = EventBus()
+    job = attrs.evolve(
+        apply_fields("worker", kit.script_fields("sleep 0.4; exit 0")),
+        ports=(),
+        health=HealthCheck(kind="none", interval=0.1),
+        restart=RestartPolicy(mode=mode, backoff=0.05, max_restarts=1),
+    )
+    async with _manager(kit, job, bus=bus) as mgr:
+        await mgr.ensure(["worker"])
+        wanted = "service_restarted" if mode == "always" else "service_stopped"
+        with anyio.fail_after(20):
+            async for event in bus.subscribe([wanted], since=0):
+                if event.resource_id == "worker":
+                    break
+        types = {e.type for e in bus.history() if e.resource_id == "worker"}
+        if mode == "on-failure":
+            assert "service_restarted" not in types and "service_failed" not in types
+            assert (await mgr.status(["worker"]))["worker"].status == ServiceStatus.STOPPED
+        await mgr.stop()
+
+
 async def test_adoption_across_managers_and_recreate_on_spec_change(kit: Kit) -> None:
     web = _http(kit, "web")
     async with _manager(kit, web) as first:

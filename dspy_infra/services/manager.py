@@ -759,8 +759,14 @@ class ServiceManager:
         clean_exit = (
             exited_code == 0 and managed.status == ServiceStatus.UNHEALTHY and "exited" in managed.message
         )
-        if policy.mode == "no" or (policy.mode == "on-failure" and clean_exit):
-            await self._give_up(name, managed, f"{managed.message}; restart policy {policy.mode!r}")
+        if clean_exit and policy.mode != "always":
+            # It finished on its own with success: stopped, not failed.
+            managed.status, managed.message = ServiceStatus.STOPPED, "exited with code 0"
+            self._set_active_gauge()
+            self.bus.publish("service_stopped", name, {"exit_code": 0})
+            return
+        if policy.mode == "no":
+            await self._give_up(name, managed, f"{managed.message}; restart policy 'no'")
             return
         if managed.restarts >= policy.max_restarts:
             await self._give_up(
