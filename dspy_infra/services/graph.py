@@ -22,8 +22,14 @@ __all__ = [
     "startup_levels",
     "stop_order",
     "topological_order",
+    "unknown_service",
     "validate_graph",
 ]
+
+
+def unknown_service(name: str, known: Iterable[str], *, field: str = "services") -> NotFound:
+    """The error for a service name nobody declared, with the closest known name."""
+    return NotFound(f"unknown service {name!r}", field=field, fix=_suggest(name, known))
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
@@ -104,7 +110,7 @@ def dependency_closure(specs: Mapping[str, ServiceSpec], names: Sequence[str]) -
     """``names`` plus everything they depend on, transitively, in a startable order."""
     for name in names:
         if name not in specs:
-            raise NotFound(f"unknown service {name!r}", field="services", fix=_suggest(name, specs))
+            raise unknown_service(name, specs)
     wanted: set[str] = set()
     stack = list(names)
     while stack:

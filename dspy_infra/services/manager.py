@@ -76,7 +76,14 @@ from ..models import (
 )
 from ..plugins import collect_mapping
 from .catalog import build_catalog, parse_overrides, write_support_files
-from .graph import check_host_ports, dependency_closure, startup_levels, stop_order, validate_graph
+from .graph import (
+    check_host_ports,
+    dependency_closure,
+    startup_levels,
+    stop_order,
+    unknown_service,
+    validate_graph,
+)
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 
 __all__ = ["ServiceManager", "instance_name_for"]
@@ -643,7 +650,7 @@ class ServiceManager:
             targets = set(names)
             for name in targets:
                 if name not in self.catalog and name not in self._managed:
-                    raise NotFound(f"unknown service {name!r}", field="service_names")
+                    raise unknown_service(name, self.catalog, field="service_names")
         results: dict[str, str] = {}
         # Reverse dependency levels: dependents stop first; a level stops in parallel.
         known = {n: self.catalog[n] for n in targets if n in self.catalog}
@@ -676,7 +683,7 @@ class ServiceManager:
         """Stop ``name`` and start it afresh (its dependencies are assumed up)."""
         spec = self.catalog.get(name)
         if spec is None:
-            raise NotFound(f"unknown service {name!r}", field="service_name")
+            raise unknown_service(name, self.catalog, field="service_name")
         async with self._lock(name):
             await self._recreate(spec, timeout=timeout, manual=True)
         return (await self.status([name]))[name]
@@ -819,7 +826,7 @@ class ServiceManager:
             targets = list(names)
             for name in targets:
                 if name not in self.catalog and name not in self._managed and name not in listed:
-                    raise NotFound(f"unknown service {name!r}", field="service_names")
+                    raise unknown_service(name, self.catalog, field="service_names")
         states: dict[str, ServiceState] = {}
 
         async def one(name: str) -> None:
@@ -875,7 +882,7 @@ class ServiceManager:
         if name in listed:
             return listed[name]
         if name not in self.catalog:
-            raise NotFound(f"unknown service {name!r}", field="service_name")
+            raise unknown_service(name, self.catalog, field="service_name")
         raise NotFound(
             f"service {name!r} is not running", field="service_name", fix=f"start it: ensure([{name!r}])"
         )
