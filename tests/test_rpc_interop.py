@@ -196,6 +196,10 @@ def test_every_env_manager_rpc(stubs: dict[str, Any], server: ServeProcess) -> N
         health.cancel()
         assert first.service_name == "redis" and first.healthy
 
+        # Stream: pulling is a no-op "complete" on the process backend, but goes the whole way.
+        pulled = list(stub.PullImages(pb.PullImagesRequest(image_names=["redis:7-alpine"]), timeout=30))
+        assert pulled and pulled[-1].image_name == "redis:7-alpine" and pulled[-1].status == "complete"
+
         stopped = stub.StopServices(
             pb.StopServicesRequest(service_names=["redis"], timeout_seconds=10), timeout=30
         )

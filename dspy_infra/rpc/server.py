@@ -476,9 +476,13 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
 
     async def pull_images(self, message: env_pb.PullImagesRequest) -> AsyncIterator[env_pb.ImagePullProgress]:
         images = list(message.image_names)
-        if not images or any(not name.strip() for name in images):
-            raise SpecError("must list at least one non-empty image name", field="image_names")
-        stream = self.infra.services.pull(images)
+        for i, name in enumerate(images):
+            if not name.strip():
+                raise SpecError(
+                    "is empty", field=f"image_names[{i}]", fix="name an image, e.g. redis:7-alpine"
+                )
+        # No names: every image of the service catalog (the manager's default).
+        stream = self.infra.services.pull(images or None)
         async for item in _relay(stream, cv.pull_progress_to_pb):
             yield item
 
