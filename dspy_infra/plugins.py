@@ -16,6 +16,7 @@ __all__ = ["DEFAULT_PLUGINS", "build_plugin_manager", "collect_mapping"]
 DEFAULT_PLUGINS = (
     "dspy_infra.scheduler.handlers",
     "dspy_infra.scheduler.classes",
+    "dspy_infra.scheduler.slurm",
     "dspy_infra.services.catalog",
     "dspy_infra.backends.process",
     "dspy_infra.backends.docker",

@@ -401,6 +401,8 @@ class Scheduler:
     async def _build_executors(self, stack: contextlib.AsyncExitStack) -> None:
         for name, factory in collect_mapping(self.plugins.hook.dspy_infra_executors()).items():
             executor = factory(self.settings)
+            if executor is None:  # the plugin is installed but not configured (e.g. slurm unset)
+                continue
             if hasattr(executor, "__aenter__"):
                 executor = await stack.enter_async_context(executor)
             run = getattr(executor, "run", executor)
