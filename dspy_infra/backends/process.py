@@ -136,16 +136,21 @@ os.replace(tmp, os.path.join(d, "exit.json"))
 """
 
 
-def proc_start_time(pid: int) -> tuple[int, str] | None:
-    """``(start time in clock ticks since boot, state letter)`` of ``pid``, None if gone."""
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` from field 3 (the state letter) on, None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             raw = fh.read().decode("utf-8", "replace")
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[19]), fields[0]
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def proc_start_time(pid: int) -> tuple[int, str] | None:
+    """``(start time in clock ticks since boot, state letter)`` of ``pid``, None if gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[19]), fields[0])
 
 
 def pid_alive(pid: int, start_time: int | None = None) -> bool:
@@ -160,28 +165,18 @@ def pid_alive(pid: int, start_time: int | None = None) -> bool:
 
 def _proc_cpu_rss(pid: int) -> tuple[int, int] | None:
     """(utime + stime ticks, resident bytes) of ``pid``."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12]), int(fields[21]) * _PAGE
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12]), int(fields[21]) * _PAGE)
 
 
 def _group_members(pgid: int, exclude: int) -> list[int]:
-    """Pids in process group ``pgid`` (scanning /proc), except ``exclude`` (the shim)."""
+    """Live pids in process group ``pgid`` (scanning /proc), except ``exclude`` (the shim)."""
     out: list[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == exclude:
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                raw = fh.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        fields = raw[raw.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+        fields = _stat_fields(entry)
+        if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             out.append(int(entry))
     return out
 
