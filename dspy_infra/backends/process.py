@@ -561,7 +561,10 @@ class ProcessBackend(Backend):
         for ts, stream, message in batch:
             yield LogEntry(service_name, instance_id, stream, message, ts)
         while follow:
-            exited = (await self.inspect(instance_id)).state == "exited"
+            try:
+                exited = (await self.inspect(instance_id)).state == "exited"
+            except NotFound:
+                return  # removed while we followed: nothing more will come
             if exited:
                 # The shim writes the last lines after the service exits; give it a moment.
                 await self._wait_shim(instance_id)
