@@ -43,7 +43,7 @@ from dspy_infra.scheduler.slurm import (
 try:
     from tests.conftest import skip_or_fail
 except ImportError:  # tests/ on sys.path without being a package
-    from conftest import skip_or_fail
+    from conftest import skip_or_fail  # type: ignore[no-redef]
 
 NO_GPU = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
 
