@@ -35,6 +35,7 @@ from dspy_infra.scheduler.slurm import (
     _finish_despite_cancel,
     job_dir_name,
     job_name,
+    job_tag,
     parse_scontrol_job,
     plan_job,
     time_limit_minutes,
@@ -208,6 +209,24 @@ async def test_parallel_tasks_each_get_their_own_job(slurm: None, tmp_path: Path
     assert len({r.result["job_id"] for r in results}) == 4
 
 
+async def test_a_later_attempt_cancels_the_job_an_earlier_one_left_running(
+    slurm: None, tmp_path: Path
+) -> None:
+    # A crash cannot scancel: the job of attempt 1 still runs when the recovered task's
+    # attempt 2 starts. Attempt 2 cancels it first, so one task never runs twice at once.
+    settings = load_settings(env={}, home=tmp_path, slurm="cli")
+    task = slurm_task("survivor", "echo second")
+    async with SlurmExecutor(settings) as executor:
+        orphan = await executor.cli.submit(
+            plan_job(TaskContext(slurm_task("survivor", "sleep 120"), 1), settings)
+        )
+        assert await _running_job(job_name("survivor")) == orphan
+        result = await executor.run(TaskContext(task, 2))
+    assert result["stdout"] == "second\n" and result["job_id"] != orphan
+    assert (await _job_state(orphan)).state == "CANCELLED"
+    assert await _left_queue(orphan)
+
+
 # -- without a cluster --------------------------------------------------------------------
 
 
@@ -340,6 +359,7 @@ def test_the_sbatch_call_carries_exactly_what_was_asked(
         settings,
     )
     flags = dict(a.split("=", 1) for a in plan.argv if "=" in a)
+    assert flags["--comment"] == job_tag(task_id, settings)
     assert plan.argv[:3] == ("sbatch", "--parsable", "--no-requeue")
     assert flags["--job-name"] == job_name(task_id)
     assert flags.get("--partition") == partition

@@ -25,6 +25,9 @@ One attempt of a task is one batch job:
 - Cancelling the attempt (task cancel, task timeout, shutdown) runs ``scancel`` before the
   cancellation goes on, even if a second cancellation arrives meanwhile: a job never outlives
   its attempt.
+- Each job carries ``--comment=dspy_infra:<owner>:<task>``. A crash cannot scancel, so a later
+  attempt (the task re-queued on restart) first cancels any job of the same task and owner
+  still queued or running: two copies of one task never run at once.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ __all__ = [
     "dspy_infra_executors",
     "job_dir_name",
     "job_name",
+    "job_tag",
     "parse_scontrol_job",
     "plan_job",
     "time_limit_minutes",
@@ -171,6 +175,11 @@ def job_dir_name(task_id: str) -> str:
     return f"{_SAFE.sub('_', task_id)[:64]}-{digest}"
 
 
+def job_tag(task_id: str, settings: Settings) -> str:
+    """The job comment that ties a job to its task and owner (found again after a crash)."""
+    return f"dspy_infra:{_SAFE.sub('_', settings.resolved_owner())}:{job_dir_name(task_id)}"
+
+
 def _slurm_path(path: Path) -> str:
     # sbatch expands %j, %x, ... in --output/--error; "%%" is a literal percent.
     return str(path).replace("%", "%%")
@@ -199,6 +208,7 @@ def plan_job(ctx: TaskContext, settings: Settings) -> SlurmJobPlan:
         "--parsable",
         "--no-requeue",
         f"--job-name={job_name(ctx.spec.id)}",
+        f"--comment={job_tag(ctx.spec.id, settings)}",
         f"--output={_slurm_path(out)}",
         f"--error={_slurm_path(err)}",
     ]
@@ -313,6 +323,13 @@ class SlurmCli:
 
     async def cancel(self, job_id: str) -> None:
         await self.call(("scancel", job_id))
+
+    async def tagged(self, name: str, tag: str) -> list[str]:
+        """Ids of queued or running jobs named ``name`` whose comment is ``tag``."""
+        out = await self.call(("squeue", "-h", "-n", name, "-o", "%i|%k"))
+        return [
+            job_id for job_id, _, comment in (ln.partition("|") for ln in out.splitlines()) if comment == tag
+        ]
 
 
 class _JobWatcher:
@@ -449,6 +466,12 @@ class SlurmExecutor:
             )
         plan = plan_job(ctx, self.settings)
         await anyio.to_thread.run_sync(lambda: plan.stdout_path.parent.mkdir(parents=True, exist_ok=True))
+        if ctx.attempt > 1:
+            # An earlier attempt's job may still run if its process died before scancel.
+            name = job_name(ctx.spec.id)
+            for stale in await self.cli.tagged(name, job_tag(ctx.spec.id, self.settings)):
+                log.warning("slurm: cancelling job %s left by an earlier attempt of %r", stale, ctx.spec.id)
+                await self._scancel(stale)
         submitting = asyncio.ensure_future(self.cli.submit(plan))
         try:
             job_id = await _finish_despite_cancel(submitting)
