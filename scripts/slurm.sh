@@ -36,9 +36,9 @@ need() {
 # pid from a pidfile if that process is alive (zombies count as dead: PID 1 reaps late here).
 live_pid() {
     local pidfile=$1 pid state
-    [[ -s $pidfile ]] || return 1
-    pid=$(<"$pidfile")
-    [[ -d /proc/$pid ]] || return 1
+    # The daemon may remove its pidfile between any two of these steps.
+    pid=$(cat "$pidfile" 2>/dev/null) || return 1
+    [[ -n $pid && -d /proc/$pid ]] || return 1
     state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo Z)
     [[ $state != Z ]] || return 1
     echo "$pid"
