@@ -333,11 +333,12 @@ async def _maybe_remote(cfg: Settings, *, serve: bool) -> Any:
         return None
     from .rpc.client import RemoteInfra
 
+    # A server configured with TLS is reached with its certificate as the trusted CA.
+    tls = cfg.tls_cert or None
     if cfg.addr:
-        return await RemoteInfra.connect(cfg.addr, token=cfg.token, required=True)
-    if cfg.mode == "remote":
-        return await RemoteInfra.connect(f"127.0.0.1:{cfg.grpc_port}", token=cfg.token, required=True)
-    return await RemoteInfra.connect(f"127.0.0.1:{cfg.grpc_port}", token=cfg.token, required=False)
+        return await RemoteInfra.connect(cfg.addr, token=cfg.token, required=True, tls=tls)
+    local = f"127.0.0.1:{cfg.grpc_port}"
+    return await RemoteInfra.connect(local, token=cfg.token, required=cfg.mode == "remote", tls=tls)
 
 
 async def shutdown_infra() -> None:
