@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test image builders (one place for them)
 
 import aiodocker  # noqa: E402
+from engines import ensure_test_images, free_port, test_image_contexts  # noqa: E402
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE  # noqa: E402
 from dspy_infra.backends.docker import DockerBackend, container_config  # noqa: E402
@@ -66,12 +66,6 @@ _HOSTS = {"docker": "unix:///run/dspy-test/docker.sock", "podman": "unix:///run/
 _HTTPD = ["sh", "-c", 'httpd -f -p 8080 -h /www & trap "exit 0" TERM; wait']
 _POLL = 0.005  # raw path: seconds between attempts (tighter than any health backoff)
 _SETTLE = 0.2  # after removing a container the engine still tears down its network: let it
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _spec(name: str, image: str, port: int, deps: Sequence[str] = ()) -> ServiceSpec:
@@ -130,17 +124,17 @@ async def _clean(backend: DockerBackend, owner: str) -> None:
 async def start_overhead(backend: DockerBackend, image: str, n: int) -> dict[str, Any]:
     owner = backend.settings.resolved_owner()
     labels = {LABEL_OWNER: owner, LABEL_SERVICE: "web"}
-    await backend.prepare([_spec("web", image, _free_port())])
+    await backend.prepare([_spec("web", image, free_port())])
     # One untimed round of each warms the engine's caches and our connection pool.
-    await raw_start(backend.docker, _spec("web", image, _free_port()), backend.network, labels)
-    await dspy_start(backend, _spec("web", image, _free_port()), labels)
+    await raw_start(backend.docker, _spec("web", image, free_port()), backend.network, labels)
+    await dspy_start(backend, _spec("web", image, free_port()), labels)
     await _clean(backend, owner)
     raw: list[float] = []
     ours: list[float] = []
     for i in range(n):
         order = ("raw", "dspy") if i % 2 == 0 else ("dspy", "raw")
         for which in order:
-            spec = _spec("web", image, _free_port())
+            spec = _spec("web", image, free_port())
             if which == "raw":
                 raw.append((await raw_start(backend.docker, spec, backend.network, labels))[0])
             else:
@@ -170,7 +164,7 @@ _LEVELS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
 
 
 def _graph_specs(image: str) -> list[ServiceSpec]:
-    return [_spec(name, image, _free_port(), deps) for level in _LEVELS for name, deps in level]
+    return [_spec(name, image, free_port(), deps) for level in _LEVELS for name, deps in level]
 
 
 async def critical_path(backend: DockerBackend, image: str) -> float:
@@ -180,7 +174,7 @@ async def critical_path(backend: DockerBackend, image: str) -> float:
     for level in _LEVELS:
         slowest = 0.0
         for name, _deps in level:
-            spec = _spec(name, image, _free_port())
+            spec = _spec(name, image, free_port())
             elapsed, _id = await dspy_start(backend, spec, {LABEL_OWNER: owner, LABEL_SERVICE: name})
             slowest = max(slowest, elapsed)
             await _clean(backend, owner)
@@ -194,7 +188,7 @@ async def raw_levels(backend: DockerBackend, image: str) -> float:
     owner = backend.settings.resolved_owner()
     total = 0.0
     for level in _LEVELS:
-        specs = [_spec(name, image, _free_port()) for name, _deps in level]
+        specs = [_spec(name, image, free_port()) for name, _deps in level]
         started = time.perf_counter()
         await asyncio.gather(
             *(
@@ -264,8 +258,6 @@ async def graph(backend: DockerBackend, image: str, rounds: int, home: Path) -> 
 async def run(
     engine: str, host: str, n: int, rounds: int, contexts: dict[str, tuple[bytes, str]]
 ) -> dict[str, Any]:
-    from engines import ensure_test_images
-
     async with aiodocker.Docker(url=host) as docker:
         images = await ensure_test_images(docker, contexts)
     with tempfile.TemporaryDirectory(prefix="dspy-bench-") as tmp:
@@ -299,8 +291,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="graph runs (and critical-path runs)")
     args = parser.parse_args(argv)
     host = args.host or os.environ.get(f"DSPY_INFRA_TEST_{args.engine.upper()}_HOST") or _HOSTS[args.engine]
-    from engines import test_image_contexts
-
     contexts = test_image_contexts()  # reads host files: before the event loop starts
     result = asyncio.run(run(args.engine, host, args.n, args.rounds, contexts))
     print(json.dumps(result, sort_keys=True))

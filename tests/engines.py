@@ -65,6 +65,7 @@ __all__ = [
     "free_port",
     "podman_backend",
     "podman_engine",
+    "registry",
     "registry_address",
     "test_image_contexts",
     "unique_name",
@@ -289,6 +290,12 @@ def _engine(kind: str) -> Engine:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         images = pool.submit(asyncio.run, build()).result()
     return Engine(kind=kind, host=host, images=images)
+
+
+@pytest.fixture(scope="session")
+def registry() -> str:
+    """``host:port`` of the local registry (checked once, outside any event loop)."""
+    return registry_address()
 
 
 @pytest.fixture(scope="session")

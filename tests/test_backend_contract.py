@@ -15,7 +15,15 @@ from pathlib import Path
 import anyio
 import attrs
 import pytest
-from engines import Engine, docker_engine, engine_settings, podman_engine, unique_name, which_or_skip
+from engines import (
+    Engine,
+    docker_engine,
+    engine_settings,
+    free_port,
+    podman_engine,
+    unique_name,
+    which_or_skip,
+)
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE, LABEL_SPEC_HASH, Backend
 from dspy_infra.backends.docker import DockerBackend
@@ -53,7 +61,7 @@ class Target:
         """An HTTP service; returns it and the port to probe (container or host port)."""
         if self.kind == "process":
             busybox = which_or_skip("busybox")
-            port = _free_port()
+            port = free_port()
             command = _SERVE.format(httpd=f"{busybox} httpd", port=f"127.0.0.1:{port}", root=self.web_root)
             return ServiceSpec(
                 name=name, command=["sh", "-c", command], ports=[PortMapping(port, port)]
@@ -68,14 +76,6 @@ class Target:
         if self.kind == "process":
             return ServiceSpec(name=name, command=["sh", "-c", script], one_shot=True)
         return ServiceSpec(name=name, image=self.image, command=["sh", "-c", script], one_shot=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(params=["process", "docker", "podman"])

@@ -28,7 +28,7 @@ from engines import (
     engine_backend,
     engine_kind,
     podman_engine,
-    registry_address,
+    registry,
     unique_name,
 )
 from hypothesis import given
@@ -49,10 +49,10 @@ from dspy_infra.backends.docker import (
 )
 from dspy_infra.config import Settings
 from dspy_infra.errors import AlreadyExists, BackendError, BackendUnavailable, NotFound, SpecError
-from dspy_infra.models import HealthCheck, PortMapping, Resources, ServiceSpec, VolumeMount
+from dspy_infra.models import HealthCheck, Instance, PortMapping, Resources, ServiceSpec, VolumeMount
 
 # Fixtures from engines.py, imported so pytest sees them in this module.
-__all__ = ["docker_engine", "engine", "engine_backend", "engine_kind", "podman_engine"]
+__all__ = ["docker_engine", "engine", "engine_backend", "engine_kind", "podman_engine", "registry"]
 
 # Requesting anyio_backend up front keeps anyio's plugin from re-creating these items at
 # collection finish, which would drop the engine parametrization.
@@ -373,7 +373,7 @@ def _labels(backend: DockerBackend, service: str) -> dict[str, str]:
     return {LABEL_OWNER: backend.settings.resolved_owner(), LABEL_SERVICE: service}
 
 
-async def _run(backend: DockerBackend, spec: ServiceSpec):  # type: ignore[no-untyped-def]
+async def _run(backend: DockerBackend, spec: ServiceSpec) -> Instance:
     await backend.prepare([spec])
     return await backend.run(spec, instance_name=unique_name(spec.name), labels=_labels(backend, spec.name))
 
@@ -531,8 +531,9 @@ async def test_real_redis_answers_ping(engine_backend: DockerBackend, engine: En
     assert reply == b"+OK\r\n$2\r\nv1\r\n"
 
 
-async def test_pull_with_progress_from_the_local_registry(engine_backend: DockerBackend) -> None:
-    registry = registry_address()
+async def test_pull_with_progress_from_the_local_registry(
+    engine_backend: DockerBackend, registry: str
+) -> None:
     docker = engine_backend.docker
     repo = f"{registry}/dspy-infra-test/pull-{uuid.uuid4().hex[:8]}"
     ref = f"{repo}:v1"
@@ -566,8 +567,8 @@ async def test_pull_with_progress_from_the_local_registry(engine_backend: Docker
             pass
 
 
-async def test_pull_of_a_missing_image_fails_naming_it(engine_backend: DockerBackend) -> None:
-    ref = f"{registry_address()}/dspy-infra-test/absent-{uuid.uuid4().hex[:8]}:v1"
+async def test_pull_of_a_missing_image_fails_naming_it(engine_backend: DockerBackend, registry: str) -> None:
+    ref = f"{registry}/dspy-infra-test/absent-{uuid.uuid4().hex[:8]}:v1"
     with pytest.raises((NotFound, BackendError)) as info:
         async for _event in engine_backend.pull(ref):
             pass
@@ -605,10 +606,10 @@ async def test_name_clash_is_already_exists(engine_backend: DockerBackend, engin
         await engine_backend.run(spec, instance_name=name, labels=_labels(engine_backend, spec.name))
 
 
-async def test_prepare_names_the_service_whose_image_is_missing(engine_backend: DockerBackend) -> None:
-    spec = ServiceSpec(
-        name="ghost", image=f"{registry_address()}/dspy-infra-test/ghost-{uuid.uuid4().hex[:6]}:1"
-    )
+async def test_prepare_names_the_service_whose_image_is_missing(
+    engine_backend: DockerBackend, registry: str
+) -> None:
+    spec = ServiceSpec(name="ghost", image=f"{registry}/dspy-infra-test/ghost-{uuid.uuid4().hex[:6]}:1")
     with pytest.raises(BackendError) as info:
         await engine_backend.prepare([spec])
     assert info.value.field == "services.ghost.image"
