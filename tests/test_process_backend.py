@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from dspy_infra.backends.process import ProcessBackend, dspy_infra_backends, pid_alive, proc_start_time
 from dspy_infra.errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecError
-from dspy_infra.models import PortMapping, ServiceSpec
+from dspy_infra.models import PortMapping, ServiceSpec, VolumeMount
 
 pytestmark = pytest.mark.usefixtures("anyio_backend")
 
@@ -135,6 +135,10 @@ async def test_missing_binary_and_port_remap_are_named(backend: ProcessBackend) 
     with pytest.raises(SpecError) as err:
         await backend.run(remap, instance_name="web", labels={})
     assert err.value.field == "services.web.ports" and "same host and container port" in str(err.value)
+    mounted = ServiceSpec(name="vol", command=["sleep", "1"], volumes=[VolumeMount("data", "/data")])
+    with pytest.raises(SpecError) as vol:
+        await backend.prepare([mounted])
+    assert vol.value.field == "services.vol.volumes"
     same = ServiceSpec(name="web2", command=["sleep", "1"], ports=[PortMapping(8080, 0), PortMapping(9090)])
     await backend.prepare([same])  # 0 / None publish the container port as is
 

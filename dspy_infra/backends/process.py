@@ -18,8 +18,10 @@ here. A ``PortMapping`` with ``host_port`` 0/None publishes ``container_port`` a
 command must pass that port itself); a mapping whose host and container ports differ is
 refused with a ``SpecError`` (only a container backend can remap ports).
 
-Stopping sends SIGTERM to the process group and SIGKILL after the timeout. Network counters
-are reported as 0: a process in the host network namespace has no counters of its own.
+Volumes are refused (a process sees the host's files directly; nothing to mount); resource
+limits are not applied. Stopping sends SIGTERM to the process group and SIGKILL after the
+timeout. Network counters are reported as 0: a process in the host network namespace has no
+counters of its own.
 """
 
 from __future__ import annotations
@@ -293,6 +295,17 @@ class ProcessBackend(Backend):
         return env
 
     @staticmethod
+    def _check_volumes(spec: ServiceSpec) -> None:
+        # A process sees the host's files as they are: there is nothing to mount. Refusing is
+        # kinder than silently running without the files the spec asked for.
+        if spec.volumes:
+            raise SpecError(
+                "the process backend cannot mount volumes",
+                field=f"services.{spec.name}.volumes",
+                fix="point the command at host paths (or set workdir), or use backend='docker'",
+            )
+
+    @staticmethod
     def _ports(spec: ServiceSpec) -> dict[int, tuple[str, int]]:
         ports: dict[int, tuple[str, int]] = {}
         for p in spec.ports:
@@ -331,11 +344,13 @@ class ProcessBackend(Backend):
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
         for spec in specs:
             self._check_binary(spec)
+            self._check_volumes(spec)
             self._ports(spec)
         await self.open()
 
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
         self._check_binary(spec)
+        self._check_volumes(spec)
         ports = self._ports(spec)
         return await anyio.to_thread.run_sync(self._spawn, spec, instance_name, dict(labels), ports)
 
