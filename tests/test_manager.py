@@ -759,3 +759,22 @@ async def test_auto_backend_falls_back_to_process_without_an_engine(process_kit:
         ):
             pass
     assert info.value.field == "backend"
+
+
+async def test_demo_section_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from dspy_infra.infra import Infra
+    from dspy_infra.services.demo import services_section
+
+    settings = Settings(home=tmp_path / "demo-home", backend="process", durable=False, mode="embedded")
+    out = io.StringIO()
+    async with Infra(settings, load_entry_points=False) as infra:
+        await services_section(infra, Console(file=out, width=120))
+        owner = {LABEL_OWNER: settings.resolved_owner()}
+        assert await infra.services.backend.list_instances(owner) == []
+    text = out.getvalue()
+    assert "demo-gateway started" in text and "-> 200" in text
+    assert "demo-gateway=stopped" in text and "demo-api=stopped" in text
