@@ -341,18 +341,20 @@ class ProcessBackend(Backend):
 
     # -- instances -------------------------------------------------------------------------
 
+    def _check(self, spec: ServiceSpec) -> dict[int, tuple[str, int]]:
+        """Everything a spec needs here (binary on PATH, no volumes, unmapped ports); blocking
+        (it looks through PATH), so called in a worker thread. Returns the published ports."""
+        self._check_binary(spec)
+        self._check_volumes(spec)
+        return self._ports(spec)
+
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
         for spec in specs:
-            self._check_binary(spec)
-            self._check_volumes(spec)
-            self._ports(spec)
+            await anyio.to_thread.run_sync(self._check, spec)
         await self.open()
 
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
-        self._check_binary(spec)
-        self._check_volumes(spec)
-        ports = self._ports(spec)
-        return await anyio.to_thread.run_sync(self._spawn, spec, instance_name, dict(labels), ports)
+        return await anyio.to_thread.run_sync(self._spawn, spec, instance_name, dict(labels))
 
     def _claim(self, instance_name: str) -> Path:
         """Create the instance directory atomically (``mkdir`` is the cross-process lock), so
@@ -403,9 +405,8 @@ class ProcessBackend(Backend):
                         fix="stop what listens there, or give the service another port",
                     ) from None
 
-    def _spawn(
-        self, spec: ServiceSpec, instance_name: str, labels: dict[str, str], ports: dict[int, tuple[str, int]]
-    ) -> Instance:
+    def _spawn(self, spec: ServiceSpec, instance_name: str, labels: dict[str, str]) -> Instance:
+        ports = self._check(spec)
         d = self._claim(instance_name)  # first: a running twin is AlreadyExists, not a port clash
         try:
             self._check_ports_free(spec, ports)
@@ -499,10 +500,10 @@ class ProcessBackend(Backend):
         rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
         if not await anyio.to_thread.run_sync(self._group_alive, rec):
             return
-        self._signal_group(rec, signal.SIGTERM)
+        await anyio.to_thread.run_sync(self._signal_group, rec, signal.SIGTERM)
         if await self._wait_gone(rec, timeout):
             return
-        self._signal_group(rec, signal.SIGKILL)
+        await anyio.to_thread.run_sync(self._signal_group, rec, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(rec.pgid, signal.SIGKILL)
         if not await self._wait_gone(rec, 5.0):
@@ -598,7 +599,7 @@ class ProcessBackend(Backend):
         except NotFound:
             return
         for _ in range(int(timeout / 0.02)):
-            if not pid_alive(rec.shim_pid) or time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or not await anyio.to_thread.run_sync(pid_alive, rec.shim_pid):
                 return
             await anyio.sleep(0.02)
 
@@ -613,7 +614,7 @@ class ProcessBackend(Backend):
 
     async def stats(self, instance_id: str) -> ResourceUsage:
         rec = await anyio.to_thread.run_sync(self._read_record, instance_id)
-        if not pid_alive(rec.pid, rec.proc_start):
+        if not await anyio.to_thread.run_sync(pid_alive, rec.pid, rec.proc_start):
             return ResourceUsage()
         t0 = time.monotonic()
         ticks0, _ = await anyio.to_thread.run_sync(self._sample, rec)
