@@ -48,7 +48,14 @@ from dspy_infra.backends.docker import (
     translate_docker_error,
 )
 from dspy_infra.config import Settings
-from dspy_infra.errors import AlreadyExists, BackendError, BackendUnavailable, NotFound, SpecError
+from dspy_infra.errors import (
+    AlreadyExists,
+    BackendError,
+    BackendUnavailable,
+    DeadlineExceeded,
+    NotFound,
+    SpecError,
+)
 from dspy_infra.models import HealthCheck, Instance, PortMapping, Resources, ServiceSpec, VolumeMount
 
 # Fixtures from engines.py, imported so pytest sees them in this module.
@@ -304,6 +311,20 @@ def test_engine_errors_translate_into_ours(status: int, message: str, kind: type
     assert message in str(error) and "op t" in str(error)
     if "image" in message:
         assert error.field == "image" and error.fix
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (TimeoutError(), DeadlineExceeded),
+        (ConnectionRefusedError(111, "refused"), BackendUnavailable),
+        (PermissionError(13, "denied"), BackendUnavailable),
+    ],
+)
+def test_os_level_failures_translate_into_ours(exc: Exception, kind: type[Exception]) -> None:
+    error = translate_docker_error(exc, operation="container_start", target="svc")
+    assert type(error) is kind
+    assert "container_start svc" in str(error)
 
 
 def test_address_comes_from_argument_then_settings_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:

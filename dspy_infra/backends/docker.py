@@ -101,10 +101,10 @@ def translate_docker_error(exc: BaseException, *, operation: str, target: str = 
         if status == 400:
             return SpecError(f"{what}: the engine refused the request: {message}", field=operation)
         return BackendError(f"{what}: engine answered {status}: {message}")
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
+        return DeadlineExceeded(f"{what}: the engine did not answer in time")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return BackendUnavailable(f"{what}: {exc}", field="docker_host", fix=_START_ENGINE_FIX)
-    if isinstance(exc, TimeoutError):
-        return DeadlineExceeded(f"{what}: the engine did not answer in time")
     return BackendError(f"{what}: {type(exc).__name__}: {exc}")
 
 
