@@ -14,7 +14,12 @@ of a ``FROM scratch`` tar context) from host binaries:
 
 Tags carry a hash of the build context, so repeated sessions reuse what is already built.
 
-Test modules use the fixtures with ``from engines import *`` (they are plain pytest fixtures).
+Test modules import the fixtures they use by name (``from engines import docker_engine,
+engine_backend, ...``): they are plain pytest fixtures, found in the importing module.
+``docker_engine`` / ``podman_engine`` / ``registry`` are session-scoped and synchronous (so
+no event loop is shared between tests); ``docker_backend`` / ``podman_backend`` /
+``engine_backend`` (both engines in turn) open a ``DockerBackend`` per test with its own
+network and owner, and remove what the test left behind.
 """
 
 from __future__ import annotations
