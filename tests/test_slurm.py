@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -217,14 +218,44 @@ async def test_a_later_attempt_cancels_the_job_an_earlier_one_left_running(
     settings = load_settings(env={}, home=tmp_path, slurm="cli")
     task = slurm_task("survivor", "echo second")
     async with SlurmExecutor(settings) as executor:
-        orphan = await executor.cli.submit(
-            plan_job(TaskContext(slurm_task("survivor", "sleep 120"), 1), settings)
-        )
+        first = plan_job(TaskContext(slurm_task("survivor", "sleep 120"), 1), settings)
+        await anyio.Path(first.stdout_path.parent).mkdir(parents=True)
+        orphan = await executor.cli.submit(first)
         assert await _running_job(job_name("survivor")) == orphan
         result = await executor.run(TaskContext(task, 2))
     assert result["stdout"] == "second\n" and result["job_id"] != orphan
     assert (await _job_state(orphan)).state == "CANCELLED"
     assert await _left_queue(orphan)
+
+
+@pytest.fixture
+def dead_controller_conf(slurm: None, tmp_path: Path) -> Path:
+    """This cluster's slurm.conf with a controller port nobody listens on: Slurm calls fail fast."""
+    conf = Path("/etc/slurm/slurm.conf").read_text()
+    dead = tmp_path / "dead-slurm.conf"
+    extra = "SlurmctldPort=1\nMessageTimeout=1\nTCPTimeout=1\n"
+    dead.write_text(conf.replace("ClusterName=", extra + "ClusterName=", 1))
+    return dead
+
+
+async def test_losing_the_controller_fails_the_attempt_after_the_limit(
+    slurm: None, tmp_path: Path, dead_controller_conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(env={}, home=tmp_path, slurm="cli")
+    async with SlurmExecutor(settings, poll_max=0.2, unreachable_limit=0.5) as executor:
+        attempt = asyncio.ensure_future(executor.run(TaskContext(slurm_task("cut-off", "sleep 120"), 1)))
+        job_id = await _running_job(job_name("cut-off"))
+        try:
+            with monkeypatch.context() as patch:
+                patch.setenv("SLURM_CONF", str(dead_controller_conf))
+                with pytest.raises(Unavailable, match="cannot reach the controller") as info:
+                    await asyncio.wait_for(attempt, 30)
+            assert "scontrol ping" in str(info.value)
+            # scancel could not reach the controller either: the job is still there.
+            assert (await _job_state(job_id)).state == "RUNNING"
+        finally:
+            await _cli("scancel", job_id)
+    assert await _left_queue(job_id)
 
 
 # -- without a cluster --------------------------------------------------------------------
