@@ -34,6 +34,7 @@ from dspy_infra.scheduler.slurm import (
     SlurmExecutor,
     SlurmJob,
     _finish_despite_cancel,
+    failure_message,
     job_dir_name,
     job_name,
     job_tag,
@@ -413,3 +414,30 @@ def test_the_batch_script_runs_the_command_like_the_exec_handler(tmp_path: Path)
         == (direct.returncode, direct.stdout)
         == (4, "/bin/sh|a b|it's|")
     )
+
+
+@given(
+    states.filter(lambda s: s in FAILED_STATES),
+    st.integers(0, 255),
+    st.integers(0, 64),
+    st.text(max_size=2000),
+    st.text(max_size=2000),
+)
+def test_failure_messages_name_the_job_its_end_and_the_last_output(
+    state: str, code: int, sig: int, stdout: str, stderr: str
+) -> None:
+    job = SlurmJob("42", state, code, sig)
+    result = {"job_id": "42", "state": state, "exit_code": str(code), "stdout": stdout, "stderr": stderr}
+    text = failure_message(job, result)
+    assert text.startswith("Slurm job 42 ") and f"({state}, exit code {code}" in text
+    assert (f"signal {sig}" in text) == (sig != 0)
+    tail = stderr.strip() or stdout.strip()
+    assert text.endswith(f": {tail[-500:]}" if tail else ")")
+
+
+def test_a_job_that_wrote_no_output_says_where_to_look() -> None:
+    job = SlurmJob("9", "FAILED", 0, 53, "JobLaunchFailure")
+    result = {"job_id": "9", "stdout": "", "stderr": "", "output_missing": "/home/x/slurm/t/1.out"}
+    text = failure_message(job, result)
+    assert "JobLaunchFailure" in text and "/home/x/slurm/t/1.out" in text
+    assert "filesystem the compute nodes share" in text

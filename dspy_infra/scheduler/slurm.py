@@ -65,6 +65,7 @@ __all__ = [
     "SlurmJobFailed",
     "SlurmJobPlan",
     "dspy_infra_executors",
+    "failure_message",
     "job_dir_name",
     "job_name",
     "job_tag",
@@ -495,7 +496,7 @@ class SlurmExecutor:
             raise
         result = await anyio.to_thread.run_sync(self._result_map, job, plan)
         if not job.succeeded:
-            raise SlurmJobFailed(self._failure_message(job, result), result)
+            raise SlurmJobFailed(failure_message(job, result), result)
         return result
 
     async def _scancel(self, job_id: str) -> None:
@@ -508,28 +509,38 @@ class SlurmExecutor:
 
     @staticmethod
     def _result_map(job: SlurmJob, plan: SlurmJobPlan) -> dict[str, str]:
-        return {
+        result = {
             "job_id": job.job_id,
             "state": job.state,
             "exit_code": str(job.exit_code),
             "stdout": _read_tail(plan.stdout_path),
             "stderr": _read_tail(plan.stderr_path),
         }
+        if job.state == "FAILED" and not plan.stdout_path.exists():
+            result["output_missing"] = str(plan.stdout_path)
+        return result
 
-    @staticmethod
-    def _failure_message(job: SlurmJob, result: Mapping[str, str]) -> str:
-        what = {
-            "TIMEOUT": "hit its Slurm time limit",
-            "CANCELLED": "was cancelled in Slurm",
-            "NODE_FAIL": "lost its node",
-            "OUT_OF_MEMORY": "ran out of memory",
-        }.get(job.state, "failed")
-        text = f"Slurm job {job.job_id} {what} ({job.state}, exit code {job.exit_code}"
-        text += f", signal {job.signal})" if job.signal else ")"
-        if job.reason:
-            text += f" reason {job.reason}"
-        tail = result["stderr"].strip() or result["stdout"].strip()
-        return text + (f": {tail[-500:]}" if tail else "")
+
+def failure_message(job: SlurmJob, result: Mapping[str, str]) -> str:
+    """The error of a failed attempt: the job, how it ended, and the end of what it printed."""
+    what = {
+        "TIMEOUT": "hit its Slurm time limit",
+        "CANCELLED": "was cancelled in Slurm",
+        "NODE_FAIL": "lost its node",
+        "OUT_OF_MEMORY": "ran out of memory",
+    }.get(job.state, "failed")
+    text = f"Slurm job {job.job_id} {what} ({job.state}, exit code {job.exit_code}"
+    text += f", signal {job.signal})" if job.signal else ")"
+    if job.reason:
+        text += f" reason {job.reason}"
+    if "output_missing" in result:
+        # The job never opened its output file: the node cannot write where we read.
+        text += (
+            f"; it wrote no {result['output_missing']} (fix: put `home` on a filesystem the"
+            " compute nodes share, or check the node's slurmd log)"
+        )
+    tail = result.get("stderr", "").strip() or result.get("stdout", "").strip()
+    return text + (f": {tail[-500:]}" if tail else "")
 
 
 def _factory(settings: Settings) -> SlurmExecutor | None:
