@@ -373,11 +373,12 @@ class _JobWatcher:
                 await self._poll_once()
             except (SlurmCommandError, ValueError, TimeoutError) as exc:
                 now = time.monotonic()
+                # Warn once per outage, not on every tick of it.
+                log.log(logging.DEBUG if failing_since else logging.WARNING, "slurm: polling failed: %s", exc)
                 failing_since = failing_since or now
-                log.warning("slurm: polling failed (%s); retrying", exc)
                 if now - failing_since > self.unreachable_limit:
                     self._fail_all(
-                        f"slurm: cannot reach the controller for {now - failing_since:.0f}s: {exc}"
+                        f"slurm: no job states from the controller for {now - failing_since:.0f}s: {exc}"
                     )
                     failing_since = None
             else:
