@@ -227,6 +227,8 @@ main() {
         stop_one podman "$RUN_DIR/podman.pid"
         stop_one dockerd "$RUN_DIR/dockerd.pid"
         stop_one registry "$RUN_DIR/registry.pid"
+        # Only tests push to this registry (a fresh image per pull test): start empty next time.
+        rm -rf "$REGISTRY_DIR/data"
         rm -f "$DOCKER_SOCK" "$PODMAN_SOCK"
         ;;
     status)
