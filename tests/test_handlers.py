@@ -97,3 +97,16 @@ def test_builtins_are_registered_through_the_plugin_hook() -> None:
     handlers = collect_mapping(pm.hook.dspy_infra_handlers())
     assert {"exec", "noop", "sleep", "fail"} <= set(handlers)
     assert handlers["exec"] is exec_handler
+
+
+async def test_exec_ends_with_its_shell_even_if_a_background_child_holds_the_pipes(tmp_path: Path) -> None:
+    pidfile = tmp_path / "bg.pid"
+    with anyio.fail_after(10):
+        result = await exec_handler(ctx(cmd=f"sleep 30 & echo $! > {pidfile}; echo started"))
+    assert result["stdout"] == "started\n"
+    background = int(pidfile.read_text())
+    for _ in range(100):
+        if not _alive(background):
+            break
+        await anyio.sleep(0.05)
+    assert not _alive(background), "a process the task started outlived it"

@@ -7,8 +7,9 @@ scheduler retries while attempts remain), raising ``PermanentFailure`` fails the
 Built-ins, registered through the ``dspy_infra_handlers`` hook like any plugin's handlers:
 
 - ``exec``: ``payload["cmd"]`` through ``/bin/sh -c`` as an asyncio subprocess in its own
-  process group; timeout or cancel kills the whole group. Result: ``exit_code`` and the last
-  4 KiB of ``stdout`` / ``stderr``; a non-zero exit fails the attempt with the stderr tail.
+  process group; timeout or cancel kills the whole group, and so does the shell's exit
+  (nothing it started outlives the task). Result: ``exit_code`` and the last 4 KiB of
+  ``stdout`` / ``stderr``; a non-zero exit fails the attempt with the stderr tail.
   Optional ``payload["cwd"]``.
 - ``noop``: returns ``{}`` at once (benchmarks).
 - ``sleep``: sleeps ``payload["seconds"]`` (default 1) and returns ``{"slept": seconds}``.
@@ -87,6 +88,31 @@ async def _drain(stream: asyncio.StreamReader | None, tail: _Tail) -> None:
         tail.feed(chunk)
 
 
+async def _exited(pid: int) -> None:
+    """Return when process ``pid`` has exited.
+
+    Not ``Process.wait()``: asyncio's wait also waits for the pipes to close, which a
+    background child of the shell can hold open for as long as it likes.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # already exited and reaped
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -113,15 +139,16 @@ async def exec_handler(ctx: TaskContext) -> dict[str, str]:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_drain, proc.stdout, out)
             tg.start_soon(_drain, proc.stderr, err)
+            await _exited(proc.pid)
+            # The task is the shell: background children it left behind (which may hold the
+            # pipes open) end with it, then the drains read what is left and see EOF.
+            _kill_group(proc.pid)
         exit_code = await proc.wait()
     finally:
         if proc.returncode is None:
             _kill_group(proc.pid)
             with anyio.CancelScope(shield=True):
                 await proc.wait()
-        else:
-            # The shell is gone; background children it left behind die with their group.
-            _kill_group(proc.pid)
     result = {"exit_code": str(exit_code), "stdout": out.text(), "stderr": err.text()}
     if exit_code != 0:
         raise ExecFailed(exit_code, result)
