@@ -51,7 +51,7 @@ from dspy_infra.models import (
 )
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.services.catalog import apply_fields
-from dspy_infra.services.manager import ServiceManager
+from dspy_infra.services.manager import ServiceManager, instance_name_for
 
 try:
     from tests.conftest import skip_or_fail
@@ -778,3 +778,30 @@ async def test_demo_section_runs_and_leaves_nothing_behind(tmp_path: Path) -> No
     text = out.getvalue()
     assert "demo-gateway started" in text and "-> 200" in text
     assert "demo-gateway=stopped" in text and "demo-api=stopped" in text
+
+
+async def test_an_owner_pid_reused_by_another_process_does_not_keep_an_orphan(process_kit: Kit) -> None:
+    kit = process_kit
+    from dspy_infra.services.manager import LABEL_OWNER_STARTED
+
+    owner = kit.settings.resolved_owner()
+    # Our own pid, but another start time: the process that made it is gone, the pid reused.
+    stale = {
+        LABEL_OWNER: owner,
+        "dspy_infra.service": "leftover",
+        "dspy_infra.owner_pid": str(os.getpid()),
+        LABEL_OWNER_STARTED: "1",
+    }
+    live = {**stale, "dspy_infra.service": "neighbour", LABEL_OWNER_STARTED: ""}  # pid only: alive
+    await kit.backend.run(
+        ServiceSpec(name="leftover", command=["sleep", "30"]), instance_name="leftover", labels=stale
+    )
+    await kit.backend.run(
+        ServiceSpec(name="neighbour", command=["sleep", "30"]), instance_name="neighbour", labels=live
+    )
+    bus = EventBus()
+    async with _manager(kit, _http(kit, "web"), bus=bus) as mgr:
+        await mgr.ensure(["web"])
+        assert set(_events(bus, "service_orphan_removed")) == {"leftover"}
+        assert sorted(await _owned(kit)) == sorted([instance_name_for(owner, "web"), "neighbour"])
+        await mgr.stop()

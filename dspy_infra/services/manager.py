@@ -44,7 +44,7 @@ import pluggy
 from anyio.abc import TaskGroup
 
 from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_SERVICE, LABEL_SPEC_HASH, Backend
-from ..backends.process import pid_alive
+from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
 from ..errors import (
     AlreadyExists,
@@ -86,7 +86,7 @@ from .graph import (
 )
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 
-__all__ = ["ServiceManager", "instance_name_for"]
+__all__ = ["LABEL_OWNER_STARTED", "ServiceManager", "instance_name_for"]
 
 #: Outcomes of one service within one start.
 _HEALTHY, _STARTED, _COMPLETED, _FAILED, _SKIPPED = "healthy", "started", "completed", "failed", "skipped"
@@ -98,6 +98,9 @@ _SATISFIES = {
 #: Longest wait for an existing (adoptable) instance to answer its probe before recreating it.
 _ADOPT_WAIT = 5.0
 _MONITOR_TICK = 0.2
+#: The owner process's start time (clock ticks since boot): with the pid, it tells a live
+#: owner from an unrelated process that was given the same pid later.
+LABEL_OWNER_STARTED = "dspy_infra.owner_started"
 
 
 def instance_name_for(owner: str, service: str) -> str:
@@ -172,6 +175,8 @@ class ServiceManager:
         self._tg: TaskGroup | None = None
         self._start_slots = anyio.Semaphore(self.max_parallel_starts)
         self._leases = settings.resolved_home() / "services" / ".leases"
+        started = proc_start_time(os.getpid())
+        self._self_started = str(started[0]) if started else ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -282,6 +287,7 @@ class ServiceManager:
             LABEL_SERVICE: spec.name,
             LABEL_SPEC_HASH: spec.spec_hash,
             LABEL_OWNER_PID: str(os.getpid()),
+            LABEL_OWNER_STARTED: self._self_started,
         }
 
     def _set_active_gauge(self) -> None:
@@ -578,20 +584,18 @@ class ServiceManager:
 
     def _write_lease(self, instance_name: str) -> None:
         self._leases.mkdir(parents=True, exist_ok=True)
-        (self._leases / instance_name).write_text(str(os.getpid()))
+        (self._leases / instance_name).write_text(f"{os.getpid()} {self._self_started}")
 
-    def _lease_holder(self, instance_name: str) -> int:
+    def _lease_holder_alive(self, instance_name: str) -> bool:
         try:
-            return int((self._leases / instance_name).read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
+            pid, _, started = (self._leases / instance_name).read_text().strip().partition(" ")
+        except OSError:
+            return False
+        return _alive(pid, started)
 
     def _owner_alive(self, inst: Instance) -> bool:
-        try:
-            pid = int(inst.labels.get(LABEL_OWNER_PID, "0"))
-        except ValueError:
-            pid = 0
-        return pid_alive(pid) or pid_alive(self._lease_holder(inst.name))
+        owner = _alive(inst.labels.get(LABEL_OWNER_PID, ""), inst.labels.get(LABEL_OWNER_STARTED, ""))
+        return owner or self._lease_holder_alive(inst.name)
 
     async def _remove_orphans(self, keep: set[str]) -> list[str]:
         """Remove this owner's instances whose owner process is gone, except services in
@@ -979,6 +983,13 @@ class ServiceManager:
             else:
                 raise NotFound(f"service {name!r} publishes no port", field="container_port")
         return self.backend.probe_address(managed.instance, port)
+
+
+def _alive(pid: str, started: str) -> bool:
+    """A pid (and, when known, its start time) read from a label or lease still runs."""
+    if not pid.isdigit():
+        return False
+    return pid_alive(int(pid), int(started) if started.isdigit() else None)
 
 
 def _reason(exc: BaseException) -> str:
