@@ -110,7 +110,8 @@ def instance_name_for(owner: str, service: str) -> str:
 
 @attrs.define
 class _Managed:
-    """What the manager knows of one service it runs (mutable; only touched under its lock)."""
+    """What the manager knows of one service it runs. Mutable: starts, stops and restarts
+    replace it under the service's lock; the monitor updates its status between awaits."""
 
     spec: ServiceSpec
     instance: Instance
