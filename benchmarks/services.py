@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test image builders (one place for them)
 
 import aiodocker  # noqa: E402
-from engines import ensure_test_images, free_port, test_image_contexts  # noqa: E402
+from engines import ensure_test_images, free_port, image_build_contexts  # noqa: E402
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE  # noqa: E402
 from dspy_infra.backends.docker import DockerBackend, container_config  # noqa: E402
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="graph runs (and critical-path runs)")
     args = parser.parse_args(argv)
     host = args.host or os.environ.get(f"DSPY_INFRA_TEST_{args.engine.upper()}_HOST") or _HOSTS[args.engine]
-    contexts = test_image_contexts()  # reads host files: before the event loop starts
+    contexts = image_build_contexts()  # reads host files: before the event loop starts
     result = asyncio.run(run(args.engine, host, args.n, args.rounds, contexts))
     print(json.dumps(result, sort_keys=True))
 

@@ -68,11 +68,11 @@ __all__ = [
     "engine_settings",
     "ensure_test_images",
     "free_port",
+    "image_build_contexts",
     "podman_backend",
     "podman_engine",
     "registry",
     "registry_address",
-    "test_image_contexts",
     "unique_name",
     "which_or_skip",
 ]
@@ -232,7 +232,7 @@ def _busybox_files() -> tuple[dict[str, str | bytes], dict[str, str]]:
     return files, links
 
 
-def test_image_contexts() -> dict[str, tuple[bytes, str]]:
+def image_build_contexts() -> dict[str, tuple[bytes, str]]:
     """Build contexts (tar bytes, content hash) of the test images, by repository name.
     Reads host files, so call it off the event loop (or before one runs)."""
     files, links = _busybox_files()
@@ -284,7 +284,7 @@ class Engine:
 
 def _engine(kind: str) -> Engine:
     host = engine_host(kind)
-    contexts = test_image_contexts()
+    contexts = image_build_contexts()
 
     async def build() -> TestImages:
         async with aiodocker.Docker(url=host) as docker:
