@@ -158,11 +158,11 @@ async def test_cancel_of_a_running_task_scancels_its_job(slurm: None, tmp_path: 
 
 async def test_timeout_fails_the_task_and_cancels_the_job(slurm: None, tmp_path: Path) -> None:
     async with scheduler(tmp_path, slurm="cli") as sched:
-        await sched.submit(slurm_task("slow", "sleep 120", timeout=3.0))
+        await sched.submit(slurm_task("slow", "sleep 120", timeout=5.0))
         job_id = await _running_job(job_name("slow"))
         result = await sched.wait("slow", timeout=30)
     assert result.status is TaskStatus.FAILED
-    assert "timed out after 3s" in result.error
+    assert "timed out after 5s" in result.error
     assert await _left_queue(job_id)
     assert (await _job_state(job_id)).state == "CANCELLED"
 
