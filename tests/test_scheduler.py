@@ -700,3 +700,118 @@ def test_batched_histogram_folds_to_exactly_what_direct_observes_give(values: li
         ]
 
     assert samples(direct) == samples(batched_metric)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    submissions=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 1), st.booleans()), min_size=1, max_size=20
+    )
+)
+def test_idempotent_submit_property(tmp_path: Path, submissions: list[tuple[str, int, bool]]) -> None:
+    """Random resubmissions (same or other content, before or after completion, single or
+    batched): each id runs at most once, and only content differing from the first accepted
+    submission is refused."""
+
+    async def scenario() -> tuple[Counter[str], list[tuple[str, int, bool]]]:
+        runs = Counter[str]()
+
+        async def count(ctx: TaskContext) -> dict[str, str]:
+            runs[ctx.spec.id] += 1
+            await anyio.lowlevel.checkpoint()
+            return {}
+
+        outcomes: list[tuple[str, int, bool]] = []  # (id, variant, accepted)
+        async with running(tmp_path) as sched:
+            sched.register_handler("count", count)
+            for task_id, variant, then_wait in submissions:
+                s = spec(task_id, "count", payload={"variant": str(variant)})
+                try:
+                    if then_wait:
+                        await sched.submit_many([s, s])
+                    else:
+                        await sched.submit(s)
+                    outcomes.append((task_id, variant, True))
+                except AlreadyExists:
+                    outcomes.append((task_id, variant, False))
+                if then_wait:
+                    await sched.wait(task_id, timeout=5)
+            async for _ in sched.stream_results(sorted({t for t, _, _ in submissions})):
+                pass
+        return runs, outcomes
+
+    runs, outcomes = asyncio.run(scenario())
+    first: dict[str, int] = {}
+    for task_id, variant, accepted in outcomes:
+        first.setdefault(task_id, variant)
+        assert accepted == (variant == first[task_id])
+    assert runs == Counter(first.keys()), "every id ran exactly once"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tasks=st.lists(
+        st.tuples(
+            st.sampled_from(["ok", "fail", "slow"]),
+            st.one_of(st.none(), st.integers(min_value=0, max_value=6)),  # cancel after n yields
+            priorities,
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+    width=st.integers(min_value=1, max_value=3),
+)
+def test_exactly_one_terminal_state_with_random_cancels(
+    tmp_path: Path, tasks: list[tuple[str, int | None, int]], width: int
+) -> None:
+    async def scenario() -> tuple[dict[str, list[TaskStatus]], dict[str, TaskStatus], bool]:
+        terminal: dict[str, list[TaskStatus]] = {}
+
+        async def work(ctx: TaskContext) -> dict[str, str]:
+            kind = ctx.payload["kind"]
+            for _ in range(5 if kind == "slow" else 1):
+                await anyio.lowlevel.checkpoint()
+            if kind == "fail":
+                raise RuntimeError("planned")
+            return {}
+
+        def listen(state: TaskState) -> None:
+            if state.status.terminal:
+                terminal.setdefault(state.id, []).append(state.status)
+
+        classes = {"w": {"min_concurrency": width, "base_concurrency": width, "max_concurrency": width}}
+        async with running(tmp_path, task_classes=classes) as sched:
+            sched.register_handler("work", work)
+            sched.add_listener(listen)
+            ids = [f"t{i}" for i in range(len(tasks))]
+            await sched.submit_many(
+                [
+                    spec(tid, "work", task_class="w", priority=p, max_attempts=2, payload={"kind": kind})
+                    for tid, (kind, _, p) in zip(ids, tasks, strict=True)
+                ]
+            )
+
+            async def cancel_later(tid: str, after: int) -> None:
+                for _ in range(after):
+                    await anyio.lowlevel.checkpoint()
+                await sched.cancel(tid)
+
+            async with anyio.create_task_group() as tg:
+                for tid, (_, after, _) in zip(ids, tasks, strict=True):
+                    if after is not None:
+                        tg.start_soon(cancel_later, tid, after)
+                async for _ in sched.stream_results(ids):
+                    pass
+            final = {tid: (await sched.get(tid)).status for tid in ids}
+            q = sched.queue_status()["w"]
+            drained = q.depth == 0 and q.inflight == 0
+        return terminal, final, drained
+
+    with mock.patch.object(scheduler_module, "RETRY_BACKOFF_BASE", 0.001):
+        terminal, final, drained = asyncio.run(scenario())
+    assert drained, "every slot came back"
+    for i, (kind, after, _) in enumerate(tasks):
+        tid = f"t{i}"
+        assert terminal[tid] == [final[tid]], f"{tid}: {terminal[tid]}"
+        if after is None:
+            assert final[tid] is (TaskStatus.FAILED if kind == "fail" else TaskStatus.COMPLETED)
