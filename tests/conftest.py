@@ -3,7 +3,6 @@ locally, a failure when DSPY_INFRA_REQUIRE_ENGINES=1 (CI), so a missing engine n
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -21,14 +20,6 @@ def skip_or_fail(reason: str) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Every `async def test_...` runs on asyncio through anyio's pytest plugin.
-    for item in items:
-        fn = getattr(item, "function", None)
-        if fn is not None and inspect.iscoroutinefunction(fn):
-            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture
