@@ -815,3 +815,20 @@ def test_exactly_one_terminal_state_with_random_cancels(
         assert terminal[tid] == [final[tid]], f"{tid}: {terminal[tid]}"
         if after is None:
             assert final[tid] is (TaskStatus.FAILED if kind == "fail" else TaskStatus.COMPLETED)
+
+
+async def test_a_handler_that_turns_cancel_into_an_error_is_still_cancelled(tmp_path: Path) -> None:
+    async def stubborn(ctx: TaskContext) -> dict[str, str]:
+        try:
+            await anyio.sleep(30)
+        except BaseException:  # a careless handler: cancellation becomes an ordinary error
+            raise RuntimeError("interrupted") from None
+        return {}
+
+    async with running(tmp_path) as sched:
+        sched.register_handler("stubborn", stubborn)
+        await sched.submit(spec("s", "stubborn", max_attempts=5))
+        await anyio.sleep(0.05)
+        with anyio.fail_after(5):
+            state = await sched.cancel("s")
+        assert state.status is TaskStatus.CANCELLED and state.attempts == 1, "not retried"

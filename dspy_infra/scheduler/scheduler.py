@@ -928,9 +928,13 @@ class Scheduler:
                 rec.result = {str(k): str(v) for k, v in partial.items()}
         rec.worker = None
         if rec.cancel_requested:
-            # The handler ended on its own just as cancel() arrived; its outcome stands.
+            # The handler swallowed the cancellation (or ended just as it arrived). A success
+            # stands; anything else is the cancel the caller asked for, never a retry.
             while me.cancelling():
                 me.uncancel()
+            if result is None or error:
+                self._attempt_ended(cq, rec, _CANCELLED, "cancelled while running", None)
+                return
         if result is not None and not error:
             try:
                 clean = result if type(result) is dict and not result else _result_map(result)
