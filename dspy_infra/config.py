@@ -108,7 +108,7 @@ class Settings:
     #: Service tables: overrides of built-in services and new services.
     services: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: Slurm executor for gpu_slurm: None = not configured; "cli" = sbatch/squeue on PATH.
-    slurm: str | None = None
+    slurm: str | None = attrs.field(default=None, validator=attrs.validators.optional(_one_of("cli")))
     #: Slurm partition for gpu_slurm jobs; None = the cluster's default partition.
     slurm_partition: str | None = None
 

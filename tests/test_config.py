@@ -68,6 +68,7 @@ def test_test_suite_variables_are_not_settings() -> None:
         ({"DSPY_INFRA_DURABLE": "maybe"}, "durable"),
         ({"DSPY_INFRA_BACKEND": "k8s"}, "backend"),
         ({"DSPY_INFRA_RETENTION": "0"}, "retention"),
+        ({"DSPY_INFRA_SLURM": "rest"}, "slurm"),
     ],
 )
 def test_bad_values_name_the_field(env: dict[str, str], field: str) -> None:
