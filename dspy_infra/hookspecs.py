@@ -46,7 +46,7 @@ def dspy_infra_handlers() -> Mapping[str, Any]:
 
 @hookspec
 def dspy_infra_executors() -> Mapping[str, Any]:
-    """Return ``{name: Executor factory(settings)}`` for task classes that run elsewhere (e.g. slurm)."""
+    """Return ``{name: factory(settings)}`` for classes that run elsewhere (slurm); a factory returns None when unconfigured."""
 
 
 @hookspec
