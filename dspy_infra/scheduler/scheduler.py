@@ -604,7 +604,7 @@ class Scheduler:
             self._tasks[spec.id] = rec
             if self._durable:
                 self._store.insert(rec.row())
-            self.bus.publish(
+            self.bus.emit(
                 "task_submitted",
                 spec.id,
                 {"task_class": spec.task_class, "priority": spec.priority, "workflow_id": spec.workflow_id},
@@ -833,7 +833,7 @@ class Scheduler:
             cq.gpu_wait.observe(waited)
         if self._durable:
             self._store.put(rec.row())
-        self.bus.publish("task_started", rec.spec.id, {"task_class": cq.cls.name, "attempt": rec.attempts})
+        self.bus.emit("task_started", rec.spec.id, {"task_class": cq.cls.name, "attempt": rec.attempts})
         if self._listeners:
             self._notify(rec)
 
@@ -970,7 +970,7 @@ class Scheduler:
         rec.error = error
         if self._durable:
             self._store.put(rec.row())
-        self.bus.publish(
+        self.bus.emit(
             "task_retried",
             rec.spec.id,
             {"task_class": cq.cls.name, "attempt": rec.attempts, "delay": f"{delay:g}", "error": error},
@@ -1021,7 +1021,7 @@ class Scheduler:
             data["duration_ms"] = f"{rec.duration_ms:.3f}"
         elif error:
             data["error"] = error
-        self.bus.publish(_EVENT_TYPE[status], rec.spec.id, data)
+        self.bus.emit(_EVENT_TYPE[status], rec.spec.id, data)
         if self._listeners:
             self._notify(rec)
         if self._durable:
