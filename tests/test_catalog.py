@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -244,3 +245,38 @@ def test_environment_overrides_survive_json_round_trip(env: dict[str, str]) -> N
     cat = {"svc": ServiceSpec(name="svc")}
     changed = parse_overrides({"svc.environment": json.dumps(env)}, cat)
     assert changed["svc"].environment == env
+
+
+_health_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "path": st.sampled_from(["/", "/health", "/-/ready"]),
+        "expected_status": st.integers(100, 599),
+        "interval": st.floats(0.01, 10),
+        "timeout": st.floats(0.01, 10),
+        "startup_timeout": st.floats(0.1, 300),
+        "retries": st.integers(1, 10),
+        "port": st.integers(1, 65535),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([s.name for s in BUILTIN_SERVICES]), _health_fields)
+def test_a_partial_health_table_changes_only_what_it_names(name: str, fields: dict) -> None:
+    base = {s.name: s for s in BUILTIN_SERVICES}[name]
+    merged = apply_fields(name, {"health": fields}, base)
+    for field in (
+        "kind",
+        "path",
+        "expected_status",
+        "interval",
+        "timeout",
+        "startup_timeout",
+        "retries",
+        "port",
+    ):
+        expected = fields.get(field, getattr(base.health, field))
+        assert getattr(merged.health, field) == expected
+    # Nothing else about the service moved.
+    assert attrs.evolve(merged, health=base.health) == base
