@@ -215,3 +215,14 @@ async def test_a_failed_commit_reaches_the_submitter_and_the_writer_survives(sta
         await sched.submit(TaskSpec("next", payload={"handler": "noop"}))
         assert (await sched.wait("next", timeout=5)).status is TaskStatus.COMPLETED
         await sched.cancel("lost-write")
+
+
+@settings(max_examples=200)
+@given(st.dictionaries(st.text(), st.text(), max_size=5))
+def test_the_fast_json_of_string_maps_is_json(value: dict[str, str]) -> None:
+    import json
+
+    from dspy_infra.scheduler.store import _json_str_map
+
+    assert json.loads(_json_str_map(value)) == value
+    assert _json_str_map(value) == json.dumps(value, separators=(",", ":"))

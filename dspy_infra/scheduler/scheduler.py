@@ -340,6 +340,8 @@ class Scheduler:
         self._finished: dict[str, None] = {}
         self._listeners: list[Callable[[TaskState], None]] = []
         self._subscribers: set[_Subscriber] = set()
+        #: Terminal tasks whose commit callback is not registered yet (durable mode).
+        self._undelivered: list[_Task] = []
         self._store: SqliteStore | MemoryStore = MemoryStore()
         #: Memory-only stores keep nothing: the hot path skips building rows for them.
         self._durable = False
@@ -444,6 +446,10 @@ class Scheduler:
 
     async def _fail_leftovers(self) -> None:
         """After the store is closed: nobody waits forever on a task that will not finish here."""
+        # Finished just before the store closed: their rows went out with its last commit.
+        recs, self._undelivered = self._undelivered, []
+        for rec in recs:
+            self._deliver(rec)
         for rec in self._tasks.values():
             if rec.waiters:
                 for fut in rec.waiters:
@@ -1025,11 +1031,26 @@ class Scheduler:
         if self._listeners:
             self._notify(rec)
         if self._durable:
-            self._store.after_commit(lambda error: self._deliver(rec, error))
+            # Delivered once its row is committed; one commit callback per loop step.
+            if not self._undelivered:
+                assert self._loop is not None
+                self._loop.call_soon(self._deliver_after_commit)
+            self._undelivered.append(rec)
         else:
             self._deliver(rec)
         if self._inflight == 0:
             self._idle_check()
+
+    def _deliver_after_commit(self) -> None:
+        """Runs after the current loop step, so every row of ``_undelivered`` is queued
+        before the callback: it fires once they are all committed."""
+        recs, self._undelivered = self._undelivered, []
+
+        def committed(error: InfraError | None) -> None:
+            for rec in recs:
+                self._deliver(rec, error)
+
+        self._store.after_commit(committed)
 
     def _deliver(self, rec: _Task, store_error: InfraError | None = None) -> None:
         """The terminal row is committed: hand the result to waiters and streams."""

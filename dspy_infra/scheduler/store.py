@@ -30,7 +30,8 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,12 @@ def translate_sqlite_error(exc: BaseException, path: Path | str) -> InfraError:
             fix="check that the state directory exists, is writable and its disk is not full",
         )
     return Unavailable(f"state database {path} failed: {type(exc).__name__}: {text}")
+
+
+def _json_str_map(value: Mapping[str, str]) -> str:
+    """JSON for a ``map<string,string>`` (payloads and results are exactly that): the same
+    text ``json.dumps`` gives with compact separators, at a third of its cost."""
+    return "{" + ",".join([_quote(k) + ":" + _quote(v) for k, v in value.items()]) + "}"
 
 
 def _stored(row: tuple[Any, ...]) -> StoredTask:
@@ -399,7 +406,7 @@ class SqliteStore:
                 deletes.append((task_id,))
                 continue
             new, r = entry
-            result = json.dumps(r[5]) if r[5] else ""
+            result = _json_str_map(r[5]) if r[5] else ""
             status = _STATUS_TEXT[r[3]]
             if new:
                 spec = r[2]
@@ -412,7 +419,7 @@ class SqliteStore:
                         spec.timeout,
                         spec.max_attempts,
                         spec.workflow_id,
-                        json.dumps(spec.payload),
+                        _json_str_map(spec.payload),
                         status,
                         r[4],
                         result,
