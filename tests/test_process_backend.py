@@ -155,6 +155,42 @@ async def test_a_port_held_by_someone_else_is_refused_before_starting(backend: P
     assert await backend.list_instances({}) == []  # nothing half-created
 
 
+async def test_logs_rotate_beyond_the_size_limit_and_stay_readable(tmp_path: Path) -> None:
+    b = ProcessBackend(home=tmp_path, log_max_bytes=4096)
+    await b.open()
+    script = "i=0; while [ $i -lt 600 ]; do echo line-$i; i=$((i+1)); done"
+    inst = await b.run(
+        ServiceSpec(name="chatty", command=["sh", "-c", script]), instance_name="chatty", labels={}
+    )
+    await _wait_exited(b, inst.id)
+    d = b.root / inst.id
+    assert (d / "stdout.log.1").exists() and (d / "stdout.log").stat().st_size <= 4096 + 200
+    lines = [e.message async for e in b.logs(inst.id, service_name="chatty")]
+    assert lines[-1] == "line-599"  # (the oldest lines may have gone with an older file)
+    numbers = [int(m.split("-")[1]) for m in lines]
+    assert numbers == list(range(numbers[0], 600))  # what is kept is contiguous and in order
+    assert [e.message async for e in b.logs(inst.id, service_name="chatty", tail=3)] == [
+        "line-597",
+        "line-598",
+        "line-599",
+    ]
+    await b.remove(inst.id)
+
+
+async def test_follow_reads_across_rotations_without_gaps(tmp_path: Path) -> None:
+    b = ProcessBackend(home=tmp_path, log_max_bytes=1024)
+    await b.open()
+    script = "i=0; while [ $i -lt 100 ]; do echo line-$i; i=$((i+1)); sleep 0.01; done"
+    inst = await b.run(
+        ServiceSpec(name="slow", command=["sh", "-c", script]), instance_name="slow", labels={}
+    )
+    with anyio.fail_after(30):
+        lines = [e.message async for e in b.logs(inst.id, service_name="slow", follow=True)]
+    assert lines == [f"line-{i}" for i in range(100)]
+    assert (b.root / inst.id / "stdout.log.1").exists()  # it did rotate meanwhile
+    await b.remove(inst.id)
+
+
 async def test_stats_see_a_busy_process(backend: ProcessBackend) -> None:
     spec = ServiceSpec(
         name="busy", command=[sys.executable, "-c", "x = bytearray(30_000_000)\nwhile True: pass"]

@@ -27,6 +27,7 @@ counters of its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -67,13 +68,13 @@ _FOLLOW_POLL = 0.1
 #: A claimed instance directory without a record after this long was left by a crash.
 _CLAIM_STALE = 30.0
 
-# The supervisor shim. argv: instance dir, then the command. It double-forks so the service
+# The supervisor shim. argv: instance dir, log size limit, then the command. It double-forks so the service
 # is not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
 # stdout, then pumps the service's output into timestamped log files until it exits. Only
 # light stdlib modules (no subprocess, no json): its start-up time is on every service start.
 _SHIM = r"""
 import os, selectors, signal, sys, time
-d, cmd = sys.argv[1], sys.argv[2:]
+d, limit, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 if os.fork():
     os._exit(0)
 STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -120,7 +121,12 @@ def emit(fd, data, final=False):
     stamp = b"%.6f " % time.time()
     chunk = b"".join(stamp + ln + b"\n" for ln in lines if ln or not final)
     if chunk:
-        outs[fd].write(chunk)
+        f = outs[fd]
+        f.write(chunk)
+        if f.tell() > limit:  # keep one older file: <stream>.log.1
+            f.close()
+            os.replace(f.name, f.name + ".1")
+            outs[fd] = open(f.name, "ab", buffering=0)
 while sel.get_map():
     for key, _ in sel.select():
         data = os.read(key.fd, 65536)
@@ -213,6 +219,17 @@ class _Record:
         return cls(**doc)
 
 
+def _read_tail(path: Path, offset: int) -> bytes:
+    """Whole lines of ``path`` from ``offset`` on (empty when it does not exist)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return b""
+    return data[: data.rfind(b"\n") + 1]
+
+
 def _install_hint(binary: str) -> str:
     pkg = APT_PACKAGES.get(os.path.basename(binary))
     install = f"install it (apt-get install -y {pkg})" if pkg else f"install {binary!r} so it is on PATH"
@@ -230,10 +247,13 @@ class ProcessBackend(Backend):
         *,
         home: str | os.PathLike[str] | None = None,
         metrics: InfraMetrics | None = None,
+        log_max_bytes: int = 64 << 20,
     ) -> None:
         base = Path(home) if home is not None else (settings or Settings()).resolved_home()
         self.root = base / "services"
         self.metrics = metrics
+        #: Each log file is rotated to ``<stream>.log.1`` beyond this size (one old file kept).
+        self.log_max_bytes = log_max_bytes
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -417,7 +437,7 @@ class ProcessBackend(Backend):
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)
         shim = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SHIM, str(d), *spec.command],
+            [sys.executable, "-I", "-S", "-c", _SHIM, str(d), str(self.log_max_bytes), *spec.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -539,20 +559,37 @@ class ProcessBackend(Backend):
         except ValueError:
             return 0.0, text
 
-    def _read_from(self, instance_id: str, offsets: dict[str, int]) -> list[tuple[float, str, str]]:
-        """Complete lines appended to each log since ``offsets`` (updated in place)."""
+    def _read_from(
+        self, instance_id: str, offsets: dict[str, int], *, rotated: bool = False
+    ) -> list[tuple[float, str, str]]:
+        """Complete lines appended to each log since ``offsets`` (updated in place); with
+        ``rotated``, the kept older file first. A file that is another file (inode) than at
+        the last read was rotated since: the rest of the old one is read, then the new one."""
         d = self._dir(instance_id)
         out: list[tuple[float, str, str]] = []
         for stream in ("stdout", "stderr"):
+            path = d / f"{stream}.log"
+            data = b""
+            offset = offsets.get(stream, 0)
             try:
-                with open(d / f"{stream}.log", "rb") as fh:
-                    fh.seek(offsets.get(stream, 0))
-                    data = fh.read()
+                info = path.stat()
             except FileNotFoundError:
                 continue
-            end = data.rfind(b"\n") + 1  # leave a half-written line for the next read
-            offsets[stream] = offsets.get(stream, 0) + end
-            for raw in data[:end].split(b"\n")[:-1]:  # only "\n" ends a line (the shim's framing)
+            moved = offsets.get(f"{stream}.inode", info.st_ino) != info.st_ino
+            offsets[f"{stream}.inode"] = info.st_ino
+            if rotated or moved or info.st_size < offset:
+                data += _read_tail(Path(f"{path}.1"), 0 if rotated else offset)
+                offset = 0
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    current = fh.read()
+            except FileNotFoundError:
+                current = b""
+            end = current.rfind(b"\n") + 1  # leave a half-written line for the next read
+            offsets[stream] = offset + end
+            data += current[:end]
+            for raw in data.split(b"\n")[:-1]:  # only "\n" ends a line (the shim's framing)
                 ts, message = self._parse(raw)
                 out.append((ts, stream, message))
         out.sort(key=lambda e: e[0])
@@ -569,7 +606,9 @@ class ProcessBackend(Backend):
     ) -> AsyncIterator[LogEntry]:
         await anyio.to_thread.run_sync(self._read_record, instance_id)  # NotFound early
         offsets: dict[str, int] = {}
-        batch = await anyio.to_thread.run_sync(self._read_from, instance_id, offsets)
+        batch = await anyio.to_thread.run_sync(
+            functools.partial(self._read_from, instance_id, offsets, rotated=True)
+        )
         if since is not None:
             batch = [e for e in batch if e[0] >= since]
         if tail is not None:
