@@ -10,7 +10,8 @@ which is what lets a later ``ServiceManager`` adopt it.
 
 Each instance lives in ``<home>/services/<instance name>/``: ``record.json`` (labels, pids,
 the service's ``/proc`` start time, ports, environment, start time), the two log files and
-``exit.json``. ``list_instances`` reads these records; a pid is trusted only while
+``exit.json`` (a log beyond ``log_max_bytes`` is rotated to ``<stream>.log.1``, one older file
+kept). ``list_instances`` reads these records; a pid is trusted only while
 ``/proc/PID/stat`` shows the same start time, and a zombie (state ``Z``) counts as exited.
 
 Ports: a process binds whatever its command says, so the host port *is* the container port
