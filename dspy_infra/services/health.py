@@ -7,6 +7,12 @@ check's overall ``startup_timeout``; when that runs out it raises ``HealthCheckF
 carrying the last probe failure and the service's last log lines. It also stops waiting as
 soon as the instance has exited, since a dead process will not turn healthy.
 
+Of the check's fields, ``interval`` caps the retry delay (and paces the manager's monitor),
+``timeout`` bounds one probe, ``startup_timeout`` the whole wait and ``retries`` is how many
+failed probes in a row the monitor tolerates before calling a running service unhealthy.
+``start_period`` needs no handling: during startup every failure is tolerated until
+``startup_timeout`` anyway.
+
 Every probe run through ``run_probe`` is recorded in
 ``env_manager_service_health_check_duration_seconds{service_name,status}``.
 """
