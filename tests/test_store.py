@@ -222,7 +222,7 @@ async def test_a_failed_commit_reaches_the_submitter_and_the_writer_survives(sta
 def test_the_fast_json_of_string_maps_is_json(value: dict[str, str]) -> None:
     import json
 
-    from dspy_infra.scheduler.store import _json_str_map
+    from dspy_infra.scheduler.store import encode_str_map
 
-    assert json.loads(_json_str_map(value)) == value
-    assert _json_str_map(value) == json.dumps(value, separators=(",", ":"))
+    assert json.loads(encode_str_map(value)) == value
+    assert encode_str_map(value) == json.dumps(value, separators=(",", ":"))

@@ -47,7 +47,15 @@ from ..plugins import collect_mapping
 from .classes import check_runnable, resolve_classes
 from .handlers import Handler, PermanentFailure, TaskContext
 from .limiter import AimdPolicy, ResizableSemaphore, SampleWindow
-from .store import MemoryStore, SqliteStore, StoredTask, TaskRow
+from .store import (
+    STATUS_TEXT,
+    InsertRow,
+    MemoryStore,
+    SqliteStore,
+    StoredTask,
+    UpdateRow,
+    encode_str_map,
+)
 
 __all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "Scheduler", "retry_delay"]
 
@@ -116,19 +124,37 @@ class _Task:
         self.worker: asyncio.Task[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def row(self) -> TaskRow:
+    def insert_row(self) -> InsertRow:
+        spec = self.spec
         return (
-            self.spec.id,
+            spec.id,
             self.seq,
-            self.spec,
-            self.status,
+            spec.task_class,
+            spec.priority,
+            spec.timeout,
+            spec.max_attempts,
+            spec.workflow_id,
+            encode_str_map(spec.payload),
+            STATUS_TEXT[self.status],
             self.attempts,
-            self.result,
+            encode_str_map(self.result) if self.result else "",
             self.error,
             self.submitted_at,
             self.started_at,
             self.completed_at,
             self.duration_ms,
+        )
+
+    def update_row(self) -> UpdateRow:
+        return (
+            STATUS_TEXT[self.status],
+            self.attempts,
+            encode_str_map(self.result) if self.result else "",
+            self.error,
+            self.started_at,
+            self.completed_at,
+            self.duration_ms,
+            self.spec.id,
         )
 
     def state(self) -> TaskState:
@@ -609,7 +635,7 @@ class Scheduler:
             self._seq += 1
             self._tasks[spec.id] = rec
             if self._durable:
-                self._store.insert(rec.row())
+                self._store.insert(rec.insert_row())
             self.bus.emit(
                 "task_submitted",
                 spec.id,
@@ -838,7 +864,7 @@ class Scheduler:
         if cq.gpu_wait is not None:
             cq.gpu_wait.observe(waited)
         if self._durable:
-            self._store.put(rec.row())
+            self._store.put(rec.update_row())
         self.bus.emit("task_started", rec.spec.id, {"task_class": cq.cls.name, "attempt": rec.attempts})
         if self._listeners:
             self._notify(rec)
@@ -975,7 +1001,7 @@ class Scheduler:
         rec.status = _PENDING
         rec.error = error
         if self._durable:
-            self._store.put(rec.row())
+            self._store.put(rec.update_row())
         self.bus.emit(
             "task_retried",
             rec.spec.id,
@@ -1021,7 +1047,7 @@ class Scheduler:
         if cq is not None:
             cq.m_total[status].pending += 1
         if self._durable:
-            self._store.put(rec.row())
+            self._store.put(rec.update_row())
         data: dict[str, object] = {"task_class": rec.spec.task_class, "attempts": rec.attempts}
         if status is _COMPLETED:
             data["duration_ms"] = f"{rec.duration_ms:.3f}"

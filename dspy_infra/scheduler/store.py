@@ -44,11 +44,14 @@ from ..models import TaskSpec, TaskStatus
 __all__ = [
     "DB_FILE_NAME",
     "LOCK_FILE_NAME",
+    "STATUS_TEXT",
     "CommitCallback",
+    "InsertRow",
     "MemoryStore",
     "SqliteStore",
     "StoredTask",
-    "TaskRow",
+    "UpdateRow",
+    "encode_str_map",
     "translate_sqlite_error",
 ]
 
@@ -59,10 +62,14 @@ _SCHEMA_VERSION = 1
 #: Called on the event loop after a commit: ``None`` on success, else the translated error.
 CommitCallback = Callable[[InfraError | None], None]
 
-#: What the scheduler hands the store for one task (built cheaply on the loop; the writer
-#: thread serialises it): (id, seq, spec, status, attempts, result, error,
-#: submitted_at, started_at, completed_at, duration_ms).
-TaskRow = tuple[str, int, TaskSpec, TaskStatus, int, dict[str, str], str, float, float, float, float]
+#: A newly accepted task, in column order (``COLUMNS``). Rows hold only str, int, float and
+#: None: such tuples drop out of the garbage collector's view at once, which matters while
+#: thousands of them wait in the queue for a commit.
+InsertRow = tuple[Any, ...]
+#: A changed task: (status, attempts, result JSON, error, started_at, completed_at,
+#: duration_ms, id), the parameters of the UPDATE in order.
+UpdateRow = tuple[str, int, str, str, float, float, float, str]
+_INSERT_LEN = 16
 
 
 @attrs.frozen
@@ -105,7 +112,7 @@ def translate_sqlite_error(exc: BaseException, path: Path | str) -> InfraError:
     return Unavailable(f"state database {path} failed: {type(exc).__name__}: {text}")
 
 
-def _json_str_map(value: Mapping[str, str]) -> str:
+def encode_str_map(value: Mapping[str, str]) -> str:
     """JSON for a ``map<string,string>`` (payloads and results are exactly that): the same
     text ``json.dumps`` gives with compact separators, at a third of its cost."""
     return "{" + ",".join([_quote(k) + ":" + _quote(v) for k, v in value.items()]) + "}"
@@ -195,7 +202,8 @@ def _write_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[
 
 
 _SELECT = f"SELECT {_COLUMNS} FROM tasks ORDER BY seq"
-_STATUS_TEXT = {s: s.value for s in TaskStatus}
+#: TaskStatus -> its plain str (rows must hold plain values, see InsertRow).
+STATUS_TEXT = {s: s.value for s in TaskStatus}
 
 _STOP = object()
 
@@ -208,10 +216,10 @@ class MemoryStore:
     async def open(self) -> list[StoredTask]:
         return []
 
-    def insert(self, row: TaskRow) -> None:
+    def insert(self, row: InsertRow) -> None:
         pass
 
-    def put(self, row: TaskRow) -> None:
+    def put(self, row: UpdateRow) -> None:
         pass
 
     def delete(self, task_id: str) -> None:
@@ -311,13 +319,13 @@ class SqliteStore:
 
     # -- operations (called on the event loop; never block) -------------------------------
 
-    def insert(self, row: TaskRow) -> None:
+    def insert(self, row: InsertRow) -> None:
         """A newly accepted task."""
-        self._enqueue((True, row))
+        self._enqueue(row)
 
-    def put(self, row: TaskRow) -> None:
+    def put(self, row: UpdateRow) -> None:
         """A changed task (its row exists, or its insert is queued before this)."""
-        self._enqueue((False, row))
+        self._enqueue(row)
 
     def delete(self, task_id: str) -> None:
         self._enqueue(task_id)
@@ -361,21 +369,26 @@ class SqliteStore:
     def _commit(self, batch: list[Any]) -> bool:
         """Write one batch in one transaction; True when it held the stop marker."""
         assert self._conn is not None
-        # Per task id: (needs insert, latest row) or None for a delete.
-        latest: dict[str, tuple[bool, TaskRow] | None] = {}
+        # Per task id: its latest insert row (len 16), update row (len 8), or None (delete).
+        latest: dict[str, tuple[Any, ...] | None] = {}
         callbacks: list[CommitCallback] = []
         stop = False
         for op in batch:
-            if op is _STOP:
-                stop = True
-            elif type(op) is tuple:
-                new, row = op
-                if not new:
-                    before = latest.get(row[0])
-                    new = before is not None and before[0]
-                latest[row[0]] = (new, row)
+            if type(op) is tuple:
+                if len(op) == _INSERT_LEN:
+                    latest[op[0]] = op
+                    continue
+                task_id = op[7]
+                before = latest.get(task_id)
+                if before is not None and len(before) == _INSERT_LEN:
+                    # Accepted and changed within one batch: insert it as it is now.
+                    latest[task_id] = (*before[:8], *op[:4], before[12], *op[4:7])
+                else:
+                    latest[task_id] = op
             elif type(op) is str:
                 latest[op] = None
+            elif op is _STOP:
+                stop = True
             else:
                 callbacks.append(op)
         error: InfraError | None = None
@@ -395,39 +408,19 @@ class SqliteStore:
                 self._call_soon(_run_callbacks, callbacks, error)
         return stop
 
-    def _write(self, latest: dict[str, tuple[bool, TaskRow] | None]) -> None:
+    def _write(self, latest: dict[str, tuple[Any, ...] | None]) -> None:
         """One transaction: inserts of new tasks, updates of changed ones, deletes."""
         assert self._conn is not None
-        inserts = []
-        updates = []
-        deletes = []
-        for task_id, entry in latest.items():
-            if entry is None:
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        deletes: list[tuple[Any, ...]] = []
+        for task_id, row in latest.items():
+            if row is None:
                 deletes.append((task_id,))
-                continue
-            new, r = entry
-            result = _json_str_map(r[5]) if r[5] else ""
-            status = _STATUS_TEXT[r[3]]
-            if new:
-                spec = r[2]
-                inserts.append(
-                    (
-                        r[0],
-                        r[1],
-                        spec.task_class,
-                        spec.priority,
-                        spec.timeout,
-                        spec.max_attempts,
-                        spec.workflow_id,
-                        _json_str_map(spec.payload),
-                        status,
-                        r[4],
-                        result,
-                        *r[6:],
-                    )
-                )
+            elif len(row) == _INSERT_LEN:
+                inserts.append(row)
             else:
-                updates.append((status, r[4], result, r[6], r[8], r[9], r[10], r[0]))
+                updates.append(row)
         self._conn.execute("BEGIN")
         _write_rows(self._conn, _insert_sql, inserts)
         _write_rows(self._conn, _update_sql, updates)
