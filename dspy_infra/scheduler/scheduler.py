@@ -90,7 +90,6 @@ class _Task:
         "delivered",
         "duration_ms",
         "error",
-        "queued",
         "ready_at",
         "result",
         "seq",
@@ -115,8 +114,6 @@ class _Task:
         self.started_at = 0.0
         self.completed_at = 0.0
         self.duration_ms = 0.0
-        #: True while an entry for this task in its class heap is live.
-        self.queued = False
         #: True once the terminal state is committed and handed to waiters and streams.
         self.delivered = False
         self.cancel_requested = False
@@ -248,7 +245,6 @@ class _ClassQueue:
 
     __slots__ = (
         "cls",
-        "depth",
         "gpu_wait",
         "heap",
         "idle",
@@ -258,6 +254,7 @@ class _ClassQueue:
         "m_total",
         "m_wait",
         "policy",
+        "queued",
         "refusal",
         "sem",
         "window",
@@ -274,9 +271,10 @@ class _ClassQueue:
         self.sem = ResizableSemaphore(cls.base_concurrency)
         self.policy = AimdPolicy(cls.min_concurrency, cls.max_concurrency) if cls.adaptive else None
         self.window = SampleWindow()
-        self.heap: list[tuple[int, int, _Task]] = []
-        #: Live (not cancelled) entries in ``heap``.
-        self.depth = 0
+        # Heap entries are (-priority, seq): ints only, so the garbage collector stops tracking
+        # them; ``queued`` maps seq -> task for the live entries (a cancel just drops it).
+        self.heap: list[tuple[int, int]] = []
+        self.queued: dict[int, _Task] = {}
         self.idle: deque[asyncio.Future[_Task]] = deque()
         self.refusal = refusal
         name = cls.name
@@ -290,7 +288,7 @@ class _ClassQueue:
 
         metrics.concurrency_limit.labels(name).set_function(limit)
         metrics.inflight_tasks.labels(name).set_function(lambda: self.sem.in_use)
-        metrics.queue_depth.labels(name).set_function(lambda: self.depth)
+        metrics.queue_depth.labels(name).set_function(lambda: len(self.queued))
         self.m_error_rate = metrics.error_rate.labels(name)
         # Counters and histograms are batched: see ``Scheduler.flush_metrics``.
         self.m_errors = _BatchedCounter(metrics.task_errors_total.labels(name))
@@ -734,7 +732,7 @@ class Scheduler:
         return {
             name: QueueStatus(
                 task_class=name,
-                depth=cq.depth,
+                depth=len(cq.queued),
                 inflight=cq.sem.in_use,
                 limit=cq.sem.limit,
                 min_limit=cq.cls.min_concurrency,
@@ -809,9 +807,8 @@ class Scheduler:
         now = time.time()
         if rec.status is _PENDING:
             cq = self._queues.get(rec.spec.task_class)
-            if rec.queued and cq is not None:
-                rec.queued = False
-                cq.depth -= 1
+            if cq is not None:
+                cq.queued.pop(rec.seq, None)
             if rec.timer is not None:
                 rec.timer.cancel()
                 rec.timer = None
@@ -830,22 +827,19 @@ class Scheduler:
 
     def _enqueue(self, cq: _ClassQueue, rec: _Task, now: float) -> None:
         rec.ready_at = now
-        rec.queued = True
-        cq.depth += 1
-        heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq, rec))
+        cq.queued[rec.seq] = rec
+        heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
 
     def _take(self, cq: _ClassQueue) -> _Task | None:
         """Next queued task of ``cq`` if a slot is free (the slot is then taken)."""
         if not self._dispatching:
             return None
-        heap = cq.heap
-        while heap and not heap[0][2].queued:
+        heap, queued = cq.heap, cq.queued
+        while heap and heap[0][1] not in queued:
             heapq.heappop(heap)  # entry of a task cancelled while queued
         if not heap or not cq.sem.try_acquire():
             return None
-        rec = heapq.heappop(heap)[2]
-        rec.queued = False
-        cq.depth -= 1
+        rec = queued.pop(heapq.heappop(heap)[1])
         self._start(cq, rec)
         return rec
 
@@ -1149,7 +1143,7 @@ class Scheduler:
         """Take one sample per class and apply its policy (the sampler calls this)."""
         self.flush_metrics()
         for cq in self._queues.values():
-            sample = cq.window.take(cq.depth, cq.sem.in_use)
+            sample = cq.window.take(len(cq.queued), cq.sem.in_use)
             cq.m_error_rate.set(sample.error_rate)
             if cq.policy is None:
                 continue
