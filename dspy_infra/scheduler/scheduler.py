@@ -324,10 +324,6 @@ class _Subscriber:
         self.wakeup: asyncio.Future[None] | None = None
         self.closed = False
 
-    def push(self, result: TaskResult) -> None:
-        self.buffer.append(result)
-        self._wake()
-
     def close(self) -> None:
         self.closed = True
         self._wake()
@@ -612,6 +608,7 @@ class Scheduler:
         """Accept a batch with one group commit. Validation is all-or-nothing."""
         checked: list[tuple[TaskSpec, _ClassQueue | None]] = []
         batch: dict[str, TaskSpec] = {}
+        touched: dict[str, _ClassQueue] = {}
         for spec in specs:
             if not isinstance(spec, TaskSpec):
                 raise SpecError(f"expected a TaskSpec, got {type(spec).__name__}", field="spec")
@@ -622,16 +619,21 @@ class Scheduler:
                     f"task {spec.id!r} appears twice in the batch with different content", field="id"
                 )
             batch[spec.id] = spec
-            checked.append((spec, None if self._existing(spec) is not None else queue))
+            if self._existing(spec) is None:
+                checked.append((spec, queue))
+                touched[queue.cls.name] = queue
+            else:
+                checked.append((spec, None))
         now = time.time()
+        tasks = self._tasks
         records: list[_Task] = []
         for spec, cq in checked:
-            if cq is None or spec.id in self._tasks:
-                records.append(self._tasks[spec.id])
+            if cq is None or spec.id in tasks:
+                records.append(tasks[spec.id])
                 continue
             rec = _Task(spec, self._seq, now)
             self._seq += 1
-            self._tasks[spec.id] = rec
+            tasks[spec.id] = rec
             if self._durable:
                 self._store.insert(rec.insert_row())
             self.bus.emit(
@@ -641,9 +643,10 @@ class Scheduler:
             )
             if self._listeners:
                 self._notify(rec)
-            self._enqueue(cq, rec, now)
+            cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
+            heapq.heappush(cq.heap, (-spec.priority, rec.seq))
             records.append(rec)
-        for cq in {id(q): q for _, q in checked if q is not None}.values():
+        for cq in touched.values():
             self._pump(cq)
         if self._durable:
             await self._committed()
@@ -1087,7 +1090,10 @@ class Scheduler:
             result = rec.to_result()
             for sub in self._subscribers:
                 if sub.wanted is None or rec.spec.id in sub.wanted:
-                    sub.push(result)
+                    sub.buffer.append(result)  # _Subscriber.push, inlined: once per task
+                    wakeup = sub.wakeup
+                    if wakeup is not None and not wakeup.done():
+                        wakeup.set_result(None)
         if self._tasks.get(rec.spec.id) is rec:
             self._finished[rec.spec.id] = None
             if len(self._finished) > self.settings.retention:
