@@ -1047,7 +1047,8 @@ class Scheduler:
             self._store.put(rec.update_row())
         data: dict[str, object] = {"task_class": rec.spec.task_class, "attempts": rec.attempts}
         if status is _COMPLETED:
-            data["duration_ms"] = f"{rec.duration_ms:.3f}"
+            # emit() turns values into strings only when the event is read
+            data["duration_ms"] = round(rec.duration_ms, 3)
         elif error:
             data["error"] = error
         self.bus.emit(_EVENT_TYPE[status], rec.spec.id, data)
