@@ -7,9 +7,11 @@ import string
 from hypothesis import strategies as st
 
 from dspy_infra.models import TaskSpec
+from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
     "limiter_ops",
+    "limiter_samples",
     "priorities",
     "task_ids",
     "task_outcomes",
@@ -34,6 +36,15 @@ limiter_ops = st.lists(
         st.tuples(st.just("cancel"), st.integers(min_value=0, max_value=20)),
     ),
     max_size=60,
+)
+
+#: One interval of limiter observations, anywhere from idle to overloaded.
+limiter_samples = st.builds(
+    LimiterSample,
+    backlog=st.integers(min_value=0, max_value=1000),
+    inflight=st.integers(min_value=0, max_value=100),
+    mean_wait=st.floats(min_value=0, max_value=600, allow_nan=False),
+    error_rate=st.floats(min_value=0, max_value=1, allow_nan=False),
 )
 
 

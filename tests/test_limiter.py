@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import limiter_ops
+from strategies import limiter_ops, limiter_samples
 
 from dspy_infra.scheduler.limiter import AimdPolicy, LimiterSample, ResizableSemaphore, SampleWindow
 
@@ -135,21 +135,12 @@ def test_release_without_acquire_and_bad_limits_are_refused() -> None:
         sem.resize(0)
 
 
-samples = st.builds(
-    LimiterSample,
-    backlog=st.integers(min_value=0, max_value=1000),
-    inflight=st.integers(min_value=0, max_value=100),
-    mean_wait=st.floats(min_value=0, max_value=600, allow_nan=False),
-    error_rate=st.floats(min_value=0, max_value=1, allow_nan=False),
-)
-
-
 @settings(max_examples=300)
 @given(
     bounds=st.tuples(st.integers(1, 20), st.integers(0, 20)),
     step=st.integers(1, 4),
     start=st.integers(1, 40),
-    seq=st.lists(samples, max_size=30),
+    seq=st.lists(limiter_samples, max_size=30),
 )
 def test_policy_stays_within_bounds(
     bounds: tuple[int, int], step: int, start: int, seq: list[LimiterSample]
@@ -165,7 +156,7 @@ def test_policy_stays_within_bounds(
 
 
 @settings(max_examples=200)
-@given(sample=samples, current=st.integers(2, 9))
+@given(sample=limiter_samples, current=st.integers(2, 9))
 def test_policy_direction(sample: LimiterSample, current: int) -> None:
     policy = AimdPolicy(1, 10)
     new = policy.next_limit(current, sample)
