@@ -110,3 +110,43 @@ async def test_exec_ends_with_its_shell_even_if_a_background_child_holds_the_pip
             break
         await anyio.sleep(0.05)
     assert not _alive(background), "a process the task started outlived it"
+
+
+def _processes_with_arg(arg: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains ``arg``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if arg in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3])
+async def test_exec_cancelled_while_spawning_ends_at_once_and_leaves_no_child(
+    yields_before_cancel: int,
+) -> None:
+    # Regression: a cancel landing inside create_subprocess_exec used to kill only the shell
+    # and then wait for pipes its `sleep` child held open, hanging for the whole command.
+    import asyncio
+
+    marker = f"{30 + yields_before_cancel}.{os.getpid() % 1000}1"
+    ctx = TaskContext(TaskSpec("t", payload={"handler": "exec", "cmd": f"sleep {marker}; true"}), 1)
+    task = asyncio.ensure_future(exec_handler(ctx))
+    for _ in range(yields_before_cancel):
+        await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done, "cancel hung"
+    assert task.cancelled()
+    for _ in range(100):  # the group kill is immediate; reaping may lag a little
+        if not _processes_with_arg(f"sleep {marker}"):
+            break
+        await anyio.sleep(0.05)
+    assert _processes_with_arg(f"sleep {marker}") == []

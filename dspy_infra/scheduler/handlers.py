@@ -118,22 +118,43 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+async def _spawn(cmd: str, cwd: str | None) -> asyncio.subprocess.Process:
+    """Start ``cmd`` under ``/bin/sh -c`` in its own process group.
+
+    The spawn itself is shielded: cancelled mid-spawn, asyncio would kill only the shell and
+    then wait for pipes that the shell's children still hold, hanging the cancel for as long
+    as the command runs. Instead, a cancel that lands here waits for the spawn to finish,
+    kills the whole group, and re-raises.
+    """
+    spawning = asyncio.ensure_future(
+        asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            # Own session = own process group, so a kill reaches the shell's children too.
+            start_new_session=True,
+        )
+    )
+    try:
+        return await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                proc = await spawning
+                _kill_group(proc.pid)
+                await proc.wait()
+        raise
+
+
 async def exec_handler(ctx: TaskContext) -> dict[str, str]:
     cmd = ctx.payload.get("cmd", "")
     if not cmd.strip():
         raise PermanentFailure('payload.cmd: missing (fix: give the shell command, e.g. {"cmd": "echo hi"})')
-    cwd = ctx.payload.get("cwd") or None
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh",
-        "-c",
-        cmd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        # Own session = own process group, so a kill reaches the shell's children too.
-        start_new_session=True,
-    )
+    proc = await _spawn(cmd, ctx.payload.get("cwd") or None)
     out, err = _Tail(), _Tail()
     try:
         async with anyio.create_task_group() as tg:
