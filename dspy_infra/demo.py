@@ -29,6 +29,8 @@ from .errors import InfraError
 from .infra import Infra
 from .models import TaskSpec, TaskState, TaskStatus
 from .scheduler.handlers import TaskContext
+from .scheduler.workflow_demo import workflow_section
+from .services.demo import services_section
 
 __all__ = ["SECTIONS", "DemoFailed", "main", "tasks_section"]
 
@@ -197,8 +199,8 @@ async def tasks_section(infra: Infra, console: Console) -> None:
         )
 
 
-#: The demo's sections, in order. Others append theirs (services, workflows) here.
-SECTIONS: list[Section] = [tasks_section]
+#: The demo's sections, in order.
+SECTIONS: list[Section] = [tasks_section, services_section, workflow_section]
 
 
 async def run_demo(console: Console, sections: list[Section] | None = None) -> None:
