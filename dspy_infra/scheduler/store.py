@@ -2,7 +2,7 @@
 
 Threading: every sqlite call runs on one dedicated writer thread that owns the connection;
 the event loop only puts operations on a queue (never blocks on disk). Group commit: the
-writer takes the first queued operation, keeps collecting for ``commit_interval`` seconds,
+writer takes what is queued (while busy, after collecting for ``commit_interval`` seconds),
 coalesces them per task id (only the latest row of a task is written) and commits the lot
 in one transaction. Callbacks registered with ``after_commit`` run on the loop once the
 batch that holds every operation queued before them is committed; that is how ``submit``
@@ -348,14 +348,20 @@ class SqliteStore:
         assert self._conn is not None
         ops = self._ops
         stop = False
+        busy = False
         try:
             while not stop:
                 self._wake.wait()
-                # The group-commit window: let more operations arrive, then take them all.
-                time.sleep(self._interval)
+                # The group-commit window, only while busy: after a large batch, let more
+                # operations arrive before taking them all (fewer, bigger transactions). After
+                # a small one the store is nearly idle, and a lone submit should wait only for
+                # its own commit; what arrives meanwhile forms the next batch anyway.
+                if busy:
+                    time.sleep(self._interval)
                 self._wake.clear()
                 self._awake = False  # before draining: an op appended after this wakes us again
                 batch = [ops.popleft() for _ in range(len(ops))]
+                busy = len(batch) >= _BUSY_BATCH
                 stop = self._commit(batch)
         finally:
             # Anything queued after the stop marker is still written, callbacks still run.
@@ -426,6 +432,10 @@ class SqliteStore:
         _write_rows(self._conn, _update_sql, updates)
         _write_rows(self._conn, _delete_sql, deletes)
         self._conn.execute("COMMIT")
+
+
+#: A batch at least this large means the store is busy: the next one waits for the window.
+_BUSY_BATCH = 32
 
 
 def _run_callbacks(callbacks: list[CommitCallback], error: InfraError | None) -> None:
