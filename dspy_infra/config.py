@@ -103,6 +103,9 @@ class Settings:
     durable: bool = True
     #: Time running tasks get to finish on graceful shutdown.
     shutdown_grace: float = attrs.field(default=10.0, validator=_positive)
+    #: Seconds after start that a task recovered from the store waits for its handler to be
+    #: registered (``@infra.handler`` runs after start) before it fails naming the known ones.
+    handler_grace: float = attrs.field(default=30.0, validator=_positive)
     #: Task-class tables: overrides of built-in classes and new classes.
     task_classes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: Service tables: overrides of built-in services and new services.

@@ -98,6 +98,8 @@ class _Task:
     #: True once the terminal state is committed and handed to waiters and streams.
     delivered = False
     cancel_requested = False
+    #: Re-queued from the store at start (it may name a handler registered after start).
+    recovered = False
     waiters: list[asyncio.Future[None]] | None = None
     worker: asyncio.Task[Any] | None = None
     timer: asyncio.TimerHandle | None = None
@@ -341,6 +343,9 @@ class Scheduler:
         self._classes: dict[str, TaskClass] = {}
         self._queues: dict[str, _ClassQueue] = {}
         self._handlers: dict[str, Handler] = {}
+        #: Recovered tasks parked until their handler is registered (see _park_for_handler).
+        self._awaiting_handler: dict[str, list[_Task]] = {}
+        self._handler_grace_until = 0.0
         self._executors: dict[str, Handler] = {}
         self._tasks: dict[str, _Task] = {}
         #: Delivered terminal tasks in delivery order (for retention).
@@ -399,6 +404,7 @@ class Scheduler:
             stack.push_async_callback(self._store.aclose)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._accepting = self._dispatching = True
+            self._handler_grace_until = time.monotonic() + self.settings.handler_grace
             self._recover(stored)
             self._tg.start_soon(self._sample_loop, name="dspy_infra-limiter")
         except BaseException:
@@ -525,6 +531,7 @@ class Scheduler:
                 continue
             if rec.status is not _PENDING:
                 rec.status = _PENDING
+            rec.recovered = True
             self._enqueue(cq, rec, now)
         for cq in self._queues.values():
             self._pump(cq)
@@ -546,6 +553,12 @@ class Scheduler:
                 fix="pass `async def handler(ctx) -> dict[str, str]`",
             )
         self._handlers[name] = fn
+        for rec in self._awaiting_handler.pop(name, ()):
+            if rec.timer is not None:
+                rec.timer.cancel()
+            cq = self._queues.get(rec.spec.task_class)
+            if cq is not None:
+                self._requeue(cq, rec)
 
     def handler_names(self) -> list[str]:
         return sorted(self._handlers)
@@ -917,6 +930,8 @@ class Scheduler:
         error = ""
         retryable = True
         timeout_cm: asyncio.Timeout | None = None
+        if rec.recovered and self._park_for_handler(cq, rec):
+            return
         try:
             handler = self._handler_for(cq, spec)
             if spec.timeout is None:
@@ -966,6 +981,34 @@ class Scheduler:
             self._retry(cq, rec, error)
         else:
             self._attempt_ended(cq, rec, _FAILED, error, None)
+
+    def _park_for_handler(self, cq: _ClassQueue, rec: _Task) -> bool:
+        """Park a recovered task whose handler is not registered yet; True when parked.
+
+        Apps register handlers with ``@infra.handler`` after ``ensure_infra()`` returns, but
+        tasks recovered from the store are dispatched as the scheduler starts. Failing them
+        for a handler that is about to exist would lose accepted work, so such a task waits
+        (not counted as an attempt) until its handler is registered, or until
+        ``settings.handler_grace`` seconds after start, when it runs and fails as usual,
+        naming the known handlers.
+        """
+        if cq.cls.executor != "local" or self._stopping:
+            return False
+        name = rec.spec.payload.get("handler", "")
+        left = self._handler_grace_until - time.monotonic()
+        if not name or name in self._handlers or left <= 0:
+            return False
+        assert self._loop is not None
+        rec.worker = None
+        rec.attempts -= 1
+        rec.status = _PENDING
+        self._inflight -= 1
+        if self._durable:
+            self._store.put(rec.update_row())
+        self._awaiting_handler.setdefault(name, []).append(rec)
+        rec.timer = self._loop.call_later(left, self._requeue, cq, rec)
+        self._idle_check()
+        return True
 
     def _interrupted(self, cq: _ClassQueue, rec: _Task) -> None:
         """Shutdown cancelled a running attempt: it stays ``running`` in the store, so the
