@@ -30,47 +30,13 @@ export CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf
 export CONTAINERS_REGISTRIES_CONF=$PODMAN_DIR/registries.conf
 
 say() { printf 'engines: %s\n' "$*"; }
-
-need() {
-    command -v "$1" >/dev/null 2>&1 || {
-        say "missing '$1': apt-get install -y \$(cat scripts/apt-packages.txt)"
-        exit 1
-    }
-}
-
-# pid from a pidfile if that process is alive (zombies count as dead: PID 1 reaps late here).
-live_pid() {
-    local pidfile=$1 pid state
-    [[ -s $pidfile ]] || return 1
-    pid=$(<"$pidfile")
-    [[ -d /proc/$pid ]] || return 1
-    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo Z)
-    [[ $state != Z ]] || return 1
-    echo "$pid"
-}
+INSTALL_HINT="apt-get install -y \$(cat scripts/apt-packages.txt)"
+# shellcheck source=daemon-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/daemon-lib.sh"
 
 ping_sock() { curl -fsS --max-time 2 --unix-socket "$1" http://engine/_ping 2>/dev/null | grep -q OK; }
 ping_registry() { curl -fsS --max-time 2 "http://$REGISTRY_ADDR/v2/" >/dev/null 2>&1; }
 
-# wait_for NAME PIDFILE LOGFILE CHECK...: poll CHECK until it succeeds, the process dies, or timeout.
-wait_for() {
-    local name=$1 pidfile=$2 log=$3
-    shift 3
-    local deadline=$((SECONDS + READY_TIMEOUT))
-    until "$@"; do
-        if ! live_pid "$pidfile" >/dev/null; then
-            say "$name exited before answering; last lines of $log:"
-            tail -n 20 "$log" >&2 || true
-            return 1
-        fi
-        if ((SECONDS >= deadline)); then
-            say "$name did not answer within ${READY_TIMEOUT}s; last lines of $log:"
-            tail -n 20 "$log" >&2 || true
-            return 1
-        fi
-        sleep 0.2
-    done
-}
 
 write_podman_conf() {
     mkdir -p "$PODMAN_DIR"/{root,runroot,tmp}
@@ -171,24 +137,6 @@ start_podman() {
     echo $! >"$pidfile"
     wait_for podman "$pidfile" "$log" ping_sock "$PODMAN_SOCK"
     say "podman up at unix://$PODMAN_SOCK"
-}
-
-stop_one() {
-    local name=$1 pidfile=$2 pid i
-    if pid=$(live_pid "$pidfile"); then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            live_pid "$pidfile" >/dev/null || break
-            sleep 0.1
-        done
-        if live_pid "$pidfile" >/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        say "$name stopped (pid $pid)"
-    else
-        say "$name not running"
-    fi
-    rm -f "$pidfile"
 }
 
 status() {

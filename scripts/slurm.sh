@@ -25,24 +25,9 @@ PARTITION=${DSPY_INFRA_SLURM_PARTITION:-debug}
 READY_TIMEOUT=${DSPY_INFRA_SLURM_TIMEOUT:-60}
 
 say() { printf 'slurm: %s\n' "$*"; }
-
-need() {
-    command -v "$1" >/dev/null 2>&1 || {
-        say "missing '$1': apt-get install -y slurm-wlm munge"
-        exit 1
-    }
-}
-
-# pid from a pidfile if that process is alive (zombies count as dead: PID 1 reaps late here).
-live_pid() {
-    local pidfile=$1 pid state
-    # The daemon may remove its pidfile between any two of these steps.
-    pid=$(cat "$pidfile" 2>/dev/null) || return 1
-    [[ -n $pid && -d /proc/$pid ]] || return 1
-    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo Z)
-    [[ $state != Z ]] || return 1
-    echo "$pid"
-}
+INSTALL_HINT="apt-get install -y slurm-wlm munge"
+# shellcheck source=daemon-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/daemon-lib.sh"
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
@@ -50,27 +35,6 @@ ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 node_ready() { sinfo -h -N -o %t 2>/dev/null | grep -qxE 'idle|mix|alloc|comp'; }
 
 # wait_for NAME PIDFILE LOGFILE CHECK...: poll CHECK until it succeeds, the daemon dies, or timeout.
-wait_for() {
-    local name=$1 pidfile=$2 log=$3
-    shift 3
-    local deadline=$((SECONDS + READY_TIMEOUT))
-    until "$@"; do
-        if ! live_pid "$pidfile" >/dev/null; then
-            # A daemonizing process writes its pidfile late: give it the first few seconds.
-            if ((SECONDS + READY_TIMEOUT - deadline > 5)) || [[ -s $pidfile ]]; then
-                say "$name is not running; last lines of $log:"
-                tail -n 20 "$log" >&2 || true
-                return 1
-            fi
-        fi
-        if ((SECONDS >= deadline)); then
-            say "$name not ready within ${READY_TIMEOUT}s; last lines of $log:"
-            tail -n 20 "$log" >&2 || true
-            return 1
-        fi
-        sleep 0.2
-    done
-}
 
 write_conf() {
     local host node
@@ -146,24 +110,6 @@ start_slurmd() {
     slurmd
     wait_for slurmd "$SLURMD_PID" "$LOG_DIR/slurmd.log" node_ready
     say "slurmd up, node $(sinfo -h -N -o '%N %t')"
-}
-
-stop_one() {
-    local name=$1 pidfile=$2 pid i
-    if pid=$(live_pid "$pidfile"); then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            live_pid "$pidfile" >/dev/null || break
-            sleep 0.1
-        done
-        if live_pid "$pidfile" >/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        say "$name stopped (pid $pid)"
-    else
-        say "$name not running"
-    fi
-    rm -f "$pidfile"
 }
 
 status() {
