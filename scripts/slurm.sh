@@ -34,7 +34,6 @@ ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 # The node is usable once slurmd has registered: idle, or busy with recovered jobs.
 node_ready() { sinfo -h -N -o %t 2>/dev/null | grep -qxE 'idle|mix|alloc|comp'; }
 
-# wait_for NAME PIDFILE LOGFILE CHECK...: poll CHECK until it succeeds, the daemon dies, or timeout.
 
 write_conf() {
     local host node
