@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import anyio
 import attrs
 
+from ..config import Settings
 from ..hookspecs import hookimpl
 from ..models import TaskSpec
 
@@ -40,6 +42,7 @@ __all__ = [
     "exec_handler",
     "fail_handler",
     "noop_handler",
+    "payload_json_object",
     "sleep_handler",
 ]
 
@@ -49,10 +52,12 @@ TAIL_BYTES = 4096
 
 @attrs.frozen
 class TaskContext:
-    """What a handler gets: the task's spec and which attempt this is (1-based)."""
+    """What a handler gets: the task's spec, which attempt this is (1-based), and the
+    scheduler's settings (None when a handler is called outside a scheduler)."""
 
     spec: TaskSpec
     attempt: int
+    settings: Settings | None = None
 
     @property
     def payload(self) -> dict[str, str]:
@@ -64,6 +69,35 @@ Handler = Callable[[TaskContext], Awaitable[Mapping[str, str]]]
 
 class PermanentFailure(Exception):
     """Raised by a handler for a failure no retry can fix (bad payload, unknown handler)."""
+
+
+def payload_json_object(payload: Mapping[str, str], field: str, example: str) -> dict[str, str]:
+    """``payload[field]`` parsed as a JSON object of strings (``{}`` when absent or empty).
+
+    Payload values are strings on the wire, so structured fields arrive as JSON text; a
+    malformed one is a ``PermanentFailure`` naming the field and showing ``example``.
+    """
+    raw = payload.get(field, "")
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise PermanentFailure(
+            f"payload.{field}: not valid JSON ({exc}) (fix: a JSON object, e.g. {example})"
+        ) from None
+    if not isinstance(value, dict):
+        raise PermanentFailure(
+            f"payload.{field}: expected a JSON object, got {type(value).__name__}"
+            f" (fix: a JSON object, e.g. {example})"
+        )
+    bad = sorted(str(k) for k, v in value.items() if not isinstance(v, str))
+    if bad:
+        raise PermanentFailure(
+            f"payload.{field}: values must be strings, not for {', '.join(map(repr, bad))}"
+            f" (fix: quote them, e.g. {example})"
+        )
+    return value
 
 
 class _Tail:

@@ -935,11 +935,11 @@ class Scheduler:
         try:
             handler = self._handler_for(cq, spec)
             if spec.timeout is None:
-                result = await handler(TaskContext(spec, rec.attempts))
+                result = await handler(TaskContext(spec, rec.attempts, self.settings))
             else:
                 timeout_cm = asyncio.timeout(spec.timeout)
                 async with timeout_cm:
-                    result = await handler(TaskContext(spec, rec.attempts))
+                    result = await handler(TaskContext(spec, rec.attempts, self.settings))
         except asyncio.CancelledError:
             if rec.cancel_requested and not self._stopping and me.uncancel() == 0:
                 rec.worker = None
