@@ -45,6 +45,7 @@ from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, Resource
 from .base import LABEL_SERVICE, Backend
 
 __all__ = [
+    "BUILTIN_NETWORKS",
     "DEFAULT_DOCKER_HOST",
     "DockerBackend",
     "LogDemuxer",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+#: Network modes every engine provides (nothing to create; no per-network aliases).
+BUILTIN_NETWORKS = frozenset({"none", "bridge", "host"})
 
 _START_ENGINE_FIX = (
     "start Docker or Podman (`bash scripts/engines.sh start` in this repo, `dockerd`, or "
@@ -150,8 +153,9 @@ def container_config(
         "Labels": {**spec.labels, **labels},
         "ExposedPorts": exposed,
         "HostConfig": host_config,
-        "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [spec.name]}}},
     }
+    if network not in BUILTIN_NETWORKS:  # engines refuse aliases on their built-in networks
+        config["NetworkingConfig"] = {"EndpointsConfig": {network: {"Aliases": [spec.name]}}}
     if spec.command:
         config["Cmd"] = list(spec.command)
     if spec.workdir:
@@ -469,7 +473,7 @@ class DockerBackend(Backend):
                 ) from exc
 
     async def _ensure_network(self) -> None:
-        if self._network_ready:
+        if self._network_ready or self.network in BUILTIN_NETWORKS:
             return
         try:
             async with self._api("network_inspect", self.network):

@@ -1,0 +1,230 @@
+"""The built-in ``container`` task handler: one one-shot container per attempt.
+
+This is the scheduler's only way to the container engines (it knows services only through
+this handler). It uses the ``docker`` backend (Docker Engine or Podman) at the scheduler's
+``settings.docker_host``, one backend (one engine connection) per attempt, closed when the
+attempt ends, so no connection outlives the task that opened it.
+
+Payload (all strings, as on the wire):
+
+- ``image`` (required);
+- ``cmd``: a JSON list of arguments (``["echo", "hi"]``), or a shell string run with
+  ``/bin/sh -c``; default: the image's own command;
+- ``env``: a JSON object of strings;
+- ``workdir``: an absolute path inside the container;
+- ``network``: ``none`` (default: a task reaches nothing unless it asks), ``bridge``,
+  ``host``, or a user network such as the services' own (``settings.network``);
+- ``pull``: ``missing`` (default: pull only an image the engine lacks), ``always`` or
+  ``never``.
+
+Every container carries ``dspy_infra.owner`` (``settings.resolved_owner()``),
+``dspy_infra.owner_pid`` and ``dspy_infra.task`` (the task id) labels, so an orphan is
+findable by task. The handler waits for the exit through the engine's wait endpoint, keeps
+the last 4 KiB of stdout and stderr (the ``exec`` tail rule) and removes the container. On
+timeout or cancel the container is removed (a forced remove: kill, then delete) under a
+shield, and the cancellation goes on. A non-zero exit fails the attempt with the stderr tail,
+like ``exec``. Result: ``exit_code``, ``stdout``, ``stderr``, ``container_id``, ``image``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping
+
+import anyio
+import attrs
+
+from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID
+from ..backends.docker import DockerBackend, translate_docker_error
+from ..config import Settings
+from ..errors import InfraError, NotFound
+from ..hookspecs import hookimpl
+from ..models import Instance, ServiceSpec
+from .handlers import ExecFailed, Handler, PermanentFailure, TaskContext, _Tail, payload_json_object
+
+__all__ = [
+    "LABEL_TASK",
+    "PULL_POLICIES",
+    "ContainerTask",
+    "container_handler",
+    "container_task",
+    "dspy_infra_handlers",
+]
+
+#: The label that names the task a container runs (orphans are found by it).
+LABEL_TASK = "dspy_infra.task"
+PULL_POLICIES = ("missing", "always", "never")
+_NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_UNSAFE = re.compile(r"[^a-z0-9_.-]+")
+_ENV_KEY_RE = re.compile(r"^[^=\0]+$")
+
+
+@attrs.frozen
+class ContainerTask:
+    """A validated ``container`` payload: what to run and where."""
+
+    spec: ServiceSpec
+    network: str
+    pull: str
+
+
+def _command(raw: str) -> tuple[str, ...]:
+    if not raw.strip():
+        return ()
+    if raw.lstrip().startswith("["):
+        try:
+            args = json.loads(raw)
+        except ValueError as exc:
+            raise PermanentFailure(
+                f"payload.cmd: starts with '[' but is not a JSON list ({exc})"
+                ' (fix: e.g. ["echo", "hi"], or a shell string such as "echo hi")'
+            ) from None
+        if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+            raise PermanentFailure(
+                'payload.cmd: a JSON list must hold one or more strings (fix: e.g. ["echo", "hi"])'
+            )
+        return tuple(args)
+    return ("/bin/sh", "-c", raw)
+
+
+def container_task(task_id: str, payload: Mapping[str, str]) -> ContainerTask:
+    """Validate a ``container`` payload (every error names the payload field and the fix)."""
+    image = payload.get("image", "").strip()
+    if not image:
+        raise PermanentFailure(
+            'payload.image: missing (fix: name the image to run, e.g. {"image": "busybox:latest"})'
+        )
+    if any(c.isspace() for c in image):
+        raise PermanentFailure(f"payload.image: {image!r} contains whitespace (fix: e.g. busybox:latest)")
+    env = payload_json_object(payload, "env", '{"LOG_LEVEL": "debug"}')
+    bad_keys = sorted(k for k in env if not _ENV_KEY_RE.match(k))
+    if bad_keys:
+        raise PermanentFailure(
+            f"payload.env: invalid variable names {bad_keys!r} (fix: non-empty names without '=')"
+        )
+    workdir = payload.get("workdir", "").strip() or None
+    if workdir is not None and not workdir.startswith("/"):
+        raise PermanentFailure(f"payload.workdir: {workdir!r} is not an absolute path (fix: e.g. /work)")
+    network = payload.get("network", "").strip() or "none"
+    if not _NETWORK_RE.match(network):
+        raise PermanentFailure(
+            f"payload.network: {network!r} is not a network name (fix: none, bridge, host, or a user network)"
+        )
+    pull = payload.get("pull", "").strip() or "missing"
+    if pull not in PULL_POLICIES:
+        raise PermanentFailure(
+            f"payload.pull: {pull!r} is not a pull policy (fix: one of {', '.join(PULL_POLICIES)})"
+        )
+    # A container name per attempt: the task id (made name-safe) plus a random suffix, so
+    # retries and overlapping runs never collide.
+    name = f"task-{_UNSAFE.sub('_', task_id.lower())[:40]}-{uuid.uuid4().hex[:8]}"
+    spec = ServiceSpec(
+        name=name,
+        image=image,
+        command=_command(payload.get("cmd", "")),
+        environment=env,
+        workdir=workdir,
+        one_shot=True,
+    )
+    return ContainerTask(spec=spec, network=network, pull=pull)
+
+
+async def _ensure_image(backend: DockerBackend, image: str, pull: str) -> None:
+    """Apply the pull policy (``missing`` is the backend's own behaviour in ``run``)."""
+    if pull == "always":
+        async for _progress in backend.pull(image):
+            pass
+    elif pull == "never":
+        try:
+            await backend.docker.images.inspect(image)
+        except Exception as exc:
+            error = translate_docker_error(exc, operation="image_inspect", target=image)
+            if isinstance(error, NotFound):
+                raise PermanentFailure(
+                    f"payload.image: {image!r} is not on the engine and payload.pull is 'never'"
+                    " (fix: build or pull it first, or set pull to 'missing')"
+                ) from None
+            raise error from exc
+
+
+async def _wait_exit(backend: DockerBackend, container_id: str) -> int:
+    """The exit code, through the engine's wait endpoint (no polling)."""
+    try:
+        # aiodocker sets no client timeout on wait: the task's timeout bounds it.
+        reply = await backend.docker.containers.container(container_id).wait()
+    except Exception as exc:
+        raise translate_docker_error(exc, operation="container_wait", target=container_id) from exc
+    code = reply.get("StatusCode")
+    return int(code) if code is not None else -1
+
+
+async def _output(backend: DockerBackend, container_id: str, name: str) -> tuple[str, str]:
+    out, err = _Tail(), _Tail()
+    async for entry in backend.logs(container_id, service_name=name):
+        (err if entry.stream == "stderr" else out).feed(entry.message.encode() + b"\n")
+    return out.text(), err.text()
+
+
+async def _start(backend: DockerBackend, task: ContainerTask, labels: Mapping[str, str]) -> Instance:
+    try:
+        return await backend.run(task.spec, instance_name=task.spec.name, labels=labels)
+    except InfraError as exc:
+        if exc.field == "image":
+            raise PermanentFailure(
+                f"payload.image: {exc.message} (fix: check the name, or build/pull the image"
+                " where this engine can see it)"
+            ) from None
+        raise
+    except BaseException:
+        # Cancelled while the engine was creating it: the container may exist without our
+        # knowing its id. Find it by its labels and name, and remove it.
+        with anyio.CancelScope(shield=True), contextlib.suppress(InfraError):
+            for instance in await backend.list_instances(labels):
+                if instance.name == task.spec.name:
+                    await backend.remove(instance.id)
+        raise
+
+
+async def container_handler(ctx: TaskContext) -> dict[str, str]:
+    task = container_task(ctx.spec.id, ctx.payload)
+    settings = ctx.settings if ctx.settings is not None else Settings()
+    labels = {
+        LABEL_OWNER: settings.resolved_owner(),
+        LABEL_OWNER_PID: str(os.getpid()),
+        LABEL_TASK: ctx.spec.id,
+    }
+    backend = DockerBackend(attrs.evolve(settings, network=task.network))
+    try:
+        await backend.open()
+        await _ensure_image(backend, task.spec.image, task.pull)
+        instance = await _start(backend, task, labels)
+        try:
+            exit_code = await _wait_exit(backend, instance.id)
+            stdout, stderr = await _output(backend, instance.id, task.spec.name)
+        finally:
+            # Removed however the attempt ends; on cancel or timeout this kills it first.
+            with anyio.CancelScope(shield=True), contextlib.suppress(NotFound):
+                await backend.remove(instance.id)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await backend.aclose()
+    result = {
+        "exit_code": str(exit_code),
+        "stdout": stdout,
+        "stderr": stderr,
+        "container_id": instance.id,
+        "image": task.spec.image,
+    }
+    if exit_code != 0:
+        raise ExecFailed(exit_code, result)
+    return result
+
+
+@hookimpl
+def dspy_infra_handlers() -> Mapping[str, Handler]:
+    """The built-in ``container`` handler."""
+    return {"container": container_handler}
