@@ -24,7 +24,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus, validate_name
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler.container_handler import LABEL_TASK, container_handler, container_task
-from dspy_infra.scheduler.handlers import ExecFailed, PermanentFailure, TaskContext
+from dspy_infra.scheduler.handlers import TAIL_BYTES, ExecFailed, PermanentFailure, TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 __all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]  # fixtures used by name
@@ -95,6 +95,14 @@ async def test_json_list_cmd_is_passed_without_a_shell(engine: Engine, tmp_path:
         ctx(settings, image=engine.images.busybox, cmd=json.dumps(["echo", "$HOME", "a  b"]))
     )
     assert result["stdout"] == "$HOME a  b\n"  # no shell: nothing expanded or split
+
+
+async def test_long_output_keeps_only_the_tail(engine: Engine, tmp_path: Path) -> None:
+    settings = settings_for(engine, tmp_path)
+    # 20,000 lines (about 109 KB) through the engine's log stream.
+    result = await container_handler(ctx(settings, image=engine.images.busybox, cmd="busybox seq 1 20000"))
+    assert len(result["stdout"].encode()) == TAIL_BYTES
+    assert result["stdout"].endswith("\n19999\n20000\n")
 
 
 async def test_nonzero_exit_fails_with_the_stderr_tail(engine: Engine, tmp_path: Path) -> None:

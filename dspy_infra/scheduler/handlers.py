@@ -14,6 +14,10 @@ Built-ins, registered through the ``dspy_infra_handlers`` hook like any plugin's
 - ``noop``: returns ``{}`` at once (benchmarks).
 - ``sleep``: sleeps ``payload["seconds"]`` (default 1) and returns ``{"slept": seconds}``.
 - ``fail``: always fails with ``payload["message"]``.
+
+``http`` (``http_handler.py``) and ``container`` (``container_handler.py``) live in their own
+modules, registered the same way; they share this module's tail rule and
+``payload_json_object`` for JSON-object payload fields.
 """
 
 from __future__ import annotations
