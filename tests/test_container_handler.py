@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,12 +14,22 @@ from typing import Any
 
 import aiodocker
 import pytest
-from engines import Engine, docker_engine, engine, engine_kind, podman_engine, unique_name
+from engines import (
+    Engine,
+    build_context,
+    docker_engine,
+    engine,
+    engine_kind,
+    podman_engine,
+    registry,
+    unique_name,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra.backends.base import LABEL_OWNER
 from dspy_infra.config import Settings, load_settings
+from dspy_infra.errors import BackendError
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus, validate_name
@@ -27,7 +38,7 @@ from dspy_infra.scheduler.container_handler import LABEL_TASK, container_handler
 from dspy_infra.scheduler.handlers import TAIL_BYTES, ExecFailed, PermanentFailure, TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
-__all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]  # fixtures used by name
+__all__ = ["docker_engine", "engine", "engine_kind", "podman_engine", "registry"]  # fixtures used by name
 
 
 def settings_for(engine: Engine, tmp_path: Path) -> Settings:
@@ -155,6 +166,57 @@ async def test_pull_never_with_an_absent_image_is_permanent_naming_the_field(
         await container_handler(
             ctx(settings, image=f"dspy-infra-test/absent:{unique_name('x')}", pull="never")
         )
+
+
+async def test_an_image_that_cannot_be_pulled_is_an_ordinary_failure_naming_the_field(
+    engine: Engine, tmp_path: Path
+) -> None:
+    settings = settings_for(engine, tmp_path)
+    with pytest.raises(BackendError) as info:
+        await container_handler(ctx(settings, image=f"dspy-infra-test/absent:{unique_name('x')}"))
+    # Not permanent: engines report an unreachable registry as "not found" too.
+    assert not isinstance(info.value, PermanentFailure)
+    assert info.value.field == "payload.image" and "fix:" in str(info.value)
+
+
+async def test_pull_policies_against_the_local_registry(
+    engine: Engine, registry: str, tmp_path: Path
+) -> None:
+    settings = settings_for(engine, tmp_path)
+    repo = f"{registry}/dspy-infra-test/ct-{unique_name('pull')}"
+    ref = f"{repo}:v1"
+    built: list[str] = []
+
+    async def publish(marker: bytes) -> None:
+        # An image from the busybox one plus a marker file, pushed, then dropped locally.
+        context, _ = build_context(f"FROM {engine.images.busybox}\nCOPY marker /marker\n", {"marker": marker})
+        async with aiodocker.Docker(url=engine.host) as docker:
+            await docker.images.build(fileobj=io.BytesIO(context), encoding="identity", tag=ref, rm=True)
+            await docker.images.push(repo, tag="v1", auth={})
+            built.append((await docker.images.inspect(ref))["Id"])
+
+    async def marker(pull: str) -> str:
+        result = await container_handler(ctx(settings, image=ref, cmd="cat /marker", pull=pull))
+        return result["stdout"]
+
+    try:
+        await publish(b"one")
+        async with aiodocker.Docker(url=engine.host) as docker:
+            await docker.images.delete(ref, force=True)
+        assert await marker("missing") == "one\n"  # absent, so pulled
+        async with aiodocker.Docker(url=engine.host) as docker:
+            first = (await docker.images.inspect(ref))["Id"]
+        await publish(b"two")  # the registry now holds "two" ...
+        async with aiodocker.Docker(url=engine.host) as docker:
+            await docker.images.tag(first, repo, tag="v1")  # ... and the engine "one" again
+        assert await marker("missing") == "one\n"  # present: not pulled
+        assert await marker("never") == "one\n"
+        assert await marker("always") == "two\n"  # pulled the registry's newer image
+    finally:
+        async with aiodocker.Docker(url=engine.host) as docker:
+            for image in [ref, *built]:  # the tag, then the images it pointed at
+                with contextlib.suppress(aiodocker.DockerError):
+                    await docker.images.delete(image, force=True)
 
 
 async def test_a_task_through_the_scheduler(engine: Engine, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ Payload (all strings, as on the wire):
 - ``network``: ``none`` (default: a task reaches nothing unless it asks), ``bridge``,
   ``host``, or a user network such as the services' own (``settings.network``);
 - ``pull``: ``missing`` (default: pull only an image the engine lacks), ``always`` or
-  ``never``.
+  ``never``. An image that cannot be pulled fails the attempt (retried: engines cannot tell
+  an absent image from an unreachable registry); ``never`` with an absent image is permanent.
 
 Every container carries ``dspy_infra.owner`` (``settings.resolved_owner()``),
 ``dspy_infra.owner_pid`` and ``dspy_infra.task`` (the task id) labels, so an orphan is
@@ -41,7 +42,7 @@ import attrs
 from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID
 from ..backends.docker import DockerBackend, translate_docker_error
 from ..config import Settings
-from ..errors import InfraError, NotFound
+from ..errors import BackendError, InfraError, NotFound
 from ..hookspecs import hookimpl
 from ..models import Instance, ServiceSpec
 from .handlers import ExecFailed, Handler, PermanentFailure, TaskContext, _Tail, payload_json_object
@@ -134,21 +135,34 @@ def container_task(task_id: str, payload: Mapping[str, str]) -> ContainerTask:
 
 
 async def _ensure_image(backend: DockerBackend, image: str, pull: str) -> None:
-    """Apply the pull policy (``missing`` is the backend's own behaviour in ``run``)."""
-    if pull == "always":
-        async for _progress in backend.pull(image):
-            pass
-    elif pull == "never":
+    """Apply the pull policy before creating anything.
+
+    An image that cannot be had is an ordinary failure (retried while attempts remain), not a
+    permanent one: engines report an unreachable registry as "not found" too (Docker answers
+    404 for a failed DNS lookup), and a registry can come back.
+    """
+    if pull != "always":
         try:
             await backend.docker.images.inspect(image)
+            return
         except Exception as exc:
             error = translate_docker_error(exc, operation="image_inspect", target=image)
-            if isinstance(error, NotFound):
-                raise PermanentFailure(
-                    f"payload.image: {image!r} is not on the engine and payload.pull is 'never'"
-                    " (fix: build or pull it first, or set pull to 'missing')"
-                ) from None
-            raise error from exc
+            if not isinstance(error, NotFound):
+                raise error from exc
+        if pull == "never":
+            raise PermanentFailure(
+                f"payload.image: {image!r} is not on the engine and payload.pull is 'never'"
+                " (fix: build or pull it first, or set pull to 'missing')"
+            )
+    try:
+        async for _progress in backend.pull(image):
+            pass
+    except InfraError as exc:
+        raise BackendError(
+            f"cannot pull {image!r}: {exc.message}",
+            field="payload.image",
+            fix="check the image name, build it on this engine, or make its registry reachable",
+        ) from exc
 
 
 async def _wait_exit(backend: DockerBackend, container_id: str) -> int:
@@ -172,13 +186,6 @@ async def _output(backend: DockerBackend, container_id: str, name: str) -> tuple
 async def _start(backend: DockerBackend, task: ContainerTask, labels: Mapping[str, str]) -> Instance:
     try:
         return await backend.run(task.spec, instance_name=task.spec.name, labels=labels)
-    except InfraError as exc:
-        if exc.field == "image":
-            raise PermanentFailure(
-                f"payload.image: {exc.message} (fix: check the name, or build/pull the image"
-                " where this engine can see it)"
-            ) from None
-        raise
     except BaseException:
         # Cancelled while the engine was creating it: the container may exist without our
         # knowing its id. Find it by its labels and name, and remove it.
