@@ -771,10 +771,11 @@ async def test_demo_section_runs_and_leaves_nothing_behind(tmp_path: Path) -> No
 
     settings = Settings(home=tmp_path / "demo-home", backend="process", durable=False, mode="embedded")
     out = io.StringIO()
-    async with Infra(settings, load_entry_points=False) as infra:
-        await services_section(infra, Console(file=out, width=120))
-        owner = {LABEL_OWNER: settings.resolved_owner()}
-        assert await infra.services.backend.list_instances(owner) == []
+    with anyio.fail_after(120):  # a hang here fails with its place, not the whole run
+        async with Infra(settings, load_entry_points=False) as infra:
+            await services_section(infra, Console(file=out, width=120))
+            owner = {LABEL_OWNER: settings.resolved_owner()}
+            assert await infra.services.backend.list_instances(owner) == []
     text = out.getvalue()
     assert "demo-gateway started" in text and "-> 200" in text
     assert "demo-gateway=stopped" in text and "demo-api=stopped" in text
