@@ -22,6 +22,7 @@ import anyio
 import pytest
 from engines import (
     Engine,
+    _remove_network,
     build_context,
     docker_engine,
     engine,
@@ -686,3 +687,34 @@ async def test_environment_workdir_and_labels_reach_the_container(
     assert instance.labels["team"] == "infra"
     assert instance.labels[LABEL_OWNER] == engine_backend.settings.resolved_owner()
     assert instance.address == spec.name
+
+
+async def test_owners_creating_the_network_at_once_leave_one(engine: Engine, tmp_path: Path) -> None:
+    # CheckDuplicate is best effort: concurrent first creations could leave two networks of
+    # one name, and every container start then failed with "network is ambiguous".
+    network = unique_name("race")
+    backends = [
+        DockerBackend(
+            Settings(home=tmp_path / f"h{i}", network=network, owner=unique_name("owner")), host=engine.host
+        )
+        for i in range(4)
+    ]
+    spec = ServiceSpec(name=unique_name("probe"), image=engine.images.busybox, command=["true"])
+    try:
+        for backend in backends:
+            await backend.open()
+        async with anyio.create_task_group() as tg:
+            for backend in backends:
+                tg.start_soon(backend.prepare, [spec])
+        found = await backends[0].docker.networks.list(filters={"name": [network]})
+        assert [n["Name"] for n in found if n["Name"] == network] == [network]
+        for backend in backends:
+            instance = await backend.run(
+                spec, instance_name=unique_name(spec.name), labels=_labels(backend, spec.name)
+            )
+            assert await _wait_exit_code(backend, instance.id) == 0
+            await backend.remove(instance.id)
+    finally:
+        await _remove_network(backends[0])
+        for backend in backends:
+            await backend.aclose()

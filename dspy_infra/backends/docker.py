@@ -97,7 +97,8 @@ def translate_docker_error(exc: BaseException, *, operation: str, target: str = 
                     fix="pull the image (infra.services.pull) or build it first",
                 )
             return NotFound(f"{what}: {message}")
-        if status == 409 or "already in use" in lowered:
+        # Podman answers some conflicts with 500 "... already exists" instead of 409.
+        if status == 409 or "already in use" in lowered or "already exists" in lowered:
             return AlreadyExists(
                 f"{what}: {message}", fix="remove the existing object or choose another name"
             )
@@ -479,14 +480,42 @@ class DockerBackend(Backend):
             async with self._api("network_inspect", self.network):
                 await self.docker.networks.get(self.network)
         except NotFound:
+            created = ""
             try:
                 async with self._api("network_create", self.network):
-                    await self.docker.networks.create(
+                    reply = await self.docker.networks.create(
                         {"Name": self.network, "Driver": "bridge", "CheckDuplicate": True}
                     )
+                    created = str(reply.id)
             except AlreadyExists:
                 pass  # another process created it in the meantime: same outcome
+            if created:
+                await self._settle_network_race(created)
         self._network_ready = True
+
+    async def _settle_network_race(self, created: str) -> None:
+        """Leave exactly one network of our name after concurrent first creations.
+
+        ``CheckDuplicate`` is best effort: two owners creating the network at once can both
+        succeed, and containers then fail to start ("network is ambiguous"). Every creator
+        lists the networks of that name; all agree the oldest one stays, and a creator whose
+        network is not that one removes it. Each waits until one is left before going on.
+        """
+        for _ in range(50):
+            async with self._api("network_list", self.network):
+                found = await self.docker.networks.list(filters={"name": [self.network]})
+            same = sorted(
+                (n for n in found if n.get("Name") == self.network),
+                key=lambda n: (str(n.get("Created", "")), str(n.get("Id", ""))),
+            )
+            if len(same) <= 1:
+                return
+            keeper = str(same[0].get("Id", ""))
+            if created != keeper and any(str(n.get("Id")) == created for n in same):
+                with contextlib.suppress(InfraError):
+                    async with self._api("network_remove", self.network):
+                        await (await self.docker.networks.get(created)).delete()
+            await anyio.sleep(0.05)
 
     async def _ensure_image(self, image: str) -> None:
         try:
