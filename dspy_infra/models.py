@@ -10,7 +10,7 @@ import enum
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -397,6 +397,19 @@ class Resources:
     gpus: int = 0
 
 
+# Typed converters (a bare ``tuple`` converter makes mypy's attrs plugin reject even tuples).
+def _port_tuple(value: Iterable[PortMapping]) -> tuple[PortMapping, ...]:
+    return tuple(value)
+
+
+def _volume_tuple(value: Iterable[VolumeMount]) -> tuple[VolumeMount, ...]:
+    return tuple(value)
+
+
+def _depends_tuple(value: Iterable[DependsOn]) -> tuple[DependsOn, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class ServiceSpec:
     """A supporting service. ``image`` is used by container backends, ``command`` by the
@@ -405,10 +418,10 @@ class ServiceSpec:
     name: str = attrs.field(validator=_service_name)
     image: str = ""
     command: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-    ports: tuple[PortMapping, ...] = attrs.field(default=(), converter=tuple)
+    ports: tuple[PortMapping, ...] = attrs.field(default=(), converter=_port_tuple)
     environment: dict[str, str] = attrs.field(factory=dict, converter=_environment)
-    volumes: tuple[VolumeMount, ...] = attrs.field(default=(), converter=tuple)
-    depends_on: tuple[DependsOn, ...] = attrs.field(default=(), converter=tuple)
+    volumes: tuple[VolumeMount, ...] = attrs.field(default=(), converter=_volume_tuple)
+    depends_on: tuple[DependsOn, ...] = attrs.field(default=(), converter=_depends_tuple)
     health: HealthCheck = attrs.field(factory=HealthCheck)
     required: bool = True
     restart: RestartPolicy = attrs.field(factory=RestartPolicy)

@@ -62,28 +62,23 @@ __all__ = [
 _OPTIONAL_RESTART = RestartPolicy(mode="on-failure", max_restarts=3)
 
 
-def _builtin(**fields: Any) -> ServiceSpec:
-    # Through Any: mypy's attrs plugin mistypes the models' ``converter=tuple`` fields.
-    return ServiceSpec(**fields)
-
-
 #: The defaults of DESIGN.md. ``command`` is what the process backend runs (only where a
 #: local binary exists; the rest need a container backend).
 BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
-    _builtin(
+    ServiceSpec(
         name="redis",
         image="redis:7-alpine",
         command=("redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
         ports=(PortMapping(6379, 6379),),
         health=HealthCheck(kind="redis"),
     ),
-    _builtin(
+    ServiceSpec(
         name="reddb",
         image="dspy-lightweight:latest",
         ports=(PortMapping(8080, 8082),),
         health=HealthCheck(kind="http", path="/health", port=8080),
     ),
-    _builtin(
+    ServiceSpec(
         name="ollama",
         image="ollama/ollama:latest",
         ports=(PortMapping(11434, 11435),),
@@ -92,7 +87,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         restart=_OPTIONAL_RESTART,
     ),
     *(
-        _builtin(
+        ServiceSpec(
             name=f"infermesh-node-{node}",
             image="official-infermesh:latest",
             environment={"NODE_ID": f"node-{node}", "REDIS_URL": "redis://redis:6379"},
@@ -103,7 +98,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         )
         for node in ("a", "b")
     ),
-    _builtin(
+    ServiceSpec(
         name="infermesh-router",
         image="official-infermesh:latest",
         environment={"ROLE": "router", "NODES": "infermesh-node-a,infermesh-node-b"},
@@ -113,7 +108,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         required=False,
         restart=_OPTIONAL_RESTART,
     ),
-    _builtin(
+    ServiceSpec(
         name="zookeeper",
         image="confluentinc/cp-zookeeper:7.5.0",
         environment={"ZOOKEEPER_CLIENT_PORT": "2181", "ZOOKEEPER_TICK_TIME": "2000"},
@@ -122,7 +117,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         required=False,
         restart=_OPTIONAL_RESTART,
     ),
-    _builtin(
+    ServiceSpec(
         name="kafka",
         image="confluentinc/cp-kafka:7.5.0",
         environment={
@@ -138,7 +133,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         required=False,
         restart=_OPTIONAL_RESTART,
     ),
-    _builtin(
+    ServiceSpec(
         name="prometheus",
         image="prom/prometheus:latest",
         command=(
