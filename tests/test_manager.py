@@ -783,7 +783,7 @@ async def test_demo_section_runs_and_leaves_nothing_behind(tmp_path: Path) -> No
 
 async def test_an_owner_pid_reused_by_another_process_does_not_keep_an_orphan(process_kit: Kit) -> None:
     kit = process_kit
-    from dspy_infra.services.manager import LABEL_OWNER_STARTED
+    from dspy_infra.backends.base import LABEL_OWNER_STARTED
 
     owner = kit.settings.resolved_owner()
     # Our own pid, but another start time: the process that made it is gone, the pid reused.

@@ -22,6 +22,7 @@ from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, Resource
 __all__ = [
     "LABEL_OWNER",
     "LABEL_OWNER_PID",
+    "LABEL_OWNER_STARTED",
     "LABEL_PREFIX",
     "LABEL_SERVICE",
     "LABEL_SPEC_HASH",
@@ -31,6 +32,8 @@ __all__ = [
 LABEL_PREFIX = "dspy_infra."
 LABEL_OWNER = "dspy_infra.owner"
 LABEL_OWNER_PID = "dspy_infra.owner_pid"
+#: The owner process's start time (from /proc), so a reused pid is not taken for the owner.
+LABEL_OWNER_STARTED = "dspy_infra.owner_started"
 LABEL_SERVICE = "dspy_infra.service"
 LABEL_SPEC_HASH = "dspy_infra.spec_hash"
 

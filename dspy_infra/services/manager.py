@@ -43,7 +43,14 @@ import attrs
 import pluggy
 from anyio.abc import TaskGroup
 
-from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_SERVICE, LABEL_SPEC_HASH, Backend
+from ..backends.base import (
+    LABEL_OWNER,
+    LABEL_OWNER_PID,
+    LABEL_OWNER_STARTED,
+    LABEL_SERVICE,
+    LABEL_SPEC_HASH,
+    Backend,
+)
 from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
 from ..errors import (
@@ -86,7 +93,7 @@ from .graph import (
 )
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 
-__all__ = ["LABEL_OWNER_STARTED", "ServiceManager", "instance_name_for"]
+__all__ = ["ServiceManager", "instance_name_for"]
 
 #: Outcomes of one service within one start.
 _HEALTHY, _STARTED, _COMPLETED, _FAILED, _SKIPPED = "healthy", "started", "completed", "failed", "skipped"
@@ -100,7 +107,6 @@ _ADOPT_WAIT = 5.0
 _MONITOR_TICK = 0.2
 #: The owner process's start time (clock ticks since boot): with the pid, it tells a live
 #: owner from an unrelated process that was given the same pid later.
-LABEL_OWNER_STARTED = "dspy_infra.owner_started"
 
 
 def instance_name_for(owner: str, service: str) -> str:
