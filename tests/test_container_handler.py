@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra.backends.base import LABEL_OWNER
+from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import BackendError
 from dspy_infra.events import EventBus
@@ -227,6 +228,34 @@ async def test_a_task_through_the_scheduler(engine: Engine, tmp_path: Path) -> N
         result = await sched.wait("ct", timeout=60)
     assert result.status is TaskStatus.COMPLETED, result.error
     assert result.result["stdout"] == "from-a-task\n" and result.result["exit_code"] == "0"
+
+
+async def test_a_scheduler_opens_one_backend_per_engine_and_network_and_closes_it(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[DockerBackend] = []
+    real_open = DockerBackend.open
+
+    async def counting_open(self: DockerBackend) -> None:  # a spy: the real open runs
+        opened.append(self)
+        await real_open(self)
+
+    monkeypatch.setattr(DockerBackend, "open", counting_open)
+    settings = settings_for(engine, tmp_path)
+    async with scheduler(settings) as sched:
+        for i, network in enumerate(("none", "none", "none", "bridge")):
+            payload = {
+                "handler": "container",
+                "image": engine.images.busybox,
+                "cmd": "true",
+                "network": network,
+            }
+            await sched.submit(TaskSpec(f"c{i}", payload=payload))
+        for i in range(4):
+            assert (await sched.wait(f"c{i}", timeout=60)).status is TaskStatus.COMPLETED
+        assert sorted(b.network for b in opened) == ["bridge", "none"]
+        assert all(b._docker is not None for b in opened)  # kept open for the next attempt
+    assert all(b._docker is None for b in opened)  # closed with the scheduler
 
 
 async def test_timeout_removes_the_running_container(engine: Engine, tmp_path: Path) -> None:

@@ -561,9 +561,18 @@ class DockerBackend(Backend):
         return _instance_from_inspect(data)
 
     async def _inspect_raw(self, instance_id: str) -> dict[str, Any]:
-        async with self._api("container_inspect", instance_id):
-            data: dict[str, Any] = await self.docker.containers.container(instance_id).show()
-        return data
+        for retries_left in (2, 1, 0):
+            try:
+                async with self._api("container_inspect", instance_id):
+                    data: dict[str, Any] = await self.docker.containers.container(instance_id).show()
+                return data
+            except NotFound as exc:
+                # Podman fails an inspect that races the container's exit ("read
+                # /proc/PID/cgroup: no such process"); the container is there: ask again.
+                if not retries_left or "no such process" not in str(exc):
+                    raise
+                await anyio.sleep(0.02)
+        raise AssertionError("unreachable")
 
     async def _podman_healthcheck_due(self, data: Mapping[str, Any]) -> bool:
         """Podman schedules image HEALTHCHECK runs with systemd timers; without systemd they

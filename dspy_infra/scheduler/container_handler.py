@@ -2,8 +2,10 @@
 
 This is the scheduler's only way to the container engines (it knows services only through
 this handler). It uses the ``docker`` backend (Docker Engine or Podman) at the scheduler's
-``settings.docker_host``, one backend (one engine connection) per attempt, closed when the
-attempt ends, so no connection outlives the task that opened it.
+``settings.docker_host``: one backend per engine and network, opened by the first attempt
+that needs it and kept in the scheduler's ``SharedResources`` (closed when the scheduler
+closes), because opening one costs a version call (about 1 s on Podman). Called outside a
+scheduler (``ctx.shared`` is None) it opens one for the call and closes it after.
 
 Payload (all strings, as on the wire):
 
@@ -34,13 +36,14 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 import anyio
 import attrs
 
 from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID
-from ..backends.docker import DockerBackend, translate_docker_error
+from ..backends.docker import DockerBackend, resolve_docker_host, translate_docker_error
 from ..config import Settings
 from ..errors import BackendError, InfraError, NotFound
 from ..hookspecs import hookimpl
@@ -183,6 +186,23 @@ async def _output(backend: DockerBackend, container_id: str, name: str) -> tuple
     return out.text(), err.text()
 
 
+@asynccontextmanager
+async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncIterator[DockerBackend]:
+    """The scheduler's shared backend for this engine and network (opened by the first attempt
+    that needs it, closed with the scheduler), or, outside a scheduler, one for this call."""
+    if ctx.shared is not None:
+        key = ("docker", resolve_docker_host(settings), network)
+        yield await ctx.shared.get(key, lambda: DockerBackend(attrs.evolve(settings, network=network)))
+        return
+    backend = DockerBackend(attrs.evolve(settings, network=network))
+    try:
+        await backend.open()
+        yield backend
+    finally:
+        with anyio.CancelScope(shield=True):
+            await backend.aclose()
+
+
 async def _start(backend: DockerBackend, task: ContainerTask, labels: Mapping[str, str]) -> Instance:
     try:
         return await backend.run(task.spec, instance_name=task.spec.name, labels=labels)
@@ -204,9 +224,7 @@ async def container_handler(ctx: TaskContext) -> dict[str, str]:
         LABEL_OWNER_PID: str(os.getpid()),
         LABEL_TASK: ctx.spec.id,
     }
-    backend = DockerBackend(attrs.evolve(settings, network=task.network))
-    try:
-        await backend.open()
+    async with _backend(ctx, settings, task.network) as backend:
         await _ensure_image(backend, task.spec.image, task.pull)
         instance = await _start(backend, task, labels)
         try:
@@ -216,9 +234,6 @@ async def container_handler(ctx: TaskContext) -> dict[str, str]:
             # Removed however the attempt ends; on cancel or timeout this kills it first.
             with anyio.CancelScope(shield=True), contextlib.suppress(NotFound):
                 await backend.remove(instance.id)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await backend.aclose()
     result = {
         "exit_code": str(exit_code),
         "stdout": stdout,

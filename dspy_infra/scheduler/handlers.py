@@ -27,7 +27,9 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
@@ -41,6 +43,7 @@ __all__ = [
     "ExecFailed",
     "Handler",
     "PermanentFailure",
+    "SharedResources",
     "TaskContext",
     "dspy_infra_handlers",
     "exec_handler",
@@ -50,18 +53,53 @@ __all__ = [
     "sleep_handler",
 ]
 
+_R = TypeVar("_R")
+
 #: How much of a subprocess's stdout / stderr a result keeps (the end of it).
 TAIL_BYTES = 4096
 
 
+class SharedResources:
+    """Long-lived resources that handlers share across attempts (an engine connection, ...).
+
+    Owned by the scheduler: each resource is opened by the first attempt that asks for it
+    (``get``) and closed by ``aclose`` when the scheduler closes, after every attempt has
+    ended. A resource that fails to open is not kept, so the next attempt tries again.
+    """
+
+    def __init__(self) -> None:
+        self._opened: dict[Hashable, Any] = {}
+        self._locks: dict[Hashable, anyio.Lock] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._closed = False
+
+    async def get(self, key: Hashable, opener: Callable[[], AbstractAsyncContextManager[_R]]) -> _R:
+        """The resource under ``key``, entering ``opener()`` the first time (once, even when
+        attempts ask at the same moment)."""
+        if key in self._opened:
+            return cast(_R, self._opened[key])
+        async with self._locks.setdefault(key, anyio.Lock()):
+            if key not in self._opened:
+                if self._closed:
+                    raise RuntimeError("the scheduler that owns these resources has closed")
+                self._opened[key] = await self._stack.enter_async_context(opener())
+            return cast(_R, self._opened[key])
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._opened.clear()
+        await self._stack.aclose()
+
+
 @attrs.frozen
 class TaskContext:
-    """What a handler gets: the task's spec, which attempt this is (1-based), and the
-    scheduler's settings (None when a handler is called outside a scheduler)."""
+    """What a handler gets: the task's spec, which attempt this is (1-based), the scheduler's
+    settings and the resources it owns for handlers (both None outside a scheduler)."""
 
     spec: TaskSpec
     attempt: int
     settings: Settings | None = None
+    shared: SharedResources | None = None
 
     @property
     def payload(self) -> dict[str, str]:

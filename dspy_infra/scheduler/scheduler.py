@@ -45,7 +45,7 @@ from ..metrics import InfraMetrics
 from ..models import HardwareInfo, QueueStatus, TaskClass, TaskResult, TaskSpec, TaskState, TaskStatus
 from ..plugins import collect_mapping
 from .classes import check_runnable, resolve_classes
-from .handlers import Handler, PermanentFailure, TaskContext
+from .handlers import Handler, PermanentFailure, SharedResources, TaskContext
 from .limiter import AimdPolicy, ResizableSemaphore, SampleWindow
 from .store import (
     STATUS_TEXT,
@@ -347,6 +347,8 @@ class Scheduler:
         self._awaiting_handler: dict[str, list[_Task]] = {}
         self._handler_grace_until = 0.0
         self._executors: dict[str, Handler] = {}
+        #: Engine connections and the like that handlers reuse across attempts.
+        self._shared = SharedResources()
         self._tasks: dict[str, _Task] = {}
         #: Delivered terminal tasks in delivery order (for retention).
         self._finished: dict[str, None] = {}
@@ -402,6 +404,9 @@ class Scheduler:
             stored = await self._store.open()
             stack.push_async_callback(self._fail_leftovers)
             stack.push_async_callback(self._store.aclose)
+            # Closed right after the task group: no attempt is left to use them.
+            self._shared = SharedResources()
+            stack.push_async_callback(self._shared.aclose)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._accepting = self._dispatching = True
             self._handler_grace_until = time.monotonic() + self.settings.handler_grace
@@ -935,11 +940,11 @@ class Scheduler:
         try:
             handler = self._handler_for(cq, spec)
             if spec.timeout is None:
-                result = await handler(TaskContext(spec, rec.attempts, self.settings))
+                result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
             else:
                 timeout_cm = asyncio.timeout(spec.timeout)
                 async with timeout_cm:
-                    result = await handler(TaskContext(spec, rec.attempts, self.settings))
+                    result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
         except asyncio.CancelledError:
             if rec.cancel_requested and not self._stopping and me.uncancel() == 0:
                 rec.worker = None
