@@ -51,11 +51,21 @@ class Server:
         app.router.add_get("/flaky/{failures}", self.flaky)
         app.router.add_get("/slow", self.slow)
         app.router.add_get("/big", self.big)
+        app.router.add_get("/set-cookie", self.set_cookie)
         return app
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.text()
-        return web.json_response({"method": request.method, "headers": dict(request.headers), "body": body})
+        assert request.transport is not None
+        peer = request.transport.get_extra_info("peername")
+        return web.json_response(
+            {"method": request.method, "headers": dict(request.headers), "body": body, "peer": list(peer)}
+        )
+
+    async def set_cookie(self, request: web.Request) -> web.Response:
+        response = web.Response(text="cookie set")
+        response.set_cookie("session", "secret-of-one-task")
+        return response
 
     async def status(self, request: web.Request) -> web.Response:
         code = int(request.match_info["code"])
@@ -241,6 +251,22 @@ async def test_task_timeout_bounds_the_request_and_drops_the_connection(
     assert server.slow_started.is_set()
     # The client went away, so the server's handler was cancelled: nothing left hanging.
     await asyncio.wait_for(server.slow_closed.wait(), 5)
+
+
+async def test_tasks_share_connections_but_never_cookies(server: Server, tmp_path: Path) -> None:
+    # A host name, not an IP: cookie jars refuse cookies from IP addresses anyway.
+    base = server.base.replace("127.0.0.1", "localhost")
+    async with scheduler(tmp_path) as sched:
+        seen = []
+        for i, path in enumerate(("/set-cookie", "/echo", "/echo")):
+            await sched.submit(TaskSpec(f"k{i}", payload={"handler": "http", "url": base + path}))
+            result = await sched.wait(f"k{i}", timeout=10)
+            assert result.status is TaskStatus.COMPLETED, result.error
+            seen.append(result.result["body"])
+    first, second = json.loads(seen[1]), json.loads(seen[2])
+    assert "Cookie" not in first["headers"] and "Cookie" not in second["headers"]
+    # One kept-alive connection served both tasks (the same client port).
+    assert first["peer"] == second["peer"]
 
 
 async def test_http_is_registered_as_a_built_in_handler() -> None:

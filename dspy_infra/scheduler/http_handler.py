@@ -10,7 +10,9 @@ Payload (all strings, as on the wire):
 
 Result: ``status``, ``body`` (its last 4 KiB, the same tail rule as ``exec``) and
 ``content_type``. The task's timeout is the request's timeout (the scheduler wraps the
-handler; the client sets none of its own). What a retry can fix is an ordinary failure: a
+handler; the client sets none of its own). Under a scheduler, attempts share one client
+session (kept in its ``SharedResources``, without a cookie jar), so connections to a host
+are reused. What a retry can fix is an ordinary failure: a
 connection error, an unexpected 5xx, 408 (request timeout) or 429 (too many requests). What
 it cannot fix is a ``PermanentFailure``: any other unexpected status, or a malformed payload
 (the message names the payload field and the fix).
@@ -19,7 +21,8 @@ it cannot fix is a ``PermanentFailure``: any other unexpected status, or a malfo
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 import aiohttp
 import yarl
@@ -93,6 +96,25 @@ def _method(payload: Mapping[str, str]) -> str:
     return raw.upper()
 
 
+def _new_session() -> aiohttp.ClientSession:
+    # No client-side timeout: the task's own timeout bounds the whole attempt. No cookie jar:
+    # one task's cookies never reach another's request.
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
+    )
+
+
+@asynccontextmanager
+async def _session(ctx: TaskContext) -> AsyncIterator[aiohttp.ClientSession]:
+    """The scheduler's shared session (its connection pool keeps connections alive across
+    attempts), or, outside a scheduler, one for this call."""
+    if ctx.shared is not None:
+        yield await ctx.shared.get("http.session", _new_session)
+        return
+    async with _new_session() as session:
+        yield session
+
+
 async def http_handler(ctx: TaskContext) -> dict[str, str]:
     payload = ctx.payload
     # Validate everything before any I/O, so a bad payload never half-runs.
@@ -102,9 +124,8 @@ async def http_handler(ctx: TaskContext) -> dict[str, str]:
     body = payload.get("body", "").encode()
     tail = _Tail()
     try:
-        # No client-side timeout: the task's own timeout bounds the whole attempt.
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session,
+            _session(ctx) as session,
             session.request(method, url, headers=headers, data=body or None) as response,
         ):
             async for chunk in response.content.iter_chunked(65536):
