@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiodocker
+import attrs
 import pytest
 from engines import (
     Engine,
@@ -27,7 +29,7 @@ from engines import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspy_infra.backends.base import LABEL_OWNER
+from dspy_infra.backends.base import LABEL_OWNER, LABEL_OWNER_PID
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import BackendError
@@ -256,6 +258,34 @@ async def test_a_scheduler_opens_one_backend_per_engine_and_network_and_closes_i
         assert sorted(b.network for b in opened) == ["bridge", "none"]
         assert all(b._docker is not None for b in opened)  # kept open for the next attempt
     assert all(b._docker is None for b in opened)  # closed with the scheduler
+
+
+async def test_a_later_attempt_removes_leftovers_of_a_dead_owner_only(engine: Engine, tmp_path: Path) -> None:
+    settings = settings_for(engine, tmp_path)
+    task_id = unique_name("again")
+    proc = await asyncio.create_subprocess_exec("true")  # its pid: a process that has exited
+    await proc.wait()
+    backend = DockerBackend(attrs.evolve(settings, network="none"))
+    async with backend:
+        leftovers = {}
+        for who, pid in (("dead", proc.pid), ("live", os.getpid())):
+            spec = container_task(task_id, {"image": engine.images.busybox, "cmd": "sleep 60"}).spec
+            labels = {LABEL_OWNER: settings.resolved_owner(), LABEL_OWNER_PID: str(pid), LABEL_TASK: task_id}
+            leftovers[who] = (await backend.run(spec, instance_name=spec.name, labels=labels)).id
+        try:
+            # A first attempt leaves them alone; a later one removes the dead owner's only.
+            await container_handler(ctx(settings, task_id, image=engine.images.busybox, cmd="true"))
+            assert {c["Id"] for c in await labelled(engine, task_id)} == set(leftovers.values())
+            retry = TaskContext(
+                spec=TaskSpec(task_id, payload={"image": engine.images.busybox, "cmd": "true"}),
+                attempt=2,
+                settings=settings,
+            )
+            await container_handler(retry)
+            assert [c["Id"] for c in await labelled(engine, task_id)] == [leftovers["live"]]
+        finally:
+            for container_id in leftovers.values():
+                await backend.remove(container_id)
 
 
 async def test_timeout_removes_the_running_container(engine: Engine, tmp_path: Path) -> None:

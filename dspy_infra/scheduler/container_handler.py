@@ -22,7 +22,8 @@ Payload (all strings, as on the wire):
 
 Every container carries ``dspy_infra.owner`` (``settings.resolved_owner()``),
 ``dspy_infra.owner_pid`` and ``dspy_infra.task`` (the task id) labels, so an orphan is
-findable by task. The handler waits for the exit through the engine's wait endpoint, keeps
+findable by task: a later attempt of the same task (a retry, or the run after a restart)
+first removes that task's containers whose owner process is gone. The handler waits for the exit through the engine's wait endpoint, keeps
 the last 4 KiB of stdout and stderr (the ``exec`` tail rule) and removes the container. On
 timeout or cancel the container is removed (a forced remove: kill, then delete) under a
 shield, and the cancellation goes on. A non-zero exit fails the attempt with the stderr tail,
@@ -44,6 +45,7 @@ import attrs
 
 from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID
 from ..backends.docker import DockerBackend, resolve_docker_host, translate_docker_error
+from ..backends.process import pid_alive
 from ..config import Settings
 from ..errors import BackendError, InfraError, NotFound
 from ..hookspecs import hookimpl
@@ -203,6 +205,25 @@ async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncI
             await backend.aclose()
 
 
+def _owner_gone(pid_text: str) -> bool:
+    return not (pid_text.isdigit() and pid_alive(int(pid_text)))
+
+
+async def _remove_leftovers(backend: DockerBackend, labels: Mapping[str, str]) -> None:
+    """Remove containers of earlier attempts of this task whose process died.
+
+    A task that was running when its process was killed runs again after a restart (at least
+    once, as a later attempt); the container of the lost attempt goes before the new one
+    starts. Containers of a live process are never touched.
+    """
+    mine = {LABEL_OWNER: labels[LABEL_OWNER], LABEL_TASK: labels[LABEL_TASK]}
+    for instance in await backend.list_instances(mine):
+        # /proc reads: off the event loop.
+        if await anyio.to_thread.run_sync(_owner_gone, instance.labels.get(LABEL_OWNER_PID, "")):
+            with contextlib.suppress(NotFound):
+                await backend.remove(instance.id)
+
+
 async def _start(backend: DockerBackend, task: ContainerTask, labels: Mapping[str, str]) -> Instance:
     try:
         return await backend.run(task.spec, instance_name=task.spec.name, labels=labels)
@@ -225,6 +246,8 @@ async def container_handler(ctx: TaskContext) -> dict[str, str]:
         LABEL_TASK: ctx.spec.id,
     }
     async with _backend(ctx, settings, task.network) as backend:
+        if ctx.attempt > 1:
+            await _remove_leftovers(backend, labels)
         await _ensure_image(backend, task.spec.image, task.pull)
         instance = await _start(backend, task, labels)
         try:
