@@ -35,7 +35,7 @@ from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import BackendError
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import TaskSpec, TaskStatus, validate_name
+from dspy_infra.models import ServiceSpec, TaskSpec, TaskStatus, validate_name
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler.container_handler import LABEL_TASK, container_handler, container_task
 from dspy_infra.scheduler.handlers import TAIL_BYTES, ExecFailed, PermanentFailure, TaskContext
@@ -159,6 +159,36 @@ async def test_network_none_by_default_and_bridge_on_request(engine: Engine, tmp
         ctx(settings, image=engine.images.busybox, cmd="ls /sys/class/net", network="bridge")
     )
     assert "lo" in bridged["stdout"].split() and len(bridged["stdout"].split()) >= 2
+
+
+async def test_a_task_on_the_services_network_reaches_a_service_by_name(
+    engine: Engine, tmp_path: Path
+) -> None:
+    settings = settings_for(engine, tmp_path)
+    network = unique_name("net")
+    backend = DockerBackend(attrs.evolve(settings, network=network))
+    async with backend:
+        web = ServiceSpec(
+            name="web", image=engine.images.busybox, command=("httpd", "-f", "-p", "8080", "-h", "/www")
+        )
+        service = await backend.run(
+            web, instance_name=unique_name("web"), labels={LABEL_OWNER: settings.resolved_owner()}
+        )
+        try:
+            result = await container_handler(
+                ctx(
+                    settings,
+                    image=engine.images.busybox,
+                    network=network,
+                    # Retry briefly: httpd may still be binding its port.
+                    cmd="for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://web:8080/ && exit 0; sleep 0.3; done; exit 1",
+                )
+            )
+            assert result["stdout"] == "ok\n"
+        finally:
+            await backend.remove(service.id)
+            with contextlib.suppress(aiodocker.DockerError):
+                await (await backend.docker.networks.get(network)).delete()
 
 
 async def test_pull_never_with_an_absent_image_is_permanent_naming_the_field(
