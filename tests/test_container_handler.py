@@ -359,6 +359,7 @@ async def test_cancel_removes_the_running_container(engine: Engine, tmp_path: Pa
         ({"image": "busybox", "env": "[]"}, "payload.env"),
         ({"image": "busybox", "env": '{"A": 1}'}, "payload.env"),
         ({"image": "busybox", "env": '{"A=B": "c"}'}, "payload.env"),
+        ({"image": "busybox", "env": '{"A": "b\\u0000c"}'}, "payload.env"),
         ({"image": "busybox", "workdir": "relative/dir"}, "payload.workdir"),
         ({"image": "busybox", "network": "no such net!"}, "payload.network"),
         ({"image": "busybox", "pull": "sometimes"}, "payload.pull"),
@@ -410,8 +411,29 @@ def test_any_other_cmd_runs_through_the_shell_unchanged(cmd: str) -> None:
 
 @given(
     st.dictionaries(
-        st.text(min_size=1).filter(lambda k: "=" not in k and "\0" not in k), st.text(), max_size=5
+        st.text(min_size=1).filter(lambda k: "=" not in k and "\0" not in k),
+        st.text().filter(lambda v: "\0" not in v),
+        max_size=5,
     )
 )
 def test_env_reaches_the_spec_unchanged(env: dict[str, str]) -> None:
     assert container_task("t", {"image": "i", "env": json.dumps(env)}).spec.environment == env
+
+
+container_fields = st.sampled_from(["image", "cmd", "env", "workdir", "network", "pull"])
+
+
+@given(
+    st.text(min_size=1, max_size=50),
+    st.dictionaries(container_fields, st.one_of(st.text(), st.text(alphabet='{}[]":,=/ abc-_.'))),
+)
+def test_any_payload_is_either_a_container_task_or_a_permanent_failure_naming_a_field(
+    task_id: str, payload: dict[str, str]
+) -> None:
+    try:
+        task = container_task(task_id, payload)
+    except PermanentFailure as exc:
+        assert str(exc).startswith("payload.") and "fix:" in str(exc)
+    else:
+        assert task.spec.image == payload["image"].strip() and task.pull in ("missing", "always", "never")
+        assert task.spec.workdir is None or task.spec.workdir.startswith("/")

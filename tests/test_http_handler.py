@@ -25,6 +25,7 @@ from dspy_infra.scheduler.handlers import TAIL_BYTES, PermanentFailure, TaskCont
 from dspy_infra.scheduler.http_handler import (
     HttpStatusFailed,
     http_handler,
+    http_request,
     parse_expect_status,
     status_outcome,
 )
@@ -309,3 +310,25 @@ def test_status_outcome_is_ok_exactly_when_expected_and_retries_only_what_may_ch
 @given(st.dictionaries(st.text(), st.text(), max_size=5))
 def test_json_object_payload_round_trips(mapping: dict[str, Any]) -> None:
     assert payload_json_object({"headers": json.dumps(mapping)}, "headers", "{}") == mapping
+
+
+http_fields = st.sampled_from(["url", "method", "headers", "expect_status", "body"])
+url_like = st.one_of(
+    st.text(),
+    st.builds(
+        lambda scheme, rest: f"{scheme}://{rest}", st.sampled_from(["http", "https", "ftp", ""]), st.text()
+    ),
+)
+
+
+@given(st.dictionaries(http_fields, st.one_of(url_like, st.text(alphabet='{}[]":,0123456789 abGETPOST'))))
+def test_any_payload_is_either_a_request_or_a_permanent_failure_naming_a_field(
+    payload: dict[str, str],
+) -> None:
+    try:
+        request = http_request(payload)
+    except PermanentFailure as exc:
+        assert str(exc).startswith("payload.") and "fix:" in str(exc)
+    else:
+        assert request.url.scheme in ("http", "https") and request.url.host
+        assert request.method.isupper() and request.body == payload.get("body", "").encode()

@@ -107,10 +107,11 @@ def container_task(task_id: str, payload: Mapping[str, str]) -> ContainerTask:
     if any(c.isspace() for c in image):
         raise PermanentFailure(f"payload.image: {image!r} contains whitespace (fix: e.g. busybox:latest)")
     env = payload_json_object(payload, "env", '{"LOG_LEVEL": "debug"}')
-    bad_keys = sorted(k for k in env if not _ENV_KEY_RE.match(k))
+    bad_keys = sorted(k for k, v in env.items() if not _ENV_KEY_RE.match(k) or "\0" in v)
     if bad_keys:
         raise PermanentFailure(
-            f"payload.env: invalid variable names {bad_keys!r} (fix: non-empty names without '=')"
+            f"payload.env: invalid variables {bad_keys!r}"
+            " (fix: non-empty names without '=' or NUL, values without NUL)"
         )
     workdir = payload.get("workdir", "").strip() or None
     if workdir is not None and not workdir.startswith("/"):

@@ -25,15 +25,18 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
+import attrs
 import yarl
 
 from ..hookspecs import hookimpl
 from .handlers import Handler, PermanentFailure, TaskContext, _Tail, payload_json_object
 
 __all__ = [
+    "HttpRequest",
     "HttpStatusFailed",
     "dspy_infra_handlers",
     "http_handler",
+    "http_request",
     "parse_expect_status",
     "status_outcome",
 ]
@@ -80,7 +83,9 @@ def _url(payload: Mapping[str, str]) -> yarl.URL:
     try:
         url = yarl.URL(raw)
     except (ValueError, TypeError) as exc:
-        raise PermanentFailure(f"payload.url: {raw!r} is not a URL ({exc})") from None
+        raise PermanentFailure(
+            f"payload.url: {raw!r} is not a URL ({exc}) (fix: e.g. http://127.0.0.1:8080/path)"
+        ) from None
     if url.scheme not in ("http", "https") or not url.host:
         raise PermanentFailure(
             f"payload.url: {raw!r} must be an absolute http:// or https:// URL"
@@ -115,13 +120,33 @@ async def _session(ctx: TaskContext) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@attrs.frozen
+class HttpRequest:
+    """A validated ``http`` payload. ``expected`` None means any 2xx."""
+
+    method: str
+    url: yarl.URL
+    headers: dict[str, str]
+    body: bytes
+    expected: frozenset[int] | None
+
+
+def http_request(payload: Mapping[str, str]) -> HttpRequest:
+    """Validate an ``http`` payload (every error names the payload field and the fix)."""
+    return HttpRequest(
+        method=_method(payload),
+        url=_url(payload),
+        headers=payload_json_object(payload, "headers", '{"Accept": "application/json"}'),
+        body=payload.get("body", "").encode(),
+        expected=parse_expect_status(payload.get("expect_status", "")),
+    )
+
+
 async def http_handler(ctx: TaskContext) -> dict[str, str]:
-    payload = ctx.payload
     # Validate everything before any I/O, so a bad payload never half-runs.
-    url, method = _url(payload), _method(payload)
-    headers = payload_json_object(payload, "headers", '{"Accept": "application/json"}')
-    expected = parse_expect_status(payload.get("expect_status", ""))
-    body = payload.get("body", "").encode()
+    request = http_request(ctx.payload)
+    method, url, headers, expected = request.method, request.url, request.headers, request.expected
+    body = request.body
     tail = _Tail()
     try:
         async with (
@@ -132,7 +157,9 @@ async def http_handler(ctx: TaskContext) -> dict[str, str]:
                 tail.feed(chunk)
             status, content_type = response.status, response.content_type
     except aiohttp.InvalidURL as exc:
-        raise PermanentFailure(f"payload.url: {str(url)!r} is not a usable URL ({exc})") from None
+        raise PermanentFailure(
+            f"payload.url: {str(url)!r} is not a usable URL ({exc}) (fix: e.g. http://127.0.0.1:8080/path)"
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise ConnectionError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
     result = {"status": str(status), "body": tail.text(), "content_type": content_type}
