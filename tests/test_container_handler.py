@@ -29,7 +29,7 @@ from engines import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspy_infra.backends.base import LABEL_OWNER, LABEL_OWNER_PID
+from dspy_infra.backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import BackendError
@@ -290,7 +290,7 @@ async def test_a_scheduler_opens_one_backend_per_engine_and_network_and_closes_i
     assert all(b._docker is None for b in opened)  # closed with the scheduler
 
 
-async def test_a_later_attempt_removes_leftovers_of_a_dead_owner_only(engine: Engine, tmp_path: Path) -> None:
+async def test_a_later_attempt_removes_leftovers_of_dead_owners_only(engine: Engine, tmp_path: Path) -> None:
     settings = settings_for(engine, tmp_path)
     task_id = unique_name("again")
     proc = await asyncio.create_subprocess_exec("true")  # its pid: a process that has exited
@@ -298,9 +298,16 @@ async def test_a_later_attempt_removes_leftovers_of_a_dead_owner_only(engine: En
     backend = DockerBackend(attrs.evolve(settings, network="none"))
     async with backend:
         leftovers = {}
-        for who, pid in (("dead", proc.pid), ("live", os.getpid())):
+        # "reused": our pid, but another start time, as when a dead owner's pid is reused.
+        owners = (("dead", proc.pid, ""), ("live", os.getpid(), ""), ("reused", os.getpid(), "1"))
+        for who, pid, started in owners:
             spec = container_task(task_id, {"image": engine.images.busybox, "cmd": "sleep 60"}).spec
-            labels = {LABEL_OWNER: settings.resolved_owner(), LABEL_OWNER_PID: str(pid), LABEL_TASK: task_id}
+            labels = {
+                LABEL_OWNER: settings.resolved_owner(),
+                LABEL_OWNER_PID: str(pid),
+                LABEL_OWNER_STARTED: started,
+                LABEL_TASK: task_id,
+            }
             leftovers[who] = (await backend.run(spec, instance_name=spec.name, labels=labels)).id
         try:
             # A first attempt leaves them alone; a later one removes the dead owner's only.

@@ -21,7 +21,8 @@ Payload (all strings, as on the wire):
   an absent image from an unreachable registry); ``never`` with an absent image is permanent.
 
 Every container carries ``dspy_infra.owner`` (``settings.resolved_owner()``),
-``dspy_infra.owner_pid`` and ``dspy_infra.task`` (the task id) labels, so an orphan is
+``dspy_infra.owner_pid``, ``dspy_infra.owner_started`` and ``dspy_infra.task`` (the task id)
+labels, so an orphan is
 findable by task: a later attempt of the same task (a retry, or the run after a restart)
 first removes that task's containers whose owner process is gone. The handler waits for the exit through the engine's wait endpoint, keeps
 the last 4 KiB of stdout and stderr (the ``exec`` tail rule) and removes the container. On
@@ -33,6 +34,7 @@ like ``exec``. Result: ``exit_code``, ``stdout``, ``stderr``, ``container_id``, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -43,9 +45,9 @@ from contextlib import asynccontextmanager
 import anyio
 import attrs
 
-from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID
+from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
 from ..backends.docker import DockerBackend, resolve_docker_host, translate_docker_error
-from ..backends.process import pid_alive
+from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
 from ..errors import BackendError, InfraError, NotFound
 from ..hookspecs import hookimpl
@@ -206,8 +208,17 @@ async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncI
             await backend.aclose()
 
 
-def _owner_gone(pid_text: str) -> bool:
-    return not (pid_text.isdigit() and pid_alive(int(pid_text)))
+@functools.cache
+def _start_time_of(pid: int) -> str:
+    """This process's start time (clock ticks since boot), so a reused pid is not taken for
+    it; keyed by pid because a forked child is another process."""
+    info = proc_start_time(pid)
+    return str(info[0]) if info is not None else ""
+
+
+def _owner_gone(labels: Mapping[str, str]) -> bool:
+    pid, started = labels.get(LABEL_OWNER_PID, ""), labels.get(LABEL_OWNER_STARTED, "")
+    return not (pid.isdigit() and pid_alive(int(pid), int(started) if started.isdigit() else None))
 
 
 async def _remove_leftovers(backend: DockerBackend, labels: Mapping[str, str]) -> None:
@@ -220,7 +231,7 @@ async def _remove_leftovers(backend: DockerBackend, labels: Mapping[str, str]) -
     mine = {LABEL_OWNER: labels[LABEL_OWNER], LABEL_TASK: labels[LABEL_TASK]}
     for instance in await backend.list_instances(mine):
         # /proc reads: off the event loop.
-        if await anyio.to_thread.run_sync(_owner_gone, instance.labels.get(LABEL_OWNER_PID, "")):
+        if await anyio.to_thread.run_sync(_owner_gone, instance.labels):
             with contextlib.suppress(NotFound):
                 await backend.remove(instance.id)
 
@@ -241,9 +252,11 @@ async def _start(backend: DockerBackend, task: ContainerTask, labels: Mapping[st
 async def container_handler(ctx: TaskContext) -> dict[str, str]:
     task = container_task(ctx.spec.id, ctx.payload)
     settings = ctx.settings if ctx.settings is not None else Settings()
+    pid = os.getpid()
     labels = {
         LABEL_OWNER: settings.resolved_owner(),
-        LABEL_OWNER_PID: str(os.getpid()),
+        LABEL_OWNER_PID: str(pid),
+        LABEL_OWNER_STARTED: _start_time_of(pid),
         LABEL_TASK: ctx.spec.id,
     }
     async with _backend(ctx, settings, task.network) as backend:
