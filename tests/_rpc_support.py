@@ -98,15 +98,21 @@ def serve_process(home: Path, *, timeout: float = 60.0, **overrides: Any) -> Ite
                 raise AssertionError("server not ready in time:\n" + "".join(lines))
         yield ServeProcess(proc, match[1], int(match[2]), int(match[3]), int(match[4]), lines)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM (a server's graceful shutdown), SIGKILL if it is still there after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.asynccontextmanager

@@ -33,6 +33,7 @@ from dspy_infra.errors import SpecError
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.classes import resolve_classes
 from dspy_infra.services.catalog import parse_service_table
+from tests._rpc_support import stop_process
 
 CLI = shutil.which("dspy-infra", path=str(Path(sys.executable).parent)) or "dspy-infra"
 READY = re.compile(r"dspy-infra serving grpc=(\S+):(\d+) env_manager=\S+:(\d+) http=\S+:(\d+)")
@@ -309,13 +310,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         yield Server(f"{match.group(1)}:{match.group(2)}", int(match.group(4)), web_port, cwd, env, proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def test_cli_talks_to_a_running_server(server: Server) -> None:

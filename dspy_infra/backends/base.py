@@ -7,15 +7,16 @@ the labels it was given (``dspy_infra.owner``, ``dspy_infra.service``, ``dspy_in
 ...) and ``list_instances`` finds instances by those labels only, so a backend never touches
 anything dspy_infra did not create.
 
-A backend is an async resource: ``async with backend:`` (or ``await backend.aclose()``).
+A backend is an anyio ``AsyncResource``: ``async with backend:`` opens it, leaving closes it.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Mapping, Sequence
-from types import TracebackType
 from typing import Self
+
+from anyio.abc import AsyncResource
 
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
@@ -38,7 +39,7 @@ LABEL_SERVICE = "dspy_infra.service"
 LABEL_SPEC_HASH = "dspy_infra.spec_hash"
 
 
-class Backend(abc.ABC):
+class Backend(AsyncResource):
     """Runs service instances. Subclasses set ``name`` and implement every abstract method."""
 
     name: str = ""
@@ -57,11 +58,6 @@ class Backend(abc.ABC):
     async def __aenter__(self) -> Self:
         await self.open()
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- instances -----------------------------------------------------------------------
 

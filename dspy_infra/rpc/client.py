@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
+from anyio.abc import AsyncResource
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
@@ -480,7 +481,7 @@ class RemoteServices:
         return await self.client.get_resource_availability(workload_class)
 
 
-class RemoteInfra:
+class RemoteInfra(AsyncResource):
     """The embedded ``Infra``'s interface, served by a ``dspy-infra serve`` elsewhere."""
 
     def __init__(self, orchestrator: OrchestratorClient, env_manager: EnvManagerClient) -> None:
@@ -543,11 +544,6 @@ class RemoteInfra:
 
     async def __aenter__(self) -> Self:
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # -- services --------------------------------------------------------------------------
 

@@ -27,13 +27,13 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import grpclib.const
 import grpclib.events
 import grpclib.server
+from anyio.abc import AsyncResource
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
@@ -578,7 +578,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-class InfraServer:
+class InfraServer(AsyncResource):
     """gRPC (both services + health) and HTTP servers for one Infra, as an async context manager."""
 
     def __init__(self, infra: Infra, settings: Settings | None = None) -> None:
@@ -650,11 +650,6 @@ class InfraServer:
             for server in servers:
                 with contextlib.suppress(Exception):
                     await server.wait_closed()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
 
 # -- dspy-infra serve ------------------------------------------------------------------------

@@ -31,11 +31,11 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
 import pluggy
+from anyio.abc import AsyncResource
 
 from ..config import Settings
 from ..errors import AlreadyExists, DeadlineExceeded, InfraError, NotFound, SpecError, Unavailable
@@ -322,7 +322,7 @@ class _Subscriber:
             self.wakeup.set_result(None)
 
 
-class Scheduler:
+class Scheduler(AsyncResource):
     """Runs submitted tasks by class. ``async with Scheduler(settings, bus=..., ...)``."""
 
     def __init__(
@@ -433,11 +433,6 @@ class Scheduler:
                     fix="return a factory whose result has `async def run(ctx)`",
                 )
             self._executors[name] = run
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.

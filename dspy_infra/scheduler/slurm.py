@@ -43,12 +43,12 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.abc
 import attrs
+from anyio.abc import AsyncResource
 
 from ..config import Settings
 from ..errors import ConfigError, Unavailable
@@ -415,7 +415,7 @@ class _JobWatcher:
                 fut.set_exception(Unavailable(message, fix="check `scontrol ping` on this host"))
 
 
-class SlurmExecutor:
+class SlurmExecutor(AsyncResource):
     """Runs tasks as Slurm batch jobs (see the module docstring). An async context manager:
     its task group owns the job watcher; ``run`` needs it entered (the Scheduler does that)."""
 
@@ -448,11 +448,6 @@ class SlurmExecutor:
         tg.start_soon(self._watcher.run_forever, name="dspy_infra-slurm-watcher")
         self._tg = tg
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         tg, self._tg = self._tg, None

@@ -59,12 +59,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import anyio
 import anyio.abc
 import attrs
+from anyio.abc import AsyncResource
 
 from ..config import Settings
 from ..errors import AlreadyExists, CycleError, InfraError, NotFound, SpecError, Unavailable
@@ -1007,7 +1007,7 @@ class _LiveRun:
             wakeup.set()
 
 
-class WorkflowEngine:
+class WorkflowEngine(AsyncResource):
     """Creates workflows and drives their runs on the scheduler.
 
     An async context manager: entering opens the store and re-drives unfinished runs;
@@ -1045,11 +1045,6 @@ class WorkflowEngine:
             await self.aclose()
             raise
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop driving runs (they stay durable) and close the store. Safe to call twice."""

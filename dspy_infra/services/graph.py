@@ -73,16 +73,18 @@ def _deps(spec: ServiceSpec) -> list[str]:
     return [d.name for d in spec.depends_on]
 
 
+def _unknown_dependency(name: str, dep: str, specs: Mapping[str, ServiceSpec]) -> SpecError:
+    return SpecError(
+        f"depends on unknown service {dep!r}", field=f"services.{name}.depends_on", fix=_suggest(dep, specs)
+    )
+
+
 def validate_graph(specs: Mapping[str, ServiceSpec]) -> None:
     """Refuse unknown dependencies and cycles among ``specs``."""
     for name in sorted(specs):
         for dep in _deps(specs[name]):
             if dep not in specs:
-                raise SpecError(
-                    f"depends on unknown service {dep!r}",
-                    field=f"services.{name}.depends_on",
-                    fix=_suggest(dep, specs),
-                )
+                raise _unknown_dependency(name, dep, specs)
     cycle = find_cycle({name: _deps(spec) for name, spec in specs.items()})
     if cycle is not None:
         raise CycleError(cycle, field=f"services.{cycle[0]}.depends_on")
@@ -120,11 +122,7 @@ def dependency_closure(specs: Mapping[str, ServiceSpec], names: Sequence[str]) -
         wanted.add(name)
         for dep in _deps(specs[name]):
             if dep not in specs:
-                raise SpecError(
-                    f"depends on unknown service {dep!r}",
-                    field=f"services.{name}.depends_on",
-                    fix=_suggest(dep, specs),
-                )
+                raise _unknown_dependency(name, dep, specs)
             stack.append(dep)
     return topological_order({n: specs[n] for n in wanted})
 

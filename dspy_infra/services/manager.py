@@ -35,13 +35,12 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Self
 
 import anyio
 import attrs
 import pluggy
-from anyio.abc import TaskGroup
+from anyio.abc import AsyncResource, TaskGroup
 
 from ..backends.base import (
     LABEL_OWNER,
@@ -148,7 +147,7 @@ class _StartRun:
         return int(100 * self.finished / max(1, len(self.specs)))
 
 
-class ServiceManager:
+class ServiceManager(AsyncResource):
     """Starts, watches, restarts and stops services on one backend (see module docstring)."""
 
     #: At most this many services are being created/probed at once during a start.
@@ -206,11 +205,6 @@ class ServiceManager:
             raise
         self._tg.start_soon(self._monitor, name="dspy_infra-service-monitor")
         return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop the monitor and close the backend (if this manager created it). Services keep
