@@ -27,6 +27,7 @@ from engines import (
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE, LABEL_SPEC_HASH, Backend
 from dspy_infra.backends.docker import DockerBackend
+from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.errors import NotFound
 from dspy_infra.models import Instance, LogEntry, PortMapping, ServiceSpec
 
@@ -97,10 +98,6 @@ async def target(backend_kind: str, engine_for_kind: Engine | None, tmp_path: Pa
     owner = settings.resolved_owner()
     backend: Backend
     if backend_kind == "process":
-        try:
-            from dspy_infra.backends.process import ProcessBackend
-        except ImportError as exc:  # the other half of issue 3 may not be committed yet
-            pytest.skip(f"process backend not importable: {exc}")
         web_root = tmp_path / "www"
         web_root.mkdir()
         (web_root / "index.html").write_text("ok\n")
