@@ -19,8 +19,9 @@ import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from anyio.abc import AsyncResource
 
 from . import __version__
 from .config import Settings, load_settings
@@ -48,7 +49,7 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, str]]])
 
 
-class Infra:
+class Infra(AsyncResource):
     """Embedded infrastructure. ``async with Infra(...) as infra:`` or ``await infra.start()``."""
 
     def __init__(
@@ -112,6 +113,9 @@ class Infra:
                         queue_status=self.queue_status,
                     )
                 )
+                # Pushed here, so it runs after the scheduler has drained (tasks still running
+                # at shutdown keep their services) and before the manager closes.
+                stack.push_async_callback(self._stop_services_on_exit)
                 self._scheduler = await stack.enter_async_context(
                     Scheduler(self.settings, bus=self.bus, metrics=self.metrics, plugins=self.plugins)
                 )
@@ -122,7 +126,6 @@ class Infra:
                     from .rpc.server import InfraServer
 
                     self.servers.append(await stack.enter_async_context(InfraServer(self, self.settings)))
-                stack.push_async_callback(self._stop_services_on_exit)
                 self.plugins.hook.dspy_infra_started(infra=self)
                 self._ready.set_result(None)
                 await self._stop.wait()
@@ -148,11 +151,6 @@ class Infra:
 
     async def __aenter__(self) -> Self:
         return await self.start()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     @property
     def running(self) -> bool:
