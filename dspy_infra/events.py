@@ -50,15 +50,9 @@ class EventBus:
             data={k: str(v) for k, v in (data or {}).items()},
             timestamp=self._clock(),
         )
-        self._ring.append((self._next_seq, event))
-        self._next_seq += 1
+        self._append(event)
         for listener in self._listeners:
             listener(event)
-        # Wake every waiting subscriber; the next waiters get a fresh Event.
-        if self._waited:
-            self._waited = False
-            wakeup, self._wakeup = self._wakeup, asyncio.Event()
-            wakeup.set()
         return event
 
     def emit(self, type: str, resource_id: str, data: Mapping[str, object] | None = None) -> None:
@@ -69,8 +63,12 @@ class EventBus:
         if self._listeners:
             self.publish(type, resource_id, data)
             return
-        self._ring.append((self._next_seq, (type, resource_id, data, self._clock())))
+        self._append((type, resource_id, data, self._clock()))
+
+    def _append(self, item: Event | _Raw) -> None:
+        self._ring.append((self._next_seq, item))
         self._next_seq += 1
+        # Wake every waiting subscriber; the next waiters get a fresh Event.
         if self._waited:
             self._waited = False
             wakeup, self._wakeup = self._wakeup, asyncio.Event()
