@@ -110,6 +110,10 @@ class Settings:
     task_classes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: Service tables: overrides of built-in services and new services.
     services: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    #: Who may run commands (the ``exec`` handler, command overrides of services): "allow"
+    #: (everyone who may submit), "embedded" (only the Python API of the process that owns
+    #: the infra; gRPC and HTTP clients are refused) or "deny" (nobody).
+    exec_policy: str = attrs.field(default="allow", validator=_one_of("allow", "embedded", "deny"))
     #: Slurm executor for gpu_slurm: None = not configured; "cli" = sbatch/squeue on PATH.
     slurm: str | None = attrs.field(default=None, validator=attrs.validators.optional(_one_of("cli")))
     #: Slurm partition for gpu_slurm jobs; None = the cluster's default partition.

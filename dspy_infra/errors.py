@@ -13,6 +13,7 @@
      ├── Unavailable               not started, shutting down, or a server that does not answer
      ├── DeadlineExceeded          a wait ran out of time (also a TimeoutError)
      ├── Unauthenticated           missing or wrong bearer token
+     ├── PermissionDenied          allowed callers only (e.g. commands under exec_policy)
      ├── BackendError              the container engine / process runner failed
      │    ├── BackendUnavailable   no engine answers at the configured address
      │    └── MissingBinary        a process service's executable is not installed
@@ -41,6 +42,7 @@ __all__ = [
     "InfraError",
     "MissingBinary",
     "NotFound",
+    "PermissionDenied",
     "ResourceUnavailable",
     "ServiceError",
     "SpecError",
@@ -112,6 +114,10 @@ class DeadlineExceeded(InfraError, TimeoutError):
 
 class Unauthenticated(InfraError):
     """The request lacks a valid bearer token."""
+
+
+class PermissionDenied(InfraError):
+    """The caller is authenticated but may not do this (e.g. run a command under ``exec_policy``)."""
 
 
 class BackendError(InfraError):

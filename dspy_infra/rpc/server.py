@@ -46,6 +46,7 @@ from ..errors import (
     FailedPrecondition,
     InfraError,
     NotFound,
+    PermissionDenied,
     SpecError,
     Unauthenticated,
     Unavailable,
@@ -91,6 +92,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (BackendUnavailable, Status.UNAVAILABLE),
     (DeadlineExceeded, Status.DEADLINE_EXCEEDED),
     (Unauthenticated, Status.UNAUTHENTICATED),
+    (PermissionDenied, Status.PERMISSION_DENIED),
 )
 
 
