@@ -12,7 +12,7 @@ import pytest
 from dspy_infra.models import TaskSpec
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler.handlers import (
-    TAIL_BYTES,
+    RESULT_OUTPUT_BYTES,
     ExecFailed,
     PermanentFailure,
     TaskContext,
@@ -39,13 +39,42 @@ def _alive(pid: int) -> bool:
 
 async def test_exec_returns_exit_code_and_both_streams() -> None:
     result = await exec_handler(ctx(cmd="echo out; echo err >&2"))
-    assert result == {"exit_code": "0", "stdout": "out\n", "stderr": "err\n"}
+    assert result == {
+        "exit_code": 0,
+        "stdout": "out\n",
+        "stderr": "err\n",
+        "truncated": False,
+        "stdout_omitted_bytes": 0,
+        "stderr_omitted_bytes": 0,
+    }
 
 
-async def test_exec_keeps_only_the_tail_of_long_output() -> None:
-    result = await exec_handler(ctx(cmd="head -c 100000 /dev/zero | tr '\\0' a; printf END"))
-    assert len(result["stdout"].encode()) == TAIL_BYTES
-    assert result["stdout"].endswith("aaaEND")
+async def test_exec_keeps_output_whole_up_to_the_limit() -> None:
+    # Regression: stdout used to keep only its last 4 KiB.
+    n = RESULT_OUTPUT_BYTES - 10
+    result = await exec_handler(ctx(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END"))
+    assert result["stdout"] == "START" + "a" * n + "END"
+    assert result["truncated"] is False
+
+
+async def test_exec_beyond_the_limit_keeps_head_and_tail_and_says_how_much_was_cut() -> None:
+    n = 3 * RESULT_OUTPUT_BYTES
+    result = await exec_handler(ctx(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END"))
+    out = result["stdout"]
+    assert out.startswith("STARTaaa") and out.endswith("aaaEND")
+    assert result["truncated"] is True
+    kept = len(out.encode()) - len(out.split("\n")[1].encode()) - 2
+    assert result["stdout_omitted_bytes"] == n + 8 - kept
+    assert f"{result['stdout_omitted_bytes']} bytes omitted" in out
+    assert len(out.encode()) <= RESULT_OUTPUT_BYTES + 100
+
+
+async def test_exec_output_of_control_characters_stays_within_the_limit_as_json() -> None:
+    import json
+
+    result = await exec_handler(ctx(cmd=f"head -c {RESULT_OUTPUT_BYTES} /dev/zero"))
+    assert result["truncated"] is True
+    assert len(json.dumps(result["stdout"])) <= RESULT_OUTPUT_BYTES + 100
 
 
 async def test_exec_nonzero_exit_fails_with_the_stderr_tail() -> None:
@@ -84,7 +113,8 @@ async def test_exec_runs_in_cwd(tmp_path: Path) -> None:
 async def test_noop_sleep_fail() -> None:
     assert await noop_handler(ctx()) == {}
     started = time.monotonic()
-    assert await sleep_handler(ctx(seconds="0.05")) == {"slept": "0.05"}
+    assert await sleep_handler(ctx(seconds="0.05")) == {"slept": 0.05}
+    assert await sleep_handler(ctx(seconds=0.05)) == {"slept": 0.05}
     assert time.monotonic() - started >= 0.04
     with pytest.raises(PermanentFailure, match=r"payload\.seconds"):
         await sleep_handler(ctx(seconds="soon"))
