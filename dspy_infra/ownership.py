@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -50,11 +51,14 @@ __all__ = [
     "attempt_marker",
     "durable_scope",
     "end_attempt_processes",
+    "end_interrupted_attempts",
     "end_leftover_attempts",
     "find_marked",
     "proc_stat",
     "same_process",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: Environment variable naming the attempt a process belongs to (inherited by descendants).
 ATTEMPT_ENV = "DSPY_INFRA_ATTEMPT"
@@ -330,22 +334,20 @@ def end_attempt_processes(
     targets = _targets(records, scope, task_ids)
     if not targets:
         return EndReport()
-    signalled = tuple(sorted(targets))
+    signalled = set(targets)
     for st in targets.values():
         _signal(st, signal.SIGTERM)
+    # The grace period lets the signalled processes clean up, which may start new ones (a
+    # shell's trap running `date`): those are left alone until the SIGKILL round.
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         targets = {pid: st for pid, st in targets.items() if same_process(pid, st.start_time)}
-        # A process that forked while being terminated: its children carry the marker too.
-        for pid, st in _targets(records, scope, task_ids).items():
-            if pid not in targets and pid not in signalled:
-                _signal(st, signal.SIGTERM)
-                targets[pid] = st
-        if not targets:
-            return EndReport(signalled=signalled)
+        if not targets and not _targets(records, scope, task_ids):
+            return EndReport(signalled=tuple(sorted(signalled)))
         time.sleep(0.02)
     for _ in range(3):
         targets.update(_targets(records, scope, task_ids))
+        signalled.update(targets)
         for st in targets.values():
             _signal(st, signal.SIGKILL)
         kill_deadline = time.monotonic() + 1.0
@@ -356,8 +358,7 @@ def end_attempt_processes(
             time.sleep(0.01)
         if not targets and not _targets(records, scope, task_ids):
             break
-    all_signalled = tuple(sorted(set(signalled) | set(targets)))
-    return EndReport(signalled=all_signalled, survivors=tuple(sorted(targets)))
+    return EndReport(signalled=tuple(sorted(signalled)), survivors=tuple(sorted(targets)))
 
 
 def end_leftover_attempts(
@@ -380,4 +381,22 @@ def end_leftover_attempts(
             os.unlink(path)
     if entries:
         _fsync_dir(registry.directory)
+    return report
+
+
+async def end_interrupted_attempts(
+    home: Path, task_ids: Collection[str], *, grace: float = DEFAULT_GRACE
+) -> EndReport:
+    """``end_leftover_attempts`` off the event loop: what a durable scheduler awaits on start,
+    before it queues any interrupted task again."""
+    import anyio.to_thread
+
+    report = await anyio.to_thread.run_sync(lambda: end_leftover_attempts(home, task_ids, grace=grace))
+    if report.signalled:
+        _log.warning(
+            "ended %d leftover process(es) of interrupted task attempts: %s%s",
+            len(report.signalled),
+            " ".join(map(str, report.signalled[:50])),
+            f"; still alive after SIGKILL: {' '.join(map(str, report.survivors))}" if report.survivors else "",
+        )
     return report
