@@ -397,6 +397,8 @@ async def end_interrupted_attempts(
             "ended %d leftover process(es) of interrupted task attempts: %s%s",
             len(report.signalled),
             " ".join(map(str, report.signalled[:50])),
-            f"; still alive after SIGKILL: {' '.join(map(str, report.survivors))}" if report.survivors else "",
+            f"; still alive after SIGKILL: {' '.join(map(str, report.survivors))}"
+            if report.survivors
+            else "",
         )
     return report

@@ -137,7 +137,9 @@ class Runs:
         self.marks = tmp_path / "marks"
         self.marks.mkdir()
         self.script = tmp_path / "step.sh"
-        self.script.write_text(STEP_SH.replace("__LOG__", str(self.log)).replace("__MARKS__", str(self.marks)))
+        self.script.write_text(
+            STEP_SH.replace("__LOG__", str(self.log)).replace("__MARKS__", str(self.marks))
+        )
         self.log.touch()
 
     def lines(self) -> list[list[str]]:
@@ -220,14 +222,20 @@ def test_sigkilled_exec_tasks_are_ended_before_they_run_again(tmp_path: Path, ru
     assert final == dict.fromkeys(ids, "completed")
 
     assert runs.overlaps(ids) == {}, runs.log.read_text()
-    assert [pid for pid in first_pids if _alive(pid)] == [], "a process of a killed attempt survived the restart"
+    assert [pid for pid in first_pids if _alive(pid)] == [], (
+        "a process of a killed attempt survived the restart"
+    )
     # Nothing left behind: every attempt record is gone.
     assert list((home / "attempts").glob("*.json")) == []
 
 
 def _workflow_spec(script: Path, names: list[str]) -> str:
     return json.dumps(
-        {"steps": [{"name": n, "payload": {"handler": "exec", "cmd": f"sh {script} overlap.{n}"}} for n in names]}
+        {
+            "steps": [
+                {"name": n, "payload": {"handler": "exec", "cmd": f"sh {script} overlap.{n}"}} for n in names
+            ]
+        }
     )
 
 

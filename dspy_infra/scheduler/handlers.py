@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -508,9 +509,9 @@ def _record_spawned(att: _Attempt, ctx: TaskContext, pid: int) -> None:
     )
 
 
-def _finish_attempt(att: _Attempt, ctx: TaskContext) -> None:
-    """Blocking: end what the attempt left (descendants that left its process group still
-    carry its marker), close its log, forget its record."""
+def _end_escaped(att: _Attempt, ctx: TaskContext) -> None:
+    """Blocking: SIGKILL the attempt's descendants that left its process group (they still
+    carry its marker)."""
     for _ in range(5):
         stray = [st for st in find_marked(att.scope, {ctx.spec.id}) if st.pid != os.getpid()]
         if not stray:
@@ -520,6 +521,13 @@ def _finish_attempt(att: _Attempt, ctx: TaskContext) -> None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(st.pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+def _finish_attempt(att: _Attempt, ctx: TaskContext, *, swept: bool) -> None:
+    """Blocking: end what the attempt left (unless ``swept`` already), close its log,
+    forget its record."""
+    if not swept:
+        _end_escaped(att, ctx)
     if att.log is not None:
         with contextlib.suppress(OSError):
             att.log.close()
@@ -535,6 +543,7 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
     env = child_environment(ctx.settings, att.marker)
     output = _Output(att.log)
     proc: asyncio.subprocess.Process | None = None
+    swept = False
     try:
         # Recorded before the spawn: a crash right after it still leaves the marker to find.
         await anyio.to_thread.run_sync(_start_attempt, att, ctx)
@@ -555,8 +564,11 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
             tg.start_soon(_drain_into, proc.stderr, output, output.err)
             await _exited(proc.pid)
             # The task is the shell: background children it left behind (which may hold the
-            # pipes open) end with it, then the drains read what is left and see EOF.
+            # pipes open) end with it, those that left its group too, then the drains read
+            # what is left and see EOF.
             _kill_group(proc.pid)
+            await anyio.to_thread.run_sync(_end_escaped, att, ctx)
+            swept = True
         exit_code = await proc.wait()
     finally:
         with anyio.CancelScope(shield=True):
@@ -565,7 +577,7 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
                 await proc.wait()
             with contextlib.suppress(Exception):
                 await output.flush()
-            await anyio.to_thread.run_sync(_finish_attempt, att, ctx)
+            await anyio.to_thread.run_sync(functools.partial(_finish_attempt, att, ctx, swept=swept))
     result = output.result(exit_code)
     if exit_code != 0:
         raise ExecFailed(exit_code, result)
