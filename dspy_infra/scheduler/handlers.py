@@ -16,8 +16,8 @@ Built-ins, registered through the ``dspy_infra_handlers`` hook like any plugin's
   recorded under the state directory while it runs (``dspy_infra.ownership``), so a restart
   after a crash ends them before the task runs again. The command never sees the server's
   token or TLS key path. Result: ``exit_code`` (int), ``stdout`` / ``stderr`` whole up to
-  ``RESULT_OUTPUT_BYTES`` each (beyond that their head and tail, ``truncated: true`` and
-  ``stdout_omitted_bytes`` / ``stderr_omitted_bytes``); every attempt's output also goes to
+  ``RESULT_OUTPUT_BYTES`` each (beyond that their head and tail, plus ``truncated: true``,
+  ``stdout_omitted_bytes`` and ``stderr_omitted_bytes``); every attempt's output also goes to
   the task's log (``task_logs``, ``Infra.task_log``). A non-zero exit fails the attempt with
   the end of stderr. Optional ``payload["cwd"]``. Refused under ``exec_policy = "deny"``.
 - ``noop``: returns ``{}`` at once (benchmarks).
@@ -449,14 +449,12 @@ class _Output:
     def result(self, exit_code: int) -> dict[str, Any]:
         stdout, out_cut = self.out.text()
         stderr, err_cut = self.err.text()
-        return {
-            "exit_code": exit_code,
-            "stdout": stdout,
-            "stderr": stderr,
-            "truncated": bool(out_cut or err_cut),
-            "stdout_omitted_bytes": out_cut,
-            "stderr_omitted_bytes": err_cut,
-        }
+        result: dict[str, Any] = {"exit_code": exit_code, "stdout": stdout, "stderr": stderr}
+        if out_cut or err_cut:
+            # Only when something was cut: a plain result stays three keys (workflow outputs
+            # and templates see exactly what a command printed).
+            result.update(truncated=True, stdout_omitted_bytes=out_cut, stderr_omitted_bytes=err_cut)
+        return result
 
 
 async def _drain_into(stream: asyncio.StreamReader | None, output: _Output, capture: _Capture) -> None:
