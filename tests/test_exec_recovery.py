@@ -277,3 +277,96 @@ def test_sigkilled_workflow_steps_are_ended_before_they_run_again(tmp_path: Path
 
     assert runs.overlaps(logged) == {}, runs.log.read_text() + err
     assert [pid for pid in first_pids if _alive(pid)] == []
+
+
+async def test_a_running_attempt_is_recorded_and_forgotten_when_it_ends(tmp_path: Path) -> None:
+    import anyio
+
+    from dspy_infra.config import load_settings
+    from dspy_infra.models import TaskSpec
+    from dspy_infra.ownership import AttemptRegistry
+    from dspy_infra.scheduler.handlers import TaskContext, exec_handler
+
+    home = tmp_path / "home"
+    registry = AttemptRegistry(home / "attempts")
+    settings = load_settings(env={}, home=home)
+    ctx = TaskContext(TaskSpec("rec", payload={"handler": "exec", "cmd": "sleep 30"}), 2, settings)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(exec_handler, ctx)
+        for _ in range(500):
+            recs = [r for _, r in registry.records() if r is not None and r.pid]
+            if recs:
+                break
+            await anyio.sleep(0.01)
+        (rec,) = recs
+        st = proc_stat(rec.pid)
+        assert st is not None and (rec.task_id, rec.attempt) == ("rec", 2)
+        assert rec.start_time == st.start_time and rec.pgid == st.pgid == rec.pid
+        assert rec.marker.endswith(":rec:2")
+        tg.cancel_scope.cancel()
+    assert registry.records() == []
+    for _ in range(100):
+        if not _alive(rec.pid):
+            break
+        await anyio.sleep(0.02)
+    assert not _alive(rec.pid)
+
+
+def _recorded_leftover_ignoring_sigterm(home: Path, ready: Path) -> subprocess.Popen[bytes]:
+    """A process of a crashed attempt of task "stubborn", recorded as such, ignoring SIGTERM."""
+    from dspy_infra.ownership import AttemptRecord, AttemptRegistry, attempt_marker, durable_scope
+
+    marker = attempt_marker(durable_scope(home), "stubborn", 1)
+    code = (
+        "import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        f" pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
+    env = {**os.environ, "DSPY_INFRA_ATTEMPT": marker}
+    leftover = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    _wait_for(ready.exists, 10, "the leftover to start")
+    st = proc_stat(leftover.pid)
+    assert st is not None
+    AttemptRegistry(home / "attempts").write(
+        AttemptRecord("stubborn", 1, marker, pid=leftover.pid, pgid=leftover.pid, start_time=st.start_time)
+    )
+    return leftover
+
+
+async def test_recovery_waits_for_leftovers_off_the_event_loop(tmp_path: Path) -> None:
+    """A leftover that ignores SIGTERM holds the start for the whole grace period; the event
+    loop keeps running meanwhile (a watchdog measures the longest gap between its ticks)."""
+    import anyio
+
+    from dspy_infra.config import load_settings
+    from dspy_infra.events import EventBus
+    from dspy_infra.metrics import InfraMetrics
+    from dspy_infra.plugins import build_plugin_manager
+    from dspy_infra.scheduler.scheduler import Scheduler
+
+    home = tmp_path / "home"
+    home.mkdir()
+    leftover = _recorded_leftover_ignoring_sigterm(home, tmp_path / "ready")
+    try:
+        longest = 0.0
+        stop = anyio.Event()
+
+        async def watchdog() -> None:
+            nonlocal longest
+            last = time.monotonic()
+            while not stop.is_set():
+                await anyio.sleep(0.01)
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+
+        settings = load_settings(env={}, home=home, shutdown_grace=0.1)
+        pm = build_plugin_manager(load_entry_points=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watchdog)
+            async with Scheduler(settings, bus=EventBus(), metrics=InfraMetrics(), plugins=pm):
+                # SIGTERM was ignored, so SIGKILL ended it.
+                assert leftover.poll() == -signal.SIGKILL or proc_stat(leftover.pid) is None
+            stop.set()
+        assert longest < 0.5, f"the event loop stalled {longest:.2f}s while leftovers were ended"
+    finally:
+        leftover.kill()
+        leftover.wait()
