@@ -29,6 +29,7 @@ beyond the process group.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -105,6 +106,7 @@ def same_process(pid: int, start_time: int) -> bool:
     return st is not None and not st.dead and st.start_time == start_time
 
 
+@functools.lru_cache(maxsize=64)
 def durable_scope(home: Path) -> str:
     """Marker scope of a durable scheduler on ``home``: the same across restarts, distinct
     per state directory (one process per state directory holds its lock)."""

@@ -484,6 +484,10 @@ def _attempt(ctx: TaskContext) -> _Attempt:
         home = settings.resolved_home()
         scope = durable_scope(home)
         registry: AttemptRegistry | None = AttemptRegistry(home / ATTEMPTS_DIR)
+    elif settings is not None:
+        # Memory-only: nothing to recover, so no record; the marker is this process's and
+        # this home's (two such schedulers in one process must not end each other's tasks).
+        scope, registry = f"{volatile_scope()}-{durable_scope(settings.resolved_home())}", None
     else:
         scope, registry = volatile_scope(), None
     log = AttemptLog(log_root(settings), ctx.spec.id, ctx.attempt) if settings is not None else None
