@@ -235,12 +235,9 @@ class AttemptRegistry:
             return out
         for name in names:
             path = self.directory / name
-            if name.startswith(".attempt-"):
-                # A temporary file a crash left between write and rename: nothing to end.
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                continue
-            if not name.endswith(".json"):
+            if not name.endswith(".json") or name.startswith(".attempt-"):
+                # Not a record (a temporary file is one being written, or one a crash left
+                # between write and rename: nothing to end either way).
                 continue
             try:
                 text = path.read_text(encoding="utf-8")
@@ -378,10 +375,15 @@ def end_leftover_attempts(
     records = [rec for _, rec in entries if rec is not None]
     wanted = set(task_ids) | {rec.task_id for rec in records}
     report = end_attempt_processes(records, durable_scope(home), wanted, grace=grace)
-    for path, _ in entries:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    if entries:
+    # Every file here belongs to a dead process (records, and temporary files a crash left).
+    try:
+        names = os.listdir(registry.directory)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(registry.directory / name)
+    if names:
         _fsync_dir(registry.directory)
     return report
 
