@@ -174,3 +174,51 @@ async def test_exec_cancelled_while_spawning_ends_at_once_and_leaves_no_child(
             break
         await anyio.sleep(0.05)
     assert _processes_with_arg(f"sleep {marker}") == []
+
+
+def _json_ctx(**payload: object) -> TaskContext:
+    """A context whose payload holds these JSON values as they are (what TaskSpec keeps once
+    payloads are JSON objects; a TaskSpec that still turns values into strings would hide
+    the types under test)."""
+    spec = TaskSpec("t", payload={})
+    object.__setattr__(spec, "payload", payload)
+    return TaskContext(spec=spec, attempt=1)
+
+
+@pytest.mark.parametrize("seconds", [True, [1], {"s": 1}, -1, "nan", "inf", "soon", float("nan")])
+async def test_sleep_refuses_what_is_not_a_finite_non_negative_number(seconds: object) -> None:
+    with pytest.raises(PermanentFailure, match=r"payload\.seconds"):
+        await sleep_handler(_json_ctx(seconds=seconds))
+
+
+async def test_sleep_takes_a_json_number_or_its_text() -> None:
+    assert await sleep_handler(_json_ctx(seconds=0)) == {"slept": 0.0}
+    assert await sleep_handler(_json_ctx(seconds="0.01")) == {"slept": 0.01}
+
+
+async def test_fail_message_of_any_json_type_is_shown() -> None:
+    with pytest.raises(RuntimeError, match=r'\{"code":7\}'):
+        await fail_handler(_json_ctx(message={"code": 7}))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, {}),
+        ("", {}),
+        ({"A": "1"}, {"A": "1"}),
+        ('{"A": "1"}', {"A": "1"}),
+    ],
+)
+def test_payload_json_object_takes_an_object_or_its_text(value: object, expected: dict[str, str]) -> None:
+    from dspy_infra.scheduler.handlers import payload_json_object
+
+    assert payload_json_object({"env": value}, "env", "{}") == expected
+
+
+@pytest.mark.parametrize("value", [7, ["a"], '["a"]', "{bad", {"A": 1}, '{"A": 1}'])
+def test_payload_json_object_names_the_field_on_anything_else(value: object) -> None:
+    from dspy_infra.scheduler.handlers import payload_json_object
+
+    with pytest.raises(PermanentFailure, match=r"payload\.env.*fix"):
+        payload_json_object({"env": value}, "env", '{"A": "1"}')
