@@ -138,6 +138,9 @@ def _json_spec(payload: dict[str, object]) -> TaskSpec:
         ({"cmd": "true", "cwd": 7}, "payload.cwd"),
         ({"cmd": "true", "cwd": "/no/such/dir"}, "payload.cwd"),
         ({"cmd": ["/no/such/program"]}, r"payload.cmd\[0\]"),
+        ({"cmd": ["/etc/passwd"]}, r"payload.cmd\[0\]"),
+        ({"cmd": "true", "cwd": "/etc/passwd"}, "payload.cwd"),
+        ({"cmd": ["echo", "x" * 200_000]}, "payload.cmd"),
     ],
 )
 async def test_exec_payload_of_the_wrong_type_is_a_permanent_failure_naming_the_field(

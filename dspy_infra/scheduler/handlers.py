@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -551,14 +552,8 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
         await anyio.to_thread.run_sync(_start_attempt, att, ctx)
         try:
             proc = await _spawn(argv, cwd, env)
-        except FileNotFoundError as exc:
-            if cwd is not None and exc.filename == cwd:
-                raise PermanentFailure(f"payload.cwd: no such directory {preview(cwd)}") from None
-            raise PermanentFailure(
-                f"payload.cmd[0]: no such program {preview(argv[0])} ({exc.strerror})"
-            ) from None
-        except PermissionError as exc:
-            raise PermanentFailure(f"payload.cmd: cannot run {preview(argv[0])} ({exc.strerror})") from None
+        except OSError as exc:
+            raise _spawn_failure(exc, argv, cwd) from None
         async with anyio.create_task_group() as tg:
             if att.registry is not None:
                 tg.start_soon(anyio.to_thread.run_sync, _record_spawned, att, ctx, proc.pid)
@@ -584,6 +579,23 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
     if exit_code != 0:
         raise ExecFailed(exit_code, result)
     return result
+
+
+def _spawn_failure(exc: OSError, argv: list[str], cwd: str | None) -> Exception:
+    """What a failed spawn means: a bad ``cwd`` or program is the payload's fault (no retry
+    can fix it), anything else (out of processes, say) may pass."""
+    if cwd is not None and exc.filename == cwd:
+        return PermanentFailure(f"payload.cwd: {preview(cwd)}: {exc.strerror} (fix: an existing directory)")
+    if exc.errno == errno.E2BIG:
+        return PermanentFailure(
+            "payload.cmd: the command line is too long for the system (fix: pass data in a file)"
+        )
+    if isinstance(exc, FileNotFoundError | PermissionError | NotADirectoryError) or exc.filename == argv[0]:
+        return PermanentFailure(
+            f"payload.cmd[0]: cannot run {preview(argv[0])}: {exc.strerror}"
+            " (fix: a program on PATH or an absolute path to an executable)"
+        )
+    return exc
 
 
 def _start_attempt(att: _Attempt, ctx: TaskContext) -> None:
