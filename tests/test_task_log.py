@@ -169,3 +169,14 @@ async def test_a_finished_attempt_leaves_no_record_and_no_escaped_descendant(tmp
     assert st is None or st.dead, "a descendant that left the process group outlived its attempt"
     assert list((tmp_path / "home" / "attempts").glob("*.json")) == []
     assert os.listdir(tmp_path / "home" / "attempts") == []
+
+
+async def test_a_timed_out_attempt_keeps_its_output_in_the_log(tmp_path: Path) -> None:
+    async with Infra(_settings(tmp_path / "home"), load_entry_points=False) as infra:
+        await infra.submit_task(
+            "slow", payload={"handler": "exec", "cmd": "echo before; sleep 30; echo after"}, timeout=1.0
+        )
+        done = await infra.wait("slow", timeout=30)
+        assert done.status is TaskStatus.FAILED and "timed out" in done.error
+        assert await infra.task_log("slow", attempt=1) == "before\n"
+    assert os.listdir(tmp_path / "home" / "attempts") == []
