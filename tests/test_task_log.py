@@ -180,3 +180,13 @@ async def test_a_timed_out_attempt_keeps_its_output_in_the_log(tmp_path: Path) -
         assert done.status is TaskStatus.FAILED and "timed out" in done.error
         assert await infra.task_log("slow", attempt=1) == "before\n"
     assert os.listdir(tmp_path / "home" / "attempts") == []
+
+
+def test_a_first_attempt_starts_the_log_afresh(tmp_path: Path) -> None:
+    # An earlier task of the same id (pruned from the store, then the id reused) left logs.
+    for attempt, text in ((1, b"old one\n"), (2, b"old two\n"), (1, b"new\n")):
+        log = AttemptLog(tmp_path, "reused", attempt)
+        log.open()
+        log.write(text)
+        log.close()
+    assert read_task_log(tmp_path, "reused") == "=== attempt 1 ===\nnew\n"

@@ -150,7 +150,10 @@ def _attempt_files(task_dir: Path) -> list[tuple[int, Path]]:
 
 def _drop_old_attempts(task_dir: Path, current: int) -> None:
     files = _attempt_files(task_dir)
-    for attempt, path in files[: max(0, len(files) - TASK_LOG_ATTEMPTS)]:
+    # A first attempt starts a task's log afresh: what is there belongs to an earlier task
+    # of the same id (one pruned from the store, say), not to this one.
+    drop = files if current == 1 else files[: max(0, len(files) - TASK_LOG_ATTEMPTS)]
+    for attempt, path in drop:
         if attempt != current:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
