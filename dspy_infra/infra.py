@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+import anyio.to_thread
 from anyio.abc import AsyncResource
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import SpecError, Unavailable
+from .errors import NotFound, SpecError, Unavailable
 from .events import EventBus
 from .metrics import InfraMetrics
 from .models import Event, QueueStatus, ServiceSpec, TaskResult, TaskSpec, TaskState
@@ -217,6 +218,29 @@ class Infra(AsyncResource):
 
     async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
         return await self.scheduler.list_tasks(status=status, limit=limit)
+
+    async def task_log(self, task_id: str, attempt: int | None = None) -> str:
+        """The output the task's commands wrote (``exec`` handler): every kept attempt, each
+        under an ``=== attempt N ===`` line, or only ``attempt``. ``""`` when the task wrote
+        none (another handler, or not started yet). Bounded: see docs/tasks.md.
+
+        Raises ``NotFound`` for an unknown task, or an attempt whose log is not kept.
+        """
+        from .scheduler.task_logs import log_root, read_task_log
+        from .values import check_int, check_text, preview
+
+        check_text(task_id, "task_id")
+        if attempt is not None:
+            check_int(attempt, "attempt", lo=1)
+        await self.scheduler.get(task_id)  # NotFound for an unknown task
+        text = await anyio.to_thread.run_sync(read_task_log, log_root(self.settings), task_id, attempt)
+        if text is None:
+            raise NotFound(
+                f"task {preview(task_id)} has no log of attempt {attempt}",
+                field="attempt",
+                fix="omit it to read every kept attempt (the last few attempts of a task are kept)",
+            )
+        return text
 
     def stream_results(
         self, task_ids: Sequence[str] | None = None, *, include_completed: bool = False

@@ -10,8 +10,10 @@ from dspy_infra.models import TaskSpec
 from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
+    "any_task_ids",
     "limiter_ops",
     "limiter_samples",
+    "output_chunks",
     "priorities",
     "task_ids",
     "task_outcomes",
@@ -65,3 +67,16 @@ def task_specs(draw: st.DrawFn, task_class: str = "cpu_short", handler: str = "n
         priority=draw(priorities),
         max_attempts=draw(st.integers(min_value=1, max_value=4)),
     )
+
+
+#: Any task id a client could send: any Unicode text, colons, slashes and dots included.
+any_task_ids = st.text(min_size=1, max_size=64)
+
+#: A command's output as the pipe delivers it: chunks of bytes of varied sizes and content.
+output_chunks = st.lists(
+    st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda n, b: bytes([b]) * n, st.integers(0, 3000), st.integers(0, 255)),
+    ),
+    max_size=20,
+)

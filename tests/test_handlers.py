@@ -12,7 +12,7 @@ import pytest
 from dspy_infra.models import TaskSpec
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler.handlers import (
-    TAIL_BYTES,
+    RESULT_OUTPUT_BYTES,
     ExecFailed,
     PermanentFailure,
     TaskContext,
@@ -39,13 +39,36 @@ def _alive(pid: int) -> bool:
 
 async def test_exec_returns_exit_code_and_both_streams() -> None:
     result = await exec_handler(ctx(cmd="echo out; echo err >&2"))
-    assert result == {"exit_code": "0", "stdout": "out\n", "stderr": "err\n"}
+    assert result == {"exit_code": 0, "stdout": "out\n", "stderr": "err\n"}
 
 
-async def test_exec_keeps_only_the_tail_of_long_output() -> None:
-    result = await exec_handler(ctx(cmd="head -c 100000 /dev/zero | tr '\\0' a; printf END"))
-    assert len(result["stdout"].encode()) == TAIL_BYTES
-    assert result["stdout"].endswith("aaaEND")
+async def test_exec_keeps_output_whole_up_to_the_limit() -> None:
+    # Regression: stdout used to keep only its last 4 KiB.
+    n = RESULT_OUTPUT_BYTES - 10
+    result = await exec_handler(ctx(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END"))
+    assert result["stdout"] == "START" + "a" * n + "END"
+    assert "truncated" not in result
+
+
+async def test_exec_beyond_the_limit_keeps_head_and_tail_and_says_how_much_was_cut() -> None:
+    n = 3 * RESULT_OUTPUT_BYTES
+    result = await exec_handler(ctx(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END"))
+    out = result["stdout"]
+    assert out.startswith("STARTaaa") and out.endswith("aaaEND")
+    assert result["truncated"] is True
+    kept = len(out.encode()) - len(out.split("\n")[1].encode()) - 2
+    assert result["stdout_omitted_bytes"] == n + 8 - kept
+    assert f"{result['stdout_omitted_bytes']} bytes omitted" in out
+    assert result["stderr_omitted_bytes"] == 0
+    assert len(out.encode()) <= RESULT_OUTPUT_BYTES + 100
+
+
+async def test_exec_output_of_control_characters_stays_within_the_limit_as_json() -> None:
+    import json
+
+    result = await exec_handler(ctx(cmd=f"head -c {RESULT_OUTPUT_BYTES} /dev/zero"))
+    assert result["truncated"] is True
+    assert len(json.dumps(result["stdout"])) <= RESULT_OUTPUT_BYTES + 100
 
 
 async def test_exec_nonzero_exit_fails_with_the_stderr_tail() -> None:
@@ -84,7 +107,8 @@ async def test_exec_runs_in_cwd(tmp_path: Path) -> None:
 async def test_noop_sleep_fail() -> None:
     assert await noop_handler(ctx()) == {}
     started = time.monotonic()
-    assert await sleep_handler(ctx(seconds="0.05")) == {"slept": "0.05"}
+    assert await sleep_handler(ctx(seconds="0.05")) == {"slept": 0.05}
+    assert await sleep_handler(ctx(seconds=0.05)) == {"slept": 0.05}
     assert time.monotonic() - started >= 0.04
     with pytest.raises(PermanentFailure, match=r"payload\.seconds"):
         await sleep_handler(ctx(seconds="soon"))
@@ -150,3 +174,51 @@ async def test_exec_cancelled_while_spawning_ends_at_once_and_leaves_no_child(
             break
         await anyio.sleep(0.05)
     assert _processes_with_arg(f"sleep {marker}") == []
+
+
+def _json_ctx(**payload: object) -> TaskContext:
+    """A context whose payload holds these JSON values as they are (what TaskSpec keeps once
+    payloads are JSON objects; a TaskSpec that still turns values into strings would hide
+    the types under test)."""
+    spec = TaskSpec("t", payload={})
+    object.__setattr__(spec, "payload", payload)
+    return TaskContext(spec=spec, attempt=1)
+
+
+@pytest.mark.parametrize("seconds", [True, [1], {"s": 1}, -1, "nan", "inf", "soon", float("nan")])
+async def test_sleep_refuses_what_is_not_a_finite_non_negative_number(seconds: object) -> None:
+    with pytest.raises(PermanentFailure, match=r"payload\.seconds"):
+        await sleep_handler(_json_ctx(seconds=seconds))
+
+
+async def test_sleep_takes_a_json_number_or_its_text() -> None:
+    assert await sleep_handler(_json_ctx(seconds=0)) == {"slept": 0.0}
+    assert await sleep_handler(_json_ctx(seconds="0.01")) == {"slept": 0.01}
+
+
+async def test_fail_message_of_any_json_type_is_shown() -> None:
+    with pytest.raises(RuntimeError, match=r'\{"code":7\}'):
+        await fail_handler(_json_ctx(message={"code": 7}))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, {}),
+        ("", {}),
+        ({"A": "1"}, {"A": "1"}),
+        ('{"A": "1"}', {"A": "1"}),
+    ],
+)
+def test_payload_json_object_takes_an_object_or_its_text(value: object, expected: dict[str, str]) -> None:
+    from dspy_infra.scheduler.handlers import payload_json_object
+
+    assert payload_json_object({"env": value}, "env", "{}") == expected
+
+
+@pytest.mark.parametrize("value", [7, ["a"], '["a"]', "{bad", {"A": 1}, '{"A": 1}'])
+def test_payload_json_object_names_the_field_on_anything_else(value: object) -> None:
+    from dspy_infra.scheduler.handlers import payload_json_object
+
+    with pytest.raises(PermanentFailure, match=r"payload\.env.*fix"):
+        payload_json_object({"env": value}, "env", '{"A": "1"}')

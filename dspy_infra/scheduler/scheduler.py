@@ -43,6 +43,7 @@ from ..events import EventBus
 from ..hardware import detect_hardware
 from ..metrics import InfraMetrics
 from ..models import HardwareInfo, QueueStatus, TaskClass, TaskResult, TaskSpec, TaskState, TaskStatus
+from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from .classes import check_runnable, resolve_classes
 from .handlers import Handler, PermanentFailure, SharedResources, TaskContext
@@ -402,6 +403,12 @@ class Scheduler(AsyncResource):
                     self.settings.resolved_home(), commit_interval=self.settings.commit_interval
                 )
             stored = await self._store.open()
+            if self._durable:
+                # Processes of attempts a crashed predecessor left running end before any
+                # interrupted task runs again, so no two runs of one task overlap.
+                await end_interrupted_attempts(
+                    self.settings.resolved_home(), [row.spec.id for row in stored if not row.status.terminal]
+                )
             stack.push_async_callback(self._fail_leftovers)
             stack.push_async_callback(self._store.aclose)
             # Closed right after the task group: no attempt is left to use them.

@@ -1,0 +1,408 @@
+"""Which operating-system processes belong to a task attempt, and ending them.
+
+One place for "is this still the process we started?" and "end everything an attempt left":
+
+- **Identity.** A pid alone is not a process: pids are reused. A process is its pid plus its
+  start time (``/proc/PID/stat`` field 22, clock ticks since boot); a zombie (state ``Z``)
+  has exited and counts as dead.
+- **Attempt records.** Before a task command starts, the ``exec`` handler writes a small JSON
+  record (task id, attempt, marker) under ``<home>/attempts/``, rewrites it with the pid,
+  start time and process group once the process exists, and removes it when the attempt has
+  ended. Each write is atomic (temporary file, fsync, rename), so a crash leaves either the
+  old record or the new one, never a torn one.
+- **Markers.** The command's environment carries ``DSPY_INFRA_ATTEMPT=<scope>:<task id>:<attempt>``
+  and every descendant inherits it, so a descendant that left the process group (``setsid``,
+  a daemonizing server) is still found by scanning ``/proc/*/environ``. ``<scope>`` is
+  derived from the state directory for durable schedulers (what a restart looks for) and is
+  random per scheduler otherwise.
+- **Ending.** SIGTERM to each process group and each marked process, SIGKILL to what is
+  still alive after a short grace. Every signal is sent only after checking, just before,
+  that the pid still has the start time we saw (so a reused pid is never hit).
+
+Everything here blocks (``/proc`` reads, file writes, sleeping through the grace period):
+call it through ``anyio.to_thread``.
+
+Linux only (``/proc``); elsewhere the scans find nothing and records still protect nothing
+beyond the process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "ATTEMPT_ENV",
+    "AttemptRecord",
+    "AttemptRegistry",
+    "EndReport",
+    "ProcStat",
+    "attempt_marker",
+    "durable_scope",
+    "end_attempt_processes",
+    "end_interrupted_attempts",
+    "end_leftover_attempts",
+    "find_marked",
+    "proc_stat",
+    "same_process",
+]
+
+_log = logging.getLogger(__name__)
+
+#: Environment variable naming the attempt a process belongs to (inherited by descendants).
+ATTEMPT_ENV = "DSPY_INFRA_ATTEMPT"
+_ENV_PREFIX = (ATTEMPT_ENV + "=").encode()
+#: Seconds between SIGTERM and SIGKILL when ending an attempt's processes.
+DEFAULT_GRACE = 2.0
+ATTEMPTS_DIR = "attempts"
+
+
+@attrs.frozen
+class ProcStat:
+    """What ``/proc/PID/stat`` says about a process."""
+
+    pid: int
+    state: str
+    pgid: int
+    start_time: int
+
+    @property
+    def dead(self) -> bool:
+        return self.state in ("Z", "X", "x")
+
+
+def proc_stat(pid: int | str) -> ProcStat | None:
+    """``/proc/PID/stat`` of ``pid``, None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return ProcStat(pid=int(pid), state=fields[0], pgid=int(fields[2]), start_time=int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, start_time: int) -> bool:
+    """True while ``pid`` is alive (not a zombie) and is the process that started at ``start_time``."""
+    if pid <= 0:
+        return False
+    st = proc_stat(pid)
+    return st is not None and not st.dead and st.start_time == start_time
+
+
+@functools.lru_cache(maxsize=64)
+def durable_scope(home: Path) -> str:
+    """Marker scope of a durable scheduler on ``home``: the same across restarts, distinct
+    per state directory (one process per state directory holds its lock)."""
+    return "home-" + hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+
+
+def attempt_marker(scope: str, task_id: str, attempt: int) -> str:
+    """The ``DSPY_INFRA_ATTEMPT`` value of one attempt (the task id goes last but one; a
+    colon in it is harmless since the scope has none and the attempt is the last field)."""
+    return f"{scope}:{task_id}:{attempt}"
+
+
+def _marker_task(marker: str, scope: str) -> str | None:
+    """The task id in ``marker`` if it belongs to ``scope``, else None."""
+    head = scope + ":"
+    if not marker.startswith(head):
+        return None
+    task_id, sep, attempt = marker[len(head) :].rpartition(":")
+    return task_id if sep and attempt.isdigit() else None
+
+
+def find_marked(
+    scope: str, task_ids: Collection[str] | None = None, *, exclude: int | None = None
+) -> list[ProcStat]:
+    """Live processes whose environment carries a marker of ``scope`` (and, if given, of one
+    of ``task_ids``). Processes of other users are unreadable and never found."""
+    found: list[ProcStat] = []
+    me = os.getpid()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) in (me, exclude):
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:
+            continue
+        if _ENV_PREFIX not in environ:
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(_ENV_PREFIX):
+                task = _marker_task(item[len(_ENV_PREFIX) :].decode("utf-8", "replace"), scope)
+                if task is not None and (task_ids is None or task in task_ids):
+                    st = proc_stat(entry)
+                    if st is not None and not st.dead:
+                        found.append(st)
+                break
+    return found
+
+
+@attrs.frozen
+class AttemptRecord:
+    """One attempt's processes as recorded on disk. ``pid`` is 0 until the process exists."""
+
+    task_id: str
+    attempt: int
+    marker: str
+    pid: int = 0
+    pgid: int = 0
+    start_time: int = 0
+    recorded_at: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> AttemptRecord | None:
+        """The record in ``text``, None if it is not one (a foreign or damaged file)."""
+        try:
+            raw: Any = json.loads(text)
+            return cls(
+                task_id=str(raw["task_id"]),
+                attempt=int(raw["attempt"]),
+                marker=str(raw["marker"]),
+                pid=int(raw.get("pid", 0)),
+                pgid=int(raw.get("pgid", 0)),
+                start_time=int(raw.get("start_time", 0)),
+                recorded_at=float(raw.get("recorded_at", 0.0)),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+class AttemptRegistry:
+    """Attempt records in one directory, one file per attempt (named by a hash of the task id
+    and the attempt number, never by the id itself)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path_for(self, task_id: str, attempt: int) -> Path:
+        digest = hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return self.directory / f"{digest}-{attempt}.json"
+
+    def write(self, record: AttemptRecord) -> Path:
+        """Write ``record`` atomically and durably (blocking)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(record.task_id, record.attempt)
+        fd, tmp = tempfile.mkstemp(prefix=".attempt-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(record.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(self.directory)
+        return path
+
+    def remove(self, task_id: str, attempt: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path_for(task_id, attempt))
+
+    def records(self) -> list[tuple[Path, AttemptRecord | None]]:
+        """Every record file with its record (None for a damaged one)."""
+        out: list[tuple[Path, AttemptRecord | None]] = []
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            path = self.directory / name
+            if not name.endswith(".json") or name.startswith(".attempt-"):
+                # Not a record (a temporary file is one being written, or one a crash left
+                # between write and rename: nothing to end either way).
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                out.append((path, None))
+                continue
+            out.append((path, AttemptRecord.from_json(text)))
+        return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class EndReport:
+    """What ``end_attempt_processes`` did: pids it signalled, and pids still alive after
+    SIGKILL (normally none: only a process in uninterruptible sleep can linger)."""
+
+    signalled: tuple[int, ...] = ()
+    survivors: tuple[int, ...] = ()
+
+
+def _signal(st: ProcStat, sig: int) -> None:
+    """Send ``sig`` to ``st`` only if it is still that process."""
+    if same_process(st.pid, st.start_time):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(st.pid, sig)
+
+
+def _group_members(pgid: int, since: int) -> list[ProcStat]:
+    """Live members of process group ``pgid`` that started no earlier than ``since``."""
+    out: list[ProcStat] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if entry.isdigit():
+            st = proc_stat(entry)
+            if st is not None and st.pgid == pgid and not st.dead and st.start_time >= since:
+                out.append(st)
+    return out
+
+
+def _targets(records: Iterable[AttemptRecord], scope: str, task_ids: Collection[str]) -> dict[int, ProcStat]:
+    me = os.getpid()
+    targets: dict[int, ProcStat] = {}
+    for rec in records:
+        if rec.pid <= 0 or rec.pid == me:
+            continue
+        leader = proc_stat(rec.pid)
+        if leader is not None and leader.start_time != rec.start_time:
+            # The pid was reused: the recorded process is gone, and this one is a stranger.
+            # Its group (if it leads one) is the stranger's too; marked descendants of ours
+            # are still found by the marker scan below.
+            continue
+        if leader is not None and not leader.dead:
+            targets[leader.pid] = leader
+        if rec.pgid > 0:
+            # Linux keeps a pgid number allocated while any member lives, so live members of
+            # the recorded group that started after the recorded leader are the attempt's.
+            for st in _group_members(rec.pgid, rec.start_time):
+                if st.pid != me:
+                    targets[st.pid] = st
+    for st in find_marked(scope, task_ids):
+        targets[st.pid] = st
+    return targets
+
+
+def end_attempt_processes(
+    records: Iterable[AttemptRecord],
+    scope: str,
+    task_ids: Collection[str],
+    *,
+    grace: float = DEFAULT_GRACE,
+) -> EndReport:
+    """End every process of the given attempts: the recorded process and its group (checked
+    by start time), and every process whose marker names ``scope`` and one of ``task_ids``.
+
+    SIGTERM first; SIGKILL after ``grace`` seconds to whatever is still alive. Blocking.
+    """
+    records = list(records)
+    targets = _targets(records, scope, task_ids)
+    if not targets:
+        return EndReport()
+    signalled = set(targets)
+    for st in targets.values():
+        _signal(st, signal.SIGTERM)
+    # The grace period lets the signalled processes clean up, which may start new ones (a
+    # shell's trap running `date`): those are left alone until the SIGKILL round.
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        targets = {pid: st for pid, st in targets.items() if same_process(pid, st.start_time)}
+        if not targets and not _targets(records, scope, task_ids):
+            return EndReport(signalled=tuple(sorted(signalled)))
+        time.sleep(0.02)
+    for _ in range(3):
+        targets.update(_targets(records, scope, task_ids))
+        signalled.update(targets)
+        for st in targets.values():
+            _signal(st, signal.SIGKILL)
+        kill_deadline = time.monotonic() + 1.0
+        while time.monotonic() < kill_deadline:
+            targets = {pid: st for pid, st in targets.items() if same_process(pid, st.start_time)}
+            if not targets:
+                break
+            time.sleep(0.01)
+        if not targets and not _targets(records, scope, task_ids):
+            break
+    return EndReport(signalled=tuple(sorted(signalled)), survivors=tuple(sorted(targets)))
+
+
+def end_leftover_attempts(
+    home: Path, task_ids: Collection[str], *, grace: float = DEFAULT_GRACE
+) -> EndReport:
+    """On start of a durable scheduler: end every process of attempts a previous process of
+    this state directory left running, then forget their records. Blocking.
+
+    ``task_ids`` are the tasks the store says were interrupted (pending or running); every
+    attempt record left on disk counts too, since only a dead process leaves one (the state
+    directory's lock admits one process at a time).
+    """
+    registry = AttemptRegistry(home / ATTEMPTS_DIR)
+    entries = registry.records()
+    records = [rec for _, rec in entries if rec is not None]
+    wanted = set(task_ids) | {rec.task_id for rec in records}
+    report = end_attempt_processes(records, durable_scope(home), wanted, grace=grace)
+    # Every file here belongs to a dead process (records, and temporary files a crash left).
+    try:
+        names = os.listdir(registry.directory)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            os.unlink(registry.directory / name)
+    if names:
+        _fsync_dir(registry.directory)
+    return report
+
+
+async def end_interrupted_attempts(
+    home: Path, task_ids: Collection[str], *, grace: float = DEFAULT_GRACE
+) -> EndReport:
+    """``end_leftover_attempts`` off the event loop: what a durable scheduler awaits on start,
+    before it queues any interrupted task again."""
+    import anyio.to_thread
+
+    report = await anyio.to_thread.run_sync(lambda: end_leftover_attempts(home, task_ids, grace=grace))
+    if report.signalled:
+        _log.warning(
+            "ended %d leftover process(es) of interrupted task attempts: %s%s",
+            len(report.signalled),
+            " ".join(map(str, report.signalled[:50])),
+            f"; still alive after SIGKILL: {' '.join(map(str, report.survivors))}"
+            if report.survivors
+            else "",
+        )
+    return report

@@ -1,0 +1,228 @@
+"""Per-task log files: every attempt's output, bounded, readable after the task ended.
+
+Layout: ``<home>/task-logs/<store>/<sha256 of the task id>/<attempt>.log``. File names come
+from a hash of the task id, never from the id itself, so no id can name a path. ``<store>``
+is ``durable`` for a durable scheduler; a memory-only scheduler writes under
+``mem-<pid>-<start time>`` (its tasks do not outlive the process, and several such processes
+may share one home), and such directories of dead processes are removed.
+
+Bounds (see docs/tasks.md):
+
+- one attempt's log keeps at most ``TASK_LOG_BYTES``: the first half as it is written, and
+  the last half, with a line saying how many bytes in between were left out;
+- the last ``TASK_LOG_ATTEMPTS`` attempts of a task are kept;
+- at most ``settings.retention`` tasks keep logs (the least recently written go first).
+
+Everything here that touches the disk blocks: the handler and ``Infra.task_log`` call it
+through ``anyio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from ..config import Settings
+from ..ownership import proc_stat, same_process
+
+__all__ = [
+    "TASK_LOG_ATTEMPTS",
+    "TASK_LOG_BYTES",
+    "AttemptLog",
+    "log_root",
+    "read_task_log",
+    "volatile_scope",
+]
+
+#: Most bytes one attempt's log file keeps (its first and last halves).
+TASK_LOG_BYTES = 2 * 1024 * 1024
+#: Attempt logs kept per task (the latest ones).
+TASK_LOG_ATTEMPTS = 5
+#: New task log directories between two prunes (per process).
+_PRUNE_EVERY = 256
+_LOGS_DIR = "task-logs"
+_DURABLE = "durable"
+
+
+_volatile: dict[int, str] = {}
+
+
+def volatile_scope() -> str:
+    """This process's name for memory-only state: ``mem-<pid>-<start time>`` (unique while
+    it lives, so a later process with the same pid gets another name)."""
+    pid = os.getpid()
+    scope = _volatile.get(pid)
+    if scope is None:
+        st = proc_stat(pid)
+        scope = _volatile[pid] = f"mem-{pid}-{st.start_time if st is not None else 0}"
+    return scope
+
+
+def log_root(settings: Settings) -> Path:
+    """Where the task logs of a scheduler with ``settings`` live."""
+    store = _DURABLE if settings.durable else volatile_scope()
+    return settings.resolved_home() / _LOGS_DIR / store
+
+
+def _task_dir(root: Path, task_id: str) -> Path:
+    return root / hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class AttemptLog:
+    """The log file of one attempt, written as output arrives, bounded to ``limit`` bytes.
+
+    ``write`` is blocking (call it off the loop); the scheduler's one-attempt-at-a-time rule
+    means one writer per file.
+    """
+
+    def __init__(self, root: Path, task_id: str, attempt: int, *, limit: int = TASK_LOG_BYTES) -> None:
+        self.root = root
+        self.dir = _task_dir(root, task_id)
+        self.path = self.dir / f"{attempt}.log"
+        self.attempt = attempt
+        self._head_limit = limit // 2
+        self._tail_limit = limit - self._head_limit
+        self._head_written = 0
+        self._tail = bytearray()
+        self._omitted = 0
+        self._fh: int | None = None
+
+    def open(self) -> None:
+        new = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fh = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        _drop_old_attempts(self.dir, self.attempt)
+        if new:
+            _maybe_prune(self.root)
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``: to the file while the head has room, else to the kept tail."""
+        if self._fh is None:
+            return
+        room = self._head_limit - self._head_written
+        if room > 0:
+            head = chunk[:room]
+            os.write(self._fh, head)
+            self._head_written += len(head)
+            chunk = chunk[room:]
+        if chunk:
+            self._tail += chunk
+            if len(self._tail) > 2 * self._tail_limit:
+                cut = len(self._tail) - self._tail_limit
+                self._omitted += cut
+                del self._tail[:cut]
+
+    def close(self) -> None:
+        """Write the kept tail (after a note of what was left out) and close the file."""
+        if self._fh is None:
+            return
+        try:
+            if len(self._tail) > self._tail_limit:
+                cut = len(self._tail) - self._tail_limit
+                self._omitted += cut
+                del self._tail[:cut]
+            if self._omitted:
+                os.write(self._fh, f"\n[dspy_infra: {self._omitted} bytes of output omitted here]\n".encode())
+            if self._tail:
+                os.write(self._fh, bytes(self._tail))
+        finally:
+            os.close(self._fh)
+            self._fh = None
+            self._tail = bytearray()
+
+
+def _attempt_files(task_dir: Path) -> list[tuple[int, Path]]:
+    out: list[tuple[int, Path]] = []
+    try:
+        names = os.listdir(task_dir)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        if dot and ext == "log" and stem.isdigit():
+            out.append((int(stem), task_dir / name))
+    out.sort()
+    return out
+
+
+def _drop_old_attempts(task_dir: Path, current: int) -> None:
+    files = _attempt_files(task_dir)
+    # A first attempt starts a task's log afresh: what is there belongs to an earlier task
+    # of the same id (one pruned from the store, say), not to this one.
+    drop = files if current == 1 else files[: max(0, len(files) - TASK_LOG_ATTEMPTS)]
+    for attempt, path in drop:
+        if attempt != current:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+_created = 0
+
+
+def _maybe_prune(root: Path) -> None:
+    global _created
+    _created += 1
+    if _created % _PRUNE_EVERY == 1:
+        prune(root)
+
+
+#: Task log directories one store keeps at most (the scheduler's retention is per store;
+#: this bound holds whatever retention is configured).
+MAX_TASKS_WITH_LOGS = 10_000
+
+
+def prune(root: Path, keep: int = MAX_TASKS_WITH_LOGS) -> None:
+    """Keep the ``keep`` most recently written task log directories under ``root``, and
+    remove memory-only stores of processes that are gone."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        entries = []
+    dated: list[tuple[float, str]] = []
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            dated.append((entry.stat().st_mtime, entry.path))
+    dated.sort()
+    for _, path in dated[: max(0, len(dated) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+    _remove_dead_volatile_stores(root.parent)
+
+
+def _remove_dead_volatile_stores(logs: Path) -> None:
+    try:
+        names = os.listdir(logs)
+    except FileNotFoundError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) == 3 and parts[0] == "mem" and parts[1].isdigit() and parts[2].isdigit():
+            if not same_process(int(parts[1]), int(parts[2])):
+                shutil.rmtree(logs / name, ignore_errors=True)
+
+
+def read_task_log(root: Path, task_id: str, attempt: int | None = None) -> str | None:
+    """The log of ``attempt`` of ``task_id`` (every kept attempt, each under a header line,
+    when None). ``""`` when the task wrote no log; None when that attempt's log is not kept.
+    Undecodable bytes become U+FFFD."""
+    files = _attempt_files(_task_dir(root, task_id))
+    if attempt is not None:
+        for number, path in files:
+            if number == attempt:
+                return _read(path)
+        return None
+    parts: list[str] = []
+    for number, path in files:
+        parts.append(f"=== attempt {number} ===\n")
+        text = _read(path)
+        parts.append(text if not text or text.endswith("\n") else text + "\n")
+    return "".join(parts)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
