@@ -269,12 +269,6 @@ class WorkflowSpec:
     output: JsonObject = attrs.field(factory=dict, converter=_plain_dict)
 
     def __attrs_post_init__(self) -> None:
-        if len(self.steps) > MAX_STEPS:
-            raise SpecError(
-                f"has {len(self.steps)} steps, the limit is {MAX_STEPS}",
-                field="steps",
-                fix=f"split the work into workflows of at most {MAX_STEPS} steps (or batch items into one step)",
-            )
         for i, step in enumerate(self.steps):
             if not isinstance(step, StepSpec):
                 raise SpecError(
@@ -438,17 +432,19 @@ class RunState:
 # Parsing and validation
 
 
-def parse_workflow_spec(spec: Any) -> WorkflowSpec:
+def parse_workflow_spec(spec: Any, *, limits: bool = True) -> WorkflowSpec:
     """A ``WorkflowSpec`` from JSON (``bytes``/``str``), a dict, a list of steps, or itself.
 
-    Only the shape is checked here; ``validate_workflow`` checks the graph and references.
+    Only the shape and the values are checked here (with ``limits``, also ``MAX_SPEC_BYTES``
+    and ``MAX_STEPS``); ``validate_workflow`` checks the graph and references.
     """
+    max_bytes = MAX_SPEC_BYTES if limits else 1 << 62
     if isinstance(spec, WorkflowSpec):
         return spec
     if spec is None:
         raise SpecError("a workflow needs a spec", field="spec", fix='pass {"steps": [...]}')
     if isinstance(spec, (bytes, bytearray, memoryview)):
-        _check_spec_size(len(spec))
+        _check_spec_size(len(spec), max_bytes)
         try:
             spec = bytes(spec).decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -456,7 +452,7 @@ def parse_workflow_spec(spec: Any) -> WorkflowSpec:
                 f"not UTF-8 (byte {exc.start})", field="spec", fix="send the JSON spec as UTF-8"
             ) from None
     if isinstance(spec, str):
-        _check_spec_size(len(spec))
+        _check_spec_size(len(spec), max_bytes)
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as exc:
@@ -471,9 +467,7 @@ def parse_workflow_spec(spec: Any) -> WorkflowSpec:
             ) from None
         # Depth, lone surrogates, 64-bit integers, finite numbers: the bounded walk refuses
         # them naming the path; it also bounds the work the rest of parsing does.
-        check_json_object(
-            {"spec": spec}, "workflow", max_bytes=MAX_SPEC_BYTES + 16, max_depth=MAX_JSON_DEPTH + 4
-        )
+        check_json_object({"spec": spec}, "workflow", max_bytes=max_bytes + 16, max_depth=MAX_JSON_DEPTH + 4)
     if isinstance(spec, (list, tuple)):
         spec = {"steps": spec}
     if not isinstance(spec, Mapping):
@@ -504,12 +498,8 @@ def parse_workflow_spec(spec: Any) -> WorkflowSpec:
             field="steps",
             fix='add "steps": [{"name": ..., "task_class": ..., "payload": {...}}]',
         )
-    if len(raw_steps) > MAX_STEPS:
-        raise SpecError(
-            f"has {len(raw_steps)} steps, the limit is {MAX_STEPS}",
-            field="steps",
-            fix=f"split the work into workflows of at most {MAX_STEPS} steps (or batch items into one step)",
-        )
+    if limits:
+        _check_step_count(len(raw_steps))
     steps = [_parse_step(raw, i) for i, raw in enumerate(raw_steps)]
     cof = spec.get("continue_on_failure", False)
     if not isinstance(cof, bool):
@@ -517,8 +507,17 @@ def parse_workflow_spec(spec: Any) -> WorkflowSpec:
     return WorkflowSpec(steps=steps, continue_on_failure=cof, output=spec.get("output") or {})
 
 
-def _check_spec_size(size: int) -> None:
-    if size > MAX_SPEC_BYTES:
+def _check_step_count(count: int) -> None:
+    if count > MAX_STEPS:
+        raise SpecError(
+            f"has {count} steps, the limit is {MAX_STEPS}",
+            field="steps",
+            fix=f"split the work into workflows of at most {MAX_STEPS} steps (or batch items into one step)",
+        )
+
+
+def _check_spec_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
         raise SpecError(
             f"is {size} bytes, the limit is {MAX_SPEC_BYTES}",
             field="spec",
@@ -868,7 +867,7 @@ class _Store:
         rows = await self._call(
             lambda: self._conn().execute("SELECT * FROM workflows ORDER BY created_at, id").fetchall()
         )
-        return [_workflow_from_row(r) for r in rows]
+        return await anyio.to_thread.run_sync(_workflows_from_rows, rows)
 
     # -- runs
 
@@ -1056,9 +1055,28 @@ def _step_row(run_id: str, s: StepState) -> tuple[Any, ...]:
 
 def _workflow_from_row(row: Sequence[Any]) -> Workflow:
     wf_id, name, description, spec, created_at = row
+    # Stored specs were accepted once: the size limits (added later) do not apply to them.
     return Workflow(
-        id=wf_id, name=name, description=description, spec=parse_workflow_spec(spec), created_at=created_at
+        id=wf_id,
+        name=name,
+        description=description,
+        spec=parse_workflow_spec(spec, limits=False),
+        created_at=created_at,
     )
+
+
+def _workflows_from_rows(rows: Sequence[Sequence[Any]]) -> list[Workflow]:
+    """Stored workflows; one that today's checks refuse (stored by an older version, e.g. a
+    step priority no task can hold) is left out with one error line instead of stopping
+    the engine from starting (its unfinished runs are not resumed: they could not store
+    their steps)."""
+    out: list[Workflow] = []
+    for row in rows:
+        try:
+            out.append(_workflow_from_row(row))
+        except SpecError as exc:
+            log.error("stored workflow %s is not loaded: %s", preview(row[0]), exc)
+    return out
 
 
 def _run_from_rows(row: Sequence[Any], step_rows: Sequence[Sequence[Any]]) -> tuple[RunState, bool]:
@@ -1218,6 +1236,7 @@ class WorkflowEngine(AsyncResource):
 
         def parse_and_validate() -> WorkflowSpec:
             parsed = parse_workflow_spec(spec)
+            _check_step_count(len(parsed.steps))  # also for a WorkflowSpec built in Python
             validate_workflow(parsed, classes, handlers)
             return parsed
 
