@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import hmac
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -57,11 +58,11 @@ from ..values import (
     INT32_MAX,
     INT32_MIN,
     MAX_ID_LENGTH,
+    MAX_JSON_DEPTH,
     check_finite,
     check_int,
     check_json_object,
     check_text,
-    decode_json_object,
     preview,
 )
 from . import _convert as cv
@@ -257,26 +258,33 @@ _TASK_JSON_KEY_SET = frozenset(TASK_JSON_KEYS)
 
 
 def json_task_list(raw: bytes, field: str, *, max_bytes: int) -> list[Any]:
-    """A JSON array of task objects (``SubmitTasks.tasks_json``), parsed with the same bounds
-    as every JSON body (size, depth, UTF-8, int64, finite numbers)."""
-    # decode_json_object wants an object: wrap the array, so one bounded parser does it all.
+    """A JSON array of task objects (``SubmitTasks.tasks_json``): size, UTF-8 and nesting
+    are checked for the whole text; each entry's values are checked by ``spec_from_doc``, so
+    one bad task is rejected alone, as in the ``tasks`` field."""
     if len(raw) > max_bytes:
         raise SpecError(
             f"is {len(raw)} bytes, the limit is {max_bytes}", field=field, fix="send fewer tasks per call"
         )
     try:
-        text = raw.decode("utf-8")
+        doc = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise SpecError(f"is not UTF-8 (byte {exc.start})", field=field, fix="send UTF-8 JSON") from None
-    doc = decode_json_object('{"tasks":' + text + "}", field, max_bytes=max_bytes + 16)
-    tasks = doc["tasks"]
-    if not isinstance(tasks, list):
+    except RecursionError:
         raise SpecError(
-            f"expected a JSON array of tasks, got {preview(tasks)}",
+            f"is nested more than {MAX_JSON_DEPTH} levels deep", field=field, fix="flatten the tasks"
+        ) from None
+    except ValueError as exc:
+        # json.JSONDecodeError: its text names line and column only, never the input.
+        raise SpecError(
+            f"is not valid JSON: {str(exc)[:120]}", field=field, fix='send [{"payload": {...}}, ...]'
+        ) from None
+    if not isinstance(doc, list):
+        raise SpecError(
+            f"expected a JSON array of tasks, got {preview(doc)}",
             field=field,
             fix='send [{"payload": {...}}, ...]',
         )
-    return tasks
+    return doc
 
 
 def spec_from_doc(doc: Any, *, generate_id: bool, max_payload_bytes: int | None = None) -> TaskSpec:
@@ -325,6 +333,10 @@ _CALL: contextvars.ContextVar[grpclib.server.Stream[Any, Any] | None] = contextv
 )
 
 
+#: Messages a server stream sends before it gives the loop a turn.
+_YIELD_EVERY = 8
+
+
 class _ClientGone(Exception):
     """The connection of a server-streaming call closed; the call ends quietly."""
 
@@ -345,11 +357,17 @@ async def _relay(stream: AsyncIterator[_In], convert: Callable[[_In], _Out]) -> 
     Checks before each item that the client is still connected: grpclib's writes do not
     yield while the flow-control window allows, so a replay could otherwise write thousands
     of messages into a closed socket (one asyncio warning each) before noticing."""
+    sent = 0
     try:
         async for item in stream:
             if _client_gone():
                 raise _ClientGone
             yield convert(item)
+            sent += 1
+            if sent % _YIELD_EVERY == 0:
+                # Sending does not yield while the HTTP/2 window allows (~150 events): with
+                # many replaying streams one loop turn would run all of them for that long.
+                await asyncio.sleep(0)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
