@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 from grpclib.const import Status
 
 from .config import Settings
-from .errors import InfraError, Unauthenticated
+from .errors import InfraError, SpecError, Unauthenticated
 from .metrics import CONTENT_TYPE_LATEST
 from .values import decode_json_object, preview
 
@@ -265,6 +265,8 @@ async def _submit(request: web.Request) -> web.Response:
     infra = request.app[INFRA_KEY]
     settings = request.app[_SETTINGS_KEY]
     raw = await request.read()
+    if raw.strip(b" \t\r\n") == b"null":  # decode_json_object reads null as {}; a body must be a task
+        raise SpecError("expected a JSON object, got null", field="body", fix='send {"payload": {...}}')
     doc = decode_json_object(raw, "body", max_bytes=_body_limit(settings))
     spec = spec_from_doc(doc, generate_id=True, max_payload_bytes=settings.max_payload_bytes)
     check_remote_payload(settings, spec.payload, "payload")
