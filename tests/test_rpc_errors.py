@@ -34,6 +34,7 @@ EXPECTED = {
     errors.BackendUnavailable: Status.UNAVAILABLE,
     errors.DeadlineExceeded: Status.DEADLINE_EXCEEDED,
     errors.Unauthenticated: Status.UNAUTHENTICATED,
+    errors.MissingBinary: Status.FAILED_PRECONDITION,
     errors.InfraError: Status.INTERNAL,
     errors.BackendError: Status.INTERNAL,
 }
@@ -58,6 +59,11 @@ def test_cycle_error_is_invalid_argument() -> None:
     err = to_grpc_error(errors.CycleError(["a", "b", "a"]))
     assert err.status is Status.INVALID_ARGUMENT
     assert "depends_on" in (err.message or "") and "a -> b -> a" in (err.message or "")
+
+
+def test_refusals_by_policy_and_by_the_machine_are_not_internal() -> None:
+    assert grpc_status_for(errors.PermissionDenied("x")) is Status.PERMISSION_DENIED
+    assert grpc_status_for(errors.ServiceError("port taken", service="redis")) is Status.FAILED_PRECONDITION
 
 
 def test_unexpected_exception_is_internal() -> None:

@@ -47,8 +47,10 @@ from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InfraError,
+    MissingBinary,
     NotFound,
     PermissionDenied,
+    ServiceError,
     SpecError,
     Unauthenticated,
     Unavailable,
@@ -104,6 +106,10 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (NotFound, Status.NOT_FOUND),
     (AlreadyExists, Status.ALREADY_EXISTS),
     (FailedPrecondition, Status.FAILED_PRECONDITION),  # also ResourceUnavailable
+    # The request was fine; this machine cannot honour it (binary not installed, a service's
+    # port taken, a service that never became healthy): the client must change something.
+    (MissingBinary, Status.FAILED_PRECONDITION),
+    (ServiceError, Status.FAILED_PRECONDITION),  # also HealthCheckFailed
     (Unavailable, Status.UNAVAILABLE),
     (BackendUnavailable, Status.UNAVAILABLE),
     (DeadlineExceeded, Status.DEADLINE_EXCEEDED),
