@@ -253,3 +253,18 @@ async def test_a_real_browser_after_dns_rebinding_cannot_read_the_queue(tmp_path
         )
     assert "cpu_short" not in dom
     assert "does not serve the host" in dom
+
+
+def test_allowed_hosts_reads_a_toml_array_or_a_comma_separated_variable(tmp_path: Path) -> None:
+    from dspy_infra.config import load_settings
+    from dspy_infra.errors import ConfigError
+
+    path = tmp_path / "dspy-infra.toml"
+    path.write_text('allowed_hosts = ["Infra.Example.com", "proxy:8443"]\n')
+    assert load_settings(path, env={}).allowed_hosts == ("infra.example.com", "proxy:8443")
+    env = {"DSPY_INFRA_ALLOWED_HOSTS": "a.example, b.example:9097,"}
+    assert load_settings(env=env).allowed_hosts == ("a.example", "b.example:9097")
+    path.write_text("allowed_hosts = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.field == "allowed_hosts"
