@@ -389,3 +389,33 @@ def test_remote_commands_are_refused_under_exec_policy(
             pb.SubmitTaskRequest(id="fine", payload={"handler": "noop"}), timeout=10
         ).success
     assert not marker.exists()
+
+
+async def test_remote_input_may_not_reach_a_local_command_under_exec_policy(
+    tmp_path: Path, stubs: dict[str, Any]
+) -> None:
+    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
+    async with in_process_server(tmp_path / "s", exec_policy="embedded") as (infra, server):
+        # Created by the owning process, so allowed; one templates the input into its command.
+        await infra.create_workflow(
+            "echo-input",
+            spec={"steps": [{"name": "a", "payload": {"handler": "exec", "cmd": "echo {{ input.x }}"}}]},
+        )
+        await infra.create_workflow(
+            "fixed", spec={"steps": [{"name": "a", "payload": {"handler": "exec", "cmd": "true", "x": 1}}]}
+        )
+
+        def start(workflow_id: str) -> Any:
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                stub = pb_grpc.OrchestratorServiceStub(channel)
+                return stub.StartWorkflowRun(
+                    pb.StartWorkflowRunRequest(workflow_id=workflow_id, input={"x": "; id"}), timeout=10
+                )
+
+        with pytest.raises(grpc.RpcError) as info:
+            await anyio.to_thread.run_sync(start, "echo-input")
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "exec_policy" in (info.value.details() or "")
+        assert await infra.workflows.list_runs("echo-input") == []
+        # A fixed command takes no part of the remote input: the run may start.
+        assert (await anyio.to_thread.run_sync(start, "fixed")).success

@@ -84,7 +84,10 @@ __all__ = [
     "InfraServer",
     "OrchestratorService",
     "check_bind",
+    "check_remote_payload",
+    "error_message",
     "grpc_status_for",
+    "json_task_list",
     "refuse_remote_command",
     "run_server",
     "server_ssl_context",
@@ -185,10 +188,15 @@ def refuse_remote_command(settings: Settings, what: str, field: str) -> None:
     )
 
 
+def _runs_command(payload: Mapping[str, Any]) -> bool:
+    handler = payload.get("handler")
+    return isinstance(handler, str) and (handler in COMMAND_HANDLERS or "{{" in handler)
+
+
 def check_remote_payload(settings: Settings, payload: Mapping[str, Any], field: str) -> None:
     """Refuse a remote task whose handler runs commands (see ``refuse_remote_command``)."""
-    handler = payload.get("handler")
-    if isinstance(handler, str) and (handler in COMMAND_HANDLERS or "{{" in handler):
+    if _runs_command(payload):
+        handler = payload.get("handler")
         refuse_remote_command(settings, f"a task with handler {preview(handler)}", f"{field}.handler")
 
 
@@ -506,6 +514,19 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         self, message: orch_pb.StartWorkflowRunRequest
     ) -> orch_pb.StartWorkflowRunResponse:
         workflow_id = _known_id(message.workflow_id, "workflow_id", "workflow")
+        if self.infra.settings.exec_policy != "allow":
+            # A remote input that is templated into a command step would let the client
+            # choose (part of) a command; the owning process may still start such runs.
+            from ..scheduler.workflows import step_input_keys
+
+            wf = await self.infra.workflows.get_workflow(workflow_id)
+            for step in wf.spec.steps:
+                if _runs_command(step.payload) and step_input_keys(step):
+                    refuse_remote_command(
+                        self.infra.settings,
+                        f"starting a run whose input reaches the command of step {step.name!r}",
+                        "input",
+                    )
         run_id = await self.infra.start_run(
             workflow_id,
             input=dict(message.input),

@@ -112,6 +112,7 @@ __all__ = [
     "WorkflowEngine",
     "WorkflowSpec",
     "parse_workflow_spec",
+    "step_input_keys",
     "validate_workflow",
 ]
 
@@ -257,6 +258,16 @@ class StepSpec:
             "timeout": self.timeout,
             "max_attempts": self.max_attempts,
         }
+
+
+def step_input_keys(step: StepSpec) -> set[str]:
+    """The ``{{ input.KEY }}`` keys one step's payload refers to."""
+    return {
+        ref[1]
+        for where, text in _strings(step.payload, f"steps.{step.name}.payload")
+        for ref in _template_refs(text, where)
+        if ref[0] == "input"
+    }
 
 
 @attrs.frozen
