@@ -29,7 +29,7 @@ from dspy_infra.infra import Infra
 from dspy_infra.rpc.server import MAX_ERROR_MESSAGE
 from tests._adversarial import STALL_BOUND, loop_watchdog, official_stubs
 from tests._rpc_support import ServeProcess, in_process_server, serve_process
-from tests.strategies import hostile_task_docs, hostile_task_requests
+from tests.strategies import bad_workflow_specs, hostile_task_docs, hostile_task_requests
 
 #: Statuses a bad input may get: each names what was wrong.
 NAMED = {
@@ -419,3 +419,25 @@ async def test_remote_input_may_not_reach_a_local_command_under_exec_policy(
         assert await infra.workflows.list_runs("echo-input") == []
         # A fixed command takes no part of the remote input: the run may start.
         assert (await anyio.to_thread.run_sync(start, "fixed")).success
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=bad_workflow_specs(), n=st.integers(0, 10**6))
+def test_hostile_workflow_specs_are_invalid_argument_and_create_nothing(
+    server: ServeProcess, stubs: dict[str, Any], case: tuple[Any, str], n: int
+) -> None:
+    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
+    spec, word = case
+    raw = spec if isinstance(spec, bytes) else (spec if isinstance(spec, str) else json.dumps(spec)).encode()
+    workflow_id = f"hostile-{n}"
+    with grpc.insecure_channel(server.addr, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateWorkflow(pb.CreateWorkflowRequest(id=workflow_id, spec=raw), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (info.value.details() or "")[:300]
+        assert word in (info.value.details() or ""), info.value.details()
+        assert_clean(info.value)
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.StartWorkflowRun(pb.StartWorkflowRunRequest(workflow_id=workflow_id), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    health_ok(server)
