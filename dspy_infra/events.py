@@ -4,7 +4,9 @@ Publishing never blocks and never fails: events go into one ring buffer with a s
 number, and each subscriber reads from its own cursor. A subscriber that falls so far
 behind that its next event has left the ring gets one ``events_dropped`` event saying how
 many it missed, then carries on from the oldest kept event. No per-subscriber queues, so a
-slow or abandoned subscriber costs nothing.
+slow or abandoned subscriber costs nothing. A subscriber copies at most ``PAGE`` entries out
+of the ring at a time and yields to the loop between pages, so replaying the whole history
+(``since``) neither holds the loop nor keeps a copy of the ring per stream.
 """
 
 from __future__ import annotations
