@@ -180,7 +180,7 @@ def hostile_task_requests(draw: st.DrawFn) -> dict[str, Any]:
         "id": draw(st.sampled_from(["ok-id"]) | hostile_strings),
         "payload": {"handler": "noop"},
     }
-    wrong = draw(st.sampled_from(["id", "class", "timeout", "max_attempts", "payload", "priority_class"]))
+    wrong = draw(st.sampled_from(["id", "class", "timeout", "max_attempts", "payload", "unavailable_class"]))
     if wrong == "id":
         fields["id"] = draw(st.sampled_from(["", "x" * 300, "a\x00b", "z" * 400_000]))
     elif wrong == "class":
@@ -193,14 +193,14 @@ def hostile_task_requests(draw: st.DrawFn) -> dict[str, Any]:
         fields["payload"] = draw(
             st.sampled_from(
                 [
-                    {"handler": "nope"},
+                    {"handler": "noop", "k" * 300: "key too long"},
                     {"handler": "noop", "big": "b" * 2_000_000},
                     {"k\x00": "v", "handler": "noop"},
                 ]
             )
         )
     else:
-        fields["class"] = "gpu"  # no GPU on this machine, or an unknown class: refused either way
+        fields["class"] = "gpu_slurm"  # no Slurm executor configured (slurm unset): refused
     return fields
 
 

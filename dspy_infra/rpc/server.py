@@ -404,11 +404,12 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
     def _spec(self, req: orch_pb.SubmitTaskRequest) -> TaskSpec:
         # TaskSpec checks the id; the scheduler checks class, payload size and GPU needs
         # before anything changes (one place for each rule).
-        check_remote_payload(self.infra.settings, req.payload, "payload")
+        settings = self.infra.settings
+        check_remote_payload(settings, req.payload, "payload")
         return TaskSpec(
             id=check_text(req.id, "id"),
             task_class=check_text(req.class_, "class", allow_empty=True) or "cpu_short",
-            payload=req.payload,
+            payload=check_json_object(req.payload, "payload", max_bytes=settings.max_payload_bytes),
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
@@ -646,9 +647,11 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         task_id = check_text(message.task_id, "task_id", allow_empty=True) or uuid.uuid4().hex
         workload_class = check_text(message.workload_class, "workload_class", allow_empty=True)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
-        check_remote_payload(self.infra.settings, message.payload, "payload")
+        settings = self.infra.settings
+        check_remote_payload(settings, message.payload, "payload")
+        payload = check_json_object(message.payload, "payload", max_bytes=settings.max_payload_bytes)
         began = time.perf_counter()
-        await self.infra.submit_task(task_id, workload_class or "cpu_short", message.payload, timeout=timeout)
+        await self.infra.submit_task(task_id, workload_class or "cpu_short", payload, timeout=timeout)
         result = await self.infra.wait(task_id)
         latency_ms = (time.perf_counter() - began) * 1000.0
         return env_pb.ExecuteTaskResponse(
