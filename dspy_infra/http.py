@@ -268,7 +268,7 @@ async def _submit(request: web.Request) -> web.Response:
     if raw.strip(b" \t\r\n") == b"null":  # decode_json_object reads null as {}; a body must be a task
         raise SpecError("expected a JSON object, got null", field="body", fix='send {"payload": {...}}')
     doc = decode_json_object(raw, "body", max_bytes=_body_limit(settings))
-    spec = spec_from_doc(doc, generate_id=True, max_payload_bytes=settings.max_payload_bytes)
+    spec = spec_from_doc(doc, generate_id=True)
     check_remote_payload(settings, spec.payload, "payload")
     state = await infra.scheduler.submit(spec)
     return web.json_response({"id": state.id, "class": state.spec.task_class, "status": str(state.status)})

@@ -301,7 +301,19 @@ def json_task_list(raw: bytes, field: str, *, max_bytes: int) -> list[Any]:
     return doc
 
 
-def spec_from_doc(doc: Any, *, generate_id: bool, max_payload_bytes: int | None = None) -> TaskSpec:
+def remote_payload(value: Any, field: str = "payload") -> dict[str, Any]:
+    """A payload from a client, checked for what the store and the wire hold (text, numbers,
+    nesting, key length). Its size is left to the scheduler's ``max_payload_bytes`` check, so
+    that rule (and its message) lives in one place; the request itself is already bounded
+    (HTTP body limit, gRPC message limit)."""
+    return check_json_object(value, field, max_bytes=_UNBOUNDED)
+
+
+#: No size bound of our own in ``remote_payload`` (see there).
+_UNBOUNDED = 1 << 62
+
+
+def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
     """A ``TaskSpec`` from a task written as JSON: ``{"id"?, "class"?, "payload", ...}``.
     A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``.
     Every field is checked against what the store and the wire hold, naming the field."""
@@ -322,9 +334,7 @@ def spec_from_doc(doc: Any, *, generate_id: bool, max_payload_bytes: int | None 
         task_id = uuid.uuid4().hex
     task_class = doc.get("class")
     task_class = "cpu_short" if task_class is None else check_text(task_class, "class", allow_empty=True)
-    payload = check_json_object(
-        doc.get("payload"), "payload", **({"max_bytes": max_payload_bytes} if max_payload_bytes else {})
-    )
+    payload = remote_payload(doc.get("payload"))
     priority = doc.get("priority")
     timeout = doc.get("timeout")
     max_attempts = doc.get("max_attempts")
@@ -409,7 +419,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return TaskSpec(
             id=check_text(req.id, "id"),
             task_class=check_text(req.class_, "class", allow_empty=True) or "cpu_short",
-            payload=check_json_object(req.payload, "payload", max_bytes=settings.max_payload_bytes),
+            payload=remote_payload(req.payload),
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
@@ -417,7 +427,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         )
 
     def _spec_from_json(self, doc: Any, index: int) -> TaskSpec:
-        spec = spec_from_doc(doc, generate_id=False, max_payload_bytes=self.infra.settings.max_payload_bytes)
+        spec = spec_from_doc(doc, generate_id=False)
         check_remote_payload(self.infra.settings, spec.payload, f"tasks_json[{index}].payload")
         return spec
 
@@ -649,7 +659,7 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         settings = self.infra.settings
         check_remote_payload(settings, message.payload, "payload")
-        payload = check_json_object(message.payload, "payload", max_bytes=settings.max_payload_bytes)
+        payload = remote_payload(message.payload)
         began = time.perf_counter()
         await self.infra.submit_task(task_id, workload_class or "cpu_short", payload, timeout=timeout)
         result = await self.infra.wait(task_id)
