@@ -56,6 +56,18 @@ def _path_or_none(value: Any) -> Path | None:
     return None if value in (None, "") else Path(value)
 
 
+def _host_list(value: Any) -> tuple[str, ...]:
+    """A list of host names (TOML array), or one comma-separated string (environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(h, str) for h in items):
+        raise ConfigError(
+            f"expected a list of host names, got {type(value).__name__}",
+            field="allowed_hosts",
+            fix='e.g. allowed_hosts = ["infra.example.com", "proxy.internal:8080"]',
+        )
+    return tuple(h.strip().lower() for h in items if h.strip())
+
+
 @attrs.frozen
 class Settings:
     """Every knob, with its default. See ``dspy-infra config init`` for a commented file."""
@@ -83,6 +95,10 @@ class Settings:
     env_manager_port: int = attrs.field(default=50100, validator=_port)
     #: HTTP port of /metrics, /health, /queue/status and /queue/submit.
     http_port: int = attrs.field(default=9097, validator=_port)
+    #: Extra ``Host`` names the HTTP server answers to, besides loopback names and ``host``
+    #: (e.g. the name a reverse proxy forwards): "name" (any port) or "name:port". Other
+    #: names get 421, so a web page cannot reach the API through DNS rebinding.
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=_host_list)
     #: Bearer token every gRPC call and HTTP endpoint (except /health, /metrics) must carry.
     #: Required when host is not a loopback address.
     token: str | None = None
@@ -154,6 +170,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
             return int(raw)
         if kind.startswith("float"):
             return float(raw)
+        if kind.startswith("tuple"):
+            return raw  # the field's converter reads a list or a comma-separated string
         if kind.startswith("dict"):
             if not isinstance(raw, Mapping):
                 raise ValueError(raw)

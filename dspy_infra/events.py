@@ -4,19 +4,25 @@ Publishing never blocks and never fails: events go into one ring buffer with a s
 number, and each subscriber reads from its own cursor. A subscriber that falls so far
 behind that its next event has left the ring gets one ``events_dropped`` event saying how
 many it missed, then carries on from the oldest kept event. No per-subscriber queues, so a
-slow or abandoned subscriber costs nothing.
+slow or abandoned subscriber costs nothing. A subscriber copies at most ``PAGE`` entries out
+of the ring at a time and yields to the loop between pages, so replaying the whole history
+(``since``) neither holds the loop nor keeps a copy of the ring per stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from .models import Event
 
-__all__ = ["EventBus"]
+__all__ = ["PAGE", "EventBus"]
+
+#: Events a subscriber copies out of the ring at a time; it yields to the loop between pages.
+PAGE = 256
 
 _Raw = tuple[str, str, Mapping[str, object] | None, float]
 
@@ -108,9 +114,12 @@ class EventBus:
                 missed = oldest - cursor
                 cursor = oldest
                 yield Event("events_dropped", "", {"missed": str(missed)}, self._clock())
+            # One page at a time: a subscriber holds at most PAGE entries (not a copy of the
+            # whole ring), and a replay of the whole history gives the loop a turn per page,
+            # so the consumer's cancellation (a client that left) lands between pages.
             start = cursor - oldest
-            batch = [self._ring[i] for i in range(start, len(self._ring))]
-            for seq, item in batch:
+            page = list(itertools.islice(self._ring, start, start + PAGE))
+            for seq, item in page:
                 cursor = seq + 1
                 event = _materialize(item)
                 if wanted is not None and event.type not in wanted:
@@ -118,8 +127,11 @@ class EventBus:
                 if since is not None and event.timestamp < since:
                     continue
                 yield event
-            if self._closed and cursor >= self._next_seq:
+            del page
+            if cursor < self._next_seq:
+                await asyncio.sleep(0)
+                continue
+            if self._closed:
                 return
-            if cursor >= self._next_seq:
-                self._waited = True
-                await self._wakeup.wait()
+            self._waited = True
+            await self._wakeup.wait()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import string
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -11,6 +14,12 @@ from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
     "any_task_ids",
+    "bad_workflow_specs",
+    "hostile_json_bodies",
+    "hostile_strings",
+    "hostile_task_docs",
+    "hostile_task_requests",
+    "json_values",
     "limiter_ops",
     "limiter_samples",
     "output_chunks",
@@ -80,3 +89,195 @@ output_chunks = st.lists(
     ),
     max_size=20,
 )
+# -- hostile inputs (tests/test_adversarial_*.py) -------------------------------------------
+
+#: Strings an attacker or a careless client sends: empty, huge, NUL, control characters,
+#: template and path syntax, non-ASCII. (Lone surrogates cannot cross protobuf or UTF-8
+#: JSON; the JSON-body strategies below add them as \ud800 escapes.)
+hostile_strings = st.one_of(
+    st.just(""),
+    st.text(max_size=20),
+    st.sampled_from(["\x00", "a\x00b", "{{", "{{ input.x }}", "../../etc/passwd", "é" * 10, " ", "\n"]),
+    st.integers(min_value=257, max_value=5000).map(lambda n: "x" * n),
+    st.just("y" * 400_000),
+)
+
+#: Any JSON value with small leaves (for nesting and type confusion).
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _nested(depth: int, leaf: Any = 1) -> Any:
+    value: Any = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+#: Task documents (HTTP /queue/submit bodies, SubmitTasks.tasks_json entries) that are wrong
+#: in at least one field. None of them may create a task.
+hostile_task_docs = st.one_of(
+    # Wrong type or range of a known field.
+    st.fixed_dictionaries(
+        {"payload": st.just({"handler": "noop"})},
+        optional={
+            "id": st.sampled_from(["x" * 300, "a\x00b"])
+            | st.integers()
+            | st.lists(st.integers(), max_size=2),
+            "priority": st.sampled_from([2**31, -(2**31) - 1, 10**30, 1e30, "high", True, 1.5]),
+            "timeout": st.sampled_from([0, -1, 10**400, "soon", [1]]),
+            "max_attempts": st.sampled_from([0, 101, 10**30, "3", None]),
+        },
+    ).filter(lambda d: len(d) > 1 and any(v is not None for k, v in d.items() if k != "payload")),
+    # Unstorable or over-deep payload values.
+    st.sampled_from(
+        [
+            {"payload": {"handler": "noop", "n": 10**30}},
+            {"payload": {"handler": "noop", "deep": _nested(60)}},
+            {"payload": "not an object"},
+            {"payload": [1, 2]},
+            {"payload": {"handler": "noop", "k" * 300: "long key"}},
+        ]
+    ),
+    # Unknown keys and wrong top-level types.
+    st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in _TASK_KEYS),
+        json_values,
+        min_size=1,
+        max_size=3,
+    ),
+    st.one_of(st.lists(json_values, max_size=3), st.integers(), st.text(max_size=10), st.none()),
+)
+_TASK_KEYS = {"id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id"}
+
+
+def _doc_bytes(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+#: Raw HTTP bodies that are not one acceptable task: malformed JSON, deep nesting, lone
+#: surrogates, non-finite numbers, huge integers, non-UTF-8 bytes, and hostile task documents.
+hostile_json_bodies = st.one_of(
+    st.binary(max_size=64).filter(lambda b: not b.strip().startswith(b"{")),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"{not json",
+            b"[" * 100_000,
+            b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+            b'{"payload": {"handler": "noop", "s": "\\ud800"}}',
+            b'{"payload": {"handler": "noop", "x": NaN}}',
+            b'{"payload": {"handler": "noop", "x": Infinity}}',
+            b'{"payload": {"handler": "noop", "x": 1' + b"0" * 5000 + b"}}",
+            b"\xff\xfe{}",
+            b'{"payload": {"handler": "noop"}, "payload": 5}',
+        ]
+    ),
+    hostile_task_docs.map(_doc_bytes),
+)
+
+
+@st.composite
+def hostile_task_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """Fields of an ``orchestrator.v1.SubmitTaskRequest`` with at least one of them wrong
+    (representable in protobuf: valid UTF-8 strings, int32, doubles)."""
+    fields: dict[str, Any] = {
+        "id": draw(st.sampled_from(["ok-id"]) | hostile_strings),
+        "payload": {"handler": "noop"},
+    }
+    wrong = draw(st.sampled_from(["id", "class", "timeout", "max_attempts", "payload", "unavailable_class"]))
+    if wrong == "id":
+        fields["id"] = draw(st.sampled_from(["", "x" * 300, "a\x00b", "z" * 400_000]))
+    elif wrong == "class":
+        fields["class"] = draw(st.sampled_from(["warp", "x" * 5000, "a\x00b"]))
+    elif wrong == "timeout":
+        fields["timeout_seconds"] = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, -1e-300]))
+    elif wrong == "max_attempts":
+        fields["max_attempts"] = draw(st.sampled_from([-1, 101, 2**31 - 1]))
+    elif wrong == "payload":
+        fields["payload"] = draw(
+            st.sampled_from(
+                [
+                    {"handler": "noop", "k" * 300: "key too long"},
+                    {"handler": "noop", "big": "b" * 2_000_000},
+                    {"k\x00": "v", "handler": "noop"},
+                ]
+            )
+        )
+    else:
+        fields["class"] = "gpu_slurm"  # no Slurm executor configured (slurm unset): refused
+    return fields
+
+
+@st.composite
+def bad_workflow_specs(draw: st.DrawFn) -> tuple[Any, str]:
+    """(a workflow spec that must be refused, a word its error's field contains)."""
+    step = {"name": "a", "task_class": "cpu_short", "payload": {"handler": "noop"}}
+    kind = draw(
+        st.sampled_from(
+            [
+                "priority",
+                "surrogate",
+                "huge_int",
+                "nan",
+                "deep",
+                "cycle",
+                "unknown_dep",
+                "too_many",
+                "not_upstream",
+                "template",
+                "too_big",
+                "dup",
+            ]
+        )
+    )
+    if kind == "priority":
+        return {
+            "steps": [{**step, "priority": draw(st.sampled_from([10**30, 2**31, 1e30, -(2**31) - 1]))}]
+        }, "priority"
+    if kind == "surrogate":
+        return '{"steps": [{"name": "a", "payload": {"handler": "noop", "s": "\\ud800"}}]}', "payload"
+    if kind == "huge_int":
+        return {"steps": [{**step, "payload": {"handler": "noop", "n": 10**30}}]}, "payload"
+    if kind == "nan":
+        return '{"steps": [{"name": "a", "payload": {"handler": "noop"}, "timeout": NaN}]}', "timeout"
+    if kind == "deep":
+        return {"steps": [{**step, "payload": {"handler": "noop", "d": _nested(40)}}]}, "payload"
+    if kind == "cycle":
+        return {
+            "steps": [{**step, "depends_on": ["b"]}, {**step, "name": "b", "depends_on": ["a"]}]
+        }, "depends_on"
+    if kind == "unknown_dep":
+        return {"steps": [{**step, "depends_on": ["q" * draw(st.integers(1, 100_000))]}]}, "depends_on"
+    if kind == "too_many":
+        n = draw(st.integers(2001, 8000))
+        return {"steps": [{**step, "name": f"s{i}"} for i in range(n)]}, "steps"
+    if kind == "not_upstream":
+        return {
+            "steps": [
+                step,
+                {**step, "name": "b", "payload": {"handler": "noop", "x": "{{ steps.a.result.k }}"}},
+            ]
+        }, "payload"
+    if kind == "template":
+        return {
+            "steps": [
+                {
+                    **step,
+                    "payload": {"handler": "noop", "x": "{{" * draw(st.integers(1, 200_000)) + " bogus }}"},
+                }
+            ]
+        }, "payload"
+    if kind == "too_big":
+        return b'{"steps": [{"name": "a", "payload": {"handler": "noop", "x": "' + b"x" * (
+            1 << 20
+        ) + b'"}}]}', "spec"
+    return {"steps": [step, step]}, "steps"

@@ -66,12 +66,13 @@ async def test_submit_defaults_and_runs(http: tuple[aiohttp.ClientSession, str, 
     assert state.spec.task_class == "cpu_long" and state.spec.priority == 3
 
 
+JSON = {"Content-Type": "application/json"}
 BAD_SUBMISSIONS: list[tuple[bytes, int, str]] = [
-    (b"{not json", 400, "invalid JSON"),
+    (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
     (json.dumps({"class": "warp", "payload": {}}).encode(), 400, "class"),
     (json.dumps({"payload": {"blob": "x" * 5000}}).encode(), 400, "payload"),
-    (json.dumps({"payload": {"a": [1]}}).encode(), 400, "payload.a"),
+    (b'{"payload": {"a": Infinity}}', 400, "payload.a"),
     (json.dumps({"payload": {}, "priority": "high"}).encode(), 400, "priority"),
     (json.dumps({"payload": {}, "colour": 1}).encode(), 400, "colour"),
 ]
@@ -83,7 +84,7 @@ async def test_bad_submissions_are_refused_with_the_reason(
     session, base, infra = http
     before = await infra.list_tasks(limit=1000)
     for body, status, needle in BAD_SUBMISSIONS:
-        async with session.post(f"{base}/queue/submit", data=body) as resp:
+        async with session.post(f"{base}/queue/submit", data=body, headers=JSON) as resp:
             assert resp.status == status, body
             doc = await resp.json()
         assert needle in doc["error"], (body, doc)

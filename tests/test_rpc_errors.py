@@ -34,6 +34,7 @@ EXPECTED = {
     errors.BackendUnavailable: Status.UNAVAILABLE,
     errors.DeadlineExceeded: Status.DEADLINE_EXCEEDED,
     errors.Unauthenticated: Status.UNAUTHENTICATED,
+    errors.MissingBinary: Status.FAILED_PRECONDITION,
     errors.InfraError: Status.INTERNAL,
     errors.BackendError: Status.INTERNAL,
 }
@@ -60,9 +61,17 @@ def test_cycle_error_is_invalid_argument() -> None:
     assert "depends_on" in (err.message or "") and "a -> b -> a" in (err.message or "")
 
 
+def test_refusals_by_policy_and_by_the_machine_are_not_internal() -> None:
+    assert grpc_status_for(errors.PermissionDenied("x")) is Status.PERMISSION_DENIED
+    assert grpc_status_for(errors.ServiceError("port taken", service="redis")) is Status.FAILED_PRECONDITION
+
+
 def test_unexpected_exception_is_internal() -> None:
     assert grpc_status_for(RuntimeError("boom")) is Status.INTERNAL
-    assert "RuntimeError: boom" in (to_grpc_error(RuntimeError("boom")).message or "")
+    # The client learns that it is a server bug, never the exception's class or text.
+    message = to_grpc_error(RuntimeError("boom")).message or ""
+    assert "internal error" in message
+    assert "RuntimeError" not in message and "boom" not in message
 
 
 @given(

@@ -476,13 +476,15 @@ async def test_concurrent_start_run_with_one_key_starts_one_run(tmp_path: Path) 
                 tg.start_soon(start)
         assert len(ids) == 20 and len(set(ids)) == 1
         await final(engine, ids[0])
-        assert await engine.start_run("idem", input={"x": "1"}, idempotency_key="k1") == ids[0]
+        assert await engine.start_run("idem", input={"x": 1}, idempotency_key="k1") == ids[0]
         assert len(await engine.list_runs("idem")) == 1
         assert wf_types(bus).count("workflow_started") == 1
         assert len(await scheduler.list_tasks(workflow_id="idem")) == 2
-        with pytest.raises(AlreadyExists) as info:
-            await engine.start_run("idem", input={"x": 2}, idempotency_key="k1")
-        assert info.value.field == "idempotency_key"
+        # Inputs are JSON: the string "1" is another input than the number 1.
+        for other_input in ({"x": 2}, {"x": "1"}):
+            with pytest.raises(AlreadyExists) as info:
+                await engine.start_run("idem", input=other_input, idempotency_key="k1")
+            assert info.value.field == "idempotency_key"
         other = await engine.start_run("idem", input={"x": 1}, idempotency_key="k2")
         assert other != ids[0]
 

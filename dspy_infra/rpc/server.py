@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hmac
 import ipaddress
 import json
@@ -35,6 +36,7 @@ import grpclib.events
 import grpclib.server
 from anyio.abc import AsyncResource
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
 
@@ -45,13 +47,26 @@ from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InfraError,
+    MissingBinary,
     NotFound,
     PermissionDenied,
+    ServiceError,
     SpecError,
     Unauthenticated,
     Unavailable,
 )
 from ..models import TaskSpec, TaskStatus, validate_name
+from ..values import (
+    INT32_MAX,
+    INT32_MIN,
+    MAX_ID_LENGTH,
+    MAX_JSON_DEPTH,
+    check_finite,
+    check_int,
+    check_json_object,
+    check_text,
+    preview,
+)
 from . import _convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
@@ -62,12 +77,18 @@ if TYPE_CHECKING:
     from ..infra import Infra
 
 __all__ = [
+    "COMMAND_HANDLERS",
+    "MAX_ERROR_MESSAGE",
     "TASK_JSON_KEYS",
     "EnvManagerService",
     "InfraServer",
     "OrchestratorService",
     "check_bind",
+    "check_remote_payload",
+    "error_message",
     "grpc_status_for",
+    "json_task_list",
+    "refuse_remote_command",
     "run_server",
     "server_ssl_context",
     "spec_from_doc",
@@ -88,6 +109,10 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (NotFound, Status.NOT_FOUND),
     (AlreadyExists, Status.ALREADY_EXISTS),
     (FailedPrecondition, Status.FAILED_PRECONDITION),  # also ResourceUnavailable
+    # The request was fine; this machine cannot honour it (binary not installed, a service's
+    # port taken, a service that never became healthy): the client must change something.
+    (MissingBinary, Status.FAILED_PRECONDITION),
+    (ServiceError, Status.FAILED_PRECONDITION),  # also HealthCheckFailed
     (Unavailable, Status.UNAVAILABLE),
     (BackendUnavailable, Status.UNAVAILABLE),
     (DeadlineExceeded, Status.DEADLINE_EXCEEDED),
@@ -104,17 +129,75 @@ def grpc_status_for(exc: BaseException) -> Status:
     return Status.INTERNAL
 
 
+#: Longest error text a response carries (gRPC trailer, HTTP error body, rejected task).
+#: Errors echo only a ``preview`` of bad input, so this is a last line of defence: grpclib
+#: percent-encodes the trailer on the event loop, and a 400k-character message held the loop
+#: for 20 s (and broke the client's header limit, which then saw RESOURCE_EXHAUSTED).
+MAX_ERROR_MESSAGE = 1024
+#: What a client sees for an error that is not a dspy_infra error (the log has the details).
+INTERNAL_MESSAGE = "internal error (fix: see the server log; this is a bug, please report it)"
+
+
+def error_message(exc: BaseException) -> str:
+    """The text a client sees for ``exc``: ``str(exc)`` of our errors, cut to
+    ``MAX_ERROR_MESSAGE``; never the text or class of an unexpected exception."""
+    if not isinstance(exc, InfraError):
+        return INTERNAL_MESSAGE
+    text = str(exc)
+    if len(text) > MAX_ERROR_MESSAGE:
+        text = text[: MAX_ERROR_MESSAGE - 40] + f"... ({len(text)} characters)"
+    return text
+
+
 def to_grpc_error(exc: BaseException) -> GRPCError:
-    """A ``GRPCError`` whose message is ``str(exc)``: it names the field and the fix."""
+    """A ``GRPCError`` whose message names the field and the fix (bounded, no internals)."""
     if isinstance(exc, GRPCError):
+        if exc.message is not None and len(exc.message) > MAX_ERROR_MESSAGE:
+            return GRPCError(exc.status, exc.message[:MAX_ERROR_MESSAGE])
         return exc
-    status = grpc_status_for(exc)
-    message = str(exc) if isinstance(exc, InfraError) else f"{type(exc).__name__}: {exc}"
-    return GRPCError(status, message)
+    return GRPCError(grpc_status_for(exc), error_message(exc))
 
 
 def _rejected(index: int, task_id: str, exc: InfraError) -> orch_pb.RejectedTask:
-    return orch_pb.RejectedTask(index=index, task_id=task_id, error=str(exc), code=grpc_status_for(exc).value)
+    return orch_pb.RejectedTask(
+        index=index,
+        task_id=task_id if len(task_id) <= MAX_ID_LENGTH else task_id[:MAX_ID_LENGTH],
+        error=error_message(exc),
+        code=grpc_status_for(exc).value,
+    )
+
+
+# -- who may run commands (Settings.exec_policy) ----------------------------------------------
+
+#: Handlers whose payload names something to run: ``exec`` runs a command, ``container`` runs
+#: any image with any command. Under exec_policy "embedded" or "deny" remote clients may not
+#: submit them.
+COMMAND_HANDLERS = frozenset({"exec", "container"})
+
+
+def refuse_remote_command(settings: Settings, what: str, field: str) -> None:
+    """Raise ``PermissionDenied`` when a remote client (gRPC, HTTP) asks to run a command
+    and ``settings.exec_policy`` allows that only to the owning process (or nobody)."""
+    if settings.exec_policy == "allow":
+        return
+    raise PermissionDenied(
+        f"{what} is refused for remote clients under exec_policy = {settings.exec_policy!r}",
+        field=field,
+        fix="run commands from the Python API of the process that owns the infra,"
+        ' or set exec_policy = "allow" if every client that can reach the server may run commands',
+    )
+
+
+def _runs_command(payload: Mapping[str, Any]) -> bool:
+    handler = payload.get("handler")
+    return isinstance(handler, str) and (handler in COMMAND_HANDLERS or "{{" in handler)
+
+
+def check_remote_payload(settings: Settings, payload: Mapping[str, Any], field: str) -> None:
+    """Refuse a remote task whose handler runs commands (see ``refuse_remote_command``)."""
+    if _runs_command(payload):
+        handler = payload.get("handler")
+        refuse_remote_command(settings, f"a task with handler {preview(handler)}", f"{field}.handler")
 
 
 # -- checks at the edge ----------------------------------------------------------------------
@@ -133,7 +216,7 @@ def check_bind(settings: Settings) -> None:
     """Refuse to serve on a non-loopback address without a token."""
     if not _is_loopback(settings.host) and not settings.token:
         raise SpecError(
-            f"refusing to bind {settings.host!r} (not loopback) without a token",
+            f"refusing to bind {preview(settings.host)} (not loopback) without a token",
             field="host",
             fix="set token (DSPY_INFRA_TOKEN) or bind 127.0.0.1",
         )
@@ -164,68 +247,151 @@ def _names(values: list[str], field: str) -> list[str]:
 
 
 def _non_negative(value: float, field: str) -> float | None:
-    if value < 0:
-        raise SpecError(f"must be >= 0, got {value!r}", field=field, fix="use 0 for no limit")
-    return value or None
+    """A wire duration: finite and >= 0 (NaN and infinities refused); 0 means no limit."""
+    number = check_finite(value, field, lo=0)
+    return number or None
 
 
+def _known_id(value: str, field: str, kind: str) -> str:
+    """A required id of something to look up. One longer than any stored id cannot exist:
+    NOT_FOUND at once, echoing only a prefix (the lookup and the message stay small)."""
+    if not value:
+        raise SpecError("is required", field=field)
+    if len(value) > MAX_ID_LENGTH:
+        raise NotFound(
+            f"no {kind} {preview(value)}", field=field, fix=f"ids are at most {MAX_ID_LENGTH} characters"
+        )
+    return value
+
+
+#: Largest ``SubmitTasks.tasks_json`` (grpclib refuses bigger messages anyway: 4 MiB).
+MAX_TASKS_JSON_BYTES = 4 << 20
 #: Keys of a task written as JSON (POST /queue/submit, SubmitTasks.tasks_json).
 TASK_JSON_KEYS = ("id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id")
 _TASK_JSON_KEY_SET = frozenset(TASK_JSON_KEYS)
 
 
-def _json_array(raw: bytes, field: str) -> list[Any]:
+def json_task_list(raw: bytes, field: str, *, max_bytes: int) -> list[Any]:
+    """A JSON array of task objects (``SubmitTasks.tasks_json``): size, UTF-8 and nesting
+    are checked for the whole text; each entry's values are checked by ``spec_from_doc``, so
+    one bad task is rejected alone, as in the ``tasks`` field."""
+    if len(raw) > max_bytes:
+        raise SpecError(
+            f"is {len(raw)} bytes, the limit is {max_bytes}", field=field, fix="send fewer tasks per call"
+        )
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"invalid JSON: {exc}", field=field) from None
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"is not UTF-8 (byte {exc.start})", field=field, fix="send UTF-8 JSON") from None
+    except RecursionError:
+        raise SpecError(
+            f"is nested more than {MAX_JSON_DEPTH} levels deep", field=field, fix="flatten the tasks"
+        ) from None
+    except ValueError as exc:
+        # json.JSONDecodeError: its text names line and column only, never the input.
+        raise SpecError(
+            f"is not valid JSON: {str(exc)[:120]}", field=field, fix='send [{"payload": {...}}, ...]'
+        ) from None
     if not isinstance(doc, list):
-        raise SpecError(f"expected a JSON array of tasks, got {type(doc).__name__}", field=field)
+        raise SpecError(
+            f"expected a JSON array of tasks, got {preview(doc)}",
+            field=field,
+            fix='send [{"payload": {...}}, ...]',
+        )
     return doc
 
 
-def _typed(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = doc.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or isinstance(value, bool):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise SpecError(f"must be a {names}, got {type(value).__name__}", field=key)
-    return value
+def remote_payload(value: Any, field: str = "payload") -> dict[str, Any]:
+    """A payload from a client, checked for what the store and the wire hold (text, numbers,
+    nesting, key length). Its size is left to the scheduler's ``max_payload_bytes`` check, so
+    that rule (and its message) lives in one place; the request itself is already bounded
+    (HTTP body limit, gRPC message limit)."""
+    return check_json_object(value, field, max_bytes=_UNBOUNDED)
+
+
+#: No size bound of our own in ``remote_payload`` (see there).
+_UNBOUNDED = 1 << 62
 
 
 def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
     """A ``TaskSpec`` from a task written as JSON: ``{"id"?, "class"?, "payload", ...}``.
-    A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``."""
-    if not isinstance(doc, dict):
-        raise SpecError(f"expected a JSON object, got {type(doc).__name__}", field="body")
-    unknown = sorted(doc.keys() - _TASK_JSON_KEY_SET)
+    A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``.
+    Every field is checked against what the store and the wire hold, naming the field."""
+    if not isinstance(doc, Mapping):
+        raise SpecError(
+            f"expected a JSON object, got {preview(doc)}", field="body", fix='send {"payload": {...}}'
+        )
+    unknown = sorted(str(k) for k in doc.keys() - _TASK_JSON_KEY_SET)
     if unknown:
         raise SpecError(
-            f"unknown key {unknown[0]!r}", field=unknown[0], fix="use " + ", ".join(TASK_JSON_KEYS)
+            f"unknown key {preview(unknown[0])}",
+            field=unknown[0][:64],
+            fix="use " + ", ".join(TASK_JSON_KEYS),
         )
-    task_id = _typed(doc, "id", str, "")
+    task_id = doc.get("id")
+    task_id = "" if task_id is None else check_text(task_id, "id", allow_empty=True)
     if not task_id and generate_id:
         task_id = uuid.uuid4().hex
-    payload = doc.get("payload")
-    if payload is not None and not isinstance(payload, dict):
-        raise SpecError(f"must be an object of strings, got {type(payload).__name__}", field="payload")
+    task_class = doc.get("class")
+    task_class = "cpu_short" if task_class is None else check_text(task_class, "class", allow_empty=True)
+    payload = remote_payload(doc.get("payload"))
+    priority = doc.get("priority")
+    timeout = doc.get("timeout")
+    max_attempts = doc.get("max_attempts")
+    workflow_id = doc.get("workflow_id")
     return TaskSpec(
         id=task_id,
-        task_class=_typed(doc, "class", str, "") or "cpu_short",
-        payload=payload or {},
-        priority=_typed(doc, "priority", int, 0),
-        timeout=_typed(doc, "timeout", (int, float), None),
-        max_attempts=_typed(doc, "max_attempts", int, 1),
-        workflow_id=_typed(doc, "workflow_id", str, ""),
+        task_class=task_class or "cpu_short",
+        payload=payload,
+        priority=0 if priority is None else check_int(priority, "priority", lo=INT32_MIN, hi=INT32_MAX),
+        timeout=None if timeout is None else check_finite(timeout, "timeout", lo=0, lo_open=True),
+        max_attempts=1 if max_attempts is None else check_int(max_attempts, "max_attempts", lo=1, hi=100),
+        workflow_id="" if workflow_id is None else check_text(workflow_id, "workflow_id", allow_empty=True),
     )
 
 
+#: The grpclib stream of the call being handled (set by ``_guard``), so a server stream can
+#: tell that its client left.
+_CALL: contextvars.ContextVar[grpclib.server.Stream[Any, Any] | None] = contextvars.ContextVar(
+    "dspy_infra_grpc_call", default=None
+)
+
+
+#: Messages a server stream sends before it gives the loop a turn.
+_YIELD_EVERY = 8
+
+
+class _ClientGone(Exception):
+    """The connection of a server-streaming call closed; the call ends quietly."""
+
+
+def _client_gone() -> bool:
+    call = _CALL.get()
+    if call is None:
+        return False
+    # grpclib exposes no public "connection closed" flag; its own Stream.__aexit__ reads this.
+    h2_stream = getattr(call, "_stream", None)
+    transport = getattr(h2_stream, "_transport", None)
+    return transport is not None and bool(transport.is_closing())
+
+
 async def _relay(stream: AsyncIterator[_In], convert: Callable[[_In], _Out]) -> AsyncIterator[_Out]:
-    """Convert a stream's items; close the source when the call ends (client gone, cancel)."""
+    """Convert a stream's items; close the source when the call ends (client gone, cancel).
+
+    Checks before each item that the client is still connected: grpclib's writes do not
+    yield while the flow-control window allows, so a replay could otherwise write thousands
+    of messages into a closed socket (one asyncio warning each) before noticing."""
+    sent = 0
     try:
         async for item in stream:
+            if _client_gone():
+                raise _ClientGone
             yield convert(item)
+            sent += 1
+            if sent % _YIELD_EVERY == 0:
+                # Sending does not yield while the HTTP/2 window allows (~150 events): with
+                # many replaying streams one loop turn would run all of them for that long.
+                await asyncio.sleep(0)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
@@ -248,15 +414,22 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
     def _spec(self, req: orch_pb.SubmitTaskRequest) -> TaskSpec:
         # TaskSpec checks the id; the scheduler checks class, payload size and GPU needs
         # before anything changes (one place for each rule).
+        settings = self.infra.settings
+        check_remote_payload(settings, req.payload, "payload")
         return TaskSpec(
-            id=req.id,
-            task_class=req.class_ or "cpu_short",
-            payload=req.payload,
+            id=check_text(req.id, "id"),
+            task_class=check_text(req.class_, "class", allow_empty=True) or "cpu_short",
+            payload=remote_payload(req.payload),
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
-            max_attempts=req.max_attempts or 1,
-            workflow_id=req.workflow_id,
+            max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
+            workflow_id=check_text(req.workflow_id, "workflow_id", allow_empty=True),
         )
+
+    def _spec_from_json(self, doc: Any, index: int) -> TaskSpec:
+        spec = spec_from_doc(doc, generate_id=False)
+        check_remote_payload(self.infra.settings, spec.payload, f"tasks_json[{index}].payload")
+        return spec
 
     async def submit_tasks(self, message: orch_pb.SubmitTasksRequest) -> orch_pb.SubmitTasksResponse:
         # A bad task fails alone (its error names the field); the others go in. All valid
@@ -272,12 +445,15 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
                 rejected.append(_rejected(index, req.id, exc))
             index += 1
         if message.tasks_json:
-            for doc in _json_array(message.tasks_json, "tasks_json"):
+            tasks = json_task_list(message.tasks_json, "tasks_json", max_bytes=MAX_TASKS_JSON_BYTES)
+            for i, doc in enumerate(tasks):
+                if i % 256 == 255:
+                    await asyncio.sleep(0)  # a long list must not hold the loop
                 try:
-                    good.append((index, spec_from_doc(doc, generate_id=False)))
+                    good.append((index, self._spec_from_json(doc, i)))
                 except InfraError as exc:
                     task_id = doc.get("id") if isinstance(doc, dict) else None
-                    rejected.append(_rejected(index, str(task_id or ""), exc))
+                    rejected.append(_rejected(index, task_id if isinstance(task_id, str) else "", exc))
                 index += 1
         scheduler = self.infra.scheduler
         try:
@@ -301,20 +477,18 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             yield item
 
     async def get_task_status(self, message: orch_pb.GetTaskStatusRequest) -> orch_pb.GetTaskStatusResponse:
-        if not message.task_id:
-            raise SpecError("is required", field="task_id")
-        return cv.task_state_to_pb(await self.infra.get_task(message.task_id))
+        task_id = _known_id(message.task_id, "task_id", "task")
+        return cv.task_state_to_pb(await self.infra.get_task(task_id))
 
     async def cancel_task(self, message: orch_pb.CancelTaskRequest) -> orch_pb.GetTaskStatusResponse:
-        if not message.task_id:
-            raise SpecError("is required", field="task_id")
-        return cv.task_state_to_pb(await self.infra.cancel(message.task_id))
+        task_id = _known_id(message.task_id, "task_id", "task")
+        return cv.task_state_to_pb(await self.infra.cancel(task_id))
 
     async def list_tasks(self, message: orch_pb.ListTasksRequest) -> orch_pb.ListTasksResponse:
         status = message.status or None
         if status is not None and status not in {s.value for s in TaskStatus}:
             raise SpecError(
-                f"unknown status {status!r}",
+                f"unknown status {preview(status)}",
                 field="status",
                 fix="use one of " + ", ".join(s.value for s in TaskStatus),
             )
@@ -324,53 +498,68 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return orch_pb.ListTasksResponse(tasks=[cv.task_state_to_pb(s) for s in states])
 
     async def wait_task(self, message: orch_pb.WaitTaskRequest) -> orch_pb.TaskResult:
-        if not message.task_id:
-            raise SpecError("is required", field="task_id")
+        task_id = _known_id(message.task_id, "task_id", "task")
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
-        return cv.task_result_to_pb(await self.infra.wait(message.task_id, timeout))
+        return cv.task_result_to_pb(await self.infra.wait(task_id, timeout))
 
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
         queues = self.infra.queue_status()
         return orch_pb.QueueStatusResponse(queues={k: cv.queue_status_to_pb(q) for k, q in queues.items()})
 
     async def create_workflow(self, message: orch_pb.CreateWorkflowRequest) -> orch_pb.CreateWorkflowResponse:
+        from ..scheduler.workflows import parse_workflow_spec
+
         if not message.id:
             raise SpecError("is required", field="id", fix="give the workflow a unique, non-empty id")
-        try:
-            spec = message.spec.decode()
-        except UnicodeDecodeError:
-            raise SpecError("is not UTF-8 JSON", field="spec") from None
-        await self.infra.create_workflow(message.id, message.name, message.description, spec)
+        name = check_text(message.name, "name", allow_empty=True)
+        description = check_text(message.description, "description", max_length=4096, allow_empty=True)
+        # Parsed off the loop (a spec may be up to MAX_SPEC_BYTES), then checked for steps
+        # that run commands before the engine sees it.
+        spec = await anyio.to_thread.run_sync(parse_workflow_spec, bytes(message.spec))
+        for step in spec.steps:
+            check_remote_payload(self.infra.settings, step.payload, f"steps.{step.name}.payload")
+        await self.infra.create_workflow(message.id, name, description, spec)
         return orch_pb.CreateWorkflowResponse(success=True, workflow_id=message.id)
 
     async def start_workflow_run(
         self, message: orch_pb.StartWorkflowRunRequest
     ) -> orch_pb.StartWorkflowRunResponse:
-        if not message.workflow_id:
-            raise SpecError("is required", field="workflow_id")
+        workflow_id = _known_id(message.workflow_id, "workflow_id", "workflow")
+        if self.infra.settings.exec_policy != "allow":
+            # A remote input that is templated into a command step would let the client
+            # choose (part of) a command; the owning process may still start such runs.
+            from ..scheduler.workflows import step_input_keys
+
+            wf = await self.infra.workflows.get_workflow(workflow_id)
+            for step in wf.spec.steps:
+                if _runs_command(step.payload) and step_input_keys(step):
+                    refuse_remote_command(
+                        self.infra.settings,
+                        f"starting a run whose input reaches the command of step {step.name!r}",
+                        "input",
+                    )
         run_id = await self.infra.start_run(
-            message.workflow_id, input=dict(message.input), idempotency_key=message.idempotency_key
+            workflow_id,
+            input=dict(message.input),
+            idempotency_key=check_text(message.idempotency_key, "idempotency_key", allow_empty=True),
         )
         return orch_pb.StartWorkflowRunResponse(success=True, run_id=run_id)
 
     async def get_workflow_run(self, message: orch_pb.GetWorkflowRunRequest) -> orch_pb.WorkflowStatusUpdate:
-        if not message.run_id:
-            raise SpecError("is required", field="run_id")
-        return cv.run_update_to_pb(await self.infra.get_run(message.run_id))
+        run_id = _known_id(message.run_id, "run_id", "run")
+        return cv.run_update_to_pb(await self.infra.get_run(run_id))
 
     async def cancel_workflow_run(
         self, message: orch_pb.GetWorkflowRunRequest
     ) -> orch_pb.WorkflowStatusUpdate:
-        if not message.run_id:
-            raise SpecError("is required", field="run_id")
-        return cv.run_update_to_pb(await self.infra.cancel_run(message.run_id))
+        run_id = _known_id(message.run_id, "run_id", "run")
+        return cv.run_update_to_pb(await self.infra.cancel_run(run_id))
 
     async def stream_workflow_status(
         self, message: orch_pb.StreamWorkflowStatusRequest
     ) -> AsyncIterator[orch_pb.WorkflowStatusUpdate]:
-        if not message.run_id:
-            raise SpecError("is required", field="run_id")
-        stream = self.infra.run_status(message.run_id)
+        run_id = _known_id(message.run_id, "run_id", "run")
+        stream = self.infra.run_status(run_id)
         async for item in _relay(stream, cv.run_update_to_pb):
             yield item
 
@@ -403,6 +592,10 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         self, message: env_pb.StartServicesRequest
     ) -> AsyncIterator[env_pb.ServiceStatusUpdate]:
         names = _names(list(message.service_names), "service_names")
+        if message.overrides:
+            # Every override field can change what runs (command, image, environment, volumes,
+            # health probe command), so under a restrictive policy none is taken remotely.
+            refuse_remote_command(self.infra.settings, "overriding a service's fields", "overrides")
         stream = self.infra.services.start(
             names, parallel=message.parallel, overrides=dict(message.overrides)
         )
@@ -453,7 +646,7 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         classes = self.infra.scheduler.classes
         if workload_class not in classes:
             raise SpecError(
-                f"unknown workload class {workload_class!r}",
+                f"unknown workload class {preview(workload_class)}",
                 field="workload_class",
                 fix="use one of " + ", ".join(sorted(classes)),
             )
@@ -461,12 +654,14 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
 
     async def execute_task(self, message: env_pb.ExecuteTaskRequest) -> env_pb.ExecuteTaskResponse:
         # The old env manager ran tasks itself; here they go through the one scheduler.
-        task_id = message.task_id or uuid.uuid4().hex
+        task_id = check_text(message.task_id, "task_id", allow_empty=True) or uuid.uuid4().hex
+        workload_class = check_text(message.workload_class, "workload_class", allow_empty=True)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        settings = self.infra.settings
+        check_remote_payload(settings, message.payload, "payload")
+        payload = remote_payload(message.payload)
         began = time.perf_counter()
-        await self.infra.submit_task(
-            task_id, message.workload_class or "cpu_short", message.payload, timeout=timeout
-        )
+        await self.infra.submit_task(task_id, workload_class or "cpu_short", payload, timeout=timeout)
         result = await self.infra.wait(task_id)
         latency_ms = (time.perf_counter() - began) * 1000.0
         return env_pb.ExecuteTaskResponse(
@@ -529,10 +724,15 @@ def _guard(
                     "authorization: missing or wrong bearer token"
                     " (fix: send metadata 'authorization: Bearer <token>')",
                 )
+            _CALL.set(stream)
             try:
                 await inner(stream)
-            except GRPCError:
-                raise
+            except _ClientGone:
+                # One line per broken stream; grpclib sends nothing on a closed connection.
+                log.info("%s: the client went away; stream ended", event.method_name)
+                raise GRPCError(Status.CANCELLED, "client went away") from None
+            except GRPCError as exc:
+                raise to_grpc_error(exc) from None
             except asyncio.CancelledError:
                 if not closing.is_set():
                     raise  # the client went away or its deadline passed
@@ -560,7 +760,22 @@ def _guard(
 # -- InfraServer ---------------------------------------------------------------------------
 
 
-def _listen(host: str, port: int) -> socket.socket:
+class _RequestCodec(ProtoCodec):
+    """grpclib's protobuf codec, but a request that does not decode is INVALID_ARGUMENT
+    naming the message type, not INTERNAL with the parser's exception text."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except Exception:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"request: not a valid {getattr(message_type, '__name__', 'protobuf')} message"
+                f" ({len(data)} bytes) (fix: send a message built from the service's .proto)",
+            ) from None
+
+
+def _listen(host: str, port: int, field: str = "port") -> socket.socket:
     """A listening TCP socket. Created with proto=IPPROTO_TCP on purpose: asyncio only sets
     TCP_NODELAY on accepted sockets whose proto says TCP, and without it every response
     waits ~40 ms for Nagle + delayed ACK (``socket.create_server`` leaves proto 0)."""
@@ -574,8 +789,8 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise Unavailable(
             f"cannot listen on {host}:{port}: {exc.strerror}",
-            field="port",
-            fix="choose a free port (0 = any) or stop what uses it",
+            field=field,
+            fix=f"set {field} to a free port (0 = any free port) or stop what uses {port}",
         ) from None
     return sock
 
@@ -607,7 +822,7 @@ class InfraServer(AsyncResource):
         try:
             env_manager = EnvManagerService(self.infra)
             self.grpc_port = await self._serve_grpc(
-                [OrchestratorService(self.infra), env_manager], self.settings.grpc_port, tls
+                [OrchestratorService(self.infra), env_manager], self.settings.grpc_port, tls, "grpc_port"
             )
             # The env manager also answers on its own port, as the old stack's did (unless
             # configured onto the same port, where it is already served).
@@ -615,12 +830,12 @@ class InfraServer(AsyncResource):
                 self.env_manager_port = self.grpc_port
             else:
                 self.env_manager_port = await self._serve_grpc(
-                    [env_manager], self.settings.env_manager_port, tls
+                    [env_manager], self.settings.env_manager_port, tls, "env_manager_port"
                 )
 
             self._http = web.AppRunner(build_app(self.infra, self.settings), access_log=None)
             await self._http.setup()
-            sock = _listen(self.host, self.settings.http_port)
+            sock = _listen(self.host, self.settings.http_port, "http_port")
             self.http_port = sock.getsockname()[1]
             await web.SockSite(self._http, sock, ssl_context=tls).start()
         except BaseException:
@@ -628,11 +843,13 @@ class InfraServer(AsyncResource):
             raise
         return self
 
-    async def _serve_grpc(self, services: list[Any], port: int, tls: ssl.SSLContext | None) -> int:
+    async def _serve_grpc(
+        self, services: list[Any], port: int, tls: ssl.SSLContext | None, field: str
+    ) -> int:
         """Serve ``services`` + grpc.health.v1 behind the guard on ``port``; the bound port."""
-        server = grpclib.server.Server([*services, Health()])
+        server = grpclib.server.Server([*services, Health()], codec=_RequestCodec())
         grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(self.settings.token, self._closing))
-        sock = _listen(self.host, port)
+        sock = _listen(self.host, port, field)
         self._grpc.append(server)
         await server.start(sock=sock, ssl=tls)
         return int(sock.getsockname()[1])
