@@ -90,6 +90,7 @@ from .graph import (
     unknown_service,
     validate_graph,
 )
+from .handles import ServiceHandle, default_url_template, main_container_port, service_url
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 
 __all__ = ["ServiceManager", "instance_name_for"]
@@ -646,9 +647,10 @@ class ServiceManager(AsyncResource):
     # -- stop / restart --------------------------------------------------------------------
 
     async def stop(self, names: Sequence[str] | None = None, *, timeout: float = 10.0) -> dict[str, str]:
-        """Stop and remove services (default: all of this owner's), dependents first.
+        """Stop and remove services, dependents first. No names (None or an empty list, as
+        ``StopServices([])`` and ``dspy-infra down`` send) means every service of this owner.
         Returns ``{name: "stopped" | "not running" | "error: ..."}``."""
-        if names is None:
+        if not names:
             listed = await self.backend.list_instances({LABEL_OWNER: self.owner})
             targets = set(self._managed) | {i.labels.get(LABEL_SERVICE, "") for i in listed} - {""}
         else:
@@ -864,6 +866,9 @@ class ServiceManager(AsyncResource):
             status = ServiceStatus.RUNNING if current.state == "running" else ServiceStatus.STOPPED
             checks, restarts = {}, 0
         ports = {c: self.backend.probe_address(current, c)[1] for c in current.ports}
+        host, port, url = self._reach(
+            managed.spec if managed is not None else self.catalog.get(name), current
+        )
         return ServiceState(
             name=name,
             status=status,
@@ -874,9 +879,76 @@ class ServiceManager(AsyncResource):
             resource_usage=usage,
             restarts=restarts,
             backend=self.backend.name,
-            host=self.backend.probe_address(current, next(iter(current.ports)))[0]
-            if current.ports
-            else "127.0.0.1",
+            host=host,
+            url=url,
+            port=port,
+        )
+
+    def _reach(self, spec: ServiceSpec | None, instance: Instance) -> tuple[str, int, str]:
+        """``(host, main host port, url)`` of ``instance`` (main port 0 and url "" when it
+        publishes none)."""
+        ports = {c: self.backend.probe_address(instance, c) for c in instance.ports}
+        main = main_container_port(spec) if spec is not None else None
+        if main not in ports:
+            main = next(iter(ports), None)
+        if main is None:
+            return "127.0.0.1", 0, ""
+        host, port = ports[main]
+        template = default_url_template(spec) if spec is not None else "{host}:{port}"
+        url = service_url(template, host, port, {c: p for c, (_h, p) in ports.items()})
+        return host, port, url
+
+    def _handle(self, name: str, managed: _Managed) -> ServiceHandle:
+        host, port, url = self._reach(managed.spec, managed.instance)
+        ports = {c: self.backend.probe_address(managed.instance, c)[1] for c in managed.instance.ports}
+        return ServiceHandle(
+            name=name,
+            host=host,
+            port=port,
+            ports=ports,
+            url=url,
+            status=managed.status,
+            backend=self.backend.name,
+            log_source=self.logs,
+        )
+
+    def __getitem__(self, name: str) -> ServiceHandle:
+        """The handle of a service this manager runs (started or adopted); ``NotFound`` (a
+        ``KeyError``) otherwise. ``await get(name)`` also finds one started elsewhere."""
+        managed = self._managed.get(name)
+        if managed is None or managed.status in (ServiceStatus.STOPPED, ServiceStatus.FAILED):
+            if name not in self.catalog:
+                raise unknown_service(name, self.catalog, field="service_name")
+            raise NotFound(
+                f"service {name!r} is not running here",
+                field="service_name",
+                fix=f"start it first: await infra.ensure_services([{name!r}])",
+            )
+        return self._handle(name, managed)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._managed
+
+    async def get(self, name: str) -> ServiceHandle:
+        """The handle of ``name`` as it runs now (also one this process did not start);
+        ``NotFound`` when it is not running."""
+        state = (await self.status([name]))[name]
+        if state.status in (ServiceStatus.STOPPED, ServiceStatus.FAILED) or not state.instance_id:
+            raise NotFound(
+                f"service {name!r} is {state.status}",
+                field="service_name",
+                fix=f"start it first: await infra.ensure_services([{name!r}])",
+            )
+        ports = dict(state.ports)
+        return ServiceHandle(
+            name=name,
+            host=state.host,
+            port=state.port,
+            ports=ports,
+            url=state.url,
+            status=state.status,
+            backend=state.backend,
+            log_source=self.logs,
         )
 
     async def _find_instance(self, name: str) -> Instance:
