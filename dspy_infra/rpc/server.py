@@ -45,6 +45,7 @@ from ..errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InfraError,
+    MissingBinary,
     NotFound,
     PermissionDenied,
     SpecError,
@@ -88,6 +89,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (NotFound, Status.NOT_FOUND),
     (AlreadyExists, Status.ALREADY_EXISTS),
     (FailedPrecondition, Status.FAILED_PRECONDITION),  # also ResourceUnavailable
+    (MissingBinary, Status.FAILED_PRECONDITION),  # a BackendError, but the fix is the caller's
     (Unavailable, Status.UNAVAILABLE),
     (BackendUnavailable, Status.UNAVAILABLE),
     (DeadlineExceeded, Status.DEADLINE_EXCEEDED),
