@@ -175,6 +175,8 @@ class ServiceManager(AsyncResource):
         self._backend_arg: Backend | str = backend if backend is not None else settings.backend
         self._owns_backend = False
         self._backend: Backend | None = None
+        #: The class of the backend once resolved (``stop_blocking`` makes a fresh one).
+        self._backend_type: type[Backend] | None = None
         self._queue_status = queue_status
         self._managed: dict[str, _Managed] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -182,6 +184,10 @@ class ServiceManager(AsyncResource):
         self._tg: TaskGroup | None = None
         self._start_slots = anyio.Semaphore(self.max_parallel_starts)
         self._leases = settings.resolved_home() / "services" / ".leases"
+        self._kept = settings.resolved_home() / "services" / ".keep"
+        #: Services started without an explicit ``keep`` are kept when this is True (a server
+        #: that leaves its services running on shutdown sets it).
+        self.keep_by_default = False
         started = proc_start_time(os.getpid())
         self._self_started = str(started[0]) if started else ""
 
@@ -197,8 +203,10 @@ class ServiceManager(AsyncResource):
 
     async def __aenter__(self) -> Self:
         self._backend = await self._resolve_backend()
+        self._backend_type = type(self._backend)
         try:
             await anyio.to_thread.run_sync(write_support_files, self.settings)
+            await self._sweep_on_open()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
@@ -206,6 +214,31 @@ class ServiceManager(AsyncResource):
             raise
         self._tg.start_soon(self._monitor, name="dspy_infra-service-monitor")
         return self
+
+    async def _sweep_on_open(self) -> None:
+        """Services of this owner whose owner process (and lease holder) is dead: a kept one
+        that still runs the catalog's spec is adopted now, so the monitor watches it from
+        this moment; every other one is reaped, whatever this infra goes on to ask for."""
+        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+            service = inst.labels.get(LABEL_SERVICE, "")
+            if not service or await anyio.to_thread.run_sync(self._owner_alive, inst):
+                continue
+            spec = self.catalog.get(service)
+            kept = await anyio.to_thread.run_sync(self._is_kept, inst.name)
+            if (
+                kept
+                and spec is not None
+                and not spec.one_shot
+                and inst.state == "running"
+                and inst.labels.get(LABEL_SPEC_HASH) == spec.spec_hash
+                and service not in self._managed
+            ):
+                async with self._lock(service):
+                    if await self._try_adopt(spec) is not None:
+                        continue
+            await self._discard(inst)
+            await anyio.to_thread.run_sync(self._set_kept, service, False)
+            self.bus.publish("service_orphan_removed", service, {"instance": inst.name, "kept": kept})
 
     async def aclose(self) -> None:
         """Stop the monitor and close the backend (if this manager created it). Services keep
@@ -217,6 +250,25 @@ class ServiceManager(AsyncResource):
                 await tg.__aexit__(None, None, None)
         finally:
             await self._close_backend()
+
+    def stop_blocking(self, names: Sequence[str], *, timeout: float = 5.0) -> None:
+        """Stop and remove the instances of ``names`` this manager runs, from code that has no
+        event loop (an ``atexit`` hook after the app's loop ended): a fresh backend of the same
+        kind does it in a private loop. Errors are swallowed: the next start reaps leftovers."""
+        instances = [m.instance for n, m in self._managed.items() if n in set(names)]
+        if not instances or self._backend_type is None:
+            return
+        backend = self._construct(self._backend_type)
+
+        async def run() -> None:
+            async with backend:
+                for instance in instances:
+                    with contextlib.suppress(InfraError, OSError):
+                        await backend.stop(instance.id, timeout=timeout)
+                        await backend.remove(instance.id)
+
+        with contextlib.suppress(Exception):
+            anyio.run(run)
 
     async def _close_backend(self) -> None:
         if self._backend is not None and self._owns_backend:
@@ -304,13 +356,18 @@ class ServiceManager(AsyncResource):
         *,
         parallel: bool = True,
         overrides: Mapping[str, str] | None = None,
+        keep: bool | None = None,
     ) -> AsyncIterator[ServiceStatusUpdate]:
         """Start ``names`` (default: the whole catalog) and their dependencies, yielding status
-        updates with progress; raises at the end if a required service failed."""
-        return self._start_stream(list(names) if names is not None else None, parallel, dict(overrides or {}))
+        updates with progress; raises at the end if a required service failed. ``keep``
+        (default ``keep_by_default``) leaves them running after this process exits: the next
+        infra on this state directory adopts them instead of reaping them."""
+        return self._start_stream(
+            list(names) if names is not None else None, parallel, dict(overrides or {}), keep
+        )
 
     async def _start_stream(
-        self, names: list[str] | None, parallel: bool, overrides: dict[str, str]
+        self, names: list[str] | None, parallel: bool, overrides: dict[str, str], keep: bool | None = None
     ) -> AsyncIterator[ServiceStatusUpdate]:
         # The start runs in the manager's task group (its owner); this generator only reads.
         # Abandoning the iterator does not abandon the start half-way.
@@ -325,7 +382,9 @@ class ServiceManager(AsyncResource):
         async def run() -> None:
             async with send:
                 try:
-                    await self._start_graph(names, parallel=parallel, overrides=overrides, emit=emit)
+                    await self._start_graph(
+                        names, parallel=parallel, overrides=overrides, emit=emit, keep=keep
+                    )
                 except Exception as exc:
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                         await send.send(exc)
@@ -337,10 +396,11 @@ class ServiceManager(AsyncResource):
                     raise item
                 yield item
 
-    async def ensure(self, names: Sequence[str]) -> list[str]:
+    async def ensure(self, names: Sequence[str], *, keep: bool | None = None) -> list[str]:
         """Start ``names`` and their dependencies; raise if a required one fails. Returns the
-        services now up (started, adopted or already running), in start order."""
-        return await self._start_graph(list(names), parallel=True, overrides={}, emit=None)
+        services now up (started, adopted or already running), in start order. ``keep``: as
+        for ``start``."""
+        return await self._start_graph(list(names), parallel=True, overrides={}, emit=None, keep=keep)
 
     async def _start_graph(
         self,
@@ -349,7 +409,9 @@ class ServiceManager(AsyncResource):
         parallel: bool,
         overrides: Mapping[str, str],
         emit: Callable[[ServiceStatusUpdate], Awaitable[None]] | None,
+        keep: bool | None = None,
     ) -> list[str]:
+        keep = self.keep_by_default if keep is None else keep
         catalog = dict(self.catalog)
         if overrides:
             catalog.update(parse_overrides(overrides, catalog))
@@ -393,7 +455,11 @@ class ServiceManager(AsyncResource):
                 f"required service {first!r} did not start: {run.reason.get(first, 'start aborted')}",
                 service=first,
             )
-        return [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
+        up = [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
+        if keep:
+            for name in up:
+                await anyio.to_thread.run_sync(self._set_kept, name, True)
+        return up
 
     async def _prepare(self, run: _StartRun) -> None:
         """Backend preparation once; when it refuses, find out which services it refuses (so
@@ -588,6 +654,23 @@ class ServiceManager(AsyncResource):
         self._leases.mkdir(parents=True, exist_ok=True)
         (self._leases / instance_name).write_text(f"{os.getpid()} {self._self_started}")
 
+    def _is_kept(self, instance_name: str) -> bool:
+        return (self._kept / instance_name).exists()
+
+    def _set_kept(self, service: str, kept: bool) -> None:
+        """Mark ``service``'s instance as one to leave running after its owner exits (or not)."""
+        marker = self._kept / instance_name_for(self.owner, service)
+        if kept:
+            self._kept.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+
+    def is_kept(self, service: str) -> bool:
+        """True when ``service`` was started with ``keep`` (it outlives its owner)."""
+        return self._is_kept(instance_name_for(self.owner, service))
+
     def _lease_holder_alive(self, instance_name: str) -> bool:
         try:
             pid, _, started = (self._leases / instance_name).read_text().strip().partition(" ")
@@ -609,6 +692,8 @@ class ServiceManager(AsyncResource):
                 continue
             if await anyio.to_thread.run_sync(self._owner_alive, inst):
                 continue
+            if await anyio.to_thread.run_sync(self._is_kept, inst.name):
+                continue  # left running on purpose (keep=True); `down` removes it
             await self._discard(inst)
             removed.append(inst.name)
             self.bus.publish("service_orphan_removed", service, {"instance": inst.name})
@@ -672,6 +757,7 @@ class ServiceManager(AsyncResource):
     async def _stop_one(self, name: str, timeout: float, results: dict[str, str]) -> None:
         async with self._lock(name):
             self._managed.pop(name, None)
+            await anyio.to_thread.run_sync(self._set_kept, name, False)
             try:
                 count = await self._remove_instances(name, timeout)
             except InfraError as exc:
