@@ -479,8 +479,16 @@ class RemoteServices:
         return self._handles[name]
 
     def start(
-        self, names: Sequence[str], *, parallel: bool = True, overrides: Mapping[str, str] | None = None
+        self,
+        names: Sequence[str],
+        *,
+        parallel: bool = True,
+        overrides: Mapping[str, str] | None = None,
+        keep: bool | None = None,
     ) -> AsyncIterator[ServiceStatusUpdate]:
+        """Start ``names`` on the server. ``keep`` is the server's to decide: ``dspy-infra
+        serve`` keeps its services running across its restarts unless ``--stop-services``."""
+        del keep
         return self.client.start_services(names, parallel=parallel, overrides=overrides)
 
     async def ensure(self, names: Sequence[str]) -> list[str]:

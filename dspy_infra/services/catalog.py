@@ -63,6 +63,7 @@ __all__ = [
     "dspy_infra_services",
     "parse_overrides",
     "parse_service_table",
+    "spec_to_toml",
     "write_support_files",
 ]
 
@@ -400,9 +401,14 @@ def _expand_home(spec: ServiceSpec, home: Path) -> ServiceSpec:
 
 
 def build_catalog(
-    settings: Settings, plugins: pluggy.PluginManager, extra: Iterable[ServiceSpec] = ()
+    settings: Settings,
+    plugins: pluggy.PluginManager,
+    extra: Iterable[ServiceSpec] = (),
+    *,
+    expand_home: bool = True,
 ) -> dict[str, ServiceSpec]:
-    """Hook results, then ``settings.services`` tables, then ``extra`` (later wins by name)."""
+    """Hook results, then ``settings.services`` tables, then ``extra`` (later wins by name);
+    ``expand_home=False`` keeps ``{home}`` as written (to show a spec as TOML)."""
     catalog: dict[str, ServiceSpec] = {}
     # pluggy calls later-registered plugins first; walk backwards so later plugins win.
     for result in reversed(list(plugins.hook.dspy_infra_services())):
@@ -412,8 +418,77 @@ def build_catalog(
         catalog[name] = parse_service_table(name, table, catalog.get(name))
     for spec in extra:
         catalog[spec.name] = spec
+    if not expand_home:
+        return catalog
     home = settings.resolved_home()
     return {name: _expand_home(spec, home) for name, spec in catalog.items()}
+
+
+# -- showing a spec as TOML ------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _changed_fields(value: Any) -> dict[str, Any]:
+    """The fields of an attrs value that differ from the class defaults (None left out)."""
+    default = type(value)()
+    return {
+        a.name: getattr(value, a.name)
+        for a in attrs.fields(type(value))
+        if getattr(value, a.name) != getattr(default, a.name) and getattr(value, a.name) is not None
+    }
+
+
+def _port_text(port: PortMapping) -> Any:
+    if not port.host_port:  # a free host port
+        if port.protocol == "tcp" and port.host_ip == "127.0.0.1" and port.host_port == 0:
+            return port.container_port
+        return {k: v for k, v in attrs.asdict(port).items() if v is not None}
+    text = f"{port.host_port}:{port.container_port}"
+    if port.host_ip != "127.0.0.1":
+        text = f"{port.host_ip}:{text}"
+    return text + (f"/{port.protocol}" if port.protocol != "tcp" else "")
+
+
+def spec_to_toml(spec: ServiceSpec) -> str:
+    """``spec`` as a ``[services.NAME]`` table that ``parse_service_table`` reads back to the
+    same spec (fields at their defaults are left out)."""
+    lines = [f"[services.{_toml_key(spec.name)}]"]
+    for a in attrs.fields(ServiceSpec):
+        if a.name == "name":
+            continue
+        value = getattr(spec, a.name)
+        if a.name in _NESTED:
+            changed = _changed_fields(value)
+            if changed:
+                lines.append(f"{a.name} = {_toml_value(changed)}")
+            continue
+        if value in ((), {}, "", None) or (a.default is not attrs.NOTHING and value == a.default):
+            continue
+        if a.name == "ports":
+            value = [_port_text(p) for p in value]
+        elif a.name == "volumes":
+            value = [f"{v.source}:{v.target}" + (":ro" if v.read_only else "") for v in value]
+        elif a.name == "depends_on":
+            value = [d.name if d.condition == "service_healthy" else attrs.asdict(d) for d in value]
+        lines.append(f"{a.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def write_support_files(settings: Settings) -> None:
