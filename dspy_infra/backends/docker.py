@@ -71,9 +71,9 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 BUILTIN_NETWORKS = frozenset({"none", "bridge", "host"})
 
 _START_ENGINE_FIX = (
-    "start Docker or Podman (`bash scripts/engines.sh start` in this repo, `dockerd`, or "
-    "`podman system service --time=0 unix:///run/podman/podman.sock`), or point "
-    "DSPY_INFRA_DOCKER_HOST / DOCKER_HOST at a socket that answers"
+    "start Docker or Podman (`dockerd`, or "
+    "`podman system service --time=0 unix:///run/podman/podman.sock`), point "
+    "DSPY_INFRA_DOCKER_HOST / DOCKER_HOST at a socket that answers, or use backend='process'"
 )
 
 

@@ -20,7 +20,10 @@ stable name ``dspy_infra-<owner>-<service>``. A start adopts a healthy running i
 the same spec hash instead of recreating it (and writes a *lease* file naming the adopting
 pid, because a container's labels cannot change), recreates one whose hash differs, and
 removes instances of this owner whose owner process (and lease holder) is dead (orphans).
-Nothing without our owner label is ever touched.
+Nothing without our owner label is ever touched. Opening a manager sweeps at once: a dead
+owner's instance started with ``keep`` (a ``.keep/<instance>`` marker) and still running the
+catalog's spec is adopted and monitored from that moment; every other dead owner's instance is
+removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
 
 The monitor probes every healthy service on its check's interval; one that exits, or fails
 ``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
