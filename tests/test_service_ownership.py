@@ -21,12 +21,14 @@ from typing import Any
 
 import anyio
 import pytest
-from engines import which_or_skip
+from engines import Engine, docker_engine, engine, engine_kind, podman_engine, which_or_skip
 
 from dspy_infra.backends.process import ProcessBackend, pid_alive
 from dspy_infra.config import load_settings
 from dspy_infra.infra import Infra
 from tests._rpc_support import ROOT, base_settings, stop_process
+
+__all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]
 
 pytestmark = pytest.mark.usefixtures("anyio_backend")
 
@@ -152,3 +154,45 @@ async def test_kept_services_are_adopted_and_monitored_from_the_start(tmp_path: 
         backend = ProcessBackend(home=home)
         for inst in await backend.list_instances({}):
             await backend.remove(inst.id)
+
+
+_DOCKER_SCRIPT = """
+import asyncio, sys
+from dspy_infra import ensure_infra
+
+async def main():
+    infra = await ensure_infra(services=["sleeper"], config_file=sys.argv[1], mode="embedded")
+    print(infra.services["sleeper"].port, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_one_liner_leaves_no_container_either(tmp_path: Path, engine: Engine) -> None:
+    """The ``atexit`` path with a container backend: a fresh backend in a private loop."""
+    import aiodocker
+    from engines import unique_name
+
+    owner, network = unique_name("owner"), unique_name("net")
+    config = tmp_path / "dspy-infra.toml"
+    config.write_text(
+        f'home = "{tmp_path / "state"}"\nbackend = "docker"\ndocker_host = "{engine.host}"\n'
+        f'owner = "{owner}"\nnetwork = "{network}"\n'
+        "[services.sleeper]\n"
+        f'image = "{engine.images.busybox}"\n'
+        "command = \"sh -c 'exec httpd -f -p {port} -h /www'\"\n"
+        "ports = [8080]\n"
+        'health = {kind = "http", path = "/index.html"}\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = await anyio.run_process([sys.executable, "-c", _DOCKER_SCRIPT, str(config)], env=env, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert int(done.stdout.split()[-1]) not in (0, 8080)
+    docker = aiodocker.Docker(url=engine.host)
+    try:
+        left = await docker.containers.list(all=True, filters={"label": [f"dspy_infra.owner={owner}"]})
+        assert left == []
+        with contextlib.suppress(aiodocker.DockerError):
+            await (await docker.networks.get(network)).delete()
+    finally:
+        await docker.close()
