@@ -22,13 +22,16 @@ import anyio
 import pytest
 import redis
 from engines import Engine, docker_engine, engine, engine_kind, podman_engine, which_or_skip
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dspy_infra import errors
+from dspy_infra.backends.base import fill_port_placeholders
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.infra import Infra
 from dspy_infra.models import HealthCheck, PortMapping, ServiceSpec
 from dspy_infra.rpc.client import RemoteInfra
-from dspy_infra.services.handles import ServiceHandle
+from dspy_infra.services.handles import ServiceHandle, service_url
 from tests._rpc_support import base_settings, in_process_server, stop_process
 
 __all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]
@@ -235,3 +238,33 @@ async def test_stop_services_without_names_stops_every_service_like_down(tmp_pat
             states = await infra.services.status(["a", "b"])
             assert {str(s.status) for s in states.values()} == {"stopped"}
             assert "a" not in remote.services
+
+
+_port_numbers = st.integers(1, 65535)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(max_size=40),
+    listen=st.dictionaries(_port_numbers, _port_numbers, max_size=3),
+    container=_port_numbers,
+)
+def test_placeholders_fill_only_what_they_name(text: str, listen: dict[int, int], container: int) -> None:
+    """Text without a placeholder is left exactly as it is (JSON, shell braces, ``{home}``);
+    each ``{port.N}`` / ``{host_port.N}`` becomes its port, an unknown N stays as written."""
+    published = {c: p + 1 for c, p in listen.items()}
+    filled = fill_port_placeholders(text, first=None, listen=listen, published=published, listen_host="H")
+    if "{port" not in text and "{host_port" not in text and "{listen_host}" not in text:
+        assert filled == text
+    template = f"a{{port.{container}}}b{{host_port.{container}}}c{{listen_host}}{{x}}"
+    out = fill_port_placeholders(template, first=None, listen=listen, published=published, listen_host="H")
+    if container in listen:
+        assert out == f"a{listen[container]}b{published[container]}cH{{x}}"
+    else:
+        assert out == f"a{{port.{container}}}b{{host_port.{container}}}cH{{x}}"
+
+
+def test_service_url_needs_every_port_it_names() -> None:
+    assert service_url("redis://{host}:{port}/0", "127.0.0.1", 5, {6379: 5}) == "redis://127.0.0.1:5/0"
+    assert service_url("http://{host}:{port.81}", "h", 5, {80: 5}) == ""  # never a half URL
+    assert service_url("{host}:{port.80},{host}:{port.81}", "h", 5, {80: 5, 81: 6}) == "h:5,h:6"
