@@ -166,6 +166,8 @@ async def test_remote_handles_are_the_embedded_handles(tmp_path: Path, redis_on_
             await remote.ensure_services(["redis"])
             handle = remote.services["redis"]
             assert handle == infra.services["redis"] == await remote.services.get("redis")
+            assert remote.services.endpoint("redis") == infra.services.endpoint("redis")
+            assert remote.services.endpoint("redis", 6379) == (handle.host, handle.port)
             assert handle.port != 6379 and handle.url == f"redis://127.0.0.1:{handle.port}/0"
             _check_is_ours(handle, redis_on_6379)
             assert any("Ready to accept" in line for line in await handle.logs(tail=50))

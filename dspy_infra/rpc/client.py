@@ -464,6 +464,19 @@ class RemoteServices:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._handles
 
+    def endpoint(self, name: str, container_port: int | None = None) -> tuple[str, int]:
+        """``(host, port)`` of a known service, as ``ServiceManager.endpoint``."""
+        handle = self[name]
+        if container_port is None:
+            return handle.host, handle.port
+        if container_port not in handle.ports:
+            raise NotFound(
+                f"service {name!r} does not publish port {container_port}",
+                field="container_port",
+                fix="use one of: " + (", ".join(str(p) for p in handle.ports) or "(none)"),
+            )
+        return handle.host, handle.ports[container_port]
+
     async def get(self, name: str) -> ServiceHandle:
         """The handle of ``name`` as it runs on the server now; ``NotFound`` when it is not."""
         states = await self.client.get_services_status([name])
