@@ -80,6 +80,7 @@ class Infra(AsyncResource):
         self._closed = False
         self._started_services: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._owner_pid = os.getpid()
         self.servers: list[Any] = []
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -92,6 +93,7 @@ class Infra(AsyncResource):
                 raise Unavailable("this Infra was closed", fix="create a new Infra")
             loop = asyncio.get_running_loop()
             self._loop = loop
+            self._owner_pid = os.getpid()
             self._ready = loop.create_future()
             self._owner = asyncio.create_task(self._own(serve), name="dspy_infra-owner")
             await asyncio.shield(self._ready)
@@ -154,6 +156,8 @@ class Infra(AsyncResource):
         exception, Ctrl-C). Stops what this Infra started (not what was kept)."""
         if self._owner is None or not self._started_services or self._services is None:
             return
+        if os.getpid() != self._owner_pid:
+            return  # a forked child exiting: the services are its parent's
         loop = self._loop
         if loop is not None and loop.is_running() and not loop.is_closed():
             # Its loop still runs in another thread (ensure_infra_sync): close it there.

@@ -46,6 +46,14 @@ async def main():
     print(json.dumps({"port": infra.services["redis"].port, "pid": pid}), flush=True)
     if sys.argv[2] == "wait":
         await asyncio.sleep(3600)
+    elif sys.argv[2] == "fork":
+        import os
+        from dspy_infra.backends.process import pid_alive
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a child that exits normally runs the atexit hooks it inherited
+        os.waitpid(child, 0)
+        print(json.dumps({"alive_after_child_exit": pid_alive(pid)}), flush=True)
     elif sys.argv[2] == "raise":
         raise RuntimeError("the app failed")
 
@@ -86,12 +94,16 @@ def _wait_gone(pid: int, port: int, timeout: float = 20.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["return", "raise", "sigint", "sigterm"])
+@pytest.mark.parametrize("how", ["return", "raise", "sigint", "sigterm", "fork"])
 def test_the_one_liner_leaves_nothing_running(tmp_path: Path, how: str) -> None:
     home = tmp_path / "state"
     proc, started = _run_app(home, "wait" if how.startswith("sig") else how)
     try:
-        assert pid_alive(started["pid"]) and _listening(started["port"])
+        if how == "fork":  # a forked child's exit leaves its parent's services alone
+            assert proc.stdout is not None
+            assert json.loads(proc.stdout.readline()) == {"alive_after_child_exit": True}
+        else:
+            assert pid_alive(started["pid"]) and _listening(started["port"])
         if how == "sigint":
             proc.send_signal(signal.SIGINT)
         elif how == "sigterm":
