@@ -103,7 +103,7 @@ def service_specs(draw: st.DrawFn) -> ServiceSpec:
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(service_specs())
 def test_any_spec_round_trips_through_its_toml(spec: ServiceSpec) -> None:
     """Whatever ``catalog --show`` prints is read back as the same spec."""

@@ -616,7 +616,9 @@ class RemoteInfra(AsyncResource):
 
     # -- services --------------------------------------------------------------------------
 
-    async def ensure_services(self, names: Sequence[str]) -> None:
+    async def ensure_services(self, names: Sequence[str], *, keep: bool = False) -> None:
+        """Start ``names`` on the server; ``keep`` is the server's to decide (its services
+        outlive its restarts unless it runs with ``--stop-services``)."""
         await self.services.ensure(names)
 
     def handler(self, name: str) -> Callable[[_F], _F]:
