@@ -270,3 +270,26 @@ def test_service_url_needs_every_port_it_names() -> None:
     assert service_url("redis://{host}:{port}/0", "127.0.0.1", 5, {6379: 5}) == "redis://127.0.0.1:5/0"
     assert service_url("http://{host}:{port.81}", "h", 5, {80: 5}) == ""  # never a half URL
     assert service_url("{host}:{port.80},{host}:{port.81}", "h", 5, {80: 5, 81: 6}) == "h:5,h:6"
+
+
+async def test_exec_health_command_as_a_string_probes_the_assigned_port(
+    tmp_path: Path, redis_on_6379: redis.Redis
+) -> None:
+    """Issue 8 item 9: ``health.command = "..."`` is split with shell rules (it was split into
+    characters), and its ``{port}`` is the port the service was given (never the squatter's)."""
+    which_or_skip("redis-server")
+    which_or_skip("redis-cli")
+    probe = "sh -c '[ {port} != 6379 ] && redis-cli -p {port} ping | grep -q PONG'"
+    services = {"redis": {"health": {"kind": "exec", "command": probe, "startup_timeout": 10}}}
+    async with _infra(tmp_path, services=services) as infra:
+        spec = infra.services.catalog["redis"]
+        assert spec.health.command == (
+            "sh",
+            "-c",
+            "[ {port} != 6379 ] && redis-cli -p {port} ping | grep -q PONG",
+        )
+        await infra.ensure_services(["redis"])  # healthy only through the filled-in probe
+        async with contextlib.aclosing(infra.services.health(["redis"], interval=0.1)) as stream:
+            health = await anext(stream)
+        assert health.healthy and health.details["kind"] == "exec", health.message
+        _check_is_ours(infra.services["redis"], redis_on_6379)
