@@ -78,7 +78,6 @@ class Infra(AsyncResource):
         self._stop = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
-        self._started_services: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owner_pid = os.getpid()
         self.servers: list[Any] = []
@@ -146,15 +145,17 @@ class Infra(AsyncResource):
             raise
 
     async def _stop_services_on_exit(self) -> None:
-        if self._started_services and self._services is not None:
-            services = self._services
-            await services.stop([n for n in self._started_services if not services.is_kept(n)])
-            self._started_services.clear()
+        services = self._services
+        if services is not None:
+            owned = [n for n in services.owned if not services.is_kept(n)]
+            if owned:
+                await services.stop(owned)
 
     def _stop_services_at_exit(self) -> None:
         """The ``atexit`` path: the app ended without ``aclose()`` (no shutdown call, an
         exception, Ctrl-C). Stops what this Infra started (not what was kept)."""
-        if self._owner is None or not self._started_services or self._services is None:
+        services = self._services
+        if self._owner is None or services is None or not services.owned:
             return
         if os.getpid() != self._owner_pid:
             return  # a forked child exiting: the services are its parent's
@@ -164,9 +165,8 @@ class Infra(AsyncResource):
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=30)
             return
-        services = self._services
-        services.stop_blocking([n for n in self._started_services if not services.is_kept(n)])
-        self._started_services.clear()
+        services.stop_blocking([n for n in services.owned if not services.is_kept(n)])
+        services.owned.clear()
 
     async def aclose(self) -> None:
         """Stop servers, workflows, scheduler (running tasks stay durable) and owned services."""
@@ -204,17 +204,12 @@ class Infra(AsyncResource):
     # -- services --------------------------------------------------------------------------
 
     async def ensure_services(self, names: Sequence[str], *, keep: bool = False) -> None:
-        """Start ``names`` and their dependencies. They are stopped when this Infra closes, or
+        """Start ``names`` and their dependencies. They are stopped when this Infra closes (as
+        is every service started through it without ``keep``: over gRPC, by the CLI), or
         when the process exits without closing it (``atexit``); a process killed outright
         leaves them to the next infra on this state directory, which reaps them. ``keep=True``
         leaves them running for later runs, which adopt them (``dspy-infra down`` stops them)."""
-        started = await self.services.ensure(list(names), keep=keep)
-        for name in started:
-            if keep:
-                with contextlib.suppress(ValueError):
-                    self._started_services.remove(name)
-            elif name not in self._started_services:
-                self._started_services.append(name)
+        await self.services.ensure(list(names), keep=keep)
 
     # -- tasks -----------------------------------------------------------------------------
 

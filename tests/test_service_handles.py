@@ -171,6 +171,8 @@ async def test_remote_handles_are_the_embedded_handles(tmp_path: Path, redis_on_
             assert handle.port != 6379 and handle.url == f"redis://127.0.0.1:{handle.port}/0"
             _check_is_ours(handle, redis_on_6379)
             assert any("Ready to accept" in line for line in await handle.logs(tail=50))
+    # Started over gRPC without keep: the infra that served it stops it when it closes.
+    assert not _listening(handle.port)
 
 
 async def test_docker_publishes_on_a_free_host_port(

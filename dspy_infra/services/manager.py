@@ -191,6 +191,9 @@ class ServiceManager(AsyncResource):
         #: Services started without an explicit ``keep`` are kept when this is True (a server
         #: that leaves its services running on shutdown sets it).
         self.keep_by_default = False
+        #: Services a start brought up without ``keep`` (started or adopted), in start order:
+        #: the ones ``Infra`` stops when it closes, whoever asked (Python, gRPC, the CLI).
+        self.owned: list[str] = []
         started = proc_start_time(os.getpid())
         self._self_started = str(started[0]) if started else ""
 
@@ -459,9 +462,13 @@ class ServiceManager(AsyncResource):
                 service=first,
             )
         up = [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
-        if keep:
-            for name in up:
+        for name in up:
+            if keep:
                 await anyio.to_thread.run_sync(self._set_kept, name, True)
+                with contextlib.suppress(ValueError):
+                    self.owned.remove(name)
+            elif name not in self.owned:
+                self.owned.append(name)
         return up
 
     async def _prepare(self, run: _StartRun) -> None:
@@ -760,6 +767,8 @@ class ServiceManager(AsyncResource):
     async def _stop_one(self, name: str, timeout: float, results: dict[str, str]) -> None:
         async with self._lock(name):
             self._managed.pop(name, None)
+            with contextlib.suppress(ValueError):
+                self.owned.remove(name)
             await anyio.to_thread.run_sync(self._set_kept, name, False)
             try:
                 count = await self._remove_instances(name, timeout)
