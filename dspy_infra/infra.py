@@ -367,20 +367,18 @@ async def ensure_infra(
     **settings: Any,
 ) -> Any:
     """Return the process's shared infra, creating it on first call (concurrent callers get
-    the same one). The services it starts stop with ``shutdown_infra()``, or at the latest
-    when the process exits (``atexit``; SIGTERM is made to exit like Ctrl-C when it has its
-    default action); ``keep=True`` leaves them running for the next run to adopt. With ``DSPY_INFRA_ADDR`` / ``addr`` set, or ``mode="auto"`` and a server
+    the same one). With ``DSPY_INFRA_ADDR`` / ``addr`` set, or ``mode="auto"`` and a server
     answering at the default address, this is a ``RemoteInfra``; otherwise an embedded
-    ``Infra`` (``serve=True`` also serves gRPC/HTTP for other processes)."""
+    ``Infra`` (``serve=True`` also serves gRPC/HTTP for other processes).
+
+    The services an embedded infra starts stop with ``shutdown_infra()``, or at the latest when
+    the process exits (``atexit``; SIGTERM is made to exit like Ctrl-C while it has its default
+    action); ``keep=True`` leaves them running for the next run to adopt."""
     global _shared
     async with _lock():
         if _shared is not None and getattr(_shared, "running", True):
             if services:
-                await (
-                    _shared.ensure_services(services, keep=keep)
-                    if keep
-                    else _shared.ensure_services(services)
-                )
+                await _shared.ensure_services(services, keep=keep)
             return _shared
         backend_name = backend if isinstance(backend, str) else None
         cfg = load_settings(
