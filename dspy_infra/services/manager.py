@@ -226,25 +226,35 @@ class ServiceManager(AsyncResource):
         that still runs the catalog's spec is adopted now, so the monitor watches it from
         this moment; every other one is reaped, whatever this infra goes on to ask for."""
         for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
-            service = inst.labels.get(LABEL_SERVICE, "")
-            if not service or await anyio.to_thread.run_sync(self._owner_alive, inst):
-                continue
-            spec = self.catalog.get(service)
-            kept = await anyio.to_thread.run_sync(self._is_kept, inst.name)
-            if (
-                kept
-                and spec is not None
-                and not spec.one_shot
-                and inst.state == "running"
-                and inst.labels.get(LABEL_SPEC_HASH) == spec.spec_hash
-                and service not in self._managed
-            ):
-                async with self._lock(service):
-                    if await self._try_adopt(spec) is not None:
-                        continue
-            await self._discard(inst)
-            await anyio.to_thread.run_sync(self._set_kept, service, False)
-            self.bus.publish("service_orphan_removed", service, {"instance": inst.name, "kept": kept})
+            try:
+                await self._sweep_one(inst)
+            except InfraError as exc:  # one stuck leftover must not keep the infra from starting
+                self.bus.publish(
+                    "service_orphan_removed",
+                    inst.labels.get(LABEL_SERVICE, ""),
+                    {"instance": inst.name, "error": str(exc)},
+                )
+
+    async def _sweep_one(self, inst: Instance) -> None:
+        service = inst.labels.get(LABEL_SERVICE, "")
+        if not service or await anyio.to_thread.run_sync(self._owner_alive, inst):
+            return
+        spec = self.catalog.get(service)
+        kept = await anyio.to_thread.run_sync(self._is_kept, inst.name)
+        if (
+            kept
+            and spec is not None
+            and not spec.one_shot
+            and inst.state == "running"
+            and inst.labels.get(LABEL_SPEC_HASH) == spec.spec_hash
+            and service not in self._managed
+        ):
+            async with self._lock(service):
+                if await self._try_adopt(spec) is not None:
+                    return
+        await self._discard(inst)
+        await anyio.to_thread.run_sync(self._set_kept, service, False)
+        self.bus.publish("service_orphan_removed", service, {"instance": inst.name, "kept": kept})
 
     async def aclose(self) -> None:
         """Stop the monitor and close the backend (if this manager created it). Services keep
