@@ -88,15 +88,16 @@ _TABLE_EXAMPLES = """\
 # -- Services -----------------------------------------------------------------------------------
 # Each [services.NAME] table overrides a built-in service (redis, reddb, ollama, kafka,
 # zookeeper, prometheus, infermesh-*) or declares a new one. `image` is used by the docker
-# backend, `command` by the process backend.
+# backend, `command` by the process backend. Every port gets a free host port unless a table
+# pins one; a command takes its port from {port} (`dspy-infra catalog --show redis` shows how).
 #
-# [services.redis]                  # another host port (container backends can remap ports;
-# ports = ["16379:6379"]            # the process backend runs the command's own port as is)
+# [services.redis]                  # pin host port 16379 (on every backend)
+# ports = ["16379:6379"]
 #
 # [services.web]
 # image = "python:3.11-slim"
-# command = ["python3", "-m", "http.server", "8000"]
-# ports = [{ container_port = 8000, host_port = 8000 }]
+# command = ["python3", "-m", "http.server", "{port}"]
+# ports = [8000]                    # a free host port: `dspy-infra services` shows the URL
 # health = { kind = "http", path = "/", startup_timeout = 30 }
 # depends_on = ["redis"]
 """
