@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra import errors
-from dspy_infra.backends.base import fill_port_placeholders
+from dspy_infra.backends.base import fill_port_placeholders, free_port
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.infra import Infra
 from dspy_infra.models import HealthCheck, PortMapping, ServiceSpec
@@ -295,3 +295,29 @@ async def test_exec_health_command_as_a_string_probes_the_assigned_port(
             health = await anext(stream)
         assert health.healthy and health.details["kind"] == "exec", health.message
         _check_is_ours(infra.services["redis"], redis_on_6379)
+
+
+async def test_a_port_on_all_interfaces_is_not_narrowed_to_loopback(tmp_path: Path) -> None:
+    """``"0.0.0.0:0:8000"`` on the process backend: ``{listen_host}`` is 0.0.0.0 (what was asked),
+    the probe and the handle still use loopback."""
+    web = {
+        "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "{listen_host}"],
+        "ports": ["0.0.0.0:0:8000"],
+        "health": {"kind": "http", "path": "/"},
+    }
+    async with _infra(tmp_path, services={"web": web}) as infra:
+        await infra.ensure_services(["web"])
+        handle = infra.services["web"]
+        assert handle.host == "127.0.0.1" and handle.url == f"http://127.0.0.1:{handle.port}"
+        state = (await infra.services.status(["web"]))["web"]
+        backend = infra.services.backend
+        record = json.loads((backend.root / state.instance_id / "record.json").read_text())  # type: ignore[attr-defined]
+        assert record["command"][-3:] == [str(handle.port), "--bind", "0.0.0.0"]
+
+
+def test_a_free_port_is_never_one_a_sibling_is_pinned_to() -> None:
+    """Siblings start in parallel: the kernel may offer the port a pinned sibling has not bound
+    yet; the backend skips the pinned ones."""
+    pinned = {free_port() for _ in range(8)}
+    for _ in range(200):
+        assert free_port(avoid=pinned) not in pinned

@@ -15,13 +15,13 @@ from __future__ import annotations
 import abc
 import re
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Self
 
 import attrs
 from anyio.abc import AsyncResource
 
-from ..errors import SpecError
+from ..errors import BackendError, SpecError
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
 __all__ = [
@@ -147,14 +147,19 @@ def expand_port_placeholders(
     )
 
 
-def free_port(host_ip: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now at ``host_ip`` (the kernel's choice). Another
-    process may take it before the service binds it; a service that then fails to bind
-    exits, and its start fails with that log line."""
+def free_port(host_ip: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
+    """A TCP port nothing listens on right now at ``host_ip`` (the kernel's choice), not one
+    of ``avoid`` (ports about to be bound by services pinned to them). Another process may
+    take it before the service binds it; a service that then fails to bind exits, and its
+    start fails with that log line."""
     family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host_ip, 0))
-        return int(sock.getsockname()[1])
+    for _ in range(64):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host_ip, 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise BackendError(f"no free port at {host_ip} outside the {len(avoid)} pinned ones")
 
 
 class Backend(AsyncResource):

@@ -266,6 +266,8 @@ class ProcessBackend(Backend):
         self.metrics = metrics
         #: Each log file is rotated to ``<stream>.log.1`` beyond this size (one old file kept).
         self.log_max_bytes = log_max_bytes
+        #: Host ports that prepared specs pin (never handed out as a free port).
+        self._pinned: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -337,8 +339,7 @@ class ProcessBackend(Backend):
                 fix="point the command at host paths (or set workdir), or use backend='docker'",
             )
 
-    @staticmethod
-    def _ports(spec: ServiceSpec, *, assign: bool) -> dict[int, tuple[str, int]]:
+    def _ports(self, spec: ServiceSpec, *, assign: bool) -> dict[int, tuple[str, int]]:
         """``{container port: (host ip, host port)}``. A pinned host port is used as it is; an
         unpinned one gets a free port (with ``assign``; 0 as a placeholder otherwise) when the
         command or environment names it (``{port}``, ``{port.N}``), since only then does the
@@ -358,7 +359,7 @@ class ProcessBackend(Backend):
                     )
                 host = p.host_port
             elif p.container_port in templated:
-                host = free_port(ip) if assign else 0
+                host = free_port(p.host_ip or "127.0.0.1", avoid=self._pinned) if assign else 0
             else:
                 host = p.container_port
             ports[p.container_port] = (ip, host)
@@ -396,6 +397,9 @@ class ProcessBackend(Backend):
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
         for spec in specs:
             await anyio.to_thread.run_sync(self._check, spec)
+            # Siblings start in parallel: a free port handed to one must not be the port
+            # another is pinned to and has not bound yet.
+            self._pinned.update(p.host_port for p in spec.ports if p.host_port)
         await self.open()
 
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
@@ -461,7 +465,9 @@ class ProcessBackend(Backend):
             raise
         # The process binds on the host: the port it listens on is the host port.
         assigned = {container: host for container, (_ip, host) in ports.items()}
-        spec = expand_port_placeholders(spec, listen=assigned, published=assigned, listen_host="127.0.0.1")
+        # {listen_host}: loopback, unless the first port asks for another address ("0.0.0.0:...").
+        listen_host = (spec.ports[0].host_ip if spec.ports else "") or "127.0.0.1"
+        spec = expand_port_placeholders(spec, listen=assigned, published=assigned, listen_host=listen_host)
         env = self._env(spec.environment)
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)
