@@ -48,6 +48,7 @@ from .models import (
     VolumeMount,
 )
 from .scheduler.workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
+from .services.handles import ServiceHandle
 
 __all__ = [
     "AlreadyExists",
@@ -73,6 +74,7 @@ __all__ = [
     "RunState",
     "RunUpdate",
     "ServiceError",
+    "ServiceHandle",
     "ServiceSpec",
     "Settings",
     "SpecError",

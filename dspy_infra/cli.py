@@ -88,15 +88,16 @@ _TABLE_EXAMPLES = """\
 # -- Services -----------------------------------------------------------------------------------
 # Each [services.NAME] table overrides a built-in service (redis, reddb, ollama, kafka,
 # zookeeper, prometheus, infermesh-*) or declares a new one. `image` is used by the docker
-# backend, `command` by the process backend.
+# backend, `command` by the process backend. Every port gets a free host port unless a table
+# pins one; a command takes its port from {port} (`dspy-infra catalog --show redis` shows how).
 #
-# [services.redis]                  # another host port (container backends can remap ports;
-# ports = ["16379:6379"]            # the process backend runs the command's own port as is)
+# [services.redis]                  # pin host port 16379 (on every backend)
+# ports = ["16379:6379"]
 #
 # [services.web]
 # image = "python:3.11-slim"
-# command = ["python3", "-m", "http.server", "8000"]
-# ports = [{ container_port = 8000, host_port = 8000 }]
+# command = ["python3", "-m", "http.server", "{port}"]
+# ports = [8000]                    # a free host port: `dspy-infra services` shows the URL
 # health = { kind = "http", path = "/", startup_timeout = 30 }
 # depends_on = ["redis"]
 """
@@ -410,7 +411,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         )
         with progress:
             rows: dict[str, Any] = {}
-            async for update in _aiter(infra.services.start(names, parallel=not args.sequential)):
+            keep = {"keep": True} if args.keep else {}
+            async for update in _aiter(infra.services.start(names, parallel=not args.sequential, **keep)):
                 name = update.service_name
                 if name not in rows:
                     rows[name] = progress.add_task(name, total=100, status="", message="")
@@ -424,11 +426,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
             out.print(f"{name}: {status} [{mark}]" + (f" {update.message}" if update.message else ""))
             if status in _BAD_SERVICE:
                 failed.append(name)
-        if _is_embedded(infra):
+        if _is_embedded(infra) and not args.keep:
+            await _maybe_await(infra.services.stop(list(final)))
             out.print(
-                "note: no server is running, so nothing watches these services after this command;"
-                " the next infra on this state directory adopts them if it asks for them and removes"
-                " them as orphans otherwise. Run `dspy-infra serve` to keep them supervised."
+                "note: no server is running and --keep was not given, so they were stopped again"
+                " as this command ends. `dspy-infra up --keep NAMES` leaves them running (the next"
+                " command adopts them; `dspy-infra down` stops them), `dspy-infra serve` supervises them."
             )
         if failed:
             raise _Failure(f"service(s) did not come up: {', '.join(failed)}")
@@ -774,6 +777,96 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Services and catalog (the services helper's block)
+
+
+def _cmd_services(args: argparse.Namespace) -> int:
+    """Each running service with its status and the URL a client connects to."""
+    from rich.table import Table
+
+    async def body(infra: Any) -> int:
+        states = await _maybe_await(infra.services.status(list(args.names) or None))
+        running = {n: st for n, st in states.items() if _status_text(st.status) != "stopped" or args.names}
+        if args.json:
+            _print_json(
+                {
+                    n: {
+                        "status": _status_text(st.status),
+                        "url": st.url,
+                        "host": st.host,
+                        "port": st.port,
+                        "ports": {str(c): h for c, h in st.ports.items()},
+                        "backend": st.backend,
+                    }
+                    for n, st in sorted(running.items())
+                }
+            )
+            return EXIT_OK
+        out = _console()
+        if not running:
+            out.print("no services are running (start one: dspy-infra up NAME)")
+            return EXIT_OK
+        table = Table(title="Services")
+        for column in ("service", "status", "url", "ports (container->host)"):
+            table.add_column(column, overflow="fold")
+        for name, st in sorted(running.items()):
+            ports = ", ".join(f"{c}->{h}" for c, h in sorted(st.ports.items())) or "-"
+            table.add_row(name, _status_text(st.status), st.url or "-", ports)
+        out.print(table)
+        return EXIT_OK
+
+    return _run_with_infra(args, body)
+
+
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    """The service specs this configuration knows (built-ins, plugins, [services.NAME])."""
+    from rich.table import Table
+
+    from .plugins import build_plugin_manager
+    from .services.catalog import build_catalog, spec_to_toml
+    from .services.graph import unknown_service
+    from .services.handles import default_url_template
+
+    settings = load_settings(args.config, home=args.home)
+    catalog = build_catalog(settings, build_plugin_manager(), expand_home=False)
+    if args.show:
+        spec = catalog.get(args.show)
+        if spec is None:
+            raise unknown_service(args.show, catalog, field="--show")
+        sys.stdout.write(spec_to_toml(spec))
+        return EXIT_OK
+    table = Table(title="Service catalog (dspy-infra catalog --show NAME prints one as TOML)")
+    for column in ("service", "image", "process command", "ports", "health", "url", "required"):
+        table.add_column(column, overflow="fold")
+    for name, spec in sorted(catalog.items()):
+        table.add_row(
+            name,
+            spec.image or "-",
+            spec.command[0] if spec.command else "-",
+            ", ".join(
+                str(p.container_port) if not p.host_port else f"{p.host_port}:{p.container_port}"
+                for p in spec.ports
+            )
+            or "-",
+            spec.health.kind,
+            default_url_template(spec) if spec.ports or spec.health.port else "-",
+            "yes" if spec.required else "no",
+        )
+    _console().print(table)
+    return EXIT_OK
+
+
+def _add_service_commands(
+    command: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser],
+) -> None:
+    p = command("services", _cmd_services, "running services with the URL a client connects to")
+    p.add_argument("names", nargs="*", metavar="NAMES")
+    p.add_argument("--json", action="store_true")
+    p = command("catalog", _cmd_catalog, "the service specs you can start; --show NAME prints one as TOML")
+    p.add_argument("--show", metavar="NAME", help="print NAME's spec as a [services.NAME] table to paste")
+
+
+# ---------------------------------------------------------------------------------------------
 # Parser
 
 
@@ -812,6 +905,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAMES")
     p.add_argument("--backend", choices=("auto", "docker", "process"))
     p.add_argument("--sequential", action="store_true", help="start one at a time")
+    p.add_argument(
+        "--keep", action="store_true", help="leave them running after this command (no server needed)"
+    )
 
     p = command("down", _cmd_down, "stop services (default: every running one)")
     p.add_argument("names", nargs="*", metavar="NAMES")
@@ -875,6 +971,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cfg.add_parser("reference", help="the settings table of docs/configuration.md (markdown)")
 
     command("demo", _cmd_demo, "run the demo on the embedded default (no container engine needed)")
+    _add_service_commands(command)
     return parser
 
 

@@ -13,10 +13,13 @@ different tasks, so the owner task is what makes structured concurrency hold her
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import os
+import signal
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -76,22 +79,27 @@ class Infra(AsyncResource):
         self._stop = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
-        self._started_services: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._owner_pid = os.getpid()
         self.servers: list[Any] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, services: Sequence[str] = (), *, serve: bool = False) -> Self:
-        """Start the components (and the named services, with their dependencies)."""
+    async def start(self, services: Sequence[str] = (), *, serve: bool = False, keep: bool = False) -> Self:
+        """Start the components (and the named services, with their dependencies; ``keep``:
+        see ``ensure_services``)."""
         if self._owner is None:
             if self._closed:
                 raise Unavailable("this Infra was closed", fix="create a new Infra")
             loop = asyncio.get_running_loop()
+            self._loop = loop
+            self._owner_pid = os.getpid()
             self._ready = loop.create_future()
             self._owner = asyncio.create_task(self._own(serve), name="dspy_infra-owner")
             await asyncio.shield(self._ready)
+            _watch_at_exit(self)
         if services:
-            await self.ensure_services(services)
+            await self.ensure_services(services, keep=keep)
         return self
 
     async def _own(self, serve: bool) -> None:
@@ -138,8 +146,28 @@ class Infra(AsyncResource):
             raise
 
     async def _stop_services_on_exit(self) -> None:
-        if self._started_services and self._services is not None:
-            await self._services.stop(self._started_services)
+        services = self._services
+        if services is not None:
+            owned = [n for n in services.owned if not services.is_kept(n)]
+            if owned:
+                await services.stop(owned)
+
+    def _stop_services_at_exit(self) -> None:
+        """The ``atexit`` path: the app ended without ``aclose()`` (no shutdown call, an
+        exception, Ctrl-C). Stops what this Infra started (not what was kept)."""
+        services = self._services
+        if self._owner is None or services is None or not services.owned:
+            return
+        if os.getpid() != self._owner_pid:
+            return  # a forked child exiting: the services are its parent's
+        loop = self._loop
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            # Its loop still runs in another thread (ensure_infra_sync): close it there.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout=30)
+            return
+        services.stop_blocking([n for n in services.owned if not services.is_kept(n)])
+        services.owned.clear()
 
     async def aclose(self) -> None:
         """Stop servers, workflows, scheduler (running tasks stay durable) and owned services."""
@@ -176,12 +204,13 @@ class Infra(AsyncResource):
 
     # -- services --------------------------------------------------------------------------
 
-    async def ensure_services(self, names: Sequence[str]) -> None:
-        """Start ``names`` and their dependencies; they are stopped when this Infra closes."""
-        started = await self.services.ensure(list(names))
-        for name in started:
-            if name not in self._started_services:
-                self._started_services.append(name)
+    async def ensure_services(self, names: Sequence[str], *, keep: bool = False) -> None:
+        """Start ``names`` and their dependencies. They are stopped when this Infra closes (as
+        is every service started through it without ``keep``: over gRPC, by the CLI), or
+        when the process exits without closing it (``atexit``); a process killed outright
+        leaves them to the next infra on this state directory, which reaps them. ``keep=True``
+        leaves them running for later runs, which adopt them (``dspy-infra down`` stops them)."""
+        await self.services.ensure(list(names), keep=keep)
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -296,6 +325,43 @@ class Infra(AsyncResource):
         }
 
 
+# -- nothing outlives its owner -----------------------------------------------------------------
+
+_at_exit: weakref.WeakSet[Infra] = weakref.WeakSet()
+_at_exit_lock = threading.Lock()
+_at_exit_registered = False
+
+
+def _watch_at_exit(infra: Infra) -> None:
+    """Stop ``infra``'s services when the interpreter exits without ``aclose()``."""
+    global _at_exit_registered
+    with _at_exit_lock:
+        _at_exit.add(infra)
+        if not _at_exit_registered:
+            atexit.register(_stop_all_at_exit)
+            _at_exit_registered = True
+
+
+def _stop_all_at_exit() -> None:
+    for infra in list(_at_exit):
+        infra._stop_services_at_exit()
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM end the program like Ctrl-C (so ``atexit`` runs and the services stop),
+    only where SIGTERM still has its default action (which ends the process without any
+    cleanup) and only from the main thread; an app's own handler is never replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 # -- the process-wide shared instance ---------------------------------------------------------
 
 _shared: Any = None
@@ -321,17 +387,22 @@ async def ensure_infra(
     serve: bool = False,
     config_file: str | os.PathLike[str] | None = None,
     plugins: Iterable[Any] = (),
+    keep: bool = False,
     **settings: Any,
 ) -> Any:
     """Return the process's shared infra, creating it on first call (concurrent callers get
     the same one). With ``DSPY_INFRA_ADDR`` / ``addr`` set, or ``mode="auto"`` and a server
     answering at the default address, this is a ``RemoteInfra``; otherwise an embedded
-    ``Infra`` (``serve=True`` also serves gRPC/HTTP for other processes)."""
+    ``Infra`` (``serve=True`` also serves gRPC/HTTP for other processes).
+
+    The services an embedded infra starts stop with ``shutdown_infra()``, or at the latest when
+    the process exits (``atexit``; SIGTERM is made to exit like Ctrl-C while it has its default
+    action); ``keep=True`` leaves them running for the next run to adopt."""
     global _shared
     async with _lock():
         if _shared is not None and getattr(_shared, "running", True):
             if services:
-                await _shared.ensure_services(services)
+                await _shared.ensure_services(services, keep=keep)
             return _shared
         backend_name = backend if isinstance(backend, str) else None
         cfg = load_settings(
@@ -344,7 +415,8 @@ async def ensure_infra(
             _shared = remote
             return remote
         infra = Infra(cfg, backend=backend if not isinstance(backend, str) else None, plugins=plugins)
-        await infra.start(services, serve=serve)
+        await infra.start(services, serve=serve, keep=keep)
+        _exit_on_sigterm()
         _shared = infra
         return infra
 

@@ -431,6 +431,9 @@ class ServiceSpec:
     one_shot: bool = False
     #: Working directory for the process backend.
     workdir: str | None = None
+    #: How clients reach it, e.g. ``"redis://{host}:{port}/0"`` (see ``services/handles.py``);
+    #: empty: derived from the health check kind. Not part of the spec hash.
+    url: str = ""
 
     def __attrs_post_init__(self) -> None:
         seen: set[int] = set()
@@ -448,7 +451,7 @@ class ServiceSpec:
     @property
     def spec_hash(self) -> str:
         """Stable hash of everything that shapes the running instance (not restart policy)."""
-        doc = attrs.asdict(self, filter=lambda a, _v: a.name not in ("restart", "required"))
+        doc = attrs.asdict(self, filter=lambda a, _v: a.name not in ("restart", "required", "url"))
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -506,6 +509,10 @@ class ServiceState:
     restarts: int = 0
     backend: str = ""
     host: str = "127.0.0.1"
+    #: The connection URL of the service (``redis://127.0.0.1:PORT/0``), "" when it has no port.
+    url: str = ""
+    #: The host port of its main (first) port, 0 when it publishes none.
+    port: int = 0
 
 
 @attrs.frozen

@@ -5,9 +5,10 @@ Fixtures (all synchronous, so no async test framework is forced on anyone):
 - ``infra`` (session): an embedded ``Infra`` on a temporary state directory, running on a
   private event loop in a daemon thread, handed out as a ``SyncInfra`` (coroutine methods
   become blocking calls). Closed at session end.
-- ``infra_service`` (session): a factory, ``infra_service("redis") -> ServiceEndpoint``,
-  that starts a service (and its dependencies) once per run and returns its host and ports.
-- ``infra_endpoints`` (function): ``{name: ServiceEndpoint}`` for the test's
+- ``infra_service`` (session): a factory, ``infra_service("redis") -> ServiceHandle``,
+  that starts a service (and its dependencies) once per run and returns its handle (``host``,
+  ``port``, ``ports``, ``url``: the same handle as ``infra.services["redis"]``).
+- ``infra_endpoints`` (function): ``{name: ServiceHandle}`` for the test's
   ``@pytest.mark.infra_services("redis", ...)`` marker (those services are started before
   the test runs).
 - ``infra_config`` / ``infra_service_specs`` (session): override them in a conftest to pass
@@ -43,7 +44,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,9 +53,11 @@ import pytest
 
 from .config import default_home, load_settings
 from .models import ServiceSpec
+from .services.handles import ServiceHandle
 
 __all__ = [
     "ServiceEndpoint",
+    "ServiceHandle",
     "infra",
     "infra_config",
     "infra_endpoints",
@@ -74,31 +77,9 @@ _DETACH_TIMEOUT = 600.0
 _POLL = 0.1
 
 
-@attrs.frozen
-class ServiceEndpoint:
-    """Where a test reaches a service: ``host``, its main ``port``, and every published port
-    as ``{container_port: host_port}``."""
-
-    name: str
-    host: str
-    port: int
-    ports: dict[int, int] = attrs.field(factory=dict)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "ports": {str(k): v for k, v in self.ports.items()}}
-
-    @classmethod
-    def from_json(cls, name: str, doc: Mapping[str, Any]) -> ServiceEndpoint:
-        return cls(
-            name=name,
-            host=str(doc["host"]),
-            port=int(doc["port"]),
-            ports={int(k): int(v) for k, v in doc.get("ports", {}).items()},
-        )
+#: The fixtures hand out the same ``ServiceHandle`` as ``infra.services[name]`` (``host``,
+#: ``port``, ``ports``, ``url``, ``status``); the old name stays for existing tests.
+ServiceEndpoint = ServiceHandle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,15 +305,14 @@ class _Session:
         return endpoint
 
     async def _start(self, host: Any, name: str) -> ServiceEndpoint:
-        started = await host.services.ensure([name])
+        # --infra-reuse keeps them: the next run's infra adopts them instead of reaping them.
+        started = await host.services.ensure([name], keep=self.reuse)
         for started_name in [*started, name]:
             if started_name not in self._led:
                 self._led.append(started_name)
-        address, port = await _maybe_await(host.services.endpoint(name))
-        states = await _maybe_await(host.services.status([name]))
-        state = states.get(name)
-        ports = {int(c): int(h) for c, h in (state.ports.items() if state is not None else ())}
-        return ServiceEndpoint(name=name, host=address, port=int(port), ports=ports)
+        handle: ServiceHandle = await host.services.get(name)
+        # Handed to every worker through the state file: no log source travels with it.
+        return attrs.evolve(handle, log_source=None)
 
     # -- teardown --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@
 # installs scripts/apt-packages.txt with apt first (see .ci/run).
 #
 #   bash scripts/engines.sh start    # idempotent; waits for each to answer /_ping
+#                                    # (also a "squatter" redis-server on 127.0.0.1:6379)
 #   bash scripts/engines.sh status
 #   bash scripts/engines.sh stop     # kills by pidfile, removes sockets and pidfiles
 #
@@ -33,6 +34,11 @@ say() { printf 'engines: %s\n' "$*"; }
 INSTALL_HINT="apt-get install -y \$(cat scripts/apt-packages.txt)"
 # shellcheck source=daemon-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/daemon-lib.sh"
+
+# A Redis on the well-known port, as most developers' machines have one: the whole suite runs
+# beside it, so no test may depend on 6379 being free.
+SQUATTER_PORT=6379
+ping_squatter() { redis-cli -h 127.0.0.1 -p "$SQUATTER_PORT" ping 2>/dev/null | grep -q PONG; }
 
 ping_sock() { curl -fsS --max-time 2 --unix-socket "$1" http://engine/_ping 2>/dev/null | grep -q OK; }
 ping_registry() { curl -fsS --max-time 2 "http://$REGISTRY_ADDR/v2/" >/dev/null 2>&1; }
@@ -98,6 +104,21 @@ EOF
     say "registry up at http://$REGISTRY_ADDR"
 }
 
+start_squatter() {
+    local pidfile=$RUN_DIR/redis-squatter.pid log=$LOG_DIR/redis-squatter.log
+    if ping_squatter; then
+        say "a redis already answers on 127.0.0.1:$SQUATTER_PORT"
+        return
+    fi
+    need redis-server
+    need redis-cli
+    rm -f "$pidfile"
+    redis-server --port "$SQUATTER_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --daemonize yes --pidfile "$pidfile" --logfile "$log"
+    wait_for redis-squatter "$pidfile" "$log" ping_squatter
+    say "redis squatter up on 127.0.0.1:$SQUATTER_PORT"
+}
+
 start_docker() {
     local pidfile=$RUN_DIR/dockerd.pid log=$LOG_DIR/dockerd.log
     if live_pid "$pidfile" >/dev/null && ping_sock "$DOCKER_SOCK"; then
@@ -144,6 +165,7 @@ status() {
     if ping_sock "$DOCKER_SOCK"; then say "docker   up   unix://$DOCKER_SOCK"; else say "docker   DOWN unix://$DOCKER_SOCK"; rc=1; fi
     if ping_sock "$PODMAN_SOCK"; then say "podman   up   unix://$PODMAN_SOCK"; else say "podman   DOWN unix://$PODMAN_SOCK"; rc=1; fi
     if ping_registry; then say "registry up   http://$REGISTRY_ADDR"; else say "registry DOWN http://$REGISTRY_ADDR"; rc=1; fi
+    if ping_squatter; then say "redis    up   127.0.0.1:$SQUATTER_PORT (the squatter)"; else say "redis    DOWN 127.0.0.1:$SQUATTER_PORT (the squatter)"; rc=1; fi
     for bin in redis-server prometheus busybox; do
         if command -v "$bin" >/dev/null 2>&1; then say "$bin: $(command -v "$bin")"; else say "$bin: MISSING"; rc=1; fi
     done
@@ -163,6 +185,7 @@ main() {
         start_registry
         start_docker
         start_podman
+        start_squatter
         status
         ;;
     stop)
@@ -175,6 +198,7 @@ main() {
         stop_one podman "$RUN_DIR/podman.pid"
         stop_one dockerd "$RUN_DIR/dockerd.pid"
         stop_one registry "$RUN_DIR/registry.pid"
+        stop_one redis-squatter "$RUN_DIR/redis-squatter.pid"
         # Only tests push to this registry (a fresh image per pull test): start empty next time.
         rm -rf "$REGISTRY_DIR/data"
         rm -f "$DOCKER_SOCK" "$PODMAN_SOCK"

@@ -36,24 +36,43 @@ def _catalog(tmp_path: Path, toml: str = "", extra: list[ServiceSpec] | None = N
     return build_catalog(cfg, build_plugin_manager(plugins, load_entry_points=False), extra or [])
 
 
+def test_string_commands_are_split_with_shell_rules(tmp_path: Path) -> None:
+    """Issue 8 item 9: ``health.command = "true"`` was split into characters (``t r u e``)."""
+    cat = _catalog(
+        tmp_path,
+        "[services.web]\ncommand = 'python3 -m http.server \"{port}\"'\nports = [8000]\n"
+        "health = {kind = 'exec', command = 'true'}\n"
+        "[services.redis]\nhealth = {kind = 'exec', command = \"redis-cli -p '{port}' ping\"}\n",
+    )
+    assert cat["web"].command == ("python3", "-m", "http.server", "{port}")
+    assert cat["web"].health.command == ("true",)
+    assert cat["redis"].health.command == ("redis-cli", "-p", "{port}", "ping")
+    for bad, fix in (("''", "write"), ("[1, 2]", "list of strings")):
+        with pytest.raises(ConfigError) as info:
+            _catalog(tmp_path, f"[services.web]\nhealth = {{kind = 'exec', command = {bad}}}\n")
+        assert info.value.field == "services.web.health.command" and fix in str(info.value)
+
+
 def test_builtins_match_the_design_table(tmp_path: Path) -> None:
+    """The old stack's ports are the container ports; every host port is free (0) unless a
+    user pins one, so nothing collides with another Redis on 6379."""
     cat = _catalog(tmp_path)
     expected = {
-        "redis": ("redis:7-alpine", [(6379, 6379)], [], "redis", True),
-        "reddb": ("dspy-lightweight:latest", [(8082, 8080)], [], "http", True),
-        "ollama": ("ollama/ollama:latest", [(11435, 11434)], [], "http", False),
+        "redis": ("redis:7-alpine", [(0, 6379)], [], "redis", True),
+        "reddb": ("dspy-lightweight:latest", [(0, 8080)], [], "http", True),
+        "ollama": ("ollama/ollama:latest", [(0, 11434)], [], "http", False),
         "infermesh-node-a": ("official-infermesh:latest", [], ["redis"], "engine", False),
         "infermesh-node-b": ("official-infermesh:latest", [], ["redis"], "engine", False),
         "infermesh-router": (
             "official-infermesh:latest",
-            [(19000, 9000)],
+            [(0, 9000)],
             ["infermesh-node-a", "infermesh-node-b"],
             "http",
             False,
         ),
-        "zookeeper": ("confluentinc/cp-zookeeper:7.5.0", [(2181, 2181)], [], "tcp", False),
-        "kafka": ("confluentinc/cp-kafka:7.5.0", [(9092, 29092)], ["zookeeper"], "tcp", False),
-        "prometheus": ("prom/prometheus:latest", [(9090, 9090)], [], "http", False),
+        "zookeeper": ("confluentinc/cp-zookeeper:7.5.0", [(0, 2181)], [], "tcp", False),
+        "kafka": ("confluentinc/cp-kafka:7.5.0", [(0, 29092)], ["zookeeper"], "tcp", False),
+        "prometheus": ("prom/prometheus:latest", [(0, 9090)], [], "http", False),
     }
     assert set(cat) == set(expected)
     for name, (image, ports, deps, kind, required) in expected.items():
@@ -70,8 +89,10 @@ def test_builtins_match_the_design_table(tmp_path: Path) -> None:
 
 def test_process_commands_and_home_expansion(tmp_path: Path) -> None:
     cat = _catalog(tmp_path)
-    assert cat["redis"].command[:3] == ("redis-server", "--port", "6379")
-    assert "--save" in cat["redis"].command and "127.0.0.1" in cat["redis"].command
+    assert cat["redis"].command[:3] == ("redis-server", "--port", "{port}")
+    assert "--save" in cat["redis"].command and "{listen_host}" in cat["redis"].command
+    assert cat["redis"].url == "redis://{host}:{port}/0" and cat["kafka"].url == "{host}:{port}"
+    assert cat["kafka"].environment["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://localhost:{host_port}"
     home = str(tmp_path / "home")
     assert any(arg == f"--config.file={home}/prometheus/prometheus.yml" for arg in cat["prometheus"].command)
     assert not cat["kafka"].command and not cat["ollama"].command  # container-only
@@ -162,9 +183,9 @@ def test_compose_style_depends_on_table(tmp_path: Path) -> None:
         ),
         ("[services.web]\nrequired = 'yes'\n", "services.web.required", ""),
         (
-            "[services.web]\ncommand = 'python3 -m http.server'\n",
+            "[services.web]\ncommand = 'python3 -c \"print(1)'\n",
             "services.web.command",
-            "write it as a list",
+            "close the quote",
         ),
         ("[services.web]\nrestart = {mode = 'sometimes'}\n", "services.web.restart.mode", "on-failure"),
         ("[services.Bad]\nimage = 'x'\n", "services.Bad", "lowercase"),

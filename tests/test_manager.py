@@ -613,7 +613,8 @@ async def main():
     mgr = ServiceManager(Settings(**settings), bus=EventBus(), metrics=InfraMetrics(),
                          plugins=build_plugin_manager(load_entry_points=False), extra_services=specs)
     async with mgr:
-        await mgr.ensure(sorted(fields))
+        await mgr.ensure([name for name in sorted(fields) if name != "keep"])
+        await mgr.ensure(["keep"], keep=True)  # only what is kept outlives its owner
         print("ready", flush=True)
         await anyio.sleep_forever()
 
@@ -622,6 +623,8 @@ anyio.run(main)
 
 
 async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> None:
+    """A new manager on the home adopts the dead owner's kept service when it opens (and
+    monitors it from then on) and reaps the rest, whatever it is asked to start."""
     fields = {"keep": kit.http_fields(), "orphan": kit.http_fields()}
     child = await anyio.open_process(
         [sys.executable, "-c", _CHILD, json.dumps(kit.child_settings()), json.dumps(fields)],
@@ -645,8 +648,10 @@ async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> No
     bus = EventBus()
     keep = apply_fields("keep", fields["keep"])
     async with _manager(kit, keep, apply_fields("orphan", fields["orphan"]), bus=bus) as mgr:
+        assert _events(bus, "service_healthy")["keep"].data["adopted"] == "True"  # on open
+        keep_port = keep.ports[0].container_port
+        assert mgr["keep"].port == kit.backend.probe_address(listed["keep"], keep_port)[1]
         assert await mgr.ensure(["keep"]) == ["keep"]
-        assert _events(bus, "service_healthy")["keep"].data["adopted"] == "True"
         assert (await mgr.status(["keep"]))["keep"].started_at == listed["keep"].started_at
         assert "orphan" in _events(bus, "service_orphan_removed")
         assert not await _http_ok(*orphan_address)

@@ -134,7 +134,7 @@ async def test_missing_binary_and_port_remap_are_named(backend: ProcessBackend) 
     remap = ServiceSpec(name="web", command=["sleep", "1"], ports=[PortMapping(80, 8080)])
     with pytest.raises(SpecError) as err:
         await backend.run(remap, instance_name="web", labels={})
-    assert err.value.field == "services.web.ports" and "same host and container port" in str(err.value)
+    assert err.value.field == "services.web.ports" and "{port.80}" in str(err.value)
     mounted = ServiceSpec(name="vol", command=["sleep", "1"], volumes=[VolumeMount("data", "/data")])
     with pytest.raises(SpecError) as vol:
         await backend.prepare([mounted])

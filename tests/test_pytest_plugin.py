@@ -125,6 +125,10 @@ def test_infra_fixture_marker_and_factory(pytester: pytest.Pytester, web: dict[s
             assert ep.ports == {{{web["port"]}: {web["port"]}}}
             with urllib.request.urlopen(f"http://{{ep.address}}/") as resp:
                 assert resp.status == 200
+            # The same handle as infra.services["web"]: a URL from its http health check.
+            from dspy_infra.services.handles import ServiceHandle
+            assert isinstance(ep, ServiceHandle) and str(ep.status) == "healthy"
+            assert ep.url == f"http://127.0.0.1:{web["port"]}" == ep.get_connection_url()
 
         def test_factory_returns_the_same_endpoint(infra_service):
             assert infra_service("web").port == {web["port"]}

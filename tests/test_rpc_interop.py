@@ -17,6 +17,7 @@ import pytest
 from grpc_tools import protoc
 
 from tests._rpc_support import ROOT, ServeProcess, serve_process
+from tests.engines import which_or_skip
 
 PROTOS = ("orchestrator/v1/orchestrator.proto", "env_manager/v1/env_manager.proto")
 
@@ -170,6 +171,7 @@ def test_every_env_manager_rpc(stubs: dict[str, Any], server: ServeProcess) -> N
         assert "out" in json.dumps(dict(executed.result))
 
         # Stream: start a real redis-server through the process backend.
+        which_or_skip("redis-server")
         updates = list(
             stub.StartServices(pb.StartServicesRequest(service_names=["redis"], parallel=True), timeout=60)
         )
@@ -179,6 +181,11 @@ def test_every_env_manager_rpc(stubs: dict[str, Any], server: ServeProcess) -> N
         status = stub.GetServicesStatus(pb.GetServicesStatusRequest(service_names=["redis"]), timeout=10)
         assert status.services["redis"].status in ("healthy", "running")
         assert status.services["redis"].ports
+        # New fields (12, 13): the URL and main port a client uses; a free port, never 6379.
+        redis_status = status.services["redis"]
+        assert redis_status.main_port not in (0, 6379)
+        assert redis_status.url == f"redis://127.0.0.1:{redis_status.main_port}/0"
+        assert dict(redis_status.port_map) == {6379: redis_status.main_port}
 
         restarted = stub.RestartService(
             pb.RestartServiceRequest(service_name="redis", timeout_seconds=10), timeout=60

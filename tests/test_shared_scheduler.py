@@ -17,6 +17,7 @@ import pytest
 from dspy_infra import errors
 from dspy_infra.rpc.client import RemoteInfra
 from tests._rpc_support import ROOT, serve_process
+from tests.engines import which_or_skip
 
 CHILD = """
 import asyncio, json, sys
@@ -237,6 +238,7 @@ async def test_remote_infra_end_to_end(tmp_path: Path) -> None:
             assert (await remote.get_run(run_id)).status == "completed"
             assert (await remote.cancel_run(run_id)).status == "completed"
 
+            which_or_skip("redis-server")
             await remote.ensure_services(["redis"])
             status = await remote.services.status(["redis"])
             assert str(status["redis"].status) in ("healthy", "running") and status["redis"].ports

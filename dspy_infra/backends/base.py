@@ -13,11 +13,15 @@ A backend is an anyio ``AsyncResource``: ``async with backend:`` opens it, leavi
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping, Sequence
+import re
+import socket
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Self
 
+import attrs
 from anyio.abc import AsyncResource
 
+from ..errors import BackendError, SpecError
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
 __all__ = [
@@ -28,6 +32,11 @@ __all__ = [
     "LABEL_SERVICE",
     "LABEL_SPEC_HASH",
     "Backend",
+    "expand_port_placeholders",
+    "fill_port_placeholders",
+    "free_port",
+    "host_port_placeholders",
+    "listen_port_placeholders",
 ]
 
 LABEL_PREFIX = "dspy_infra."
@@ -38,11 +47,128 @@ LABEL_OWNER_STARTED = "dspy_infra.owner_started"
 LABEL_SERVICE = "dspy_infra.service"
 LABEL_SPEC_HASH = "dspy_infra.spec_hash"
 
+# -- port placeholders -------------------------------------------------------------------------
+#
+# A service's ``command`` arguments and ``environment`` values may name its ports, so it can be
+# given a free host port instead of a fixed one:
+#
+#   {port}              the port the service itself listens on, for its first ``ports`` entry
+#   {port.6379}         the same for the entry whose container port is 6379
+#   {host_port}         the host port clients on this machine connect to (first entry)
+#   {host_port.6379}    the same for container port 6379
+#   {listen_host}       the address to bind: 127.0.0.1 for a local process, 0.0.0.0 in a container
+#
+# On the process backend the service runs on the host, so ``{port}`` and ``{host_port}`` are
+# the same assigned host port. In a container ``{port}`` is the container port (the engine
+# forwards the host port to it) and ``{host_port}`` the published host port (what a service
+# advertises to clients, e.g. Kafka's advertised listener). Any other text in braces is left
+# as it is.
+
+_PLACEHOLDER = re.compile(r"\{(port|host_port)(?:\.(\d+))?\}")
+_LISTEN_HOST = "{listen_host}"
+
+
+def _template_texts(spec: ServiceSpec) -> list[str]:
+    return [*spec.command, *spec.environment.values()]
+
+
+def _placeholder_ports(spec: ServiceSpec, kind: str) -> set[int]:
+    """Container ports that ``kind`` placeholders name; a name of no published port is a
+    ``SpecError``."""
+    known = [p.container_port for p in spec.ports]
+    out: set[int] = set()
+    for text in _template_texts(spec):
+        for match in _PLACEHOLDER.finditer(text):
+            if match.group(1) != kind:
+                continue
+            if match.group(2) is None:
+                if not known:
+                    raise SpecError(
+                        f"{match.group(0)} is used but the service publishes no port",
+                        field=f"services.{spec.name}.ports",
+                        fix='add one, e.g. ports = [6379] (a free host port) or ["16379:6379"]',
+                    )
+                out.add(known[0])
+            else:
+                port = int(match.group(2))
+                if port not in known:
+                    raise SpecError(
+                        f"{match.group(0)} names container port {port}, which is not in ports",
+                        field=f"services.{spec.name}.ports",
+                        fix="use one of: " + (", ".join(str(p) for p in known) or "(none)"),
+                    )
+                out.add(port)
+    return out
+
+
+def listen_port_placeholders(spec: ServiceSpec) -> set[int]:
+    """Container ports named by ``{port}`` / ``{port.N}`` in ``spec``'s command or env."""
+    return _placeholder_ports(spec, "port")
+
+
+def host_port_placeholders(spec: ServiceSpec) -> set[int]:
+    """Container ports named by ``{host_port}`` / ``{host_port.N}``."""
+    return _placeholder_ports(spec, "host_port")
+
+
+def fill_port_placeholders(
+    text: str, *, first: int | None, listen: Mapping[int, int], published: Mapping[int, int], listen_host: str
+) -> str:
+    """``text`` with its port placeholders filled: ``listen`` and ``published`` map each
+    container port to the port the service binds and the host port clients use; ``first`` is
+    the container port ``{port}`` / ``{host_port}`` mean. Unknown names stay as they are."""
+
+    def one(match: re.Match[str]) -> str:
+        port = int(match.group(2)) if match.group(2) is not None else first
+        table = listen if match.group(1) == "port" else published
+        if port is None or port not in table:
+            return match.group(0)
+        return str(table[port])
+
+    return _PLACEHOLDER.sub(one, text).replace(_LISTEN_HOST, listen_host)
+
+
+def expand_port_placeholders(
+    spec: ServiceSpec, *, listen: Mapping[int, int], published: Mapping[int, int], listen_host: str
+) -> ServiceSpec:
+    """``spec`` with the placeholders of its command and environment filled (see
+    ``fill_port_placeholders``)."""
+    first = spec.ports[0].container_port if spec.ports else None
+
+    def fill(text: str) -> str:
+        return fill_port_placeholders(
+            text, first=first, listen=listen, published=published, listen_host=listen_host
+        )
+
+    return attrs.evolve(
+        spec,
+        command=tuple(fill(arg) for arg in spec.command),
+        environment={key: fill(value) for key, value in spec.environment.items()},
+    )
+
+
+def free_port(host_ip: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
+    """A TCP port nothing listens on right now at ``host_ip`` (the kernel's choice), not one
+    of ``avoid`` (ports about to be bound by services pinned to them). Another process may
+    take it before the service binds it; a service that then fails to bind exits, and its
+    start fails with that log line."""
+    family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+    for _ in range(64):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host_ip, 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise BackendError(f"no free port at {host_ip} outside the {len(avoid)} pinned ones")
+
 
 class Backend(AsyncResource):
     """Runs service instances. Subclasses set ``name`` and implement every abstract method."""
 
     name: str = ""
+    #: True when a service binds its host port itself (a local process): then ``{port}`` is
+    #: the host port; False in a container, where it is the container port.
+    binds_host_ports: bool = False
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -42,7 +42,14 @@ from ..errors import (
 from ..hookspecs import hookimpl
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
-from .base import LABEL_SERVICE, Backend
+from .base import (
+    LABEL_SERVICE,
+    Backend,
+    expand_port_placeholders,
+    free_port,
+    host_port_placeholders,
+    listen_port_placeholders,
+)
 
 __all__ = [
     "BUILTIN_NETWORKS",
@@ -56,6 +63,7 @@ __all__ = [
     "resolve_docker_host",
     "split_image_ref",
     "translate_docker_error",
+    "with_ports_filled",
 ]
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
@@ -63,9 +71,9 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 BUILTIN_NETWORKS = frozenset({"none", "bridge", "host"})
 
 _START_ENGINE_FIX = (
-    "start Docker or Podman (`bash scripts/engines.sh start` in this repo, `dockerd`, or "
-    "`podman system service --time=0 unix:///run/podman/podman.sock`), or point "
-    "DSPY_INFRA_DOCKER_HOST / DOCKER_HOST at a socket that answers"
+    "start Docker or Podman (`dockerd`, or "
+    "`podman system service --time=0 unix:///run/podman/podman.sock`), point "
+    "DSPY_INFRA_DOCKER_HOST / DOCKER_HOST at a socket that answers, or use backend='process'"
 )
 
 
@@ -162,6 +170,31 @@ def container_config(
     if spec.workdir:
         config["WorkingDir"] = spec.workdir
     return config
+
+
+def with_ports_filled(spec: ServiceSpec) -> ServiceSpec:
+    """``spec`` with its port placeholders filled (see ``backends/base.py``): ``{port}`` is
+    the container port. An unpinned port is published on a host port the engine chooses (read
+    back on inspect), except one that ``{host_port}`` names: the command needs that number
+    before the container exists, so a free host port is chosen here and pinned."""
+    wanted = host_port_placeholders(spec)
+    listen_placeholders = listen_port_placeholders(spec)  # validates {port.N} names too
+    if (
+        not wanted
+        and not listen_placeholders
+        and "{listen_host}" not in " ".join([*spec.command, *spec.environment.values()])
+    ):
+        return spec
+    ports = tuple(
+        attrs.evolve(p, host_port=free_port(p.host_ip if p.host_ip not in ("", "0.0.0.0") else "127.0.0.1"))
+        if p.container_port in wanted and not p.host_port
+        else p
+        for p in spec.ports
+    )
+    spec = attrs.evolve(spec, ports=ports)
+    listen = {p.container_port: p.container_port for p in ports}
+    published = {p.container_port: p.host_port for p in ports if p.host_port}
+    return expand_port_placeholders(spec, listen=listen, published=published, listen_host="0.0.0.0")
 
 
 def _require_image(spec: ServiceSpec) -> None:
@@ -528,6 +561,7 @@ class DockerBackend(Backend):
             pass
 
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
+        spec = with_ports_filled(spec)
         config = container_config(spec, instance_name=instance_name, labels=labels, network=self.network)
         await self._ensure_network()
         try:

@@ -14,10 +14,14 @@ the service's ``/proc`` start time, ports, environment, start time), the two log
 kept). ``list_instances`` reads these records; a pid is trusted only while
 ``/proc/PID/stat`` shows the same start time, and a zombie (state ``Z``) counts as exited.
 
-Ports: a process binds whatever its command says, so the host port *is* the container port
-here. A ``PortMapping`` with ``host_port`` 0/None publishes ``container_port`` as is (the
-command must pass that port itself); a mapping whose host and container ports differ is
-refused with a ``SpecError`` (only a container backend can remap ports).
+Ports: a process binds whatever its command says. When the command or environment takes a
+port from a placeholder (``{port}``, ``{port.6379}``, see ``backends/base.py``), an unpinned
+mapping (``ports = [6379]``, host port 0/None) gets a free host port and a pinned one
+(``"16379:6379"``) its host port, and the placeholder is filled with it; the record keeps
+``{container port: host port}`` so probes and handles find it. Without a placeholder the
+process binds the container port itself, so that is its host port, and a pinned host port
+that differs is refused with a ``SpecError`` naming the placeholder to use. A pinned or fixed
+port that is already taken is a ``BackendError`` before anything starts.
 
 Volumes are refused (a process sees the host's files directly; nothing to mount); resource
 limits are not applied. Stopping sends SIGTERM to the process group and SIGKILL after the
@@ -48,7 +52,13 @@ from ..errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecE
 from ..hookspecs import hookimpl
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
-from .base import Backend
+from .base import (
+    Backend,
+    expand_port_placeholders,
+    free_port,
+    host_port_placeholders,
+    listen_port_placeholders,
+)
 
 __all__ = ["APT_PACKAGES", "ProcessBackend", "dspy_infra_backends", "pid_alive", "proc_start_time"]
 
@@ -241,6 +251,7 @@ class ProcessBackend(Backend):
     """Runs each service's ``command`` as a local process group (see the module docstring)."""
 
     name = "process"
+    binds_host_ports = True
 
     def __init__(
         self,
@@ -255,6 +266,8 @@ class ProcessBackend(Backend):
         self.metrics = metrics
         #: Each log file is rotated to ``<stream>.log.1`` beyond this size (one old file kept).
         self.log_max_bytes = log_max_bytes
+        #: Host ports that prepared specs pin (never handed out as a free port).
+        self._pinned: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -326,18 +339,30 @@ class ProcessBackend(Backend):
                 fix="point the command at host paths (or set workdir), or use backend='docker'",
             )
 
-    @staticmethod
-    def _ports(spec: ServiceSpec) -> dict[int, tuple[str, int]]:
+    def _ports(self, spec: ServiceSpec, *, assign: bool) -> dict[int, tuple[str, int]]:
+        """``{container port: (host ip, host port)}``. A pinned host port is used as it is; an
+        unpinned one gets a free port (with ``assign``; 0 as a placeholder otherwise) when the
+        command or environment names it (``{port}``, ``{port.N}``), since only then does the
+        process bind what it is told; else the process binds the container port itself."""
+        templated = listen_port_placeholders(spec) | host_port_placeholders(spec)
         ports: dict[int, tuple[str, int]] = {}
         for p in spec.ports:
-            if p.host_port not in (None, 0, p.container_port):
-                raise SpecError(
-                    f"the process backend cannot map host port {p.host_port} to port {p.container_port}",
-                    field=f"services.{spec.name}.ports",
-                    fix="use the same host and container port (the command binds it), or backend='docker'",
-                )
             ip = "127.0.0.1" if p.host_ip in ("", "0.0.0.0") else p.host_ip
-            ports[p.container_port] = (ip, p.container_port)
+            if p.host_port:
+                if p.host_port != p.container_port and p.container_port not in templated:
+                    raise SpecError(
+                        f"host port {p.host_port} differs from port {p.container_port}, but the"
+                        f" command does not take its port from a placeholder",
+                        field=f"services.{spec.name}.ports",
+                        fix=f"pass the port as {{port.{p.container_port}}} (or {{port}}) in the"
+                        " command, or use backend='docker'",
+                    )
+                host = p.host_port
+            elif p.container_port in templated:
+                host = free_port(p.host_ip or "127.0.0.1", avoid=self._pinned) if assign else 0
+            else:
+                host = p.container_port
+            ports[p.container_port] = (ip, host)
         return ports
 
     def _check_binary(self, spec: ServiceSpec) -> None:
@@ -367,11 +392,14 @@ class ProcessBackend(Backend):
         (it looks through PATH), so called in a worker thread. Returns the published ports."""
         self._check_binary(spec)
         self._check_volumes(spec)
-        return self._ports(spec)
+        return self._ports(spec, assign=False)
 
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
         for spec in specs:
             await anyio.to_thread.run_sync(self._check, spec)
+            # Siblings start in parallel: a free port handed to one must not be the port
+            # another is pinned to and has not bound yet.
+            self._pinned.update(p.host_port for p in spec.ports if p.host_port)
         await self.open()
 
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
@@ -427,13 +455,19 @@ class ProcessBackend(Backend):
                     ) from None
 
     def _spawn(self, spec: ServiceSpec, instance_name: str, labels: dict[str, str]) -> Instance:
-        ports = self._check(spec)
+        self._check(spec)
         d = self._claim(instance_name)  # first: a running twin is AlreadyExists, not a port clash
         try:
+            ports = self._ports(spec, assign=True)
             self._check_ports_free(spec, ports)
-        except BackendError:
+        except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             raise
+        # The process binds on the host: the port it listens on is the host port.
+        assigned = {container: host for container, (_ip, host) in ports.items()}
+        # {listen_host}: loopback, unless the first port asks for another address ("0.0.0.0:...").
+        listen_host = (spec.ports[0].host_ip if spec.ports else "") or "127.0.0.1"
+        spec = expand_port_placeholders(spec, listen=assigned, published=assigned, listen_host=listen_host)
         env = self._env(spec.environment)
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)

@@ -261,6 +261,8 @@ def service_state_to_pb(state: ServiceState) -> env_pb.ServiceStatus:
         restarts=state.restarts,
         backend=state.backend,
         host=state.host,
+        url=state.url,
+        main_port=state.port,
     )
 
 
@@ -282,6 +284,8 @@ def service_state_from_pb(msg: env_pb.ServiceStatus) -> ServiceState:
         restarts=msg.restarts,
         backend=msg.backend,
         host=msg.host or "127.0.0.1",
+        url=msg.url,
+        port=msg.main_port,
     )
 
 

@@ -49,6 +49,7 @@ from ..models import (
     TaskStatus,
 )
 from ..scheduler.workflows import RunUpdate
+from ..services.handles import ServiceHandle
 from . import _convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
@@ -433,14 +434,74 @@ class EnvManagerClient(_Client):
 
 
 class RemoteServices:
-    """The ServiceManager's method names over an ``EnvManagerClient``."""
+    """The ServiceManager's method names over an ``EnvManagerClient``.
+
+    ``services["redis"]`` returns the handle of a service this client started (``ensure``) or
+    looked up (``get``, ``status``) before: indexing cannot ask the server (it is not a
+    coroutine); ``await services.get("redis")`` always asks."""
 
     def __init__(self, client: EnvManagerClient) -> None:
         self.client = client
+        self._handles: dict[str, ServiceHandle] = {}
+
+    def _remember(self, states: Mapping[str, ServiceState]) -> None:
+        for name, state in states.items():
+            if str(state.status) in ("stopped", "failed") or not state.instance_id:
+                self._handles.pop(name, None)
+            else:
+                self._handles[name] = ServiceHandle.from_state(state, log_source=self.logs)
+
+    def __getitem__(self, name: str) -> ServiceHandle:
+        handle = self._handles.get(name)
+        if handle is None:
+            raise NotFound(
+                f"service {name!r} is not known to be running on {self.client.addr}",
+                field="service_name",
+                fix=f"await infra.services.get({name!r}) asks the server; ensure_services starts it",
+            )
+        return handle
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._handles
+
+    def endpoint(self, name: str, container_port: int | None = None) -> tuple[str, int]:
+        """``(host, port)`` of a known service, as ``ServiceManager.endpoint``."""
+        handle = self[name]
+        if container_port is None:
+            return handle.host, handle.port
+        if container_port not in handle.ports:
+            raise NotFound(
+                f"service {name!r} does not publish port {container_port}",
+                field="container_port",
+                fix="use one of: " + (", ".join(str(p) for p in handle.ports) or "(none)"),
+            )
+        return handle.host, handle.ports[container_port]
+
+    async def get(self, name: str) -> ServiceHandle:
+        """The handle of ``name`` as it runs on the server now; ``NotFound`` when it is not."""
+        states = await self.client.get_services_status([name])
+        self._remember(states)
+        state = states.get(name)
+        if name not in self._handles:
+            status = state.status if state is not None else "unknown"
+            raise NotFound(
+                f"service {name!r} is {status} on {self.client.addr}",
+                field="service_name",
+                fix=f"start it first: await infra.ensure_services([{name!r}])",
+            )
+        return self._handles[name]
 
     def start(
-        self, names: Sequence[str], *, parallel: bool = True, overrides: Mapping[str, str] | None = None
+        self,
+        names: Sequence[str],
+        *,
+        parallel: bool = True,
+        overrides: Mapping[str, str] | None = None,
+        keep: bool | None = None,
     ) -> AsyncIterator[ServiceStatusUpdate]:
+        """Start ``names`` on the server. ``keep`` is the server's to decide: ``dspy-infra
+        serve`` keeps its services running across its restarts unless ``--stop-services``."""
+        del keep
         return self.client.start_services(names, parallel=parallel, overrides=overrides)
 
     async def ensure(self, names: Sequence[str]) -> list[str]:
@@ -452,17 +513,25 @@ class RemoteServices:
         if bad:
             name, update = next(iter(bad.items()))
             raise ServiceError(f"service {name!r} is {update.status}: {update.message}", service=name)
+        if final:
+            self._remember(await self.client.get_services_status(list(final)))
         return list(final)
 
     async def stop(self, names: Sequence[str] = (), *, timeout: float | None = None) -> dict[str, str]:
-        return await self.client.stop_services(names, timeout=timeout)
+        """Stop ``names``; no names stops every service of the server's owner."""
+        results = await self.client.stop_services(names, timeout=timeout)
+        for name in list(self._handles) if not names else names:
+            self._handles.pop(name, None)
+        return results
 
     async def restart(self, name: str, *, timeout: float | None = None) -> ServiceState:
         await self.client.restart_service(name, timeout=timeout)
         return (await self.client.get_services_status([name]))[name]
 
     async def status(self, names: Sequence[str] | None = None) -> dict[str, ServiceState]:
-        return await self.client.get_services_status(names)
+        states = await self.client.get_services_status(names)
+        self._remember(states)
+        return states
 
     def logs(
         self, name: str, *, follow: bool = False, tail: int | None = None, since: float | None = None
@@ -547,7 +616,9 @@ class RemoteInfra(AsyncResource):
 
     # -- services --------------------------------------------------------------------------
 
-    async def ensure_services(self, names: Sequence[str]) -> None:
+    async def ensure_services(self, names: Sequence[str], *, keep: bool = False) -> None:
+        """Start ``names`` on the server; ``keep`` is the server's to decide (its services
+        outlive its restarts unless it runs with ``--stop-services``)."""
         await self.services.ensure(names)
 
     def handler(self, name: str) -> Callable[[_F], _F]:

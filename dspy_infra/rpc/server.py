@@ -894,6 +894,8 @@ async def run_server(
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Infra(settings) as infra:
+            # A server's services outlive it unless --stop-services: its next start adopts them.
+            infra.services.keep_by_default = not stop_services
             async with InfraServer(infra, settings) as server:
                 scheme = "https" if settings.tls_cert else "http"
                 print(

@@ -11,13 +11,18 @@
 3. ``extra``: ``ServiceSpec`` objects given in Python.
 
 A ``{home}`` in a command argument expands to the state directory (the built-in Prometheus
-keeps its config and data there).
+keeps its config and data there). ``{port}``, ``{port.N}``, ``{host_port}``, ``{host_port.N}``
+and ``{listen_host}`` in a command or environment value are filled by the backend with the
+ports it assigns (see ``backends/base.py``). A ``command`` (and ``health.command``) may be a
+list of arguments or one string, split with shell rules (``shlex``; no shell runs it).
+``url`` says how clients reach the service (``"redis://{host}:{port}/0"``; default from the
+health check: ``http://{host}:{port}`` for http, ``{host}:{port}`` otherwise).
 
 TOML shapes accepted::
 
     [services.web]
-    command = ["python3", "-m", "http.server", "8000"]
-    ports = ["8000:8000"]                  # or [{host_port = 8000, container_port = 8000}]
+    command = ["python3", "-m", "http.server", "{port}"]
+    ports = [8000]                         # a free host port; "18000:8000" pins host port 18000
     health = {kind = "http", path = "/"}
     depends_on = ["redis", {name = "init", condition = "service_completed_successfully"}]
     volumes = ["data:/data", "/srv/conf:/etc/conf:ro"]
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,7 @@ from ..models import (
     VolumeMount,
     validate_name,
 )
+from ..values import preview
 
 __all__ = [
     "BUILTIN_SERVICES",
@@ -56,32 +63,47 @@ __all__ = [
     "dspy_infra_services",
     "parse_overrides",
     "parse_service_table",
+    "spec_to_toml",
     "write_support_files",
 ]
 
 _OPTIONAL_RESTART = RestartPolicy(mode="on-failure", max_restarts=3)
 
 
-#: The defaults of DESIGN.md. ``command`` is what the process backend runs (only where a
-#: local binary exists; the rest need a container backend).
+#: The built-in specs. ``command`` is what the process backend runs (only where a local binary
+#: exists; the rest need a container backend). Ports are the old stack's fixed ports, now as
+#: *container* ports: every one is published on a free host port (host port 0) unless a
+#: ``[services.NAME]`` table pins one (``ports = ["16379:6379"]``); commands take the assigned
+#: port from placeholders (``{port}``, see ``backends/base.py``).
 BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         name="redis",
         image="redis:7-alpine",
-        command=("redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
-        ports=(PortMapping(6379, 6379),),
+        command=(
+            "redis-server",
+            "--port",
+            "{port}",
+            "--bind",
+            "{listen_host}",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ),
+        ports=(PortMapping(6379, 0),),
         health=HealthCheck(kind="redis"),
+        url="redis://{host}:{port}/0",
     ),
     ServiceSpec(
         name="reddb",
         image="dspy-lightweight:latest",
-        ports=(PortMapping(8080, 8082),),
+        ports=(PortMapping(8080, 0),),
         health=HealthCheck(kind="http", path="/health", port=8080),
     ),
     ServiceSpec(
         name="ollama",
         image="ollama/ollama:latest",
-        ports=(PortMapping(11434, 11435),),
+        ports=(PortMapping(11434, 0),),
         health=HealthCheck(kind="http", path="/api/tags", port=11434, startup_timeout=120.0),
         required=False,
         restart=_OPTIONAL_RESTART,
@@ -102,7 +124,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         name="infermesh-router",
         image="official-infermesh:latest",
         environment={"ROLE": "router", "NODES": "infermesh-node-a,infermesh-node-b"},
-        ports=(PortMapping(9000, 19000),),
+        ports=(PortMapping(9000, 0),),
         depends_on=(DependsOn("infermesh-node-a"), DependsOn("infermesh-node-b")),
         health=HealthCheck(kind="http", path="/health", port=9000),
         required=False,
@@ -112,7 +134,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         name="zookeeper",
         image="confluentinc/cp-zookeeper:7.5.0",
         environment={"ZOOKEEPER_CLIENT_PORT": "2181", "ZOOKEEPER_TICK_TIME": "2000"},
-        ports=(PortMapping(2181, 2181),),
+        ports=(PortMapping(2181, 0),),
         health=HealthCheck(kind="tcp", port=2181),
         required=False,
         restart=_OPTIONAL_RESTART,
@@ -124,10 +146,11 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
             "KAFKA_BROKER_ID": "1",
             "KAFKA_ZOOKEEPER_CONNECT": "zookeeper:2181",
             "KAFKA_LISTENERS": "PLAINTEXT://0.0.0.0:29092",
-            "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://localhost:9092",
+            "KAFKA_ADVERTISED_LISTENERS": "PLAINTEXT://localhost:{host_port}",
             "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
         },
-        ports=(PortMapping(29092, 9092),),
+        ports=(PortMapping(29092, 0),),
+        url="{host}:{port}",  # bootstrap servers
         depends_on=(DependsOn("zookeeper"),),
         health=HealthCheck(kind="tcp", port=29092, startup_timeout=120.0),
         required=False,
@@ -140,9 +163,9 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
             "prometheus",
             "--config.file={home}/prometheus/prometheus.yml",
             "--storage.tsdb.path={home}/prometheus/data",
-            "--web.listen-address=127.0.0.1:9090",
+            "--web.listen-address={listen_host}:{port}",
         ),
-        ports=(PortMapping(9090, 9090),),
+        ports=(PortMapping(9090, 0),),
         health=HealthCheck(kind="http", path="/-/healthy", port=9090),
         required=False,
         restart=_OPTIONAL_RESTART,
@@ -261,7 +284,7 @@ def _parse_nested(key: str, value: Any, base: Any, where: str) -> Any:
             raise _unknown_key(where, str(k), known)
     fields = dict(value)
     if key == "health" and "command" in fields:
-        fields["command"] = tuple(fields["command"])
+        fields["command"] = parse_command(fields["command"], f"{where}.command")
     # A partial table overrides only the fields it names.
     return attrs.evolve(base, **fields) if base is not None else cls(**fields)
 
@@ -285,6 +308,16 @@ def apply_fields(name: str, fields: Mapping[str, Any], base: ServiceSpec | None 
                 changes[key] = _parse_depends(value, field)
             elif key in _NESTED:
                 changes[key] = _parse_nested(key, value, getattr(base, key) if base else None, field)
+            elif key == "command":
+                changes[key] = parse_command(value, field)
+            elif key == "url":
+                if not isinstance(value, str):
+                    raise ConfigError(
+                        f"expected a string, got {preview(value)}",
+                        field=field,
+                        fix='write e.g. url = "http://{host}:{port}/api"',
+                    )
+                changes[key] = value
             elif key in ("required", "one_shot"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"expected true or false, got {value!r}", field=field)
@@ -301,6 +334,30 @@ def apply_fields(name: str, fields: Mapping[str, Any], base: ServiceSpec | None 
         raise ConfigError(exc.message, field=field, fix=exc.fix) from None
     except TypeError as exc:
         raise ConfigError(f"invalid value: {exc}", field=where) from None
+
+
+def parse_command(value: Any, field: str) -> tuple[str, ...]:
+    """A command as TOML gives it: a list of arguments as is, or one string split with shell
+    rules (``shlex``: ``"redis-cli -p 6379 ping"``, quotes group words; no shell runs it)."""
+    if isinstance(value, str):
+        try:
+            parts = shlex.split(value)
+        except ValueError as exc:
+            raise ConfigError(
+                f"cannot split {preview(value)} with shell rules: {exc}",
+                field=field,
+                fix='close the quote, or write a list: ["binary", "arg", ...]',
+            ) from None
+        if not parts:
+            raise ConfigError("the command is empty", field=field, fix='write ["binary", "arg", ...]')
+        return tuple(parts)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(
+        f"expected a list of strings or one string, got {preview(value)}",
+        field=field,
+        fix='write ["binary", "arg", ...] or "binary arg ..."',
+    )
 
 
 def _as_list(value: Any, field: str) -> list[Any]:
@@ -344,9 +401,14 @@ def _expand_home(spec: ServiceSpec, home: Path) -> ServiceSpec:
 
 
 def build_catalog(
-    settings: Settings, plugins: pluggy.PluginManager, extra: Iterable[ServiceSpec] = ()
+    settings: Settings,
+    plugins: pluggy.PluginManager,
+    extra: Iterable[ServiceSpec] = (),
+    *,
+    expand_home: bool = True,
 ) -> dict[str, ServiceSpec]:
-    """Hook results, then ``settings.services`` tables, then ``extra`` (later wins by name)."""
+    """Hook results, then ``settings.services`` tables, then ``extra`` (later wins by name);
+    ``expand_home=False`` keeps ``{home}`` as written (to show a spec as TOML)."""
     catalog: dict[str, ServiceSpec] = {}
     # pluggy calls later-registered plugins first; walk backwards so later plugins win.
     for result in reversed(list(plugins.hook.dspy_infra_services())):
@@ -356,8 +418,78 @@ def build_catalog(
         catalog[name] = parse_service_table(name, table, catalog.get(name))
     for spec in extra:
         catalog[spec.name] = spec
+    if not expand_home:
+        return catalog
     home = settings.resolved_home()
     return {name: _expand_home(spec, home) for name, spec in catalog.items()}
+
+
+# -- showing a spec as TOML ------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        # A TOML basic string: JSON's escapes, plus DEL, which JSON leaves raw and TOML refuses.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)
+
+
+def _changed_fields(value: Any) -> dict[str, Any]:
+    """The fields of an attrs value that differ from the class defaults (None left out)."""
+    default = type(value)()
+    return {
+        a.name: getattr(value, a.name)
+        for a in attrs.fields(type(value))
+        if getattr(value, a.name) != getattr(default, a.name) and getattr(value, a.name) is not None
+    }
+
+
+def _port_text(port: PortMapping) -> Any:
+    if not port.host_port:  # a free host port
+        if port.protocol == "tcp" and port.host_ip == "127.0.0.1" and port.host_port == 0:
+            return port.container_port
+        return {k: v for k, v in attrs.asdict(port).items() if v is not None}
+    text = f"{port.host_port}:{port.container_port}"
+    if port.host_ip != "127.0.0.1":
+        text = f"{port.host_ip}:{text}"
+    return text + (f"/{port.protocol}" if port.protocol != "tcp" else "")
+
+
+def spec_to_toml(spec: ServiceSpec) -> str:
+    """``spec`` as a ``[services.NAME]`` table that ``parse_service_table`` reads back to the
+    same spec (fields at their defaults are left out)."""
+    lines = [f"[services.{_toml_key(spec.name)}]"]
+    for a in attrs.fields(ServiceSpec):
+        if a.name == "name":
+            continue
+        value = getattr(spec, a.name)
+        if a.name in _NESTED:
+            changed = _changed_fields(value)
+            if changed:
+                lines.append(f"{a.name} = {_toml_value(changed)}")
+            continue
+        if value in ((), {}, "", None) or (a.default is not attrs.NOTHING and value == a.default):
+            continue
+        if a.name == "ports":
+            value = [_port_text(p) for p in value]
+        elif a.name == "volumes":
+            value = [f"{v.source}:{v.target}" + (":ro" if v.read_only else "") for v in value]
+        elif a.name == "depends_on":
+            value = [d.name if d.condition == "service_healthy" else attrs.asdict(d) for d in value]
+        lines.append(f"{a.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def write_support_files(settings: Settings) -> None:

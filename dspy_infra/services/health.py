@@ -29,7 +29,7 @@ from typing import ClassVar
 import anyio
 import attrs
 
-from ..backends.base import Backend
+from ..backends.base import Backend, fill_port_placeholders
 from ..errors import HealthCheckFailed, InfraError, NotFound
 from ..metrics import InfraMetrics
 from ..models import HealthCheck, Instance, ServiceSpec
@@ -184,7 +184,19 @@ class ExecProbe(Probe):
     kind = "exec"
 
     async def _check(self, backend: Backend, spec: ServiceSpec, instance: Instance) -> tuple[bool, str]:
-        result = await backend.exec(instance.id, self.health.command, timeout=self.health.timeout)
+        # The command may name the service's ports ({port}, {host_port.N}): fill them the way
+        # the backend filled the service's own command.
+        published = {c: host_port for c, (_ip, host_port) in instance.ports.items()}
+        listen = published if backend.binds_host_ports else {c: c for c in instance.ports}
+        first = spec.ports[0].container_port if spec.ports else None
+        listen_host = "127.0.0.1" if backend.binds_host_ports else "0.0.0.0"
+        command = [
+            fill_port_placeholders(
+                arg, first=first, listen=listen, published=published, listen_host=listen_host
+            )
+            for arg in self.health.command
+        ]
+        result = await backend.exec(instance.id, command, timeout=self.health.timeout)
         tail = result.output.strip().splitlines()[-1:] if result.output.strip() else []
         detail = f": {tail[0][:120]}" if tail else ""
         return result.exit_code == 0, f"exec {self.health.command[0]} exited {result.exit_code}{detail}"

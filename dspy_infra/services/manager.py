@@ -20,7 +20,10 @@ stable name ``dspy_infra-<owner>-<service>``. A start adopts a healthy running i
 the same spec hash instead of recreating it (and writes a *lease* file naming the adopting
 pid, because a container's labels cannot change), recreates one whose hash differs, and
 removes instances of this owner whose owner process (and lease holder) is dead (orphans).
-Nothing without our owner label is ever touched.
+Nothing without our owner label is ever touched. Opening a manager sweeps at once: a dead
+owner's instance started with ``keep`` (a ``.keep/<instance>`` marker) and still running the
+catalog's spec is adopted and monitored from that moment; every other dead owner's instance is
+removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
 
 The monitor probes every healthy service on its check's interval; one that exits, or fails
 ``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
@@ -90,6 +93,7 @@ from .graph import (
     unknown_service,
     validate_graph,
 )
+from .handles import ServiceHandle, default_url_template, main_container_port, service_url
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 
 __all__ = ["ServiceManager", "instance_name_for"]
@@ -174,6 +178,8 @@ class ServiceManager(AsyncResource):
         self._backend_arg: Backend | str = backend if backend is not None else settings.backend
         self._owns_backend = False
         self._backend: Backend | None = None
+        #: The class of the backend once resolved (``stop_blocking`` makes a fresh one).
+        self._backend_type: type[Backend] | None = None
         self._queue_status = queue_status
         self._managed: dict[str, _Managed] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -181,6 +187,13 @@ class ServiceManager(AsyncResource):
         self._tg: TaskGroup | None = None
         self._start_slots = anyio.Semaphore(self.max_parallel_starts)
         self._leases = settings.resolved_home() / "services" / ".leases"
+        self._kept = settings.resolved_home() / "services" / ".keep"
+        #: Services started without an explicit ``keep`` are kept when this is True (a server
+        #: that leaves its services running on shutdown sets it).
+        self.keep_by_default = False
+        #: Services a start brought up without ``keep`` (started or adopted), in start order:
+        #: the ones ``Infra`` stops when it closes, whoever asked (Python, gRPC, the CLI).
+        self.owned: list[str] = []
         started = proc_start_time(os.getpid())
         self._self_started = str(started[0]) if started else ""
 
@@ -196,8 +209,10 @@ class ServiceManager(AsyncResource):
 
     async def __aenter__(self) -> Self:
         self._backend = await self._resolve_backend()
+        self._backend_type = type(self._backend)
         try:
             await anyio.to_thread.run_sync(write_support_files, self.settings)
+            await self._sweep_on_open()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
@@ -205,6 +220,41 @@ class ServiceManager(AsyncResource):
             raise
         self._tg.start_soon(self._monitor, name="dspy_infra-service-monitor")
         return self
+
+    async def _sweep_on_open(self) -> None:
+        """Services of this owner whose owner process (and lease holder) is dead: a kept one
+        that still runs the catalog's spec is adopted now, so the monitor watches it from
+        this moment; every other one is reaped, whatever this infra goes on to ask for."""
+        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+            try:
+                await self._sweep_one(inst)
+            except InfraError as exc:  # one stuck leftover must not keep the infra from starting
+                self.bus.publish(
+                    "service_orphan_removed",
+                    inst.labels.get(LABEL_SERVICE, ""),
+                    {"instance": inst.name, "error": str(exc)},
+                )
+
+    async def _sweep_one(self, inst: Instance) -> None:
+        service = inst.labels.get(LABEL_SERVICE, "")
+        if not service or await anyio.to_thread.run_sync(self._owner_alive, inst):
+            return
+        spec = self.catalog.get(service)
+        kept = await anyio.to_thread.run_sync(self._is_kept, inst.name)
+        if (
+            kept
+            and spec is not None
+            and not spec.one_shot
+            and inst.state == "running"
+            and inst.labels.get(LABEL_SPEC_HASH) == spec.spec_hash
+            and service not in self._managed
+        ):
+            async with self._lock(service):
+                if await self._try_adopt(spec) is not None:
+                    return
+        await self._discard(inst)
+        await anyio.to_thread.run_sync(self._set_kept, service, False)
+        self.bus.publish("service_orphan_removed", service, {"instance": inst.name, "kept": kept})
 
     async def aclose(self) -> None:
         """Stop the monitor and close the backend (if this manager created it). Services keep
@@ -216,6 +266,25 @@ class ServiceManager(AsyncResource):
                 await tg.__aexit__(None, None, None)
         finally:
             await self._close_backend()
+
+    def stop_blocking(self, names: Sequence[str], *, timeout: float = 5.0) -> None:
+        """Stop and remove the instances of ``names`` this manager runs, from code that has no
+        event loop (an ``atexit`` hook after the app's loop ended): a fresh backend of the same
+        kind does it in a private loop. Errors are swallowed: the next start reaps leftovers."""
+        instances = [m.instance for n, m in self._managed.items() if n in set(names)]
+        if not instances or self._backend_type is None:
+            return
+        backend = self._construct(self._backend_type)
+
+        async def run() -> None:
+            async with backend:
+                for instance in instances:
+                    with contextlib.suppress(InfraError, OSError):
+                        await backend.stop(instance.id, timeout=timeout)
+                        await backend.remove(instance.id)
+
+        with contextlib.suppress(Exception):
+            anyio.run(run)
 
     async def _close_backend(self) -> None:
         if self._backend is not None and self._owns_backend:
@@ -303,13 +372,18 @@ class ServiceManager(AsyncResource):
         *,
         parallel: bool = True,
         overrides: Mapping[str, str] | None = None,
+        keep: bool | None = None,
     ) -> AsyncIterator[ServiceStatusUpdate]:
         """Start ``names`` (default: the whole catalog) and their dependencies, yielding status
-        updates with progress; raises at the end if a required service failed."""
-        return self._start_stream(list(names) if names is not None else None, parallel, dict(overrides or {}))
+        updates with progress; raises at the end if a required service failed. ``keep``
+        (default ``keep_by_default``) leaves them running after this process exits: the next
+        infra on this state directory adopts them instead of reaping them."""
+        return self._start_stream(
+            list(names) if names is not None else None, parallel, dict(overrides or {}), keep
+        )
 
     async def _start_stream(
-        self, names: list[str] | None, parallel: bool, overrides: dict[str, str]
+        self, names: list[str] | None, parallel: bool, overrides: dict[str, str], keep: bool | None = None
     ) -> AsyncIterator[ServiceStatusUpdate]:
         # The start runs in the manager's task group (its owner); this generator only reads.
         # Abandoning the iterator does not abandon the start half-way.
@@ -324,7 +398,9 @@ class ServiceManager(AsyncResource):
         async def run() -> None:
             async with send:
                 try:
-                    await self._start_graph(names, parallel=parallel, overrides=overrides, emit=emit)
+                    await self._start_graph(
+                        names, parallel=parallel, overrides=overrides, emit=emit, keep=keep
+                    )
                 except Exception as exc:
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                         await send.send(exc)
@@ -336,10 +412,11 @@ class ServiceManager(AsyncResource):
                     raise item
                 yield item
 
-    async def ensure(self, names: Sequence[str]) -> list[str]:
+    async def ensure(self, names: Sequence[str], *, keep: bool | None = None) -> list[str]:
         """Start ``names`` and their dependencies; raise if a required one fails. Returns the
-        services now up (started, adopted or already running), in start order."""
-        return await self._start_graph(list(names), parallel=True, overrides={}, emit=None)
+        services now up (started, adopted or already running), in start order. ``keep``: as
+        for ``start``."""
+        return await self._start_graph(list(names), parallel=True, overrides={}, emit=None, keep=keep)
 
     async def _start_graph(
         self,
@@ -348,7 +425,9 @@ class ServiceManager(AsyncResource):
         parallel: bool,
         overrides: Mapping[str, str],
         emit: Callable[[ServiceStatusUpdate], Awaitable[None]] | None,
+        keep: bool | None = None,
     ) -> list[str]:
+        keep = self.keep_by_default if keep is None else keep
         catalog = dict(self.catalog)
         if overrides:
             catalog.update(parse_overrides(overrides, catalog))
@@ -392,7 +471,15 @@ class ServiceManager(AsyncResource):
                 f"required service {first!r} did not start: {run.reason.get(first, 'start aborted')}",
                 service=first,
             )
-        return [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
+        up = [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
+        for name in up:
+            if keep:
+                await anyio.to_thread.run_sync(self._set_kept, name, True)
+                with contextlib.suppress(ValueError):
+                    self.owned.remove(name)
+            elif name not in self.owned:
+                self.owned.append(name)
+        return up
 
     async def _prepare(self, run: _StartRun) -> None:
         """Backend preparation once; when it refuses, find out which services it refuses (so
@@ -587,6 +674,23 @@ class ServiceManager(AsyncResource):
         self._leases.mkdir(parents=True, exist_ok=True)
         (self._leases / instance_name).write_text(f"{os.getpid()} {self._self_started}")
 
+    def _is_kept(self, instance_name: str) -> bool:
+        return (self._kept / instance_name).exists()
+
+    def _set_kept(self, service: str, kept: bool) -> None:
+        """Mark ``service``'s instance as one to leave running after its owner exits (or not)."""
+        marker = self._kept / instance_name_for(self.owner, service)
+        if kept:
+            self._kept.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+
+    def is_kept(self, service: str) -> bool:
+        """True when ``service`` was started with ``keep`` (it outlives its owner)."""
+        return self._is_kept(instance_name_for(self.owner, service))
+
     def _lease_holder_alive(self, instance_name: str) -> bool:
         try:
             pid, _, started = (self._leases / instance_name).read_text().strip().partition(" ")
@@ -608,6 +712,8 @@ class ServiceManager(AsyncResource):
                 continue
             if await anyio.to_thread.run_sync(self._owner_alive, inst):
                 continue
+            if await anyio.to_thread.run_sync(self._is_kept, inst.name):
+                continue  # left running on purpose (keep=True); `down` removes it
             await self._discard(inst)
             removed.append(inst.name)
             self.bus.publish("service_orphan_removed", service, {"instance": inst.name})
@@ -646,9 +752,10 @@ class ServiceManager(AsyncResource):
     # -- stop / restart --------------------------------------------------------------------
 
     async def stop(self, names: Sequence[str] | None = None, *, timeout: float = 10.0) -> dict[str, str]:
-        """Stop and remove services (default: all of this owner's), dependents first.
+        """Stop and remove services, dependents first. No names (None or an empty list, as
+        ``StopServices([])`` and ``dspy-infra down`` send) means every service of this owner.
         Returns ``{name: "stopped" | "not running" | "error: ..."}``."""
-        if names is None:
+        if not names:
             listed = await self.backend.list_instances({LABEL_OWNER: self.owner})
             targets = set(self._managed) | {i.labels.get(LABEL_SERVICE, "") for i in listed} - {""}
         else:
@@ -670,6 +777,9 @@ class ServiceManager(AsyncResource):
     async def _stop_one(self, name: str, timeout: float, results: dict[str, str]) -> None:
         async with self._lock(name):
             self._managed.pop(name, None)
+            with contextlib.suppress(ValueError):
+                self.owned.remove(name)
+            await anyio.to_thread.run_sync(self._set_kept, name, False)
             try:
                 count = await self._remove_instances(name, timeout)
             except InfraError as exc:
@@ -864,6 +974,9 @@ class ServiceManager(AsyncResource):
             status = ServiceStatus.RUNNING if current.state == "running" else ServiceStatus.STOPPED
             checks, restarts = {}, 0
         ports = {c: self.backend.probe_address(current, c)[1] for c in current.ports}
+        host, port, url = self._reach(
+            managed.spec if managed is not None else self.catalog.get(name), current
+        )
         return ServiceState(
             name=name,
             status=status,
@@ -874,9 +987,76 @@ class ServiceManager(AsyncResource):
             resource_usage=usage,
             restarts=restarts,
             backend=self.backend.name,
-            host=self.backend.probe_address(current, next(iter(current.ports)))[0]
-            if current.ports
-            else "127.0.0.1",
+            host=host,
+            url=url,
+            port=port,
+        )
+
+    def _reach(self, spec: ServiceSpec | None, instance: Instance) -> tuple[str, int, str]:
+        """``(host, main host port, url)`` of ``instance`` (main port 0 and url "" when it
+        publishes none)."""
+        ports = {c: self.backend.probe_address(instance, c) for c in instance.ports}
+        main = main_container_port(spec) if spec is not None else None
+        if main not in ports:
+            main = next(iter(ports), None)
+        if main is None:
+            return "127.0.0.1", 0, ""
+        host, port = ports[main]
+        template = default_url_template(spec) if spec is not None else "{host}:{port}"
+        url = service_url(template, host, port, {c: p for c, (_h, p) in ports.items()})
+        return host, port, url
+
+    def _handle(self, name: str, managed: _Managed) -> ServiceHandle:
+        host, port, url = self._reach(managed.spec, managed.instance)
+        ports = {c: self.backend.probe_address(managed.instance, c)[1] for c in managed.instance.ports}
+        return ServiceHandle(
+            name=name,
+            host=host,
+            port=port,
+            ports=ports,
+            url=url,
+            status=managed.status,
+            backend=self.backend.name,
+            log_source=self.logs,
+        )
+
+    def __getitem__(self, name: str) -> ServiceHandle:
+        """The handle of a service this manager runs (started or adopted); ``NotFound`` (a
+        ``KeyError``) otherwise. ``await get(name)`` also finds one started elsewhere."""
+        managed = self._managed.get(name)
+        if managed is None or managed.status in (ServiceStatus.STOPPED, ServiceStatus.FAILED):
+            if name not in self.catalog:
+                raise unknown_service(name, self.catalog, field="service_name")
+            raise NotFound(
+                f"service {name!r} is not running here",
+                field="service_name",
+                fix=f"start it first: await infra.ensure_services([{name!r}])",
+            )
+        return self._handle(name, managed)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._managed
+
+    async def get(self, name: str) -> ServiceHandle:
+        """The handle of ``name`` as it runs now (also one this process did not start);
+        ``NotFound`` when it is not running."""
+        state = (await self.status([name]))[name]
+        if state.status in (ServiceStatus.STOPPED, ServiceStatus.FAILED) or not state.instance_id:
+            raise NotFound(
+                f"service {name!r} is {state.status}",
+                field="service_name",
+                fix=f"start it first: await infra.ensure_services([{name!r}])",
+            )
+        ports = dict(state.ports)
+        return ServiceHandle(
+            name=name,
+            host=state.host,
+            port=state.port,
+            ports=ports,
+            url=state.url,
+            status=state.status,
+            backend=state.backend,
+            log_source=self.logs,
         )
 
     async def _find_instance(self, name: str) -> Instance:

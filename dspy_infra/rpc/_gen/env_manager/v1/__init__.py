@@ -300,6 +300,14 @@ class ServiceStatus(betterproto2.Message):
 
     host: "str" = betterproto2.field(11, betterproto2.TYPE_STRING)
 
+    url: "str" = betterproto2.field(12, betterproto2.TYPE_STRING)
+    """
+    Additions: the connection URL (redis://127.0.0.1:PORT/0, http://..., host:port) and the
+    host port of the main (first) port.
+    """
+
+    main_port: "int" = betterproto2.field(13, betterproto2.TYPE_INT32)
+
 
 default_message_pool.register_message("env_manager.v1", "ServiceStatus", ServiceStatus)
 
