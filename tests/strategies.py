@@ -12,6 +12,7 @@ from dspy_infra.scheduler.limiter import LimiterSample
 __all__ = [
     "limiter_ops",
     "limiter_samples",
+    "poisoned_batches",
     "priorities",
     "task_ids",
     "task_outcomes",
@@ -65,3 +66,18 @@ def task_specs(draw: st.DrawFn, task_class: str = "cpu_short", handler: str = "n
         priority=draw(priorities),
         max_attempts=draw(st.integers(min_value=1, max_value=4)),
     )
+
+
+@st.composite
+def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
+    """Concurrent submit batches of (unique number, refused by the store?) pairs."""
+    flags = draw(st.lists(st.booleans(), min_size=1, max_size=40))
+    cuts = sorted(draw(st.lists(st.integers(min_value=0, max_value=len(flags)), max_size=5)))
+    numbered = list(enumerate(flags))
+    batches: list[list[tuple[int, bool]]] = []
+    start = 0
+    for cut in [*cuts, len(flags)]:
+        if cut > start:
+            batches.append(numbered[start:cut])
+            start = cut
+    return batches

@@ -480,7 +480,7 @@ class SqliteStore:
             )
             self._ops.extendleft(reversed(batch))
             self._fail_queued(self._dead)
-            raise
+            log.error("the task store's writer thread failed", exc_info=True)
         finally:
             if self._dead is None:
                 # Anything queued after the stop marker is still written, callbacks still run.
