@@ -71,7 +71,7 @@ from .store import (
     encode_json_object,
 )
 
-__all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "Scheduler", "retry_delay"]
+__all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "STREAM_BUFFER_LIMIT", "Scheduler", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
@@ -324,16 +324,22 @@ class _ClassQueue:
             histogram.flush()
 
 
-class _Subscriber:
-    """One ``stream_results`` consumer: a buffer and a wake-up future."""
+#: Most results a ``stream_results`` consumer of every task may leave unread; one that falls
+#: further behind is dropped (its buffer freed) and its stream ends with an error.
+STREAM_BUFFER_LIMIT = 10_000
 
-    __slots__ = ("buffer", "closed", "wakeup", "wanted")
+
+class _Subscriber:
+    """One ``stream_results`` consumer: a bounded buffer and a wake-up future."""
+
+    __slots__ = ("buffer", "closed", "overflowed", "wakeup", "wanted")
 
     def __init__(self, wanted: set[str] | None) -> None:
         self.wanted = wanted
         self.buffer: deque[TaskResult] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.closed = False
+        self.overflowed = False
 
     def close(self) -> None:
         self.closed = True
@@ -393,6 +399,8 @@ class Scheduler(AsyncResource):
         self._accepting = False
         self._dispatching = False
         self._stopping = False
+        #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
+        self._drain_deadline: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -513,10 +521,16 @@ class Scheduler(AsyncResource):
         Queued tasks (and ones still running at the deadline) stay durable.
         """
         self._dispatching = False
+        # One grace period per shutdown: a server that drains before closing (run_server)
+        # and the close's own drain share the deadline of the first call.
+        deadline = time.monotonic() + timeout
+        if self._drain_deadline is not None:
+            deadline = min(deadline, self._drain_deadline)
+        self._drain_deadline = deadline
         if self._inflight == 0:
             return
         self._idle_event = asyncio.Event()
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
             await self._idle_event.wait()
 
     # -- recovery -------------------------------------------------------------------------
@@ -945,6 +959,13 @@ class Scheduler(AsyncResource):
                 if wanted is not None and not remaining:
                     return
                 if sub.closed:
+                    if sub.overflowed:
+                        raise Unavailable(
+                            f"this result stream fell more than {STREAM_BUFFER_LIMIT} results"
+                            " behind and was closed",
+                            fix="read results as they come, or reopen the stream (with"
+                            " include_completed to catch up)",
+                        )
                     if remaining:
                         raise Unavailable(
                             f"the scheduler stopped before {len(remaining)} streamed task(s) finished"
@@ -1305,12 +1326,21 @@ class Scheduler(AsyncResource):
             rec.waiters = None
         if self._subscribers:
             result = rec.to_result()
+            overflowed: list[_Subscriber] = []
             for sub in self._subscribers:
                 if sub.wanted is None or rec.spec.id in sub.wanted:
                     sub.buffer.append(result)  # _Subscriber.push, inlined: once per task
+                    if sub.wanted is None and len(sub.buffer) > STREAM_BUFFER_LIMIT:
+                        overflowed.append(sub)
                     wakeup = sub.wakeup
                     if wakeup is not None and not wakeup.done():
                         wakeup.set_result(None)
+            for sub in overflowed:
+                # A consumer that stopped reading must not hold results without bound.
+                sub.overflowed = True
+                sub.buffer.clear()
+                self._subscribers.discard(sub)
+                sub.close()
         if self._tasks.get(rec.spec.id) is rec:
             self._finished[rec.spec.id] = None
             if len(self._finished) > self.settings.retention:
