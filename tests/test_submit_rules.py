@@ -138,9 +138,11 @@ async def test_a_result_json_cannot_hold_fails_the_task_naming_the_key(tmp_path:
 async def test_shutdown_with_a_task_that_never_ends_takes_one_grace(tmp_path: Path) -> None:
     grace = 1.5
     async with running(tmp_path / "state", shutdown_grace=grace) as sched:
+        started = anyio.Event()
+        sched.add_listener(lambda st: started.set() if st.status is TaskStatus.RUNNING else None)
         await sched.submit(TaskSpec("forever", payload={"handler": "sleep", "seconds": 3600}))
-        while (await sched.get("forever")).status is not TaskStatus.RUNNING:
-            await anyio.sleep(0.01)
+        with anyio.fail_after(10):
+            await started.wait()
         began = time.monotonic()
         await sched.drain(grace)  # what `dspy-infra serve` does on SIGTERM before closing
     elapsed = time.monotonic() - began
