@@ -196,8 +196,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
     """
     attr = _FIELDS[name]
     kind = attr.type if isinstance(attr.type, str) else str(attr.type)
-    field = f"{source}{name}"
     from_env = isinstance(raw, str) and source == ENV_PREFIX
+    field = f"{source}{name}"
     if kind.startswith("bool"):
         if isinstance(raw, bool):
             return raw
