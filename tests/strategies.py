@@ -10,6 +10,7 @@ from dspy_infra.models import TaskSpec
 from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
+    "attempt_plans",
     "limiter_ops",
     "limiter_samples",
     "poisoned_batches",
@@ -81,3 +82,7 @@ def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
             batches.append(numbered[start:cut])
             start = cut
     return batches
+
+
+#: What each run of a task does, in order: finish, raise, or take its process down ("crash").
+attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, max_size=6)

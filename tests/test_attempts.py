@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import attempt_plans
+
+from dspy_infra.config import load_settings
+from dspy_infra.events import EventBus
+from dspy_infra.metrics import InfraMetrics
+from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
+from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.scheduler.handlers import TaskContext
+from dspy_infra.scheduler.scheduler import Scheduler
+
+HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
 
 CHILD = r"""
 import asyncio, json, sys
@@ -87,3 +103,77 @@ def test_a_task_that_kills_its_server_runs_at_most_max_attempts_times(
     # And the server starts cleanly afterwards, with the record intact.
     again = start("restart")
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1]) == final
+
+
+async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[list[str], Any]:
+    """Run one task through scheduler restarts. A "crash" run copies the committed database
+    (SQLite's backup API: exactly what a crash at that moment leaves on disk) to a fresh home
+    and the next incarnation starts from that copy; the abandoned one is just closed."""
+    runs: list[str] = []
+    crash_events: list[anyio.Event] = []  # one per incarnation; the newest is live
+    home = tmp / "h0"
+
+    async def step(ctx: TaskContext) -> dict[str, Any]:
+        what = plan[len(runs)] if len(runs) < len(plan) else "ok"
+        runs.append(what)
+        if what == "fail":
+            raise RuntimeError("failed on purpose")
+        if what == "crash":
+            target = tmp / f"h{len(runs)}"
+            target.mkdir()
+            src = sqlite3.connect(ctx.settings.resolved_home() / "state.db")  # type: ignore[union-attr]
+            dst = sqlite3.connect(target / "state.db")
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
+            crash_events[-1].set()
+            await anyio.sleep(3600)
+        return {"run": len(runs)}
+
+    pm = build_plugin_manager(load_entry_points=False)
+    submitted = False
+    for _ in range(len(plan) + 2):
+        crash_events.append(anyio.Event())
+        cfg = load_settings(env={}, home=home, durable=True, shutdown_grace=0.05)
+        async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=HW) as sched:
+            sched.register_handler("step", step)
+            if not submitted:
+                await sched.submit(TaskSpec("t", payload={"handler": "step"}, max_attempts=max_attempts))
+                submitted = True
+            final: list[Any] = []
+            async with anyio.create_task_group() as tg:
+
+                async def finish(sched: Scheduler, out: list[Any], scope: anyio.CancelScope) -> None:
+                    await sched.wait("t", timeout=30)
+                    out.append(await sched.get("t"))
+                    scope.cancel()
+
+                async def crash(event: anyio.Event, scope: anyio.CancelScope) -> None:
+                    await event.wait()
+                    scope.cancel()
+
+                tg.start_soon(finish, sched, final, tg.cancel_scope)
+                tg.start_soon(crash, crash_events[-1], tg.cancel_scope)
+            if final:
+                return runs, final[0]
+        home = tmp / f"h{len(runs)}"
+    raise AssertionError(f"never finished: {runs}")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=attempt_plans, max_attempts=st.integers(min_value=1, max_value=4))
+def test_attempts_never_exceed_max_attempts_across_crash_points(
+    tmp_path_factory: pytest.TempPathFactory, plan: list[str], max_attempts: int
+) -> None:
+    tmp = tmp_path_factory.mktemp("crash")
+    runs, final = anyio.run(_incarnations, tmp, plan, max_attempts)
+    assert 1 <= len(runs) <= max_attempts, runs
+    assert final.attempts == len(runs)
+    if runs[-1] == "ok":
+        assert final.status is TaskStatus.COMPLETED
+    else:
+        assert final.status is TaskStatus.FAILED and len(runs) == max_attempts
+        if runs[-1] == "crash":
+            assert f"during attempt {max_attempts} of {max_attempts}" in final.error
