@@ -399,6 +399,8 @@ class Scheduler(AsyncResource):
         self._accepting = False
         self._dispatching = False
         self._stopping = False
+        #: Resolves once the attempts started in this loop step are committed (_attempt_gate).
+        self._start_gate: asyncio.Future[InfraError | None] | None = None
         #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
         self._drain_deadline: float | None = None
 
@@ -649,7 +651,12 @@ class Scheduler(AsyncResource):
         if cq.refusal is not None:
             raise cq.refusal
         payload = spec.payload
-        if payload.get("handler") == "exec" and self.settings.exec_policy == "deny":
+        handler = payload.get("handler")
+        if handler is not None and not isinstance(handler, str):
+            raise SpecError(
+                f"must be a string, got {preview(handler)}", field="payload.handler", fix='e.g. "exec"'
+            )
+        if handler == "exec" and self.settings.exec_policy == "deny":
             raise PermissionDenied(
                 'the exec handler is turned off on this server (exec_policy = "deny")',
                 field="exec_policy",
@@ -1116,10 +1123,9 @@ class Scheduler(AsyncResource):
             if self._durable:
                 # The attempt (running, attempts + 1) is on disk before the handler starts:
                 # a crash during it counts against max_attempts on recovery.
-                try:
-                    await self._committed()
-                except InfraError as exc:
-                    rec.write_error = exc
+                store_error = await self._attempt_gate()
+                if rec.write_error is None and store_error is not None:
+                    rec.write_error = store_error
                 if rec.write_error is not None:
                     self._unstarted(cq, rec, rec.write_error)
                     return
@@ -1200,6 +1206,28 @@ class Scheduler(AsyncResource):
         rec.timer = self._loop.call_later(left, self._requeue, cq, rec)
         self._idle_check()
         return True
+
+    def _attempt_gate(self) -> asyncio.Future[InfraError | None]:
+        """A future that resolves (to the store's error, or None) once every row queued so far
+        is committed. Shared by all attempts started in one loop step: one commit callback
+        for all of them, registered after the step, so after each of their rows."""
+        gate = self._start_gate
+        if gate is None:
+            assert self._loop is not None
+            gate = self._start_gate = self._loop.create_future()
+            self._loop.call_soon(self._arm_attempt_gate)
+        return gate
+
+    def _arm_attempt_gate(self) -> None:
+        gate, self._start_gate = self._start_gate, None
+        if gate is None:
+            return
+
+        def committed(error: InfraError | None) -> None:
+            if not gate.done():
+                gate.set_result(error)
+
+        self._store.after_commit(committed)
 
     def _unstarted(self, cq: _ClassQueue, rec: _Task, error: InfraError) -> None:
         """The attempt could not be recorded, so it does not run: back to the queue after a

@@ -467,7 +467,12 @@ class SqliteStore:
                 self._wake.clear()
                 self._awake = False  # before draining: an op appended after this wakes us again
                 batch = [ops.popleft() for _ in range(len(ops))]
-                busy = len(batch) >= _BUSY_BATCH
+                # Not while someone waits on this batch (a submitter, an attempt about to
+                # start): they add nothing until it commits, so the window would only delay
+                # them; what arrives during the commit forms the next group anyway.
+                busy = len(batch) >= _BUSY_BATCH and not any(
+                    type(op) is not tuple and op is not _STOP for op in batch
+                )
                 stop = self._commit(batch)
                 batch = []
         except BaseException as exc:
