@@ -272,3 +272,37 @@ def test_sigkill_with_refused_rows_loses_no_acknowledged_task(tmp_path: Path) ->
     lost = acked - set(on_disk)
     assert not lost, f"{len(lost)} acknowledged tasks are not on disk after SIGKILL"
     assert not refused & set(on_disk)
+
+
+async def test_an_attempt_whose_record_is_refused_never_starts(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    poison_store(home)
+    conn = sqlite3.connect(home / "state.db")
+    try:
+        conn.execute(
+            "CREATE TRIGGER refuse_start BEFORE UPDATE ON tasks"
+            " WHEN NEW.status = 'running' AND OLD.payload LIKE '%no-start%'"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    ran: list[str] = []
+
+    async def record(ctx: TaskContext) -> dict[str, Any]:
+        ran.append(ctx.spec.id)
+        return {}
+
+    async with durable(home) as sched:
+        sched.register_handler("record", record)
+        await sched.submit_many(
+            [
+                TaskSpec("unstartable", "work", {"handler": "record", "mark": "no-start"}, max_attempts=3),
+                TaskSpec("fine", "work", {"handler": "record"}),
+            ]
+        )
+        assert (await sched.wait("fine", timeout=5)).status is TaskStatus.COMPLETED
+        result = await sched.wait("unstartable", timeout=30)
+    assert ran == ["fine"], "an attempt that could not be recorded must not run"
+    assert result.status is TaskStatus.FAILED and "could not be saved" in result.error
+    assert rows(home)["unstartable"] == "failed"

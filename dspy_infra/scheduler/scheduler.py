@@ -87,6 +87,8 @@ _CANCELLED = TaskStatus.CANCELLED
 _EVENT_TYPE = {s: f"task_{s.value}" for s in TaskStatus}
 #: The result of a task that has none yet (shared: results are replaced, never mutated).
 _NO_RESULT: dict[str, Any] = {}
+#: An attempt whose start record the store refuses this many times in a row fails the task.
+_MAX_UNSAVED_STARTS = 5
 #: A worker yields to the event loop after this many tasks that finished without awaiting.
 _YIELD_EVERY = 64
 
@@ -125,6 +127,8 @@ class _Task:
     write_error: InfraError | None = None
     #: The payload's JSON text, computed once at submit (size check and store row).
     payload_text = ""
+    #: Attempts in a row that could not start because their record was not saved.
+    unsaved_starts = 0
 
     def __init__(self, spec: TaskSpec, seq: int, now: float) -> None:
         self.spec = spec
@@ -1236,10 +1240,22 @@ class Scheduler(AsyncResource):
         log.warning("task %s: attempt not started, its record was not saved: %s", preview(rec.spec.id), error)
         rec.worker = None
         rec.attempts -= 1
+        rec.unsaved_starts += 1
+        if rec.unsaved_starts >= _MAX_UNSAVED_STARTS:
+            # The store keeps refusing this task's row: stop trying (the task never ran).
+            self._attempt_ended(
+                cq,
+                rec,
+                _FAILED,
+                f"the task's state could not be saved {rec.unsaved_starts} times in a row, so it"
+                f" was never started: {error}",
+                None,
+            )
+            return
         rec.status = _PENDING
         self._inflight -= 1
         self._store.put(rec.update_row())
-        rec.timer = self._loop.call_later(retry_delay(max(1, rec.attempts + 1)), self._requeue, cq, rec)
+        rec.timer = self._loop.call_later(retry_delay(rec.unsaved_starts), self._requeue, cq, rec)
         self._idle_check()
 
     def _interrupted(self, cq: _ClassQueue, rec: _Task) -> None:

@@ -533,7 +533,7 @@ class SqliteStore:
             except Exception as exc:
                 self._rollback()
                 if len(rows) == 1:
-                    rejected[rows[0][0]] = self._row_error(rows[0][0], exc)
+                    rejected[_row_id(rows[0])] = self._row_error(_row_id(rows[0]), exc)
                 else:
                     rejected = self._write_apart(rows)
                 # A store that refuses everything (disk full, I/O error, locked) is not a bad
@@ -573,7 +573,7 @@ class SqliteStore:
             except Exception as exc:
                 self._rollback()
                 if len(group) == 1:
-                    rejected[group[0][0]] = self._row_error(group[0][0], exc)
+                    rejected[_row_id(group[0])] = self._row_error(_row_id(group[0]), exc)
                 else:
                     pending += [group[: len(group) // 2], group[len(group) // 2 :]]
         return rejected
@@ -610,6 +610,11 @@ class SqliteStore:
             _write_rows(self._conn, _delete_sql, [(row[0],) for row in pruned])
             _write_rows(self._conn, _pruned_sql, pruned)
         self._conn.execute("COMMIT")
+
+
+def _row_id(row: tuple[Any, ...]) -> str:
+    """The task id of an insert, update or prune row (updates carry it last)."""
+    return str(row[7] if len(row) == _UPDATE_LEN else row[0])
 
 
 #: A batch at least this large means the store is busy: the next one waits for the window.
