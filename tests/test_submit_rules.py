@@ -167,3 +167,27 @@ async def test_a_result_stream_that_stops_reading_is_dropped(
         with pytest.raises(Unavailable, match="fell more than 5 results behind"):
             while True:
                 await reader.__anext__()
+
+
+async def test_a_workflow_step_no_store_can_hold_fails_by_name(tmp_path: Path) -> None:
+    from dspy_infra.scheduler.workflows import RunStatus, WorkflowEngine
+
+    settings = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
+    bus = EventBus()
+    pm = build_plugin_manager(load_entry_points=False)
+    async with (
+        Scheduler(settings, bus=bus, metrics=InfraMetrics(), plugins=pm, hardware=HW) as sched,
+        WorkflowEngine(settings, scheduler=sched, bus=bus) as engine,
+    ):
+        # priority 2**40 passes the step's own check but not the wire's int32: the step fails
+        # with the field named; the engine and the scheduler keep working.
+        step = {"name": "big", "payload": {"handler": "noop"}, "priority": 2**40}
+        await engine.create_workflow("wf", spec={"steps": [step]})
+        run_id = await engine.start_run("wf", input={})
+        with anyio.fail_after(30):
+            async for _ in engine.run_status(run_id):
+                pass
+        run = await engine.get_run(run_id)
+        assert run.status is RunStatus.FAILED and "priority" in run.steps["big"].error
+        await sched.submit(TaskSpec("after", payload={"handler": "noop"}))
+        assert (await sched.wait("after", timeout=5)).status is TaskStatus.COMPLETED

@@ -1297,15 +1297,19 @@ class WorkflowEngine(AsyncResource):
         except _RenderError as exc:
             await self._step_failed(live, step.name, str(exc))
             return
-        spec = TaskSpec(
-            id=task_id,
-            task_class=step.task_class,
-            payload=payload,
-            priority=step.priority,
-            timeout=step.timeout,
-            max_attempts=step.max_attempts,
-            workflow_id=live.state.workflow_id,
-        )
+        try:
+            spec = TaskSpec(
+                id=task_id,
+                task_class=step.task_class,
+                payload=payload,
+                priority=step.priority,
+                timeout=step.timeout,
+                max_attempts=step.max_attempts,
+                workflow_id=live.state.workflow_id,
+            )
+        except SpecError as exc:  # e.g. a rendered value no store can hold: the step fails, named
+            await self._step_failed(live, step.name, str(exc))
+            return
         if steps[step.name].status is not StepStatus.RUNNING:
             # Recorded before submitting: after a crash in between, re-submitting is idempotent.
             await self._set_step(
