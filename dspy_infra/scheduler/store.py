@@ -17,7 +17,7 @@ If the writer thread itself fails, every pending and later operation fails with
 
 The scheduler keeps every live task (and up to ``retention`` finished ones) in memory, so
 the store is write-only after ``open()`` has loaded the rows. Pruned tasks leave their id and
-content hash in the ``pruned`` table (about 100 bytes per id on disk), so a pruned id cannot
+content hash in the ``pruned`` table (about 40 bytes per short id on disk), so a pruned id cannot
 silently run again. Recovery (re-queueing tasks
 that were pending or running) is the scheduler's job; the store just returns what it has.
 
