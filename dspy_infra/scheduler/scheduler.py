@@ -839,14 +839,15 @@ class Scheduler(AsyncResource):
         fut: asyncio.Future[None] = self._loop.create_future()
 
         def done(error: InfraError | None) -> None:
-            if then is not None:
-                then(error)
-            if fut.done():
-                return
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
+            try:
+                if then is not None:
+                    then(error)
+            finally:  # the waiter is always answered
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
 
         self._store.after_commit(done)
         await fut

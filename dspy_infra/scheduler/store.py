@@ -551,8 +551,11 @@ class SqliteStore:
         self, rejected: dict[str, InfraError], callbacks: list[CommitCallback], error: InfraError | None
     ) -> None:
         """On the loop: rejected rows first (so no callback sees them as written), then callbacks."""
-        if rejected and self._on_rejected is not None:
-            self._on_rejected(rejected)
+        try:
+            if rejected and self._on_rejected is not None:
+                self._on_rejected(rejected)
+        except Exception:
+            log.exception("handling rows the store refused failed")
         _run_callbacks(callbacks, error)
 
     def _rollback(self) -> None:
@@ -623,4 +626,8 @@ _BUSY_BATCH = 32
 
 def _run_callbacks(callbacks: list[CommitCallback], error: InfraError | None) -> None:
     for callback in callbacks:
-        callback(error)
+        # One failing callback must not leave the others' waiters hanging.
+        try:
+            callback(error)
+        except Exception:
+            log.exception("a commit callback failed")
