@@ -11,6 +11,8 @@ from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
     "attempt_plans",
+    "hostile_json",
+    "hostile_task_kwargs",
     "limiter_ops",
     "limiter_samples",
     "poisoned_batches",
@@ -86,3 +88,26 @@ def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
 
 #: What each run of a task does, in order: finish, raise, or take its process down ("crash").
 attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, max_size=6)
+
+
+#: JSON-ish values including what no store can hold (lone surrogates, NUL, huge ints, NaN).
+hostile_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+
+#: Keyword arguments for TaskSpec, valid or not.
+hostile_task_kwargs = st.fixed_dictionaries(
+    {
+        "id": st.text(min_size=0, max_size=10),
+        "payload": st.dictionaries(st.text(max_size=5), hostile_json, max_size=4),
+        "priority": st.integers(min_value=-(2**40), max_value=2**40),
+        "timeout": st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 10**12),
+        "max_attempts": st.integers(min_value=-1, max_value=120),
+    }
+)

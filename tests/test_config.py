@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import ConfigError
@@ -185,3 +188,34 @@ def test_home_that_is_a_file_names_home_and_the_fix(tmp_path: Path) -> None:
     assert err.value.field == "home" and "not a directory" in str(err.value) and err.value.fix
     with pytest.raises(ConfigError, match="home"):
         load_settings(env={"DSPY_INFRA_HOME": str(a_file)})
+
+
+@given(
+    name=st.sampled_from(
+        [
+            "GRPC_PORT",
+            "RETENTION",
+            "MAX_PAYLOAD_BYTES",
+            "COMMIT_INTERVAL",
+            "SHUTDOWN_GRACE",
+            "DURABLE",
+            "HOME",
+        ]
+    ),
+    value=st.text(max_size=12)
+    | st.from_regex(r"-?[0-9]{1,25}(\.[0-9]{0,4})?(e[+-]?[0-9]{1,4})?", fullmatch=True),
+)
+def test_any_environment_value_is_a_valid_setting_or_a_named_error(name: str, value: str) -> None:
+    try:
+        settings = load_settings(env={f"DSPY_INFRA_{name}": value})
+    except ConfigError as exc:
+        assert name.lower() in str(exc).lower()
+        return
+    field = name.lower()
+    got = getattr(settings, field)
+    if field in ("commit_interval", "shutdown_grace"):
+        assert isinstance(got, float) and math.isfinite(got) and got > 0
+    elif field in ("grpc_port", "retention", "max_payload_bytes"):
+        assert type(got) is int
+    elif field == "durable":
+        assert type(got) is bool

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
-from strategies import poisoned_batches
+from strategies import hostile_task_kwargs, poisoned_batches
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import InfraError, NotFound, SpecError, Unavailable
@@ -32,7 +32,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.handlers import TaskContext
-from dspy_infra.scheduler.scheduler import Scheduler
+from dspy_infra.scheduler.scheduler import Scheduler, _Task
 from dspy_infra.scheduler.store import SqliteStore
 
 HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
@@ -214,7 +214,7 @@ from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec
 from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.scheduler import Scheduler
+from dspy_infra.scheduler.scheduler import Scheduler, _Task
 
 home, poison = sys.argv[1], sys.argv[2]
 
@@ -306,3 +306,36 @@ async def test_an_attempt_whose_record_is_refused_never_starts(tmp_path: Path) -
     assert ran == ["fine"], "an attempt that could not be recorded must not run"
     assert result.status is TaskStatus.FAILED and "could not be saved" in result.error
     assert rows(home)["unstartable"] == "failed"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kwargs=hostile_task_kwargs)
+def test_every_spec_that_constructs_is_stored_and_read_back_equal(
+    tmp_path_factory: pytest.TempPathFactory, kwargs: dict[str, Any]
+) -> None:
+    """Validation is exactly what the store holds: a spec is refused with a SpecError at
+    construction, or it round-trips through SQLite unchanged (never a failure in a batch)."""
+    try:
+        spec = TaskSpec(**kwargs)
+    except SpecError:
+        return
+    home = tmp_path_factory.mktemp("rt")
+    rejected: dict[str, InfraError] = {}
+
+    async def roundtrip() -> Any:
+        store = SqliteStore(home, on_rejected=rejected.update)
+        await store.open()
+        store.insert(_Task(spec, 0, 1.0).insert_row())
+        done = anyio.Event()
+        store.after_commit(lambda error: done.set())
+        await done.wait()
+        await store.aclose()
+        again = SqliteStore(home)
+        opened = await again.open()
+        await again.aclose()
+        return opened
+
+    opened = anyio.run(roundtrip)
+    assert not rejected
+    assert [t.spec for t in opened.tasks] == [spec]
+    assert opened.tasks[0].spec.content_hash == spec.content_hash
