@@ -191,3 +191,26 @@ async def test_a_workflow_step_no_store_can_hold_fails_by_name(tmp_path: Path) -
         assert run.status is RunStatus.FAILED and "priority" in run.steps["big"].error
         await sched.submit(TaskSpec("after", payload={"handler": "noop"}))
         assert (await sched.wait("after", timeout=5)).status is TaskStatus.COMPLETED
+
+
+async def test_json_results_do_not_break_grpc_listing(tmp_path: Path) -> None:
+    """One task with a nested JSON result must not turn ListTasks into INTERNAL for everyone:
+    the old string maps carry non-string values as their JSON text."""
+    from dspy_infra.rpc.client import OrchestratorClient
+    from tests._rpc_support import in_process_server
+
+    async def nested(ctx: TaskContext) -> dict[str, Any]:
+        return {"n": 3, "o": {"x": [1, None]}, "s": "text"}
+
+    async with in_process_server(tmp_path / "home") as (infra, server):
+        infra.scheduler.register_handler("nested", nested)
+        await infra.scheduler.submit(TaskSpec("j", payload={"handler": "nested", "k": {"deep": 1}}))
+        await infra.scheduler.wait("j", timeout=10)
+        async with OrchestratorClient.connect(f"{server.host}:{server.grpc_port}") as orch:
+            listed = await orch.list_tasks(limit=10)
+            assert [t.id for t in listed] == ["j"]
+            # Old string-map fields: JSON text; a client that reads the JSON fields: the values.
+            assert listed[0].result in (
+                {"n": "3", "o": '{"x":[1,null]}', "s": "text"},
+                {"n": 3, "o": {"x": [1, None]}, "s": "text"},
+            )
