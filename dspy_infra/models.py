@@ -24,6 +24,7 @@ from .values import (
     check_int,
     check_json_object,
     check_text,
+    preview,
 )
 
 __all__ = [
@@ -64,6 +65,8 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 MAX_TASK_TIMEOUT = 365 * 24 * 3600.0
 #: Most attempts a task may ask for.
 MAX_ATTEMPTS = 100
+#: Highest concurrency limit a task class may have.
+MAX_CONCURRENCY = 100_000
 
 
 def validate_name(value: str, field: str) -> str:
@@ -171,6 +174,15 @@ class TaskClass:
     executor: str = "local"
 
     def __attrs_post_init__(self) -> None:
+        where = f"task_classes.{self.name}"
+        for name in ("min_concurrency", "base_concurrency", "max_concurrency"):
+            check_int(getattr(self, name), f"{where}.{name}", lo=1, hi=MAX_CONCURRENCY)
+        for name in ("adaptive", "needs_gpu"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(
+                    f"must be true or false, got {preview(getattr(self, name))}", field=f"{where}.{name}"
+                )
+        check_text(self.executor, f"{where}.executor", max_length=63)
         if not 1 <= self.min_concurrency <= self.base_concurrency <= self.max_concurrency:
             raise SpecError(
                 f"need 1 <= min ({self.min_concurrency}) <= base ({self.base_concurrency})"

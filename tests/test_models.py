@@ -133,3 +133,20 @@ def test_coerce_str_map_always_yields_strings(value: dict[str, object]) -> None:
     out = coerce_str_map(value, "payload")
     assert set(out) == set(value)
     assert all(isinstance(v, str) for v in out.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_concurrency": 1.5}, "task_classes.x.max_concurrency"),
+        ({"base_concurrency": True}, "task_classes.x.base_concurrency"),
+        ({"max_concurrency": 10**9}, "task_classes.x.max_concurrency"),
+        ({"adaptive": "no"}, "task_classes.x.adaptive"),
+        ({"needs_gpu": 1}, "task_classes.x.needs_gpu"),
+        ({"executor": ""}, "task_classes.x.executor"),
+    ],
+)
+def test_task_class_fields_are_type_checked(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError) as err:
+        TaskClass("x", **kwargs)  # type: ignore[arg-type]
+    assert err.value.field == field
