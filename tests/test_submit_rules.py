@@ -214,3 +214,31 @@ async def test_json_results_do_not_break_grpc_listing(tmp_path: Path) -> None:
                 {"n": "3", "o": '{"x":[1,null]}', "s": "text"},
                 {"n": 3, "o": {"x": [1, None]}, "s": "text"},
             )
+
+
+def test_sigterm_of_a_server_with_a_task_that_never_ends_waits_one_grace(tmp_path: Path) -> None:
+    import signal
+
+    from dspy_infra.rpc.client import OrchestratorClient
+    from tests._rpc_support import serve_process
+
+    grace = 2.0
+    with serve_process(tmp_path / "home", shutdown_grace=grace) as server:
+
+        async def submit() -> None:
+            async with OrchestratorClient.connect(server.addr) as orch:
+                await orch.submit_task("forever", payload={"handler": "sleep", "seconds": "3600"})
+                for _ in range(200):  # polled: the server is another process
+                    if (await orch.get_task_status("forever")).status is TaskStatus.RUNNING:
+                        break
+                    await anyio.sleep(0.05)
+                else:
+                    raise AssertionError("the task never started")
+
+        anyio.run(submit)
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=30)
+        elapsed = time.monotonic() - began
+    # The old code waited the grace twice (the server's drain, then the scheduler's close).
+    assert elapsed < 2 * grace - 0.5, elapsed
