@@ -779,7 +779,9 @@ class Scheduler(AsyncResource):
                 self._notify(rec)
             fresh.append((rec, cq))
             records.append((index, rec))
-        if self._durable and records:
+        # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
+        # still in flight, from a concurrent submit) do.
+        if self._durable and (fresh or any(not rec.stored for _, rec in records)):
             # Queued only once committed, from the commit callback (not from this coroutine,
             # which a disconnecting client may cancel): a task never runs without its row.
             await self._committed(lambda error: self._accepted(fresh, error))
