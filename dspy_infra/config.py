@@ -18,7 +18,8 @@ from typing import Any
 
 import attrs
 
-from .errors import ConfigError
+from .errors import ConfigError, SpecError
+from .values import check_finite, preview
 
 __all__ = ["CONFIG_FILE_NAME", "ENV_PREFIX", "Settings", "default_home", "load_settings"]
 
@@ -42,18 +43,68 @@ def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[str], str], None
     return check
 
 
-def _port(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"port must be 0-65535, got {value}", field=attr.name)
+def _integer(lo: int, hi: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    """An integer setting (not a bool, not 1.5) within ``[lo, hi]``."""
+
+    def check(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(
+                f"must be an integer, got {preview(value)}",
+                field=attr.name,
+                fix=f"use a whole number, e.g. {lo}",
+            )
+        if not lo <= value <= hi:
+            raise ConfigError(
+                f"must be from {lo} to {hi}, got {preview(value)}", field=attr.name, fix=f"use {lo}..{hi}"
+            )
+
+    return check
 
 
-def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"must be > 0, got {value!r}", field=attr.name)
+def _seconds(hi: float) -> Callable[[object, attrs.Attribute[float], float], None]:
+    """A duration setting: a finite number of seconds, > 0 and at most ``hi``."""
+
+    def check(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+        try:
+            check_finite(value, attr.name, lo=0, lo_open=True, hi=hi)
+        except SpecError as exc:
+            raise ConfigError(
+                str(exc).removeprefix(f"{attr.name}: "),
+                field=attr.name,
+                fix=f"use a number of seconds greater than 0 and at most {hi:g}",
+            ) from None
+
+    return check
+
+
+def _strict_bool(_inst: object, attr: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"must be true or false, got {preview(value)}", field=attr.name, fix="use true or false"
+        )
+
+
+_port = _integer(0, 65535)
 
 
 def _path_or_none(value: Any) -> Path | None:
-    return None if value in (None, "") else Path(value)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"must be a path, got {preview(value)}", field="home", fix="give a directory path")
+    return Path(value)
+
+
+def _home_dir(_inst: object, _attr: attrs.Attribute[Path | None], value: Path | None) -> None:
+    # A file where the state directory should be fails later, deep inside a start, with an
+    # OS error; name the setting instead.
+    if value is not None and value.exists() and not value.is_dir():
+        raise ConfigError(
+            f"{preview(str(value))} exists and is not a directory",
+            field="home",
+            fix="point home (--home, DSPY_INFRA_HOME) at a directory, or at a path that does not"
+            " exist yet (it is created)",
+        )
 
 
 def _host_list(value: Any) -> tuple[str, ...]:
@@ -73,7 +124,7 @@ class Settings:
     """Every knob, with its default. See ``dspy-infra config init`` for a commented file."""
 
     #: State directory (SQLite store, process-backend logs, locks). None = per-user default.
-    home: Path | None = attrs.field(default=None, converter=_path_or_none)
+    home: Path | None = attrs.field(default=None, converter=_path_or_none, validator=_home_dir)
     #: Service backend: auto (docker if an engine answers, else process), docker or process.
     backend: str = attrs.field(default="auto", validator=_one_of("auto", "docker", "process"))
     #: Docker Engine / Podman API address; None = $DOCKER_HOST or the default socket.
@@ -107,21 +158,23 @@ class Settings:
     #: PEM private key matching ``tls_cert``.
     tls_key: str | None = None
     #: Finished tasks kept in the store; older ones are pruned.
-    retention: int = attrs.field(default=10_000, validator=_positive)
-    #: Largest accepted task payload, in bytes (keys + values).
-    max_payload_bytes: int = attrs.field(default=1 << 20, validator=_positive)
-    #: Seconds between adaptive-limiter samples.
-    limiter_interval: float = attrs.field(default=1.0, validator=_positive)
-    #: Group-commit window of the durable store, in seconds.
-    commit_interval: float = attrs.field(default=0.005, validator=_positive)
+    #: The ids of pruned tasks are kept (per short id about 170 bytes in memory, 40 on disk),
+    #: so a reused id is refused instead of running again.
+    retention: int = attrs.field(default=10_000, validator=_integer(1, 100_000_000))
+    #: Largest accepted task payload, in bytes of its compact JSON (at most 64 MiB).
+    max_payload_bytes: int = attrs.field(default=1 << 20, validator=_integer(2, 64 << 20))
+    #: Seconds between adaptive-limiter samples (at most an hour).
+    limiter_interval: float = attrs.field(default=1.0, validator=_seconds(3600.0))
+    #: Group-commit window of the durable store, in seconds (at most 1).
+    commit_interval: float = attrs.field(default=0.005, validator=_seconds(1.0))
     #: Keep task and workflow state in SQLite under ``home`` so accepted work survives a crash;
     #: false keeps it in memory only (faster, lost when the process exits).
-    durable: bool = True
-    #: Time running tasks get to finish on graceful shutdown.
-    shutdown_grace: float = attrs.field(default=10.0, validator=_positive)
+    durable: bool = attrs.field(default=True, validator=_strict_bool)
+    #: Time running tasks get to finish on graceful shutdown (at most a day).
+    shutdown_grace: float = attrs.field(default=10.0, validator=_seconds(86400.0))
     #: Seconds after start that a task recovered from the store waits for its handler to be
     #: registered (``@infra.handler`` runs after start) before it fails naming the known ones.
-    handler_grace: float = attrs.field(default=30.0, validator=_positive)
+    handler_grace: float = attrs.field(default=30.0, validator=_seconds(86400.0))
     #: Task-class tables: overrides of built-in classes and new classes.
     task_classes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: Service tables: overrides of built-in services and new services.
@@ -151,34 +204,64 @@ _TABLES = ("task_classes", "services")
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:
-    """Turn a TOML value or environment string into the field's type, naming the source."""
+    """Turn a TOML value or environment string into the field's type, naming the source.
+
+    Strict: an integer setting takes an integer (``1.5`` and ``"1.5"`` are errors, not 1), a
+    number setting a finite number, a boolean ``true``/``false`` (environment: also
+    1/0/yes/no/on/off), a text setting a string; ranges are checked by ``Settings`` itself.
+    """
     attr = _FIELDS[name]
     kind = attr.type if isinstance(attr.type, str) else str(attr.type)
-    try:
-        if kind.startswith("bool"):
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
+    from_env = isinstance(raw, str) and source == ENV_PREFIX
+    field = f"{source}{name}"
+    if kind.startswith("bool"):
+        if isinstance(raw, bool):
+            return raw
+        if from_env:
+            text = raw.strip().lower()
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(raw)
-        if kind.startswith("int"):
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
-        if kind.startswith("tuple"):
-            return raw  # the field's converter reads a list or a comma-separated string
-        if kind.startswith("dict"):
-            if not isinstance(raw, Mapping):
-                raise ValueError(raw)
-            return {str(k): dict(v) for k, v in raw.items()}
-        return None if raw is None else str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{raw!r} is not a valid {kind}", field=f"{source}{name}") from None
+        raise ConfigError(f"{preview(raw)} is not a boolean", field=field, fix="use true or false")
+    if kind.startswith("int"):
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_env:
+            try:
+                return int(raw.strip(), 10)
+            except ValueError:
+                pass
+        raise ConfigError(f"{preview(raw)} is not an integer", field=field, fix="use a whole number")
+    if kind.startswith("float"):
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            number: Any = raw
+        elif from_env:
+            try:
+                number = float(raw.strip())
+            except ValueError:
+                number = None
+        else:
+            number = None
+        if number is None:
+            raise ConfigError(f"{preview(raw)} is not a number", field=field, fix="use a number, e.g. 0.5")
+        try:
+            return check_finite(number, field)
+        except SpecError:
+            raise ConfigError(
+                f"{preview(raw)} is not a finite number", field=field, fix="use a finite number, e.g. 0.5"
+            ) from None
+    if kind.startswith("tuple"):
+        return raw  # the field's converter reads a list or a comma-separated string
+    if kind.startswith("dict"):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{preview(raw)} is not a table", field=field, fix=f"write it as [{name}.NAME]")
+        return {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{preview(raw)} is not a string", field=field, fix='quote it, e.g. "value"')
+    return raw
 
 
 def _unknown(key: str, source: str, shown: str | None = None) -> ConfigError:

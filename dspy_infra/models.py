@@ -16,6 +16,16 @@ from typing import Any
 import attrs
 
 from .errors import SpecError
+from .values import (
+    INT32_MAX,
+    INT32_MIN,
+    MAX_ID_LENGTH,
+    check_finite,
+    check_int,
+    check_json_object,
+    check_text,
+    preview,
+)
 
 __all__ = [
     "CONDITIONS",
@@ -50,7 +60,13 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_ID_MAX = 256
+#: Longest task timeout accepted (a year): anything longer is a mistake, and asyncio's timers
+#: and SQLite's REAL hold it exactly.
+MAX_TASK_TIMEOUT = 365 * 24 * 3600.0
+#: Most attempts a task may ask for.
+MAX_ATTEMPTS = 100
+#: Highest concurrency limit a task class may have.
+MAX_CONCURRENCY = 100_000
 
 
 def validate_name(value: str, field: str) -> str:
@@ -91,8 +107,14 @@ def coerce_str_map(value: Any, field: str) -> dict[str, str]:
     return out
 
 
-def _payload(value: Any) -> dict[str, str]:
-    return coerce_str_map(value, "payload")
+def _payload(value: Any) -> dict[str, Any]:
+    # The size limit of a payload is ``settings.max_payload_bytes``, enforced at submit; the
+    # bound here is the largest any setting may allow (what one store row should hold).
+    return check_json_object(value, "payload", max_bytes=_PAYLOAD_HARD_LIMIT)
+
+
+#: No payload is ever larger than this, whatever ``max_payload_bytes`` says (64 MiB).
+_PAYLOAD_HARD_LIMIT = 64 << 20
 
 
 def _environment(value: Any) -> dict[str, str]:
@@ -134,16 +156,7 @@ class TaskStatus(enum.StrEnum):
 
 
 def _check_task_id(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not value or len(value) > _ID_MAX:
-        raise SpecError(
-            f"task id must be a non-empty string of at most {_ID_MAX} characters, got {value!r}",
-            field="id",
-        )
-
-
-def _check_positive_or_none(inst: object, attr: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise SpecError(f"must be > 0 or unset, got {value!r}", field=attr.name)
+    check_text(value, "id", max_length=MAX_ID_LENGTH)
 
 
 @attrs.frozen
@@ -161,6 +174,15 @@ class TaskClass:
     executor: str = "local"
 
     def __attrs_post_init__(self) -> None:
+        where = f"task_classes.{self.name}"
+        for name in ("min_concurrency", "base_concurrency", "max_concurrency"):
+            check_int(getattr(self, name), f"{where}.{name}", lo=1, hi=MAX_CONCURRENCY)
+        for name in ("adaptive", "needs_gpu"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(
+                    f"must be true or false, got {preview(getattr(self, name))}", field=f"{where}.{name}"
+                )
+        check_text(self.executor, f"{where}.executor", max_length=63)
         if not 1 <= self.min_concurrency <= self.base_concurrency <= self.max_concurrency:
             raise SpecError(
                 f"need 1 <= min ({self.min_concurrency}) <= base ({self.base_concurrency})"
@@ -172,28 +194,38 @@ class TaskClass:
 
 @attrs.frozen
 class TaskSpec:
-    """A task as submitted. ``content_hash`` decides idempotent resubmission."""
+    """A task as submitted. ``content_hash`` decides idempotent resubmission.
+
+    Every field is checked at construction against what the store (SQLite) and the wire
+    (protobuf) can hold, so a spec that exists can always be written: ``priority`` fits the
+    wire's int32, ``timeout`` is finite, positive and at most a year, ``payload`` is a JSON
+    object (``values.check_json_object``; its size limit ``max_payload_bytes`` is enforced
+    by the scheduler at submit).
+    """
 
     id: str = attrs.field(validator=_check_task_id)
     task_class: str = "cpu_short"
-    payload: dict[str, str] = attrs.field(factory=dict, converter=_payload)
+    payload: dict[str, Any] = attrs.field(factory=dict, converter=_payload)
     priority: int = 0
-    timeout: float | None = attrs.field(default=None, validator=_check_positive_or_none)
+    timeout: float | None = None
     max_attempts: int = 1
     workflow_id: str = ""
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
-            raise SpecError(f"must be an integer, got {self.priority!r}", field="priority")
-        if not isinstance(self.max_attempts, int) or not 1 <= self.max_attempts <= 100:
-            raise SpecError(
-                f"must be an integer from 1 to 100, got {self.max_attempts!r}", field="max_attempts"
-            )
+        check_text(self.task_class, "task_class", max_length=MAX_ID_LENGTH)
+        check_int(self.priority, "priority", lo=INT32_MIN, hi=INT32_MAX)
+        if self.timeout is not None:
+            # Stored as a float: an int timeout of 10**400 must not reach the store as an int.
+            timeout = check_finite(self.timeout, "timeout", lo=0, lo_open=True, hi=MAX_TASK_TIMEOUT)
+            object.__setattr__(self, "timeout", timeout)
+        check_int(self.max_attempts, "max_attempts", lo=1, hi=MAX_ATTEMPTS)
+        check_text(self.workflow_id, "workflow_id", max_length=MAX_ID_LENGTH, allow_empty=True)
 
     @property
     def content_hash(self) -> str:
         doc = attrs.asdict(self)
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+        text = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @attrs.frozen
@@ -202,7 +234,8 @@ class TaskResult:
 
     task_id: str
     status: TaskStatus
-    result: dict[str, str] = attrs.field(factory=dict)
+    #: The handler's result: a JSON object (numbers stay numbers, nested objects stay objects).
+    result: dict[str, Any] = attrs.field(factory=dict)
     error: str = ""
     duration_ms: float = 0.0
     #: Unix time in seconds (0 while not terminal).
@@ -216,7 +249,8 @@ class TaskState:
     spec: TaskSpec
     status: TaskStatus
     attempts: int = 0
-    result: dict[str, str] = attrs.field(factory=dict)
+    #: The handler's result: a JSON object.
+    result: dict[str, Any] = attrs.field(factory=dict)
     error: str = ""
     submitted_at: float = 0.0
     started_at: float = 0.0

@@ -14,15 +14,19 @@ from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
     "any_task_ids",
+    "attempt_plans",
     "bad_workflow_specs",
+    "hostile_json",
     "hostile_json_bodies",
     "hostile_strings",
     "hostile_task_docs",
+    "hostile_task_kwargs",
     "hostile_task_requests",
     "json_values",
     "limiter_ops",
     "limiter_samples",
     "output_chunks",
+    "poisoned_batches",
     "priorities",
     "task_ids",
     "task_outcomes",
@@ -281,3 +285,45 @@ def bad_workflow_specs(draw: st.DrawFn) -> tuple[Any, str]:
             1 << 20
         ) + b'"}}]}', "spec"
     return {"steps": [step, step]}, "steps"
+
+
+@st.composite
+def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
+    """Concurrent submit batches of (unique number, refused by the store?) pairs."""
+    flags = draw(st.lists(st.booleans(), min_size=1, max_size=40))
+    cuts = sorted(draw(st.lists(st.integers(min_value=0, max_value=len(flags)), max_size=5)))
+    numbered = list(enumerate(flags))
+    batches: list[list[tuple[int, bool]]] = []
+    start = 0
+    for cut in [*cuts, len(flags)]:
+        if cut > start:
+            batches.append(numbered[start:cut])
+            start = cut
+    return batches
+
+
+#: What each run of a task does, in order: finish, raise, or take its process down ("crash").
+attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, max_size=6)
+
+
+#: JSON-ish values including what no store can hold (lone surrogates, NUL, huge ints, NaN).
+hostile_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+
+#: Keyword arguments for TaskSpec, valid or not.
+hostile_task_kwargs = st.fixed_dictionaries(
+    {
+        "id": st.text(min_size=0, max_size=10),
+        "payload": st.dictionaries(st.text(max_size=5), hostile_json, max_size=4),
+        "priority": st.integers(min_value=-(2**40), max_value=2**40),
+        "timeout": st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 10**12),
+        "max_attempts": st.integers(min_value=-1, max_value=120),
+    }
+)

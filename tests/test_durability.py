@@ -51,7 +51,10 @@ async def main() -> None:
         sched.register_handler("mark", mark)
         if mode == "submit":
             specs = [
-                TaskSpec(tid, "work", {"handler": "mark", "seconds": "0.2" if i % 3 == 0 else "0.02"})
+                # Two attempts: the one a SIGKILL interrupts counts (it was recorded before
+                # it started), so a task must have one left to finish after the restart.
+                TaskSpec(tid, "work", {"handler": "mark", "seconds": "0.2" if i % 3 == 0 else "0.02"},
+                         max_attempts=2)
                 for i, tid in enumerate(ids)
             ]
             await sched.submit_many(specs)

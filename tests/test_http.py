@@ -73,6 +73,8 @@ BAD_SUBMISSIONS: list[tuple[bytes, int, str]] = [
     (json.dumps({"class": "warp", "payload": {}}).encode(), 400, "class"),
     (json.dumps({"payload": {"blob": "x" * 5000}}).encode(), 400, "payload"),
     (b'{"payload": {"a": Infinity}}', 400, "payload.a"),
+    # Lists are JSON payload values now; a lone surrogate is what no store can hold.
+    (b'{"payload": {"a": ["\\ud800"]}}', 400, "payload.a"),
     (json.dumps({"payload": {}, "priority": "high"}).encode(), 400, "priority"),
     (json.dumps({"payload": {}, "colour": 1}).encode(), 400, "colour"),
 ]

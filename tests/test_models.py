@@ -28,8 +28,25 @@ from dspy_infra.models import (
         ({"id": "a", "max_attempts": 0}, "max_attempts"),
         ({"id": "a", "timeout": -1}, "timeout"),
         ({"id": "a", "priority": "high"}, "priority"),
-        ({"id": "a", "payload": {"k": [1]}}, "payload.k"),
+        ({"id": "a", "payload": {"k": {1, 2}}}, "payload.k"),
         ({"id": "a", "payload": "cmd"}, "payload"),
+        # What the store or the wire cannot hold is refused at construction (issue 8 item 1).
+        ({"id": "a", "priority": 10**30}, "priority"),
+        ({"id": "a", "priority": 2**31}, "priority"),
+        ({"id": "a", "priority": True}, "priority"),
+        ({"id": "a", "timeout": 10**400}, "timeout"),
+        ({"id": "a", "timeout": float("inf")}, "timeout"),
+        ({"id": "a", "timeout": float("nan")}, "timeout"),
+        ({"id": "a", "timeout": 10.0**9}, "timeout"),
+        ({"id": "a", "max_attempts": 1.0}, "max_attempts"),
+        ({"id": "a", "payload": {"k": "\ud800"}}, "payload.k"),
+        ({"id": "a", "payload": {"k": 2**70}}, "payload.k"),
+        ({"id": "a", "payload": {"k": float("nan")}}, "payload.k"),
+        ({"id": "\ud800"}, "id"),
+        ({"id": "a\x00b"}, "id"),
+        ({"id": "a", "task_class": "\ud800"}, "task_class"),
+        ({"id": "a", "workflow_id": "x" * 300}, "workflow_id"),
+        ({"id": "a", "workflow_id": 5}, "workflow_id"),
     ],
 )
 def test_bad_task_specs_name_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -38,9 +55,14 @@ def test_bad_task_specs_name_the_field(kwargs: dict[str, object], field: str) ->
     assert err.value.field == field
 
 
-def test_payload_numbers_and_booleans_become_wire_strings() -> None:
-    spec = TaskSpec("a", payload={"n": 3, "ok": True, "x": 1.5})
-    assert spec.payload == {"n": "3", "ok": "true", "x": "1.5"}
+def test_payload_values_stay_json_values() -> None:
+    spec = TaskSpec("a", payload={"n": 3, "ok": True, "x": 1.5, "nested": {"a": [1, None, "s"]}})
+    assert spec.payload == {"n": 3, "ok": True, "x": 1.5, "nested": {"a": [1, None, "s"]}}
+
+
+def test_an_integer_timeout_is_stored_as_a_float() -> None:
+    assert TaskSpec("a", timeout=3).timeout == 3.0
+    assert isinstance(TaskSpec("a", timeout=3).timeout, float)
 
 
 def test_content_hash_tracks_content_not_identity() -> None:
@@ -111,3 +133,20 @@ def test_coerce_str_map_always_yields_strings(value: dict[str, object]) -> None:
     out = coerce_str_map(value, "payload")
     assert set(out) == set(value)
     assert all(isinstance(v, str) for v in out.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_concurrency": 1.5}, "task_classes.x.max_concurrency"),
+        ({"base_concurrency": True}, "task_classes.x.base_concurrency"),
+        ({"max_concurrency": 10**9}, "task_classes.x.max_concurrency"),
+        ({"adaptive": "no"}, "task_classes.x.adaptive"),
+        ({"needs_gpu": 1}, "task_classes.x.needs_gpu"),
+        ({"executor": ""}, "task_classes.x.executor"),
+    ],
+)
+def test_task_class_fields_are_type_checked(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError) as err:
+        TaskClass("x", **kwargs)  # type: ignore[arg-type]
+    assert err.value.field == field

@@ -130,7 +130,7 @@ async def test_registered_handler_runs_with_context(tmp_path: Path) -> None:
         assert "echo" in sched.handler_names()
         await sched.submit(spec("e", "echo", payload={"text": "hi"}))
         result = await sched.wait("e", timeout=5)
-        assert result.result == {"text": "hi", "n": "3"}, "values are turned into strings"
+        assert result.result == {"text": "hi", "n": 3}, "JSON values keep their type"
         assert seen[0].attempt == 1 and seen[0].spec.id == "e"
         with pytest.raises(SpecError):
             sched.register_handler("", echo)

@@ -328,7 +328,10 @@ async def test_clean_up_work_finishes_even_when_its_caller_is_cancelled() -> Non
 
 # -- properties ---------------------------------------------------------------------------
 
-task_ids = st.text(min_size=1, max_size=256)
+# Any id a TaskSpec accepts: valid UTF-8 (no lone surrogates), no NUL.
+task_ids = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=256
+)
 
 
 @given(st.floats(min_value=1e-3, max_value=1e7, allow_nan=False))

@@ -8,6 +8,9 @@ contract; where an addition carries sub-second precision (``SystemEvent.timestam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..models import (
     Event,
     GPUInfo,
@@ -27,6 +30,7 @@ from ..models import (
     TaskStatus,
 )
 from ..scheduler.workflows import RunState, RunStatus, RunUpdate
+from ..values import json_text
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -67,11 +71,17 @@ def _status(value: str) -> TaskStatus:
 # -- tasks --------------------------------------------------------------------------------
 
 
+def _wire_map(value: Mapping[str, Any]) -> dict[str, str]:
+    # Interim (core branch): payloads and results are JSON objects now; the old
+    # map<string,string> fields carry a string as is and any other value as its JSON text.
+    return {k: v if isinstance(v, str) else json_text(v) for k, v in value.items()}
+
+
 def task_result_to_pb(result: TaskResult) -> orch_pb.TaskResult:
     return orch_pb.TaskResult(
         task_id=result.task_id,
         status=str(result.status),
-        result=dict(result.result),
+        result=_wire_map(result.result),
         error=result.error,
         duration_ms=result.duration_ms,
         completed_at=int(result.completed_at),
@@ -94,7 +104,7 @@ def task_state_to_pb(state: TaskState) -> orch_pb.GetTaskStatusResponse:
     return orch_pb.GetTaskStatusResponse(
         task_id=spec.id,
         status=str(state.status),
-        result=dict(state.result),
+        result=_wire_map(state.result),
         error=state.error,
         class_=spec.task_class,
         attempts=state.attempts,
@@ -102,7 +112,7 @@ def task_state_to_pb(state: TaskState) -> orch_pb.GetTaskStatusResponse:
         submitted_at=state.submitted_at,
         started_at=state.started_at,
         completed_at=state.completed_at,
-        payload=dict(spec.payload),
+        payload=_wire_map(spec.payload),
         priority=spec.priority,
         workflow_id=spec.workflow_id,
         timeout_seconds=spec.timeout or 0.0,

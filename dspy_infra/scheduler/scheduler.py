@@ -9,15 +9,20 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   when its class has nothing to do; a new worker is started only when no parked one exists,
   so there are never more workers than the class's peak concurrency.
 - State changes go to the store as cheap tuples; the store's writer thread commits them in
-  groups. ``submit`` returns once its row is committed; results are delivered (``wait``,
-  ``stream_results``) once the terminal row is committed, so a result a caller has seen is
-  never run again after a crash.
+  groups. A task is queued (and ``submit`` returns) only once its row is committed; a row
+  the store refuses rejects that task alone and leaves no trace in memory. An attempt is
+  recorded (``running``, attempts + 1) and committed before its handler starts, so recovery
+  counts attempts that a crash interrupted and ``max_attempts`` bounds how often one task
+  can take the process down. Results are delivered (``wait``, ``stream_results``) once the
+  terminal row is committed, so a result a caller has seen is never run again after a crash.
 - Every ``limiter_interval`` the sampler asks each adaptive class's ``AimdPolicy`` for a new
   limit and resizes the semaphore.
 
 Executors: a class whose ``executor`` is not ``"local"`` runs its tasks through the executor
 of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` must return an
-object with ``async run(ctx: TaskContext) -> Mapping[str, str]`` (or be such a function).
+object with ``async run(ctx: TaskContext) -> Mapping[str, Any]`` (or be such a function).
+Results are JSON objects (``values.check_json_object``); a value JSON cannot hold fails the
+task with an error naming its key.
 """
 
 from __future__ import annotations
@@ -38,13 +43,22 @@ import pluggy
 from anyio.abc import AsyncResource
 
 from ..config import Settings
-from ..errors import AlreadyExists, DeadlineExceeded, InfraError, NotFound, SpecError, Unavailable
+from ..errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InfraError,
+    NotFound,
+    PermissionDenied,
+    SpecError,
+    Unavailable,
+)
 from ..events import EventBus
 from ..hardware import detect_hardware
 from ..metrics import InfraMetrics
 from ..models import HardwareInfo, QueueStatus, TaskClass, TaskResult, TaskSpec, TaskState, TaskStatus
 from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
+from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
 from .handlers import Handler, PermanentFailure, SharedResources, TaskContext
 from .limiter import AimdPolicy, ResizableSemaphore, SampleWindow
@@ -55,10 +69,10 @@ from .store import (
     SqliteStore,
     StoredTask,
     UpdateRow,
-    encode_str_map,
+    encode_json_object,
 )
 
-__all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "Scheduler", "retry_delay"]
+__all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "STREAM_BUFFER_LIMIT", "Scheduler", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +87,9 @@ _FAILED = TaskStatus.FAILED
 _CANCELLED = TaskStatus.CANCELLED
 _EVENT_TYPE = {s: f"task_{s.value}" for s in TaskStatus}
 #: The result of a task that has none yet (shared: results are replaced, never mutated).
-_NO_RESULT: dict[str, str] = {}
+_NO_RESULT: dict[str, Any] = {}
+#: An attempt whose start record the store refuses this many times in a row fails the task.
+_MAX_UNSAVED_STARTS = 5
 #: A worker yields to the event loop after this many tasks that finished without awaiting.
 _YIELD_EVERY = 64
 
@@ -91,7 +107,7 @@ class _Task:
     # changed in place, so the shared defaults stay as they are.
     status = _PENDING
     attempts = 0
-    result: dict[str, str] = _NO_RESULT
+    result: dict[str, Any] = _NO_RESULT
     error = ""
     started_at = 0.0
     completed_at = 0.0
@@ -104,6 +120,16 @@ class _Task:
     waiters: list[asyncio.Future[None]] | None = None
     worker: asyncio.Task[Any] | None = None
     timer: asyncio.TimerHandle | None = None
+    #: False until the task's row is committed (durable mode); it is queued only then.
+    stored = True
+    #: Why the store refused this task's row (the task was not accepted).
+    rejection: InfraError | None = None
+    #: Why the store refused the latest change of this (stored) task's row.
+    write_error: InfraError | None = None
+    #: The payload's JSON text, computed once at submit (size check and store row).
+    payload_text = ""
+    #: Attempts in a row that could not start because their record was not saved.
+    unsaved_starts = 0
 
     def __init__(self, spec: TaskSpec, seq: int, now: float) -> None:
         self.spec = spec
@@ -121,10 +147,10 @@ class _Task:
             spec.timeout,
             spec.max_attempts,
             spec.workflow_id,
-            encode_str_map(spec.payload),
+            self.payload_text or encode_json_object(spec.payload),
             STATUS_TEXT[self.status],
             self.attempts,
-            encode_str_map(self.result) if self.result else "",
+            encode_json_object(self.result) if self.result else "",
             self.error,
             self.submitted_at,
             self.started_at,
@@ -136,7 +162,7 @@ class _Task:
         return (
             STATUS_TEXT[self.status],
             self.attempts,
-            encode_str_map(self.result) if self.result else "",
+            encode_json_object(self.result) if self.result else "",
             self.error,
             self.started_at,
             self.completed_at,
@@ -303,16 +329,22 @@ class _ClassQueue:
             histogram.flush()
 
 
-class _Subscriber:
-    """One ``stream_results`` consumer: a buffer and a wake-up future."""
+#: Most results a ``stream_results`` consumer of every task may leave unread; one that falls
+#: further behind is dropped (its buffer freed) and its stream ends with an error.
+STREAM_BUFFER_LIMIT = 10_000
 
-    __slots__ = ("buffer", "closed", "wakeup", "wanted")
+
+class _Subscriber:
+    """One ``stream_results`` consumer: a bounded buffer and a wake-up future."""
+
+    __slots__ = ("buffer", "closed", "overflowed", "wakeup", "wanted")
 
     def __init__(self, wanted: set[str] | None) -> None:
         self.wanted = wanted
         self.buffer: deque[TaskResult] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.closed = False
+        self.overflowed = False
 
     def close(self) -> None:
         self.closed = True
@@ -351,6 +383,8 @@ class Scheduler(AsyncResource):
         #: Engine connections and the like that handlers reuse across attempts.
         self._shared = SharedResources()
         self._tasks: dict[str, _Task] = {}
+        #: Ids of finished tasks pruned from retention -> their content hash (see _existing).
+        self._pruned: dict[str, str] = {}
         #: Delivered terminal tasks in delivery order (for retention).
         self._finished: dict[str, None] = {}
         self._listeners: list[Callable[[TaskState], None]] = []
@@ -370,6 +404,10 @@ class Scheduler(AsyncResource):
         self._accepting = False
         self._dispatching = False
         self._stopping = False
+        #: Resolves once the attempts started in this loop step are committed (_attempt_gate).
+        self._start_gate: asyncio.Future[InfraError | None] | None = None
+        #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
+        self._drain_deadline: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -400,15 +438,12 @@ class Scheduler(AsyncResource):
             self._durable = self.settings.durable
             if self._durable:
                 self._store = SqliteStore(
-                    self.settings.resolved_home(), commit_interval=self.settings.commit_interval
+                    self.settings.resolved_home(),
+                    commit_interval=self.settings.commit_interval,
+                    on_rejected=self._rows_rejected,
                 )
-            stored = await self._store.open()
-            if self._durable:
-                # Processes of attempts a crashed predecessor left running end before any
-                # interrupted task runs again, so no two runs of one task overlap.
-                await end_interrupted_attempts(
-                    self.settings.resolved_home(), [row.spec.id for row in stored if not row.status.terminal]
-                )
+            opened = await self._store.open()
+            self._pruned = opened.pruned
             stack.push_async_callback(self._fail_leftovers)
             stack.push_async_callback(self._store.aclose)
             # Closed right after the task group: no attempt is left to use them.
@@ -417,7 +452,9 @@ class Scheduler(AsyncResource):
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._accepting = self._dispatching = True
             self._handler_grace_until = time.monotonic() + self.settings.handler_grace
-            self._recover(stored)
+            if self._durable:
+                await self._before_recovery([row for row in opened.tasks if not row.status.terminal])
+            self._recover(opened.tasks)
             self._tg.start_soon(self._sample_loop, name="dspy_infra-limiter")
         except BaseException:
             await stack.aclose()
@@ -490,17 +527,34 @@ class Scheduler(AsyncResource):
         Queued tasks (and ones still running at the deadline) stay durable.
         """
         self._dispatching = False
+        # One grace period per shutdown: a server that drains before closing (run_server)
+        # and the close's own drain share the deadline of the first call.
+        deadline = time.monotonic() + timeout
+        if self._drain_deadline is not None:
+            deadline = min(deadline, self._drain_deadline)
+        self._drain_deadline = deadline
         if self._inflight == 0:
             return
         self._idle_event = asyncio.Event()
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
             await self._idle_event.wait()
 
     # -- recovery -------------------------------------------------------------------------
 
+    async def _before_recovery(self, unfinished: list[StoredTask]) -> None:
+        """Runs before recovery re-queues anything: ends what interrupted attempts left.
+
+        The processes of attempts a crashed predecessor left running (recorded pid + start
+        time, process group, environment marker) end before any of those tasks runs again,
+        so no two runs of one task overlap. Pending tasks are included: a graceful shutdown
+        that was itself killed may have saved a still-running attempt as pending.
+        """
+        await end_interrupted_attempts(self.settings.resolved_home(), [row.spec.id for row in unfinished])
+
     def _recover(self, stored: list[StoredTask]) -> None:
         finished: list[_Task] = []
         requeue: list[_Task] = []
+        exhausted: list[_Task] = []
         for row in stored:
             rec = _Task(row.spec, row.seq, row.submitted_at)
             rec.attempts = row.attempts
@@ -515,15 +569,31 @@ class Scheduler(AsyncResource):
                 rec.status = row.status
                 rec.delivered = True
                 finished.append(rec)
+            elif row.status is _RUNNING and row.attempts >= row.spec.max_attempts:
+                # The attempt was recorded before its handler started, so a task whose run
+                # takes the process down uses up its attempts like any other failure.
+                rec.status = _RUNNING
+                exhausted.append(rec)
             else:
-                # Queued or running when the last process stopped: run it again
-                # (at-least-once). The interrupted attempt stays counted in ``attempts``.
+                # Queued, or running when the last process stopped with attempts left: run it
+                # again (at-least-once). The interrupted attempt stays counted in ``attempts``.
                 requeue.append(rec)
         finished.sort(key=lambda r: r.completed_at)
         for rec in finished:
             self._finished[rec.spec.id] = None
         self._prune()
         now = time.time()
+        for rec in exhausted:
+            self._terminal(
+                rec,
+                _FAILED,
+                "the process running this task stopped (crash or kill) during attempt"
+                f" {rec.attempts} of {rec.spec.max_attempts}; not retried"
+                " (fix: find why it stopped, e.g. in the task's command or its memory use;"
+                " raise max_attempts to retry such tasks)",
+                now,
+                count_inflight=False,
+            )
         for rec in requeue:
             cq = self._queues.get(rec.spec.task_class)
             if cq is None:
@@ -572,76 +642,134 @@ class Scheduler(AsyncResource):
 
     # -- submit ---------------------------------------------------------------------------
 
-    def _check(self, spec: TaskSpec) -> _ClassQueue:
+    def _check(self, spec: TaskSpec) -> tuple[_ClassQueue, str]:
+        """Refuse what this scheduler cannot run; returns the class queue and payload text."""
         if not self._accepting:
             raise Unavailable("the scheduler is not running", fix="start it (async with Scheduler(...))")
         cq = self._queues.get(spec.task_class)
         if cq is None:
             raise SpecError(
-                f"unknown task class {spec.task_class!r}",
+                f"unknown task class {preview(spec.task_class)}",
                 field="task_class",
                 fix="use one of " + ", ".join(sorted(self._queues)) + " or declare it under [task_classes]",
             )
         if cq.refusal is not None:
             raise cq.refusal
-        limit = self.settings.max_payload_bytes
         payload = spec.payload
-        size = sum(map(len, payload)) + sum(map(len, payload.values()))
-        if size * 4 > limit:  # cheap bound first; exact UTF-8 size only when it may matter
-            size = sum(len(k.encode()) + len(v.encode()) for k, v in spec.payload.items())
+        handler = payload.get("handler")
+        if handler is not None and not isinstance(handler, str):
+            raise SpecError(
+                f"must be a string, got {preview(handler)}", field="payload.handler", fix='e.g. "exec"'
+            )
+        if handler == "exec" and self.settings.exec_policy == "deny":
+            raise PermissionDenied(
+                'the exec handler is turned off on this server (exec_policy = "deny")',
+                field="exec_policy",
+                fix='set exec_policy = "allow" (or "embedded") in dspy-infra.toml or'
+                " DSPY_INFRA_EXEC_POLICY to run commands, or use another handler",
+            )
+        limit = self.settings.max_payload_bytes
+        text = encode_json_object(payload) if payload else "{}"
+        if len(text) * 4 > limit:  # cheap bound first; exact UTF-8 size only when it may matter
+            size = len(text.encode("utf-8"))
             if size > limit:
                 raise SpecError(
-                    f"payload is {size} bytes, more than the limit of {limit}",
+                    f"payload is {size} bytes as JSON, more than the limit of {limit}",
                     field="payload",
                     fix="pass large data by reference (a path or URL), or raise max_payload_bytes",
                 )
-        return cq
+        return cq, text
 
     def _existing(self, spec: TaskSpec) -> _Task | None:
         rec = self._tasks.get(spec.id)
         if rec is not None and rec.spec != spec and rec.spec.content_hash != spec.content_hash:
             raise AlreadyExists(
-                f"task {spec.id!r} already exists with different content",
+                f"task {preview(spec.id)} already exists with different content",
                 field="id",
-                fix="use a new id, or resubmit exactly the same task to get the existing one",
+                fix=f"ids are kept in {self._where()}; use a fresh id, or submit the same content to"
+                " get the earlier task back (scripts that rerun with fixed ids: derive the id from"
+                " the content or the run)",
+            )
+        if rec is None and spec.id in self._pruned:
+            same = self._pruned[spec.id] == spec.content_hash
+            raise AlreadyExists(
+                f"task {preview(spec.id)} already ran"
+                + (" with the same content" if same else " with different content")
+                + f" and its result was pruned (only the newest {self.settings.retention} finished"
+                " tasks are kept); a reused id is refused so it never runs twice by accident",
+                field="id",
+                fix=f"ids are kept in {self._where()}; use a fresh id (e.g. add a run number or a"
+                " timestamp to fixed ids), or raise retention to keep results longer",
             )
         return rec
 
+    def _where(self) -> str:
+        if self._durable:
+            return str(self.settings.resolved_home() / "state.db")
+        return "this process's memory"
+
     async def submit(self, spec: TaskSpec) -> TaskState:
         """Accept ``spec`` durably and queue it. Idempotent on (id, content)."""
-        return (await self.submit_many((spec,)))[0]
+        outcome = (await self.submit_each((spec,)))[0]
+        if isinstance(outcome, InfraError):
+            raise outcome
+        return outcome
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[TaskState]:
-        """Accept a batch with one group commit. Validation is all-or-nothing."""
-        checked: list[tuple[TaskSpec, _ClassQueue | None]] = []
+        """Accept a batch with one group commit. Validation is all-or-nothing; a task the
+        store refuses raises its error (the batch's other tasks are accepted: use
+        ``submit_each`` to learn the outcome of each)."""
+        outcomes = await self.submit_each(specs, all_or_nothing=True)
+        for outcome in outcomes:
+            if isinstance(outcome, InfraError):
+                raise outcome
+        return [outcome for outcome in outcomes if not isinstance(outcome, InfraError)]
+
+    async def submit_each(
+        self, specs: Sequence[TaskSpec], *, all_or_nothing: bool = False
+    ) -> list[TaskState | InfraError]:
+        """Accept a batch with one group commit; one outcome per spec, in order: its state,
+        or the error that refused it (bad spec, reused id, or a row the store refused).
+
+        A refused task leaves no trace; its neighbours are accepted. With
+        ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
+        """
+        outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
+        checked: list[tuple[int, TaskSpec, _ClassQueue | None, str]] = []
         batch: dict[str, TaskSpec] = {}
-        touched: dict[str, _ClassQueue] = {}
-        for spec in specs:
-            if not isinstance(spec, TaskSpec):
-                raise SpecError(f"expected a TaskSpec, got {type(spec).__name__}", field="spec")
-            queue = self._check(spec)
-            earlier = batch.get(spec.id)
-            if earlier is not None and earlier != spec:
-                raise AlreadyExists(
-                    f"task {spec.id!r} appears twice in the batch with different content", field="id"
-                )
-            batch[spec.id] = spec
-            if self._existing(spec) is None:
-                checked.append((spec, queue))
-                touched[queue.cls.name] = queue
-            else:
-                checked.append((spec, None))
+        for index, spec in enumerate(specs):
+            try:
+                if not isinstance(spec, TaskSpec):
+                    raise SpecError(f"expected a TaskSpec, got {type(spec).__name__}", field="spec")
+                queue, text = self._check(spec)
+                earlier = batch.get(spec.id)
+                if earlier is not None and earlier != spec:
+                    raise AlreadyExists(
+                        f"task {preview(spec.id)} appears twice in the batch with different content",
+                        field="id",
+                    )
+                batch[spec.id] = spec
+                existing = self._existing(spec)
+            except InfraError as exc:
+                if all_or_nothing:
+                    raise
+                outcomes[index] = exc
+                continue
+            checked.append((index, spec, queue if existing is None else None, text))
         now = time.time()
         tasks = self._tasks
-        records: list[_Task] = []
-        for spec, cq in checked:
+        records: list[tuple[int, _Task]] = []
+        fresh: list[tuple[_Task, _ClassQueue]] = []
+        for index, spec, cq, text in checked:
             if cq is None or spec.id in tasks:
-                records.append(tasks[spec.id])
+                records.append((index, tasks[spec.id]))
                 continue
             rec = _Task(spec, self._seq, now)
             self._seq += 1
             tasks[spec.id] = rec
             if self._durable:
+                rec.stored = False
+                rec.payload_text = text
                 self._store.insert(rec.insert_row())
             self.bus.emit(
                 "task_submitted",
@@ -650,27 +778,79 @@ class Scheduler(AsyncResource):
             )
             if self._listeners:
                 self._notify(rec)
-            cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
-            heapq.heappush(cq.heap, (-spec.priority, rec.seq))
-            records.append(rec)
+            fresh.append((rec, cq))
+            records.append((index, rec))
+        # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
+        # still in flight, from a concurrent submit) do.
+        if self._durable and (fresh or any(not rec.stored for _, rec in records)):
+            # Queued only once committed, from the commit callback (not from this coroutine,
+            # which a disconnecting client may cancel): a task never runs without its row.
+            await self._committed(lambda error: self._accepted(fresh, error))
+        else:
+            self._accepted(fresh, None)
+        for index, rec in records:
+            if rec.rejection is not None:
+                outcomes[index] = rec.rejection
+            else:
+                outcomes[index] = rec.state()
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _accepted(self, fresh: list[tuple[_Task, _ClassQueue]], error: InfraError | None) -> None:
+        """The commit holding these tasks' rows is done: queue the stored ones."""
+        touched: dict[str, _ClassQueue] = {}
+        for rec, cq in fresh:
+            if rec.rejection is not None:
+                continue
+            if error is not None:
+                self._reject(rec, error)
+                continue
+            rec.stored = True
+            if rec.status is _PENDING and rec.timer is None:
+                cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
+                heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
+                touched[cq.cls.name] = cq
         for cq in touched.values():
             self._pump(cq)
-        if self._durable:
-            await self._committed()
-        return [rec.state() for rec in records]
 
-    async def _committed(self) -> None:
-        """Return once everything queued for the store so far is committed."""
+    def _rows_rejected(self, rejected: dict[str, InfraError]) -> None:
+        """The store could not write these tasks' rows (called before the batch's callbacks)."""
+        for task_id, error in rejected.items():
+            rec = self._tasks.get(task_id)
+            if rec is None:
+                continue
+            if not rec.stored:
+                self._reject(rec, error)
+            else:
+                log.error("task %s: its state change was not saved: %s", preview(task_id), error)
+                rec.write_error = error
+
+    def _reject(self, rec: _Task, error: InfraError) -> None:
+        """A task whose row was never written was not accepted: forget it entirely."""
+        rec.rejection = error
+        if self._tasks.get(rec.spec.id) is rec:
+            del self._tasks[rec.spec.id]
+        if rec.waiters:
+            for fut in rec.waiters:
+                if not fut.done():
+                    fut.set_exception(error)
+            rec.waiters = None
+
+    async def _committed(self, then: Callable[[InfraError | None], None] | None = None) -> None:
+        """Return once everything queued for the store so far is committed; ``then(error)``
+        runs first, from the commit callback, even if this coroutine is cancelled."""
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
 
         def done(error: InfraError | None) -> None:
-            if fut.done():
-                return
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
+            try:
+                if then is not None:
+                    then(error)
+            finally:  # the waiter is always answered
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
 
         self._store.after_commit(done)
         await fut
@@ -794,6 +974,13 @@ class Scheduler(AsyncResource):
                 if wanted is not None and not remaining:
                     return
                 if sub.closed:
+                    if sub.overflowed:
+                        raise Unavailable(
+                            f"this result stream fell more than {STREAM_BUFFER_LIMIT} results"
+                            " behind and was closed",
+                            fix="read results as they come, or reopen the stream (with"
+                            " include_completed to catch up)",
+                        )
                     if remaining:
                         raise Unavailable(
                             f"the scheduler stopped before {len(remaining)} streamed task(s) finished"
@@ -859,6 +1046,7 @@ class Scheduler(AsyncResource):
         rec.attempts += 1
         rec.started_at = now
         rec.cancel_requested = False
+        rec.write_error = None
         self._inflight += 1
         waited = now - rec.ready_at
         window = cq.window  # SampleWindow.record_start, inlined: this runs once per task
@@ -933,13 +1121,22 @@ class Scheduler(AsyncResource):
             return
         rec.worker = me
         spec = rec.spec
-        result: Mapping[str, str] | None = None
+        result: Mapping[str, Any] | None = None
         error = ""
         retryable = True
         timeout_cm: asyncio.Timeout | None = None
         if rec.recovered and self._park_for_handler(cq, rec):
             return
         try:
+            if self._durable:
+                # The attempt (running, attempts + 1) is on disk before the handler starts:
+                # a crash during it counts against max_attempts on recovery.
+                store_error = await self._attempt_gate()
+                if rec.write_error is None and store_error is not None:
+                    rec.write_error = store_error
+                if rec.write_error is not None:
+                    self._unstarted(cq, rec, rec.write_error)
+                    return
             handler = self._handler_for(cq, spec)
             if spec.timeout is None:
                 result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
@@ -963,7 +1160,8 @@ class Scheduler(AsyncResource):
                 error = str(exc) or type(exc).__name__
             partial = getattr(exc, "result", None)
             if isinstance(partial, Mapping):
-                rec.result = {str(k): str(v) for k, v in partial.items()}
+                with contextlib.suppress(SpecError):  # a partial result JSON cannot hold is dropped
+                    rec.result = check_json_object(partial, "result")
         rec.worker = None
         if rec.cancel_requested:
             # The handler swallowed the cancellation (or ended just as it arrived). A success
@@ -975,14 +1173,14 @@ class Scheduler(AsyncResource):
                 return
         if result is not None and not error:
             try:
-                clean = result if type(result) is dict and not result else _result_map(result)
+                clean = result if type(result) is dict and not result else _result_object(result)
             except SpecError as exc:
-                error, retryable = str(exc), False
+                error, retryable = f"the handler's result cannot be kept: {exc}", False
             else:
                 self._attempt_ended(cq, rec, _COMPLETED, "", clean)
                 return
         if not error:
-            error = "handler returned None (fix: return a dict of strings, e.g. {})"
+            error = "handler returned None (fix: return a JSON object, e.g. {})"
             retryable = False
         if retryable and rec.attempts < spec.max_attempts and not self._stopping:
             self._retry(cq, rec, error)
@@ -1017,12 +1215,62 @@ class Scheduler(AsyncResource):
         self._idle_check()
         return True
 
+    def _attempt_gate(self) -> asyncio.Future[InfraError | None]:
+        """A future that resolves (to the store's error, or None) once every row queued so far
+        is committed. Shared by all attempts started in one loop step: one commit callback
+        for all of them, registered after the step, so after each of their rows."""
+        gate = self._start_gate
+        if gate is None:
+            assert self._loop is not None
+            gate = self._start_gate = self._loop.create_future()
+            self._loop.call_soon(self._arm_attempt_gate)
+        return gate
+
+    def _arm_attempt_gate(self) -> None:
+        gate, self._start_gate = self._start_gate, None
+        if gate is None:
+            return
+
+        def committed(error: InfraError | None) -> None:
+            if not gate.done():
+                gate.set_result(error)
+
+        self._store.after_commit(committed)
+
+    def _unstarted(self, cq: _ClassQueue, rec: _Task, error: InfraError) -> None:
+        """The attempt could not be recorded, so it does not run: back to the queue after a
+        backoff, the attempt not counted (the store is failing; nothing is run unrecorded)."""
+        assert self._loop is not None
+        log.warning("task %s: attempt not started, its record was not saved: %s", preview(rec.spec.id), error)
+        rec.worker = None
+        rec.attempts -= 1
+        rec.unsaved_starts += 1
+        if rec.unsaved_starts >= _MAX_UNSAVED_STARTS:
+            # The store keeps refusing this task's row: stop trying (the task never ran).
+            self._attempt_ended(
+                cq,
+                rec,
+                _FAILED,
+                f"the task's state could not be saved {rec.unsaved_starts} times in a row, so it"
+                f" was never started: {error}",
+                None,
+            )
+            return
+        rec.status = _PENDING
+        self._inflight -= 1
+        self._store.put(rec.update_row())
+        rec.timer = self._loop.call_later(retry_delay(rec.unsaved_starts), self._requeue, cq, rec)
+        self._idle_check()
+
     def _interrupted(self, cq: _ClassQueue, rec: _Task) -> None:
-        """Shutdown cancelled a running attempt: it stays ``running`` in the store, so the
-        next start re-queues it (attempt counted)."""
+        """Shutdown cancelled a running attempt: saved as ``pending`` (the attempt stays
+        counted), so the next start runs it again. Only a crash leaves a ``running`` row,
+        and recovery counts such an attempt against ``max_attempts``."""
         rec.worker = None
         rec.status = _PENDING
         self._inflight -= 1
+        if self._durable:
+            self._store.put(rec.update_row())
 
     def _retry(self, cq: _ClassQueue, rec: _Task, error: str) -> None:
         assert self._loop is not None
@@ -1053,7 +1301,7 @@ class Scheduler(AsyncResource):
             self._pump(cq)
 
     def _attempt_ended(
-        self, cq: _ClassQueue, rec: _Task, status: TaskStatus, error: str, result: dict[str, str] | None
+        self, cq: _ClassQueue, rec: _Task, status: TaskStatus, error: str, result: dict[str, Any] | None
     ) -> None:
         now = time.time()
         window = cq.window  # SampleWindow.record_outcome, inlined
@@ -1126,12 +1374,21 @@ class Scheduler(AsyncResource):
             rec.waiters = None
         if self._subscribers:
             result = rec.to_result()
+            overflowed: list[_Subscriber] = []
             for sub in self._subscribers:
                 if sub.wanted is None or rec.spec.id in sub.wanted:
                     sub.buffer.append(result)  # _Subscriber.push, inlined: once per task
+                    if sub.wanted is None and len(sub.buffer) > STREAM_BUFFER_LIMIT:
+                        overflowed.append(sub)
                     wakeup = sub.wakeup
                     if wakeup is not None and not wakeup.done():
                         wakeup.set_result(None)
+            for sub in overflowed:
+                # A consumer that stopped reading must not hold results without bound.
+                sub.overflowed = True
+                sub.buffer.clear()
+                self._subscribers.discard(sub)
+                sub.close()
         if self._tasks.get(rec.spec.id) is rec:
             self._finished[rec.spec.id] = None
             if len(self._finished) > self.settings.retention:
@@ -1146,8 +1403,12 @@ class Scheduler(AsyncResource):
         oldest = iter(finished)
         for task_id in [next(oldest) for _ in range(excess)]:
             del finished[task_id]
-            self._tasks.pop(task_id, None)
-            self._store.delete(task_id)
+            rec = self._tasks.pop(task_id, None)
+            if rec is not None:
+                # Its id stays (with its content hash): reusing it is refused, never run again.
+                content_hash = rec.spec.content_hash
+                self._pruned[task_id] = content_hash
+                self._store.prune(task_id, content_hash)
 
     def _idle_check(self) -> None:
         if self._inflight == 0 and self._idle_event is not None:
@@ -1197,17 +1458,12 @@ class Scheduler(AsyncResource):
                 self._pump(cq)
 
 
-def _result_map(result: Mapping[str, Any]) -> dict[str, str]:
+def _result_object(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A handler's result as kept: a JSON object (numbers, booleans, nesting preserved)."""
     if not isinstance(result, Mapping):
         raise SpecError(
             f"handler returned a {type(result).__name__}",
             field="result",
-            fix="return a dict of strings, e.g. {'answer': '42'}",
+            fix="return a JSON object (a dict), e.g. {'answer': 42}",
         )
-    out: dict[str, str] = {}
-    for key, value in result.items():
-        if isinstance(value, bool):
-            out[str(key)] = "true" if value else "false"
-        else:
-            out[str(key)] = value if isinstance(value, str) else str(value)
-    return out
+    return check_json_object(result, "result")

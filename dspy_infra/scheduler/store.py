@@ -8,8 +8,17 @@ in one transaction. Callbacks registered with ``after_commit`` run on the loop o
 batch that holds every operation queued before them is committed; that is how ``submit``
 returns only after its row is on disk.
 
+A batch whose transaction fails is split and written again in halves, down to single rows,
+so a row the database refuses (a trigger, a constraint, a value that slipped past
+validation) fails alone: ``on_rejected`` is told which task ids could not be written (and
+why) before any callback of that batch runs, and its neighbours are committed as usual.
+If the writer thread itself fails, every pending and later operation fails with
+``Unavailable``; nothing waits forever.
+
 The scheduler keeps every live task (and up to ``retention`` finished ones) in memory, so
-the store is write-only after ``open()`` has loaded the rows. Recovery (re-queueing tasks
+the store is write-only after ``open()`` has loaded the rows. Pruned tasks leave their id and
+content hash in the ``pruned`` table (about 40 bytes per short id on disk), so a pruned id cannot
+silently run again. Recovery (re-queueing tasks
 that were pending or running) is the scheduler's job; the store just returns what it has.
 
 Workflows keep their own file, ``<home>/workflows.db``; this module owns ``state.db``. An
@@ -25,6 +34,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -38,8 +48,9 @@ from typing import Any
 import anyio
 import attrs
 
-from ..errors import FailedPrecondition, InfraError, Unavailable
+from ..errors import FailedPrecondition, InfraError, SpecError, Unavailable
 from ..models import TaskSpec, TaskStatus
+from ..values import json_text, preview
 
 __all__ = [
     "DB_FILE_NAME",
@@ -48,19 +59,27 @@ __all__ = [
     "CommitCallback",
     "InsertRow",
     "MemoryStore",
+    "OpenedState",
+    "RejectedCallback",
     "SqliteStore",
     "StoredTask",
     "UpdateRow",
+    "encode_json_object",
     "encode_str_map",
     "translate_sqlite_error",
 ]
 
 DB_FILE_NAME = "state.db"
 LOCK_FILE_NAME = "state.lock"
-_SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+_SCHEMA_VERSION = 1  # the pruned table is an addition older versions ignore
 
 #: Called on the event loop after a commit: ``None`` on success, else the translated error.
 CommitCallback = Callable[[InfraError | None], None]
+#: Called on the event loop, before the commit callbacks of a batch, with the task ids whose
+#: rows could not be written and why (inserts and updates alike).
+RejectedCallback = Callable[[dict[str, InfraError]], None]
 
 #: A newly accepted task, in column order (``COLUMNS``). Rows hold only str, int, float and
 #: None: such tuples drop out of the garbage collector's view at once, which matters while
@@ -70,6 +89,9 @@ InsertRow = tuple[Any, ...]
 #: duration_ms, id), the parameters of the UPDATE in order.
 UpdateRow = tuple[str, int, str, str, float, float, float, str]
 _INSERT_LEN = 16
+_UPDATE_LEN = 8
+#: A pruned task: (id, content hash): its row goes, its id stays in ``pruned``.
+_PRUNE_LEN = 2
 
 
 @attrs.frozen
@@ -80,7 +102,7 @@ class StoredTask:
     seq: int
     status: TaskStatus
     attempts: int
-    result: dict[str, str]
+    result: dict[str, Any]
     error: str
     submitted_at: float
     started_at: float
@@ -113,29 +135,68 @@ def translate_sqlite_error(exc: BaseException, path: Path | str) -> InfraError:
 
 
 def encode_str_map(value: Mapping[str, str]) -> str:
-    """JSON for a ``map<string,string>`` (payloads and results are exactly that): the same
-    text ``json.dumps`` gives with compact separators, at a third of its cost."""
+    """JSON for a ``map<string,string>``: the same text ``json.dumps`` gives with compact
+    separators, at a third of its cost."""
     return "{" + ",".join([_quote(k) + ":" + _quote(v) for k, v in value.items()]) + "}"
 
 
-def _stored(row: tuple[Any, ...]) -> StoredTask:
+def encode_json_object(value: Mapping[str, Any]) -> str:
+    """JSON text of a payload or result (checked JSON objects): the fast path for flat maps of
+    strings (most payloads), ``values.json_text`` for everything else (nested values, numbers)."""
+    try:
+        return encode_str_map(value)
+    except TypeError:  # a value that is not a str: numbers, lists, objects, null
+        return json_text(value)
+
+
+@attrs.frozen
+class OpenedState:
+    """What ``open()`` found: every task row, and the ids (-> content hash) of pruned tasks."""
+
+    tasks: list[StoredTask]
+    pruned: dict[str, str]
+
+
+def _stored(row: tuple[Any, ...]) -> StoredTask | None:
+    """A row as loaded; a row this version cannot read becomes a failed task naming why (one
+    unreadable row must not keep the scheduler from starting), or None without a usable id."""
     (task_id, seq, task_class, priority, timeout, max_attempts, workflow_id, payload) = row[:8]
-    spec = TaskSpec(
-        id=task_id,
-        task_class=task_class,
-        payload=json.loads(payload),
-        priority=priority,
-        timeout=timeout,
-        max_attempts=max_attempts,
-        workflow_id=workflow_id,
-    )
+    status, attempts, result, error = row[8], row[9], row[10], row[11]
+    try:
+        spec = TaskSpec(
+            id=task_id,
+            task_class=task_class,
+            payload=json.loads(payload),
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            workflow_id=workflow_id,
+        )
+        loaded_status = TaskStatus(status)
+        loaded_result = json.loads(result) if result else {}
+        if not isinstance(loaded_result, dict):
+            raise ValueError("the stored result is not a JSON object")
+    except (InfraError, ValueError, TypeError, RecursionError) as exc:
+        try:
+            spec = TaskSpec(
+                id=task_id, task_class="cpu_short" if not isinstance(task_class, str) else task_class
+            )
+        except InfraError:
+            try:
+                spec = TaskSpec(id=task_id)
+            except InfraError:
+                log.error("state.db: skipped a task row with an unusable id %s: %s", preview(task_id), exc)
+                return None
+        log.error("state.db: task %s could not be read (%s); it is marked failed", preview(task_id), exc)
+        loaded_status, loaded_result = TaskStatus.FAILED, {}
+        error = f"this task's stored row could not be read ({preview(str(exc), 200)}); it was not run again"
     return StoredTask(
         spec=spec,
         seq=seq,
-        status=TaskStatus(row[8]),
-        attempts=row[9],
-        result=json.loads(row[10]) if row[10] else {},
-        error=row[11],
+        status=loaded_status,
+        attempts=attempts,
+        result=loaded_result,
+        error=error,
         submitted_at=row[12],
         started_at=row[13],
         completed_at=row[14],
@@ -167,6 +228,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     duration_ms REAL NOT NULL
 )
 """
+# Ids of finished tasks that left retention, with the content hash they had: a reused id is
+# refused instead of running again (idempotency outlives retention).
+_CREATE_PRUNED = """
+CREATE TABLE IF NOT EXISTS pruned (
+    id TEXT PRIMARY KEY,
+    content_hash TEXT NOT NULL
+) WITHOUT ROWID
+"""
 # Multi-row statements: sqlite3 releases and re-takes the GIL around every statement step,
 # so one statement per few hundred rows (not one per row) keeps the writer thread from
 # trading the GIL with the event loop tens of thousands of times a second.
@@ -195,6 +264,11 @@ def _delete_sql(rows: int) -> str:
     return "DELETE FROM tasks WHERE id IN (" + ",".join("?" * rows) + ")"
 
 
+@functools.cache
+def _pruned_sql(rows: int) -> str:
+    return "INSERT OR REPLACE INTO pruned (id, content_hash) VALUES " + ",".join(["(?,?)"] * rows)
+
+
 def _write_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[tuple[Any, ...]]) -> None:
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
@@ -202,6 +276,7 @@ def _write_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[
 
 
 _SELECT = f"SELECT {_COLUMNS} FROM tasks ORDER BY seq"
+_SELECT_PRUNED = "SELECT id, content_hash FROM pruned"
 #: TaskStatus -> its plain str (rows must hold plain values, see InsertRow).
 STATUS_TEXT = {s: s.value for s in TaskStatus}
 
@@ -213,8 +288,8 @@ class MemoryStore:
 
     durable = False
 
-    async def open(self) -> list[StoredTask]:
-        return []
+    async def open(self) -> OpenedState:
+        return OpenedState([], {})
 
     def insert(self, row: InsertRow) -> None:
         pass
@@ -222,7 +297,7 @@ class MemoryStore:
     def put(self, row: UpdateRow) -> None:
         pass
 
-    def delete(self, task_id: str) -> None:
+    def prune(self, task_id: str, content_hash: str) -> None:
         pass
 
     def after_commit(self, callback: CommitCallback) -> None:
@@ -237,8 +312,17 @@ class SqliteStore:
 
     durable = True
 
-    def __init__(self, home: Path, *, commit_interval: float = 0.005) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        commit_interval: float = 0.005,
+        on_rejected: RejectedCallback | None = None,
+    ) -> None:
         self.home = Path(home)
+        self._on_rejected = on_rejected
+        #: Set (before anything else) when the writer thread has failed: every op fails.
+        self._dead: InfraError | None = None
         self.path = self.home / DB_FILE_NAME
         self._interval = commit_interval
         # deque append/popleft are atomic: the loop appends, the writer pops, no lock per op.
@@ -253,15 +337,15 @@ class SqliteStore:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def open(self) -> list[StoredTask]:
+    async def open(self) -> OpenedState:
         """Lock the state directory, open (or create) the database, return every row."""
         self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
-        rows = await anyio.to_thread.run_sync(self._open_sync)
+        opened = await anyio.to_thread.run_sync(self._open_sync)
         self._thread = threading.Thread(target=self._writer, name="dspy_infra-store", daemon=True)
         self._thread.start()
-        return rows
+        return opened
 
-    def _open_sync(self) -> list[StoredTask]:
+    def _open_sync(self) -> OpenedState:
         try:
             self.home.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.home / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -292,8 +376,10 @@ class SqliteStore:
                     fix="upgrade dspy-infra or use another state_dir",
                 )
             conn.execute(_CREATE)
+            conn.execute(_CREATE_PRUNED)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            rows = [_stored(r) for r in conn.execute(_SELECT)]
+            rows = [task for r in conn.execute(_SELECT) if (task := _stored(r)) is not None]
+            pruned = dict(conn.execute(_SELECT_PRUNED).fetchall())
         except sqlite3.Error as exc:
             self._release_lock()
             raise translate_sqlite_error(exc, self.path) from None
@@ -301,7 +387,7 @@ class SqliteStore:
             self._release_lock()
             raise
         self._conn = conn
-        return rows
+        return OpenedState(rows, pruned)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -327,20 +413,38 @@ class SqliteStore:
         """A changed task (its row exists, or its insert is queued before this)."""
         self._enqueue(row)
 
-    def delete(self, task_id: str) -> None:
-        self._enqueue(task_id)
+    def prune(self, task_id: str, content_hash: str) -> None:
+        """A finished task leaves retention: its row goes, its id and hash stay."""
+        self._enqueue((task_id, content_hash))
 
     def after_commit(self, callback: CommitCallback) -> None:
         if self._thread is None:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(callback)
+        if self._dead is not None:
+            # The writer died after (or while) draining: fail what it will never take.
+            self._fail_queued(self._dead)
 
     def _enqueue(self, op: Any) -> None:
         self._ops.append(op)
         if not self._awake:
             self._awake = True
             self._wake.set()
+
+    def _fail_queued(self, error: InfraError) -> None:
+        """Fail every queued callback with ``error`` (any thread; each op is popped once)."""
+        callbacks: list[CommitCallback] = []
+        while True:
+            try:
+                op = self._ops.popleft()
+            except IndexError:
+                break
+            if callable(op) and type(op) is not tuple and type(op) is not str:
+                callbacks.append(op)
+        if callbacks and self._call_soon is not None:
+            with contextlib.suppress(RuntimeError):
+                self._call_soon(_run_callbacks, callbacks, error)
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -349,6 +453,8 @@ class SqliteStore:
         ops = self._ops
         stop = False
         busy = False
+        #: The batch being written: if the thread dies while writing it, its callbacks fail.
+        batch: list[Any] = []
         try:
             while not stop:
                 self._wake.wait()
@@ -361,27 +467,50 @@ class SqliteStore:
                 self._wake.clear()
                 self._awake = False  # before draining: an op appended after this wakes us again
                 batch = [ops.popleft() for _ in range(len(ops))]
-                busy = len(batch) >= _BUSY_BATCH
+                # Not while someone waits on this batch (a submitter, an attempt about to
+                # start): they add nothing until it commits, so the window would only delay
+                # them; what arrives during the commit forms the next group anyway.
+                busy = len(batch) >= _BUSY_BATCH and not any(
+                    type(op) is not tuple and op is not _STOP for op in batch
+                )
                 stop = self._commit(batch)
+                batch = []
+        except BaseException as exc:
+            # Whatever killed the loop, nobody may wait forever: fail what is queued now and,
+            # through ``_dead``, everything queued later.
+            self._dead = Unavailable(
+                f"the task store's writer thread failed ({type(exc).__name__}: {preview(str(exc), 200)});"
+                " accepted work up to its last commit is safe",
+                fix="restart the process; if it happens again, report it with the log",
+            )
+            self._ops.extendleft(reversed(batch))
+            self._fail_queued(self._dead)
+            log.error("the task store's writer thread failed", exc_info=True)
         finally:
-            # Anything queued after the stop marker is still written, callbacks still run.
-            leftovers = [ops.popleft() for _ in range(len(ops))]
-            if leftovers:
-                self._commit(leftovers)
+            if self._dead is None:
+                # Anything queued after the stop marker is still written, callbacks still run.
+                leftovers = [ops.popleft() for _ in range(len(ops))]
+                if leftovers:
+                    self._commit(leftovers)
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._release_lock()
 
     def _commit(self, batch: list[Any]) -> bool:
-        """Write one batch in one transaction; True when it held the stop marker."""
+        """Write one batch; True when it held the stop marker.
+
+        One transaction for the whole batch; if it fails, the rows are written again in
+        halves (each half one transaction) down to single rows, so only rows the database
+        refuses fail. Their ids go to ``on_rejected`` before the batch's callbacks run.
+        """
         assert self._conn is not None
-        # Per task id: its latest insert row (len 16), update row (len 8), or None (delete).
-        latest: dict[str, tuple[Any, ...] | None] = {}
+        # Per task id: its latest insert row (len 16), update row (len 8) or prune (len 2).
+        latest: dict[str, tuple[Any, ...]] = {}
         callbacks: list[CommitCallback] = []
         stop = False
         for op in batch:
             if type(op) is tuple:
-                if len(op) == _INSERT_LEN:
+                if len(op) == _INSERT_LEN or len(op) == _PRUNE_LEN:
                     latest[op[0]] = op
                     continue
                 task_id = op[7]
@@ -391,47 +520,104 @@ class SqliteStore:
                     latest[task_id] = (*before[:8], *op[:4], before[12], *op[4:7])
                 else:
                     latest[task_id] = op
-            elif type(op) is str:
-                latest[op] = None
             elif op is _STOP:
                 stop = True
             else:
                 callbacks.append(op)
         error: InfraError | None = None
-        try:
-            if latest:
-                self._write(latest)
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-            error = translate_sqlite_error(exc, self.path)
-        except Exception as exc:  # never let the writer die: submitters would wait forever
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-            error = Unavailable(f"saving task state failed: {type(exc).__name__}: {exc}")
-        if callbacks and self._call_soon is not None:
+        rejected: dict[str, InfraError] = {}
+        if latest:
+            rows = list(latest.values())
+            try:
+                self._write(rows)
+            except Exception as exc:
+                self._rollback()
+                if len(rows) == 1:
+                    rejected[_row_id(rows[0])] = self._row_error(_row_id(rows[0]), exc)
+                else:
+                    rejected = self._write_apart(rows)
+                # A store that refuses everything (disk full, I/O error, locked) is not a bad
+                # row: the callbacks of the batch learn it too.
+                if rejected and len(rejected) == len(rows):
+                    first = next(iter(rejected.values()))
+                    if isinstance(first, Unavailable | FailedPrecondition):
+                        error = first
+        if self._call_soon is not None and (rejected or callbacks):
             with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
-                self._call_soon(_run_callbacks, callbacks, error)
+                self._call_soon(self._report, rejected, callbacks, error)
         return stop
 
-    def _write(self, latest: dict[str, tuple[Any, ...] | None]) -> None:
-        """One transaction: inserts of new tasks, updates of changed ones, deletes."""
+    def _report(
+        self, rejected: dict[str, InfraError], callbacks: list[CommitCallback], error: InfraError | None
+    ) -> None:
+        """On the loop: rejected rows first (so no callback sees them as written), then callbacks."""
+        try:
+            if rejected and self._on_rejected is not None:
+                self._on_rejected(rejected)
+        except Exception:
+            log.exception("handling rows the store refused failed")
+        _run_callbacks(callbacks, error)
+
+    def _rollback(self) -> None:
+        assert self._conn is not None
+        with contextlib.suppress(sqlite3.Error):  # "no transaction is active" is fine too
+            self._conn.execute("ROLLBACK")
+
+    def _write_apart(self, rows: list[tuple[Any, ...]]) -> dict[str, InfraError]:
+        """Write ``rows`` in ever smaller groups until only refused rows are left."""
+        rejected: dict[str, InfraError] = {}
+        pending = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+        while pending:
+            group = pending.pop()
+            if not group:
+                continue
+            try:
+                self._write(group)
+            except Exception as exc:
+                self._rollback()
+                if len(group) == 1:
+                    rejected[_row_id(group[0])] = self._row_error(_row_id(group[0]), exc)
+                else:
+                    pending += [group[: len(group) // 2], group[len(group) // 2 :]]
+        return rejected
+
+    def _row_error(self, task_id: str, exc: BaseException) -> InfraError:
+        if isinstance(exc, sqlite3.OperationalError | OSError) or (
+            isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
+        ):
+            return translate_sqlite_error(exc, self.path)
+        return SpecError(
+            f"task {preview(task_id)} could not be stored ({type(exc).__name__}:"
+            f" {preview(str(exc), 200)}); it was not accepted",
+            field="task",
+            fix="check the task's values; other tasks of the same batch are not affected",
+        )
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """One transaction: inserts of new tasks, updates of changed ones, prunes."""
         assert self._conn is not None
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
-        deletes: list[tuple[Any, ...]] = []
-        for task_id, row in latest.items():
-            if row is None:
-                deletes.append((task_id,))
-            elif len(row) == _INSERT_LEN:
+        pruned: list[tuple[Any, ...]] = []
+        for row in rows:
+            if len(row) == _INSERT_LEN:
                 inserts.append(row)
-            else:
+            elif len(row) == _UPDATE_LEN:
                 updates.append(row)
+            else:
+                pruned.append(row)
         self._conn.execute("BEGIN")
         _write_rows(self._conn, _insert_sql, inserts)
         _write_rows(self._conn, _update_sql, updates)
-        _write_rows(self._conn, _delete_sql, deletes)
+        if pruned:
+            _write_rows(self._conn, _delete_sql, [(row[0],) for row in pruned])
+            _write_rows(self._conn, _pruned_sql, pruned)
         self._conn.execute("COMMIT")
+
+
+def _row_id(row: tuple[Any, ...]) -> str:
+    """The task id of an insert, update or prune row (updates carry it last)."""
+    return str(row[7] if len(row) == _UPDATE_LEN else row[0])
 
 
 #: A batch at least this large means the store is busy: the next one waits for the window.
@@ -440,4 +626,8 @@ _BUSY_BATCH = 32
 
 def _run_callbacks(callbacks: list[CommitCallback], error: InfraError | None) -> None:
     for callback in callbacks:
-        callback(error)
+        # One failing callback must not leave the others' waiters hanging.
+        try:
+            callback(error)
+        except Exception:
+            log.exception("a commit callback failed")
