@@ -233,7 +233,12 @@ def _workflow_spec(script: Path, names: list[str]) -> str:
     return json.dumps(
         {
             "steps": [
-                {"name": n, "payload": {"handler": "exec", "cmd": f"sh {script} overlap.{n}"}} for n in names
+                {
+                    "name": n,
+                    "max_attempts": 2,
+                    "payload": {"handler": "exec", "cmd": f"sh {script} overlap.{n}"},
+                }
+                for n in names
             ]
         }
     )

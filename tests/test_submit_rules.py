@@ -169,8 +169,8 @@ async def test_a_result_stream_that_stops_reading_is_dropped(
                 await reader.__anext__()
 
 
-async def test_a_workflow_step_no_store_can_hold_fails_by_name(tmp_path: Path) -> None:
-    from dspy_infra.scheduler.workflows import RunStatus, WorkflowEngine
+async def test_a_workflow_step_no_store_can_hold_is_refused_by_name(tmp_path: Path) -> None:
+    from dspy_infra.scheduler.workflows import WorkflowEngine
 
     settings = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
     bus = EventBus()
@@ -179,16 +179,12 @@ async def test_a_workflow_step_no_store_can_hold_fails_by_name(tmp_path: Path) -
         Scheduler(settings, bus=bus, metrics=InfraMetrics(), plugins=pm, hardware=HW) as sched,
         WorkflowEngine(settings, scheduler=sched, bus=bus) as engine,
     ):
-        # priority 2**40 passes the step's own check but not the wire's int32: the step fails
-        # with the field named; the engine and the scheduler keep working.
+        # priority 2**40 does not fit the wire's int32: the spec is refused when it is created
+        # (not when its step runs), naming the field; the engine and the scheduler keep working.
         step = {"name": "big", "payload": {"handler": "noop"}, "priority": 2**40}
-        await engine.create_workflow("wf", spec={"steps": [step]})
-        run_id = await engine.start_run("wf", input={})
-        with anyio.fail_after(30):
-            async for _ in engine.run_status(run_id):
-                pass
-        run = await engine.get_run(run_id)
-        assert run.status is RunStatus.FAILED and "priority" in run.steps["big"].error
+        with pytest.raises(SpecError, match="priority"):
+            await engine.create_workflow("wf", spec={"steps": [step]})
+        assert await engine.list_workflows() == []
         await sched.submit(TaskSpec("after", payload={"handler": "noop"}))
         assert (await sched.wait("after", timeout=5)).status is TaskStatus.COMPLETED
 
