@@ -49,6 +49,7 @@ from ..models import (
     TaskStatus,
 )
 from ..scheduler.workflows import RunUpdate
+from ..values import check_json_object, json_text
 from . import _convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
@@ -204,7 +205,7 @@ class OrchestratorClient(_Client):
 
     async def health_check(self, *, timeout: float | None = None) -> dict[str, Any]:
         resp = await self._unary(self.stub.health(orch_pb.HealthRequest(), timeout=timeout))
-        return {"healthy": resp.healthy, "version": resp.version, "services": dict(resp.services)}
+        return health_doc(resp)
 
     async def get_metrics(self, names: Iterable[str] = ()) -> dict[str, float]:
         resp = await self._unary(self.stub.get_metrics(orch_pb.GetMetricsRequest(metric_names=list(names))))
@@ -231,20 +232,8 @@ class OrchestratorClient(_Client):
             max_attempts=max_attempts,
             workflow_id=workflow_id,
         )
-        resp = await self._unary(self.stub.submit_task(self._request(spec)))
+        resp = await self._unary(self.stub.submit_task(cv.submit_request_from_spec(spec)))
         return TaskState(spec=spec, status=TaskStatus(resp.status or "pending"))
-
-    @staticmethod
-    def _request(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
-        return orch_pb.SubmitTaskRequest(
-            id=spec.id,
-            class_=spec.task_class,
-            payload=spec.payload,
-            priority=spec.priority,
-            workflow_id=spec.workflow_id,
-            timeout_seconds=spec.timeout or 0.0,
-            max_attempts=spec.max_attempts,
-        )
 
     async def submit_tasks(self, specs: Sequence[TaskSpec]) -> list[InfraError | None]:
         """Many tasks in one call (``SubmitTasks`` over its JSON bulk encoding). One entry per
@@ -289,6 +278,12 @@ class OrchestratorClient(_Client):
         resp = await self._unary(self.stub.wait_task(req, timeout=None if timeout is None else timeout + 5))
         return cv.task_result_from_pb(resp)
 
+    async def task_log(self, task_id: str, attempt: int | None = None) -> str:
+        """The task's log (its handler's output), of ``attempt`` or of the latest one."""
+        req = orch_pb.GetTaskLogRequest(task_id=task_id, attempt=attempt or 0)
+        resp = await self._unary(self.stub.get_task_log(req))
+        return resp.log
+
     async def queue_status(self) -> dict[str, QueueStatus]:
         resp = await self._unary(self.stub.get_queue_status(orch_pb.GetQueueStatusRequest()))
         return {name: cv.queue_status_from_pb(q) for name, q in resp.queues.items()}
@@ -314,7 +309,7 @@ class OrchestratorClient(_Client):
         req = orch_pb.StartWorkflowRunRequest(
             workflow_id=workflow_id,
             idempotency_key=idempotency_key,
-            input={str(k): str(v) for k, v in (input or {}).items()},
+            input_json=json_text(check_json_object(input, "input")),
         )
         resp = await self._unary(self.stub.start_workflow_run(req))
         return resp.run_id
@@ -340,6 +335,19 @@ class OrchestratorClient(_Client):
         req = orch_pb.StreamEventsRequest(event_types=list(types or ()), since_timestamp=since_seconds)
         events = self._stream(self.stub.stream_events(req), cv.event_from_pb)
         return events if since is None else _events_since(events, since)
+
+
+def health_doc(resp: orch_pb.HealthResponse) -> dict[str, Any]:
+    """``Infra.health()``'s dict from a ``HealthResponse``, plus the server's identity
+    (``owner``, ``home``, ``backend``; empty from a server older than those fields)."""
+    return {
+        "healthy": resp.healthy,
+        "version": resp.version,
+        "services": dict(resp.services),
+        "owner": resp.owner,
+        "home": resp.home,
+        "backend": resp.backend,
+    }
 
 
 async def _events_since(events: AsyncIterator[Event], since: float) -> AsyncIterator[Event]:
@@ -584,6 +592,9 @@ class RemoteInfra(AsyncResource):
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
         return await self.orchestrator.wait(task_id, timeout)
+
+    async def task_log(self, task_id: str, attempt: int | None = None) -> str:
+        return await self.orchestrator.task_log(task_id, attempt)
 
     async def get_task(self, task_id: str) -> TaskState:
         return await self.orchestrator.get_task_status(task_id)

@@ -251,7 +251,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return TaskSpec(
             id=req.id,
             task_class=req.class_ or "cpu_short",
-            payload=req.payload,
+            payload=cv.submit_request_payload(req, max_payload_bytes=self.infra.settings.max_payload_bytes),
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=req.max_attempts or 1,
@@ -349,7 +349,9 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         if not message.workflow_id:
             raise SpecError("is required", field="workflow_id")
         run_id = await self.infra.start_run(
-            message.workflow_id, input=dict(message.input), idempotency_key=message.idempotency_key
+            message.workflow_id,
+            input=cv.run_input_from_pb(message, max_payload_bytes=self.infra.settings.max_payload_bytes),
+            idempotency_key=message.idempotency_key,
         )
         return orch_pb.StartWorkflowRunResponse(success=True, run_id=run_id)
 
@@ -390,7 +392,30 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             healthy=bool(doc["healthy"]),
             version=str(doc["version"]),
             services={str(k): str(v) for k, v in doc["services"].items()},
+            # Who this server is: auto-mode clients attach only to their own (ensure_infra).
+            owner=self.infra.settings.resolved_owner(),
+            home=str(self.infra.home),
+            backend=_backend_name(self.infra),
         )
+
+    async def get_task_log(self, message: orch_pb.GetTaskLogRequest) -> orch_pb.GetTaskLogResponse:
+        if not message.task_id:
+            raise SpecError("is required", field="task_id")
+        if message.attempt < 0:
+            raise SpecError(f"must be >= 0 (0 = the latest), got {message.attempt}", field="attempt")
+        # Infra.task_log comes with the per-task log store; a build without it says so.
+        task_log = getattr(self.infra, "task_log", None)
+        if task_log is None:
+            raise FailedPrecondition("this server keeps no per-task logs", field="task_id")
+        log = await task_log(message.task_id, attempt=message.attempt or None)
+        return orch_pb.GetTaskLogResponse(task_id=message.task_id, log=log)
+
+
+def _backend_name(infra: Infra) -> str:
+    try:
+        return infra.services.backend.name
+    except InfraError:  # not running (shutting down): no backend to name
+        return ""
 
 
 class EnvManagerService(env_pb.EnvManagerServiceBase):

@@ -9,6 +9,8 @@ __all__ = (
     "CreateWorkflowResponse",
     "GetMetricsRequest",
     "GetQueueStatusRequest",
+    "GetTaskLogRequest",
+    "GetTaskLogResponse",
     "GetTaskStatusRequest",
     "GetTaskStatusResponse",
     "GetWorkflowRunRequest",
@@ -114,6 +116,29 @@ default_message_pool.register_message("orchestrator.v1", "GetQueueStatusRequest"
 
 
 @dataclass(eq=False, repr=False)
+class GetTaskLogRequest(betterproto2.Message):
+    task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    attempt: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
+    """
+    0 = the latest attempt
+    """
+
+
+default_message_pool.register_message("orchestrator.v1", "GetTaskLogRequest", GetTaskLogRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetTaskLogResponse(betterproto2.Message):
+    task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    log: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("orchestrator.v1", "GetTaskLogResponse", GetTaskLogResponse)
+
+
+@dataclass(eq=False, repr=False)
 class GetTaskStatusRequest(betterproto2.Message):
     task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
@@ -164,6 +189,10 @@ class GetTaskStatusResponse(betterproto2.Message):
 
     max_attempts: "int" = betterproto2.field(15, betterproto2.TYPE_INT32)
 
+    result_json: "str" = betterproto2.field(16, betterproto2.TYPE_STRING)
+
+    payload_json: "str" = betterproto2.field(17, betterproto2.TYPE_STRING)
+
 
 default_message_pool.register_message("orchestrator.v1", "GetTaskStatusResponse", GetTaskStatusResponse)
 
@@ -195,6 +224,17 @@ class HealthResponse(betterproto2.Message):
         betterproto2.TYPE_MAP,
         map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
+
+    owner: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    Additions: who this server is, so a client in auto mode attaches only to the server its
+    own settings would have started (same owner and state directory), and can refuse an
+    option the server cannot honour (another backend).
+    """
+
+    home: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    backend: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
 
 
 default_message_pool.register_message("orchestrator.v1", "HealthResponse", HealthResponse)
@@ -303,6 +343,11 @@ class StartWorkflowRunRequest(betterproto2.Message):
         map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
 
+    input_json: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    Addition: the input as one JSON object.
+    """
+
 
 default_message_pool.register_message("orchestrator.v1", "StartWorkflowRunRequest", StartWorkflowRunRequest)
 
@@ -374,6 +419,11 @@ class SubmitTaskRequest(betterproto2.Message):
     """
 
     max_attempts: "int" = betterproto2.field(7, betterproto2.TYPE_INT32)
+
+    payload_json: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    Addition: the payload as one JSON object (numbers and nested objects kept).
+    """
 
 
 default_message_pool.register_message("orchestrator.v1", "SubmitTaskRequest", SubmitTaskRequest)
@@ -472,6 +522,11 @@ class TaskResult(betterproto2.Message):
 
     completed_at: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
 
+    result_json: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+    """
+    Addition: the result as one JSON object.
+    """
+
 
 default_message_pool.register_message("orchestrator.v1", "TaskResult", TaskResult)
 
@@ -508,6 +563,11 @@ class WorkflowStatusUpdate(betterproto2.Message):
     )
 
     error: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+
+    output_json: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    Addition: the output as one JSON object.
+    """
 
 
 default_message_pool.register_message("orchestrator.v1", "WorkflowStatusUpdate", WorkflowStatusUpdate)
@@ -820,6 +880,27 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def get_task_log(
+        self,
+        message: "GetTaskLogRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetTaskLogResponse":
+        """
+        A task's log (what its handler wrote: exec stdout/stderr), one attempt or the latest.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/GetTaskLog",
+            message,
+            GetTaskLogResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def submit_task(self, message: "SubmitTaskRequest") -> "SubmitTaskResponse":
@@ -897,6 +978,13 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def cancel_workflow_run(self, message: "GetWorkflowRunRequest") -> "WorkflowStatusUpdate":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_task_log(self, message: "GetTaskLogRequest") -> "GetTaskLogResponse":
+        """
+        A task's log (what its handler wrote: exec stdout/stderr), one attempt or the latest.
+        """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -1033,6 +1121,14 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.cancel_workflow_run(request)
         await stream.send_message(response)
 
+    async def __rpc_get_task_log(
+        self, stream: "grpclib.server.Stream[GetTaskLogRequest, GetTaskLogResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_task_log(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/orchestrator.v1.OrchestratorService/SubmitTask": grpclib.const.Handler(
@@ -1130,5 +1226,11 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 GetWorkflowRunRequest,
                 WorkflowStatusUpdate,
+            ),
+            "/orchestrator.v1.OrchestratorService/GetTaskLog": grpclib.const.Handler(
+                self.__rpc_get_task_log,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetTaskLogRequest,
+                GetTaskLogResponse,
             ),
         }

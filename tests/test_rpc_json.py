@@ -1,0 +1,117 @@
+"""JSON objects on the wire (``*_json`` fields) and their old ``map<string,string>`` views.
+
+The conversions in ``rpc/_convert.py`` are what the server and the clients both use, so a
+round trip through encoded bytes here is the round trip any gRPC peer sees. The official
+grpcio client's view of the same messages is in ``test_rpc_interop.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+
+from dspy_infra.errors import SpecError
+from dspy_infra.models import TaskResult, TaskStatus
+from dspy_infra.rpc import _convert as cv
+from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
+from dspy_infra.scheduler.workflows import RunStatus, RunUpdate
+from dspy_infra.values import json_text
+from tests.strategies import wire_json_objects
+
+NESTED: dict[str, Any] = {"nested": {"a": 1}, "ok": True, "n": 3, "x": 1.5, "none": None, "s": "text"}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    # json_text tells 1 from 1.0 and True from 1, which == does not.
+    return json_text(a) == json_text(b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(wire_json_objects)
+def test_task_result_json_round_trip_keeps_types(result: dict[str, Any]) -> None:
+    sent = TaskResult(task_id="t", status=TaskStatus.COMPLETED, result=result)
+    raw = bytes(cv.task_result_to_pb(sent))
+    got = cv.task_result_from_pb(orch_pb.TaskResult.parse(raw))
+    assert _same(got.result, result)
+
+
+@settings(max_examples=60, deadline=None)
+@given(wire_json_objects)
+def test_run_output_json_round_trip_keeps_types(output: dict[str, Any]) -> None:
+    sent = RunUpdate(run_id="r", status=RunStatus.COMPLETED, output=output)
+    raw = bytes(cv.run_update_to_pb(sent))
+    got = cv.run_update_from_pb(orch_pb.WorkflowStatusUpdate.parse(raw))
+    assert _same(got.output, output)
+
+
+def test_old_map_view_is_strings_as_is_and_json_text_for_the_rest() -> None:
+    msg = cv.task_result_to_pb(TaskResult(task_id="t", status=TaskStatus.COMPLETED, result=NESTED))
+    assert msg.result == {
+        "nested": '{"a":1}',
+        "ok": "true",
+        "n": "3",
+        "x": "1.5",
+        "none": "null",
+        "s": "text",
+    }
+    assert json.loads(msg.result_json) == NESTED
+
+
+def test_an_old_server_without_json_fields_still_reads() -> None:
+    # An old server fills only the map: the client reads the strings it has.
+    old = orch_pb.TaskResult(task_id="t", status="completed", result={"stdout": "hi\n"})
+    assert cv.task_result_from_pb(old).result == {"stdout": "hi\n"}
+    old_state = orch_pb.GetTaskStatusResponse(task_id="t", status="pending", payload={"handler": "noop"})
+    assert cv.task_state_from_pb(old_state).spec.payload == {"handler": "noop"}
+
+
+def test_new_client_sends_the_payload_as_json_only() -> None:
+    from dspy_infra.models import TaskSpec
+
+    req = cv.submit_request_from_spec(TaskSpec(id="t", payload={"handler": "noop", "k": "v"}))
+    assert not req.payload
+    assert json.loads(req.payload_json) == {"handler": "noop", "k": "v"}
+    assert cv.submit_request_payload(orch_pb.SubmitTaskRequest.parse(bytes(req))) == {
+        "handler": "noop",
+        "k": "v",
+    }
+
+
+def test_old_client_payload_map_is_read_as_is() -> None:
+    req = orch_pb.SubmitTaskRequest(id="t", payload={"handler": "exec", "cmd": "echo 1"})
+    assert cv.submit_request_payload(req) == {"handler": "exec", "cmd": "echo 1"}
+
+
+def test_a_request_with_both_the_map_and_the_json_field_is_refused_naming_both() -> None:
+    req = orch_pb.SubmitTaskRequest(id="t", payload={"a": "1"}, payload_json='{"b": 2}')
+    with pytest.raises(SpecError) as info:
+        cv.submit_request_payload(req)
+    assert info.value.field == "payload_json"
+    assert "payload" in str(info.value) and "payload_json" in str(info.value)
+    run = orch_pb.StartWorkflowRunRequest(workflow_id="w", input={"a": "1"}, input_json='{"a": 1}')
+    with pytest.raises(SpecError, match="input_json"):
+        cv.run_input_from_pb(run)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[1, 2]", "object"),
+        ('{"a": ', "not valid JSON"),
+        ('{"a": NaN}', ""),
+        ("[" * 5000 + "]" * 5000, ""),
+        ('{"a": ' + "[" * 40 + "]" * 40 + "}", "nested"),
+        ('{"big": "' + "x" * 80_000 + '"}', "bytes"),
+    ],
+)
+def test_bad_json_fields_are_refused_with_the_field_named(text: str, why: str) -> None:
+    req = orch_pb.SubmitTaskRequest(id="t", payload_json=text)
+    with pytest.raises(SpecError) as info:
+        cv.submit_request_payload(req, max_payload_bytes=1000)
+    assert info.value.field is not None and info.value.field.startswith("payload_json")
+    assert why in str(info.value)
+    # A huge bad value is echoed in at most a bounded preview.
+    assert len(str(info.value)) < 600
