@@ -492,6 +492,9 @@ class RemoteServices:
 class RemoteInfra(AsyncResource):
     """The embedded ``Infra``'s interface, served by a ``dspy-infra serve`` elsewhere."""
 
+    #: Which kind ``ensure_infra()`` returned: "remote" here, "embedded" for an ``Infra``.
+    mode = "remote"
+
     def __init__(self, orchestrator: OrchestratorClient, env_manager: EnvManagerClient) -> None:
         self.orchestrator = orchestrator
         self.env_manager = env_manager

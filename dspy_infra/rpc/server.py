@@ -394,7 +394,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             services={str(k): str(v) for k, v in doc["services"].items()},
             # Who this server is: auto-mode clients attach only to their own (ensure_infra).
             owner=self.infra.settings.resolved_owner(),
-            home=str(self.infra.home),
+            home=str(self.infra.home.resolve()),
             backend=_backend_name(self.infra),
         )
 
