@@ -257,6 +257,13 @@ class Infra(AsyncResource):
     async def get_run(self, run_id: str) -> Any:
         return await self.workflows.get_run(run_id)
 
+    async def list_workflows(self) -> list[Any]:
+        return await self.workflows.list_workflows()
+
+    async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[Any]:
+        """Runs with their steps, newest first."""
+        return await self.workflows.list_runs(workflow_id, limit=limit)
+
     def run_status(self, run_id: str) -> AsyncIterator[Any]:
         return self.workflows.run_status(run_id)
 

@@ -343,3 +343,35 @@ def test_get_task_log_with_the_official_client(stubs: dict[str, Any], server: Se
         with pytest.raises(grpc.RpcError) as info:
             stub.GetTaskLog(pb.GetTaskLogRequest(task_id="nope"), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_workflow_listing_and_run_details_with_the_official_client(
+    stubs: dict[str, Any], server: ServeProcess
+) -> None:
+    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
+    spec = {"steps": [{"name": "only", "payload": {"handler": "exec", "cmd": "echo {{ input.w }}"}}]}
+    with grpc.insecure_channel(server.addr) as channel:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        stub.CreateWorkflow(pb.CreateWorkflowRequest(id="wfl", spec=json.dumps(spec).encode()), timeout=10)
+        listed = stub.ListWorkflows(pb.ListWorkflowsRequest(), timeout=10)
+        wf = {w.id: w for w in listed.workflows}["wfl"]
+        assert [s["name"] for s in json.loads(wf.spec_json)["steps"]] == ["only"] and wf.created_at > 0
+        run = stub.StartWorkflowRun(
+            pb.StartWorkflowRunRequest(workflow_id="wfl", input={"w": "x"}), timeout=10
+        )
+        for update in stub.StreamWorkflowStatus(
+            pb.StreamWorkflowStatusRequest(run_id=run.run_id), timeout=30
+        ):
+            if update.status in ("completed", "failed", "cancelled"):
+                break
+        got = stub.GetWorkflowRun(pb.GetWorkflowRunRequest(run_id=run.run_id), timeout=10)
+        assert got.workflow_id == "wfl" and json.loads(got.input_json) == {"w": "x"}
+        assert [(s.name, s.status, s.task_id) for s in got.steps] == [
+            ("only", "completed", f"{run.run_id}.only")
+        ]
+        assert json.loads(got.steps[0].result_json)["stdout"].strip() == "x"
+        runs = stub.ListWorkflowRuns(pb.ListWorkflowRunsRequest(workflow_id="wfl"), timeout=10)
+        assert [r.run_id for r in runs.runs] == [run.run_id] and runs.runs[0].steps[0].name == "only"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListWorkflowRuns(pb.ListWorkflowRunsRequest(limit=-1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -36,7 +36,15 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..scheduler.workflows import RunState, RunStatus, RunUpdate
+from ..scheduler.workflows import (
+    RunState,
+    RunStatus,
+    RunUpdate,
+    StepState,
+    StepStatus,
+    Workflow,
+    parse_workflow_spec,
+)
 from ..values import MAX_JSON_BYTES, JsonObject, decode_json_object, json_text
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
@@ -60,6 +68,7 @@ __all__ = [
     "resources_from_pb",
     "resources_to_pb",
     "run_input_from_pb",
+    "run_state_from_pb",
     "run_update_from_pb",
     "run_update_to_pb",
     "service_state_from_pb",
@@ -72,6 +81,8 @@ __all__ = [
     "task_result_to_pb",
     "task_state_from_pb",
     "task_state_to_pb",
+    "workflow_from_pb",
+    "workflow_to_pb",
 ]
 
 
@@ -300,9 +311,18 @@ def _run_status(value: str) -> RunStatus:
 
 
 def run_update_to_pb(update: RunUpdate | RunState) -> orch_pb.WorkflowStatusUpdate:
-    """From the workflow engine's ``RunUpdate`` (a stream item) or ``RunState`` (get/cancel)."""
+    """From the workflow engine's ``RunUpdate`` (a stream item) or ``RunState`` (get, cancel,
+    list: the whole run, steps included)."""
     if isinstance(update, RunState):
-        update = update.to_update()
+        state = update
+        msg = run_update_to_pb(state.to_update(state.current_step))
+        msg.workflow_id = state.workflow_id
+        msg.steps = [_step_to_pb(step) for step in state.steps.values()]
+        msg.input_json = json_text(dict(state.input))
+        msg.idempotency_key = state.idempotency_key
+        msg.created_at = state.created_at
+        msg.updated_at = state.updated_at
+        return msg
     return orch_pb.WorkflowStatusUpdate(
         run_id=update.run_id,
         status=str(update.status),
@@ -324,6 +344,75 @@ def run_update_from_pb(msg: orch_pb.WorkflowStatusUpdate) -> RunUpdate:
         total_steps=msg.total_steps,
         output=json_from_wire(msg.output, msg.output_json, "output_json"),
         error=msg.error,
+    )
+
+
+def _step_to_pb(step: StepState) -> orch_pb.WorkflowStep:
+    return orch_pb.WorkflowStep(
+        name=step.name,
+        status=str(step.status),
+        task_id=step.task_id,
+        attempts=step.attempts,
+        result_json=json_text(dict(step.result)),
+        error=step.error,
+        started_at=step.started_at,
+        completed_at=step.completed_at,
+    )
+
+
+def _step_status(value: str) -> StepStatus:
+    try:
+        return StepStatus(value)
+    except ValueError:
+        return StepStatus.PENDING
+
+
+def run_state_from_pb(msg: orch_pb.WorkflowStatusUpdate) -> RunState:
+    """A run's whole state (from GetWorkflowRun, CancelWorkflowRun, ListWorkflowRuns). An old
+    server sends no steps: the state then has the counts of the update and no step details."""
+    steps = {
+        s.name: StepState(
+            name=s.name,
+            status=_step_status(s.status),
+            task_id=s.task_id,
+            attempts=s.attempts,
+            result=json_from_wire({}, s.result_json, "steps.result_json"),
+            error=s.error,
+            started_at=s.started_at,
+            completed_at=s.completed_at,
+        )
+        for s in msg.steps
+    }
+    return RunState(
+        run_id=msg.run_id,
+        workflow_id=msg.workflow_id,
+        status=_run_status(msg.status),
+        steps=steps,
+        input=json_from_wire({}, msg.input_json, "input_json"),
+        output=json_from_wire(msg.output, msg.output_json, "output_json"),
+        error=msg.error,
+        idempotency_key=msg.idempotency_key,
+        created_at=msg.created_at,
+        updated_at=msg.updated_at,
+    )
+
+
+def workflow_to_pb(wf: Workflow) -> orch_pb.WorkflowInfo:
+    return orch_pb.WorkflowInfo(
+        id=wf.id,
+        name=wf.name,
+        description=wf.description,
+        spec_json=wf.spec.to_json(),
+        created_at=wf.created_at,
+    )
+
+
+def workflow_from_pb(msg: orch_pb.WorkflowInfo) -> Workflow:
+    spec = parse_workflow_spec(
+        decode_json_object(msg.spec_json, "spec_json", max_bytes=RESPONSE_JSON_MAX_BYTES)
+    )
+    return Workflow(
+        id=msg.id, name=msg.name, description=msg.description, spec=spec, created_at=msg.created_at
     )
 
 

@@ -48,7 +48,7 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..scheduler.workflows import RunUpdate
+from ..scheduler.workflows import RunState, RunUpdate, Workflow
 from ..values import check_json_object, json_text
 from . import _convert as cv
 from ._gen.env_manager import v1 as env_pb
@@ -314,13 +314,22 @@ class OrchestratorClient(_Client):
         resp = await self._unary(self.stub.start_workflow_run(req))
         return resp.run_id
 
-    async def get_workflow_run(self, run_id: str) -> RunUpdate:
+    async def get_workflow_run(self, run_id: str) -> RunState:
         resp = await self._unary(self.stub.get_workflow_run(orch_pb.GetWorkflowRunRequest(run_id=run_id)))
-        return cv.run_update_from_pb(resp)
+        return cv.run_state_from_pb(resp)
 
-    async def cancel_workflow_run(self, run_id: str) -> RunUpdate:
+    async def cancel_workflow_run(self, run_id: str) -> RunState:
         resp = await self._unary(self.stub.cancel_workflow_run(orch_pb.GetWorkflowRunRequest(run_id=run_id)))
-        return cv.run_update_from_pb(resp)
+        return cv.run_state_from_pb(resp)
+
+    async def list_workflows(self) -> list[Workflow]:
+        resp = await self._unary(self.stub.list_workflows(orch_pb.ListWorkflowsRequest()))
+        return [cv.workflow_from_pb(w) for w in resp.workflows]
+
+    async def list_workflow_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[RunState]:
+        req = orch_pb.ListWorkflowRunsRequest(workflow_id=workflow_id or "", limit=limit)
+        resp = await self._unary(self.stub.list_workflow_runs(req))
+        return [cv.run_state_from_pb(r) for r in resp.runs]
 
     def stream_workflow_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
         req = orch_pb.StreamWorkflowStatusRequest(run_id=run_id)
@@ -639,11 +648,17 @@ class RemoteInfra(AsyncResource):
             workflow_id, input=input, idempotency_key=idempotency_key
         )
 
-    async def get_run(self, run_id: str) -> RunUpdate:
+    async def get_run(self, run_id: str) -> RunState:
         return await self.orchestrator.get_workflow_run(run_id)
+
+    async def list_workflows(self) -> list[Workflow]:
+        return await self.orchestrator.list_workflows()
+
+    async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[RunState]:
+        return await self.orchestrator.list_workflow_runs(workflow_id, limit=limit)
 
     def run_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
         return self.orchestrator.stream_workflow_status(run_id)
 
-    async def cancel_run(self, run_id: str) -> RunUpdate:
+    async def cancel_run(self, run_id: str) -> RunState:
         return await self.orchestrator.cancel_workflow_run(run_id)

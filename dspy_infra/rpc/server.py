@@ -398,6 +398,19 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             backend=_backend_name(self.infra),
         )
 
+    async def list_workflows(self, message: orch_pb.ListWorkflowsRequest) -> orch_pb.ListWorkflowsResponse:
+        return orch_pb.ListWorkflowsResponse(
+            workflows=[cv.workflow_to_pb(wf) for wf in await self.infra.list_workflows()]
+        )
+
+    async def list_workflow_runs(
+        self, message: orch_pb.ListWorkflowRunsRequest
+    ) -> orch_pb.ListWorkflowRunsResponse:
+        if message.limit < 0:
+            raise SpecError(f"must be >= 0 (0 = 100), got {message.limit}", field="limit")
+        runs = await self.infra.list_runs(message.workflow_id or None, limit=message.limit or 100)
+        return orch_pb.ListWorkflowRunsResponse(runs=[cv.run_update_to_pb(r) for r in runs])
+
     async def get_task_log(self, message: orch_pb.GetTaskLogRequest) -> orch_pb.GetTaskLogResponse:
         if not message.task_id:
             raise SpecError("is required", field="task_id")

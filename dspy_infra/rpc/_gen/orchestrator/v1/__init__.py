@@ -18,6 +18,10 @@ __all__ = (
     "HealthResponse",
     "ListTasksRequest",
     "ListTasksResponse",
+    "ListWorkflowRunsRequest",
+    "ListWorkflowRunsResponse",
+    "ListWorkflowsRequest",
+    "ListWorkflowsResponse",
     "MetricsResponse",
     "OrchestratorServiceBase",
     "OrchestratorServiceStub",
@@ -36,7 +40,9 @@ __all__ = (
     "SystemEvent",
     "TaskResult",
     "WaitTaskRequest",
+    "WorkflowInfo",
     "WorkflowStatusUpdate",
+    "WorkflowStep",
 )
 
 from collections.abc import AsyncIterator
@@ -262,6 +268,46 @@ class ListTasksResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("orchestrator.v1", "ListTasksResponse", ListTasksResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowRunsRequest(betterproto2.Message):
+    workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    empty = every workflow
+    """
+
+    limit: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
+    """
+    0 = 100
+    """
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowRunsRequest", ListWorkflowRunsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowRunsResponse(betterproto2.Message):
+    runs: "list[WorkflowStatusUpdate]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowRunsResponse", ListWorkflowRunsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowsRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowsRequest", ListWorkflowsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowsResponse(betterproto2.Message):
+    workflows: "list[WorkflowInfo]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowsResponse", ListWorkflowsResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -545,6 +591,25 @@ default_message_pool.register_message("orchestrator.v1", "WaitTaskRequest", Wait
 
 
 @dataclass(eq=False, repr=False)
+class WorkflowInfo(betterproto2.Message):
+    id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    description: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    spec_json: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    the validated spec, as CreateWorkflowRequest.spec takes it
+    """
+
+    created_at: "float" = betterproto2.field(5, betterproto2.TYPE_DOUBLE)
+
+
+default_message_pool.register_message("orchestrator.v1", "WorkflowInfo", WorkflowInfo)
+
+
+@dataclass(eq=False, repr=False)
 class WorkflowStatusUpdate(betterproto2.Message):
     run_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
@@ -569,8 +634,59 @@ class WorkflowStatusUpdate(betterproto2.Message):
     Addition: the output as one JSON object.
     """
 
+    workflow_id: "str" = betterproto2.field(9, betterproto2.TYPE_STRING)
+    """
+    Additions, set by GetWorkflowRun, CancelWorkflowRun and ListWorkflowRuns (a run's whole
+    state); stream updates leave them empty.
+    """
+
+    steps: "list[WorkflowStep]" = betterproto2.field(10, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    in declaration order
+    """
+
+    input_json: "str" = betterproto2.field(11, betterproto2.TYPE_STRING)
+
+    idempotency_key: "str" = betterproto2.field(12, betterproto2.TYPE_STRING)
+
+    created_at: "float" = betterproto2.field(13, betterproto2.TYPE_DOUBLE)
+    """
+    unix seconds
+    """
+
+    updated_at: "float" = betterproto2.field(14, betterproto2.TYPE_DOUBLE)
+
 
 default_message_pool.register_message("orchestrator.v1", "WorkflowStatusUpdate", WorkflowStatusUpdate)
+
+
+@dataclass(eq=False, repr=False)
+class WorkflowStep(betterproto2.Message):
+    """
+    Addition: one step of a run.
+    """
+
+    name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    status: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    pending|running|completed|failed|skipped|cancelled
+    """
+
+    task_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    attempts: "int" = betterproto2.field(4, betterproto2.TYPE_INT32)
+
+    result_json: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    error: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+
+    started_at: "float" = betterproto2.field(7, betterproto2.TYPE_DOUBLE)
+
+    completed_at: "float" = betterproto2.field(8, betterproto2.TYPE_DOUBLE)
+
+
+default_message_pool.register_message("orchestrator.v1", "WorkflowStep", WorkflowStep)
 
 
 class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
@@ -901,6 +1017,51 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def list_workflows(
+        self,
+        message: "ListWorkflowsRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListWorkflowsResponse":
+        """
+        Stored workflows, oldest first.
+        """
+
+        if message is None:
+            message = ListWorkflowsRequest()
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/ListWorkflows",
+            message,
+            ListWorkflowsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_workflow_runs(
+        self,
+        message: "ListWorkflowRunsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListWorkflowRunsResponse":
+        """
+        Runs with their steps, newest first (workflow_id empty = every workflow).
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/ListWorkflowRuns",
+            message,
+            ListWorkflowRunsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def submit_task(self, message: "SubmitTaskRequest") -> "SubmitTaskResponse":
@@ -984,6 +1145,20 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def get_task_log(self, message: "GetTaskLogRequest") -> "GetTaskLogResponse":
         """
         A task's log (what its handler wrote: exec stdout/stderr), one attempt or the latest.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_workflows(self, message: "ListWorkflowsRequest") -> "ListWorkflowsResponse":
+        """
+        Stored workflows, oldest first.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_workflow_runs(self, message: "ListWorkflowRunsRequest") -> "ListWorkflowRunsResponse":
+        """
+        Runs with their steps, newest first (workflow_id empty = every workflow).
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -1129,6 +1304,22 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.get_task_log(request)
         await stream.send_message(response)
 
+    async def __rpc_list_workflows(
+        self, stream: "grpclib.server.Stream[ListWorkflowsRequest, ListWorkflowsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_workflows(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_workflow_runs(
+        self, stream: "grpclib.server.Stream[ListWorkflowRunsRequest, ListWorkflowRunsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_workflow_runs(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/orchestrator.v1.OrchestratorService/SubmitTask": grpclib.const.Handler(
@@ -1232,5 +1423,17 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 GetTaskLogRequest,
                 GetTaskLogResponse,
+            ),
+            "/orchestrator.v1.OrchestratorService/ListWorkflows": grpclib.const.Handler(
+                self.__rpc_list_workflows,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListWorkflowsRequest,
+                ListWorkflowsResponse,
+            ),
+            "/orchestrator.v1.OrchestratorService/ListWorkflowRuns": grpclib.const.Handler(
+                self.__rpc_list_workflow_runs,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListWorkflowRunsRequest,
+                ListWorkflowRunsResponse,
             ),
         }
