@@ -726,6 +726,13 @@ async def run_server(
                 if on_ready is not None:
                     on_ready(server)
                 await stop.wait()
+                print(
+                    f"dspy-infra: stopping: no new requests; running tasks get up to"
+                    f" {settings.shutdown_grace:g} s to finish (the rest stay stored for the next start)"
+                    + (", then services stop" if stop_services else "; services keep running"),
+                    file=sys.stderr,
+                    flush=True,
+                )
             # Servers are closed: nothing new comes in. Let running tasks finish.
             drain = getattr(infra.scheduler, "drain", None)
             if drain is not None:
