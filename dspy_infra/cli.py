@@ -592,6 +592,18 @@ def _task_detail(state: Any) -> dict[str, Any]:
     }
 
 
+def _print_result(out: Any, result: Mapping[str, Any], *, indent: str) -> None:
+    """One line per key; a multi-line value (command output) as an indented block."""
+    for key, value in result.items():
+        text = _value_text(value)
+        if "\n" in text:
+            out.print(f"{indent}{key}:")
+            for line in text.splitlines():
+                out.print(f"{indent}  {line}")
+        else:
+            out.print(f"{indent}{key}: {text}")
+
+
 def _task_failure(task_id: str, status: str, error: str) -> _Failure:
     return _Failure(f"task {task_id} {status}: {error or 'no reason was recorded'}")
 
@@ -671,8 +683,7 @@ def _report_result(result: Any, *, as_json: bool) -> int:
     else:
         out = _console()
         out.print(f"{result.task_id}: {status} in {result.duration_ms:.0f} ms")
-        for key, value in result.result.items():
-            out.print(f"  {key}: {_value_text(value)}")
+        _print_result(out, result.result, indent="  ")
     if status != "completed":
         raise _task_failure(result.task_id, status, result.error)
     return EXIT_OK
@@ -751,14 +762,7 @@ async def _show_task(infra: Any, args: argparse.Namespace) -> int:
     )
     if state.result:
         out.print("  result:")
-        for key, value in state.result.items():
-            text = _value_text(value)
-            if "\n" in text:
-                out.print(f"    {key}:")
-                for line in text.splitlines():
-                    out.print(f"      {line}")
-            else:
-                out.print(f"    {key}: {text}")
+        _print_result(out, state.result, indent="    ")
     if state.error:
         out.print(f"  error: {state.error}")
     return EXIT_OK
