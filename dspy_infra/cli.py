@@ -627,14 +627,26 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     payload = _read_payload(args)
 
     async def body(infra: Any) -> int:
-        state = await infra.submit_task(
-            args.id,
-            args.task_class,
-            payload,
-            priority=args.priority,
-            timeout=args.timeout,
-            max_attempts=args.max_attempts,
-        )
+        try:
+            state = await infra.submit_task(
+                args.id,
+                args.task_class,
+                payload,
+                priority=args.priority,
+                timeout=args.timeout,
+                max_attempts=args.max_attempts,
+            )
+        except AlreadyExists as exc:
+            # Say why the id is taken: tasks outlive the command that submitted them.
+            where = (
+                f"the state directory {infra.home}" if _is_embedded(infra) else f"the server at {infra.addr}"
+            )
+            raise AlreadyExists(
+                f"task {args.id!r} already exists in {where} with different content (tasks are"
+                " kept across runs)",
+                field="id",
+                fix=f"use a new id, or see the stored one with `dspy-infra tasks show {args.id}`",
+            ) from exc
         if not args.wait:
             return await _report_submitted(infra, state, as_json=args.json)
         return _report_result(await infra.wait(args.id, timeout=args.wait_timeout), as_json=args.json)

@@ -586,6 +586,12 @@ def test_submit_without_a_server_never_claims_it_ran(tmp_path: Path) -> None:
     quick = run(*base, "submit", "s2", "--payload", "handler=exec", "cmd=echo done", cwd=tmp_path, env=env)
     assert quick.returncode == 0, quick.stderr
     assert "s2: completed" in quick.stdout and "stdout: done" in quick.stdout
+    # Rerunning with a fixed id and other content: the error says why the id is taken.
+    reused = run(*base, "submit", "s2", "--payload", "handler=exec", "cmd=echo other", cwd=tmp_path, env=env)
+    assert reused.returncode == 2, reused.stderr
+    error = reused.stderr.strip().splitlines()[-1]  # after the shutdown notice (s1 runs again)
+    assert error.startswith("dspy-infra: error: id: task 's2' already exists in the state directory")
+    assert "`dspy-infra tasks show s2`" in error
     failed = run(*base, "submit", "s3", "--payload", "handler=nope", cwd=tmp_path, env=env)
     assert failed.returncode == 1
     assert "task s3 failed" in failed.stderr and "no handler named 'nope'" in failed.stderr
