@@ -164,6 +164,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple, frozenset, set)):  # list settings: a TOML array
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return "[" + ", ".join(_toml_value(item) for item in items) + "]"
     return json.dumps(str(value))  # a TOML basic string for plain text and paths
 
 

@@ -595,3 +595,12 @@ def test_submit_without_a_server_never_claims_it_ran(tmp_path: Path) -> None:
     failed = run(*base, "submit", "s3", "--payload", "handler=nope", cwd=tmp_path, env=env)
     assert failed.returncode == 1
     assert "task s3 failed" in failed.stderr and "no handler named 'nope'" in failed.stderr
+
+
+@pytest.mark.parametrize("value", [(), ("a", "b"), [1, 2], ("x y", 'q"uote')])
+def test_list_settings_render_as_toml_arrays(value: object) -> None:
+    import tomllib
+
+    from dspy_infra.cli import _toml_value
+
+    assert tomllib.loads(f"v = {_toml_value(value)}")["v"] == list(value)  # type: ignore[call-overload]

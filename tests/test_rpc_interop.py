@@ -375,3 +375,40 @@ def test_workflow_listing_and_run_details_with_the_official_client(
         with pytest.raises(grpc.RpcError) as info:
             stub.ListWorkflowRuns(pb.ListWorkflowRunsRequest(limit=-1), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _exec_policy_enforced() -> bool:
+    from dspy_infra.rpc import server as server_module
+
+    return hasattr(server_module, "check_remote_payload")
+
+
+@pytest.mark.skipif(
+    not _exec_policy_enforced(),
+    reason="exec_policy is enforced on the gRPC edge by the surfaces helper's change to rpc/server.py;"
+    " not in this build",
+)
+def test_exec_policy_holds_for_payload_json_too(stubs: dict[str, Any], tmp_path: Path) -> None:
+    # The JSON field is a second way in: the policy must see the decoded payload, not the map.
+    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
+    with serve_process(tmp_path / "policy", exec_policy="embedded") as policed:
+        with grpc.insecure_channel(policed.addr) as channel:
+            stub = pb_grpc.OrchestratorServiceStub(channel)
+            for request in (
+                pb.SubmitTaskRequest(id="p1", payload_json=json.dumps({"handler": "exec", "cmd": "id"})),
+                pb.SubmitTaskRequest(id="p2", payload={"handler": "exec", "cmd": "id"}),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.SubmitTask(request, timeout=10)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, request.id
+            batch = stub.SubmitTasks(
+                pb.SubmitTasksRequest(
+                    tasks=[
+                        pb.SubmitTaskRequest(
+                            id="p3", payload_json=json.dumps({"handler": "exec", "cmd": "id"})
+                        )
+                    ]
+                ),
+                timeout=10,
+            )
+            assert batch.accepted == 0 and [r.code for r in batch.rejected] == [7]
