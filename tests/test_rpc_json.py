@@ -8,6 +8,7 @@ grpcio client's view of the same messages is in ``test_rpc_interop.py``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +116,17 @@ def test_bad_json_fields_are_refused_with_the_field_named(text: str, why: str) -
     assert why in str(info.value)
     # A huge bad value is echoed in at most a bounded preview.
     assert len(str(info.value)) < 600
+
+
+async def test_execute_task_sends_json_values_as_json_text_not_python_repr(tmp_path: Path) -> None:
+    # ExecuteTaskRequest has only the old map: a nested value must arrive as JSON, never as
+    # Python's repr ("{'a': 1}", "True"). A real in-process server records what arrived.
+    from dspy_infra.rpc.client import EnvManagerClient, OrchestratorClient
+    from tests._rpc_support import in_process_server
+
+    async with in_process_server(tmp_path) as (_, server):
+        addr = f"127.0.0.1:{server.grpc_port}"
+        async with EnvManagerClient.connect(addr) as env, OrchestratorClient.connect(addr) as orch:
+            await env.execute_task("xt", payload={"handler": "noop", "o": {"a": 1}, "b": True})
+            arrived = (await orch.get_task_status("xt")).spec.payload
+    assert arrived == {"handler": "noop", "o": '{"a":1}', "b": "true"}

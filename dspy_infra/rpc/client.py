@@ -428,7 +428,8 @@ class EnvManagerClient(_Client):
         req = env_pb.ExecuteTaskRequest(
             task_id=task_id,
             workload_class=workload_class,
-            payload={str(k): str(v) for k, v in (payload or {}).items()},
+            # The old string map only: a string as is, any other JSON value as its JSON text.
+            payload=cv.json_map(check_json_object(payload, "payload")),
             timeout_seconds=round(timeout or 0),
         )
         return await self._unary(self.stub.execute_task(req))
