@@ -7,7 +7,10 @@
 #      checkout so nothing is imported from it:
 #      - `dspy-infra serve` answers the standard gRPC health check and HTTP /health;
 #      - `dspy-infra demo` runs to the end;
-#      - one task submitted to the served instance runs, and its result is read back.
+#      - one task submitted to the served instance runs, and its result is read back;
+#      - the pytest plugin runs a test of a project outside the checkout;
+#      - the README's snippet runs, and the real `redis` client reaches Redis at the URL of
+#        the service's handle (when redis-server is installed).
 #
 # Needs: python3 (3.11+) with venv, and the repo's .venv (`make venv`) to build the wheel.
 # Usage: bash scripts/newcomer.sh     (exit 0 = every step passed; prints one line per step)
@@ -75,6 +78,7 @@ mkdir -p "$APP"
 cd "$APP"
 # Nothing of the checkout or of the test environment leaks in.
 unset PYTHONPATH
+export XDG_STATE_HOME=$WORK/state   # the user's default state directory, private to this run
 for var in $(env | grep -o '^DSPY_INFRA_[A-Z_]*' || true); do unset "$var"; done
 free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 GRPC_PORT=$(free_port); ENV_PORT=$(free_port); HTTP_PORT=$(free_port)
@@ -137,4 +141,55 @@ kill -TERM "$SERVER_PID"
 wait "$SERVER_PID" || fail "dspy-infra serve exited with $? on SIGTERM"
 SERVER_PID=""
 say "serve: stopped on SIGTERM"
+
+# -- 6. the pytest plugin on a project outside the repo ------------------------------------
+pip_quiet "$BIN/pip" install -q pytest
+mkdir -p "$APP/tests"
+cat >"$APP/tests/test_newcomer.py" <<'EOF_TEST'
+def test_exec_task(infra):
+    infra.submit_task("t1", "cpu_short", {"handler": "exec", "cmd": "echo hi"})
+    result = infra.wait("t1", timeout=30)
+    assert str(result.status) == "completed" and result.result["stdout"] == "hi\n"
+EOF_TEST
+"$BIN/python" -m pytest -q -p no:cacheprovider "$APP/tests" >"$WORK/pytest.log" 2>&1 \
+    || { cat "$WORK/pytest.log" >&2; fail "the pytest plugin on a project outside the repo"; }
+say "pytest plugin: the outside project's test ran green"
+
+# -- 7. the README's snippet, and a service handle's URL used by the real redis client --------
+if ! command -v redis-server >/dev/null; then
+    say "README snippet: skipped (no redis-server on this machine)"
+elif ! "$BIN/python" -c "import dspy_infra.services.handles" 2>/dev/null; then
+    say "README snippet: skipped (this build has no service handles or free service ports yet)"
+else
+    pip_quiet "$BIN/pip" install -q redis
+    "$BIN/python" - <<'EOF_PY' || fail "the README snippet with Redis (another listener is on 6379)"
+import asyncio
+
+import redis.asyncio as aioredis
+
+from dspy_infra import ensure_infra, shutdown_infra
+
+
+async def main() -> None:
+    infra = await ensure_infra(services=["redis"])
+    try:
+        await infra.submit_task("t1", task_class="cpu_short", payload={"handler": "exec", "cmd": "echo hi"})
+        assert (await infra.wait("t1")).result["stdout"] == "hi\n"
+        url = infra.services["redis"].url
+        assert not url.endswith(":6379/0"), url  # 6379 is someone else's
+        client = aioredis.from_url(url)
+        try:
+            assert await client.ping()
+            await client.set("newcomer", "yes")
+            assert await client.get("newcomer") == b"yes"
+        finally:
+            await client.aclose()
+    finally:
+        await shutdown_infra()
+
+
+asyncio.run(main())
+EOF_PY
+    say "README snippet: ran; the real redis client reached Redis at the handle's URL"
+fi
 say "passed in $((SECONDS - STARTED)) s"
