@@ -1,8 +1,9 @@
 """The ``dspy-infra`` command.
 
-Every command that needs an infra goes through ``use_infra()``: it talks to a running server
-when one answers (``--addr`` / ``DSPY_INFRA_ADDR``, or the default address in ``mode=auto``)
-and otherwise runs an embedded ``Infra`` on the state directory for the length of the command.
+Every command that needs an infra goes through ``ensure_infra()``: it talks to the server
+named by ``--addr`` / ``DSPY_INFRA_ADDR``, or in ``mode=auto`` to the one at the default
+address when it serves this state directory, and otherwise runs an embedded ``Infra`` on the
+state directory for the length of the command (shut down at its end, saying so if it waits).
 
 Errors are one line on stderr, ``dspy-infra: error: <text>``, where the text is the
 ``InfraError``'s own (it names the field and the fix), with fixes that name Python calls
@@ -1088,7 +1089,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         choices=("auto", "embedded", "remote"),
-        help="auto: a server if one answers, else embedded (default)",
+        help="auto (default): the server of this state directory if one runs, else embedded",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,7 +1,8 @@
 """Infra: owns the scheduler, the service manager, workflows and (optionally) the servers.
 
-``ensure_infra()`` returns the process-wide shared instance: an embedded ``Infra`` or, when a
-server answers, a ``RemoteInfra`` with the same methods over gRPC.
+``ensure_infra()`` returns the process-wide shared instance: an embedded ``Infra`` or a
+``RemoteInfra`` with the same methods over gRPC (a named server, or this app's own; see its
+docstring).
 
 Ownership: every component is an async context manager that owns its background tasks.
 ``Infra`` enters them all inside one *owner task* and leaves them in reverse order when
