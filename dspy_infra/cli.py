@@ -522,8 +522,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
             return EXIT_OK
         out = _console()
+        where = (
+            f"embedded, home {infra.home}"
+            if mode == "embedded"
+            else f"server at {infra.addr}" + (f", home {health['home']}" if health.get("home") else "")
+        )
         out.print(
-            f"dspy-infra {health.get('version', '?')} ({mode}): "
+            f"dspy-infra {health.get('version', '?')} ({where}): "
             + ("healthy" if health.get("healthy") else "UNHEALTHY")
         )
         table = Table(title="Services")

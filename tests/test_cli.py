@@ -324,6 +324,8 @@ def test_cli_talks_to_a_running_server(server: Server) -> None:
     status = server.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["mode"] == "server"
+    text = server.cli("status")
+    assert f"(server at {server.addr}, home " in text.stdout.splitlines()[0], text.stdout
     events = server.cli("events", "--type", "task_completed")
     assert events.returncode == 0, events.stderr
     assert re.search(r"task_completed r1\b", events.stdout), events.stdout
