@@ -130,3 +130,15 @@ async def test_execute_task_sends_json_values_as_json_text_not_python_repr(tmp_p
             await env.execute_task("xt", payload={"handler": "noop", "o": {"a": 1}, "b": True})
             arrived = (await orch.get_task_status("xt")).spec.payload
     assert arrived == {"handler": "noop", "o": '{"a":1}', "b": "true"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(wire_json_objects)
+def test_payload_json_request_round_trip_and_old_map_view(payload: dict[str, Any]) -> None:
+    raw = bytes(orch_pb.SubmitTaskRequest(id="t", payload_json=json_text(payload)))
+    assert _same(cv.submit_request_payload(orch_pb.SubmitTaskRequest.parse(raw)), payload)
+    # The old map view loses no information: strings as is, everything else decodes back.
+    view = cv.json_map(payload)
+    assert view.keys() == payload.keys()
+    for key, value in payload.items():
+        assert view[key] == value if isinstance(value, str) else json.loads(view[key]) == value
