@@ -179,3 +179,31 @@ async def test_remote_infra_returns_a_handlers_json_result_exactly(tmp_path: Pat
             state = await remote.get_task("j1")
             assert _same(state.spec.payload, {"handler": "structured", "data": data})
             assert _same(state.result, result.result)
+
+
+@pytest.mark.skipif(
+    not _json_in_core(), reason="tasks hold string maps in this build (JSON is core's change)"
+)
+async def test_execute_task_answers_json_results_on_its_string_map(tmp_path: Path) -> None:
+    # ExecuteTaskResponse has only the old map: a JSON result must become JSON text there,
+    # not an encoding error (INTERNAL).
+    from dspy_infra.rpc.client import EnvManagerClient
+    from tests._rpc_support import in_process_server
+
+    async with in_process_server(tmp_path) as (infra, server):
+
+        @infra.handler("structured")
+        async def structured(ctx: Any) -> dict[str, Any]:
+            return {"n": 1, "o": {"a": [1, None]}, "s": "text", "b": False}
+
+        async with EnvManagerClient.connect(f"127.0.0.1:{server.grpc_port}") as env:
+            resp = await env.execute_task("xs", payload={"handler": "structured"}, timeout=30)
+    assert resp.success
+    assert dict(resp.result) == {"n": "1", "o": '{"a":[1,null]}', "s": "text", "b": "false"}
+
+
+def test_event_data_travels_on_its_string_map() -> None:
+    from dspy_infra.models import Event
+
+    msg = cv.event_to_pb(Event(type="t", resource_id="r", data={"s": "x", "n": 2}, timestamp=1.0))  # type: ignore[dict-item]
+    assert orch_pb.SystemEvent.parse(bytes(msg)).data == {"s": "x", "n": "2"}

@@ -285,7 +285,7 @@ def event_to_pb(event: Event) -> orch_pb.SystemEvent:
     return orch_pb.SystemEvent(
         event_type=event.type,
         resource_id=event.resource_id,
-        data=dict(event.data),
+        data=json_map(event.data),
         timestamp=int(event.timestamp),
         timestamp_seconds=event.timestamp,
     )

@@ -509,7 +509,7 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         latency_ms = (time.perf_counter() - began) * 1000.0
         return env_pb.ExecuteTaskResponse(
             success=result.status == TaskStatus.COMPLETED,
-            result=dict(result.result),
+            result=cv.json_map(result.result),  # the old map only: JSON text for non-strings
             error=result.error,
             latency_ms=latency_ms,
         )
