@@ -666,27 +666,35 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 async def _report_submitted(infra: Any, state: Any, *, as_json: bool) -> int:
     """What ``submit`` without ``--wait`` can honestly say. With a server, the task is queued
     there. Embedded (no server), the task runs only while this command lives: the command
-    gives it ``shutdown_grace`` seconds (what the shutdown would wait anyway) and reports how
-    it ended; a task still running then is stopped and stays stored as ``pending``, to run
-    the next time an infra starts on this state directory."""
+    drains the scheduler here (what its shutdown does anyway: running tasks get
+    ``shutdown_grace`` seconds, nothing new starts) and reports how the task ended; one that
+    has not ended stays stored as ``pending``, to run the next time an infra starts on this
+    state directory."""
     out = _console()
     if _is_embedded(infra):
         grace = infra.settings.shutdown_grace
         try:
-            result = await infra.wait(state.id, timeout=grace)
+            return _report_result(await infra.wait(state.id, timeout=SHUTDOWN_NOTICE_AFTER), as_json=as_json)
         except DeadlineExceeded:
             pass
-        else:
-            return _report_result(result, as_json=as_json)
-        row = {**_task_row(state), "status": "pending"}
+        sys.stderr.write(
+            f"dspy-infra: stopping: no server keeps tasks running after this command, so {state.id}"
+            f" gets up to {grace:g} s (shutdown_grace) to finish...\n"
+        )
+        sys.stderr.flush()
+        await infra.scheduler.drain(grace)
+        now = await infra.get_task(state.id)
+        if _status_text(now.status) in _TERMINAL_TASK:
+            return _report_result(now.to_result(), as_json=as_json)
+        row = {**_task_row(now), "status": "pending"}
         if as_json:
             _print_json(row)
         else:
             out.print(f"submitted {state.id} ({state.spec.task_class}): pending")
             out.print(
                 f"note: no server is running and the task did not finish within {grace:g} s"
-                " (shutdown_grace), so it is stopped and stays stored: it runs again the next time"
-                f" an infra starts on {infra.home} (`dspy-infra serve`); use --wait to wait for it"
+                " (shutdown_grace), so it stays stored, unfinished: it runs the next time an infra"
+                f" starts on {infra.home} (`dspy-infra serve`); use --wait to wait for it"
             )
         return EXIT_OK
     if as_json:

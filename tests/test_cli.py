@@ -582,7 +582,7 @@ def test_submit_without_a_server_never_claims_it_ran(tmp_path: Path) -> None:
     slow = run(*base, "submit", "s1", "--payload", "handler=sleep", "seconds=30", cwd=tmp_path, env=env)
     assert slow.returncode == 0, slow.stderr
     assert "submitted s1 (cpu_short): pending" in slow.stdout and ": running" not in slow.stdout
-    assert "stays stored" in slow.stdout and "dspy-infra serve" in slow.stdout
+    assert "stays stored, unfinished" in slow.stdout and "dspy-infra serve" in slow.stdout
     # The shutdown said what it waited for.
     assert "dspy-infra: stopping:" in slow.stderr
     quick = run(*base, "submit", "s2", "--payload", "handler=exec", "cmd=echo done", cwd=tmp_path, env=env)
