@@ -93,3 +93,37 @@ async def test_plugins_cannot_ride_along_to_a_server(server: ServeProcess, clean
     with pytest.raises(errors.FailedPrecondition) as info:
         await ensure_infra(addr=server.addr, plugins=[Plugin()])
     assert info.value.field == "plugins"
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, Path, int]]:
+    """A server whose catalog has a service the client's settings do not know."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    home = tmp_path_factory.mktemp("web_home")
+    web = {
+        "command": [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        "ports": [{"container_port": port}],
+        "health": {"kind": "http", "path": "/", "startup_timeout": 20},
+    }
+    with serve_process(home, services={"web": web}) as proc:
+        yield proc, home, port
+
+
+async def test_attached_the_services_asked_for_start_on_the_server(
+    web_server: tuple[ServeProcess, Path, int], clean_shared: None
+) -> None:
+    server, home, port = web_server
+    infra = await ensure_infra(state_dir=home, grpc_port=server.grpc_port, services=["web"])
+    try:
+        assert infra.mode == "remote"
+        states = await infra.services.status(["web"])
+        assert str(states["web"].status) in ("healthy", "running")
+        stream = await anyio.connect_tcp("127.0.0.1", port)  # the server started it: it listens
+        await stream.aclose()
+    finally:
+        await infra.services.stop(["web"])
