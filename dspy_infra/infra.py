@@ -27,7 +27,7 @@ from anyio.abc import AsyncResource
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import FailedPrecondition, SpecError, Unavailable
+from .errors import FailedPrecondition, SpecError, Unauthenticated, Unavailable
 from .events import EventBus
 from .metrics import InfraMetrics
 from .models import Event, QueueStatus, ServiceSpec, TaskResult, TaskSpec, TaskState
@@ -371,7 +371,14 @@ async def _maybe_remote(cfg: Settings, *, serve: bool, local_only: Sequence[str]
     tls = cfg.tls_cert or None
     named = bool(cfg.addr) or cfg.mode == "remote"
     target = cfg.addr or f"127.0.0.1:{cfg.grpc_port}"
-    remote = await RemoteInfra.connect(target, token=cfg.token, required=named, tls=tls)
+    try:
+        remote = await RemoteInfra.connect(target, token=cfg.token, required=named, tls=tls)
+    except Unauthenticated:
+        if named:
+            raise
+        # Auto mode: a server that refuses our token cannot be identified, so it is not ours.
+        _log.info("dspy_infra: the server at %s refused this app's token; running embedded", target)
+        return None
     if remote is None:
         return None
     try:

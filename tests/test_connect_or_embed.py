@@ -127,3 +127,15 @@ async def test_attached_the_services_asked_for_start_on_the_server(
         await stream.aclose()
     finally:
         await infra.services.stop(["web"])
+
+
+async def test_auto_mode_embeds_beside_another_apps_server_that_wants_a_token(
+    tmp_path: Path, clean_shared: None
+) -> None:
+    with serve_process(tmp_path / "their_home", token="their-secret") as theirs:
+        infra = await ensure_infra(state_dir=tmp_path / "mine", grpc_port=theirs.grpc_port)
+        assert infra.mode == "embedded"
+        await shutdown_infra()
+        # Named, the same server is a clear error instead.
+        with pytest.raises(errors.Unauthenticated):
+            await ensure_infra(addr=theirs.addr, state_dir=tmp_path / "mine")
