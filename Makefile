@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint typecheck unit proto bench engines-start engines-stop clean
+.PHONY: venv demo test lint typecheck unit proto bench engines-deps engines-start engines-stop slurm-start slurm-stop clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,11 +38,21 @@ bench: venv
 	$(BIN)/python benchmarks/rpc.py
 	$(BIN)/python benchmarks/workflows.py
 
+# As root on Debian: the engines and servers the engine tests use (what CI installs).
+engines-deps:
+	apt-get update && apt-get install -y $$(cat scripts/apt-packages.txt)
+
 engines-start:
 	bash scripts/engines.sh start
 
 engines-stop:
 	bash scripts/engines.sh stop
+
+slurm-start:
+	bash scripts/slurm.sh start
+
+slurm-stop:
+	bash scripts/slurm.sh stop
 
 clean:
 	rm -rf $(VENV) build *.egg-info

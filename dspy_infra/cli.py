@@ -1,13 +1,16 @@
 """The ``dspy-infra`` command.
 
-Every command that needs an infra goes through ``use_infra()``: it talks to a running server
-when one answers (``--addr`` / ``DSPY_INFRA_ADDR``, or the default address in ``mode=auto``)
-and otherwise runs an embedded ``Infra`` on the state directory for the length of the command.
+Every command that needs an infra goes through ``ensure_infra()``: it talks to the server
+named by ``--addr`` / ``DSPY_INFRA_ADDR``, or in ``mode=auto`` to the one at the default
+address when it serves this state directory, and otherwise runs an embedded ``Infra`` on the
+state directory for the length of the command (shut down at its end, saying so if it waits).
 
 Errors are one line on stderr, ``dspy-infra: error: <text>``, where the text is the
-``InfraError``'s own (it names the field and the fix). Exit codes: 0 ok, 1 a failure (a task
-failed, a service did not come up, a server did not answer), 2 bad input (a ``SpecError``,
-an unknown id, a bad argument), 130 interrupted. ``--debug`` shows the traceback instead.
+``InfraError``'s own (it names the field and the fix), with fixes that name Python calls
+rewritten as the matching ``dspy-infra`` command (``cli_fix``). Exit codes: 0 ok, 1 a failure
+(a task failed, was cancelled or had no handler, a service did not come up, a server did not
+answer), 2 bad input (a ``SpecError``, an unknown id, a bad argument), 130 interrupted.
+``--debug`` shows the traceback instead. Results are JSON objects and print as JSON.
 
 The settings reference (``config init`` and ``config reference``) is generated from
 ``config.Settings`` itself, so the commented file and docs/configuration.md cannot drift.
@@ -29,7 +32,7 @@ from typing import Any, NoReturn
 import attrs
 
 from .config import CONFIG_FILE_NAME, ENV_PREFIX, Settings, load_settings
-from .errors import AlreadyExists, InfraError, NotFound, SpecError
+from .errors import AlreadyExists, DeadlineExceeded, InfraError, NotFound, SpecError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -37,6 +40,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "SettingDoc",
+    "cli_fix",
     "main",
     "parse_pairs",
     "render_config_template",
@@ -162,8 +166,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, (list, tuple)):  # e.g. allowed_hosts: a TOML array of strings
-        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+    if isinstance(value, (list, tuple, frozenset, set)):  # list settings: a TOML array
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return "[" + ", ".join(_toml_value(item) for item in items) + "]"
     return json.dumps(str(value))  # a TOML basic string for plain text and paths
 
 
@@ -289,8 +294,15 @@ def _ts(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
-def _pairs_text(mapping: Mapping[str, str]) -> str:
-    return " ".join(f"{k}={v}" for k, v in mapping.items())
+def _value_text(value: Any) -> str:
+    """A JSON value for a human: a string as is (trailing newline dropped), else compact JSON."""
+    if isinstance(value, str):
+        return value.rstrip("\n")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _pairs_text(mapping: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={_value_text(v)}" for k, v in mapping.items())
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -344,14 +356,40 @@ def _is_embedded(infra: Any) -> bool:
     return isinstance(infra, Infra)
 
 
+#: Seconds of a silent shutdown before the CLI says what it is waiting for.
+SHUTDOWN_NOTICE_AFTER = 0.5
+
+
 def _run_with_infra(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
     async def run() -> int:
-        from .infra import use_infra
+        from .infra import ensure_infra
 
-        async with use_infra(**_infra_kwargs(args)) as infra:
+        infra = await ensure_infra(**_infra_kwargs(args))
+        try:
             return await body(infra)
+        finally:
+            await _shutdown_with_notice(infra)
 
     return asyncio.run(run())
+
+
+async def _shutdown_with_notice(infra: Any) -> None:
+    """Shut the infra down; if that takes a while (running tasks drain, services stop), say
+    so on stderr instead of hanging silently."""
+    from .infra import shutdown_infra
+
+    closing = asyncio.ensure_future(shutdown_infra())
+    try:
+        await asyncio.wait_for(asyncio.shield(closing), timeout=SHUTDOWN_NOTICE_AFTER)
+    except TimeoutError:
+        grace = getattr(getattr(infra, "settings", None), "shutdown_grace", None)
+        wait = f"up to {grace:g} s" if isinstance(grace, int | float) else "a moment"
+        sys.stderr.write(
+            f"dspy-infra: stopping: running tasks get {wait} to finish (the rest stay stored"
+            " for the next start), then the services this command started stop...\n"
+        )
+        sys.stderr.flush()
+        await closing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,8 +525,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
             return EXIT_OK
         out = _console()
+        where = (
+            f"embedded, home {infra.home}"
+            if mode == "embedded"
+            else f"server at {infra.addr}" + (f", home {health['home']}" if health.get("home") else "")
+        )
         out.print(
-            f"dspy-infra {health.get('version', '?')} ({mode}): "
+            f"dspy-infra {health.get('version', '?')} ({where}): "
             + ("healthy" if health.get("healthy") else "UNHEALTHY")
         )
         table = Table(title="Services")
@@ -546,47 +589,164 @@ def _task_row(state: Any) -> dict[str, Any]:
     }
 
 
+def _task_detail(state: Any) -> dict[str, Any]:
+    """Everything known about a task (``tasks show``): spec, state, result, error, timings."""
+    spec = state.spec
+    return {
+        **_task_row(state),
+        "payload": dict(spec.payload),
+        "priority": spec.priority,
+        "timeout": spec.timeout,
+        "max_attempts": spec.max_attempts,
+        "workflow_id": spec.workflow_id,
+        "started_at": state.started_at,
+        "completed_at": state.completed_at,
+    }
+
+
+def _print_result(out: Any, result: Mapping[str, Any], *, indent: str) -> None:
+    """One line per key; a multi-line value (command output) as an indented block."""
+    for key, value in result.items():
+        text = _value_text(value)
+        if "\n" in text:
+            out.print(f"{indent}{key}:")
+            for line in text.splitlines():
+                out.print(f"{indent}  {line}")
+        else:
+            out.print(f"{indent}{key}: {text}")
+
+
+def _task_failure(task_id: str, status: str, error: str) -> _Failure:
+    return _Failure(f"task {task_id} {status}: {error or 'no reason was recorded'}")
+
+
+def _read_payload(args: argparse.Namespace) -> dict[str, Any]:
+    """``--payload K=V ...`` (strings) or ``--payload-json OBJECT`` (any JSON values)."""
+    from .values import decode_json_object
+
+    if args.payload_json is not None:
+        if args.payload:
+            raise SpecError(
+                "--payload and --payload-json are both given",
+                field="--payload-json",
+                fix="give one: --payload KEY=VALUE ... (strings) or --payload-json '{...}' (any JSON)",
+            )
+        return decode_json_object(args.payload_json, "--payload-json")
+    return dict(parse_pairs(args.payload, "--payload"))
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    payload = parse_pairs(args.payload, "--payload")
+    payload = _read_payload(args)
 
     async def body(infra: Any) -> int:
-        state = await infra.submit_task(
-            args.id,
-            args.task_class,
-            payload,
-            priority=args.priority,
-            timeout=args.timeout,
-            max_attempts=args.max_attempts,
-        )
-        out = _console()
+        try:
+            state = await infra.submit_task(
+                args.id,
+                args.task_class,
+                payload,
+                priority=args.priority,
+                timeout=args.timeout,
+                max_attempts=args.max_attempts,
+            )
+        except AlreadyExists as exc:
+            # Say why the id is taken: tasks outlive the command that submitted them.
+            where = (
+                f"the state directory {infra.home}" if _is_embedded(infra) else f"the server at {infra.addr}"
+            )
+            raise AlreadyExists(
+                f"task {args.id!r} already exists in {where} with different content (tasks are"
+                " kept across runs)",
+                field="id",
+                fix=f"use a new id, or see the stored one with `dspy-infra tasks show {args.id}`",
+            ) from exc
         if not args.wait:
-            if args.json:
-                _print_json(_task_row(state))
-            else:
-                out.print(f"submitted {state.id} ({state.spec.task_class}): {_status_text(state.status)}")
-                if _is_embedded(infra) and _status_text(state.status) not in _TERMINAL_TASK:
-                    out.print(
-                        "note: no server is running; the task is stored and runs the next time an infra"
-                        " starts on this state directory (use --wait, or run `dspy-infra serve`)"
-                    )
-            return EXIT_OK
-        result = await infra.wait(args.id, timeout=args.wait_timeout)
-        status = _status_text(result.status)
-        if args.json:
-            _print_json(_as_dict(result))
+            return await _report_submitted(infra, state, as_json=args.json)
+        return _report_result(await infra.wait(args.id, timeout=args.wait_timeout), as_json=args.json)
+
+    return _run_with_infra(args, body)
+
+
+async def _report_submitted(infra: Any, state: Any, *, as_json: bool) -> int:
+    """What ``submit`` without ``--wait`` can honestly say. With a server, the task is queued
+    there. Embedded (no server), the task runs only while this command lives: the command
+    drains the scheduler here (what its shutdown does anyway: running tasks get
+    ``shutdown_grace`` seconds, nothing new starts) and reports how the task ended; one that
+    has not ended stays stored as ``pending``, to run the next time an infra starts on this
+    state directory."""
+    out = _console()
+    if _is_embedded(infra):
+        grace = infra.settings.shutdown_grace
+        try:
+            return _report_result(await infra.wait(state.id, timeout=SHUTDOWN_NOTICE_AFTER), as_json=as_json)
+        except DeadlineExceeded:
+            pass
+        sys.stderr.write(
+            f"dspy-infra: stopping: no server keeps tasks running after this command, so {state.id}"
+            f" gets up to {grace:g} s (shutdown_grace) to finish...\n"
+        )
+        sys.stderr.flush()
+        await infra.scheduler.drain(grace)
+        now = await infra.get_task(state.id)
+        if _status_text(now.status) in _TERMINAL_TASK:
+            return _report_result(now.to_result(), as_json=as_json)
+        row = {**_task_row(now), "status": "pending"}
+        if as_json:
+            _print_json(row)
         else:
-            out.print(f"{result.task_id}: {status} in {result.duration_ms:.0f} ms")
-            for key, value in result.result.items():
-                out.print(f"  {key}: {value.rstrip()}")
-            if result.error:
-                out.print(f"  error: {result.error}")
-        return EXIT_OK if status == "completed" else EXIT_FAILURE
+            out.print(f"submitted {state.id} ({state.spec.task_class}): pending")
+            out.print(
+                f"note: no server is running and the task did not finish within {grace:g} s"
+                " (shutdown_grace), so it stays stored, unfinished: it runs the next time an infra"
+                f" starts on {infra.home} (`dspy-infra serve`); use --wait to wait for it"
+            )
+        return EXIT_OK
+    if as_json:
+        _print_json(_task_row(state))
+    else:
+        out.print(f"submitted {state.id} ({state.spec.task_class}): {_status_text(state.status)}")
+    return EXIT_OK
+
+
+def _report_result(result: Any, *, as_json: bool) -> int:
+    """A finished task's result; a task that did not complete raises ``_Failure`` with why."""
+    status = _status_text(result.status)
+    if as_json:
+        _print_json(_as_dict(result))
+    else:
+        out = _console()
+        out.print(f"{result.task_id}: {status} in {result.duration_ms:.0f} ms")
+        _print_result(out, result.result, indent="  ")
+    if status != "completed":
+        raise _task_failure(result.task_id, status, result.error)
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    async def body(infra: Any) -> int:
+        before = _status_text((await infra.get_task(args.id)).status)
+        if before in _TERMINAL_TASK:
+            raise _Failure(f"task {args.id} was already {before}; nothing to cancel")
+        state = await infra.cancel(args.id)
+        status = _status_text(state.status)
+        if args.json:
+            _print_json(_task_row(state))
+        else:
+            _console().print(f"{state.id}: {status} (was {before})")
+        if status != "cancelled":
+            raise _Failure(f"task {state.id} ended {status} before it could be cancelled")
+        return EXIT_OK
 
     return _run_with_infra(args, body)
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from rich.table import Table
+
+    command = getattr(args, "tasks_command", None) or "list"
+    if command == "show":
+        return _run_with_infra(args, lambda infra: _show_task(infra, args))
+    if command == "log":
+        return _run_with_infra(args, lambda infra: _show_task_log(infra, args))
 
     async def body(infra: Any) -> int:
         states = await infra.list_tasks(status=args.status, limit=args.limit)
@@ -610,6 +770,43 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run_with_infra(args, body)
+
+
+async def _show_task(infra: Any, args: argparse.Namespace) -> int:
+    state = await infra.get_task(args.id)
+    doc = _task_detail(state)
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    out = _console()
+    out.print(f"task {state.id}: {doc['status']}")
+    out.print(
+        f"  class: {doc['class']}  priority: {doc['priority']}  attempts: {state.attempts} (max_attempts {doc['max_attempts']})"
+    )
+    if doc["workflow_id"]:
+        out.print(f"  workflow: {doc['workflow_id']}")
+    out.print(f"  payload: {_value_text(doc['payload'])}")
+    out.print(
+        f"  submitted: {_ts(state.submitted_at)}  started: {_ts(state.started_at)}"
+        f"  finished: {_ts(state.completed_at)}"
+        + (f"  duration: {state.duration_ms:.0f} ms" if state.duration_ms else "")
+        + (f"  timeout: {state.spec.timeout:g} s" if state.spec.timeout else "")
+    )
+    if state.result:
+        out.print("  result:")
+        _print_result(out, state.result, indent="    ")
+    if state.error:
+        out.print(f"  error: {state.error}")
+    return EXIT_OK
+
+
+async def _show_task_log(infra: Any, args: argparse.Namespace) -> int:
+    task_log = getattr(infra, "task_log", None)
+    if task_log is None:
+        raise _Failure("per-task logs are not available in this version of dspy-infra")
+    text = await task_log(args.id, attempt=args.attempt)
+    sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
+    return EXIT_OK
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
@@ -675,10 +872,65 @@ def _run_update_line(update: Any) -> str:
         f"{update.run_id}: {_status_text(update.status)} {update.steps_completed}/{update.total_steps}{step}"
     )
     if update.output:
-        text += " output: " + _pairs_text({k: v.strip() for k, v in update.output.items()})
+        text += " output: " + _pairs_text(update.output)
     if update.error:
         text += f" error: {update.error}"
     return text
+
+
+def _steps_table(run: Any, title: str = "Steps") -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("step", "status", "attempts", "task", "started", "took", "error"):
+        table.add_column(column)
+    for name, step in run.steps.items():
+        took = step.completed_at - step.started_at if step.completed_at and step.started_at else 0.0
+        table.add_row(
+            name,
+            _status_text(step.status),
+            str(step.attempts),
+            step.task_id or "-",
+            _ts(step.started_at),
+            ("-" if not took else f"{took * 1000:.0f} ms" if took < 1 else f"{took:.1f} s"),
+            (step.error or "")[:60],
+        )
+    return table
+
+
+def _run_doc(run: Any) -> dict[str, Any]:
+    doc = _as_dict(run)
+    doc["steps_completed"] = run.steps_completed
+    doc["total_steps"] = run.total_steps
+    return doc
+
+
+async def _follow_run(infra: Any, run_id: str) -> Any:
+    """Watch a run until it ends, as a live step table (like the demo's); returns its final
+    state. On a terminal the table updates in place; in a pipe only the final one is printed."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    out = _console()
+    run = await infra.get_run(run_id)
+
+    def view(update: Any) -> Any:
+        return Group(
+            _steps_table(run, title=f"run {run_id} of {run.workflow_id}"), Text(_run_update_line(update))
+        )
+
+    last = run.to_update(run.current_step)
+    with Live(view(last), console=out, auto_refresh=False, transient=False) as live:
+        async for update in _aiter(infra.run_status(run_id)):
+            run = await infra.get_run(run_id)
+            last = update
+            if out.is_terminal:
+                live.update(view(update), refresh=True)
+            if _status_text(update.status) in _TERMINAL_RUN:
+                break
+        live.update(view(last), refresh=True)
+    return run
 
 
 def _cmd_workflow(args: argparse.Namespace) -> int:
@@ -695,57 +947,117 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
         return _run_with_infra(args, create)
 
     if args.wf_command == "run":
-        run_input = parse_pairs(args.input, "--input")
+        from .values import decode_json_object
+
+        if args.input_json is not None and args.input:
+            raise SpecError(
+                "--input and --input-json are both given",
+                field="--input-json",
+                fix="give one: --input KEY=VALUE ... (strings) or --input-json '{...}' (any JSON)",
+            )
+        run_input: dict[str, Any] = (
+            decode_json_object(args.input_json, "--input-json")
+            if args.input_json is not None
+            else dict(parse_pairs(args.input, "--input"))
+        )
 
         async def run(infra: Any) -> int:
             run_id = await infra.start_run(args.id, input=run_input, idempotency_key=args.key)
             out = _console()
             out.print(f"run {run_id} started")
             if not args.follow:
+                if _is_embedded(infra):
+                    out.print(
+                        "note: no server is running, so the run goes on only while this command"
+                        " lives; it resumes the next time an infra starts on this state directory"
+                        " (`dspy-infra serve`), or use --follow"
+                    )
                 return EXIT_OK
-            last = ""
-            async for update in _aiter(infra.run_status(run_id)):
-                out.print(_run_update_line(update))
-                last = _status_text(update.status)
-                if last in _TERMINAL_RUN:
-                    break
-            return EXIT_OK if last == "completed" else EXIT_FAILURE
+            final = await _follow_run(infra, run_id)
+            status = _status_text(final.status)
+            if status != "completed":
+                raise _Failure(f"run {run_id} {status}: {final.error or 'no reason was recorded'}")
+            return EXIT_OK
 
         return _run_with_infra(args, run)
 
-    async def status(infra: Any) -> int:
+    if args.wf_command == "list":
+
+        async def listing(infra: Any) -> int:
+            workflows = await infra.list_workflows()
+            if args.json:
+                _print_json(
+                    [
+                        {
+                            "id": wf.id,
+                            "name": wf.name,
+                            "description": wf.description,
+                            "steps": list(wf.spec.names),
+                            "created_at": wf.created_at,
+                        }
+                        for wf in workflows
+                    ]
+                )
+                return EXIT_OK
+            table = Table(title=f"Workflows ({len(workflows)})")
+            for column in ("id", "name", "steps", "created", "description"):
+                table.add_column(column)
+            for wf in workflows:
+                table.add_row(wf.id, wf.name, ", ".join(wf.spec.names), _ts(wf.created_at), wf.description)
+            _console().print(table)
+            return EXIT_OK
+
+        return _run_with_infra(args, listing)
+
+    if args.wf_command == "runs":
+
+        async def runs(infra: Any) -> int:
+            states = await infra.list_runs(args.workflow_id, limit=args.limit)
+            if args.json:
+                _print_json([_run_doc(r) for r in states])
+                return EXIT_OK
+            table = Table(title=f"Runs ({len(states)})")
+            for column in ("run", "workflow", "status", "steps", "created", "updated", "error"):
+                table.add_column(column)
+            for r in states:
+                table.add_row(
+                    r.run_id,
+                    r.workflow_id,
+                    _status_text(r.status),
+                    f"{r.steps_completed}/{r.total_steps}",
+                    _ts(r.created_at),
+                    _ts(r.updated_at),
+                    (r.error or "")[:60],
+                )
+            _console().print(table)
+            return EXIT_OK
+
+        return _run_with_infra(args, runs)
+
+    async def show(infra: Any) -> int:
         run = await infra.get_run(args.run_id)
-        doc = _as_dict(run)
         if args.json:
-            _print_json(doc)
+            _print_json(_run_doc(run))
             return EXIT_OK
         out = _console()
-        steps = doc.pop("steps", None)
-        output = doc.pop("output", None)
-        for key, value in doc.items():
-            if key.endswith("_at"):
-                value = _ts(float(value or 0))
-            out.print(f"{key}: {value}")
-        if output:
-            out.print("output:")
-            for key, value in output.items():
-                out.print(f"  {key}: {str(value).rstrip()}")
-        if isinstance(steps, Mapping) and steps:
-            table = Table(title="Steps")
-            for column in ("step", "status", "attempts", "task", "error"):
-                table.add_column(column)
-            for name, step in steps.items():
-                table.add_row(
-                    name,
-                    str(step.get("status", "")),
-                    str(step.get("attempts", "")),
-                    str(step.get("task_id", "")),
-                    str(step.get("error", ""))[:60],
-                )
-            out.print(table)
+        out.print(f"run {run.run_id} of {run.workflow_id}: {_status_text(run.status)}")
+        out.print(f"  steps: {run.steps_completed}/{run.total_steps} completed")
+        if run.idempotency_key:
+            out.print(f"  idempotency key: {run.idempotency_key}")
+        out.print(f"  created: {_ts(run.created_at)}  updated: {_ts(run.updated_at)}")
+        if run.input:
+            out.print(f"  input: {_value_text(dict(run.input))}")
+        if run.output:
+            out.print("  output:")
+            for key, value in run.output.items():
+                out.print(f"    {key}: {_value_text(value)}")
+        if run.error:
+            out.print(f"  error: {run.error}")
+        if run.steps:
+            out.print(_steps_table(run))
         return EXIT_OK
 
-    return _run_with_infra(args, status)
+    return _run_with_infra(args, show)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -883,7 +1195,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         choices=("auto", "embedded", "remote"),
-        help="auto: a server if one answers, else embedded (default)",
+        help="auto (default): the server of this state directory if one runs, else embedded",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -928,17 +1240,40 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--payload", nargs="*", metavar="KEY=VALUE", help="e.g. --payload handler=exec cmd='echo hi'"
     )
+    p.add_argument(
+        "--payload-json",
+        metavar="JSON",
+        help="""the payload as one JSON object, e.g. '{"handler": "sleep", "seconds": 1.5}'""",
+    )
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--timeout", type=_positive_float, help="task timeout in seconds")
     p.add_argument("--max-attempts", type=int, default=1)
-    p.add_argument("--wait", action="store_true", help="wait for the result; exit 1 unless completed")
+    p.add_argument(
+        "--wait", action="store_true", help="wait for the result; exit 1 with the reason unless completed"
+    )
     p.add_argument("--wait-timeout", type=_positive_float)
     p.add_argument("--json", action="store_true")
 
-    p = command("tasks", _cmd_tasks, "list tasks, newest first")
-    p.add_argument("--status", choices=("pending", "running", "completed", "failed", "cancelled"))
+    p = command("cancel", _cmd_cancel, "cancel a pending or running task (exit 1 if it had already ended)")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+
+    p = command("tasks", _cmd_tasks, "list tasks, newest first; `tasks show ID`, `tasks log ID`")
+    statuses = ("pending", "running", "completed", "failed", "cancelled")
+    p.add_argument("--status", choices=statuses)
     p.add_argument("--limit", type=_non_negative_int, default=100)
     p.add_argument("--json", action="store_true")
+    tasks = p.add_subparsers(dest="tasks_command", required=False, metavar="SUBCOMMAND")
+    t = tasks.add_parser("list", help="list tasks, newest first (the default)")
+    t.add_argument("--status", choices=statuses)
+    t.add_argument("--limit", type=_non_negative_int, default=100)
+    t.add_argument("--json", action="store_true")
+    t = tasks.add_parser("show", help="one task: payload, status, attempts, timings, full result, error")
+    t.add_argument("id", metavar="ID")
+    t.add_argument("--json", action="store_true")
+    t = tasks.add_parser("log", help="a task's log: what its handler wrote (exec stdout and stderr)")
+    t.add_argument("id", metavar="ID")
+    t.add_argument("--attempt", type=_non_negative_int, help="that attempt (default: the latest)")
 
     p = command("events", _cmd_events, "recent events; -f to keep following")
     p.add_argument("-f", "--follow", action="store_true")
@@ -956,9 +1291,18 @@ def _build_parser() -> argparse.ArgumentParser:
     r = wf.add_parser("run", help="start a run")
     r.add_argument("id", metavar="ID")
     r.add_argument("--input", nargs="*", metavar="KEY=VALUE")
+    r.add_argument("--input-json", metavar="JSON", help="the input as one JSON object")
     r.add_argument("--key", default="", help="idempotency key: the same key returns the same run")
-    r.add_argument("--follow", action="store_true", help="stream status until the run ends")
-    s = wf.add_parser("status", help="a run's state")
+    r.add_argument(
+        "--follow", action="store_true", help="a live step table until the run ends; exit 1 unless completed"
+    )
+    lw = wf.add_parser("list", help="the stored workflows")
+    lw.add_argument("--json", action="store_true")
+    rs = wf.add_parser("runs", help="runs, newest first")
+    rs.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID", help="only this workflow's runs")
+    rs.add_argument("--limit", type=_non_negative_int, default=100)
+    rs.add_argument("--json", action="store_true")
+    s = wf.add_parser("show", aliases=["status"], help="a run's state with a table of its steps")
     s.add_argument("run_id", metavar="RUN_ID")
     s.add_argument("--json", action="store_true")
 
@@ -992,12 +1336,37 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return leaves[0] if leaves else group
 
 
+#: Fixes written for Python callers, and the same advice as a command (the CLI's user types
+#: commands). Each pattern is matched against an error's ``fix``; unknown fixes pass as is.
+_CLI_FIXES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
+    (
+        re.compile(r"ensure\(\[(?P<names>[^\]]*)\]\)"),
+        lambda m: "`dspy-infra up " + " ".join(n.strip(" '\"") for n in m["names"].split(",")) + "`",
+    ),
+    (
+        re.compile(r"\(?infra\.services\.pull\)?"),
+        lambda m: "(`docker pull IMAGE`, or `dspy-infra up` pulls it)",
+    ),
+    (re.compile(r"mode='embedded'"), lambda m: "--mode embedded"),
+    (re.compile(r"mode='remote'"), lambda m: "--mode remote"),
+    (re.compile(r"drop backend="), lambda m: "drop --backend"),
+    (re.compile(r"await infra\.start\(\) first"), lambda m: "rerun the command"),
+)
+
+
+def cli_fix(fix: str) -> str:
+    """Advice in an error as CLI advice: Python calls (``ensure(['redis'])``) become commands."""
+    for pattern, replace in _CLI_FIXES:
+        fix = pattern.sub(replace, fix)
+    return fix
+
+
 def _exit_code(err: InfraError) -> int:
     return EXIT_USAGE if isinstance(err, (SpecError, NotFound, AlreadyExists)) else EXIT_FAILURE
 
 
 def _fail(text: str) -> None:
-    sys.stderr.write(f"dspy-infra: error: {text}\n")
+    sys.stderr.write(f"dspy-infra: error: {cli_fix(text)}\n")
     sys.stderr.flush()
 
 

@@ -133,8 +133,8 @@ class Settings:
     network: str = "dspy_infra"
     #: Ownership label value; None = derived from the state directory (one owner per home).
     owner: str | None = None
-    #: How ensure_infra() finds its infra: auto (server at addr if one answers, else
-    #: embedded), embedded, or remote (must connect).
+    #: How ensure_infra() finds its infra: auto (the server at addr; else the server at
+    #: grpc_port if it serves this home and owner; else embedded), embedded, or remote (must connect).
     mode: str = attrs.field(default="auto", validator=_one_of("auto", "embedded", "remote"))
     #: Address of a running server for remote/auto mode (host:port of the gRPC server).
     addr: str | None = None

@@ -1,7 +1,8 @@
 """Infra: owns the scheduler, the service manager, workflows and (optionally) the servers.
 
-``ensure_infra()`` returns the process-wide shared instance: an embedded ``Infra`` or, when a
-server answers, a ``RemoteInfra`` with the same methods over gRPC.
+``ensure_infra()`` returns the process-wide shared instance: an embedded ``Infra`` or a
+``RemoteInfra`` with the same methods over gRPC (a named server, or this app's own; see its
+docstring).
 
 Ownership: every component is an async context manager that owns its background tasks.
 ``Infra`` enters them all inside one *owner task* and leaves them in reverse order when
@@ -16,6 +17,7 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import logging
 import os
 import signal
 import threading
@@ -29,7 +31,7 @@ from anyio.abc import AsyncResource
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import NotFound, SpecError, Unavailable
+from .errors import FailedPrecondition, NotFound, SpecError, Unauthenticated, Unavailable
 from .events import EventBus
 from .metrics import InfraMetrics
 from .models import Event, QueueStatus, ServiceSpec, TaskResult, TaskSpec, TaskState
@@ -52,9 +54,14 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, str]]])
 
+_log = logging.getLogger("dspy_infra")
+
 
 class Infra(AsyncResource):
     """Embedded infrastructure. ``async with Infra(...) as infra:`` or ``await infra.start()``."""
+
+    #: Which kind ``ensure_infra()`` returned: "embedded" here, "remote" for a RemoteInfra.
+    mode = "embedded"
 
     def __init__(
         self,
@@ -304,6 +311,13 @@ class Infra(AsyncResource):
     async def get_run(self, run_id: str) -> Any:
         return await self.workflows.get_run(run_id)
 
+    async def list_workflows(self) -> list[Any]:
+        return await self.workflows.list_workflows()
+
+    async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[Any]:
+        """Runs with their steps, newest first."""
+        return await self.workflows.list_runs(workflow_id, limit=limit)
+
     def run_status(self, run_id: str) -> AsyncIterator[Any]:
         return self.workflows.run_status(run_id)
 
@@ -391,9 +405,20 @@ async def ensure_infra(
     **settings: Any,
 ) -> Any:
     """Return the process's shared infra, creating it on first call (concurrent callers get
-    the same one). With ``DSPY_INFRA_ADDR`` / ``addr`` set, or ``mode="auto"`` and a server
-    answering at the default address, this is a ``RemoteInfra``; otherwise an embedded
-    ``Infra`` (``serve=True`` also serves gRPC/HTTP for other processes).
+    the same one); its ``mode`` says which kind it is, and the choice is logged once.
+
+    - ``addr=`` / ``DSPY_INFRA_ADDR`` (or ``mode="remote"``): a ``RemoteInfra`` on that
+      server, which must answer.
+    - ``mode="auto"`` (the default): a ``RemoteInfra`` only when the server answering at
+      ``127.0.0.1:grpc_port`` is the one this app would have started (it advertises the
+      same state directory and owner); any other server is left alone and this process
+      runs an embedded ``Infra``.
+    - otherwise (or ``serve=True``): an embedded ``Infra`` (``serve=True`` also serves
+      gRPC/HTTP for other processes).
+
+    When attached, ``services`` are started on the server, and an option the server cannot
+    honour (another ``backend``, a ``Backend`` object, ``plugins``) raises
+    ``FailedPrecondition`` naming it instead of being ignored.
 
     The services an embedded infra starts stop with ``shutdown_infra()``, or at the latest when
     the process exits (``atexit``; SIGTERM is made to exit like Ctrl-C while it has its default
@@ -408,7 +433,16 @@ async def ensure_infra(
         cfg = load_settings(
             config_file, home=state_dir, mode=mode, addr=addr, backend=backend_name, **settings
         )
-        remote = await _maybe_remote(cfg, serve=serve)
+        # What only an embedded infra can honour: objects of this process.
+        local_only = [
+            name
+            for name, given in (
+                ("backend", backend is not None and not isinstance(backend, str)),
+                ("plugins", bool(plugins)),
+            )
+            if given
+        ]
+        remote = await _maybe_remote(cfg, serve=serve, local_only=local_only)
         if remote is not None:
             if services:
                 await remote.ensure_services(services)
@@ -417,22 +451,78 @@ async def ensure_infra(
         infra = Infra(cfg, backend=backend if not isinstance(backend, str) else None, plugins=plugins)
         await infra.start(services, serve=serve, keep=keep)
         _exit_on_sigterm()
+        _log.info("dspy_infra: embedded infra on %s%s", infra.home, " (serving gRPC/HTTP)" if serve else "")
         _shared = infra
         return infra
 
 
-async def _maybe_remote(cfg: Settings, *, serve: bool) -> Any:
-    """A connected RemoteInfra when the settings say to use (or may use) a server."""
+async def _maybe_remote(cfg: Settings, *, serve: bool, local_only: Sequence[str] = ()) -> Any:
+    """A connected RemoteInfra when the settings say to use a server, or (auto mode) when the
+    server answering at the default address is this app's own; else None (embed)."""
     if cfg.mode == "embedded" or serve:
         return None
     from .rpc.client import RemoteInfra
 
     # A server configured with TLS is reached with its certificate as the trusted CA.
     tls = cfg.tls_cert or None
-    if cfg.addr:
-        return await RemoteInfra.connect(cfg.addr, token=cfg.token, required=True, tls=tls)
-    local = f"127.0.0.1:{cfg.grpc_port}"
-    return await RemoteInfra.connect(local, token=cfg.token, required=cfg.mode == "remote", tls=tls)
+    named = bool(cfg.addr) or cfg.mode == "remote"
+    target = cfg.addr or f"127.0.0.1:{cfg.grpc_port}"
+    try:
+        remote = await RemoteInfra.connect(target, token=cfg.token, required=named, tls=tls)
+    except Unauthenticated:
+        if named:
+            raise
+        # Auto mode: a server that refuses our token cannot be identified, so it is not ours.
+        _log.info("dspy_infra: the server at %s refused this app's token; running embedded", target)
+        return None
+    if remote is None:
+        return None
+    try:
+        identity = await remote.health()
+        if not named and not _same_app(identity, cfg):
+            _log.info(
+                "dspy_infra: the server at %s belongs to another app (home %s); running embedded",
+                target,
+                identity.get("home") or "unknown",
+            )
+            await remote.aclose()
+            return None
+        _check_can_honour(cfg, identity, target, local_only)
+    except BaseException:
+        await remote.aclose()
+        raise
+    how = "named by addr/DSPY_INFRA_ADDR" if cfg.addr else ("mode=remote" if named else "same home")
+    _log.info("dspy_infra: attached to the server at %s (%s, home %s)", target, how, identity.get("home"))
+    return remote
+
+
+def _same_app(identity: Mapping[str, Any], cfg: Settings) -> bool:
+    """Whether a server's advertised identity is the one this app's settings would start:
+    the same state directory and owner. A server too old to say is not ours."""
+    home, owner = identity.get("home") or "", identity.get("owner") or ""
+    if not home or not owner:
+        return False
+    return owner == cfg.resolved_owner() and Path(home) == cfg.resolved_home().resolve()
+
+
+def _check_can_honour(
+    cfg: Settings, identity: Mapping[str, Any], target: str, local_only: Sequence[str]
+) -> None:
+    if local_only:
+        name = local_only[0]
+        raise FailedPrecondition(
+            f"{name} objects live in this process, and the infra is the server at {target}",
+            field=name,
+            fix=f"drop {name}= (register it in the server's plugins), or run embedded (mode='embedded')",
+        )
+    served = identity.get("backend") or ""
+    if cfg.backend != "auto" and served and served != cfg.backend:
+        raise FailedPrecondition(
+            f"backend {cfg.backend!r} was asked for, but the server at {target} runs the {served!r} backend",
+            field="backend",
+            fix=f"drop backend= (use the server's), restart the server with `dspy-infra serve --backend"
+            f" {cfg.backend}`, or run embedded (mode='embedded')",
+        )
 
 
 async def shutdown_infra() -> None:

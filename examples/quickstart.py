@@ -2,15 +2,21 @@
 
 import asyncio
 import tempfile
+from typing import Any
 
-from dspy_infra import AlreadyExists, ensure_infra, shutdown_infra
+from dspy_infra import AlreadyExists, use_infra
 
 
 async def main() -> None:
-    # Embedded infra on a throwaway state directory (drop state_dir= to use the per-user one).
-    infra = await ensure_infra(state_dir=tempfile.mkdtemp(prefix="quickstart-"), mode="embedded")
+    # Embedded infra on a throwaway state directory, removed at the end (drop state_dir= to
+    # use the per-user one, which keeps tasks across runs).
+    with tempfile.TemporaryDirectory(prefix="quickstart-") as state_dir:
+        async with use_infra(state_dir=state_dir, mode="embedded") as infra:  # shut down on exit
+            await tour(infra)
 
-    @infra.handler("shout")  # your own handler: async, gets the task context, returns str -> str
+
+async def tour(infra: Any) -> None:
+    @infra.handler("shout")  # your own handler: async, gets the task context, returns a JSON object
     async def shout(ctx):
         return {"text": ctx.payload["text"].upper()}
 
@@ -41,7 +47,6 @@ async def main() -> None:
     except AlreadyExists as exc:  # same id, different content (same content = same task)
         print("refused:", exc)
     print({name: q.limit for name, q in infra.queue_status().items()})
-    await shutdown_infra()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ __all__ = [
     "task_ids",
     "task_outcomes",
     "task_specs",
+    "wire_json_objects",
+    "wire_json_values",
 ]
 
 #: Task ids as users write them (non-empty, short, printable).
@@ -326,4 +328,31 @@ hostile_task_kwargs = st.fixed_dictionaries(
         "timeout": st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 10**12),
         "max_attempts": st.integers(min_value=-1, max_value=120),
     }
+)
+
+
+#: JSON values the stores and the wire hold: 64-bit ints, finite floats, UTF-8 text without
+#: NUL (values.check_text refuses it), nesting.
+wire_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=8),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+#: JSON objects (payloads, results, workflow inputs and outputs) as they travel on the wire.
+wire_json_objects = st.dictionaries(
+    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12),
+    wire_json_values,
+    max_size=6,
 )

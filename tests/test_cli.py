@@ -324,6 +324,8 @@ def test_cli_talks_to_a_running_server(server: Server) -> None:
     status = server.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["mode"] == "server"
+    text = server.cli("status")
+    assert f"(server at {server.addr}, home " in text.stdout.splitlines()[0], text.stdout
     events = server.cli("events", "--type", "task_completed")
     assert events.returncode == 0, events.stderr
     assert re.search(r"task_completed r1\b", events.stdout), events.stdout
@@ -385,7 +387,11 @@ def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     assert READY.search(proc.stdout.readline())
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr
+    # It says what it waits for while it shuts down.
+    assert "dspy-infra: stopping:" in stderr and "running tasks" in stderr
 
 
 def test_serve_refuses_a_public_bind_without_token(tmp_path: Path) -> None:
@@ -453,3 +459,172 @@ def test_events_follow_streams_live_and_ctrl_c_exits_quietly(server: Server) -> 
         code = follower.wait(timeout=15)
     assert code == 130
     assert follower.stderr is not None and "Traceback" not in follower.stderr.read()
+
+
+# -- a complete CLI: cancel, tasks show/log, workflow list/runs/show, honest exit codes ----------
+
+
+def test_cli_fix_turns_python_calls_into_commands() -> None:
+    from dspy_infra.cli import cli_fix
+
+    assert cli_fix("start it: ensure(['redis'])") == "start it: `dspy-infra up redis`"
+    assert cli_fix("ensure(['kafka', 'zookeeper']) first") == "`dspy-infra up kafka zookeeper` first"
+    assert "--mode embedded" in cli_fix("or run embedded (mode='embedded')")
+    assert cli_fix("use a new id") == "use a new id"
+
+
+def test_cancel_show_and_exit_codes_against_a_server(server: Server) -> None:
+    slow = server.cli("submit", "c1", "--payload", "handler=sleep", "seconds=60")
+    assert slow.returncode == 0, slow.stderr
+    assert re.search(r"submitted c1 \(cpu_short\): (pending|running)", slow.stdout), slow.stdout
+    cancelled = server.cli("cancel", "c1")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.startswith("c1: cancelled"), cancelled.stdout
+    again = server.cli("cancel", "c1")
+    assert_one_line_error(again, 1, "c1", "already cancelled")
+    missing = server.cli("cancel", "no-such-task")
+    assert_one_line_error(missing, 2, "no-such-task")
+
+    shown = json.loads(server.cli("tasks", "show", "c1", "--json").stdout)
+    assert shown["status"] == "cancelled" and shown["payload"] == {"handler": "sleep", "seconds": "60"}
+    assert shown["submitted_at"] > 0 and shown["max_attempts"] == 1
+
+    # A task with no handler: exit 1 and the reason, whether waited for or looked at.
+    nohandler = server.cli("submit", "c2", "--payload", "handler=nope", "--wait")
+    assert nohandler.returncode == 1, (nohandler.stdout, nohandler.stderr)
+    assert "c2: failed" in nohandler.stdout
+    assert "task c2 failed" in nohandler.stderr and "no handler named 'nope'" in nohandler.stderr
+
+    # JSON payloads go in whole and results come out as JSON.
+    js = server.cli(
+        "submit",
+        "c3",
+        "--payload-json",
+        '{"handler": "exec", "cmd": "printf one; echo; echo two"}',
+        "--wait",
+        "--json",
+    )
+    assert js.returncode == 0, js.stderr
+    assert json.loads(js.stdout)["result"]["stdout"] == "one\ntwo\n"
+    text = server.cli("tasks", "show", "c3")
+    assert text.returncode == 0, text.stderr
+    assert "task c3: completed" in text.stdout and "      one" in text.stdout and "      two" in text.stdout
+    both = server.cli("submit", "c4", "--payload", "a=1", "--payload-json", "{}")
+    assert_one_line_error(both, 2, "--payload-json", "both")
+
+    # Hints name commands, not Python calls.
+    not_running = server.cli("logs", "redis")
+    assert_one_line_error(not_running, 2, "`dspy-infra up redis`")
+    assert "ensure(" not in not_running.stderr
+
+
+def test_up_with_another_backend_than_the_servers_is_a_named_error(server: Server) -> None:
+    up = server.cli("up", "web", "--backend", "docker")
+    assert_one_line_error(up, 1, "backend", "'docker'", "'process'", "--backend")
+    status = json.loads(server.cli("status", "--json").stdout)
+    assert status["services"].get("web", {}).get("status", "stopped") == "stopped"
+
+
+def test_workflow_list_runs_show_follow_against_a_server(server: Server) -> None:
+    (server.cwd / "wf-ok.json").write_text(
+        json.dumps(
+            {
+                "steps": [
+                    {"name": "one", "payload": {"handler": "exec", "cmd": "echo first"}},
+                    {"name": "two", "depends_on": ["one"], "payload": {"handler": "noop"}},
+                ]
+            }
+        )
+    )
+    (server.cwd / "wf-bad.json").write_text(
+        json.dumps({"steps": [{"name": "boom", "payload": {"handler": "exec", "cmd": "exit 4"}}]})
+    )
+    assert server.cli("workflow", "create", "wok", "wf-ok.json", "--description", "two steps").returncode == 0
+    assert server.cli("workflow", "create", "wbad", "wf-bad.json").returncode == 0
+    listed = server.cli("workflow", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    by_id = {w["id"]: w for w in json.loads(listed.stdout)}
+    assert by_id["wok"]["steps"] == ["one", "two"] and by_id["wok"]["description"] == "two steps"
+
+    ok = server.cli("workflow", "run", "wok", "--follow")
+    assert ok.returncode == 0, ok.stderr
+    run_id = re.search(r"^run (\S+) started$", ok.stdout, re.M).group(1)  # type: ignore[union-attr]
+    # The live table's last frame: one row per step, then the run's line.
+    assert re.search(r"one\s+│\s+completed", ok.stdout) and re.search(r"two\s+│\s+completed", ok.stdout), (
+        ok.stdout
+    )
+    assert f"{run_id}: completed 2/2" in ok.stdout
+
+    bad = server.cli("workflow", "run", "wbad", "--follow")
+    assert bad.returncode == 1, (bad.stdout, bad.stderr)
+    assert re.search(r"boom\s+│\s+failed", bad.stdout), bad.stdout
+    assert "failed" in bad.stderr and bad.stderr.startswith("dspy-infra: error: run ")
+
+    runs = json.loads(server.cli("workflow", "runs", "wok", "--json").stdout)
+    assert [r["run_id"] for r in runs] == [run_id]
+    assert runs[0]["steps"]["one"]["status"] == "completed" and runs[0]["steps_completed"] == 2
+    assert {r["workflow_id"] for r in json.loads(server.cli("workflow", "runs", "--json").stdout)} >= {
+        "wok",
+        "wbad",
+    }
+    shown = server.cli("workflow", "show", run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert f"run {run_id} of wok: completed" in shown.stdout
+    assert re.search(rf"one\s+│\s+completed\s+│\s+1\s+│\s+{re.escape(run_id)}\.one", shown.stdout), (
+        shown.stdout
+    )
+
+
+def test_submit_without_a_server_never_claims_it_ran(tmp_path: Path) -> None:
+    env = clean_env(tmp_path)
+    env["DSPY_INFRA_SHUTDOWN_GRACE"] = "1"
+    base = ["--mode", "embedded", "--home", str(tmp_path / "home")]
+    slow = run(*base, "submit", "s1", "--payload", "handler=sleep", "seconds=30", cwd=tmp_path, env=env)
+    assert slow.returncode == 0, slow.stderr
+    assert "submitted s1 (cpu_short): pending" in slow.stdout and ": running" not in slow.stdout
+    assert "stays stored, unfinished" in slow.stdout and "dspy-infra serve" in slow.stdout
+    # The shutdown said what it waited for.
+    assert "dspy-infra: stopping:" in slow.stderr
+    quick = run(*base, "submit", "s2", "--payload", "handler=exec", "cmd=echo done", cwd=tmp_path, env=env)
+    assert quick.returncode == 0, quick.stderr
+    assert "s2: completed" in quick.stdout and "stdout: done" in quick.stdout
+    # Rerunning with a fixed id and other content: the error says why the id is taken.
+    reused = run(*base, "submit", "s2", "--payload", "handler=exec", "cmd=echo other", cwd=tmp_path, env=env)
+    assert reused.returncode == 2, reused.stderr
+    error = reused.stderr.strip().splitlines()[-1]  # after the shutdown notice (s1 runs again)
+    assert error.startswith("dspy-infra: error: id: task 's2' already exists in the state directory")
+    assert "`dspy-infra tasks show s2`" in error
+    failed = run(*base, "submit", "s3", "--payload", "handler=nope", cwd=tmp_path, env=env)
+    assert failed.returncode == 1
+    assert "task s3 failed" in failed.stderr and "no handler named 'nope'" in failed.stderr
+
+
+@pytest.mark.parametrize("value", [(), ("a", "b"), [1, 2], ("x y", 'q"uote')])
+def test_list_settings_render_as_toml_arrays(value: object) -> None:
+    import tomllib
+
+    from dspy_infra.cli import _toml_value
+
+    assert tomllib.loads(f"v = {_toml_value(value)}")["v"] == list(value)  # type: ignore[call-overload]
+
+
+def _has_task_logs() -> bool:
+    from dspy_infra.infra import Infra
+
+    return hasattr(Infra, "task_log")
+
+
+@pytest.mark.skipif(
+    not _has_task_logs(),
+    reason="Infra.task_log (per-task logs) is the procs helper's change; not in this build",
+)
+def test_tasks_log_prints_what_the_handler_wrote(server: Server) -> None:
+    done = server.cli(
+        "submit", "lg1", "--payload", "handler=exec", "cmd=echo to-out; echo to-err >&2", "--wait"
+    )
+    assert done.returncode == 0, done.stderr
+    log = server.cli("tasks", "log", "lg1")
+    assert log.returncode == 0, log.stderr
+    assert "to-out" in log.stdout and "to-err" in log.stdout
+    missing = server.cli("tasks", "log", "no-such-task")
+    assert_one_line_error(missing, 2, "no-such-task")

@@ -52,7 +52,8 @@ def _child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_two_processes_share_one_scheduler(tmp_path: Path) -> None:
     with serve_process(tmp_path / "server") as server:
-        # One finds the server through DSPY_INFRA_ADDR, the other by auto mode at its port.
+        # One finds the server through DSPY_INFRA_ADDR, the other by auto mode at its port:
+        # auto mode attaches because its settings resolve to the server's own home.
         a = subprocess.Popen(
             [sys.executable, "-c", CHILD, "from-a", "from-b"],
             env=_child_env(tmp_path, DSPY_INFRA_ADDR=server.addr),
@@ -63,7 +64,9 @@ def test_two_processes_share_one_scheduler(tmp_path: Path) -> None:
         )
         b = subprocess.Popen(
             [sys.executable, "-c", CHILD, "from-b", "from-a"],
-            env=_child_env(tmp_path, DSPY_INFRA_GRPC_PORT=str(server.grpc_port)),
+            env=_child_env(
+                tmp_path, DSPY_INFRA_GRPC_PORT=str(server.grpc_port), DSPY_INFRA_HOME=str(tmp_path / "server")
+            ),
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -48,8 +48,9 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..scheduler.workflows import RunUpdate
+from ..scheduler.workflows import RunState, RunUpdate, Workflow
 from ..services.handles import ServiceHandle
+from ..values import check_json_object, json_text
 from . import _convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
@@ -205,7 +206,7 @@ class OrchestratorClient(_Client):
 
     async def health_check(self, *, timeout: float | None = None) -> dict[str, Any]:
         resp = await self._unary(self.stub.health(orch_pb.HealthRequest(), timeout=timeout))
-        return {"healthy": resp.healthy, "version": resp.version, "services": dict(resp.services)}
+        return health_doc(resp)
 
     async def get_metrics(self, names: Iterable[str] = ()) -> dict[str, float]:
         resp = await self._unary(self.stub.get_metrics(orch_pb.GetMetricsRequest(metric_names=list(names))))
@@ -232,20 +233,8 @@ class OrchestratorClient(_Client):
             max_attempts=max_attempts,
             workflow_id=workflow_id,
         )
-        resp = await self._unary(self.stub.submit_task(self._request(spec)))
+        resp = await self._unary(self.stub.submit_task(cv.submit_request_from_spec(spec)))
         return TaskState(spec=spec, status=TaskStatus(resp.status or "pending"))
-
-    @staticmethod
-    def _request(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
-        return orch_pb.SubmitTaskRequest(
-            id=spec.id,
-            class_=spec.task_class,
-            payload=spec.payload,
-            priority=spec.priority,
-            workflow_id=spec.workflow_id,
-            timeout_seconds=spec.timeout or 0.0,
-            max_attempts=spec.max_attempts,
-        )
 
     async def submit_tasks(self, specs: Sequence[TaskSpec]) -> list[InfraError | None]:
         """Many tasks in one call (``SubmitTasks`` over its JSON bulk encoding). One entry per
@@ -290,6 +279,12 @@ class OrchestratorClient(_Client):
         resp = await self._unary(self.stub.wait_task(req, timeout=None if timeout is None else timeout + 5))
         return cv.task_result_from_pb(resp)
 
+    async def task_log(self, task_id: str, attempt: int | None = None) -> str:
+        """The task's log (its handler's output), of ``attempt`` or of the latest one."""
+        req = orch_pb.GetTaskLogRequest(task_id=task_id, attempt=attempt or 0)
+        resp = await self._unary(self.stub.get_task_log(req))
+        return resp.log
+
     async def queue_status(self) -> dict[str, QueueStatus]:
         resp = await self._unary(self.stub.get_queue_status(orch_pb.GetQueueStatusRequest()))
         return {name: cv.queue_status_from_pb(q) for name, q in resp.queues.items()}
@@ -315,18 +310,27 @@ class OrchestratorClient(_Client):
         req = orch_pb.StartWorkflowRunRequest(
             workflow_id=workflow_id,
             idempotency_key=idempotency_key,
-            input={str(k): str(v) for k, v in (input or {}).items()},
+            input_json=json_text(check_json_object(input, "input")),
         )
         resp = await self._unary(self.stub.start_workflow_run(req))
         return resp.run_id
 
-    async def get_workflow_run(self, run_id: str) -> RunUpdate:
+    async def get_workflow_run(self, run_id: str) -> RunState:
         resp = await self._unary(self.stub.get_workflow_run(orch_pb.GetWorkflowRunRequest(run_id=run_id)))
-        return cv.run_update_from_pb(resp)
+        return cv.run_state_from_pb(resp)
 
-    async def cancel_workflow_run(self, run_id: str) -> RunUpdate:
+    async def cancel_workflow_run(self, run_id: str) -> RunState:
         resp = await self._unary(self.stub.cancel_workflow_run(orch_pb.GetWorkflowRunRequest(run_id=run_id)))
-        return cv.run_update_from_pb(resp)
+        return cv.run_state_from_pb(resp)
+
+    async def list_workflows(self) -> list[Workflow]:
+        resp = await self._unary(self.stub.list_workflows(orch_pb.ListWorkflowsRequest()))
+        return [cv.workflow_from_pb(w) for w in resp.workflows]
+
+    async def list_workflow_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[RunState]:
+        req = orch_pb.ListWorkflowRunsRequest(workflow_id=workflow_id or "", limit=limit)
+        resp = await self._unary(self.stub.list_workflow_runs(req))
+        return [cv.run_state_from_pb(r) for r in resp.runs]
 
     def stream_workflow_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
         req = orch_pb.StreamWorkflowStatusRequest(run_id=run_id)
@@ -341,6 +345,19 @@ class OrchestratorClient(_Client):
         req = orch_pb.StreamEventsRequest(event_types=list(types or ()), since_timestamp=since_seconds)
         events = self._stream(self.stub.stream_events(req), cv.event_from_pb)
         return events if since is None else _events_since(events, since)
+
+
+def health_doc(resp: orch_pb.HealthResponse) -> dict[str, Any]:
+    """``Infra.health()``'s dict from a ``HealthResponse``, plus the server's identity
+    (``owner``, ``home``, ``backend``; empty from a server older than those fields)."""
+    return {
+        "healthy": resp.healthy,
+        "version": resp.version,
+        "services": dict(resp.services),
+        "owner": resp.owner,
+        "home": resp.home,
+        "backend": resp.backend,
+    }
 
 
 async def _events_since(events: AsyncIterator[Event], since: float) -> AsyncIterator[Event]:
@@ -412,7 +429,8 @@ class EnvManagerClient(_Client):
         req = env_pb.ExecuteTaskRequest(
             task_id=task_id,
             workload_class=workload_class,
-            payload={str(k): str(v) for k, v in (payload or {}).items()},
+            # The old string map only: a string as is, any other JSON value as its JSON text.
+            payload=cv.json_map(check_json_object(payload, "payload")),
             timeout_seconds=round(timeout or 0),
         )
         return await self._unary(self.stub.execute_task(req))
@@ -553,6 +571,9 @@ class RemoteServices:
 class RemoteInfra(AsyncResource):
     """The embedded ``Infra``'s interface, served by a ``dspy-infra serve`` elsewhere."""
 
+    #: Which kind ``ensure_infra()`` returned: "remote" here, "embedded" for an ``Infra``.
+    mode = "remote"
+
     def __init__(self, orchestrator: OrchestratorClient, env_manager: EnvManagerClient) -> None:
         self.orchestrator = orchestrator
         self.env_manager = env_manager
@@ -656,6 +677,9 @@ class RemoteInfra(AsyncResource):
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
         return await self.orchestrator.wait(task_id, timeout)
 
+    async def task_log(self, task_id: str, attempt: int | None = None) -> str:
+        return await self.orchestrator.task_log(task_id, attempt)
+
     async def get_task(self, task_id: str) -> TaskState:
         return await self.orchestrator.get_task_status(task_id)
 
@@ -696,11 +720,17 @@ class RemoteInfra(AsyncResource):
             workflow_id, input=input, idempotency_key=idempotency_key
         )
 
-    async def get_run(self, run_id: str) -> RunUpdate:
+    async def get_run(self, run_id: str) -> RunState:
         return await self.orchestrator.get_workflow_run(run_id)
+
+    async def list_workflows(self) -> list[Workflow]:
+        return await self.orchestrator.list_workflows()
+
+    async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[RunState]:
+        return await self.orchestrator.list_workflow_runs(workflow_id, limit=limit)
 
     def run_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
         return self.orchestrator.stream_workflow_status(run_id)
 
-    async def cancel_run(self, run_id: str) -> RunUpdate:
+    async def cancel_run(self, run_id: str) -> RunState:
         return await self.orchestrator.cancel_workflow_run(run_id)

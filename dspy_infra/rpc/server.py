@@ -415,11 +415,14 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         # TaskSpec checks the id; the scheduler checks class, payload size and GPU needs
         # before anything changes (one place for each rule).
         settings = self.infra.settings
-        check_remote_payload(settings, req.payload, "payload")
+        # Decode first (payload_json or the old map), then apply the command policy to what
+        # was decoded: checking only the old map would let payload_json bypass exec_policy.
+        payload = remote_payload(cv.submit_request_payload(req, max_payload_bytes=settings.max_payload_bytes))
+        check_remote_payload(settings, payload, "payload")
         return TaskSpec(
             id=check_text(req.id, "id"),
             task_class=check_text(req.class_, "class", allow_empty=True) or "cpu_short",
-            payload=remote_payload(req.payload),
+            payload=payload,
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
@@ -540,7 +543,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
                     )
         run_id = await self.infra.start_run(
             workflow_id,
-            input=dict(message.input),
+            input=cv.run_input_from_pb(message, max_payload_bytes=self.infra.settings.max_payload_bytes),
             idempotency_key=check_text(message.idempotency_key, "idempotency_key", allow_empty=True),
         )
         return orch_pb.StartWorkflowRunResponse(success=True, run_id=run_id)
@@ -579,7 +582,43 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             healthy=bool(doc["healthy"]),
             version=str(doc["version"]),
             services={str(k): str(v) for k, v in doc["services"].items()},
+            # Who this server is: auto-mode clients attach only to their own (ensure_infra).
+            owner=self.infra.settings.resolved_owner(),
+            home=str(self.infra.home.resolve()),
+            backend=_backend_name(self.infra),
         )
+
+    async def list_workflows(self, message: orch_pb.ListWorkflowsRequest) -> orch_pb.ListWorkflowsResponse:
+        return orch_pb.ListWorkflowsResponse(
+            workflows=[cv.workflow_to_pb(wf) for wf in await self.infra.list_workflows()]
+        )
+
+    async def list_workflow_runs(
+        self, message: orch_pb.ListWorkflowRunsRequest
+    ) -> orch_pb.ListWorkflowRunsResponse:
+        if message.limit < 0:
+            raise SpecError(f"must be >= 0 (0 = 100), got {message.limit}", field="limit")
+        runs = await self.infra.list_runs(message.workflow_id or None, limit=message.limit or 100)
+        return orch_pb.ListWorkflowRunsResponse(runs=[cv.run_update_to_pb(r) for r in runs])
+
+    async def get_task_log(self, message: orch_pb.GetTaskLogRequest) -> orch_pb.GetTaskLogResponse:
+        if not message.task_id:
+            raise SpecError("is required", field="task_id")
+        if message.attempt < 0:
+            raise SpecError(f"must be >= 0 (0 = the latest), got {message.attempt}", field="attempt")
+        # Infra.task_log comes with the per-task log store; a build without it says so.
+        task_log = getattr(self.infra, "task_log", None)
+        if task_log is None:
+            raise FailedPrecondition("this server keeps no per-task logs", field="task_id")
+        log = await task_log(message.task_id, attempt=message.attempt or None)
+        return orch_pb.GetTaskLogResponse(task_id=message.task_id, log=log)
+
+
+def _backend_name(infra: Infra) -> str:
+    try:
+        return infra.services.backend.name
+    except InfraError:  # not running (shutting down): no backend to name
+        return ""
 
 
 class EnvManagerService(env_pb.EnvManagerServiceBase):
@@ -666,7 +705,7 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
         latency_ms = (time.perf_counter() - began) * 1000.0
         return env_pb.ExecuteTaskResponse(
             success=result.status == TaskStatus.COMPLETED,
-            result=dict(result.result),
+            result=cv.json_map(result.result),  # the old map only: JSON text for non-strings
             error=result.error,
             latency_ms=latency_ms,
         )
@@ -907,6 +946,13 @@ async def run_server(
                 if on_ready is not None:
                     on_ready(server)
                 await stop.wait()
+                print(
+                    f"dspy-infra: stopping: no new requests; running tasks get up to"
+                    f" {settings.shutdown_grace:g} s to finish (the rest stay stored for the next start)"
+                    + (", then services stop" if stop_services else "; services keep running"),
+                    file=sys.stderr,
+                    flush=True,
+                )
             # Servers are closed: nothing new comes in. Let running tasks finish.
             drain = getattr(infra.scheduler, "drain", None)
             if drain is not None:

@@ -3,7 +3,7 @@
 Enabled by ``slurm = "cli"`` in the settings (``DSPY_INFRA_SLURM=cli``); unset, the hook's
 factory returns None and ``gpu_slurm`` is refused at submit. It uses Slurm's own command-line
 tools (``sbatch``, ``squeue``, ``scontrol``, ``scancel``; Debian: ``slurm-client``), so it
-works wherever those reach a controller: a single node (``scripts/slurm.sh``) or a cluster.
+works wherever those reach a controller: a single node (``slurm-wlm``) or a cluster.
 
 One attempt of a task is one batch job:
 
@@ -81,7 +81,7 @@ _T = TypeVar("_T")
 #: What to install when the Slurm tools are missing.
 SLURM_PACKAGE_HINT = (
     "install Slurm's client tools (Debian/Ubuntu: apt-get install slurm-client; slurm-wlm for a"
-    " whole single-node cluster, see scripts/slurm.sh), or unset `slurm` to refuse gpu_slurm tasks"
+    " whole single-node cluster, with munge), or unset `slurm` to refuse gpu_slurm tasks"
 )
 #: Job states that end a job unsuccessfully (COMPLETED with a non-zero exit code fails too).
 FAILED_STATES = frozenset(

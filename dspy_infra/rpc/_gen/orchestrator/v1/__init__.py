@@ -9,6 +9,8 @@ __all__ = (
     "CreateWorkflowResponse",
     "GetMetricsRequest",
     "GetQueueStatusRequest",
+    "GetTaskLogRequest",
+    "GetTaskLogResponse",
     "GetTaskStatusRequest",
     "GetTaskStatusResponse",
     "GetWorkflowRunRequest",
@@ -16,6 +18,10 @@ __all__ = (
     "HealthResponse",
     "ListTasksRequest",
     "ListTasksResponse",
+    "ListWorkflowRunsRequest",
+    "ListWorkflowRunsResponse",
+    "ListWorkflowsRequest",
+    "ListWorkflowsResponse",
     "MetricsResponse",
     "OrchestratorServiceBase",
     "OrchestratorServiceStub",
@@ -34,7 +40,9 @@ __all__ = (
     "SystemEvent",
     "TaskResult",
     "WaitTaskRequest",
+    "WorkflowInfo",
     "WorkflowStatusUpdate",
+    "WorkflowStep",
 )
 
 from collections.abc import AsyncIterator
@@ -114,6 +122,29 @@ default_message_pool.register_message("orchestrator.v1", "GetQueueStatusRequest"
 
 
 @dataclass(eq=False, repr=False)
+class GetTaskLogRequest(betterproto2.Message):
+    task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    attempt: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
+    """
+    0 = the latest attempt
+    """
+
+
+default_message_pool.register_message("orchestrator.v1", "GetTaskLogRequest", GetTaskLogRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetTaskLogResponse(betterproto2.Message):
+    task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    log: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("orchestrator.v1", "GetTaskLogResponse", GetTaskLogResponse)
+
+
+@dataclass(eq=False, repr=False)
 class GetTaskStatusRequest(betterproto2.Message):
     task_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
@@ -164,6 +195,10 @@ class GetTaskStatusResponse(betterproto2.Message):
 
     max_attempts: "int" = betterproto2.field(15, betterproto2.TYPE_INT32)
 
+    result_json: "str" = betterproto2.field(16, betterproto2.TYPE_STRING)
+
+    payload_json: "str" = betterproto2.field(17, betterproto2.TYPE_STRING)
+
 
 default_message_pool.register_message("orchestrator.v1", "GetTaskStatusResponse", GetTaskStatusResponse)
 
@@ -196,6 +231,17 @@ class HealthResponse(betterproto2.Message):
         map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
 
+    owner: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    Additions: who this server is, so a client in auto mode attaches only to the server its
+    own settings would have started (same owner and state directory), and can refuse an
+    option the server cannot honour (another backend).
+    """
+
+    home: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    backend: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+
 
 default_message_pool.register_message("orchestrator.v1", "HealthResponse", HealthResponse)
 
@@ -222,6 +268,46 @@ class ListTasksResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("orchestrator.v1", "ListTasksResponse", ListTasksResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowRunsRequest(betterproto2.Message):
+    workflow_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    empty = every workflow
+    """
+
+    limit: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
+    """
+    0 = 100
+    """
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowRunsRequest", ListWorkflowRunsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowRunsResponse(betterproto2.Message):
+    runs: "list[WorkflowStatusUpdate]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowRunsResponse", ListWorkflowRunsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowsRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowsRequest", ListWorkflowsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListWorkflowsResponse(betterproto2.Message):
+    workflows: "list[WorkflowInfo]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("orchestrator.v1", "ListWorkflowsResponse", ListWorkflowsResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -303,6 +389,11 @@ class StartWorkflowRunRequest(betterproto2.Message):
         map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
 
+    input_json: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    Addition: the input as one JSON object.
+    """
+
 
 default_message_pool.register_message("orchestrator.v1", "StartWorkflowRunRequest", StartWorkflowRunRequest)
 
@@ -374,6 +465,11 @@ class SubmitTaskRequest(betterproto2.Message):
     """
 
     max_attempts: "int" = betterproto2.field(7, betterproto2.TYPE_INT32)
+
+    payload_json: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    Addition: the payload as one JSON object (numbers and nested objects kept).
+    """
 
 
 default_message_pool.register_message("orchestrator.v1", "SubmitTaskRequest", SubmitTaskRequest)
@@ -472,6 +568,11 @@ class TaskResult(betterproto2.Message):
 
     completed_at: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
 
+    result_json: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+    """
+    Addition: the result as one JSON object.
+    """
+
 
 default_message_pool.register_message("orchestrator.v1", "TaskResult", TaskResult)
 
@@ -487,6 +588,25 @@ class WaitTaskRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("orchestrator.v1", "WaitTaskRequest", WaitTaskRequest)
+
+
+@dataclass(eq=False, repr=False)
+class WorkflowInfo(betterproto2.Message):
+    id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    description: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    spec_json: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    the validated spec, as CreateWorkflowRequest.spec takes it
+    """
+
+    created_at: "float" = betterproto2.field(5, betterproto2.TYPE_DOUBLE)
+
+
+default_message_pool.register_message("orchestrator.v1", "WorkflowInfo", WorkflowInfo)
 
 
 @dataclass(eq=False, repr=False)
@@ -509,8 +629,64 @@ class WorkflowStatusUpdate(betterproto2.Message):
 
     error: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
 
+    output_json: "str" = betterproto2.field(8, betterproto2.TYPE_STRING)
+    """
+    Addition: the output as one JSON object.
+    """
+
+    workflow_id: "str" = betterproto2.field(9, betterproto2.TYPE_STRING)
+    """
+    Additions, set by GetWorkflowRun, CancelWorkflowRun and ListWorkflowRuns (a run's whole
+    state); stream updates leave them empty.
+    """
+
+    steps: "list[WorkflowStep]" = betterproto2.field(10, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    in declaration order
+    """
+
+    input_json: "str" = betterproto2.field(11, betterproto2.TYPE_STRING)
+
+    idempotency_key: "str" = betterproto2.field(12, betterproto2.TYPE_STRING)
+
+    created_at: "float" = betterproto2.field(13, betterproto2.TYPE_DOUBLE)
+    """
+    unix seconds
+    """
+
+    updated_at: "float" = betterproto2.field(14, betterproto2.TYPE_DOUBLE)
+
 
 default_message_pool.register_message("orchestrator.v1", "WorkflowStatusUpdate", WorkflowStatusUpdate)
+
+
+@dataclass(eq=False, repr=False)
+class WorkflowStep(betterproto2.Message):
+    """
+    Addition: one step of a run.
+    """
+
+    name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    status: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    pending|running|completed|failed|skipped|cancelled
+    """
+
+    task_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    attempts: "int" = betterproto2.field(4, betterproto2.TYPE_INT32)
+
+    result_json: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    error: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+
+    started_at: "float" = betterproto2.field(7, betterproto2.TYPE_DOUBLE)
+
+    completed_at: "float" = betterproto2.field(8, betterproto2.TYPE_DOUBLE)
+
+
+default_message_pool.register_message("orchestrator.v1", "WorkflowStep", WorkflowStep)
 
 
 class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
@@ -820,6 +996,72 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def get_task_log(
+        self,
+        message: "GetTaskLogRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "GetTaskLogResponse":
+        """
+        A task's log (what its handler wrote: exec stdout/stderr), one attempt or the latest.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/GetTaskLog",
+            message,
+            GetTaskLogResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_workflows(
+        self,
+        message: "ListWorkflowsRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListWorkflowsResponse":
+        """
+        Stored workflows, oldest first.
+        """
+
+        if message is None:
+            message = ListWorkflowsRequest()
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/ListWorkflows",
+            message,
+            ListWorkflowsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_workflow_runs(
+        self,
+        message: "ListWorkflowRunsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListWorkflowRunsResponse":
+        """
+        Runs with their steps, newest first (workflow_id empty = every workflow).
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/ListWorkflowRuns",
+            message,
+            ListWorkflowRunsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def submit_task(self, message: "SubmitTaskRequest") -> "SubmitTaskResponse":
@@ -897,6 +1139,27 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def cancel_workflow_run(self, message: "GetWorkflowRunRequest") -> "WorkflowStatusUpdate":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_task_log(self, message: "GetTaskLogRequest") -> "GetTaskLogResponse":
+        """
+        A task's log (what its handler wrote: exec stdout/stderr), one attempt or the latest.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_workflows(self, message: "ListWorkflowsRequest") -> "ListWorkflowsResponse":
+        """
+        Stored workflows, oldest first.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_workflow_runs(self, message: "ListWorkflowRunsRequest") -> "ListWorkflowRunsResponse":
+        """
+        Runs with their steps, newest first (workflow_id empty = every workflow).
+        """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -1033,6 +1296,30 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.cancel_workflow_run(request)
         await stream.send_message(response)
 
+    async def __rpc_get_task_log(
+        self, stream: "grpclib.server.Stream[GetTaskLogRequest, GetTaskLogResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_task_log(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_workflows(
+        self, stream: "grpclib.server.Stream[ListWorkflowsRequest, ListWorkflowsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_workflows(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_workflow_runs(
+        self, stream: "grpclib.server.Stream[ListWorkflowRunsRequest, ListWorkflowRunsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_workflow_runs(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/orchestrator.v1.OrchestratorService/SubmitTask": grpclib.const.Handler(
@@ -1130,5 +1417,23 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 GetWorkflowRunRequest,
                 WorkflowStatusUpdate,
+            ),
+            "/orchestrator.v1.OrchestratorService/GetTaskLog": grpclib.const.Handler(
+                self.__rpc_get_task_log,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetTaskLogRequest,
+                GetTaskLogResponse,
+            ),
+            "/orchestrator.v1.OrchestratorService/ListWorkflows": grpclib.const.Handler(
+                self.__rpc_list_workflows,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListWorkflowsRequest,
+                ListWorkflowsResponse,
+            ),
+            "/orchestrator.v1.OrchestratorService/ListWorkflowRuns": grpclib.const.Handler(
+                self.__rpc_list_workflow_runs,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListWorkflowRunsRequest,
+                ListWorkflowRunsResponse,
             ),
         }
