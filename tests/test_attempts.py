@@ -177,3 +177,30 @@ def test_attempts_never_exceed_max_attempts_across_crash_points(
         assert final.status is TaskStatus.FAILED and len(runs) == max_attempts
         if runs[-1] == "crash":
             assert f"during attempt {max_attempts} of {max_attempts}" in final.error
+
+
+async def test_cancelling_one_attempt_at_its_start_gate_leaves_its_neighbours_running(tmp_path: Path) -> None:
+    """Attempts started in one loop step share one commit gate. Cancelling one of them while
+    it waits there used to cancel the shared gate: its neighbours' workers died with a stray
+    CancelledError and took the scheduler's task group (and the whole infra) down."""
+    settings = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
+    hw = HardwareInfo(cpu_cores=2, memory_bytes=1 << 30)
+    async with Scheduler(
+        settings,
+        bus=EventBus(),
+        metrics=InfraMetrics(),
+        plugins=build_plugin_manager(load_entry_points=False),
+        hardware=hw,
+    ) as sched:
+        for round_ in range(5):
+            ids = [f"r{round_}-{i}" for i in range(4)]
+            await sched.submit_many(
+                [TaskSpec(ids[0], payload={"handler": "sleep", "seconds": 30})]
+                + [TaskSpec(i, payload={"handler": "noop"}) for i in ids[1:]]
+            )
+            cancelled = await sched.cancel(ids[0])  # lands while the attempts wait on their gate
+            assert cancelled.status is TaskStatus.CANCELLED
+            for task_id in ids[1:]:
+                assert (await sched.wait(task_id, timeout=10)).status is TaskStatus.COMPLETED
+        await sched.submit(TaskSpec("after", payload={"handler": "noop"}))
+        assert (await sched.wait("after", timeout=10)).status is TaskStatus.COMPLETED

@@ -19,6 +19,7 @@ from dspy_infra.rpc._gen.env_manager import v1 as env_pb
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
 from dspy_infra.rpc.client import EnvManagerClient, OrchestratorClient, from_grpc_error
 from dspy_infra.rpc.server import grpc_status_for, to_grpc_error
+from dspy_infra.values import json_text
 from tests._rpc_support import ServeProcess, in_process_server, serve_process
 
 # -- the table, without a server -------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_accepted_iff_valid_and_nothing_accepted_is_lost(
     task_id = uuid.uuid4().hex
     value = "v" * max(0, size - len("handler") - len("noop") - len("blob"))
     payload = {"handler": "noop", "blob": value}
-    total = sum(len(k) + len(v) for k, v in payload.items())
+    total = len(json_text(payload).encode())  # the limit applies to the payload as JSON
 
     async def go() -> None:
         async with OrchestratorClient.connect(server.addr) as orch:

@@ -76,7 +76,7 @@ async def test_exec_task_runs_durably_and_is_queryable(state_dir: Path) -> None:
         assert accepted.status in (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED)
         result = await sched.wait("hello", timeout=10)
         assert result.status is TaskStatus.COMPLETED
-        assert result.result["stdout"] == "hi\n" and result.result["exit_code"] == "0"
+        assert result.result["stdout"] == "hi\n" and result.result["exit_code"] == 0
         assert result.completed_at > 0 and result.duration_ms > 0
         state = await sched.get("hello")
         assert state.attempts == 1 and state.status is TaskStatus.COMPLETED

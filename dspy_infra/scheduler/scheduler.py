@@ -1131,7 +1131,10 @@ class Scheduler(AsyncResource):
             if self._durable:
                 # The attempt (running, attempts + 1) is on disk before the handler starts:
                 # a crash during it counts against max_attempts on recovery.
-                store_error = await self._attempt_gate()
+                # Shielded: the gate is shared by every attempt started in this loop step,
+                # and a cancelled await would cancel it for all of them (their workers then
+                # die with a CancelledError nobody asked for, taking the task group down).
+                store_error = await asyncio.shield(self._attempt_gate())
                 if rec.write_error is None and store_error is not None:
                     rec.write_error = store_error
                 if rec.write_error is not None:
