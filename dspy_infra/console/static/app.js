@@ -296,6 +296,7 @@ async function overviewView() {
       { class: "card", id: "throughput" },
       el("h2", { text: "Throughput" }),
       el("p", {}, el("strong", { text: `${lastRate.toFixed(1)} tasks/s` }), " completed"),
+      pts.length < 2 ? el("p", { class: "muted small", text: `sampled every ${interval} s; the lines start after two samples` }) : null,
       sparkline(rate, "ok"),
       el("p", {}, el("strong", { text: `${(lastErr * 100).toFixed(1)} %` }), " error rate"),
       sparkline(errors, "bad"),
@@ -376,11 +377,11 @@ async function overviewView() {
 function taskRow(t) {
   const row = el(
     "tr",
-    { "data-id": t.id, "data-history": t.status },
+    { "data-id": t.id, "data-history": t.status, "data-max": t.max_attempts || "" },
     el("td", { class: "mono" }, link(taskHref(t.id), t.id)),
     el("td", { text: t.class }),
     el("td", { class: "status" }, badge(t.status)),
-    el("td", { class: "attempts", text: `${t.attempts}/${t.max_attempts}` }),
+    el("td", { class: "attempts", text: attemptsText(t.attempts, t.max_attempts) }),
     el("td", { text: time(t.submitted_at) }),
     el("td", { class: "duration", text: duration(t.duration_ms) }),
     el(
@@ -392,12 +393,18 @@ function taskRow(t) {
   return row;
 }
 
+function attemptsText(attempts, max) {
+  return max ? `${attempts} of ${max}` : String(attempts);
+}
+
 function setRowStatus(row, status, event) {
   row.querySelector(".status").replaceChildren(badge(status));
   row.dataset.history += `,${status}`;
   row.dataset.updatedAt = String(Date.now());
   row.dataset.eventTimestamp = String(event.timestamp);
-  if (event.type === "task_started") row.querySelector(".attempts").textContent = `${event.data.attempt}/…`;
+  if (event.type === "task_started") {
+    row.querySelector(".attempts").textContent = attemptsText(event.data.attempt, row.dataset.max);
+  }
   if (event.data.duration_ms) row.querySelector(".duration").textContent = duration(Number(event.data.duration_ms));
   if (TERMINAL.has(status)) {
     const button = row.querySelector("button.cancel");
@@ -449,7 +456,7 @@ async function tasksView(params) {
     "p",
     { class: "pager" },
     offset > 0 ? link(pageHref(params, Math.max(0, offset - page.limit)), "← newer") : null,
-    ` rows ${page.tasks.length ? offset + 1 : 0}–${offset + page.tasks.length} `,
+    ` newest first · page ${Math.floor(offset / page.limit) + 1} `,
     page.next_offset !== null ? link(pageHref(params, page.next_offset), "older →") : null,
     page.partial ? el("span", { class: "muted", text: " (filters looked at the newest tasks only)" }) : null,
   );
@@ -484,7 +491,7 @@ async function tasksView(params) {
         class: event.data.task_class,
         status: "pending",
         attempts: 0,
-        max_attempts: "…",
+        max_attempts: 0,
         submitted_at: event.timestamp,
         duration_ms: 0,
       });
@@ -755,7 +762,7 @@ async function runView(runId) {
 
 function feedList(count) {
   const items = state.feed.slice(0, count);
-  if (!items.length) return el("p", { class: "muted", text: "no events yet" });
+  if (!items.length) return el("p", { class: "muted", text: "no events since this page opened" });
   return el(
     "ul",
     { class: "feed" },
