@@ -39,7 +39,13 @@ def _driver() -> Any:
             skip_or_fail(f"{binary} is not installed (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1360,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1360,900",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
 
@@ -95,9 +101,13 @@ def _row_attr(driver: Any, task_id: str, attr: str) -> str:
 # -- the token prompt -------------------------------------------------------------------------------
 
 
-def test_token_prompt_signs_in_without_putting_the_token_in_urls(browser: Any, server: ThreadedServer) -> None:
+def test_token_prompt_signs_in_without_putting_the_token_in_urls(
+    browser: Any, server: ThreadedServer
+) -> None:
     browser.get(server.base + "/#/tasks")
-    login = _until(browser, lambda d: d.find_element("id", "login").is_displayed() and d.find_element("id", "login"))
+    login = _until(
+        browser, lambda d: d.find_element("id", "login").is_displayed() and d.find_element("id", "login")
+    )
     _shot(browser, "console-login")
     browser.find_element("id", "token").send_keys("wrong")
     browser.find_element("css selector", "#login-form button").click()
@@ -122,7 +132,9 @@ def test_token_prompt_signs_in_without_putting_the_token_in_urls(browser: Any, s
 # -- tasks live ---------------------------------------------------------------------------------------
 
 
-def test_a_submitted_task_goes_queued_running_completed_without_reload(browser: Any, server: ThreadedServer) -> None:
+def test_a_submitted_task_goes_queued_running_completed_without_reload(
+    browser: Any, server: ThreadedServer
+) -> None:
     _signed_in(browser, server, "#/tasks")
     _until(browser, lambda d: d.find_element("id", "live").text == "live")
     browser.execute_script("window.__sameDocument = true")
@@ -131,7 +143,11 @@ def test_a_submitted_task_goes_queued_running_completed_without_reload(browser: 
     server.call(server.infra.submit_task("watched", "serial", {"handler": "sleep", "seconds": 1.0}))
     _until(browser, lambda d: _row_attr(d, "watched", "history").endswith("completed"))
     history = _row_attr(browser, "watched", "history").split(",")
-    assert [s for i, s in enumerate(history) if i == 0 or history[i - 1] != s] == ["pending", "running", "completed"]
+    assert [s for i, s in enumerate(history) if i == 0 or history[i - 1] != s] == [
+        "pending",
+        "running",
+        "completed",
+    ]
     assert browser.execute_script("return window.__sameDocument") is True  # no reload happened
     result = server.call(server.infra.wait("watched"))
     latency_ms = int(_row_attr(browser, "watched", "updatedAt")) - result.completed_at * 1000
