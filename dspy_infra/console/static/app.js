@@ -37,7 +37,7 @@ function el(tag, attrs, ...children) {
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -47,7 +47,7 @@ function el(tag, attrs, ...children) {
 function svg(tag, attrs, ...children) {
   const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -275,7 +275,7 @@ function sparkline(values, cls) {
   const points = values.map((v, i) => `${(i * step).toFixed(1)},${(h - (v / max) * (h - 2) - 1).toFixed(1)}`);
   return svg(
     "svg",
-    { class: `spark ${cls}`, viewBox: `0 0 ${w} ${h}`, width: w, height: h, role: "img" },
+    { class: `spark ${cls}`, viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", role: "img" },
     values.length ? svg("polyline", { points: points.join(" ") }) : null,
   );
 }
@@ -287,18 +287,22 @@ async function overviewView() {
   const pts = doc.throughput.points;
   const rate = pts.map((p) => p[1] / interval);
   const errors = pts.map((p) => (p[1] + p[2] > 0 ? p[2] / (p[1] + p[2]) : 0));
-  const lastRate = rate.length ? rate[rate.length - 1] : 0;
-  const lastErr = errors.length ? errors[errors.length - 1] : 0;
+  // The figures: the last 30 seconds together (one interval alone is too noisy).
+  const recent = pts.slice(-Math.max(1, Math.round(30 / interval)));
+  const done = recent.reduce((n, p) => n + p[1], 0);
+  const failed = recent.reduce((n, p) => n + p[2], 0);
+  const lastRate = recent.length ? done / (recent.length * interval) : 0;
+  const lastErr = done + failed > 0 ? failed / (done + failed) : 0;
   const running = doc.services.filter((s) => s.status !== "stopped");
   node.append(
     el(
       "section",
       { class: "card", id: "throughput" },
       el("h2", { text: "Throughput" }),
-      el("p", {}, el("strong", { text: `${lastRate.toFixed(1)} tasks/s` }), " completed"),
+      el("p", {}, el("strong", { text: `${lastRate.toFixed(1)} tasks/s` }), " completed (last 30 s)"),
       pts.length < 2 ? el("p", { class: "muted small", text: `sampled every ${interval} s; the lines start after two samples` }) : null,
       sparkline(rate, "ok"),
-      el("p", {}, el("strong", { text: `${(lastErr * 100).toFixed(1)} %` }), " error rate"),
+      el("p", {}, el("strong", { text: `${(lastErr * 100).toFixed(1)} %` }), " of finished tasks failed"),
       sparkline(errors, "bad"),
     ),
     el(
