@@ -111,6 +111,13 @@ class Infra(AsyncResource):
 
     async def _own(self, serve: bool) -> None:
         assert self._ready is not None
+        # Loop callbacks (retry timers, the attempt gate) start tasks through anyio outside
+        # any task; with sniffio installed anyio knows the library there only from this
+        # variable, which every task and callback of the components inherits from here.
+        with contextlib.suppress(ImportError):
+            import sniffio
+
+            sniffio.current_async_library_cvar.set("asyncio")
         from .scheduler.scheduler import Scheduler
         from .scheduler.workflows import WorkflowEngine
         from .services.manager import ServiceManager
