@@ -85,9 +85,25 @@ class EventBus:
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn)
 
-    def history(self, types: Iterable[str] | None = None, since: float | None = None) -> list[Event]:
+    def history(
+        self,
+        types: Iterable[str] | None = None,
+        since: float | None = None,
+        *,
+        resource_id: str | None = None,
+    ) -> list[Event]:
+        """The kept events (optionally of these types, since a time, about one resource)."""
         wanted = set(types) if types else None
-        events = (_materialize(item) for _, item in self._ring)
+        if resource_id is not None:
+            # Compared on the raw entries: only the matches are built into Events.
+            items = (
+                item
+                for _, item in self._ring
+                if (item.resource_id if isinstance(item, Event) else item[1]) == resource_id
+            )
+        else:
+            items = (item for _, item in self._ring)
+        events = (_materialize(item) for item in items)
         return [
             e
             for e in events

@@ -378,3 +378,17 @@ async def test_numbered_subscription_resumes_and_reports_what_left_the_history()
     # Events 3..5 left the ring: one events_dropped (numbered as the last one it stands for).
     assert got[0] == (5, "events_dropped", {"missed": "3"})
     assert [seq for seq, _, _ in got[1:]] == [6, 7, 8, 9]
+
+
+def test_history_of_one_resource_builds_only_its_events() -> None:
+    bus = EventBus(history=100)
+    for i in range(10):
+        bus.emit("task_started", f"t{i % 3}", {"attempt": i})
+    bus.publish("task_failed", "t1", {"error": "x"})
+    got = bus.history(["task_started", "task_failed"], resource_id="t1")
+    assert [(e.type, e.data.get("attempt")) for e in got] == [
+        ("task_started", "1"),
+        ("task_started", "4"),
+        ("task_started", "7"),
+        ("task_failed", None),
+    ]

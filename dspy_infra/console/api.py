@@ -175,9 +175,9 @@ def _attempts(infra: Infra, state: TaskState) -> list[dict[str, Any]]:
     else (older attempts of a long-lived task) only what the task's row keeps, its last one."""
     rows: dict[int, dict[str, Any]] = {}
     current = 0
-    for event in infra.bus.history(_ATTEMPT_EVENTS, since=state.submitted_at):
-        if event.resource_id != state.id:
-            continue
+    # One attempt: the row has its timings; more: look them up in the history.
+    history = infra.bus.history(_ATTEMPT_EVENTS, resource_id=state.id) if state.attempts > 1 else []
+    for event in history:
         if event.type == "task_started":
             current = int(event.data.get("attempt", current + 1) or current + 1)
             rows[current] = _attempt(current, event.timestamp, None, "running", "")
