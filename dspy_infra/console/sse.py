@@ -38,7 +38,8 @@ KEEPALIVE = 5.0
 _LAST_ID = re.compile(r"([0-9a-f]{1,32})-([0-9]{1,18})")
 
 
-def frame(event_id: str, event: Event, seq: int) -> bytes:
+def frame(event_id: str | None, event: Event, seq: int) -> bytes:
+    """One SSE event; without ``event_id`` no ``id:`` line (the client keeps its last id)."""
     data = json.dumps(
         {
             "seq": seq,
@@ -51,7 +52,8 @@ def frame(event_id: str, event: Event, seq: int) -> bytes:
         separators=(",", ":"),
     )
     # json.dumps escapes newlines inside strings, so the data is one line.
-    return f"id: {event_id}\ndata: {data}\n\n".encode()
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {data}\n\n".encode()
 
 
 def _types(request: web.Request) -> list[str] | None:
@@ -107,7 +109,8 @@ async def events_stream(request: web.Request) -> web.StreamResponse:
         await response.write(b"retry: 2000\n\n")
         if reset:
             gone = Event("stream_reset", "", {"last_event_id": preview(last, 80)}, 0.0)
-            await response.write(frame(f"{console.epoch}-0", gone, -1))
+            # No id: resuming from here must not replay this process's whole history.
+            await response.write(frame(None, gone, -1))
         await _relay(request, response, infra.bus, console.epoch, console.stopping, types, since, after)
     except ConnectionError:
         pass  # the client left before the stream began
