@@ -393,3 +393,21 @@ def test_history_of_one_resource_builds_only_its_events() -> None:
         ("task_started", "7"),
         ("task_failed", None),
     ]
+
+
+async def test_event_streams_are_capped(
+    api: tuple[Any, str, Infra, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dspy_infra.console import sse
+
+    session, base, _infra, _server = api
+    monkeypatch.setattr(sse, "MAX_STREAMS", 2)
+    first = await session.get(f"{base}/events")
+    second = await session.get(f"{base}/events")
+    try:
+        async with session.get(f"{base}/events") as resp:
+            doc = await _json(resp, 503)
+        assert "event streams" in doc["message"] and doc["fix"]
+    finally:
+        first.close()
+        second.close()

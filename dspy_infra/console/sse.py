@@ -25,16 +25,18 @@ import re
 import anyio
 from aiohttp import web
 
-from ..errors import SpecError
+from ..errors import SpecError, Unavailable
 from ..models import Event
 from ..values import check_text, preview
 
-__all__ = ["BUFFER", "KEEPALIVE", "events_stream", "frame"]
+__all__ = ["BUFFER", "KEEPALIVE", "MAX_STREAMS", "events_stream", "frame"]
 
 #: Events buffered between the bus and one client's socket.
 BUFFER = 256
 #: Seconds between keep-alive comments (they also detect a client that left).
 KEEPALIVE = 5.0
+#: Event streams one server keeps open at once (each holds a cursor, a buffer and a socket).
+MAX_STREAMS = 64
 _LAST_ID = re.compile(r"([0-9a-f]{1,32})-([0-9]{1,18})")
 
 
@@ -85,6 +87,11 @@ async def events_stream(request: web.Request) -> web.StreamResponse:
 
     infra = request.app[INFRA_KEY]
     console = request.app[CONSOLE_KEY]
+    if console.open_streams >= MAX_STREAMS:
+        raise Unavailable(
+            f"{MAX_STREAMS} event streams are open already",
+            fix="close another console tab or stream (each page needs one), then reconnect",
+        )
     types = _types(request)
     since = _since(request)
     last = request.headers.get("Last-Event-ID", "").strip()
@@ -103,9 +110,9 @@ async def events_stream(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # a proxy must not hold events back
         }
     )
-    await response.prepare(request)
-    console.open_streams += 1
+    console.open_streams += 1  # before the first await: the cap holds for concurrent opens
     try:
+        await response.prepare(request)
         await response.write(b"retry: 2000\n\n")
         if reset:
             gone = Event("stream_reset", "", {"last_event_id": preview(last, 80)}, 0.0)
