@@ -85,9 +85,25 @@ class EventBus:
         self._listeners.append(fn)
         return lambda: self._listeners.remove(fn)
 
-    def history(self, types: Iterable[str] | None = None, since: float | None = None) -> list[Event]:
+    def history(
+        self,
+        types: Iterable[str] | None = None,
+        since: float | None = None,
+        *,
+        resource_id: str | None = None,
+    ) -> list[Event]:
+        """The kept events (optionally of these types, since a time, about one resource)."""
         wanted = set(types) if types else None
-        events = (_materialize(item) for _, item in self._ring)
+        if resource_id is not None:
+            # Compared on the raw entries: only the matches are built into Events.
+            items = (
+                item
+                for _, item in self._ring
+                if (item.resource_id if isinstance(item, Event) else item[1]) == resource_id
+            )
+        else:
+            items = (item for _, item in self._ring)
+        events = (_materialize(item) for item in items)
         return [
             e
             for e in events
@@ -103,8 +119,19 @@ class EventBus:
         self, types: Iterable[str] | None = None, since: float | None = None
     ) -> AsyncIterator[Event]:
         """Yield matching events: those kept since ``since`` (if given), then live ones."""
+        async for _seq, event in self.subscribe_numbered(types, since=since):
+            yield event
+
+    async def subscribe_numbered(
+        self, types: Iterable[str] | None = None, *, since: float | None = None, after: int | None = None
+    ) -> AsyncIterator[tuple[int, Event]]:
+        """``subscribe``, each event with its sequence number (for resuming a stream: pass the
+        last number seen as ``after`` to get every kept event after it). An ``events_dropped``
+        event carries the number of the last event it stands for."""
         wanted = set(types) if types else None
-        if since is not None:
+        if after is not None:
+            cursor = min(max(after + 1, 0), self._next_seq)
+        elif since is not None:
             cursor = self._ring[0][0] if self._ring else self._next_seq
         else:
             cursor = self._next_seq
@@ -113,7 +140,7 @@ class EventBus:
             if cursor < oldest:
                 missed = oldest - cursor
                 cursor = oldest
-                yield Event("events_dropped", "", {"missed": str(missed)}, self._clock())
+                yield oldest - 1, Event("events_dropped", "", {"missed": str(missed)}, self._clock())
             # One page at a time: a subscriber holds at most PAGE entries (not a copy of the
             # whole ring), and a replay of the whole history gives the loop a turn per page,
             # so the consumer's cancellation (a client that left) lands between pages.
@@ -126,7 +153,7 @@ class EventBus:
                     continue
                 if since is not None and event.timestamp < since:
                     continue
-                yield event
+                yield seq, event
             del page
             if cursor < self._next_seq:
                 await asyncio.sleep(0)

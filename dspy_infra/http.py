@@ -19,6 +19,8 @@ from aiohttp.typedefs import Middleware
 from grpclib.const import Status
 
 from .config import Settings
+from .console import PUBLIC_PATHS as _CONSOLE_PUBLIC_PATHS
+from .console import add_console_routes
 from .errors import InfraError, SpecError, Unauthenticated
 from .metrics import CONTENT_TYPE_LATEST
 from .values import decode_json_object, preview
@@ -31,7 +33,7 @@ __all__ = ["HTTP_STATUS_BY_GRPC", "INFRA_KEY", "build_app", "http_status_for"]
 INFRA_KEY: web.AppKey[Infra] = web.AppKey("infra")
 _SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 log = logging.getLogger("dspy_infra.http")
-_PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+_PUBLIC_PATHS = frozenset({"/health", "/metrics"}) | _CONSOLE_PUBLIC_PATHS
 
 #: gRPC status -> HTTP status (google.rpc's published mapping).
 HTTP_STATUS_BY_GRPC: dict[Status, int] = {
@@ -298,4 +300,5 @@ def build_app(infra: Infra, settings: Settings | None = None) -> web.Application
     app.router.add_get("/health", _health)
     app.router.add_get("/queue/status", _queue_status)
     app.router.add_post("/queue/submit", _submit)
+    add_console_routes(app)  # /api/v1/..., the console page at /
     return app

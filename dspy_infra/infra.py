@@ -111,6 +111,13 @@ class Infra(AsyncResource):
 
     async def _own(self, serve: bool) -> None:
         assert self._ready is not None
+        # Loop callbacks (retry timers, the attempt gate) start tasks through anyio outside
+        # any task; with sniffio installed anyio knows the library there only from this
+        # variable, which every task and callback of the components inherits from here.
+        with contextlib.suppress(ImportError):
+            import sniffio
+
+            sniffio.current_async_library_cvar.set("asyncio")
         from .scheduler.scheduler import Scheduler
         from .scheduler.workflows import WorkflowEngine
         from .services.manager import ServiceManager
@@ -252,8 +259,11 @@ class Infra(AsyncResource):
     async def cancel(self, task_id: str) -> TaskState:
         return await self.scheduler.cancel(task_id)
 
-    async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
-        return await self.scheduler.list_tasks(status=status, limit=limit)
+    async def list_tasks(
+        self, *, status: str | None = None, limit: int = 100, workflow_id: str | None = None
+    ) -> list[TaskState]:
+        """Newest first, optionally only one status and/or the steps of one workflow run."""
+        return await self.scheduler.list_tasks(status=status, limit=limit, workflow_id=workflow_id)
 
     async def task_log(self, task_id: str, attempt: int | None = None) -> str:
         """The output the task's commands wrote (``exec`` handler): every kept attempt, each

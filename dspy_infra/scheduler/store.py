@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import functools
 import json
@@ -339,7 +340,15 @@ class SqliteStore:
 
     async def open(self) -> OpenedState:
         """Lock the state directory, open (or create) the database, return every row."""
-        self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
+        # Commit callbacks run as loop callbacks, outside any task; with sniffio installed,
+        # anyio finds the running library only through its context variable, so they run in
+        # a context that names asyncio (else the scheduler's start_soon in them fails).
+        context = contextvars.copy_context()
+        with contextlib.suppress(ImportError):
+            import sniffio
+
+            context.run(sniffio.current_async_library_cvar.set, "asyncio")
+        self._call_soon = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, context=context)
         opened = await anyio.to_thread.run_sync(self._open_sync)
         self._thread = threading.Thread(target=self._writer, name="dspy_infra-store", daemon=True)
         self._thread.start()
