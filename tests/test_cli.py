@@ -608,16 +608,6 @@ def test_list_settings_render_as_toml_arrays(value: object) -> None:
     assert tomllib.loads(f"v = {_toml_value(value)}")["v"] == list(value)  # type: ignore[call-overload]
 
 
-def _has_task_logs() -> bool:
-    from dspy_infra.infra import Infra
-
-    return hasattr(Infra, "task_log")
-
-
-@pytest.mark.skipif(
-    not _has_task_logs(),
-    reason="Infra.task_log (per-task logs) is the procs helper's change; not in this build",
-)
 def test_tasks_log_prints_what_the_handler_wrote(server: Server) -> None:
     done = server.cli(
         "submit", "lg1", "--payload", "handler=exec", "cmd=echo to-out; echo to-err >&2", "--wait"

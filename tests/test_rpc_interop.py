@@ -228,19 +228,6 @@ def test_standard_grpc_health_service(server: ServeProcess) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _json_payloads_in_core() -> bool:
-    """Whether this build's TaskSpec holds JSON payloads (numbers, nesting) rather than
-    strings only; the nested round trip below needs it."""
-    from dspy_infra.errors import SpecError
-    from dspy_infra.models import TaskSpec
-
-    try:
-        spec = TaskSpec(id="probe", payload={"n": 1, "o": {"a": [1, 2]}})
-    except SpecError:
-        return False
-    return spec.payload == {"n": 1, "o": {"a": [1, 2]}}
-
-
 def test_json_fields_and_old_maps_with_the_official_client(
     stubs: dict[str, Any], server: ServeProcess
 ) -> None:
@@ -310,11 +297,6 @@ def test_json_fields_and_old_maps_with_the_official_client(
         assert health.home and Path(health.home).name.startswith("serve")
 
 
-@pytest.mark.skipif(
-    not _json_payloads_in_core(),
-    reason="TaskSpec payloads are still string maps in this build (JSON payloads are the core"
-    " helper's change to models.py); the wire side is covered by tests/test_rpc_json.py",
-)
 def test_nested_json_payload_keeps_its_types_over_grpcio(stubs: dict[str, Any], server: ServeProcess) -> None:
     pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
     payload = {"handler": "noop", "n": 3, "ok": True, "o": {"a": [1, 2.5, None]}}
@@ -333,10 +315,6 @@ def test_nested_json_payload_keeps_its_types_over_grpcio(stubs: dict[str, Any], 
 
 
 def test_get_task_log_with_the_official_client(stubs: dict[str, Any], server: ServeProcess) -> None:
-    from dspy_infra.infra import Infra
-
-    if not hasattr(Infra, "task_log"):
-        pytest.skip("Infra.task_log (the per-task log store) is the procs helper's change; not in this build")
     pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
     with grpc.insecure_channel(server.addr) as channel:
         stub = pb_grpc.OrchestratorServiceStub(channel)
@@ -384,17 +362,6 @@ def test_workflow_listing_and_run_details_with_the_official_client(
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def _exec_policy_enforced() -> bool:
-    from dspy_infra.rpc import server as server_module
-
-    return hasattr(server_module, "check_remote_payload")
-
-
-@pytest.mark.skipif(
-    not _exec_policy_enforced(),
-    reason="exec_policy is enforced on the gRPC edge by the surfaces helper's change to rpc/server.py;"
-    " not in this build",
-)
 def test_exec_policy_holds_for_payload_json_too(stubs: dict[str, Any], tmp_path: Path) -> None:
     # The JSON field is a second way in: the policy must see the decoded payload, not the map.
     pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]

@@ -144,20 +144,6 @@ def test_payload_json_request_round_trip_and_old_map_view(payload: dict[str, Any
         assert view[key] == value if isinstance(value, str) else json.loads(view[key]) == value
 
 
-def _json_in_core() -> bool:
-    """Whether this build's tasks hold JSON payloads and results (the core helper's change to
-    models.py and the scheduler); before it, both are string maps."""
-    from dspy_infra.models import TaskSpec
-
-    try:
-        return TaskSpec(id="probe", payload={"o": {"a": [1]}}).payload == {"o": {"a": [1]}}
-    except SpecError:
-        return False
-
-
-@pytest.mark.skipif(
-    not _json_in_core(), reason="tasks hold string maps in this build (JSON is core's change)"
-)
 async def test_remote_infra_returns_a_handlers_json_result_exactly(tmp_path: Path) -> None:
     # The issue's example: a handler returning {"nested": {"a": 1}} gave back "{'a': 1}".
     from dspy_infra.rpc.client import RemoteInfra
@@ -181,9 +167,6 @@ async def test_remote_infra_returns_a_handlers_json_result_exactly(tmp_path: Pat
             assert _same(state.result, result.result)
 
 
-@pytest.mark.skipif(
-    not _json_in_core(), reason="tasks hold string maps in this build (JSON is core's change)"
-)
 async def test_execute_task_answers_json_results_on_its_string_map(tmp_path: Path) -> None:
     # ExecuteTaskResponse has only the old map: a JSON result must become JSON text there,
     # not an encoding error (INTERNAL).
@@ -207,3 +190,20 @@ def test_event_data_travels_on_its_string_map() -> None:
 
     msg = cv.event_to_pb(Event(type="t", resource_id="r", data={"s": "x", "n": 2}, timestamp=1.0))  # type: ignore[dict-item]
     assert orch_pb.SystemEvent.parse(bytes(msg)).data == {"s": "x", "n": "2"}
+
+
+async def test_remote_list_tasks_filters_by_workflow_run_like_the_embedded_one(tmp_path: Path) -> None:
+    from dspy_infra.rpc.client import RemoteInfra
+    from tests._rpc_support import in_process_server
+
+    async with in_process_server(tmp_path) as (infra, server):
+        await infra.submit_task("w-1", payload={"handler": "noop"}, workflow_id="run-a")
+        await infra.submit_task("w-2", payload={"handler": "noop"}, workflow_id="run-a")
+        await infra.submit_task("other", payload={"handler": "noop"}, workflow_id="run-b")
+        await infra.submit_task("loose", payload={"handler": "noop"})
+        remote = await RemoteInfra.connect(f"127.0.0.1:{server.grpc_port}", required=True)
+        async with remote:
+            embedded = {t.id for t in await infra.list_tasks(workflow_id="run-a")}
+            over_grpc = {t.id for t in await remote.list_tasks(workflow_id="run-a")}
+            assert embedded == over_grpc == {"w-1", "w-2"}
+            assert len(await remote.list_tasks()) == 4

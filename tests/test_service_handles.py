@@ -321,3 +321,41 @@ def test_a_free_port_is_never_one_a_sibling_is_pinned_to() -> None:
     pinned = {free_port() for _ in range(8)}
     for _ in range(200):
         assert free_port(avoid=pinned) not in pinned
+
+
+async def test_an_assigned_port_taken_before_the_start_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port picked as free can be taken by someone else before the service binds it (seen
+    under load: 'port ... of service 'web' is already in use'). An assigned port is picked
+    again; only a pinned port that is taken is an error."""
+    import dspy_infra.backends.process as process_backend
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        picks = iter([taken])  # the first pick is already taken, later picks are really free
+        monkeypatch.setattr(
+            process_backend,
+            "free_port",
+            lambda host="127.0.0.1", avoid=(): next(picks, None) or free_port(host),
+        )
+        services = {
+            "web": {
+                "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+                "ports": [8000],
+                "health": {"kind": "http", "path": "/"},
+            },
+            "pinned": {
+                "command": [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+                "ports": [f"{taken}:8000"],
+                "health": {"kind": "http", "path": "/"},
+            },
+        }
+        async with _infra(tmp_path, services=services) as infra:
+            await infra.ensure_services(["web"])
+            web = infra.services["web"]
+            assert web.port not in (0, taken)
+            with pytest.raises(errors.InfraError, match="already in use"):
+                await infra.ensure_services(["pinned"])

@@ -247,6 +247,26 @@ def _install_hint(binary: str) -> str:
     return f'{install}, or use backend="docker"'
 
 
+#: How often an assigned port is picked again when it was taken before the service started.
+_PORT_PICKS = 5
+
+
+def _bind_error(ip: str, port: int) -> str | None:
+    """Why ``ip:port`` cannot be bound now (None: it can)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ip, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _bindable(ip: str, port: int) -> bool:
+    return _bind_error(ip, port) is None
+
+
 class ProcessBackend(Backend):
     """Runs each service's ``command`` as a local process group (see the module docstring)."""
 
@@ -442,24 +462,36 @@ class ProcessBackend(Backend):
         # A port held by someone else would make the service exit, and worse, a probe could
         # get its answer from the other listener (a stray redis-server answering PING).
         for ip, port in ports.values():
-            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((ip, port))
-                except OSError as exc:
-                    raise BackendError(
-                        f"port {ip}:{port} of service {spec.name!r} is already in use ({exc.strerror})",
-                        field=f"services.{spec.name}.ports",
-                        fix="stop what listens there, or give the service another port",
-                    ) from None
+            error = _bind_error(ip, port)
+            if error is not None:
+                raise BackendError(
+                    f"port {ip}:{port} of service {spec.name!r} is already in use ({error})",
+                    field=f"services.{spec.name}.ports",
+                    fix="stop what listens there, or give the service another port",
+                )
+
+    def _free_ports(self, spec: ServiceSpec) -> dict[int, tuple[str, int]]:
+        """Assigned ports, checked free. A port picked as free can be taken before the
+        service binds it (another process, an outgoing connection's ephemeral port): an
+        assigned port found taken is picked again; a taken pinned port stays an error."""
+        pinned = {p.container_port for p in spec.ports if p.host_port}
+        for attempt in range(_PORT_PICKS):
+            ports = self._ports(spec, assign=True)
+            try:
+                self._check_ports_free(spec, ports)
+            except BackendError:
+                taken_pinned = any(not _bindable(*ports[c]) for c in pinned if c in ports)
+                if taken_pinned or attempt == _PORT_PICKS - 1:
+                    raise
+                continue
+            return ports
+        raise AssertionError("unreachable")
 
     def _spawn(self, spec: ServiceSpec, instance_name: str, labels: dict[str, str]) -> Instance:
         self._check(spec)
         d = self._claim(instance_name)  # first: a running twin is AlreadyExists, not a port clash
         try:
-            ports = self._ports(spec, assign=True)
-            self._check_ports_free(spec, ports)
+            ports = self._free_ports(spec)
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             raise

@@ -268,8 +268,10 @@ class OrchestratorClient(_Client):
         resp = await self._unary(self.stub.cancel_task(orch_pb.CancelTaskRequest(task_id=task_id)))
         return cv.task_state_from_pb(resp)
 
-    async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
-        req = orch_pb.ListTasksRequest(status=status or "", limit=limit)
+    async def list_tasks(
+        self, *, status: str | None = None, limit: int = 100, workflow_id: str | None = None
+    ) -> list[TaskState]:
+        req = orch_pb.ListTasksRequest(status=status or "", limit=limit, workflow_id=workflow_id or "")
         resp = await self._unary(self.stub.list_tasks(req))
         return [cv.task_state_from_pb(t) for t in resp.tasks]
 
@@ -686,8 +688,11 @@ class RemoteInfra(AsyncResource):
     async def cancel(self, task_id: str) -> TaskState:
         return await self.orchestrator.cancel_task(task_id)
 
-    async def list_tasks(self, *, status: str | None = None, limit: int = 100) -> list[TaskState]:
-        return await self.orchestrator.list_tasks(status=status, limit=limit)
+    async def list_tasks(
+        self, *, status: str | None = None, limit: int = 100, workflow_id: str | None = None
+    ) -> list[TaskState]:
+        """Newest first, optionally only one status and/or the steps of one workflow run."""
+        return await self.orchestrator.list_tasks(status=status, limit=limit, workflow_id=workflow_id)
 
     def stream_results(
         self, task_ids: Sequence[str] | None = None, *, include_completed: bool = False

@@ -497,7 +497,10 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             )
         if message.limit < 0:
             raise SpecError(f"must be >= 0, got {message.limit}", field="limit")
-        states = await self.infra.list_tasks(status=status, limit=message.limit or 100)
+        workflow_id = check_text(message.workflow_id, "workflow_id", allow_empty=True) or None
+        states = await self.infra.list_tasks(
+            status=status, limit=message.limit or 100, workflow_id=workflow_id
+        )
         return orch_pb.ListTasksResponse(tasks=[cv.task_state_to_pb(s) for s in states])
 
     async def wait_task(self, message: orch_pb.WaitTaskRequest) -> orch_pb.TaskResult:

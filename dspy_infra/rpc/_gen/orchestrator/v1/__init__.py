@@ -258,6 +258,11 @@ class ListTasksRequest(betterproto2.Message):
     0 = 100
     """
 
+    workflow_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    empty = any; else only the steps of that workflow run
+    """
+
 
 default_message_pool.register_message("orchestrator.v1", "ListTasksRequest", ListTasksRequest)
 
