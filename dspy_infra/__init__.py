@@ -47,8 +47,8 @@ from .models import (
     TaskStatus,
     VolumeMount,
 )
-from .scheduler.workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 from .services.handles import ServiceHandle
+from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 
 __all__ = [
     "AlreadyExists",

@@ -40,8 +40,8 @@ from .plugins import build_plugin_manager
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .scheduler.scheduler import Scheduler
-    from .scheduler.workflows import WorkflowEngine
     from .services.manager import ServiceManager
+    from .workflows import WorkflowEngine
 
 __all__ = [
     "Infra",
@@ -112,8 +112,8 @@ class Infra(AsyncResource):
     async def _own(self, serve: bool) -> None:
         assert self._ready is not None
         from .scheduler.scheduler import Scheduler
-        from .scheduler.workflows import WorkflowEngine
         from .services.manager import ServiceManager
+        from .workflows import WorkflowEngine
 
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -262,7 +262,7 @@ class Infra(AsyncResource):
 
         Raises ``NotFound`` for an unknown task, or an attempt whose log is not kept.
         """
-        from .scheduler.task_logs import log_root, read_task_log
+        from .handlers.task_logs import log_root, read_task_log
         from .values import check_int, check_text, preview
 
         check_text(task_id, "task_id")

@@ -26,7 +26,7 @@ from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.handlers import TaskContext
+from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)

@@ -32,13 +32,14 @@ from hypothesis import strategies as st
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings, load_settings
-from dspy_infra.errors import BackendError
+from dspy_infra.errors import BackendError, PermanentFailure
 from dspy_infra.events import EventBus
+from dspy_infra.handlers.basic import ExecFailed
+from dspy_infra.handlers.container import LABEL_TASK, container_handler, container_task
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import ServiceSpec, TaskSpec, TaskStatus, validate_name
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
-from dspy_infra.scheduler.container_handler import LABEL_TASK, container_handler, container_task
-from dspy_infra.scheduler.handlers import TAIL_BYTES, ExecFailed, PermanentFailure, TaskContext
+from dspy_infra.scheduler.context import TAIL_BYTES, TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 __all__ = ["docker_engine", "engine", "engine_kind", "podman_engine", "registry"]  # fixtures used by name

@@ -95,7 +95,7 @@ from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.workflows import WorkflowEngine
+from dspy_infra.workflows import WorkflowEngine
 
 async def main(home, spec):
     settings = Settings(home=home, shutdown_grace=0.1)
@@ -288,9 +288,10 @@ async def test_a_running_attempt_is_recorded_and_forgotten_when_it_ends(tmp_path
     import anyio
 
     from dspy_infra.config import load_settings
+    from dspy_infra.handlers.basic import exec_handler
     from dspy_infra.models import TaskSpec
     from dspy_infra.ownership import AttemptRegistry
-    from dspy_infra.scheduler.handlers import TaskContext, exec_handler
+    from dspy_infra.scheduler.context import TaskContext
 
     home = tmp_path / "home"
     registry = AttemptRegistry(home / "attempts")

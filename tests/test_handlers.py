@@ -9,18 +9,18 @@ from pathlib import Path
 import anyio
 import pytest
 
-from dspy_infra.models import TaskSpec
-from dspy_infra.plugins import build_plugin_manager, collect_mapping
-from dspy_infra.scheduler.handlers import (
+from dspy_infra.errors import PermanentFailure
+from dspy_infra.handlers.basic import (
     RESULT_OUTPUT_BYTES,
     ExecFailed,
-    PermanentFailure,
-    TaskContext,
     exec_handler,
     fail_handler,
     noop_handler,
     sleep_handler,
 )
+from dspy_infra.models import TaskSpec
+from dspy_infra.plugins import build_plugin_manager, collect_mapping
+from dspy_infra.scheduler.context import TaskContext
 
 
 def ctx(**payload: object) -> TaskContext:
@@ -211,14 +211,14 @@ async def test_fail_message_of_any_json_type_is_shown() -> None:
     ],
 )
 def test_payload_json_object_takes_an_object_or_its_text(value: object, expected: dict[str, str]) -> None:
-    from dspy_infra.scheduler.handlers import payload_json_object
+    from dspy_infra.scheduler.context import payload_json_object
 
     assert payload_json_object({"env": value}, "env", "{}") == expected
 
 
 @pytest.mark.parametrize("value", [7, ["a"], '["a"]', "{bad", {"A": 1}, '{"A": 1}'])
 def test_payload_json_object_names_the_field_on_anything_else(value: object) -> None:
-    from dspy_infra.scheduler.handlers import payload_json_object
+    from dspy_infra.scheduler.context import payload_json_object
 
     with pytest.raises(PermanentFailure, match=r"payload\.env.*fix"):
         payload_json_object({"env": value}, "env", '{"A": "1"}')

@@ -16,19 +16,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra.config import load_settings
+from dspy_infra.errors import PermanentFailure
 from dspy_infra.events import EventBus
-from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import TaskSpec, TaskStatus
-from dspy_infra.plugins import build_plugin_manager, collect_mapping
-from dspy_infra.scheduler import scheduler as scheduler_module
-from dspy_infra.scheduler.handlers import TAIL_BYTES, PermanentFailure, TaskContext, payload_json_object
-from dspy_infra.scheduler.http_handler import (
+from dspy_infra.handlers.http import (
     HttpStatusFailed,
     http_handler,
     http_request,
     parse_expect_status,
     status_outcome,
 )
+from dspy_infra.metrics import InfraMetrics
+from dspy_infra.models import TaskSpec, TaskStatus
+from dspy_infra.plugins import build_plugin_manager, collect_mapping
+from dspy_infra.scheduler import scheduler as scheduler_module
+from dspy_infra.scheduler.context import TAIL_BYTES, TaskContext, payload_json_object
 from dspy_infra.scheduler.scheduler import Scheduler
 
 

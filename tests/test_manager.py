@@ -771,8 +771,8 @@ async def test_demo_section_runs_and_leaves_nothing_behind(tmp_path: Path) -> No
 
     from rich.console import Console
 
+    from dspy_infra.demo.services import services_section
     from dspy_infra.infra import Infra
-    from dspy_infra.services.demo import services_section
 
     settings = Settings(home=tmp_path / "demo-home", backend="process", durable=False, mode="embedded")
     out = io.StringIO()

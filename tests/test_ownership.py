@@ -12,6 +12,8 @@ from pathlib import Path
 
 from hypothesis import given, settings
 
+from dspy_infra.handlers.basic import _Capture
+from dspy_infra.handlers.task_logs import AttemptLog, read_task_log
 from dspy_infra.ownership import (
     ATTEMPT_ENV,
     AttemptRecord,
@@ -24,8 +26,6 @@ from dspy_infra.ownership import (
     proc_stat,
     same_process,
 )
-from dspy_infra.scheduler.handlers import _Capture
-from dspy_infra.scheduler.task_logs import AttemptLog, read_task_log
 
 try:
     from tests.strategies import any_task_ids, output_chunks

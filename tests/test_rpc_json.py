@@ -16,10 +16,10 @@ from hypothesis import given, settings
 
 from dspy_infra.errors import SpecError
 from dspy_infra.models import TaskResult, TaskStatus
-from dspy_infra.rpc import _convert as cv
+from dspy_infra.rpc import convert as cv
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
-from dspy_infra.scheduler.workflows import RunStatus, RunUpdate
 from dspy_infra.values import json_text
+from dspy_infra.workflows import RunStatus, RunUpdate
 from tests.strategies import wire_json_objects
 
 NESTED: dict[str, Any] = {"nested": {"a": 1}, "ok": True, "n": 3, "x": 1.5, "none": None, "s": "text"}

@@ -33,7 +33,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import GPUInfo, HardwareInfo, TaskSpec, TaskState, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler import scheduler as scheduler_module
-from dspy_infra.scheduler.handlers import TaskContext
+from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler, retry_delay
 
 NO_GPU = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)

@@ -17,7 +17,7 @@ from dspy_infra.hookspecs import hookimpl
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.handlers import Handler, SharedResources, TaskContext
+from dspy_infra.scheduler.context import Handler, SharedResources, TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 

@@ -22,14 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra.config import load_settings
-from dspy_infra.errors import ConfigError, ResourceUnavailable, Unavailable
+from dspy_infra.errors import ConfigError, PermanentFailure, ResourceUnavailable, Unavailable
 from dspy_infra.events import EventBus
-from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
-from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.handlers import PermanentFailure, TaskContext
-from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.slurm import (
+from dspy_infra.executors.slurm import (
     FAILED_STATES,
     SlurmExecutor,
     SlurmJob,
@@ -42,6 +37,11 @@ from dspy_infra.scheduler.slurm import (
     plan_job,
     time_limit_minutes,
 )
+from dspy_infra.metrics import InfraMetrics
+from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
+from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.scheduler.context import TaskContext
+from dspy_infra.scheduler.scheduler import Scheduler
 
 try:
     from tests.conftest import skip_or_fail

@@ -21,7 +21,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler import scheduler as scheduler_module
-from dspy_infra.scheduler.handlers import TaskContext
+from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
@@ -170,7 +170,7 @@ async def test_a_result_stream_that_stops_reading_is_dropped(
 
 
 async def test_a_workflow_step_no_store_can_hold_is_refused_by_name(tmp_path: Path) -> None:
-    from dspy_infra.scheduler.workflows import WorkflowEngine
+    from dspy_infra.workflows import WorkflowEngine
 
     settings = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
     bus = EventBus()

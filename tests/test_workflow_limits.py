@@ -21,13 +21,8 @@ from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.workflows import (
-    MAX_STEPS,
-    WorkflowEngine,
-    _render,
-    parse_workflow_spec,
-    validate_workflow,
-)
+from dspy_infra.workflows import MAX_STEPS, WorkflowEngine, parse_workflow_spec, validate_workflow
+from dspy_infra.workflows.template import render
 from tests._adversarial import STALL_BOUND, loop_watchdog
 from tests.strategies import bad_workflow_specs
 
@@ -165,7 +160,7 @@ def test_bad_workflow_specs_are_refused_naming_the_field(case: tuple[Any, str]) 
     )
 )
 def test_a_whole_value_template_keeps_the_json_type_and_text_templates_substitute_json(value: Any) -> None:
-    filled = _render(
+    filled = render(
         {"whole": "{{ input.v }}", "inside": "v={{ input.v }}", "nested": ["{{ steps.a.result.k }}"]},
         "payload",
         {"v": value},

@@ -30,12 +30,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspy_infra.config import Settings
+from dspy_infra.errors import PermanentFailure
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.handlers import PermanentFailure, TaskContext
+from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.workflows import RunState, RunStatus, RunUpdate, StepStatus, WorkflowEngine
+from dspy_infra.workflows import RunState, RunStatus, RunUpdate, StepStatus, WorkflowEngine
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from dspy_infra.config import Settings, load_settings
+from dspy_infra.demo.workflows import DEMO_WORKFLOW_ID, workflow_section
 from dspy_infra.errors import AlreadyExists, CycleError, NotFound, SpecError, Unavailable
 from dspy_infra.events import EventBus
 from dspy_infra.infra import Infra
@@ -30,17 +31,16 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskClass, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.workflow_demo import DEMO_WORKFLOW_ID, workflow_section
-from dspy_infra.scheduler.workflows import (
+from dspy_infra.workflows import (
     RunStatus,
     StepSpec,
     StepStatus,
     WorkflowEngine,
     WorkflowSpec,
-    _render,
     parse_workflow_spec,
     validate_workflow,
 )
+from dspy_infra.workflows.template import render
 
 CLASSES = ["cpu_short", "cpu_long", "gpu"]
 
@@ -610,7 +610,7 @@ def test_any_step_name_and_key_round_trip_through_a_template(name: str, key: str
     )
     spec = WorkflowSpec(steps=[upstream, reader])
     validate_workflow(spec, CLASSES)
-    assert _render(reader.payload["v"], "v", {}, {name: {key: "VALUE"}}) == f"{around}VALUE{around}"
+    assert render(reader.payload["v"], "v", {}, {name: {key: "VALUE"}}) == f"{around}VALUE{around}"
 
 
 def test_a_step_name_with_a_result_segment_is_refused() -> None:

@@ -48,10 +48,10 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..scheduler.workflows import RunState, RunUpdate, Workflow
 from ..services.handles import ServiceHandle
 from ..values import check_json_object, json_text
-from . import _convert as cv
+from ..workflows.spec import RunState, RunUpdate, Workflow
+from . import convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 

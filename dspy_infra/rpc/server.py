@@ -67,7 +67,7 @@ from ..values import (
     check_text,
     preview,
 )
-from . import _convert as cv
+from . import convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -510,7 +510,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return orch_pb.QueueStatusResponse(queues={k: cv.queue_status_to_pb(q) for k, q in queues.items()})
 
     async def create_workflow(self, message: orch_pb.CreateWorkflowRequest) -> orch_pb.CreateWorkflowResponse:
-        from ..scheduler.workflows import parse_workflow_spec
+        from ..workflows.validate import parse_workflow_spec
 
         if not message.id:
             raise SpecError("is required", field="id", fix="give the workflow a unique, non-empty id")
@@ -531,7 +531,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         if self.infra.settings.exec_policy != "allow":
             # A remote input that is templated into a command step would let the client
             # choose (part of) a command; the owning process may still start such runs.
-            from ..scheduler.workflows import step_input_keys
+            from ..workflows.spec import step_input_keys
 
             wf = await self.infra.workflows.get_workflow(workflow_id)
             for step in wf.spec.steps:

@@ -46,8 +46,10 @@ from ..config import Settings
 from ..errors import (
     AlreadyExists,
     DeadlineExceeded,
+    HandlerFailure,
     InfraError,
     NotFound,
+    PermanentFailure,
     PermissionDenied,
     SpecError,
     Unavailable,
@@ -60,7 +62,7 @@ from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
-from .handlers import Handler, PermanentFailure, SharedResources, TaskContext
+from .context import Handler, SharedResources, TaskContext
 from .limiter import AimdPolicy, ResizableSemaphore, SampleWindow
 from .store import (
     STATUS_TEXT,
@@ -1153,15 +1155,16 @@ class Scheduler(AsyncResource):
             raise
         except PermanentFailure as exc:
             error, retryable = str(exc), False
+        except HandlerFailure as exc:
+            error = str(exc) or type(exc).__name__
+            if exc.result is not None:
+                with contextlib.suppress(SpecError):  # a partial result JSON cannot hold is dropped
+                    rec.result = check_json_object(exc.result, "result")
         except Exception as exc:
             if isinstance(exc, TimeoutError) and timeout_cm is not None and timeout_cm.expired():
                 error = f"timed out after {spec.timeout:g}s"
             else:
                 error = str(exc) or type(exc).__name__
-            partial = getattr(exc, "result", None)
-            if isinstance(partial, Mapping):
-                with contextlib.suppress(SpecError):  # a partial result JSON cannot hold is dropped
-                    rec.result = check_json_object(partial, "result")
         rec.worker = None
         if rec.cancel_requested:
             # The handler swallowed the cancellation (or ended just as it arrived). A success

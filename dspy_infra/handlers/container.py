@@ -49,10 +49,11 @@ from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
 from ..backends.docker import DockerBackend, resolve_docker_host, translate_docker_error
 from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
-from ..errors import BackendError, InfraError, NotFound
+from ..errors import BackendError, InfraError, NotFound, PermanentFailure
 from ..hookspecs import hookimpl
 from ..models import Instance, ServiceSpec
-from .handlers import ExecFailed, Handler, PermanentFailure, TaskContext, _Tail, payload_json_object
+from ..scheduler.context import Handler, Tail, TaskContext, payload_json_object
+from .basic import ExecFailed
 
 __all__ = [
     "LABEL_TASK",
@@ -185,7 +186,7 @@ async def _wait_exit(backend: DockerBackend, container_id: str) -> int:
 
 
 async def _output(backend: DockerBackend, container_id: str, name: str) -> tuple[str, str]:
-    out, err = _Tail(), _Tail()
+    out, err = Tail(), Tail()
     async for entry in backend.logs(container_id, service_name=name):
         (err if entry.stream == "stderr" else out).feed(entry.message.encode() + b"\n")
     return out.text(), err.text()

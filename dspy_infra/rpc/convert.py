@@ -36,16 +36,16 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..scheduler.workflows import (
+from ..values import MAX_JSON_BYTES, JsonObject, decode_json_object, json_text
+from ..workflows.spec import (
     RunState,
     RunStatus,
     RunUpdate,
     StepState,
     StepStatus,
     Workflow,
-    parse_workflow_spec,
 )
-from ..values import MAX_JSON_BYTES, JsonObject, decode_json_object, json_text
+from ..workflows.validate import parse_workflow_spec
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 

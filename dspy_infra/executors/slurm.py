@@ -51,9 +51,9 @@ import attrs
 from anyio.abc import AsyncResource
 
 from ..config import Settings
-from ..errors import ConfigError, Unavailable
+from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
 from ..hookspecs import hookimpl
-from .handlers import TAIL_BYTES, PermanentFailure, TaskContext
+from ..scheduler.context import TAIL_BYTES, TaskContext
 
 __all__ = [
     "FAILED_STATES",
@@ -116,12 +116,8 @@ class SlurmCommandError(Exception):
         super().__init__(f"{argv[0]} exited with {returncode}: {self.stderr or '(no message)'}")
 
 
-class SlurmJobFailed(Exception):
+class SlurmJobFailed(HandlerFailure):
     """A job ended unsuccessfully; ``result`` is the attempt's result map (kept on the task)."""
-
-    def __init__(self, message: str, result: dict[str, str]) -> None:
-        self.result = result
-        super().__init__(message)
 
 
 @attrs.frozen

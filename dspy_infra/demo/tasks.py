@@ -24,13 +24,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from .config import load_settings
-from .errors import InfraError
-from .infra import Infra
-from .models import TaskSpec, TaskState, TaskStatus
-from .scheduler.handlers import TaskContext
-from .scheduler.workflow_demo import workflow_section
-from .services.demo import services_section
+from ..config import load_settings
+from ..errors import InfraError
+from ..infra import Infra
+from ..models import TaskSpec, TaskState, TaskStatus
+from ..scheduler.context import TaskContext
+from .services import services_section
+from .workflows import workflow_section
 
 __all__ = ["SECTIONS", "DemoFailed", "main", "tasks_section"]
 

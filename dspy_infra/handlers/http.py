@@ -28,8 +28,9 @@ import aiohttp
 import attrs
 import yarl
 
+from ..errors import HandlerFailure, PermanentFailure
 from ..hookspecs import hookimpl
-from .handlers import Handler, PermanentFailure, TaskContext, _Tail, payload_json_object
+from ..scheduler.context import Handler, Tail, TaskContext, payload_json_object
 
 __all__ = [
     "HttpRequest",
@@ -49,13 +50,9 @@ _CODE_RE = re.compile(r"^[0-9]{3}$")  # ASCII digits only: str.isdigit() accepts
 _QUOTED = 300
 
 
-class HttpStatusFailed(Exception):
+class HttpStatusFailed(HandlerFailure):
     """The server answered a status the task did not expect and a retry may fix (5xx, 408,
     429); carries the result map so the failed attempt keeps status and body."""
-
-    def __init__(self, message: str, result: dict[str, str]) -> None:
-        self.result = result
-        super().__init__(message)
 
 
 def parse_expect_status(raw: str) -> frozenset[int] | None:
@@ -147,7 +144,7 @@ async def http_handler(ctx: TaskContext) -> dict[str, str]:
     request = http_request(ctx.payload)
     method, url, headers, expected = request.method, request.url, request.headers, request.expected
     body = request.body
-    tail = _Tail()
+    tail = Tail()
     try:
         async with (
             _session(ctx) as session,

@@ -24,8 +24,8 @@ from rich.table import Table
 
 from ..errors import ServiceError
 from ..models import ServiceSpec, ServiceStatus, ServiceStatusUpdate
-from .catalog import apply_fields
-from .manager import ServiceManager
+from ..services.catalog import apply_fields
+from ..services.manager import ServiceManager
 
 __all__ = ["demo_services", "services_section"]
 
