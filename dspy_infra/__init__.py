@@ -9,7 +9,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .api import InfraAPI
 from .config import Settings, load_settings
+from .ensure import ensure_infra, shutdown_infra, use_infra
 from .errors import (
     AlreadyExists,
     BackendError,
@@ -31,7 +33,7 @@ from .errors import (
     Unavailable,
 )
 from .hookspecs import hookimpl
-from .infra import Infra, SyncInfra, ensure_infra, ensure_infra_sync, shutdown_infra, use_infra
+from .infra import Infra
 from .models import (
     DependsOn,
     Event,
@@ -48,6 +50,7 @@ from .models import (
     VolumeMount,
 )
 from .services.handles import ServiceHandle
+from .sync import SyncInfra, ensure_infra_sync
 from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "HealthCheck",
     "HealthCheckFailed",
     "Infra",
+    "InfraAPI",
     "InfraError",
     "MissingBinary",
     "NotFound",

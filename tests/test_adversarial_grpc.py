@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from dspy_infra.errors import Unavailable
 from dspy_infra.infra import Infra
-from dspy_infra.rpc.server import MAX_ERROR_MESSAGE
+from dspy_infra.wire import MAX_ERROR_MESSAGE
 from tests._adversarial import STALL_BOUND, loop_watchdog, official_stubs
 from tests._rpc_support import ServeProcess, in_process_server, serve_process
 from tests.strategies import bad_workflow_specs, hostile_task_docs, hostile_task_requests

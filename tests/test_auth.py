@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from dspy_infra import errors
 from dspy_infra.config import load_settings
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
-from dspy_infra.rpc.client import OrchestratorClient, RemoteInfra
-from dspy_infra.rpc.server import check_bind, run_server
+from dspy_infra.rpc.client import OrchestratorClient
+from dspy_infra.rpc.remote import RemoteInfra
+from dspy_infra.serve import check_bind, run_server
 from tests._rpc_support import in_process_server
 from tests.conftest import skip_or_fail
 

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra import errors
-from dspy_infra.http import http_status_for
+from dspy_infra.wire import http_status_for
 from dspy_infra.infra import Infra
 from dspy_infra.metrics import CONTENT_TYPE_LATEST
 from tests._rpc_support import in_process_server
@@ -43,7 +43,7 @@ async def test_metrics_health_and_queue_status(http: tuple[aiohttp.ClientSession
         queues = await resp.json()
     assert "cpu_short" in queues
     assert set(queues["cpu_short"]) >= {"depth", "inflight", "limit"}
-    assert queues["cpu_short"]["limit"] == infra.queue_status()["cpu_short"].limit
+    assert queues["cpu_short"]["limit"] == (await infra.queue_status())["cpu_short"].limit
 
 
 async def test_submit_defaults_and_runs(http: tuple[aiohttp.ClientSession, str, Infra]) -> None:
@@ -150,7 +150,7 @@ _task_doc = st.dictionaries(
 
 @given(doc=_task_doc)
 def test_task_json_is_accepted_as_written_or_refused_naming_the_key(doc: dict[str, object]) -> None:
-    from dspy_infra.rpc.server import spec_from_doc
+    from dspy_infra.wire import spec_from_doc
 
     try:
         spec = spec_from_doc(doc, generate_id=True)

@@ -160,7 +160,7 @@ def _json_in_core() -> bool:
 )
 async def test_remote_infra_returns_a_handlers_json_result_exactly(tmp_path: Path) -> None:
     # The example: a handler returning {"nested": {"a": 1}} gave back "{'a': 1}".
-    from dspy_infra.rpc.client import RemoteInfra
+    from dspy_infra.rpc.remote import RemoteInfra
     from tests._rpc_support import in_process_server
 
     async with in_process_server(tmp_path) as (infra, server):

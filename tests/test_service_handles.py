@@ -30,7 +30,7 @@ from dspy_infra.backends.base import fill_port_placeholders, free_port
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.infra import Infra
 from dspy_infra.models import HealthCheck, PortMapping, ServiceSpec
-from dspy_infra.rpc.client import RemoteInfra
+from dspy_infra.rpc.remote import RemoteInfra
 from dspy_infra.services.handles import ServiceHandle, service_url
 from tests._rpc_support import base_settings, in_process_server, stop_process
 

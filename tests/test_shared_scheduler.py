@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from dspy_infra import errors
-from dspy_infra.rpc.client import RemoteInfra
+from dspy_infra.rpc.remote import RemoteInfra
 from tests._rpc_support import ROOT, serve_process
 from tests.engines import which_or_skip
 
 CHILD = """
 import asyncio, json, sys
 from dspy_infra import NotFound, ensure_infra, shutdown_infra
-from dspy_infra.rpc.client import RemoteInfra
+from dspy_infra.rpc.remote import RemoteInfra
 
 async def main(mine, theirs):
     infra = await ensure_infra()
@@ -188,7 +188,7 @@ def test_remote_infra_offers_the_embedded_interface() -> None:
     import inspect
 
     from dspy_infra.infra import Infra
-    from dspy_infra.rpc.client import RemoteServices
+    from dspy_infra.rpc.remote import RemoteServices
     from dspy_infra.services.manager import ServiceManager
 
     for name in INFRA_METHODS:

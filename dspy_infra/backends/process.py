@@ -52,6 +52,7 @@ from ..errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecE
 from ..hookspecs import hookimpl
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
+from ..ownership import pid_alive, proc_stat
 from .base import (
     Backend,
     expand_port_placeholders,
@@ -60,7 +61,7 @@ from .base import (
     listen_port_placeholders,
 )
 
-__all__ = ["APT_PACKAGES", "ProcessBackend", "dspy_infra_backends", "pid_alive", "proc_start_time"]
+__all__ = ["APT_PACKAGES", "ProcessBackend", "dspy_infra_backends"]
 
 #: Debian package that provides a binary, for the "install it" hint.
 APT_PACKAGES = {
@@ -164,22 +165,6 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     return raw[raw.rfind(")") + 2 :].split()
-
-
-def proc_start_time(pid: int) -> tuple[int, str] | None:
-    """``(start time in clock ticks since boot, state letter)`` of ``pid``, None if gone."""
-    fields = _stat_fields(pid)
-    return None if fields is None else (int(fields[19]), fields[0])
-
-
-def pid_alive(pid: int, start_time: int | None = None) -> bool:
-    """True while ``pid`` exists, is not a zombie and (if given) has that start time."""
-    if pid <= 0:
-        return False
-    info = proc_start_time(pid)
-    if info is None or info[1] in ("Z", "X"):
-        return False
-    return start_time is None or info[0] == start_time
 
 
 def _proc_cpu_rss(pid: int) -> tuple[int, int] | None:
@@ -496,7 +481,7 @@ class ProcessBackend(Backend):
             shutil.rmtree(d, ignore_errors=True)
             raise BackendError(f"service {spec.name!r}: the process shim failed to start ({answer!r})")
         pid, shim_pid = int(parts[1]), int(parts[2])
-        info = proc_start_time(pid)
+        info = proc_stat(pid)
         rec = _Record(
             id=instance_name,
             name=instance_name,
@@ -504,7 +489,7 @@ class ProcessBackend(Backend):
             pid=pid,
             pgid=shim.pid,
             shim_pid=shim_pid,
-            proc_start=info[0] if info else -1,
+            proc_start=info.start_time if info else -1,
             ports=ports,
             started_at=time.time(),
             command=spec.command,

@@ -114,7 +114,7 @@ def _limits_table(infra: Infra) -> Table:
     table = Table(title="adaptive limits per class")
     for column in ("class", "limit", "min", "max", "queued", "running"):
         table.add_column(column, justify="right" if column != "class" else "left")
-    for name, q in infra.queue_status().items():
+    for name, q in infra.scheduler.queue_status().items():
         table.add_row(name, str(q.limit), str(q.min_limit), str(q.max_limit), str(q.depth), str(q.inflight))
     return table
 

@@ -34,7 +34,6 @@ like ``exec``. Result: ``exit_code``, ``stdout``, ``stderr``, ``container_id``, 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -47,11 +46,11 @@ import attrs
 
 from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
 from ..backends.docker import DockerBackend, resolve_docker_host, translate_docker_error
-from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
 from ..errors import BackendError, InfraError, NotFound, PermanentFailure
 from ..hookspecs import hookimpl
 from ..models import Instance, ServiceSpec
+from ..ownership import label_pid_alive, start_time_of
 from ..scheduler.context import Handler, Tail, TaskContext, payload_json_object
 from .basic import ExecFailed
 
@@ -209,17 +208,9 @@ async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncI
             await backend.aclose()
 
 
-@functools.cache
-def _start_time_of(pid: int) -> str:
-    """This process's start time (clock ticks since boot), so a reused pid is not taken for
-    it; keyed by pid because a forked child is another process."""
-    info = proc_start_time(pid)
-    return str(info[0]) if info is not None else ""
-
-
 def _owner_gone(labels: Mapping[str, str]) -> bool:
     pid, started = labels.get(LABEL_OWNER_PID, ""), labels.get(LABEL_OWNER_STARTED, "")
-    return not (pid.isdigit() and pid_alive(int(pid), int(started) if started.isdigit() else None))
+    return not label_pid_alive(pid, started)
 
 
 async def _remove_leftovers(backend: DockerBackend, labels: Mapping[str, str]) -> None:
@@ -257,7 +248,7 @@ async def container_handler(ctx: TaskContext) -> dict[str, str]:
     labels = {
         LABEL_OWNER: settings.resolved_owner(),
         LABEL_OWNER_PID: str(pid),
-        LABEL_OWNER_STARTED: _start_time_of(pid),
+        LABEL_OWNER_STARTED: start_time_of(pid),
         LABEL_TASK: ctx.spec.id,
     }
     async with _backend(ctx, settings, task.network) as backend:

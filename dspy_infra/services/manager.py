@@ -53,7 +53,6 @@ from ..backends.base import (
     LABEL_SPEC_HASH,
     Backend,
 )
-from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
 from ..errors import (
     AlreadyExists,
@@ -83,6 +82,7 @@ from ..models import (
     ServiceStatus,
     ServiceStatusUpdate,
 )
+from ..ownership import label_pid_alive, start_time_of
 from ..plugins import collect_mapping
 from .catalog import build_catalog, parse_overrides, write_support_files
 from .graph import (
@@ -194,8 +194,7 @@ class ServiceManager(AsyncResource):
         #: Services a start brought up without ``keep`` (started or adopted), in start order:
         #: the ones ``Infra`` stops when it closes, whoever asked (Python, gRPC, the CLI).
         self.owned: list[str] = []
-        started = proc_start_time(os.getpid())
-        self._self_started = str(started[0]) if started else ""
+        self._self_started = start_time_of(os.getpid())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -1166,11 +1165,7 @@ class ServiceManager(AsyncResource):
         return self.backend.probe_address(managed.instance, port)
 
 
-def _alive(pid: str, started: str) -> bool:
-    """A pid (and, when known, its start time) read from a label or lease still runs."""
-    if not pid.isdigit():
-        return False
-    return pid_alive(int(pid), int(started) if started.isdigit() else None)
+_alive = label_pid_alive
 
 
 def _reason(exc: BaseException) -> str:
