@@ -7,8 +7,6 @@ Only the public API lives here; everything else is an implementation module.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .api import InfraAPI
 from .config import Settings, load_settings
 from .ensure import ensure_infra, shutdown_infra, use_infra
@@ -51,6 +49,7 @@ from .models import (
 )
 from .services.handles import ServiceHandle
 from .sync import SyncInfra, ensure_infra_sync
+from .version import __version__
 from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 
 __all__ = [

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio.to_thread
 from anyio.abc import AsyncResource
 
-from . import __version__
 from .api import HandlerFn, TaskSubmitter
 from .config import Settings, load_settings
 from .errors import NotFound, Unavailable
@@ -36,6 +35,7 @@ from .events import EventBus
 from .metrics import InfraMetrics
 from .models import Event, QueueStatus, ServiceSpec, TaskResult, TaskSpec, TaskState
 from .plugins import build_plugin_manager
+from .version import __version__
 from .workflows.spec import RunState, RunUpdate, Workflow
 
 if TYPE_CHECKING:

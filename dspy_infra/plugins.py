@@ -20,8 +20,7 @@ DEFAULT_PLUGINS = (
     "dspy_infra.scheduler.classes",
     "dspy_infra.executors.slurm",
     "dspy_infra.services.catalog",
-    "dspy_infra.backends.process",
-    "dspy_infra.backends.docker",
+    "dspy_infra.backends.registry",
 )
 
 

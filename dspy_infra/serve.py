@@ -212,9 +212,7 @@ async def run_server(
                     flush=True,
                 )
             # Servers are closed: nothing new comes in. Let running tasks finish.
-            drain = getattr(infra.scheduler, "drain", None)
-            if drain is not None:
-                await drain(settings.shutdown_grace)
+            await infra.drain(settings.shutdown_grace)
             if stop_services:
                 running = await infra.services.status()
                 names = [n for n, st in running.items() if str(st.status) not in ("stopped", "failed")]

@@ -14,8 +14,8 @@ import anyio
 import pytest
 
 from dspy_infra import errors
-from dspy_infra.infra import Infra
 from dspy_infra.ensure import ensure_infra, shutdown_infra
+from dspy_infra.infra import Infra
 from dspy_infra.rpc.remote import RemoteInfra
 from tests._rpc_support import ServeProcess, serve_process
 

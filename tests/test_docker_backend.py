@@ -43,12 +43,12 @@ from dspy_infra.backends.docker import (
     LogDemuxer,
     PullTracker,
     container_config,
-    dspy_infra_backends,
     parse_engine_time,
     resolve_docker_host,
     split_image_ref,
     translate_docker_error,
 )
+from dspy_infra.backends.registry import dspy_infra_backends
 from dspy_infra.config import Settings
 from dspy_infra.errors import (
     AlreadyExists,
@@ -376,7 +376,7 @@ def test_cpu_percent_is_busy_time_over_the_sampling_interval(
 
 
 def test_hook_registers_the_docker_backend() -> None:
-    assert dspy_infra_backends() == {"docker": DockerBackend}
+    assert dspy_infra_backends()["docker"] is DockerBackend
 
 
 async def test_open_without_an_engine_names_the_address_and_the_fix(tmp_path: Path) -> None:

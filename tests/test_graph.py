@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra.errors import CycleError, NotFound, SpecError
+from dspy_infra.graph import find_cycle
 from dspy_infra.models import DependsOn, PortMapping, ServiceSpec
 from dspy_infra.services.graph import (
     check_host_ports,
     dependency_closure,
     dependents_closure,
-    find_cycle,
     startup_levels,
     stop_order,
     topological_order,

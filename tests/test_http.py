@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra import errors
-from dspy_infra.wire import http_status_for
 from dspy_infra.infra import Infra
 from dspy_infra.metrics import CONTENT_TYPE_LATEST
+from dspy_infra.wire import http_status_for
 from tests._rpc_support import in_process_server
 
 

@@ -19,9 +19,11 @@ from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspy_infra.backends.process import ProcessBackend, dspy_infra_backends, pid_alive, proc_start_time
+from dspy_infra.backends.process import ProcessBackend
+from dspy_infra.backends.registry import dspy_infra_backends
 from dspy_infra.errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecError
 from dspy_infra.models import PortMapping, ServiceSpec, VolumeMount
+from dspy_infra.ownership import pid_alive, proc_stat
 
 pytestmark = pytest.mark.usefixtures("anyio_backend")
 
@@ -43,21 +45,21 @@ async def _wait_exited(b: ProcessBackend, instance_id: str) -> None:
 
 
 def test_registered_through_the_backends_hook() -> None:
-    assert dspy_infra_backends() == {"process": ProcessBackend}
+    assert dspy_infra_backends()["process"] is ProcessBackend
 
 
 def test_zombies_and_reused_pids_do_not_count_as_alive() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        info = proc_start_time(child.pid)
-        assert info is not None and pid_alive(child.pid, info[0])
-        assert not pid_alive(child.pid, info[0] + 1)  # same pid, another process's start time
+        info = proc_stat(child.pid)
+        assert info is not None and pid_alive(child.pid, info.start_time)
+        assert not pid_alive(child.pid, info.start_time + 1)  # same pid, another process's start time
         child.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while (state := proc_start_time(child.pid)) is not None and state[1] != "Z":
+        while (state := proc_stat(child.pid)) is not None and state.state != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert proc_start_time(child.pid) is not None  # still there, as a zombie: not reaped yet
+        assert proc_stat(child.pid) is not None  # still there, as a zombie: not reaped yet
         assert not pid_alive(child.pid)
     finally:
         child.wait()

@@ -18,8 +18,7 @@ from dspy_infra import errors
 from dspy_infra.rpc._gen.env_manager import v1 as env_pb
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
 from dspy_infra.rpc.client import EnvManagerClient, OrchestratorClient
-from dspy_infra.wire import from_grpc_error
-from dspy_infra.wire import grpc_status_for, to_grpc_error
+from dspy_infra.wire import from_grpc_error, grpc_status_for, to_grpc_error
 from tests._rpc_support import ServeProcess, in_process_server, serve_process
 
 # -- the table, without a server -------------------------------------------------------------

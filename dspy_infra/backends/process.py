@@ -49,7 +49,6 @@ import attrs
 
 from ..config import Settings
 from ..errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecError
-from ..hookspecs import hookimpl
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 from ..ownership import pid_alive, proc_stat
@@ -61,7 +60,7 @@ from .base import (
     listen_port_placeholders,
 )
 
-__all__ = ["APT_PACKAGES", "ProcessBackend", "dspy_infra_backends"]
+__all__ = ["APT_PACKAGES", "ProcessBackend"]
 
 #: Debian package that provides a binary, for the "install it" hint.
 APT_PACKAGES = {
@@ -712,8 +711,3 @@ async def _run_with_timeout(
     if scope.cancelled_caught:
         return ExecResult(124, f"{command[0]}: timed out after {timeout:g}s")
     return ExecResult(done.returncode, done.stdout.decode("utf-8", "replace"))
-
-
-@hookimpl
-def dspy_infra_backends() -> dict[str, type[Backend]]:
-    return {"process": ProcessBackend}

@@ -44,8 +44,8 @@ from contextlib import asynccontextmanager
 import anyio
 import attrs
 
-from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
-from ..backends.docker import DockerBackend, resolve_docker_host, translate_docker_error
+from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED, Backend
+from ..backends.registry import container_engine, engine_address
 from ..config import Settings
 from ..errors import BackendError, InfraError, NotFound, PermanentFailure
 from ..hookspecs import hookimpl
@@ -142,7 +142,7 @@ def container_task(task_id: str, payload: Mapping[str, str]) -> ContainerTask:
     return ContainerTask(spec=spec, network=network, pull=pull)
 
 
-async def _ensure_image(backend: DockerBackend, image: str, pull: str) -> None:
+async def _ensure_image(backend: Backend, image: str, pull: str) -> None:
     """Apply the pull policy before creating anything.
 
     An image that cannot be had is an ordinary failure (retried while attempts remain), not a
@@ -150,13 +150,8 @@ async def _ensure_image(backend: DockerBackend, image: str, pull: str) -> None:
     404 for a failed DNS lookup), and a registry can come back.
     """
     if pull != "always":
-        try:
-            await backend.docker.images.inspect(image)
+        if await backend.has_image(image):
             return
-        except Exception as exc:
-            error = translate_docker_error(exc, operation="image_inspect", target=image)
-            if not isinstance(error, NotFound):
-                raise error from exc
         if pull == "never":
             raise PermanentFailure(
                 f"payload.image: {image!r} is not on the engine and payload.pull is 'never'"
@@ -173,18 +168,7 @@ async def _ensure_image(backend: DockerBackend, image: str, pull: str) -> None:
         ) from exc
 
 
-async def _wait_exit(backend: DockerBackend, container_id: str) -> int:
-    """The exit code, through the engine's wait endpoint (no polling)."""
-    try:
-        # aiodocker sets no client timeout on wait: the task's timeout bounds it.
-        reply = await backend.docker.containers.container(container_id).wait()
-    except Exception as exc:
-        raise translate_docker_error(exc, operation="container_wait", target=container_id) from exc
-    code = reply.get("StatusCode")
-    return int(code) if code is not None else -1
-
-
-async def _output(backend: DockerBackend, container_id: str, name: str) -> tuple[str, str]:
+async def _output(backend: Backend, container_id: str, name: str) -> tuple[str, str]:
     out, err = Tail(), Tail()
     async for entry in backend.logs(container_id, service_name=name):
         (err if entry.stream == "stderr" else out).feed(entry.message.encode() + b"\n")
@@ -192,14 +176,14 @@ async def _output(backend: DockerBackend, container_id: str, name: str) -> tuple
 
 
 @asynccontextmanager
-async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncIterator[DockerBackend]:
+async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncIterator[Backend]:
     """The scheduler's shared backend for this engine and network (opened by the first attempt
     that needs it, closed with the scheduler), or, outside a scheduler, one for this call."""
     if ctx.shared is not None:
-        key = ("docker", resolve_docker_host(settings), network)
-        yield await ctx.shared.get(key, lambda: DockerBackend(attrs.evolve(settings, network=network)))
+        key = ("docker", engine_address(settings), network)
+        yield await ctx.shared.get(key, lambda: container_engine(settings, network=network))
         return
-    backend = DockerBackend(attrs.evolve(settings, network=network))
+    backend = container_engine(settings, network=network)
     try:
         await backend.open()
         yield backend
@@ -213,7 +197,7 @@ def _owner_gone(labels: Mapping[str, str]) -> bool:
     return not label_pid_alive(pid, started)
 
 
-async def _remove_leftovers(backend: DockerBackend, labels: Mapping[str, str]) -> None:
+async def _remove_leftovers(backend: Backend, labels: Mapping[str, str]) -> None:
     """Remove containers of earlier attempts of this task whose process died.
 
     A task that was running when its process was killed runs again after a restart (at least
@@ -228,7 +212,7 @@ async def _remove_leftovers(backend: DockerBackend, labels: Mapping[str, str]) -
                 await backend.remove(instance.id)
 
 
-async def _start(backend: DockerBackend, task: ContainerTask, labels: Mapping[str, str]) -> Instance:
+async def _start(backend: Backend, task: ContainerTask, labels: Mapping[str, str]) -> Instance:
     try:
         return await backend.run(task.spec, instance_name=task.spec.name, labels=labels)
     except BaseException:
@@ -257,7 +241,7 @@ async def container_handler(ctx: TaskContext) -> dict[str, str]:
         await _ensure_image(backend, task.spec.image, task.pull)
         instance = await _start(backend, task, labels)
         try:
-            exit_code = await _wait_exit(backend, instance.id)
+            exit_code = await backend.wait_exit(instance.id)  # the engine's wait endpoint: no polling
             stdout, stderr = await _output(backend, instance.id, task.spec.name)
         finally:
             # Removed however the attempt ends; on cancel or timeout this kills it first.

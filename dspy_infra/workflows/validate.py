@@ -4,15 +4,14 @@ and template references (only to upstream steps). See ``engine.py`` for the rule
 
 from __future__ import annotations
 
-import collections
 import difflib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import CycleError, SpecError
+from ..graph import find_cycle, ordered
 from ..models import TaskClass
-from ..services.graph import find_cycle
 from ..values import (
     MAX_JSON_DEPTH,
     check_json_object,
@@ -167,23 +166,9 @@ def _refuse_unknown_keys(doc: Mapping[str, Any], known: Sequence[str], prefix: s
 
 
 def _topological_order(spec: WorkflowSpec) -> list[str]:
-    """Kahn's algorithm with in-degree counts, stable in declaration order: O(steps + edges).
-    Steps on a cycle (or downstream of one) are left out."""
-    indegree = {s.name: len(s.depends_on) for s in spec.steps}
-    dependents: dict[str, list[str]] = {s.name: [] for s in spec.steps}
-    for step in spec.steps:
-        for dep in step.depends_on:
-            dependents[dep].append(step.name)
-    ready = collections.deque(s.name for s in spec.steps if not s.depends_on)
-    order: list[str] = []
-    while ready:
-        name = ready.popleft()
-        order.append(name)
-        for child in dependents[name]:
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                ready.append(child)
-    return order
+    """Steps after their dependencies, stable in declaration order; steps on a cycle (or
+    downstream of one) are left out."""
+    return ordered({s.name: s.depends_on for s in spec.steps})
 
 
 def _upstream_bits(spec: WorkflowSpec, order: list[str]) -> dict[str, int]:
