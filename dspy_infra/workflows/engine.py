@@ -99,6 +99,11 @@ from .store import MemoryWorkflowStore, WorkflowStore
 from .template import RenderError, render, template_refs
 from .validate import check_step_count, parse_workflow_spec, validate_workflow
 
+__all__ = [
+    "WorkflowEngine",
+]
+
+
 log = logging.getLogger(__name__)
 
 

@@ -28,6 +28,27 @@ from ..values import (
 )
 from .template import template_refs
 
+__all__ = [
+    "MAX_INPUT_BYTES",
+    "MAX_SPEC_BYTES",
+    "MAX_STEPS",
+    "SPEC_KEYS",
+    "STEP_ALIASES",
+    "STEP_KEYS",
+    "WORKFLOW_ID_RE",
+    "RunState",
+    "RunStatus",
+    "RunUpdate",
+    "StepSpec",
+    "StepState",
+    "StepStatus",
+    "Workflow",
+    "WorkflowSpec",
+    "step_input_keys",
+    "string_leaves",
+]
+
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,12 @@ from ..values import (
 from .spec import RunState, RunStatus, StepState, StepStatus, Workflow
 from .validate import parse_workflow_spec
 
+__all__ = [
+    "MemoryWorkflowStore",
+    "WorkflowStore",
+]
+
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 

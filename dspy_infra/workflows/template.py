@@ -11,6 +11,12 @@ from typing import Any
 from ..errors import SpecError
 from ..values import json_text, preview
 
+__all__ = [
+    "RenderError",
+    "render",
+    "template_refs",
+]
+
 # No braces inside: each "{{" scans only to the next brace, so a string full of "{{" costs
 # linear time (".*?" rescanned to the end of the string from every "{{").
 _TEMPLATE_RE = re.compile(r"\{\{([^{}]*)\}\}")

@@ -29,6 +29,12 @@ from .spec import (
 )
 from .template import template_refs
 
+__all__ = [
+    "check_step_count",
+    "parse_workflow_spec",
+    "validate_workflow",
+]
+
 # ---------------------------------------------------------------------------------------
 # Parsing and validation
 
@@ -272,6 +278,7 @@ def validate_workflow(
 def _check_handlers(
     spec: WorkflowSpec, classes: Mapping[str, TaskClass] | Iterable[str] | None, known: list[str]
 ) -> None:
+
     for step in spec.steps:
         cls = classes.get(step.task_class) if isinstance(classes, Mapping) else None
         if cls is not None and cls.executor != "local":
