@@ -339,10 +339,6 @@ class VolumeMount:
     target: str
     read_only: bool = False
 
-    @property
-    def is_bind(self) -> bool:
-        return self.source.startswith("/")
-
     def __attrs_post_init__(self) -> None:
         if not self.source or not self.target.startswith("/"):
             raise SpecError(

@@ -50,7 +50,6 @@ limiter_ops = st.lists(
         st.tuples(st.just("acquire"), st.just(0)),
         st.tuples(st.just("release"), st.just(0)),
         st.tuples(st.just("resize"), st.integers(min_value=1, max_value=6)),
-        st.tuples(st.just("cancel"), st.integers(min_value=0, max_value=20)),
     ),
     max_size=60,
 )

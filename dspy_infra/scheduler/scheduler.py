@@ -1051,7 +1051,7 @@ class Scheduler(AsyncResource):
         rec.write_error = None
         self._inflight += 1
         waited = now - rec.ready_at
-        window = cq.window  # SampleWindow.record_start, inlined: this runs once per task
+        window = cq.window  # counted inline: this runs once per task
         window.started += 1
         window.wait_total += waited
         cq.m_wait.observe(waited)
