@@ -79,80 +79,8 @@ _FOLLOW_POLL = 0.1
 #: A claimed instance directory without a record after this long was left by a crash.
 _CLAIM_STALE = 30.0
 
-# The supervisor shim. argv: instance dir, log size limit, then the command. It double-forks so the service
-# is not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
-# stdout, then pumps the service's output into timestamped log files until it exits. Only
-# light stdlib modules (no subprocess, no json): its start-up time is on every service start.
-_SHIM = r"""
-import os, selectors, signal, sys, time
-d, limit, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-if os.fork():
-    os._exit(0)
-STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-for s in STOP:
-    signal.signal(s, signal.SIG_IGN)  # the group gets SIGTERM; the shim drains logs, then exits
-out_r, out_w = os.pipe()
-err_r, err_w = os.pipe()
-chk_r, chk_w = os.pipe()  # close-on-exec: EOF here means the exec worked
-pid = os.fork()
-if pid == 0:
-    try:
-        for s in (*STOP, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(s, signal.SIG_DFL)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.execvp(cmd[0], cmd)
-    except BaseException as e:
-        os.write(chk_w, str(e).encode("utf-8", "replace"))
-    os._exit(127)
-for fd in (out_w, err_w, chk_w):
-    os.close(fd)
-failed = os.read(chk_r, 4096)
-if failed:
-    os.waitpid(pid, 0)
-    sys.stdout.write("error %s\n" % failed.decode("utf-8", "replace"))
-    sys.stdout.flush()
-    os._exit(0)
-sys.stdout.write("ok %d %d\n" % (pid, os.getpid()))
-sys.stdout.flush()
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 1)
-os.dup2(null, 2)
-outs = {out_r: open(os.path.join(d, "stdout.log"), "ab", buffering=0),
-        err_r: open(os.path.join(d, "stderr.log"), "ab", buffering=0)}
-partial = {fd: b"" for fd in outs}
-sel = selectors.DefaultSelector()
-for fd in outs:
-    sel.register(fd, selectors.EVENT_READ)
-def emit(fd, data, final=False):
-    data = partial[fd] + data
-    lines = data.split(b"\n")
-    partial[fd] = b"" if final else lines.pop()
-    stamp = b"%.6f " % time.time()
-    chunk = b"".join(stamp + ln + b"\n" for ln in lines if ln or not final)
-    if chunk:
-        f = outs[fd]
-        f.write(chunk)
-        if f.tell() > limit:  # keep one older file: <stream>.log.1
-            f.close()
-            os.replace(f.name, f.name + ".1")
-            outs[fd] = open(f.name, "ab", buffering=0)
-while sel.get_map():
-    for key, _ in sel.select():
-        data = os.read(key.fd, 65536)
-        if data:
-            emit(key.fd, data)
-        else:
-            emit(key.fd, b"", final=True)
-            sel.unregister(key.fd)
-_, status = os.waitpid(pid, 0)
-rc = os.waitstatus_to_exitcode(status)
-tmp = os.path.join(d, "exit.json.tmp")
-with open(tmp, "w") as f:
-    f.write('{"exit_code": %d, "finished_at": %f}' % (rc, time.time()))
-os.replace(tmp, os.path.join(d, "exit.json"))
-"""
+#: The supervisor shim (``supervisor.py``), run as a script: see there.
+_SHIM = str(Path(__file__).with_name("supervisor.py"))
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -456,7 +384,7 @@ class ProcessBackend(Backend):
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)
         shim = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SHIM, str(d), str(self.log_max_bytes), *spec.command],
+            [sys.executable, "-I", "-S", _SHIM, str(d), str(self.log_max_bytes), *spec.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
