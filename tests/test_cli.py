@@ -27,7 +27,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspy_infra.cli import parse_pairs, render_config_template, settings_reference
+from dspy_infra.cli import parse_pairs
+from dspy_infra.config_doc import render_config_template, settings_reference
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import SpecError
 from dspy_infra.plugins import build_plugin_manager
@@ -603,7 +604,7 @@ def test_submit_without_a_server_never_claims_it_ran(tmp_path: Path) -> None:
 def test_list_settings_render_as_toml_arrays(value: object) -> None:
     import tomllib
 
-    from dspy_infra.cli import _toml_value
+    from dspy_infra.config_doc import _toml_value
 
     assert tomllib.loads(f"v = {_toml_value(value)}")["v"] == list(value)  # type: ignore[call-overload]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from dspy_infra.cli import _build_parser, render_settings_markdown
+from dspy_infra.cli import _build_parser
+from dspy_infra.config_doc import render_settings_markdown
 from dspy_infra.config import Settings
 from dspy_infra.metrics import InfraMetrics
 
