@@ -5,6 +5,8 @@ table in docs/configuration.md, so none of them can drift from the code.
 
 from __future__ import annotations
 
+import inspect
+import json
 import re
 from typing import Any
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -241,6 +241,35 @@ class TaskResult:
     #: Unix time in seconds (0 while not terminal).
     completed_at: float = 0.0
 
+    @classmethod
+    def of(cls, task: TaskOutcome) -> TaskResult:
+        """The result of a task's state (a ``TaskState``, or the scheduler's own record)."""
+        return cls(
+            task_id=task.spec.id,
+            status=task.status,
+            result=dict(task.result),
+            error=task.error,
+            duration_ms=task.duration_ms,
+            completed_at=task.completed_at,
+        )
+
+
+class TaskOutcome(Protocol):
+    """What ``TaskResult.of`` reads from a task."""
+
+    @property
+    def spec(self) -> TaskSpec: ...
+    @property
+    def status(self) -> TaskStatus: ...
+    @property
+    def result(self) -> Mapping[str, Any]: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def duration_ms(self) -> float: ...
+    @property
+    def completed_at(self) -> float: ...
+
 
 @attrs.frozen
 class TaskState:
@@ -262,14 +291,7 @@ class TaskState:
         return self.spec.id
 
     def to_result(self) -> TaskResult:
-        return TaskResult(
-            task_id=self.spec.id,
-            status=self.status,
-            result=dict(self.result),
-            error=self.error,
-            duration_ms=self.duration_ms,
-            completed_at=self.completed_at,
-        )
+        return TaskResult.of(self)
 
 
 @attrs.frozen

@@ -76,7 +76,7 @@ async def test_exec_task_runs_durably_and_is_queryable(state_dir: Path) -> None:
         assert accepted.status in (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.COMPLETED)
         result = await sched.wait("hello", timeout=10)
         assert result.status is TaskStatus.COMPLETED
-        assert result.result["stdout"] == "hi\n" and result.result["exit_code"] == "0"
+        assert result.result["stdout"] == "hi\n" and result.result["exit_code"] == 0
         assert result.completed_at > 0 and result.duration_ms > 0
         state = await sched.get("hello")
         assert state.attempts == 1 and state.status is TaskStatus.COMPLETED
@@ -679,11 +679,11 @@ def test_quickstart_runs(tmp_path: Path) -> None:
 def test_batched_histogram_folds_to_exactly_what_direct_observes_give(values: list[float]) -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from dspy_infra.scheduler.scheduler import _BatchedHistogram
+    from dspy_infra.scheduler.queue import BatchedHistogram
 
     direct = Histogram("d", "direct", registry=CollectorRegistry(), buckets=(0.001, 0.1, 1, 60, 900))
     batched_metric = Histogram("b", "batched", registry=CollectorRegistry(), buckets=(0.001, 0.1, 1, 60, 900))
-    batched = _BatchedHistogram(batched_metric)
+    batched = BatchedHistogram(batched_metric)
     assert not batched.direct, "prometheus_client internals changed: the fast path is off"
     for v in values:
         direct.observe(v)
