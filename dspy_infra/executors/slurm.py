@@ -43,7 +43,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -53,7 +53,7 @@ from anyio.abc import AsyncResource
 from ..config import Settings
 from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
 from ..hookspecs import hookimpl
-from ..scheduler.context import TAIL_BYTES, TaskContext
+from ..scheduler.context import TAIL_BYTES, ExecutorFactory, TaskContext
 
 __all__ = [
     "FAILED_STATES",
@@ -548,6 +548,6 @@ def _factory(settings: Settings) -> SlurmExecutor | None:
 
 
 @hookimpl
-def dspy_infra_executors() -> Mapping[str, Any]:
+def dspy_infra_executors() -> Mapping[str, ExecutorFactory]:
     """The ``slurm`` executor (None unless ``settings.slurm`` is set)."""
     return {"slurm": _factory}

@@ -6,8 +6,9 @@ A handler is an async function of a ``TaskContext`` returning its result, a JSON
 raising fails the attempt (retried while attempts remain), raising ``PermanentFailure`` fails
 the task at once. Payload values are JSON values; old clients send every value as a string,
 so the typed readers accept a number's or an object's text too, and name the field on
-anything else. The scheduler owns this contract; the built-in handlers live in
-``dspy_infra.handlers`` and executors in ``dspy_infra.executors``.
+anything else. ``Executor`` is the contract of what runs whole classes elsewhere. The
+scheduler owns these contracts; the built-in handlers live in ``dspy_infra.handlers`` and
+executors in ``dspy_infra.executors``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 import attrs
@@ -29,6 +30,8 @@ from ..values import preview
 
 __all__ = [
     "TAIL_BYTES",
+    "Executor",
+    "ExecutorFactory",
     "Handler",
     "SharedResources",
     "Tail",
@@ -93,6 +96,23 @@ class TaskContext:
 
 
 Handler = Callable[[TaskContext], Awaitable[Mapping[str, Any]]]
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs the tasks of a class whose ``executor`` is not ``"local"`` somewhere else (Slurm,
+    and the next ones). ``run`` is called once per attempt, like a handler: its result is a
+    JSON object; raising fails the attempt (``PermanentFailure``: the task). An executor that
+    is also an async context manager is entered when the scheduler starts and left when it
+    closes (its watchers and connections live that long)."""
+
+    async def run(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+
+
+#: What the ``dspy_infra_executors`` hook maps a name to: called with the scheduler's
+#: settings, it returns the executor (or None when the plugin is installed but not
+#: configured, e.g. ``slurm`` unset).
+ExecutorFactory = Callable[[Settings], Executor | None]
 
 
 def payload_json_object(payload: Mapping[str, Any], field: str, example: str) -> dict[str, str]:

@@ -19,8 +19,8 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   limit and resizes the semaphore.
 
 Executors: a class whose ``executor`` is not ``"local"`` runs its tasks through the executor
-of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` must return an
-object with ``async run(ctx: TaskContext) -> Mapping[str, Any]`` (or be such a function).
+of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` returns an
+``Executor`` (``context.py``: ``async run(ctx) -> Mapping[str, Any]``).
 Results are JSON objects (``values.check_json_object``); a value JSON cannot hold fails the
 task with an error naming its key.
 """
@@ -60,7 +60,7 @@ from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
-from .context import Handler, SharedResources, TaskContext
+from .context import Executor, ExecutorFactory, Handler, SharedResources, TaskContext
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
@@ -204,20 +204,20 @@ class Scheduler(AsyncResource):
         return self
 
     async def _build_executors(self, stack: contextlib.AsyncExitStack) -> None:
-        for name, factory in collect_mapping(self.plugins.hook.dspy_infra_executors()).items():
+        factories: dict[str, ExecutorFactory] = collect_mapping(self.plugins.hook.dspy_infra_executors())
+        for name, factory in factories.items():
             executor = factory(self.settings)
             if executor is None:  # the plugin is installed but not configured (e.g. slurm unset)
                 continue
-            if hasattr(executor, "__aenter__"):
-                executor = await stack.enter_async_context(executor)
-            run = getattr(executor, "run", executor)
-            if not callable(run):
+            if not isinstance(executor, Executor):
                 raise SpecError(
                     f"executor {name!r} has no run(ctx) method",
                     field="dspy_infra_executors",
                     fix="return a factory whose result has `async def run(ctx)`",
                 )
-            self._executors[name] = run
+            if isinstance(executor, contextlib.AbstractAsyncContextManager):
+                await stack.enter_async_context(executor)  # its watchers live as long as we do
+            self._executors[name] = executor.run
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
