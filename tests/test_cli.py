@@ -24,17 +24,17 @@ from pathlib import Path
 
 import attrs
 import pytest
+from _rpc_support import stop_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra.cli import parse_pairs
-from dspy_infra.config_doc import render_config_template, settings_reference
 from dspy_infra.config import Settings, load_settings
+from dspy_infra.config_doc import render_config_template, settings_reference
 from dspy_infra.errors import SpecError
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.classes import resolve_classes
 from dspy_infra.services.catalog import parse_service_table
-from tests._rpc_support import stop_process
 
 CLI = shutil.which("dspy-infra", path=str(Path(sys.executable).parent)) or "dspy-infra"
 READY = re.compile(r"dspy-infra serving grpc=(\S+):(\d+) env_manager=\S+:(\d+) http=\S+:(\d+)")

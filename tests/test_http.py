@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from _rpc_support import in_process_server
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from dspy_infra import errors
 from dspy_infra.infra import Infra
 from dspy_infra.metrics import CONTENT_TYPE_LATEST
 from dspy_infra.wire import http_status_for
-from tests._rpc_support import in_process_server
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from hypothesis import given, settings
+from strategies import any_task_ids, output_chunks
 
 from dspy_infra.handlers.basic import _Capture
 from dspy_infra.handlers.task_logs import AttemptLog, read_task_log
@@ -26,11 +27,6 @@ from dspy_infra.ownership import (
     proc_stat,
     same_process,
 )
-
-try:
-    from tests.strategies import any_task_ids, output_chunks
-except ImportError:  # tests/ on sys.path as a plain directory
-    from strategies import any_task_ids, output_chunks  # type: ignore[no-redef]
 
 SCOPE = f"test-{os.getpid()}"
 

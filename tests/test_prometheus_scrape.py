@@ -10,9 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import anyio
-
-from tests._rpc_support import in_process_server
-from tests.conftest import skip_or_fail
+from _rpc_support import in_process_server
+from engines import skip_or_fail
 
 
 def _free_port() -> int:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _adversarial import STALL_BOUND, loop_watchdog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import bad_workflow_specs
 
 from dspy_infra.config import Settings
 from dspy_infra.errors import NotFound, SpecError
@@ -23,8 +25,6 @@ from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.workflows import MAX_STEPS, WorkflowEngine, parse_workflow_spec, validate_workflow
 from dspy_infra.workflows.template import render
-from tests._adversarial import STALL_BOUND, loop_watchdog
-from tests.strategies import bad_workflow_specs
 
 
 @contextlib.asynccontextmanager

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from _rpc_support import ROOT, serve_process
+from engines import which_or_skip
 
 from dspy_infra import errors
 from dspy_infra.rpc.remote import RemoteInfra
-from tests._rpc_support import ROOT, serve_process
-from tests.engines import which_or_skip
 
 CHILD = """
 import asyncio, json, sys
@@ -202,8 +202,7 @@ def test_remote_infra_offers_the_embedded_interface() -> None:
 
 async def test_remote_infra_end_to_end(tmp_path: Path) -> None:
     import anyio
-
-    from tests._rpc_support import in_process_server
+    from _rpc_support import in_process_server
 
     async with in_process_server(tmp_path / "state") as (_infra, server):
         remote = await RemoteInfra.connect(f"127.0.0.1:{server.grpc_port}", required=True)

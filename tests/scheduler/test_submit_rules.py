@@ -7,34 +7,30 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from harness import NO_GPU, open_scheduler
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import AlreadyExists, PermissionDenied, SpecError, Unavailable
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
+from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler import scheduler as scheduler_module
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
-HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
+HW = NO_GPU
 
 
-@contextlib.asynccontextmanager
-async def running(home: Path, **overrides: Any) -> AsyncIterator[Scheduler]:
+def running(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
     overrides.setdefault("shutdown_grace", 0.2)
     overrides.setdefault("durable", True)
-    cfg = load_settings(env={}, home=home, **overrides)
-    pm = build_plugin_manager(load_entry_points=False)
-    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=HW) as sched:
-        yield sched
+    return open_scheduler(home, hardware=HW, **overrides)
 
 
 async def test_exec_is_refused_at_submit_when_the_policy_denies_it(tmp_path: Path) -> None:
@@ -192,8 +188,9 @@ async def test_a_workflow_step_no_store_can_hold_is_refused_by_name(tmp_path: Pa
 async def test_json_results_do_not_break_grpc_listing(tmp_path: Path) -> None:
     """One task with a nested JSON result must not turn ListTasks into INTERNAL for everyone:
     the old string maps carry non-string values as their JSON text."""
+    from _rpc_support import in_process_server
+
     from dspy_infra.rpc.client import OrchestratorClient
-    from tests._rpc_support import in_process_server
 
     async def nested(ctx: TaskContext) -> dict[str, Any]:
         return {"n": 3, "o": {"x": [1, None]}, "s": "text"}
@@ -215,8 +212,9 @@ async def test_json_results_do_not_break_grpc_listing(tmp_path: Path) -> None:
 def test_sigterm_of_a_server_with_a_task_that_never_ends_waits_one_grace(tmp_path: Path) -> None:
     import signal
 
+    from _rpc_support import serve_process
+
     from dspy_infra.rpc.client import OrchestratorClient
-    from tests._rpc_support import serve_process
 
     grace = 2.0
     with serve_process(tmp_path / "home", shutdown_grace=grace) as server:

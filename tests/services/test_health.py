@@ -16,6 +16,7 @@ import anyio
 import attrs
 import pytest
 from aiohttp import web
+from engines import skip_or_fail
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,11 +31,6 @@ from dspy_infra.services.health import (
     run_probe,
     wait_until_healthy,
 )
-
-try:
-    from tests.conftest import skip_or_fail
-except ImportError:  # tests/ on sys.path without being a package
-    from conftest import skip_or_fail
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-from engines import docker_engine, engine_settings, podman_engine
+from engines import docker_engine, engine_settings, podman_engine, skip_or_fail
 from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,14 +53,9 @@ from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.services.catalog import apply_fields
 from dspy_infra.services.manager import ServiceManager, instance_name_for
 
-try:
-    from tests.conftest import skip_or_fail
-except ImportError:
-    from conftest import skip_or_fail
-
 __all__ = ["docker_engine", "podman_engine"]  # engine fixtures this module uses, imported on purpose
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # Requesting anyio_backend up front keeps anyio's plugin from re-creating the items at
 # collection finish, which would drop the `backend` parametrization.

@@ -704,7 +704,7 @@ async def test_a_flaky_step_is_retried_within_its_budget_and_counts_attempts(tmp
 
 
 def test_the_runnable_example_completes(tmp_path: Path) -> None:
-    example = Path(__file__).resolve().parent.parent / "examples" / "workflow.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "workflow.py"
     proc = subprocess.run(
         [sys.executable, str(example)], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )

@@ -16,26 +16,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from harness import NO_GPU, open_scheduler
 from hypothesis import HealthCheck, given, settings
 from strategies import hostile_task_kwargs, poisoned_batches
 
-from dspy_infra.config import load_settings
 from dspy_infra.errors import InfraError, NotFound, SpecError, Unavailable
-from dspy_infra.events import EventBus
-from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
-from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.context import TaskContext
-from dspy_infra.scheduler.scheduler import Scheduler, _Task
+from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.scheduler.store import SqliteStore
+from dspy_infra.scheduler.task import TaskRecord
 
-HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
+HW = NO_GPU
 POISON = "poison-row"
 TRIGGER = f"""
 CREATE TRIGGER IF NOT EXISTS refuse_poison BEFORE INSERT ON tasks
@@ -73,13 +70,9 @@ def rows(home: Path) -> dict[str, str]:
         conn.close()
 
 
-@contextlib.asynccontextmanager
-async def durable(home: Path, **overrides: Any) -> AsyncIterator[Scheduler]:
+def durable(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
     overrides.setdefault("shutdown_grace", 0.2)
-    cfg = load_settings(env={}, home=home, durable=True, task_classes=WORK, **overrides)
-    pm = build_plugin_manager(load_entry_points=False)
-    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=HW) as sched:
-        yield sched
+    return open_scheduler(home, hardware=HW, durable=True, task_classes=WORK, **overrides)
 
 
 def good(i: int) -> TaskSpec:
@@ -214,7 +207,8 @@ from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec
 from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.scheduler import Scheduler, _Task
+from dspy_infra.scheduler.scheduler import Scheduler
+from dspy_infra.scheduler.task import TaskRecord
 
 home, poison = sys.argv[1], sys.argv[2]
 
@@ -325,7 +319,7 @@ def test_every_spec_that_constructs_is_stored_and_read_back_equal(
     async def roundtrip() -> Any:
         store = SqliteStore(home, on_rejected=rejected.update)
         await store.open()
-        store.insert(_Task(spec, 0, 1.0).insert_row())
+        store.insert(TaskRecord(spec, 0, 1.0).insert_row())
         done = anyio.Event()
         store.after_commit(lambda error: done.set())
         await done.wait()

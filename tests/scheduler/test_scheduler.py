@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -13,11 +13,11 @@ from unittest import mock
 import anyio
 import anyio.lowlevel
 import pytest
+from harness import NO_GPU, open_scheduler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import priorities, task_outcomes
 
-from dspy_infra.config import load_settings
 from dspy_infra.errors import (
     AlreadyExists,
     ConfigError,
@@ -31,35 +31,19 @@ from dspy_infra.events import EventBus
 from dspy_infra.hookspecs import hookimpl
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import GPUInfo, HardwareInfo, TaskSpec, TaskState, TaskStatus
-from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler import scheduler as scheduler_module
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler, retry_delay
 
-NO_GPU = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
 TWO_GPUS = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30, gpus=(GPUInfo(0, "A100"), GPUInfo(1, "A100")))
 #: A class that runs one task at a time and never adapts: dispatch order is observable.
 SERIAL = {"serial": {"min_concurrency": 1, "base_concurrency": 1, "max_concurrency": 1, "adaptive": False}}
 
 
-@contextlib.asynccontextmanager
-async def running(
-    home: Path,
-    *,
-    hardware: HardwareInfo = NO_GPU,
-    plugins: tuple[Any, ...] = (),
-    bus: EventBus | None = None,
-    metrics: InfraMetrics | None = None,
-    **overrides: Any,
-) -> AsyncIterator[Scheduler]:
+def running(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
     overrides.setdefault("durable", False)
     overrides.setdefault("shutdown_grace", 0.5)
-    cfg = load_settings(env={}, home=home, **overrides)
-    pm = build_plugin_manager(plugins, load_entry_points=False)
-    async with Scheduler(
-        cfg, bus=bus or EventBus(), metrics=metrics or InfraMetrics(), plugins=pm, hardware=hardware
-    ) as sched:
-        yield sched
+    return open_scheduler(home, **overrides)
 
 
 def spec(task_id: str, handler: str = "noop", task_class: str = "cpu_short", **kw: Any) -> TaskSpec:
@@ -660,7 +644,7 @@ def test_quickstart_runs(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, str(root / "examples" / "quickstart.py")],
         capture_output=True,

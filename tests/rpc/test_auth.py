@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from _rpc_support import in_process_server
+from engines import skip_or_fail
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hypothesis import given
@@ -21,8 +23,6 @@ from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
 from dspy_infra.rpc.client import OrchestratorClient
 from dspy_infra.rpc.remote import RemoteInfra
 from dspy_infra.serve import check_bind, run_server
-from tests._rpc_support import in_process_server
-from tests.conftest import skip_or_fail
 
 _public_v4 = st.ip_addresses(v=4).filter(lambda a: not a.is_loopback).map(str)
 _loopback_v4 = st.integers(min_value=0, max_value=(1 << 24) - 1).map(

@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from engines import (
     registry,
     unique_name,
 )
+from harness import open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,10 +33,8 @@ from dspy_infra.backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_S
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import BackendError, PermanentFailure
-from dspy_infra.events import EventBus
 from dspy_infra.handlers.basic import ExecFailed
 from dspy_infra.handlers.container import LABEL_TASK, container_handler, container_task
-from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import ServiceSpec, TaskSpec, TaskStatus, validate_name
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler.context import TAIL_BYTES, TaskContext
@@ -80,11 +78,8 @@ async def until_labelled(engine: Engine, task_id: str, timeout: float = 20) -> d
     raise AssertionError(f"no running container labelled {LABEL_TASK}={task_id} within {timeout}s")
 
 
-@contextlib.asynccontextmanager
-async def scheduler(settings: Settings) -> AsyncIterator[Scheduler]:
-    pm = build_plugin_manager(load_entry_points=False)
-    async with Scheduler(settings, bus=EventBus(), metrics=InfraMetrics(), plugins=pm) as sched:
-        yield sched
+def scheduler(settings: Settings) -> contextlib.AbstractAsyncContextManager[Scheduler]:
+    return open_scheduler(settings, hardware=None)
 
 
 # -- on each engine ----------------------------------------------------------------------

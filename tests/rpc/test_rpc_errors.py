@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _rpc_support import ServeProcess, in_process_server, serve_process
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,6 @@ from dspy_infra.rpc._gen.env_manager import v1 as env_pb
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
 from dspy_infra.rpc.client import EnvManagerClient, OrchestratorClient
 from dspy_infra.wire import from_grpc_error, grpc_status_for, to_grpc_error
-from tests._rpc_support import ServeProcess, in_process_server, serve_process
 
 # -- the table, without a server -------------------------------------------------------------
 

@@ -21,15 +21,15 @@ from typing import Any
 import anyio
 import grpc
 import pytest
+from _adversarial import STALL_BOUND, loop_watchdog, official_stubs
+from _rpc_support import ServeProcess, in_process_server, serve_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import bad_workflow_specs, hostile_task_docs, hostile_task_requests
 
 from dspy_infra.errors import Unavailable
 from dspy_infra.infra import Infra
 from dspy_infra.wire import MAX_ERROR_MESSAGE
-from tests._adversarial import STALL_BOUND, loop_watchdog, official_stubs
-from tests._rpc_support import ServeProcess, in_process_server, serve_process
-from tests.strategies import bad_workflow_specs, hostile_task_docs, hostile_task_requests
 
 #: Statuses a bad input may get: each names what was wrong.
 NAMED = {

@@ -5,35 +5,27 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from harness import NO_GPU, open_scheduler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import task_specs
 
-from dspy_infra.config import load_settings
 from dspy_infra.errors import FailedPrecondition, InfraError, NotFound, Unavailable
-from dspy_infra.events import EventBus
-from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
-from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.scheduler.store import SqliteStore, translate_sqlite_error
 
-HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
+HW = NO_GPU
 
 
-@contextlib.asynccontextmanager
-async def durable(home: Path, **overrides: Any) -> AsyncIterator[Scheduler]:
+def durable(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
     overrides.setdefault("shutdown_grace", 0.2)
-    cfg = load_settings(env={}, home=home, durable=True, **overrides)
-    pm = build_plugin_manager(load_entry_points=False)
-    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=HW) as sched:
-        yield sched
+    return open_scheduler(home, hardware=HW, durable=True, **overrides)
 
 
 async def test_finished_results_survive_a_restart(state_dir: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+from _rpc_support import base_settings, in_process_server, stop_process
 from engines import Engine, docker_engine, engine, engine_kind, podman_engine, which_or_skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,6 @@ from dspy_infra.infra import Infra
 from dspy_infra.models import HealthCheck, PortMapping, ServiceSpec
 from dspy_infra.rpc.remote import RemoteInfra
 from dspy_infra.services.handles import ServiceHandle, service_url
-from tests._rpc_support import base_settings, in_process_server, stop_process
 
 __all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
+from strategies import wire_json_objects
 
 from dspy_infra.errors import SpecError
 from dspy_infra.models import TaskResult, TaskStatus
@@ -20,7 +21,6 @@ from dspy_infra.rpc import convert as cv
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
 from dspy_infra.values import json_text
 from dspy_infra.workflows import RunStatus, RunUpdate
-from tests.strategies import wire_json_objects
 
 NESTED: dict[str, Any] = {"nested": {"a": 1}, "ok": True, "n": 3, "x": 1.5, "none": None, "s": "text"}
 
@@ -121,8 +121,9 @@ def test_bad_json_fields_are_refused_with_the_field_named(text: str, why: str) -
 async def test_execute_task_sends_json_values_as_json_text_not_python_repr(tmp_path: Path) -> None:
     # ExecuteTaskRequest has only the old map: a nested value must arrive as JSON, never as
     # Python's repr ("{'a': 1}", "True"). A real in-process server records what arrived.
+    from _rpc_support import in_process_server
+
     from dspy_infra.rpc.client import EnvManagerClient, OrchestratorClient
-    from tests._rpc_support import in_process_server
 
     async with in_process_server(tmp_path) as (_, server):
         addr = f"127.0.0.1:{server.grpc_port}"
@@ -160,8 +161,9 @@ def _json_in_core() -> bool:
 )
 async def test_remote_infra_returns_a_handlers_json_result_exactly(tmp_path: Path) -> None:
     # The example: a handler returning {"nested": {"a": 1}} gave back "{'a': 1}".
+    from _rpc_support import in_process_server
+
     from dspy_infra.rpc.remote import RemoteInfra
-    from tests._rpc_support import in_process_server
 
     async with in_process_server(tmp_path) as (infra, server):
 
@@ -187,8 +189,9 @@ async def test_remote_infra_returns_a_handlers_json_result_exactly(tmp_path: Pat
 async def test_execute_task_answers_json_results_on_its_string_map(tmp_path: Path) -> None:
     # ExecuteTaskResponse has only the old map: a JSON result must become JSON text there,
     # not an encoding error (INTERNAL).
+    from _rpc_support import in_process_server
+
     from dspy_infra.rpc.client import EnvManagerClient
-    from tests._rpc_support import in_process_server
 
     async with in_process_server(tmp_path) as (infra, server):
 

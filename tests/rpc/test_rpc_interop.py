@@ -15,10 +15,9 @@ from typing import Any
 
 import grpc
 import pytest
+from _rpc_support import ROOT, ServeProcess, serve_process
+from engines import which_or_skip
 from grpc_tools import protoc
-
-from tests._rpc_support import ROOT, ServeProcess, serve_process
-from tests.engines import which_or_skip
 
 PROTOS = ("orchestrator/v1/orchestrator.proto", "env_manager/v1/env_manager.proto")
 

@@ -12,18 +12,18 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from engines import skip_or_fail
+from harness import open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import ConfigError, PermanentFailure, ResourceUnavailable, Unavailable
-from dspy_infra.events import EventBus
 from dspy_infra.executors.slurm import (
     FAILED_STATES,
     SlurmExecutor,
@@ -37,18 +37,9 @@ from dspy_infra.executors.slurm import (
     plan_job,
     time_limit_minutes,
 )
-from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
-from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
-
-try:
-    from tests.conftest import skip_or_fail
-except ImportError:  # tests/ on sys.path without being a package
-    from conftest import skip_or_fail  # type: ignore[no-redef]
-
-NO_GPU = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
 
 
 def _slurm_answers() -> bool:
@@ -67,14 +58,10 @@ def slurm() -> None:
         skip_or_fail("no Slurm controller answers `scontrol ping` (run: bash scripts/slurm.sh start)")
 
 
-@contextlib.asynccontextmanager
-async def scheduler(home: Path, **overrides: Any) -> AsyncIterator[Scheduler]:
+def scheduler(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
     overrides.setdefault("durable", False)
     overrides.setdefault("shutdown_grace", 0.5)
-    cfg = load_settings(env={}, home=home, **overrides)
-    pm = build_plugin_manager(load_entry_points=False)
-    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
-        yield sched
+    return open_scheduler(home, **overrides)
 
 
 def slurm_task(task_id: str, cmd: str, **kw: Any) -> TaskSpec:

@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dspy_infra.config import load_settings
-from dspy_infra.events import EventBus
-from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
-from dspy_infra.plugins import build_plugin_manager
+from harness import open_scheduler
+
+from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 
-@contextlib.asynccontextmanager
-async def scheduler(home: Path, **overrides: Any) -> AsyncIterator[Scheduler]:
-    cfg = load_settings(env={}, home=home, durable=True, shutdown_grace=0.1, **overrides)
-    pm = build_plugin_manager((), load_entry_points=False)
-    hw = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
-    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=hw) as s:
-        yield s
+def scheduler(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
+    return open_scheduler(home, durable=True, shutdown_grace=0.1, **overrides)
 
 
 async def forever(ctx: TaskContext) -> Mapping[str, str]:

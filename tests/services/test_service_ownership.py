@@ -21,12 +21,12 @@ from typing import Any
 
 import anyio
 import pytest
+from _rpc_support import ROOT, base_settings, stop_process
 from engines import Engine, docker_engine, engine, engine_kind, podman_engine, which_or_skip
 
 from dspy_infra.backends.process import ProcessBackend, pid_alive
 from dspy_infra.config import load_settings
 from dspy_infra.infra import Infra
-from tests._rpc_support import ROOT, base_settings, stop_process
 
 __all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from harness import NO_GPU
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import attempt_plans
@@ -24,12 +25,12 @@ from strategies import attempt_plans
 from dspy_infra.config import load_settings
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
-from dspy_infra.models import HardwareInfo, TaskSpec, TaskStatus
+from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
-HW = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
+HW = NO_GPU
 
 CHILD = r"""
 import asyncio, json, sys

@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from harness import open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspy_infra.config import load_settings
 from dspy_infra.errors import PermanentFailure
-from dspy_infra.events import EventBus
 from dspy_infra.handlers.http import (
     HttpStatusFailed,
     http_handler,
@@ -25,7 +24,6 @@ from dspy_infra.handlers.http import (
     parse_expect_status,
     status_outcome,
 )
-from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler import scheduler as scheduler_module
@@ -108,12 +106,8 @@ async def server() -> AsyncIterator[Server]:
         await runner.cleanup()
 
 
-@contextlib.asynccontextmanager
-async def scheduler(home: Path) -> AsyncIterator[Scheduler]:
-    cfg = load_settings(env={}, home=home, durable=False, shutdown_grace=0.5)
-    pm = build_plugin_manager(load_entry_points=False)
-    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm) as sched:
-        yield sched
+def scheduler(home: Path) -> contextlib.AbstractAsyncContextManager[Scheduler]:
+    return open_scheduler(home, hardware=None, durable=False, shutdown_grace=0.5)
 
 
 # -- success ------------------------------------------------------------------------------
