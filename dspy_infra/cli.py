@@ -13,6 +13,9 @@ answer), 2 bad input (a ``SpecError``, an unknown id, a bad argument), 130 inter
 ``--debug`` shows the traceback instead. Results are JSON objects and print as JSON.
 
 The settings reference (``config init`` and ``config reference``) is ``config_doc.py``'s.
+
+Size: over 600 lines on purpose: one function per command plus the parser that names them
+all, read together; the settings reference is ``config_doc.py``'s.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Small, frozen, slotted attrs classes, validated at construction so a bad spec fails at the
 edge with a ``SpecError`` naming the field. No I/O here and nothing of ours but ``errors``.
+
+Size: a little over 600 lines: every value class of the public API, each short.
 """
 
 from __future__ import annotations

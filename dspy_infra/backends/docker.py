@@ -8,6 +8,10 @@ difference is handled here and named. Three things live in exactly one place eac
 - ``translate_docker_error`` turns aiodocker / aiohttp failures into ``dspy_infra.errors``;
 - ``DockerBackend._api`` times every engine call into
   ``env_manager_docker_api_duration_seconds{operation,status}``.
+
+Size: over 600 lines on purpose: the whole Docker Engine API surface the backend uses
+(containers, images, networks, logs, stats, health) with its one error translation, which
+reads best in one place.
 """
 
 from __future__ import annotations

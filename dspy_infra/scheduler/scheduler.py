@@ -23,6 +23,12 @@ of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` retur
 ``Executor`` (``context.py``: ``async run(ctx) -> Mapping[str, Any]``).
 Results are JSON objects (``values.check_json_object``); a value JSON cannot hold fails the
 task with an error naming its key.
+
+Size: over 600 lines on purpose. What is left here is the ``Scheduler`` class alone, whose
+dispatch, attempt end, retry, cancel, recovery and commit paths share its private state on
+the hot path; the pieces with an idea of their own already live next to it (``task.py``,
+``queue.py``, ``delivery.py``, ``limiter.py``, ``store.py``, ``context.py``). Cutting the
+class into mixins would hide the invariants that tie those paths together.
 """
 
 from __future__ import annotations

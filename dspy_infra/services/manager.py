@@ -28,6 +28,11 @@ removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
 The monitor probes every healthy service on its check's interval; one that exits, or fails
 ``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
 (exponential backoff, at most ``max_restarts``), then marked failed.
+
+Size: over 600 lines on purpose: one class whose start, adopt, stop, restart and monitor
+paths share the per-service locks and ``_Managed`` records; the pure parts live next to it
+(``graph.py``, ``health.py``, ``catalog.py``, ``handles.py``; ``ownership.py`` for liveness).
+Splitting the methods into mixins would spread that shared state over several files.
 """
 
 from __future__ import annotations
