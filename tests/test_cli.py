@@ -27,6 +27,7 @@ import pytest
 from _rpc_support import stop_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import key
 
 from dspy_infra.cli import parse_pairs
 from dspy_infra.config import Settings, load_settings
@@ -209,12 +210,7 @@ def test_every_setting_is_documented() -> None:
             assert doc.example is not None, f"Settings.{doc.name} needs an example value"
 
 
-_key = st.text(st.characters(blacklist_characters="=", blacklist_categories=("Cs",)), min_size=1).filter(
-    lambda k: k.strip() == k and k != ""
-)
-
-
-@given(st.dictionaries(_key, st.text(st.characters(blacklist_categories=("Cs",)))))
+@given(st.dictionaries(key, st.text(st.characters(blacklist_categories=("Cs",)))))
 def test_parse_pairs_round_trips(pairs: dict[str, str]) -> None:
     assert parse_pairs([f"{k}={v}" for k, v in pairs.items()], "--payload") == pairs
 

@@ -11,6 +11,7 @@ import pytest
 from _rpc_support import in_process_server
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import task_doc
 
 from dspy_infra import errors
 from dspy_infra.infra import Infra
@@ -138,17 +139,7 @@ def test_http_status_follows_the_grpc_table(cls: type[errors.InfraError]) -> Non
     assert http_status_for(cls("x")) == expected
 
 
-_json_scalar = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=8)
-_task_doc = st.dictionaries(
-    st.sampled_from(
-        ["id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id", "extra"]
-    ),
-    _json_scalar | st.dictionaries(st.text(max_size=4), _json_scalar, max_size=3),
-    max_size=6,
-)
-
-
-@given(doc=_task_doc)
+@given(doc=task_doc)
 def test_task_json_is_accepted_as_written_or_refused_naming_the_key(doc: dict[str, object]) -> None:
     from dspy_infra.wire import spec_from_doc
 

@@ -34,6 +34,7 @@ from engines import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import label_keys, names, service_specs, text_values
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE
 from dspy_infra.backends.docker import (
@@ -69,54 +70,6 @@ pytestmark = pytest.mark.usefixtures("anyio_backend")
 
 # ---------------------------------------------------------------------------------------
 # Strategies (kept here: tests/strategies.py belongs to another engineer)
-
-names = st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True)
-label_keys = st.from_regex(r"[a-z][a-z0-9._-]{0,15}", fullmatch=True)
-text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
-ports = st.integers(1, 65535)
-
-
-@st.composite
-def service_specs(draw: st.DrawFn) -> ServiceSpec:
-    container_ports = draw(st.lists(ports, unique=True, max_size=4))
-    host_ports = draw(
-        st.lists(ports, unique=True, min_size=len(container_ports), max_size=len(container_ports))
-    )
-    mappings = [
-        PortMapping(
-            c,
-            draw(st.sampled_from([None, 0, h])),
-            host_ip=draw(st.sampled_from(["127.0.0.1", "0.0.0.0"])),
-            protocol=draw(st.sampled_from(["tcp", "udp"])),
-        )
-        for c, h in zip(container_ports, host_ports, strict=True)
-    ]
-    volumes = draw(
-        st.lists(
-            st.builds(
-                VolumeMount,
-                source=st.one_of(names, names.map(lambda n: "/srv/" + n)),
-                target=names.map(lambda n: "/mnt/" + n),
-                read_only=st.booleans(),
-            ),
-            max_size=3,
-        )
-    )
-    return ServiceSpec(
-        name=draw(names),
-        image=draw(names) + ":" + draw(names),
-        command=draw(st.lists(text_values, max_size=3)),
-        ports=mappings,
-        environment=draw(
-            st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,10}", fullmatch=True), text_values)
-        ),
-        volumes=volumes,
-        labels=draw(st.dictionaries(label_keys, text_values, max_size=3)),
-        resources=Resources(
-            cpus=draw(st.one_of(st.none(), st.floats(0.01, 64))),
-            memory_bytes=draw(st.one_of(st.none(), st.integers(4 << 20, 1 << 40))),
-        ),
-    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import lines
 
 from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.backends.registry import dspy_infra_backends
@@ -205,19 +206,10 @@ async def test_stats_see_a_busy_process(backend: ProcessBackend) -> None:
     assert (await backend.stats(inst.id)).memory_bytes == 0
 
 
-_lines = st.lists(
-    st.tuples(
-        st.sampled_from(["stdout", "stderr"]),
-        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30),
-    ),
-    max_size=25,
-)
-
-
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HypothesisHealthCheck.function_scoped_fixture]
 )
-@given(_lines, st.integers(0, 30), st.floats(0, 1))
+@given(lines, st.integers(0, 30), st.floats(0, 1))
 async def test_log_tail_and_since_invariants(
     tmp_path: Path, lines: list[tuple[str, str]], tail: int, cut: float
 ) -> None:

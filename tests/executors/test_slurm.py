@@ -21,6 +21,7 @@ from engines import skip_or_fail
 from harness import open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import slurm_task_ids, states
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import ConfigError, PermanentFailure, ResourceUnavailable, Unavailable
@@ -316,9 +317,6 @@ async def test_clean_up_work_finishes_even_when_its_caller_is_cancelled() -> Non
 # -- properties ---------------------------------------------------------------------------
 
 # Any id a TaskSpec accepts: valid UTF-8 (no lone surrogates), no NUL.
-task_ids = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=256
-)
 
 
 @given(st.floats(min_value=1e-3, max_value=1e7, allow_nan=False))
@@ -328,16 +326,13 @@ def test_time_limit_is_whole_minutes_never_shorter_than_the_timeout(timeout: flo
     assert (minutes - 1) * 60 < timeout or minutes == 1
 
 
-@given(task_ids, task_ids)
+@given(slurm_task_ids, slurm_task_ids)
 def test_job_dirs_are_safe_and_distinct_for_distinct_ids(a: str, b: str) -> None:
     for name in (job_dir_name(a), job_dir_name(b), job_name(a)):
         assert name and name not in (".", "..")
         assert all(c.isascii() and (c.isalnum() or c in "._+@-") for c in name)
         assert "%" not in name and "/" not in name
     assert (job_dir_name(a) == job_dir_name(b)) == (a == b)
-
-
-states = st.sampled_from(sorted(FAILED_STATES | {"COMPLETED", "RUNNING", "PENDING", "COMPLETING"}))
 
 
 @given(
@@ -364,7 +359,7 @@ def test_a_record_without_a_job_is_refused() -> None:
 
 
 @given(
-    task_ids,
+    slurm_task_ids,
     st.integers(1, 100),
     st.none() | st.floats(min_value=0.5, max_value=1e5),
     st.none() | st.integers(1, 16),

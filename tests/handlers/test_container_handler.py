@@ -28,6 +28,7 @@ from engines import (
 from harness import open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import container_fields
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED
 from dspy_infra.backends.docker import DockerBackend
@@ -421,9 +422,6 @@ def test_any_other_cmd_runs_through_the_shell_unchanged(cmd: str) -> None:
 )
 def test_env_reaches_the_spec_unchanged(env: dict[str, str]) -> None:
     assert container_task("t", {"image": "i", "env": json.dumps(env)}).spec.environment == env
-
-
-container_fields = st.sampled_from(["image", "cmd", "env", "workdir", "network", "pull"])
 
 
 @given(

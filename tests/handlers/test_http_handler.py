@@ -15,6 +15,7 @@ from aiohttp import web
 from harness import open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import codes, http_fields, url_like
 
 from dspy_infra.errors import PermanentFailure
 from dspy_infra.handlers.http import (
@@ -273,8 +274,6 @@ async def test_http_is_registered_as_a_built_in_handler() -> None:
 
 # -- properties -----------------------------------------------------------------------------
 
-codes = st.integers(100, 599)
-
 
 @given(st.frozensets(codes, min_size=1, max_size=6), st.sampled_from([",", ", ", " ,"]))
 def test_expect_status_round_trips(expected: frozenset[int], separator: str) -> None:
@@ -305,15 +304,6 @@ def test_status_outcome_is_ok_exactly_when_expected_and_retries_only_what_may_ch
 @given(st.dictionaries(st.text(), st.text(), max_size=5))
 def test_json_object_payload_round_trips(mapping: dict[str, Any]) -> None:
     assert payload_json_object({"headers": json.dumps(mapping)}, "headers", "{}") == mapping
-
-
-http_fields = st.sampled_from(["url", "method", "headers", "expect_status", "body"])
-url_like = st.one_of(
-    st.text(),
-    st.builds(
-        lambda scheme, rest: f"{scheme}://{rest}", st.sampled_from(["http", "https", "ftp", ""]), st.text()
-    ),
-)
 
 
 @given(st.dictionaries(http_fields, st.one_of(url_like, st.text(alphabet='{}[]":,0123456789 abGETPOST'))))

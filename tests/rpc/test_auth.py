@@ -3,7 +3,6 @@ call; TLS with a certificate made at test time by openssl."""
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 import ssl
 import subprocess
@@ -16,6 +15,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import loopback_v4, public_v4
 
 from dspy_infra import errors
 from dspy_infra.config import load_settings
@@ -24,13 +24,8 @@ from dspy_infra.rpc.client import OrchestratorClient
 from dspy_infra.rpc.remote import RemoteInfra
 from dspy_infra.serve import check_bind, run_server
 
-_public_v4 = st.ip_addresses(v=4).filter(lambda a: not a.is_loopback).map(str)
-_loopback_v4 = st.integers(min_value=0, max_value=(1 << 24) - 1).map(
-    lambda n: str(ipaddress.IPv4Address((127 << 24) | n))
-)
 
-
-@given(host=_public_v4 | st.sampled_from(["0.0.0.0", "::", "", "example.com", "10.0.0.1"]))
+@given(host=public_v4 | st.sampled_from(["0.0.0.0", "::", "", "example.com", "10.0.0.1"]))
 def test_non_loopback_without_token_is_refused(host: str) -> None:
     with pytest.raises(errors.SpecError) as info:
         check_bind(load_settings(env={}, host=host))
@@ -38,7 +33,7 @@ def test_non_loopback_without_token_is_refused(host: str) -> None:
     check_bind(load_settings(env={}, host=host, token="t"))  # with a token it is allowed
 
 
-@given(host=_loopback_v4 | st.sampled_from(["::1", "localhost"]))
+@given(host=loopback_v4 | st.sampled_from(["::1", "localhost"]))
 def test_loopback_needs_no_token(host: str) -> None:
     check_bind(load_settings(env={}, host=host))
 

@@ -14,6 +14,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import word
 
 from dspy_infra import errors
 from dspy_infra.rpc._gen.env_manager import v1 as env_pb
@@ -50,10 +51,6 @@ CLIENT_CLASS = {
     Status.INTERNAL: errors.InfraError,
 }
 
-_word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", min_size=1, max_size=20).filter(
-    lambda s: s[0].isalpha()
-)
-
 
 def test_cycle_error_is_invalid_argument() -> None:
     err = to_grpc_error(errors.CycleError(["a", "b", "a"]))
@@ -77,7 +74,7 @@ def test_unexpected_exception_is_internal() -> None:
 @given(
     cls=st.sampled_from(sorted(EXPECTED, key=lambda c: c.__name__)),
     message=st.text(min_size=1, max_size=60).filter(lambda s: s.strip() == s and s),
-    field=st.none() | _word,
+    field=st.none() | word,
     fix=st.none() | st.text(min_size=1, max_size=40).filter(lambda s: s.strip() == s and s),
 )
 def test_error_round_trips_through_the_wire(

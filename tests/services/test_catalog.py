@@ -10,6 +10,7 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import health_fields, port_numbers
 
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.errors import ConfigError, CycleError
@@ -240,13 +241,10 @@ def test_manager_refuses_a_catalog_with_a_cycle(tmp_path: Path) -> None:
         )
 
 
-_port_numbers = st.integers(1, 65535)
-
-
 @settings(max_examples=200, deadline=None)
 @given(
-    _port_numbers,
-    _port_numbers,
+    port_numbers,
+    port_numbers,
     st.sampled_from(["", "127.0.0.1:", "0.0.0.0:"]),
     st.sampled_from(["", "/udp", "/tcp"]),
 )
@@ -268,22 +266,8 @@ def test_environment_overrides_survive_json_round_trip(env: dict[str, str]) -> N
     assert changed["svc"].environment == env
 
 
-_health_fields = st.fixed_dictionaries(
-    {},
-    optional={
-        "path": st.sampled_from(["/", "/health", "/-/ready"]),
-        "expected_status": st.integers(100, 599),
-        "interval": st.floats(0.01, 10),
-        "timeout": st.floats(0.01, 10),
-        "startup_timeout": st.floats(0.1, 300),
-        "retries": st.integers(1, 10),
-        "port": st.integers(1, 65535),
-    },
-)
-
-
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from([s.name for s in BUILTIN_SERVICES]), _health_fields)
+@given(st.sampled_from([s.name for s in BUILTIN_SERVICES]), health_fields)
 def test_a_partial_health_table_changes_only_what_it_names(name: str, fields: dict) -> None:
     base = {s.name: s for s in BUILTIN_SERVICES}[name]
     merged = apply_fields(name, {"health": fields}, base)

@@ -8,6 +8,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import dags, digraphs
 
 from dspy_infra.errors import CycleError, NotFound, SpecError
 from dspy_infra.graph import find_cycle
@@ -26,33 +27,6 @@ from dspy_infra.services.graph import (
 def _specs(edges: dict[str, list[str]]) -> dict[str, ServiceSpec]:
     return {
         name: ServiceSpec(name=name, depends_on=[DependsOn(d) for d in deps]) for name, deps in edges.items()
-    }
-
-
-@st.composite
-def dags(draw: st.DrawFn, max_nodes: int = 12) -> dict[str, list[str]]:
-    """A random DAG: node i may depend only on nodes j < i (then names are shuffled)."""
-    n = draw(st.integers(1, max_nodes))
-    names = draw(st.permutations([f"svc{i}" for i in range(n)]))
-    edges: dict[str, list[str]] = {}
-    for i, name in enumerate(names):
-        deps = draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=3)) if i else []
-        edges[name] = deps
-    return edges
-
-
-@st.composite
-def digraphs(draw: st.DrawFn) -> dict[str, list[str]]:
-    """Any directed graph without self-loops (may or may not have cycles)."""
-    n = draw(st.integers(1, 8))
-    names = [f"n{i}" for i in range(n)]
-    return {
-        name: draw(
-            st.lists(st.sampled_from([m for m in names if m != name] or [name]), unique=True, max_size=3)
-        )
-        if n > 1
-        else []
-        for name in names
     }
 
 

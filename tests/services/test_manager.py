@@ -29,6 +29,7 @@ from engines import docker_engine, engine_settings, podman_engine, skip_or_fail
 from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import manager_dags
 
 from dspy_infra.backends.base import LABEL_OWNER, Backend
 from dspy_infra.backends.docker import DockerBackend
@@ -317,22 +318,12 @@ async def test_three_levels_start_in_order_and_siblings_in_parallel(kit: Kit) ->
         assert await _owned(kit) == []
 
 
-@st.composite
-def _dags(draw: st.DrawFn) -> dict[str, list[str]]:
-    n = draw(st.integers(1, 5))
-    names = [f"n{i}" for i in range(n)]
-    return {
-        name: draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=2)) if i else []
-        for i, name in enumerate(names)
-    }
-
-
 @settings(
     max_examples=8,
     deadline=None,
     suppress_health_check=[HypothesisHealthCheck.function_scoped_fixture, HypothesisHealthCheck.too_slow],
 )
-@given(edges=_dags(), parallel=st.booleans())
+@given(edges=manager_dags(), parallel=st.booleans())
 async def test_property_no_service_starts_before_its_dependencies_are_ready(
     process_kit: Kit, edges: dict[str, list[str]], parallel: bool
 ) -> None:

@@ -16,11 +16,11 @@ import attrs
 import pytest
 from engines import which_or_skip
 from hypothesis import given, settings
-from hypothesis import strategies as st
+from strategies import service_cli_service_specs
 
 from dspy_infra.backends.process import pid_alive
 from dspy_infra.config import load_settings
-from dspy_infra.models import DependsOn, HealthCheck, PortMapping, RestartPolicy, ServiceSpec
+from dspy_infra.models import PortMapping, ServiceSpec
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.services.catalog import BUILTIN_SERVICES, build_catalog, parse_service_table, spec_to_toml
 
@@ -66,45 +66,8 @@ def test_catalog_lists_the_builtins_and_show_prints_pasteable_toml(tmp_path: Pat
     assert unknown.returncode != 0 and "did you mean 'redis'?" in unknown.stderr
 
 
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-_names = st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True)
-_ports = st.integers(1, 65535)
-
-
-@st.composite
-def service_specs(draw: st.DrawFn) -> ServiceSpec:
-    container = draw(st.lists(_ports, min_size=0, max_size=3, unique=True))
-    hosts = draw(
-        st.lists(st.sampled_from([0, *range(20000, 20010)]), min_size=len(container), max_size=len(container))
-    )
-    pinned = [h for h in hosts if h]
-    if len(set(pinned)) != len(pinned):
-        hosts = [0] * len(container)
-    return ServiceSpec(
-        name=draw(_names),
-        image=draw(st.sampled_from(["", "redis:7", "reg.example:5000/a/b:1"])),
-        command=draw(st.lists(_text, max_size=4)),
-        ports=[PortMapping(c, h) for c, h in zip(container, hosts, strict=True)],
-        environment=draw(
-            st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,8}", fullmatch=True), _text, max_size=3)
-        ),
-        depends_on=[
-            DependsOn(n, draw(st.sampled_from(["service_healthy", "service_started"])))
-            for n in draw(st.lists(st.sampled_from(["db", "cache"]), unique=True))
-        ],
-        health=HealthCheck(
-            kind=draw(st.sampled_from(["tcp", "http", "redis", "engine"])),
-            path=draw(st.sampled_from(["/", "/health"])),
-            startup_timeout=draw(st.sampled_from([60.0, 2.5])),
-        ),
-        required=draw(st.booleans()),
-        restart=RestartPolicy(max_restarts=draw(st.integers(0, 9))),
-        url=draw(st.sampled_from(["", "redis://{host}:{port}/0", 'x"y\\z'])),
-    )
-
-
 @settings(max_examples=300, deadline=None)
-@given(service_specs())
+@given(service_cli_service_specs())
 def test_any_spec_round_trips_through_its_toml(spec: ServiceSpec) -> None:
     """Whatever ``catalog --show`` prints is read back as the same spec."""
     doc = tomllib.loads(spec_to_toml(spec))

@@ -25,6 +25,7 @@ from _rpc_support import base_settings, in_process_server, stop_process
 from engines import Engine, docker_engine, engine, engine_kind, podman_engine, which_or_skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import service_handles_port_numbers
 
 from dspy_infra import errors
 from dspy_infra.backends.base import fill_port_placeholders, free_port
@@ -244,14 +245,11 @@ async def test_stop_services_without_names_stops_every_service_like_down(tmp_pat
             assert "a" not in remote.services
 
 
-_port_numbers = st.integers(1, 65535)
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     text=st.text(max_size=40),
-    listen=st.dictionaries(_port_numbers, _port_numbers, max_size=3),
-    container=_port_numbers,
+    listen=st.dictionaries(service_handles_port_numbers, service_handles_port_numbers, max_size=3),
+    container=service_handles_port_numbers,
 )
 def test_placeholders_fill_only_what_they_name(text: str, listen: dict[int, int], container: int) -> None:
     """Text without a placeholder is left exactly as it is (JSON, shell braces, ``{home}``);

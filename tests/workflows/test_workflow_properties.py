@@ -19,7 +19,6 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -28,6 +27,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import Dag, workflow_properties_dags
 
 from dspy_infra.config import Settings
 from dspy_infra.errors import PermanentFailure
@@ -37,67 +37,6 @@ from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.workflows import RunState, RunStatus, RunUpdate, StepStatus, WorkflowEngine
-
-
-@attrs.frozen
-class Dag:
-    #: step name -> its dependencies, in declaration order (not necessarily topological).
-    deps: dict[str, tuple[str, ...]]
-    failing: frozenset[str]
-    attempts: dict[str, int]
-    continue_on_failure: bool
-    #: step name -> True when its failure is permanent (no retries).
-    permanent: frozenset[str]
-
-    def ancestors(self, name: str) -> set[str]:
-        out: set[str] = set()
-        stack = list(self.deps[name])
-        while stack:
-            dep = stack.pop()
-            if dep not in out:
-                out.add(dep)
-                stack.extend(self.deps[dep])
-        return out
-
-    def spec(self, ms: int = 0) -> dict[str, Any]:
-        """``ms``: each step sleeps ``0..ms`` milliseconds (varied by step)."""
-        steps = []
-        for i, (name, deps) in enumerate(self.deps.items()):
-            payload = {"handler": "record", "fail": str(name in self.failing).lower()}
-            if ms:
-                payload["ms"] = str(i * 7 % (ms + 1))
-            if name in self.permanent:
-                payload["permanent"] = "true"
-            steps.append(
-                {
-                    "name": name,
-                    "depends_on": list(deps),
-                    "payload": payload,
-                    "max_attempts": self.attempts[name],
-                }
-            )
-        return {"steps": steps, "continue_on_failure": self.continue_on_failure}
-
-
-@st.composite
-def dags(draw: st.DrawFn) -> Dag:
-    n = draw(st.integers(1, 30))
-    names = [f"s{i}" for i in range(n)]
-    # Edges only point to earlier steps (so the graph is acyclic), then the declaration
-    # order is shuffled so the engine cannot lean on it.
-    deps = {
-        name: tuple(draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=3)) if i else ())
-        for i, name in enumerate(names)
-    }
-    order = draw(st.permutations(names))
-    failing = draw(st.sets(st.sampled_from(names), max_size=max(1, n // 4)))
-    return Dag(
-        deps={name: deps[name] for name in order},
-        failing=frozenset(failing),
-        attempts={name: draw(st.integers(1, 2)) for name in names},
-        continue_on_failure=draw(st.booleans()),
-        permanent=frozenset(draw(st.sets(st.sampled_from(names), max_size=3))),
-    )
 
 
 @attrs.define
@@ -154,7 +93,7 @@ async def _run(engine: WorkflowEngine, dag: Dag) -> tuple[RunState, list[RunUpda
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(dag=dags())
+@given(dag=workflow_properties_dags())
 def test_random_dags_respect_order_budgets_and_failure_policy(harness: Harness, dag: Dag) -> None:
     run, updates = harness.portal.call(_run, harness.engine, dag)
     prefix = run.run_id + "."
@@ -227,7 +166,7 @@ def test_random_dags_respect_order_budgets_and_failure_policy(harness: Harness, 
 
 
 @settings(max_examples=10, deadline=None)
-@given(dag=dags(), cut_ms=st.integers(0, 200))
+@given(dag=workflow_properties_dags(), cut_ms=st.integers(0, 200))
 def test_a_run_stopped_at_a_random_moment_resumes_without_rerunning_completed_steps(
     tmp_path_factory: pytest.TempPathFactory, dag: Dag, cut_ms: int
 ) -> None:

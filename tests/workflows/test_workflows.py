@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
+from strategies import graphs, result_keys, step_names
 
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.demo.workflows import DEMO_WORKFLOW_ID, workflow_section
@@ -205,12 +206,6 @@ def test_input_keys_collects_every_input_reference() -> None:
 def test_sinks_are_steps_nothing_depends_on() -> None:
     spec = parse_workflow_spec(spec_of(noop("a"), noop("b", "a"), noop("c", "a"), noop("d")))
     assert spec.sinks() == ["b", "c", "d"]
-
-
-@st.composite
-def graphs(draw: st.DrawFn) -> dict[str, list[str]]:
-    names = [f"n{i}" for i in range(draw(st.integers(1, 12)))]
-    return {n: draw(st.lists(st.sampled_from(names), unique=True, max_size=4)) for n in names}
 
 
 def _acyclic(graph: dict[str, list[str]]) -> bool:
@@ -594,10 +589,6 @@ async def test_infra_delegates_workflows_and_the_demo_section_runs(tmp_path: Pat
         assert {t.spec.workflow_id for t in tasks} == {DEMO_WORKFLOW_ID} and len(tasks) == 5
         types = [e.type for e in infra.bus.history() if e.type.startswith("workflow_")]
         assert types.count("workflow_step_completed") == 5 and types[-1] == "workflow_completed"
-
-
-step_names = st.from_regex(r"\A[a-z0-9][a-z0-9_.-]{0,30}\Z").filter(lambda n: ".result." not in n + ".")
-result_keys = st.from_regex(r"\A[A-Za-z0-9_.:/-]{1,20}\Z")
 
 
 @given(step_names, result_keys, st.text(alphabet="ab -'/", max_size=8))
