@@ -94,7 +94,8 @@ def test_malformed_json_names_line_and_column() -> None:
         ({"steps": [{"payload": {}}]}, "steps[0].name", "needs a name"),
         ({"steps": [{"name": "A b"}]}, "steps[].name", "invalid name"),
         ({"steps": [{"name": "a", "dependson": []}]}, "steps.a.dependson", "did you mean 'depends_on'"),
-        ({"steps": [{"name": "a", "payload": {"x": [1]}}]}, "steps.a.payload.x", "list"),
+        # Payloads are JSON objects (lists are fine); what a task cannot hold is refused by path.
+        ({"steps": [{"name": "a", "payload": {"x": 2**64}}]}, "workflow.spec.steps[0].payload.x", "out of range"),
         ({"steps": [{"name": "a", "max_attempts": 0}]}, "steps.a.max_attempts", "1 to 100"),
         ({"steps": [{"name": "a", "timeout": -1}]}, "steps.a.timeout", "> 0"),
         ({"steps": [{"name": "a", "priority": "high"}]}, "steps.a.priority", "integer"),
@@ -564,7 +565,7 @@ async def test_closing_the_engine_ends_status_streams_and_the_run_resumes(tmp_pa
     async with running(tmp_path) as (_s, engine, _bus):
         run = await final(engine, run_id)
         assert run.status is RunStatus.COMPLETED and run.output == {
-            "wait.exit_code": "0",
+            "wait.exit_code": 0,
             "wait.stdout": "ok",
             "wait.stderr": "",
         }
