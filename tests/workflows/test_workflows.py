@@ -95,7 +95,11 @@ def test_malformed_json_names_line_and_column() -> None:
         ({"steps": [{"name": "A b"}]}, "steps[].name", "invalid name"),
         ({"steps": [{"name": "a", "dependson": []}]}, "steps.a.dependson", "did you mean 'depends_on'"),
         # Payloads are JSON objects (lists are fine); what a task cannot hold is refused by path.
-        ({"steps": [{"name": "a", "payload": {"x": 2**64}}]}, "workflow.spec.steps[0].payload.x", "out of range"),
+        (
+            {"steps": [{"name": "a", "payload": {"x": 2**64}}]},
+            "workflow.spec.steps[0].payload.x",
+            "out of range",
+        ),
         ({"steps": [{"name": "a", "max_attempts": 0}]}, "steps.a.max_attempts", "1 to 100"),
         ({"steps": [{"name": "a", "timeout": -1}]}, "steps.a.timeout", "> 0"),
         ({"steps": [{"name": "a", "priority": "high"}]}, "steps.a.priority", "integer"),
