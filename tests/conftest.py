@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from harness import open_scheduler
 
+from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.scheduler.scheduler import Scheduler
 
 
@@ -40,3 +41,12 @@ async def scheduler(state_dir: Path) -> AsyncIterator[Scheduler]:
     (``harness.open_scheduler`` for other settings)."""
     async with open_scheduler(state_dir, durable=False, shutdown_grace=0.5) as sched:
         yield sched
+
+
+@pytest.fixture
+async def process_backend(tmp_path: Path) -> AsyncIterator[ProcessBackend]:
+    """An open process backend on ``tmp_path``; whatever a test left running is removed."""
+    async with ProcessBackend(home=tmp_path) as b:
+        yield b
+        for inst in await b.list_instances({}):
+            await b.remove(inst.id)

@@ -5,6 +5,7 @@ plugins). The fixtures in the conftest files use it too."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from dspy_infra.models import HardwareInfo
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
 
-__all__ = ["NO_GPU", "open_scheduler"]
+__all__ = ["NO_GPU", "finish", "open_scheduler"]
 
 #: A machine without a GPU, so gpu classes behave the same on every test host.
 NO_GPU = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30)
@@ -46,3 +47,14 @@ async def open_scheduler(
         cfg, bus=bus or EventBus(), metrics=metrics or InfraMetrics(), plugins=pm, **extra
     ) as s:
         yield s
+
+
+def finish(child: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+    """A child process's (stdout, stderr) once it exits; killed (and reaped) if it outlives
+    ``timeout``, so a hung child never outlives its test."""
+    try:
+        return child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

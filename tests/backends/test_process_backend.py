@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.usefixtures("anyio_backend")
 
 
 @pytest.fixture
-async def backend(tmp_path: Path) -> AsyncIterator[ProcessBackend]:
-    async with ProcessBackend(home=tmp_path) as b:
-        yield b
-        for inst in await b.list_instances({}):
-            await b.remove(inst.id)
+def backend(process_backend: ProcessBackend) -> ProcessBackend:
+    return process_backend
 
 
 async def _wait_exited(b: ProcessBackend, instance_id: str) -> None:

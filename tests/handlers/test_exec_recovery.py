@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from harness import finish
 
 from dspy_infra.ownership import proc_stat
 
@@ -269,12 +270,7 @@ def test_sigkilled_workflow_steps_are_ended_before_they_run_again(tmp_path: Path
     assert all(_alive(pid) for pid in first_pids)
 
     second = child()
-    try:
-        out, err = second.communicate(timeout=60)
-    finally:
-        if second.poll() is None:
-            second.kill()
-            second.wait(10)
+    out, err = finish(second)
     assert second.returncode == 0, err
     final = json.loads(out.splitlines()[-1])
     assert final["run_id"] == run_id and final["status"] == "completed", final

@@ -4,9 +4,7 @@ both services is called, and at least one stream of each."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,31 +13,15 @@ from typing import Any
 
 import grpc
 import pytest
-from _rpc_support import ROOT, ServeProcess, serve_process
+from _adversarial import official_stubs
+from _rpc_support import ServeProcess, serve_process
 from engines import which_or_skip
-from grpc_tools import protoc
-
-PROTOS = ("orchestrator/v1/orchestrator.proto", "env_manager/v1/env_manager.proto")
 
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleType]]:
-    out = tmp_path_factory.mktemp("official_stubs")
-    args = ["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}", f"--grpc_python_out={out}", *PROTOS]
-    assert protoc.main(args) == 0
-    sys.path.insert(0, str(out))
-    try:
-        yield {
-            "orch": importlib.import_module("orchestrator.v1.orchestrator_pb2"),
-            "orch_grpc": importlib.import_module("orchestrator.v1.orchestrator_pb2_grpc"),
-            "env": importlib.import_module("env_manager.v1.env_manager_pb2"),
-            "env_grpc": importlib.import_module("env_manager.v1.env_manager_pb2_grpc"),
-        }
-    finally:
-        sys.path.remove(str(out))
-        for name in list(sys.modules):
-            if name.split(".")[0] in ("orchestrator", "env_manager"):
-                del sys.modules[name]
+    with official_stubs(tmp_path_factory.mktemp("official_stubs")) as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,8 @@ def _instance(port: int | None) -> Instance:
 
 
 @pytest.fixture
-async def backend(tmp_path: Path) -> AsyncIterator[ProcessBackend]:
-    async with ProcessBackend(home=tmp_path) as b:
-        yield b
-        for inst in await b.list_instances({}):
-            await b.remove(inst.id)
+def backend(process_backend: ProcessBackend) -> ProcessBackend:
+    return process_backend
 
 
 def _start_redis(port: int, *extra: str) -> subprocess.Popen[bytes]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from harness import finish
 
 CHILD = """
 import asyncio, json, sys
@@ -146,12 +147,7 @@ def test_sigkilled_run_resumes_without_rerunning_completed_steps(tmp_path: Path,
 
     (marks / "release").touch()
     second = _child(home, spec)
-    try:
-        out, err = second.communicate(timeout=60)
-    finally:
-        if second.poll() is None:
-            second.kill()
-            second.wait(10)
+    out, err = finish(second)
     assert second.returncode == 0, err
     started, final = (json.loads(line) for line in out.splitlines())
     # start_run with the same key after the restart returns the same run, not a new one.
