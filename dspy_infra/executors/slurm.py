@@ -162,8 +162,10 @@ def time_limit_minutes(timeout: float) -> int:
 
 
 def job_name(task_id: str) -> str:
-    """The task id as a Slurm job name (what ``squeue -n`` finds)."""
-    return _SAFE.sub("_", task_id)[:200] or "_"
+    """The task id as a Slurm job name (what ``squeue -n`` finds). Never empty, ``.`` or
+    ``..`` (Slurm uses the name in default output paths)."""
+    name = _SAFE.sub("_", task_id)[:200]
+    return name if name.strip(".") else "_" * max(1, len(name))
 
 
 def job_dir_name(task_id: str) -> str:

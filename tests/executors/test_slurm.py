@@ -19,7 +19,7 @@ import anyio
 import pytest
 from engines import skip_or_fail
 from harness import open_scheduler
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import slurm_task_ids, states
 
@@ -326,6 +326,7 @@ def test_time_limit_is_whole_minutes_never_shorter_than_the_timeout(timeout: flo
     assert (minutes - 1) * 60 < timeout or minutes == 1
 
 
+@example(".", "..")  # once a job named "." (hypothesis found it)
 @given(slurm_task_ids, slurm_task_ids)
 def test_job_dirs_are_safe_and_distinct_for_distinct_ids(a: str, b: str) -> None:
     for name in (job_dir_name(a), job_dir_name(b), job_name(a)):
