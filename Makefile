@@ -20,6 +20,7 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check dspy_infra tests benchmarks examples
 	$(BIN)/ruff format --check dspy_infra tests benchmarks examples
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

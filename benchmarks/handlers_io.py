@@ -37,12 +37,12 @@ import aiohttp  # noqa: E402
 
 from dspy_infra.config import load_settings  # noqa: E402
 from dspy_infra.events import EventBus  # noqa: E402
+from dspy_infra.handlers.container import container_handler  # noqa: E402
+from dspy_infra.handlers.http import http_handler  # noqa: E402
 from dspy_infra.metrics import InfraMetrics  # noqa: E402
 from dspy_infra.models import TaskSpec, TaskStatus  # noqa: E402
 from dspy_infra.plugins import build_plugin_manager  # noqa: E402
-from dspy_infra.scheduler.container_handler import container_handler  # noqa: E402
-from dspy_infra.scheduler.handlers import TaskContext  # noqa: E402
-from dspy_infra.scheduler.http_handler import http_handler  # noqa: E402
+from dspy_infra.scheduler.context import TaskContext  # noqa: E402
 from dspy_infra.scheduler.scheduler import Scheduler  # noqa: E402
 
 __all__ = ["main"]

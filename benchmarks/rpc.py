@@ -66,7 +66,7 @@ asyncio.run(main())
 INFRA_SERVER = """
 import asyncio, json, sys
 from dspy_infra.config import load_settings
-from dspy_infra.rpc.server import run_server
+from dspy_infra.serve import run_server
 raise SystemExit(asyncio.run(run_server(load_settings(**json.loads(sys.argv[1])))))
 """
 

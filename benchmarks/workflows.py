@@ -31,7 +31,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.scheduler import Scheduler
-from dspy_infra.scheduler.workflows import WorkflowEngine
+from dspy_infra.workflows import WorkflowEngine
 
 __all__ = ["main"]
 

@@ -7,9 +7,9 @@ Only the public API lives here; everything else is an implementation module.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from .api import InfraAPI
 from .config import Settings, load_settings
+from .ensure import ensure_infra, shutdown_infra, use_infra
 from .errors import (
     AlreadyExists,
     BackendError,
@@ -31,7 +31,7 @@ from .errors import (
     Unavailable,
 )
 from .hookspecs import hookimpl
-from .infra import Infra, SyncInfra, ensure_infra, ensure_infra_sync, shutdown_infra, use_infra
+from .infra import Infra
 from .models import (
     DependsOn,
     Event,
@@ -47,8 +47,10 @@ from .models import (
     TaskStatus,
     VolumeMount,
 )
-from .scheduler.workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 from .services.handles import ServiceHandle
+from .sync import SyncInfra, ensure_infra_sync
+from .version import __version__
+from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 
 __all__ = [
     "AlreadyExists",
@@ -63,6 +65,7 @@ __all__ = [
     "HealthCheck",
     "HealthCheckFailed",
     "Infra",
+    "InfraAPI",
     "InfraError",
     "MissingBinary",
     "NotFound",

@@ -12,26 +12,29 @@ rewritten as the matching ``dspy-infra`` command (``cli_fix``). Exit codes: 0 ok
 answer), 2 bad input (a ``SpecError``, an unknown id, a bad argument), 130 interrupted.
 ``--debug`` shows the traceback instead. Results are JSON objects and print as JSON.
 
-The settings reference (``config init`` and ``config reference``) is generated from
-``config.Settings`` itself, so the commented file and docs/configuration.md cannot drift.
+The settings reference (``config init`` and ``config reference``) is ``config_doc.py``'s.
+
+Size: over 600 lines on purpose: one function per command plus the parser that names them
+all, read together; the settings reference is ``config_doc.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
 
-from .config import CONFIG_FILE_NAME, ENV_PREFIX, Settings, load_settings
+from .api import InfraAPI
+from .config import CONFIG_FILE_NAME, load_settings
+from .config_doc import SettingDoc, render_config_template, render_settings_markdown, settings_reference
 from .errors import AlreadyExists, DeadlineExceeded, InfraError, NotFound, SpecError
 
 __all__ = [
@@ -56,177 +59,6 @@ EXIT_INTERRUPTED = 130
 _TERMINAL_TASK = frozenset({"completed", "failed", "cancelled"})
 _TERMINAL_RUN = frozenset({"completed", "failed", "cancelled"})
 _BAD_SERVICE = frozenset({"unhealthy", "failed"})
-
-# ---------------------------------------------------------------------------------------------
-# Settings reference: one generator for `config init`, `config reference` and the docs.
-
-#: Example values shown (commented out) for settings whose default is unset.
-_EXAMPLES: dict[str, Any] = {
-    "home": "/var/lib/dspy-infra",
-    "docker_host": "unix:///var/run/docker.sock",
-    "owner": "my-app",
-    "addr": "127.0.0.1:50052",
-    "token": "change-me",
-    "tls_cert": "/etc/dspy-infra/tls/server.crt",
-    "tls_key": "/etc/dspy-infra/tls/server.key",
-    "slurm": "cli",
-    "slurm_partition": "gpu",
-}
-
-_TABLE_FIELDS = ("task_classes", "services")
-
-_TABLE_EXAMPLES = """\
-# -- Task classes -------------------------------------------------------------------------------
-# Each [task_classes.NAME] table overrides a built-in class (cpu_short, cpu_long, gpu,
-# gpu_slurm) or declares a new one. The limit adapts between min and max, starting at base.
-#
-# [task_classes.cpu_short]
-# max_concurrency = 16
-#
-# [task_classes.embed]
-# min_concurrency = 1
-# base_concurrency = 2
-# max_concurrency = 8
-# adaptive = true
-
-# -- Services -----------------------------------------------------------------------------------
-# Each [services.NAME] table overrides a built-in service (redis, reddb, ollama, kafka,
-# zookeeper, prometheus, infermesh-*) or declares a new one. `image` is used by the docker
-# backend, `command` by the process backend. Every port gets a free host port unless a table
-# pins one; a command takes its port from {port} (`dspy-infra catalog --show redis` shows how).
-#
-# [services.redis]                  # pin host port 16379 (on every backend)
-# ports = ["16379:6379"]
-#
-# [services.web]
-# image = "python:3.11-slim"
-# command = ["python3", "-m", "http.server", "{port}"]
-# ports = [8000]                    # a free host port: `dspy-infra services` shows the URL
-# health = { kind = "http", path = "/", startup_timeout = 30 }
-# depends_on = ["redis"]
-"""
-
-
-@attrs.frozen
-class SettingDoc:
-    """One ``Settings`` field as documented: name, type, default, environment variable, text."""
-
-    name: str
-    type: str
-    default: Any
-    env_var: str | None
-    description: str
-    #: The value written (commented out) by ``config init``: the default, or an example.
-    example: Any
-
-
-def _field_comments() -> dict[str, str]:
-    """The ``#:`` comment lines above each field in the source of ``Settings``."""
-    comments: dict[str, str] = {}
-    pending: list[str] = []
-    for line in inspect.getsource(Settings).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#:"):
-            pending.append(stripped[2:].strip())
-            continue
-        match = re.match(r"^([a-z_][a-z0-9_]*)\s*:\s*[^=]+", stripped)
-        if match and line.startswith("    ") and not line.startswith("     "):
-            if pending:
-                comments[match.group(1)] = " ".join(pending)
-            pending = []
-        elif not stripped.startswith("#"):
-            pending = []
-    return comments
-
-
-def settings_reference() -> list[SettingDoc]:
-    """Every ``Settings`` field, in declaration order, with its documentation."""
-    comments = _field_comments()
-    docs: list[SettingDoc] = []
-    for field in attrs.fields(Settings):
-        default: Any = field.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()
-        description = comments.get(field.name, "")
-        docs.append(
-            SettingDoc(
-                name=field.name,
-                type=str(field.type),
-                default=default,
-                env_var=None if field.name in _TABLE_FIELDS else ENV_PREFIX + field.name.upper(),
-                description=description,
-                example=_EXAMPLES.get(field.name, default) if default is None else default,
-            )
-        )
-    return docs
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple, frozenset, set)):  # list settings: a TOML array
-        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
-        return "[" + ", ".join(_toml_value(item) for item in items) + "]"
-    return json.dumps(str(value))  # a TOML basic string for plain text and paths
-
-
-def render_config_template() -> str:
-    """A commented ``dspy-infra.toml`` covering every setting and example tables."""
-    out = [
-        f"# {CONFIG_FILE_NAME}: configuration of dspy_infra (written by `dspy-infra config init`).",
-        "#",
-        "# Precedence: built-in defaults < this file < DSPY_INFRA_* environment < command-line options.",
-        "# The file is found at $DSPY_INFRA_CONFIG, else ./dspy-infra.toml, or given with --config.",
-        "# Every line is commented out, so as written this file changes nothing. Each value shown is",
-        "# the default, or an example for settings that are unset by default.",
-        "",
-    ]
-    for doc in settings_reference():
-        if doc.name in _TABLE_FIELDS:
-            continue
-        out.extend(f"# {line}" for line in _wrap(doc.description, 92))
-        out.append(f"# Environment: {doc.env_var}" + ("   (unset by default)" if doc.default is None else ""))
-        out.append(f"# {doc.name} = {_toml_value(doc.example)}")
-        out.append("")
-    out.append(_TABLE_EXAMPLES)
-    return "\n".join(out)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines: list[str] = []
-    current = ""
-    for word in text.split():
-        if current and len(current) + 1 + len(word) > width:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}" if current else word
-    return [*lines, current] if current else lines
-
-
-def _markdown_default(doc: SettingDoc) -> str:
-    if doc.default is None:
-        return "unset"
-    if isinstance(doc.default, dict):
-        return "`{}` (tables)"
-    return f"`{_toml_value(doc.default)}`"
-
-
-def render_settings_markdown() -> str:
-    """The settings table of docs/configuration.md (``dspy-infra config reference``)."""
-    rows = [
-        "| Setting | Environment variable | Type | Default | Description |",
-        "|---|---|---|---|---|",
-    ]
-    for doc in settings_reference():
-        env = f"`{doc.env_var}`" if doc.env_var else "TOML tables only"
-        description = doc.description.replace("|", "\\|")
-        type_ = doc.type.replace("|", "\\|")
-        rows.append(f"| `{doc.name}` | {env} | `{type_}` | {_markdown_default(doc)} | {description} |")
-    return "\n".join(rows) + "\n"
-
 
 # ---------------------------------------------------------------------------------------------
 # Argument helpers
@@ -320,17 +152,6 @@ def _print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _aiter(value: Any) -> AsyncGenerator[Any, None]:
-    """Iterate an async iterator, or an awaitable that returns one (remote or embedded APIs)."""
-    value = await _maybe_await(value)
-    async for item in value:
-        yield item
-
-
 def _status_text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
@@ -350,19 +171,13 @@ def _infra_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _is_embedded(infra: Any) -> bool:
-    from .infra import Infra
-
-    return isinstance(infra, Infra)
-
-
 #: Seconds of a silent shutdown before the CLI says what it is waiting for.
 SHUTDOWN_NOTICE_AFTER = 0.5
 
 
-def _run_with_infra(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
+def _run_with_infra(args: argparse.Namespace, body: Callable[[InfraAPI], Awaitable[int]]) -> int:
     async def run() -> int:
-        from .infra import ensure_infra
+        from .ensure import ensure_infra
 
         infra = await ensure_infra(**_infra_kwargs(args))
         try:
@@ -373,17 +188,17 @@ def _run_with_infra(args: argparse.Namespace, body: Callable[[Any], Awaitable[in
     return asyncio.run(run())
 
 
-async def _shutdown_with_notice(infra: Any) -> None:
+async def _shutdown_with_notice(infra: InfraAPI) -> None:
     """Shut the infra down; if that takes a while (running tasks drain, services stop), say
     so on stderr instead of hanging silently."""
-    from .infra import shutdown_infra
+    from .ensure import shutdown_infra
 
     closing = asyncio.ensure_future(shutdown_infra())
     try:
         await asyncio.wait_for(asyncio.shield(closing), timeout=SHUTDOWN_NOTICE_AFTER)
     except TimeoutError:
-        grace = getattr(getattr(infra, "settings", None), "shutdown_grace", None)
-        wait = f"up to {grace:g} s" if isinstance(grace, int | float) else "a moment"
+        grace = infra.settings.shutdown_grace if infra.mode == "embedded" else None
+        wait = f"up to {grace:g} s" if grace is not None else "a moment"
         sys.stderr.write(
             f"dspy-infra: stopping: running tasks get {wait} to finish (the rest stay stored"
             " for the next start), then the services this command started stop...\n"
@@ -414,7 +229,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         mode="embedded",
     )
-    from .rpc.server import run_server
+    from .serve import run_server
 
     return int(asyncio.run(run_server(settings, stop_services=args.stop_services)) or 0)
 
@@ -434,8 +249,8 @@ def _service_names(args: argparse.Namespace, settings_services: Mapping[str, Any
 def _cmd_up(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn
 
-    async def body(infra: Any) -> int:
-        configured = getattr(getattr(infra, "settings", None), "services", {}) or {}
+    async def body(infra: InfraAPI) -> int:
+        configured = infra.settings.services if infra.mode == "embedded" else {}
         names = _service_names(args, configured)
         out = _console()
         final: dict[str, Any] = {}
@@ -449,8 +264,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         )
         with progress:
             rows: dict[str, Any] = {}
-            keep = {"keep": True} if args.keep else {}
-            async for update in _aiter(infra.services.start(names, parallel=not args.sequential, **keep)):
+            keep = True if args.keep else None
+            async for update in infra.services.start(names, parallel=not args.sequential, keep=keep):
                 name = update.service_name
                 if name not in rows:
                     rows[name] = progress.add_task(name, total=100, status="", message="")
@@ -464,8 +279,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             out.print(f"{name}: {status} [{mark}]" + (f" {update.message}" if update.message else ""))
             if status in _BAD_SERVICE:
                 failed.append(name)
-        if _is_embedded(infra) and not args.keep:
-            await _maybe_await(infra.services.stop(list(final)))
+        if infra.mode == "embedded" and not args.keep:
+            await infra.services.stop(list(final))
             out.print(
                 "note: no server is running and --keep was not given, so they were stopped again"
                 " as this command ends. `dspy-infra up --keep NAMES` leaves them running (the next"
@@ -483,15 +298,15 @@ class _Failure(Exception):
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         names = list(args.names)
         if not names:
-            states = await _maybe_await(infra.services.status())
+            states = await infra.services.status()
             names = [n for n, st in states.items() if _status_text(st.status) != "stopped"]
         if not names:
             _console().print("no services are running")
             return EXIT_OK
-        results = await _maybe_await(infra.services.stop(names, timeout=args.timeout))
+        results = await infra.services.stop(names, timeout=args.timeout)
         out = _console()
         bad = []
         for name in names:
@@ -509,11 +324,11 @@ def _cmd_down(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         health = await infra.health()
-        services = await _maybe_await(infra.services.status())
-        queues = await _maybe_await(infra.queue_status())
-        mode = "embedded" if _is_embedded(infra) else "server"
+        services = await infra.services.status()
+        queues = await infra.queue_status()
+        mode = "embedded" if infra.mode == "embedded" else "server"
         if args.json:
             _print_json(
                 {
@@ -526,9 +341,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             return EXIT_OK
         out = _console()
         where = (
-            f"embedded, home {infra.home}"
+            f"embedded, home {infra.settings.resolved_home()}"
             if mode == "embedded"
-            else f"server at {infra.addr}" + (f", home {health['home']}" if health.get("home") else "")
+            else f"{infra.location.removeprefix('the ')}"
+            + (f", home {health['home']}" if health.get("home") else "")
         )
         out.print(
             f"dspy-infra {health.get('version', '?')} ({where}): "
@@ -565,9 +381,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         stream = infra.services.logs(args.name, follow=args.follow, tail=args.tail, since=args.since)
-        async for entry in _aiter(stream):
+        async for entry in stream:
             target = sys.stderr if entry.stream == "stderr" else sys.stdout
             target.write(entry.message.rstrip("\n") + "\n")
             target.flush()
@@ -638,7 +454,7 @@ def _read_payload(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_submit(args: argparse.Namespace) -> int:
     payload = _read_payload(args)
 
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         try:
             state = await infra.submit_task(
                 args.id,
@@ -650,9 +466,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             )
         except AlreadyExists as exc:
             # Say why the id is taken: tasks outlive the command that submitted them.
-            where = (
-                f"the state directory {infra.home}" if _is_embedded(infra) else f"the server at {infra.addr}"
-            )
+            where = infra.location
             raise AlreadyExists(
                 f"task {args.id!r} already exists in {where} with different content (tasks are"
                 " kept across runs)",
@@ -666,7 +480,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return _run_with_infra(args, body)
 
 
-async def _report_submitted(infra: Any, state: Any, *, as_json: bool) -> int:
+async def _report_submitted(infra: InfraAPI, state: Any, *, as_json: bool) -> int:
     """What ``submit`` without ``--wait`` can honestly say. With a server, the task is queued
     there. Embedded (no server), the task runs only while this command lives: the command
     drains the scheduler here (what its shutdown does anyway: running tasks get
@@ -674,7 +488,7 @@ async def _report_submitted(infra: Any, state: Any, *, as_json: bool) -> int:
     has not ended stays stored as ``pending``, to run the next time an infra starts on this
     state directory."""
     out = _console()
-    if _is_embedded(infra):
+    if infra.mode == "embedded":
         grace = infra.settings.shutdown_grace
         try:
             return _report_result(await infra.wait(state.id, timeout=SHUTDOWN_NOTICE_AFTER), as_json=as_json)
@@ -685,7 +499,7 @@ async def _report_submitted(infra: Any, state: Any, *, as_json: bool) -> int:
             f" gets up to {grace:g} s (shutdown_grace) to finish...\n"
         )
         sys.stderr.flush()
-        await infra.scheduler.drain(grace)
+        await infra.drain(grace)
         now = await infra.get_task(state.id)
         if _status_text(now.status) in _TERMINAL_TASK:
             return _report_result(now.to_result(), as_json=as_json)
@@ -697,7 +511,7 @@ async def _report_submitted(infra: Any, state: Any, *, as_json: bool) -> int:
             out.print(
                 f"note: no server is running and the task did not finish within {grace:g} s"
                 " (shutdown_grace), so it stays stored, unfinished: it runs the next time an infra"
-                f" starts on {infra.home} (`dspy-infra serve`); use --wait to wait for it"
+                f" starts on {infra.settings.resolved_home()} (`dspy-infra serve`); use --wait to wait for it"
             )
         return EXIT_OK
     if as_json:
@@ -722,7 +536,7 @@ def _report_result(result: Any, *, as_json: bool) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         before = _status_text((await infra.get_task(args.id)).status)
         if before in _TERMINAL_TASK:
             raise _Failure(f"task {args.id} was already {before}; nothing to cancel")
@@ -748,7 +562,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     if command == "log":
         return _run_with_infra(args, lambda infra: _show_task_log(infra, args))
 
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         states = await infra.list_tasks(status=args.status, limit=args.limit)
         if args.json:
             _print_json([_task_row(s) for s in states])
@@ -772,7 +586,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return _run_with_infra(args, body)
 
 
-async def _show_task(infra: Any, args: argparse.Namespace) -> int:
+async def _show_task(infra: InfraAPI, args: argparse.Namespace) -> int:
     state = await infra.get_task(args.id)
     doc = _task_detail(state)
     if args.json:
@@ -800,17 +614,14 @@ async def _show_task(infra: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _show_task_log(infra: Any, args: argparse.Namespace) -> int:
-    task_log = getattr(infra, "task_log", None)
-    if task_log is None:
-        raise _Failure("per-task logs are not available in this version of dspy-infra")
-    text = await task_log(args.id, attempt=args.attempt)
+async def _show_task_log(infra: InfraAPI, args: argparse.Namespace) -> int:
+    text = await infra.task_log(args.id, attempt=args.attempt)
     sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
     return EXIT_OK
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    async def body(infra: Any) -> int:
+    async def body(infra: InfraAPI) -> int:
         # since=None means "live only" on the wire; 1 (the epoch's first second) means all kept.
         since = time.time() - args.since if args.since is not None else 1.0
         types = args.type or None
@@ -821,29 +632,32 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 f"{_ts(event.timestamp)} {event.type} {event.resource_id} {_pairs_text(event.data)}".rstrip()
             )
 
-        bus = getattr(infra, "bus", None)
-        if not args.follow and bus is not None:
+        embedded = infra.mode == "embedded"
+        if not args.follow and embedded:
             out.print(
                 "note: no server is running; events live in a server's memory, so this embedded"
                 " infra has only its own (run `dspy-infra serve`)",
                 style="dim",
             )
-            for event in bus.history(types, since):
-                show(event)
-            return EXIT_OK
-        stream = _aiter(infra.events(types, since))
+        stream = infra.events(types, since)
         if args.follow:
             async for event in stream:
                 show(event)
             return EXIT_OK
-        # A server streams history then live events without an end marker: stop when idle.
-        while True:
-            try:
-                event = await asyncio.wait_for(anext(stream), timeout=args.idle)
-            except (TimeoutError, StopAsyncIteration):
-                await stream.aclose()
-                return EXIT_OK
-            show(event)
+        # The stream gives history then live events without an end marker: stop when idle
+        # (an embedded infra's history is all there is, so there it stops at once).
+        idle = 0.5 if embedded else args.idle
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(stream), timeout=idle)
+                except (TimeoutError, StopAsyncIteration):
+                    return EXIT_OK
+                show(event)
+        finally:
+            aclose = getattr(stream, "aclose", None)  # an async generator's, when it is one
+            if aclose is not None:
+                await aclose()
 
     return _run_with_infra(args, body)
 
@@ -905,7 +719,7 @@ def _run_doc(run: Any) -> dict[str, Any]:
     return doc
 
 
-async def _follow_run(infra: Any, run_id: str) -> Any:
+async def _follow_run(infra: InfraAPI, run_id: str) -> Any:
     """Watch a run until it ends, as a live step table (like the demo's); returns its final
     state. On a terminal the table updates in place; in a pipe only the final one is printed."""
     from rich.console import Group
@@ -922,7 +736,7 @@ async def _follow_run(infra: Any, run_id: str) -> Any:
 
     last = run.to_update(run.current_step)
     with Live(view(last), console=out, auto_refresh=False, transient=False) as live:
-        async for update in _aiter(infra.run_status(run_id)):
+        async for update in infra.run_status(run_id):
             run = await infra.get_run(run_id)
             last = update
             if out.is_terminal:
@@ -939,7 +753,7 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
     if args.wf_command == "create":
         spec = _read_workflow_spec(args.file)
 
-        async def create(infra: Any) -> int:
+        async def create(infra: InfraAPI) -> int:
             await infra.create_workflow(args.id, args.name or args.id, args.description, spec)
             _console().print(f"created workflow {args.id}")
             return EXIT_OK
@@ -961,12 +775,12 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
             else dict(parse_pairs(args.input, "--input"))
         )
 
-        async def run(infra: Any) -> int:
+        async def run(infra: InfraAPI) -> int:
             run_id = await infra.start_run(args.id, input=run_input, idempotency_key=args.key)
             out = _console()
             out.print(f"run {run_id} started")
             if not args.follow:
-                if _is_embedded(infra):
+                if infra.mode == "embedded":
                     out.print(
                         "note: no server is running, so the run goes on only while this command"
                         " lives; it resumes the next time an infra starts on this state directory"
@@ -983,7 +797,7 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
 
     if args.wf_command == "list":
 
-        async def listing(infra: Any) -> int:
+        async def listing(infra: InfraAPI) -> int:
             workflows = await infra.list_workflows()
             if args.json:
                 _print_json(
@@ -1011,7 +825,7 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
 
     if args.wf_command == "runs":
 
-        async def runs(infra: Any) -> int:
+        async def runs(infra: InfraAPI) -> int:
             states = await infra.list_runs(args.workflow_id, limit=args.limit)
             if args.json:
                 _print_json([_run_doc(r) for r in states])
@@ -1034,7 +848,7 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
 
         return _run_with_infra(args, runs)
 
-    async def show(infra: Any) -> int:
+    async def show(infra: InfraAPI) -> int:
         run = await infra.get_run(args.run_id)
         if args.json:
             _print_json(_run_doc(run))
@@ -1096,8 +910,8 @@ def _cmd_services(args: argparse.Namespace) -> int:
     """Each running service with its status and the URL a client connects to."""
     from rich.table import Table
 
-    async def body(infra: Any) -> int:
-        states = await _maybe_await(infra.services.status(list(args.names) or None))
+    async def body(infra: InfraAPI) -> int:
+        states = await infra.services.status(list(args.names) or None)
         running = {n: st for n, st in states.items() if _status_text(st.status) != "stopped" or args.names}
         if args.json:
             _print_json(

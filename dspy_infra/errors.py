@@ -19,16 +19,19 @@
      │    └── MissingBinary        a process service's executable is not installed
      ├── ServiceError              a service could not be brought up
      │    └── HealthCheckFailed    startup timed out; carries the last probe failure + logs
-     └── TaskError                 a task ended badly (raised by callers that asked for it)
+     ├── TaskError                 a task ended badly (raised by callers that asked for it)
+ └── HandlerFailure            a task handler failed an attempt; ``result`` keeps what it made
+      └── PermanentFailure     ... and no retry can fix it (bad payload, unknown handler)
 
 Every error carries an optional ``field`` (the input that was wrong) and ``fix`` (what to do);
 ``str(err)`` always includes both, so a one-line CLI message is enough for a user.
-The gRPC status for each class is decided in exactly one place: ``rpc/server.py``.
+The gRPC status and HTTP code for each class are decided in exactly one place: ``wire.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = [
     "AlreadyExists",
@@ -38,10 +41,12 @@ __all__ = [
     "CycleError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "HandlerFailure",
     "HealthCheckFailed",
     "InfraError",
     "MissingBinary",
     "NotFound",
+    "PermanentFailure",
     "PermissionDenied",
     "ResourceUnavailable",
     "ServiceError",
@@ -169,3 +174,21 @@ class TaskError(InfraError):
         self.task_id = task_id
         self.status = status
         super().__init__(message)
+
+
+class HandlerFailure(InfraError):
+    """A task handler failed this attempt (the scheduler retries while attempts remain).
+
+    ``result`` is the JSON object the attempt produced before failing (an exit code and
+    output, an HTTP status and body, a Slurm job's state); the scheduler keeps it on the task.
+    Handlers raise a subclass naming their failure (``ExecFailed``, ``HttpStatusFailed``,
+    ``SlurmJobFailed``) or ``PermanentFailure``.
+    """
+
+    def __init__(self, message: str, result: Mapping[str, Any] | None = None) -> None:
+        self.result: dict[str, Any] | None = dict(result) if result is not None else None
+        super().__init__(message)
+
+
+class PermanentFailure(HandlerFailure):
+    """A handler failure no retry can fix (bad payload, unknown handler): the task fails now."""

@@ -8,14 +8,18 @@ its contract; a test fails when one is missing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    # Types only (no import at run time, so this module stays at the bottom of the layers).
     from collections.abc import Iterable, Mapping
 
+    from .backends.base import Backend
+    from .infra import Infra
     from .models import ServiceSpec, TaskClass
+    from .scheduler.context import ExecutorFactory, Handler
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
 
@@ -25,7 +29,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def dspy_infra_backends() -> Mapping[str, type[Any]]:
+def dspy_infra_backends() -> Mapping[str, type[Backend]]:
     """Return ``{name: Backend subclass}`` for service backends this plugin provides."""
 
 
@@ -40,20 +44,20 @@ def dspy_infra_task_classes() -> Iterable[TaskClass]:
 
 
 @hookspec
-def dspy_infra_handlers() -> Mapping[str, Any]:
-    """Return ``{name: async handler(ctx) -> dict[str, str]}`` task handlers."""
+def dspy_infra_handlers() -> Mapping[str, Handler]:
+    """Return ``{name: async handler(ctx) -> dict}`` task handlers (the result is a JSON object)."""
 
 
 @hookspec
-def dspy_infra_executors() -> Mapping[str, Any]:
+def dspy_infra_executors() -> Mapping[str, ExecutorFactory]:
     """Return ``{name: factory(settings)}`` for classes that run elsewhere (slurm); a factory returns None when unconfigured."""
 
 
 @hookspec
-def dspy_infra_started(infra: Any) -> None:
+def dspy_infra_started(infra: Infra) -> None:
     """Called once an Infra has started (services up, scheduler running)."""
 
 
 @hookspec
-def dspy_infra_stopping(infra: Any) -> None:
+def dspy_infra_stopping(infra: Infra) -> None:
     """Called when an Infra begins to shut down, before anything is stopped."""

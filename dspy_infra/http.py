@@ -3,60 +3,44 @@
 
 With a token configured every endpoint but ``/health`` and ``/metrics`` needs
 ``Authorization: Bearer <token>``. Errors are JSON ``{"error": ..., "field": ..., "fix": ...}``
-with the HTTP status derived from the gRPC status the error maps to (``rpc.server``'s one
-table, then Google's standard gRPC -> HTTP mapping below), so both faces agree.
+with the HTTP status from ``wire.py``'s one table (the gRPC status the error maps to, then
+Google's standard gRPC -> HTTP mapping), so both faces agree.
+
+The app talks to the infra only through ``InfraAPI``; the Prometheus text of ``/metrics``
+comes from the ``metrics`` callable its owner (``serve.InfraServer``) passes in.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from grpclib.const import Status
 
+from .api import InfraAPI
 from .config import Settings
 from .console import PUBLIC_PATHS as _CONSOLE_PUBLIC_PATHS
 from .console import add_console_routes
 from .errors import InfraError, SpecError, Unauthenticated
 from .metrics import CONTENT_TYPE_LATEST
 from .values import decode_json_object, preview
+from .wire import (
+    bearer_matches,
+    check_remote_payload,
+    error_message,
+    http_status_for,
+    preview_text,
+    spec_from_doc,
+)
 
-if TYPE_CHECKING:
-    from .infra import Infra
+__all__ = ["INFRA_KEY", "build_app"]
 
-__all__ = ["HTTP_STATUS_BY_GRPC", "INFRA_KEY", "build_app", "http_status_for"]
-
-INFRA_KEY: web.AppKey[Infra] = web.AppKey("infra")
+INFRA_KEY: web.AppKey[InfraAPI] = web.AppKey("infra")
+_METRICS_KEY: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
 _SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 log = logging.getLogger("dspy_infra.http")
 _PUBLIC_PATHS = frozenset({"/health", "/metrics"}) | _CONSOLE_PUBLIC_PATHS
-
-#: gRPC status -> HTTP status (google.rpc's published mapping).
-HTTP_STATUS_BY_GRPC: dict[Status, int] = {
-    Status.INVALID_ARGUMENT: 400,
-    Status.FAILED_PRECONDITION: 400,
-    Status.OUT_OF_RANGE: 400,
-    Status.UNAUTHENTICATED: 401,
-    Status.PERMISSION_DENIED: 403,
-    Status.NOT_FOUND: 404,
-    Status.ALREADY_EXISTS: 409,
-    Status.ABORTED: 409,
-    Status.RESOURCE_EXHAUSTED: 429,
-    Status.CANCELLED: 499,
-    Status.UNIMPLEMENTED: 501,
-    Status.UNAVAILABLE: 503,
-    Status.DEADLINE_EXCEEDED: 504,
-}
-
-
-def http_status_for(exc: BaseException) -> int:
-    from .rpc.server import grpc_status_for
-
-    return HTTP_STATUS_BY_GRPC.get(grpc_status_for(exc), 500)
 
 
 def _json_error(
@@ -70,8 +54,6 @@ def _json_error(
 
 
 def _error_response(exc: InfraError) -> web.Response:
-    from .rpc.server import error_message
-
     return web.json_response(
         {
             "error": error_message(exc),
@@ -81,11 +63,6 @@ def _error_response(exc: InfraError) -> web.Response:
         },
         status=http_status_for(exc),
     )
-
-
-def preview_text(text: str, limit: int = 512) -> str:
-    """An error's message, cut like every error text the servers send."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -215,13 +192,10 @@ async def _mutation_middleware(request: web.Request, handler: _Handler) -> web.S
 
 
 def _auth_middleware(token: str | None) -> _Middleware:
-    expected = f"Bearer {token}".encode() if token else None
-
     @web.middleware
     async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if expected is not None and request.path not in _PUBLIC_PATHS:
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
+        if token and request.path not in _PUBLIC_PATHS:
+            if not bearer_matches(request.headers.get("Authorization", ""), token):
                 return _error_response(
                     Unauthenticated(
                         "missing or wrong bearer token",
@@ -235,9 +209,8 @@ def _auth_middleware(token: str | None) -> _Middleware:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    infra = request.app[INFRA_KEY]
     # CONTENT_TYPE_LATEST carries its own charset parameter, so set the header directly.
-    return web.Response(body=infra.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=request.app[_METRICS_KEY](), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -246,7 +219,7 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _queue_status(request: web.Request) -> web.Response:
-    queues = request.app[INFRA_KEY].queue_status()
+    queues = await request.app[INFRA_KEY].queue_status()
     return web.json_response(
         {
             name: {
@@ -262,8 +235,6 @@ async def _queue_status(request: web.Request) -> web.Response:
 
 
 async def _submit(request: web.Request) -> web.Response:
-    from .rpc.server import check_remote_payload, spec_from_doc
-
     infra = request.app[INFRA_KEY]
     settings = request.app[_SETTINGS_KEY]
     raw = await request.read()
@@ -272,7 +243,7 @@ async def _submit(request: web.Request) -> web.Response:
     doc = decode_json_object(raw, "body", max_bytes=_body_limit(settings))
     spec = spec_from_doc(doc, generate_id=True)
     check_remote_payload(settings, spec.payload, "payload")
-    state = await infra.scheduler.submit(spec)
+    state = await infra.submit(spec)
     return web.json_response({"id": state.id, "class": state.spec.task_class, "status": str(state.status)})
 
 
@@ -281,8 +252,11 @@ def _body_limit(settings: Settings) -> int:
     return settings.max_payload_bytes + 64 * 1024
 
 
-def build_app(infra: Infra, settings: Settings | None = None) -> web.Application:
-    """The aiohttp application serving ``infra``."""
+def build_app(
+    infra: InfraAPI, settings: Settings | None = None, *, metrics: Callable[[], bytes] | None = None
+) -> web.Application:
+    """The aiohttp application serving ``infra``; ``metrics`` gives the Prometheus text of
+    ``/metrics`` (without it the endpoint serves an empty exposition)."""
     settings = settings if settings is not None else infra.settings
     # Bodies over the limit are refused by aiohttp itself (413, turned into our JSON format).
     app = web.Application(
@@ -296,9 +270,10 @@ def build_app(infra: Infra, settings: Settings | None = None) -> web.Application
     )
     app[INFRA_KEY] = infra
     app[_SETTINGS_KEY] = settings
+    app[_METRICS_KEY] = metrics if metrics is not None else bytes
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/health", _health)
     app.router.add_get("/queue/status", _queue_status)
     app.router.add_post("/queue/submit", _submit)
-    add_console_routes(app)  # /api/v1/..., the console page at /
+    add_console_routes(app, infra, _submit)  # /api/v1/..., the console page at /
     return app

@@ -1,8 +1,8 @@
-"""Infra: owns the scheduler, the service manager, workflows and (optionally) the servers.
+"""Infra: the embedded ``InfraAPI``. Owns the scheduler, the service manager, workflows and
+(when given one) the server that serves them.
 
-``ensure_infra()`` returns the process-wide shared instance: an embedded ``Infra`` or a
-``RemoteInfra`` with the same methods over gRPC (a named server, or this app's own; see its
-docstring).
+``ensure_infra()`` (``ensure.py``) returns the process-wide shared instance: an embedded
+``Infra`` or a ``RemoteInfra`` with the same methods over gRPC.
 
 Ownership: every component is an async context manager that owns its background tasks.
 ``Infra`` enters them all inside one *owner task* and leaves them in reverse order when
@@ -16,48 +16,45 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import logging
 import os
-import signal
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio.to_thread
 from anyio.abc import AsyncResource
 
-from . import __version__
+from .api import HandlerFn, TaskSubmitter
 from .config import Settings, load_settings
-from .errors import FailedPrecondition, NotFound, SpecError, Unauthenticated, Unavailable
+from .errors import NotFound, Unavailable
 from .events import EventBus
 from .metrics import InfraMetrics
 from .models import Event, QueueStatus, ServiceSpec, TaskResult, TaskSpec, TaskState
 from .plugins import build_plugin_manager
+from .version import __version__
+from .workflows.spec import RunState, RunUpdate, Workflow
 
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .scheduler.scheduler import Scheduler
-    from .scheduler.workflows import WorkflowEngine
     from .services.manager import ServiceManager
+    from .workflows import WorkflowEngine
 
-__all__ = [
-    "Infra",
-    "SyncInfra",
-    "ensure_infra",
-    "ensure_infra_sync",
-    "shutdown_infra",
-    "use_infra",
-]
+__all__ = ["Infra", "ServerFactory"]
 
-F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, str]]])
+#: What ``Infra.start(server=...)`` enters once the components run (``serve.InfraServer``):
+#: called with the infra and its settings, it serves them until the infra closes.
+ServerFactory = Callable[["Infra", Settings], AbstractAsyncContextManager[Any]]
+
 
 _log = logging.getLogger("dspy_infra")
 
 
-class Infra(AsyncResource):
+class Infra(TaskSubmitter, AsyncResource):
     """Embedded infrastructure. ``async with Infra(...) as infra:`` or ``await infra.start()``."""
 
     #: Which kind ``ensure_infra()`` returned: "embedded" here, "remote" for a RemoteInfra.
@@ -88,13 +85,17 @@ class Infra(AsyncResource):
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owner_pid = os.getpid()
+        self.location = f"the state directory {self.home}"
         self.servers: list[Any] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self, services: Sequence[str] = (), *, serve: bool = False, keep: bool = False) -> Self:
+    async def start(
+        self, services: Sequence[str] = (), *, server: ServerFactory | None = None, keep: bool = False
+    ) -> Self:
         """Start the components (and the named services, with their dependencies; ``keep``:
-        see ``ensure_services``)."""
+        see ``ensure_services``); ``server`` (``serve.InfraServer``) serves them to other
+        processes until this infra closes."""
         if self._owner is None:
             if self._closed:
                 raise Unavailable("this Infra was closed", fix="create a new Infra")
@@ -102,14 +103,14 @@ class Infra(AsyncResource):
             self._loop = loop
             self._owner_pid = os.getpid()
             self._ready = loop.create_future()
-            self._owner = asyncio.create_task(self._own(serve), name="dspy_infra-owner")
+            self._owner = asyncio.create_task(self._own(server), name="dspy_infra-owner")
             await asyncio.shield(self._ready)
             _watch_at_exit(self)
         if services:
             await self.ensure_services(services, keep=keep)
         return self
 
-    async def _own(self, serve: bool) -> None:
+    async def _own(self, server: ServerFactory | None) -> None:
         assert self._ready is not None
         # Loop callbacks (retry timers, the attempt gate) start tasks through anyio outside
         # any task; with sniffio installed anyio knows the library there only from this
@@ -119,8 +120,8 @@ class Infra(AsyncResource):
 
             sniffio.current_async_library_cvar.set("asyncio")
         from .scheduler.scheduler import Scheduler
-        from .scheduler.workflows import WorkflowEngine
         from .services.manager import ServiceManager
+        from .workflows import WorkflowEngine
 
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -133,7 +134,7 @@ class Infra(AsyncResource):
                         plugins=self.plugins,
                         backend=self._backend_arg,
                         extra_services=self._extra_services,
-                        queue_status=self.queue_status,
+                        queue_status=self._queue_status,
                     )
                 )
                 # Pushed here, so it runs after the scheduler has drained (tasks still running
@@ -145,10 +146,8 @@ class Infra(AsyncResource):
                 self._workflows = await stack.enter_async_context(
                     WorkflowEngine(self.settings, scheduler=self._scheduler, bus=self.bus)
                 )
-                if serve:
-                    from .rpc.server import InfraServer
-
-                    self.servers.append(await stack.enter_async_context(InfraServer(self, self.settings)))
+                if server is not None:
+                    self.servers.append(await stack.enter_async_context(server(self, self.settings)))
                 self.plugins.hook.dspy_infra_started(infra=self)
                 self._ready.set_result(None)
                 await self._stop.wait()
@@ -228,26 +227,7 @@ class Infra(AsyncResource):
 
     # -- tasks -----------------------------------------------------------------------------
 
-    async def submit_task(
-        self,
-        id: str,
-        task_class: str = "cpu_short",
-        payload: Mapping[str, Any] | None = None,
-        *,
-        priority: int = 0,
-        timeout: float | None = None,
-        max_attempts: int = 1,
-        workflow_id: str = "",
-    ) -> TaskState:
-        spec = TaskSpec(
-            id=id,
-            task_class=task_class,
-            payload=dict(payload or {}),
-            priority=priority,
-            timeout=timeout,
-            max_attempts=max_attempts,
-            workflow_id=workflow_id,
-        )
+    async def submit(self, spec: TaskSpec) -> TaskState:
         return await self.scheduler.submit(spec)
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskResult:
@@ -272,7 +252,7 @@ class Infra(AsyncResource):
 
         Raises ``NotFound`` for an unknown task, or an attempt whose log is not kept.
         """
-        from .scheduler.task_logs import log_root, read_task_log
+        from .handlers.task_logs import log_root, read_task_log
         from .values import check_int, check_text, preview
 
         check_text(task_id, "task_id")
@@ -296,13 +276,21 @@ class Infra(AsyncResource):
     def events(self, types: Iterable[str] | None = None, since: float | None = None) -> AsyncIterator[Event]:
         return self.bus.subscribe(types, since)
 
-    def queue_status(self) -> dict[str, QueueStatus]:
+    async def queue_status(self) -> dict[str, QueueStatus]:
+        return self._queue_status()
+
+    def _queue_status(self) -> dict[str, QueueStatus]:
         return self.scheduler.queue_status() if self._scheduler is not None else {}
 
-    def handler(self, name: str) -> Callable[[F], F]:
-        """Decorator: ``@infra.handler("embed") async def embed(ctx) -> dict[str, str]``."""
+    async def drain(self, grace: float | None = None) -> None:
+        """Start nothing new; give running tasks ``grace`` seconds (default
+        ``shutdown_grace``) to finish. The rest stay stored for the next start."""
+        await self.scheduler.drain(self.settings.shutdown_grace if grace is None else grace)
 
-        def register(fn: F) -> F:
+    def handler(self, name: str) -> Callable[[HandlerFn], HandlerFn]:
+        """Decorator: ``@infra.handler("embed") async def embed(ctx) -> dict``."""
+
+        def register(fn: HandlerFn) -> HandlerFn:
             self.scheduler.register_handler(name, fn)
             return fn
 
@@ -310,7 +298,9 @@ class Infra(AsyncResource):
 
     # -- workflows -------------------------------------------------------------------------
 
-    async def create_workflow(self, id: str, name: str = "", description: str = "", spec: Any = None) -> Any:
+    async def create_workflow(
+        self, id: str, name: str = "", description: str = "", spec: Any = None
+    ) -> Workflow:
         return await self.workflows.create_workflow(id, name, description, spec)
 
     async def start_run(
@@ -318,20 +308,20 @@ class Infra(AsyncResource):
     ) -> str:
         return await self.workflows.start_run(workflow_id, input=input, idempotency_key=idempotency_key)
 
-    async def get_run(self, run_id: str) -> Any:
+    async def get_run(self, run_id: str) -> RunState:
         return await self.workflows.get_run(run_id)
 
-    async def list_workflows(self) -> list[Any]:
+    async def list_workflows(self) -> list[Workflow]:
         return await self.workflows.list_workflows()
 
-    async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[Any]:
+    async def list_runs(self, workflow_id: str | None = None, *, limit: int = 100) -> list[RunState]:
         """Runs with their steps, newest first."""
         return await self.workflows.list_runs(workflow_id, limit=limit)
 
-    def run_status(self, run_id: str) -> AsyncIterator[Any]:
+    def run_status(self, run_id: str) -> AsyncIterator[RunUpdate]:
         return self.workflows.run_status(run_id)
 
-    async def cancel_run(self, run_id: str) -> Any:
+    async def cancel_run(self, run_id: str) -> RunState:
         return await self.workflows.cancel_run(run_id)
 
     # -- health ----------------------------------------------------------------------------
@@ -369,244 +359,3 @@ def _watch_at_exit(infra: Infra) -> None:
 def _stop_all_at_exit() -> None:
     for infra in list(_at_exit):
         infra._stop_services_at_exit()
-
-
-def _exit_on_sigterm() -> None:
-    """Make SIGTERM end the program like Ctrl-C (so ``atexit`` runs and the services stop),
-    only where SIGTERM still has its default action (which ends the process without any
-    cleanup) and only from the main thread; an app's own handler is never replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    with contextlib.suppress(ValueError, OSError):
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _raise_system_exit)
-
-
-def _raise_system_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-# -- the process-wide shared instance ---------------------------------------------------------
-
-_shared: Any = None
-_shared_lock: asyncio.Lock | None = None
-_shared_loop: asyncio.AbstractEventLoop | None = None
-
-
-def _lock() -> asyncio.Lock:
-    global _shared_lock, _shared_loop
-    loop = asyncio.get_running_loop()
-    if _shared_lock is None or _shared_loop is not loop:
-        _shared_lock, _shared_loop = asyncio.Lock(), loop
-    return _shared_lock
-
-
-async def ensure_infra(
-    *,
-    services: Sequence[str] = (),
-    backend: Backend | str | None = None,
-    state_dir: str | os.PathLike[str] | None = None,
-    mode: str | None = None,
-    addr: str | None = None,
-    serve: bool = False,
-    config_file: str | os.PathLike[str] | None = None,
-    plugins: Iterable[Any] = (),
-    keep: bool = False,
-    **settings: Any,
-) -> Any:
-    """Return the process's shared infra, creating it on first call (concurrent callers get
-    the same one); its ``mode`` says which kind it is, and the choice is logged once.
-
-    - ``addr=`` / ``DSPY_INFRA_ADDR`` (or ``mode="remote"``): a ``RemoteInfra`` on that
-      server, which must answer.
-    - ``mode="auto"`` (the default): a ``RemoteInfra`` only when the server answering at
-      ``127.0.0.1:grpc_port`` is the one this app would have started (it advertises the
-      same state directory and owner); any other server is left alone and this process
-      runs an embedded ``Infra``.
-    - otherwise (or ``serve=True``): an embedded ``Infra`` (``serve=True`` also serves
-      gRPC/HTTP for other processes).
-
-    When attached, ``services`` are started on the server, and an option the server cannot
-    honour (another ``backend``, a ``Backend`` object, ``plugins``) raises
-    ``FailedPrecondition`` naming it instead of being ignored.
-
-    The services an embedded infra starts stop with ``shutdown_infra()``, or at the latest when
-    the process exits (``atexit``; SIGTERM is made to exit like Ctrl-C while it has its default
-    action); ``keep=True`` leaves them running for the next run to adopt."""
-    global _shared
-    async with _lock():
-        if _shared is not None and getattr(_shared, "running", True):
-            if services:
-                await _shared.ensure_services(services, keep=keep)
-            return _shared
-        backend_name = backend if isinstance(backend, str) else None
-        cfg = load_settings(
-            config_file, home=state_dir, mode=mode, addr=addr, backend=backend_name, **settings
-        )
-        # What only an embedded infra can honour: objects of this process.
-        local_only = [
-            name
-            for name, given in (
-                ("backend", backend is not None and not isinstance(backend, str)),
-                ("plugins", bool(plugins)),
-            )
-            if given
-        ]
-        remote = await _maybe_remote(cfg, serve=serve, local_only=local_only)
-        if remote is not None:
-            if services:
-                await remote.ensure_services(services)
-            _shared = remote
-            return remote
-        infra = Infra(cfg, backend=backend if not isinstance(backend, str) else None, plugins=plugins)
-        await infra.start(services, serve=serve, keep=keep)
-        _exit_on_sigterm()
-        _log.info("dspy_infra: embedded infra on %s%s", infra.home, " (serving gRPC/HTTP)" if serve else "")
-        _shared = infra
-        return infra
-
-
-async def _maybe_remote(cfg: Settings, *, serve: bool, local_only: Sequence[str] = ()) -> Any:
-    """A connected RemoteInfra when the settings say to use a server, or (auto mode) when the
-    server answering at the default address is this app's own; else None (embed)."""
-    if cfg.mode == "embedded" or serve:
-        return None
-    from .rpc.client import RemoteInfra
-
-    # A server configured with TLS is reached with its certificate as the trusted CA.
-    tls = cfg.tls_cert or None
-    named = bool(cfg.addr) or cfg.mode == "remote"
-    target = cfg.addr or f"127.0.0.1:{cfg.grpc_port}"
-    try:
-        remote = await RemoteInfra.connect(target, token=cfg.token, required=named, tls=tls)
-    except Unauthenticated:
-        if named:
-            raise
-        # Auto mode: a server that refuses our token cannot be identified, so it is not ours.
-        _log.info("dspy_infra: the server at %s refused this app's token; running embedded", target)
-        return None
-    if remote is None:
-        return None
-    try:
-        identity = await remote.health()
-        if not named and not _same_app(identity, cfg):
-            _log.info(
-                "dspy_infra: the server at %s belongs to another app (home %s); running embedded",
-                target,
-                identity.get("home") or "unknown",
-            )
-            await remote.aclose()
-            return None
-        _check_can_honour(cfg, identity, target, local_only)
-    except BaseException:
-        await remote.aclose()
-        raise
-    how = "named by addr/DSPY_INFRA_ADDR" if cfg.addr else ("mode=remote" if named else "same home")
-    _log.info("dspy_infra: attached to the server at %s (%s, home %s)", target, how, identity.get("home"))
-    return remote
-
-
-def _same_app(identity: Mapping[str, Any], cfg: Settings) -> bool:
-    """Whether a server's advertised identity is the one this app's settings would start:
-    the same state directory and owner. A server too old to say is not ours."""
-    home, owner = identity.get("home") or "", identity.get("owner") or ""
-    if not home or not owner:
-        return False
-    return owner == cfg.resolved_owner() and Path(home) == cfg.resolved_home().resolve()
-
-
-def _check_can_honour(
-    cfg: Settings, identity: Mapping[str, Any], target: str, local_only: Sequence[str]
-) -> None:
-    if local_only:
-        name = local_only[0]
-        raise FailedPrecondition(
-            f"{name} objects live in this process, and the infra is the server at {target}",
-            field=name,
-            fix=f"drop {name}= (register it in the server's plugins), or run embedded (mode='embedded')",
-        )
-    served = identity.get("backend") or ""
-    if cfg.backend != "auto" and served and served != cfg.backend:
-        raise FailedPrecondition(
-            f"backend {cfg.backend!r} was asked for, but the server at {target} runs the {served!r} backend",
-            field="backend",
-            fix=f"drop backend= (use the server's), restart the server with `dspy-infra serve --backend"
-            f" {cfg.backend}`, or run embedded (mode='embedded')",
-        )
-
-
-async def shutdown_infra() -> None:
-    """Close the shared infra (stopping the services it started). Safe to call twice."""
-    global _shared
-    async with _lock():
-        infra, _shared = _shared, None
-    if infra is not None:
-        await infra.aclose()
-
-
-@contextlib.asynccontextmanager
-async def use_infra(**kwargs: Any) -> AsyncIterator[Any]:
-    """``async with use_infra(services=["redis"]) as infra:`` — ensure, then shut down."""
-    infra = await ensure_infra(**kwargs)
-    try:
-        yield infra
-    finally:
-        await shutdown_infra()
-
-
-# -- synchronous facade ---------------------------------------------------------------------
-
-
-class SyncInfra:
-    """Blocking proxy to an infra running on a private event loop in a daemon thread.
-
-    Coroutine methods become blocking calls; ``close()`` shuts the infra down and the loop.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, infra: Any) -> None:
-        self._loop, self._thread, self._infra = loop, thread, infra
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._infra, name)
-        if not asyncio.iscoroutinefunction(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return asyncio.run_coroutine_threadsafe(attr(*args, **kwargs), self._loop).result()
-
-        return call
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(shutdown_infra(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def ensure_infra_sync(**kwargs: Any) -> SyncInfra:
-    """``ensure_infra`` for code without an event loop. Inside a running loop, use
-    ``await ensure_infra()`` instead (this raises ``SpecError`` there)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise SpecError(
-            "ensure_infra_sync() was called inside a running event loop",
-            fix="use `await ensure_infra(...)` in async code",
-        )
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="dspy_infra-loop", daemon=True)
-    thread.start()
-    try:
-        infra = asyncio.run_coroutine_threadsafe(ensure_infra(**kwargs), loop).result()
-    except BaseException:
-        loop.call_soon_threadsafe(loop.stop)
-        raise
-    return SyncInfra(loop, thread, infra)

@@ -55,8 +55,11 @@ __all__ = [
     "end_interrupted_attempts",
     "end_leftover_attempts",
     "find_marked",
+    "label_pid_alive",
+    "pid_alive",
     "proc_stat",
     "same_process",
+    "start_time_of",
 ]
 
 _log = logging.getLogger(__name__)
@@ -98,12 +101,32 @@ def proc_stat(pid: int | str) -> ProcStat | None:
         return None
 
 
-def same_process(pid: int, start_time: int) -> bool:
-    """True while ``pid`` is alive (not a zombie) and is the process that started at ``start_time``."""
+def pid_alive(pid: int, start_time: int | None = None) -> bool:
+    """True while ``pid`` runs (a zombie has exited) and, when ``start_time`` is given, is the
+    process that started then (not a later process that reused the pid). The one liveness
+    check: services, task attempts, containers' owners and pytest workers all use it."""
     if pid <= 0:
         return False
     st = proc_stat(pid)
-    return st is not None and not st.dead and st.start_time == start_time
+    return st is not None and not st.dead and (start_time is None or st.start_time == start_time)
+
+
+def same_process(pid: int, start_time: int) -> bool:
+    """True while ``pid`` is alive (not a zombie) and is the process that started at ``start_time``."""
+    return pid_alive(pid, start_time)
+
+
+def label_pid_alive(pid: str, started: str) -> bool:
+    """A pid and (when known) its start time, as labels and leases hold them (text), still run."""
+    return pid.isdigit() and pid_alive(int(pid), int(started) if started.isdigit() else None)
+
+
+@functools.cache
+def start_time_of(pid: int) -> str:
+    """The start time of ``pid`` as label text ("" when it is gone); cached per pid, which is
+    right for this process (a forked child has another pid)."""
+    st = proc_stat(pid)
+    return str(st.start_time) if st is not None else ""
 
 
 @functools.lru_cache(maxsize=64)

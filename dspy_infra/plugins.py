@@ -14,14 +14,13 @@ __all__ = ["DEFAULT_PLUGINS", "build_plugin_manager", "collect_mapping"]
 
 #: Built-in modules registered as plugins, in order. Later registrations win on name clashes.
 DEFAULT_PLUGINS = (
-    "dspy_infra.scheduler.handlers",
-    "dspy_infra.scheduler.http_handler",
-    "dspy_infra.scheduler.container_handler",
+    "dspy_infra.handlers.basic",
+    "dspy_infra.handlers.http",
+    "dspy_infra.handlers.container",
     "dspy_infra.scheduler.classes",
-    "dspy_infra.scheduler.slurm",
+    "dspy_infra.executors.slurm",
     "dspy_infra.services.catalog",
-    "dspy_infra.backends.process",
-    "dspy_infra.backends.docker",
+    "dspy_infra.backends.registry",
 )
 
 

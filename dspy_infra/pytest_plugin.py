@@ -44,16 +44,20 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import pytest
 
 from .config import default_home, load_settings
 from .models import ServiceSpec
+from .ownership import pid_alive
 from .services.handles import ServiceHandle
+
+if TYPE_CHECKING:
+    from .sync import LoopThread
 
 __all__ = [
     "ServiceEndpoint",
@@ -111,43 +115,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# A private event loop in a thread
-
-
-class _LoopThread:
-    """An event loop running in a daemon thread; ``call`` runs a coroutine there and blocks."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="dspy_infra-pytest", daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # Cross-process coordination
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited even though kill(0) succeeds
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class _Coordinator:
@@ -190,7 +158,7 @@ class _Session:
         self.pid = os.getpid()
         self.settings_overrides: dict[str, Any] = {}
         self.extra_specs: list[ServiceSpec] = []
-        self._loop: _LoopThread | None = None
+        self._loop: LoopThread | None = None
         self._infra: Any = None
         self._sync_infra: Any = None
         self._host: Any = None  # the Infra that runs the services this worker leads
@@ -202,9 +170,11 @@ class _Session:
 
     # -- infras ----------------------------------------------------------------------------
 
-    def _loop_thread(self) -> _LoopThread:
+    def _loop_thread(self) -> LoopThread:
         if self._loop is None:
-            self._loop = _LoopThread()
+            from .sync import LoopThread  # loaded once a test asks for an infra
+
+            self._loop = LoopThread("dspy_infra-pytest")
         return self._loop
 
     def _new_infra(self, home: Path, **extra: Any) -> Any:
@@ -226,13 +196,13 @@ class _Session:
 
     def infra(self) -> Any:
         """This worker's embedded Infra as a ``SyncInfra``."""
-        from .infra import SyncInfra
+        from .sync import SyncInfra
 
         with self._lock:
             if self._sync_infra is None:
                 self._infra = self._new_infra(self.worker_home)
                 loop = self._loop_thread()
-                self._sync_infra = SyncInfra(loop.loop, loop.thread, self._infra)
+                self._sync_infra = SyncInfra(loop, self._infra)
             return self._sync_infra
 
     def _service_host(self) -> Any:
@@ -259,7 +229,7 @@ class _Session:
         while True:
             with self.coordinator.locked() as state:
                 entry = state["services"].get(name)
-                leader_alive = entry is not None and _pid_alive(int(entry["leader"]))
+                leader_alive = entry is not None and pid_alive(int(entry["leader"]))
                 if entry is None or not leader_alive:
                     state["services"][name] = {"leader": self.pid, "status": "starting", "attached": []}
                     lead = True
@@ -356,7 +326,7 @@ class _Session:
                     for name, entry in state["services"].items()
                     if entry.get("leader") == self.pid
                     for pid in entry.get("attached", [])
-                    if _pid_alive(int(pid))
+                    if pid_alive(int(pid))
                 }
                 if not users:
                     # Nobody can attach any more: the entries go before the services do.

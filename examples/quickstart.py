@@ -46,7 +46,7 @@ async def tour(infra: Any) -> None:
         await infra.submit_task("id-1", payload={"handler": "exec", "cmd": "echo different"})
     except AlreadyExists as exc:  # same id, different content (same content = same task)
         print("refused:", exc)
-    print({name: q.limit for name, q in infra.queue_status().items()})
+    print({name: q.limit for name, q in (await infra.queue_status()).items()})
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ from types import ModuleType
 import anyio
 import anyio.abc
 import attrs
+from _rpc_support import ROOT
 from grpc_tools import protoc
-
-from tests._rpc_support import ROOT
 
 PROTOS = ("orchestrator/v1/orchestrator.proto", "env_manager/v1/env_manager.proto")
 #: A generous bound on the longest loop stall while a hostile request runs: the bugs this

@@ -20,7 +20,7 @@ import attrs
 
 from dspy_infra.config import load_settings
 from dspy_infra.infra import Infra
-from dspy_infra.rpc.server import InfraServer
+from dspy_infra.serve import InfraServer
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"dspy-infra serving grpc=(\S+):(\d+) env_manager=\S+:(\d+) http=\S+:(\d+)")
@@ -29,7 +29,7 @@ READY = re.compile(r"dspy-infra serving grpc=(\S+):(\d+) env_manager=\S+:(\d+) h
 SERVE_CODE = """
 import asyncio, json, sys
 from dspy_infra.config import load_settings
-from dspy_infra.rpc.server import run_server
+from dspy_infra.serve import run_server
 settings = load_settings(**json.loads(sys.argv[1]))
 raise SystemExit(asyncio.run(run_server(settings)))
 """

@@ -48,13 +48,21 @@ from dspy_infra.backends.base import LABEL_OWNER
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.config import Settings
 
-try:  # tests/ is on sys.path as a plain directory (rootdir conftest, no __init__.py)
-    from conftest import skip_or_fail
-except ImportError:
-    from tests.conftest import skip_or_fail  # type: ignore[no-redef]
+#: CI sets DSPY_INFRA_REQUIRE_ENGINES=1: a test that would skip for a missing engine fails.
+REQUIRE_ENGINES = os.environ.get("DSPY_INFRA_REQUIRE_ENGINES") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with ``reason`` locally; fail under DSPY_INFRA_REQUIRE_ENGINES=1 (CI), so a missing
+    engine or binary never hides."""
+    if REQUIRE_ENGINES:
+        pytest.fail(f"DSPY_INFRA_REQUIRE_ENGINES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
 
 __all__ = [
     "ENGINE_KINDS",
+    "REQUIRE_ENGINES",
     "Engine",
     "TestImages",
     "build_context",
@@ -73,6 +81,7 @@ __all__ = [
     "podman_engine",
     "registry",
     "registry_address",
+    "skip_or_fail",
     "unique_name",
     "which_or_skip",
 ]

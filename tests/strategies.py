@@ -2,37 +2,82 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import string
 from typing import Any
 
+import attrs
 from hypothesis import strategies as st
 
-from dspy_infra.models import TaskSpec
+from dspy_infra.executors.slurm import FAILED_STATES
+from dspy_infra.models import (
+    DependsOn,
+    HealthCheck,
+    PortMapping,
+    Resources,
+    RestartPolicy,
+    ServiceSpec,
+    TaskSpec,
+    VolumeMount,
+)
 from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
+    "Dag",
     "any_task_ids",
     "attempt_plans",
     "bad_workflow_specs",
+    "codes",
+    "container_fields",
+    "dags",
+    "digraphs",
+    "graphs",
+    "health_fields",
     "hostile_json",
     "hostile_json_bodies",
     "hostile_strings",
     "hostile_task_docs",
     "hostile_task_kwargs",
     "hostile_task_requests",
+    "http_fields",
+    "json_scalar",
     "json_values",
+    "key",
+    "label_keys",
     "limiter_ops",
     "limiter_samples",
+    "lines",
+    "loopback_v4",
+    "manager_dags",
+    "names",
     "output_chunks",
     "poisoned_batches",
+    "port_numbers",
+    "ports",
     "priorities",
+    "public_v4",
+    "result_keys",
+    "service_cli_names",
+    "service_cli_ports",
+    "service_cli_service_specs",
+    "service_handles_port_numbers",
+    "service_specs",
+    "slurm_task_ids",
+    "states",
+    "step_names",
+    "task_doc",
     "task_ids",
     "task_outcomes",
     "task_specs",
+    "text",
+    "text_values",
+    "url_like",
     "wire_json_objects",
     "wire_json_values",
+    "word",
+    "workflow_properties_dags",
 ]
 
 #: Task ids as users write them (non-empty, short, printable).
@@ -50,7 +95,6 @@ limiter_ops = st.lists(
         st.tuples(st.just("acquire"), st.just(0)),
         st.tuples(st.just("release"), st.just(0)),
         st.tuples(st.just("resize"), st.integers(min_value=1, max_value=6)),
-        st.tuples(st.just("cancel"), st.integers(min_value=0, max_value=20)),
     ),
     max_size=60,
 )
@@ -356,3 +400,329 @@ wire_json_objects = st.dictionaries(
     wire_json_values,
     max_size=6,
 )
+
+
+# -- backends/test_docker_backend.py -------------------------------------------------------
+
+names = st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True)
+
+
+label_keys = st.from_regex(r"[a-z][a-z0-9._-]{0,15}", fullmatch=True)
+
+
+text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+
+
+ports = st.integers(1, 65535)
+
+
+@st.composite
+def service_specs(draw: st.DrawFn) -> ServiceSpec:
+    container_ports = draw(st.lists(ports, unique=True, max_size=4))
+    host_ports = draw(
+        st.lists(ports, unique=True, min_size=len(container_ports), max_size=len(container_ports))
+    )
+    mappings = [
+        PortMapping(
+            c,
+            draw(st.sampled_from([None, 0, h])),
+            host_ip=draw(st.sampled_from(["127.0.0.1", "0.0.0.0"])),
+            protocol=draw(st.sampled_from(["tcp", "udp"])),
+        )
+        for c, h in zip(container_ports, host_ports, strict=True)
+    ]
+    volumes = draw(
+        st.lists(
+            st.builds(
+                VolumeMount,
+                source=st.one_of(names, names.map(lambda n: "/srv/" + n)),
+                target=names.map(lambda n: "/mnt/" + n),
+                read_only=st.booleans(),
+            ),
+            max_size=3,
+        )
+    )
+    return ServiceSpec(
+        name=draw(names),
+        image=draw(names) + ":" + draw(names),
+        command=draw(st.lists(text_values, max_size=3)),
+        ports=mappings,
+        environment=draw(
+            st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,10}", fullmatch=True), text_values)
+        ),
+        volumes=volumes,
+        labels=draw(st.dictionaries(label_keys, text_values, max_size=3)),
+        resources=Resources(
+            cpus=draw(st.one_of(st.none(), st.floats(0.01, 64))),
+            memory_bytes=draw(st.one_of(st.none(), st.integers(4 << 20, 1 << 40))),
+        ),
+    )
+
+
+# -- backends/test_process_backend.py ------------------------------------------------------
+
+lines = st.lists(
+    st.tuples(
+        st.sampled_from(["stdout", "stderr"]),
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30),
+    ),
+    max_size=25,
+)
+
+
+# -- executors/test_slurm.py ---------------------------------------------------------------
+
+slurm_task_ids = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=256
+)
+
+
+states = st.sampled_from(sorted(FAILED_STATES | {"COMPLETED", "RUNNING", "PENDING", "COMPLETING"}))
+
+
+# -- handlers/test_container_handler.py ----------------------------------------------------
+
+container_fields = st.sampled_from(["image", "cmd", "env", "workdir", "network", "pull"])
+
+
+# -- handlers/test_http_handler.py ---------------------------------------------------------
+
+codes = st.integers(100, 599)
+
+
+http_fields = st.sampled_from(["url", "method", "headers", "expect_status", "body"])
+
+
+url_like = st.one_of(
+    st.text(),
+    st.builds(
+        lambda scheme, rest: f"{scheme}://{rest}", st.sampled_from(["http", "https", "ftp", ""]), st.text()
+    ),
+)
+
+
+# -- rpc/test_auth.py ----------------------------------------------------------------------
+
+public_v4 = st.ip_addresses(v=4).filter(lambda a: not a.is_loopback).map(str)
+
+
+loopback_v4 = st.integers(min_value=0, max_value=(1 << 24) - 1).map(
+    lambda n: str(ipaddress.IPv4Address((127 << 24) | n))
+)
+
+
+# -- rpc/test_rpc_errors.py ----------------------------------------------------------------
+
+word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", min_size=1, max_size=20).filter(
+    lambda s: s[0].isalpha()
+)
+
+
+# -- services/test_catalog.py --------------------------------------------------------------
+
+port_numbers = st.integers(1, 65535)
+
+
+health_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "path": st.sampled_from(["/", "/health", "/-/ready"]),
+        "expected_status": st.integers(100, 599),
+        "interval": st.floats(0.01, 10),
+        "timeout": st.floats(0.01, 10),
+        "startup_timeout": st.floats(0.1, 300),
+        "retries": st.integers(1, 10),
+        "port": st.integers(1, 65535),
+    },
+)
+
+
+# -- services/test_graph.py ----------------------------------------------------------------
+
+
+@st.composite
+def dags(draw: st.DrawFn, max_nodes: int = 12) -> dict[str, list[str]]:
+    """A random DAG: node i may depend only on nodes j < i (then names are shuffled)."""
+    n = draw(st.integers(1, max_nodes))
+    names = draw(st.permutations([f"svc{i}" for i in range(n)]))
+    edges: dict[str, list[str]] = {}
+    for i, name in enumerate(names):
+        deps = draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=3)) if i else []
+        edges[name] = deps
+    return edges
+
+
+@st.composite
+def digraphs(draw: st.DrawFn) -> dict[str, list[str]]:
+    """Any directed graph without self-loops (may or may not have cycles)."""
+    n = draw(st.integers(1, 8))
+    names = [f"n{i}" for i in range(n)]
+    return {
+        name: draw(
+            st.lists(st.sampled_from([m for m in names if m != name] or [name]), unique=True, max_size=3)
+        )
+        if n > 1
+        else []
+        for name in names
+    }
+
+
+# -- services/test_manager.py --------------------------------------------------------------
+
+
+@st.composite
+def manager_dags(draw: st.DrawFn) -> dict[str, list[str]]:
+    n = draw(st.integers(1, 5))
+    names = [f"n{i}" for i in range(n)]
+    return {
+        name: draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=2)) if i else []
+        for i, name in enumerate(names)
+    }
+
+
+# -- services/test_service_cli.py ----------------------------------------------------------
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+service_cli_names = st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True)
+
+
+service_cli_ports = st.integers(1, 65535)
+
+
+@st.composite
+def service_cli_service_specs(draw: st.DrawFn) -> ServiceSpec:
+    container = draw(st.lists(service_cli_ports, min_size=0, max_size=3, unique=True))
+    hosts = draw(
+        st.lists(st.sampled_from([0, *range(20000, 20010)]), min_size=len(container), max_size=len(container))
+    )
+    pinned = [h for h in hosts if h]
+    if len(set(pinned)) != len(pinned):
+        hosts = [0] * len(container)
+    return ServiceSpec(
+        name=draw(service_cli_names),
+        image=draw(st.sampled_from(["", "redis:7", "reg.example:5000/a/b:1"])),
+        command=draw(st.lists(text, max_size=4)),
+        ports=[PortMapping(c, h) for c, h in zip(container, hosts, strict=True)],
+        environment=draw(
+            st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,8}", fullmatch=True), text, max_size=3)
+        ),
+        depends_on=[
+            DependsOn(n, draw(st.sampled_from(["service_healthy", "service_started"])))
+            for n in draw(st.lists(st.sampled_from(["db", "cache"]), unique=True))
+        ],
+        health=HealthCheck(
+            kind=draw(st.sampled_from(["tcp", "http", "redis", "engine"])),
+            path=draw(st.sampled_from(["/", "/health"])),
+            startup_timeout=draw(st.sampled_from([60.0, 2.5])),
+        ),
+        required=draw(st.booleans()),
+        restart=RestartPolicy(max_restarts=draw(st.integers(0, 9))),
+        url=draw(st.sampled_from(["", "redis://{host}:{port}/0", 'x"y\\z'])),
+    )
+
+
+# -- services/test_service_handles.py ------------------------------------------------------
+
+service_handles_port_numbers = st.integers(1, 65535)
+
+
+# -- test_cli.py ---------------------------------------------------------------------------
+
+key = st.text(st.characters(blacklist_characters="=", blacklist_categories=("Cs",)), min_size=1).filter(
+    lambda k: k.strip() == k and k != ""
+)
+
+
+# -- test_http.py --------------------------------------------------------------------------
+
+json_scalar = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=8)
+
+
+task_doc = st.dictionaries(
+    st.sampled_from(
+        ["id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id", "extra"]
+    ),
+    json_scalar | st.dictionaries(st.text(max_size=4), json_scalar, max_size=3),
+    max_size=6,
+)
+
+
+# -- workflows/test_workflow_properties.py -------------------------------------------------
+
+
+@attrs.frozen
+class Dag:
+    #: step name -> its dependencies, in declaration order (not necessarily topological).
+    deps: dict[str, tuple[str, ...]]
+    failing: frozenset[str]
+    attempts: dict[str, int]
+    continue_on_failure: bool
+    #: step name -> True when its failure is permanent (no retries).
+    permanent: frozenset[str]
+
+    def ancestors(self, name: str) -> set[str]:
+        out: set[str] = set()
+        stack = list(self.deps[name])
+        while stack:
+            dep = stack.pop()
+            if dep not in out:
+                out.add(dep)
+                stack.extend(self.deps[dep])
+        return out
+
+    def spec(self, ms: int = 0) -> dict[str, Any]:
+        """``ms``: each step sleeps ``0..ms`` milliseconds (varied by step)."""
+        steps = []
+        for i, (name, deps) in enumerate(self.deps.items()):
+            payload = {"handler": "record", "fail": str(name in self.failing).lower()}
+            if ms:
+                payload["ms"] = str(i * 7 % (ms + 1))
+            if name in self.permanent:
+                payload["permanent"] = "true"
+            steps.append(
+                {
+                    "name": name,
+                    "depends_on": list(deps),
+                    "payload": payload,
+                    "max_attempts": self.attempts[name],
+                }
+            )
+        return {"steps": steps, "continue_on_failure": self.continue_on_failure}
+
+
+@st.composite
+def workflow_properties_dags(draw: st.DrawFn) -> Dag:
+    n = draw(st.integers(1, 30))
+    names = [f"s{i}" for i in range(n)]
+    # Edges only point to earlier steps (so the graph is acyclic), then the declaration
+    # order is shuffled so the engine cannot lean on it.
+    deps = {
+        name: tuple(draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=3)) if i else ())
+        for i, name in enumerate(names)
+    }
+    order = draw(st.permutations(names))
+    failing = draw(st.sets(st.sampled_from(names), max_size=max(1, n // 4)))
+    return Dag(
+        deps={name: deps[name] for name in order},
+        failing=frozenset(failing),
+        attempts={name: draw(st.integers(1, 2)) for name in names},
+        continue_on_failure=draw(st.booleans()),
+        permanent=frozenset(draw(st.sets(st.sampled_from(names), max_size=3))),
+    )
+
+
+# -- workflows/test_workflows.py -----------------------------------------------------------
+
+
+@st.composite
+def graphs(draw: st.DrawFn) -> dict[str, list[str]]:
+    names = [f"n{i}" for i in range(draw(st.integers(1, 12)))]
+    return {n: draw(st.lists(st.sampled_from(names), unique=True, max_size=4)) for n in names}
+
+
+step_names = st.from_regex(r"\A[a-z0-9][a-z0-9_.-]{0,30}\Z").filter(lambda n: ".result." not in n + ".")
+
+
+result_keys = st.from_regex(r"\A[A-Za-z0-9_.:/-]{1,20}\Z")

@@ -14,12 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from _adversarial import STALL_BOUND, loop_watchdog
+from _rpc_support import ServeProcess, in_process_server, serve_process
 from hypothesis import HealthCheck, given, settings
+from strategies import hostile_json_bodies
 
 from dspy_infra.infra import Infra
-from tests._adversarial import STALL_BOUND, loop_watchdog
-from tests._rpc_support import ServeProcess, in_process_server, serve_process
-from tests.strategies import hostile_json_bodies
 
 LEAKS = ("Traceback", "KeyError", "TypeError", "ValueError", "RecursionError", 'File "', "aiohttp")
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from _rpc_support import ServeProcess, serve_process
 
 from dspy_infra import errors
-from dspy_infra.infra import Infra, ensure_infra, shutdown_infra
-from dspy_infra.rpc.client import RemoteInfra
-from tests._rpc_support import ServeProcess, serve_process
+from dspy_infra.ensure import ensure_infra, shutdown_infra
+from dspy_infra.infra import Infra
+from dspy_infra.rpc.remote import RemoteInfra
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import attrs
 import pytest
+from engines import skip_or_fail
 
-from dspy_infra.cli import _build_parser, render_settings_markdown
+from dspy_infra.cli import _build_parser
 from dspy_infra.config import Settings
+from dspy_infra.config_doc import render_settings_markdown
 from dspy_infra.metrics import InfraMetrics
-
-try:
-    from tests.conftest import skip_or_fail
-except ImportError:  # tests/ on sys.path as a plain directory
-    from conftest import skip_or_fail  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from _rpc_support import in_process_server
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import task_doc
 
 from dspy_infra import errors
-from dspy_infra.http import http_status_for
 from dspy_infra.infra import Infra
 from dspy_infra.metrics import CONTENT_TYPE_LATEST
-from tests._rpc_support import in_process_server
+from dspy_infra.wire import http_status_for
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ async def test_metrics_health_and_queue_status(http: tuple[aiohttp.ClientSession
         queues = await resp.json()
     assert "cpu_short" in queues
     assert set(queues["cpu_short"]) >= {"depth", "inflight", "limit"}
-    assert queues["cpu_short"]["limit"] == infra.queue_status()["cpu_short"].limit
+    assert queues["cpu_short"]["limit"] == (await infra.queue_status())["cpu_short"].limit
 
 
 async def test_submit_defaults_and_runs(http: tuple[aiohttp.ClientSession, str, Infra]) -> None:
@@ -138,19 +139,9 @@ def test_http_status_follows_the_grpc_table(cls: type[errors.InfraError]) -> Non
     assert http_status_for(cls("x")) == expected
 
 
-_json_scalar = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=8)
-_task_doc = st.dictionaries(
-    st.sampled_from(
-        ["id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id", "extra"]
-    ),
-    _json_scalar | st.dictionaries(st.text(max_size=4), _json_scalar, max_size=3),
-    max_size=6,
-)
-
-
-@given(doc=_task_doc)
+@given(doc=task_doc)
 def test_task_json_is_accepted_as_written_or_refused_naming_the_key(doc: dict[str, object]) -> None:
-    from dspy_infra.rpc.server import spec_from_doc
+    from dspy_infra.wire import spec_from_doc
 
     try:
         spec = spec_from_doc(doc, generate_id=True)

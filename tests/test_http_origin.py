@@ -17,11 +17,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from _rpc_support import in_process_server
 from aiohttp import web
+from engines import skip_or_fail
 
 from dspy_infra.infra import Infra
-from tests._rpc_support import in_process_server
-from tests.conftest import skip_or_fail
 
 EXEC = {"payload": {"handler": "exec", "cmd": "id -un"}}
 

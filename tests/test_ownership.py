@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 from hypothesis import given, settings
+from strategies import any_task_ids, output_chunks
 
+from dspy_infra.handlers.basic import _Capture
+from dspy_infra.handlers.task_logs import AttemptLog, read_task_log
 from dspy_infra.ownership import (
     ATTEMPT_ENV,
     AttemptRecord,
@@ -24,13 +27,6 @@ from dspy_infra.ownership import (
     proc_stat,
     same_process,
 )
-from dspy_infra.scheduler.handlers import _Capture
-from dspy_infra.scheduler.task_logs import AttemptLog, read_task_log
-
-try:
-    from tests.strategies import any_task_ids, output_chunks
-except ImportError:  # tests/ on sys.path as a plain directory
-    from strategies import any_task_ids, output_chunks  # type: ignore[no-redef]
 
 SCOPE = f"test-{os.getpid()}"
 

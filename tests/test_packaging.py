@@ -101,7 +101,7 @@ def test_what_serve_and_the_cli_load_is_installed_without_extras() -> None:
         "import json, sys\n"
         "before = {m.split('.')[0] for m in sys.modules}\n"  # what the interpreter loads (site)
         "import dspy_infra, dspy_infra.cli, dspy_infra.rpc.server, dspy_infra.rpc.client, dspy_infra.http\n"
-        "import dspy_infra.infra, dspy_infra.demo, dspy_infra.scheduler.http_handler\n"
+        "import dspy_infra.infra, dspy_infra.serve, dspy_infra.demo, dspy_infra.handlers.http\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} - before)))\n"
     )
     done = subprocess.run(

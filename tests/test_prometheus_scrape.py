@@ -10,9 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import anyio
-
-from tests._rpc_support import in_process_server
-from tests.conftest import skip_or_fail
+from _rpc_support import in_process_server
+from engines import skip_or_fail
 
 
 def _free_port() -> int:
@@ -73,7 +72,7 @@ async def test_prometheus_scrapes_env_manager_and_scheduler_series(tmp_path: Pat
                                 break  # not listening yet
                         await asyncio.sleep(0.5)
                 limit = await _query(session, base, 'orchestrator_concurrency_limit{task_class="cpu_short"}')
-                assert float(limit[0]["value"][1]) == infra.queue_status()["cpu_short"].limit  # type: ignore[index]
+                assert float(limit[0]["value"][1]) == (await infra.queue_status())["cpu_short"].limit  # type: ignore[index]
         finally:
             proc.terminate()
             _, err = await proc.communicate()

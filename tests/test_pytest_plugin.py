@@ -25,7 +25,8 @@ from engines import Engine, docker_engine, engine, engine_kind, podman_engine, u
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspy_infra.pytest_plugin import ServiceEndpoint, _Coordinator, _pid_alive
+from dspy_infra.ownership import pid_alive
+from dspy_infra.pytest_plugin import ServiceEndpoint, _Coordinator
 
 pytest_plugins = ["pytester"]
 
@@ -282,8 +283,8 @@ def test_coordinator_lock_loses_no_update(
 def test_dead_pids_are_not_alive() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    assert _pid_alive(os.getpid())
-    assert not _pid_alive(proc.pid)
+    assert pid_alive(os.getpid())
+    assert not pid_alive(proc.pid)
 
 
 # -- container engines ------------------------------------------------------------------------

@@ -242,3 +242,18 @@ class Backend(AsyncResource):
     @abc.abstractmethod
     def probe_address(self, instance: Instance, container_port: int) -> tuple[str, int]:
         """Where the host reaches ``container_port`` of ``instance`` (for health probes)."""
+
+    # -- one-shot instances (the ``container`` task handler) -------------------------------
+
+    async def has_image(self, image: str) -> bool:
+        """Whether ``image`` is here without a pull (a backend without images: always)."""
+        return True
+
+    async def wait_exit(self, instance_id: str) -> int:
+        """Wait until a one-shot instance exits; its exit code (-1 when the engine gives none).
+        Unbounded: the caller's timeout bounds it."""
+        raise BackendError(
+            f"the {type(self).__name__} cannot wait for an instance to exit",
+            field="backend",
+            fix="run one-shot containers on the docker backend",
+        )

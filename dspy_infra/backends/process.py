@@ -27,6 +27,8 @@ Volumes are refused (a process sees the host's files directly; nothing to mount)
 limits are not applied. Stopping sends SIGTERM to the process group and SIGKILL after the
 timeout. Network counters are reported as 0: a process in the host network namespace has no
 counters of its own.
+
+Size: a little over 600 lines: one backend; its supervisor shim is ``supervisor.py``.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ import attrs
 
 from ..config import Settings
 from ..errors import AlreadyExists, BackendError, MissingBinary, NotFound, SpecError
-from ..hookspecs import hookimpl
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
+from ..ownership import pid_alive, proc_stat
 from .base import (
     Backend,
     expand_port_placeholders,
@@ -60,7 +62,7 @@ from .base import (
     listen_port_placeholders,
 )
 
-__all__ = ["APT_PACKAGES", "ProcessBackend", "dspy_infra_backends", "pid_alive", "proc_start_time"]
+__all__ = ["APT_PACKAGES", "ProcessBackend"]
 
 #: Debian package that provides a binary, for the "install it" hint.
 APT_PACKAGES = {
@@ -79,80 +81,8 @@ _FOLLOW_POLL = 0.1
 #: A claimed instance directory without a record after this long was left by a crash.
 _CLAIM_STALE = 30.0
 
-# The supervisor shim. argv: instance dir, log size limit, then the command. It double-forks so the service
-# is not a child of the caller, reports "ok <service pid> <shim pid>" (or "error <text>") on
-# stdout, then pumps the service's output into timestamped log files until it exits. Only
-# light stdlib modules (no subprocess, no json): its start-up time is on every service start.
-_SHIM = r"""
-import os, selectors, signal, sys, time
-d, limit, cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-if os.fork():
-    os._exit(0)
-STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-for s in STOP:
-    signal.signal(s, signal.SIG_IGN)  # the group gets SIGTERM; the shim drains logs, then exits
-out_r, out_w = os.pipe()
-err_r, err_w = os.pipe()
-chk_r, chk_w = os.pipe()  # close-on-exec: EOF here means the exec worked
-pid = os.fork()
-if pid == 0:
-    try:
-        for s in (*STOP, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(s, signal.SIG_DFL)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.execvp(cmd[0], cmd)
-    except BaseException as e:
-        os.write(chk_w, str(e).encode("utf-8", "replace"))
-    os._exit(127)
-for fd in (out_w, err_w, chk_w):
-    os.close(fd)
-failed = os.read(chk_r, 4096)
-if failed:
-    os.waitpid(pid, 0)
-    sys.stdout.write("error %s\n" % failed.decode("utf-8", "replace"))
-    sys.stdout.flush()
-    os._exit(0)
-sys.stdout.write("ok %d %d\n" % (pid, os.getpid()))
-sys.stdout.flush()
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 1)
-os.dup2(null, 2)
-outs = {out_r: open(os.path.join(d, "stdout.log"), "ab", buffering=0),
-        err_r: open(os.path.join(d, "stderr.log"), "ab", buffering=0)}
-partial = {fd: b"" for fd in outs}
-sel = selectors.DefaultSelector()
-for fd in outs:
-    sel.register(fd, selectors.EVENT_READ)
-def emit(fd, data, final=False):
-    data = partial[fd] + data
-    lines = data.split(b"\n")
-    partial[fd] = b"" if final else lines.pop()
-    stamp = b"%.6f " % time.time()
-    chunk = b"".join(stamp + ln + b"\n" for ln in lines if ln or not final)
-    if chunk:
-        f = outs[fd]
-        f.write(chunk)
-        if f.tell() > limit:  # keep one older file: <stream>.log.1
-            f.close()
-            os.replace(f.name, f.name + ".1")
-            outs[fd] = open(f.name, "ab", buffering=0)
-while sel.get_map():
-    for key, _ in sel.select():
-        data = os.read(key.fd, 65536)
-        if data:
-            emit(key.fd, data)
-        else:
-            emit(key.fd, b"", final=True)
-            sel.unregister(key.fd)
-_, status = os.waitpid(pid, 0)
-rc = os.waitstatus_to_exitcode(status)
-tmp = os.path.join(d, "exit.json.tmp")
-with open(tmp, "w") as f:
-    f.write('{"exit_code": %d, "finished_at": %f}' % (rc, time.time()))
-os.replace(tmp, os.path.join(d, "exit.json"))
-"""
+#: The supervisor shim (``supervisor.py``), run as a script: see there.
+_SHIM = str(Path(__file__).with_name("supervisor.py"))
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -164,22 +94,6 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     return raw[raw.rfind(")") + 2 :].split()
-
-
-def proc_start_time(pid: int) -> tuple[int, str] | None:
-    """``(start time in clock ticks since boot, state letter)`` of ``pid``, None if gone."""
-    fields = _stat_fields(pid)
-    return None if fields is None else (int(fields[19]), fields[0])
-
-
-def pid_alive(pid: int, start_time: int | None = None) -> bool:
-    """True while ``pid`` exists, is not a zombie and (if given) has that start time."""
-    if pid <= 0:
-        return False
-    info = proc_start_time(pid)
-    if info is None or info[1] in ("Z", "X"):
-        return False
-    return start_time is None or info[0] == start_time
 
 
 def _proc_cpu_rss(pid: int) -> tuple[int, int] | None:
@@ -504,7 +418,7 @@ class ProcessBackend(Backend):
         if spec.workdir:
             Path(spec.workdir).mkdir(parents=True, exist_ok=True)
         shim = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SHIM, str(d), str(self.log_max_bytes), *spec.command],
+            [sys.executable, "-I", "-S", _SHIM, str(d), str(self.log_max_bytes), *spec.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -528,7 +442,7 @@ class ProcessBackend(Backend):
             shutil.rmtree(d, ignore_errors=True)
             raise BackendError(f"service {spec.name!r}: the process shim failed to start ({answer!r})")
         pid, shim_pid = int(parts[1]), int(parts[2])
-        info = proc_start_time(pid)
+        info = proc_stat(pid)
         rec = _Record(
             id=instance_name,
             name=instance_name,
@@ -536,7 +450,7 @@ class ProcessBackend(Backend):
             pid=pid,
             pgid=shim.pid,
             shim_pid=shim_pid,
-            proc_start=info[0] if info else -1,
+            proc_start=info.start_time if info else -1,
             ports=ports,
             started_at=time.time(),
             command=spec.command,
@@ -759,8 +673,3 @@ async def _run_with_timeout(
     if scope.cancelled_caught:
         return ExecResult(124, f"{command[0]}: timed out after {timeout:g}s")
     return ExecResult(done.returncode, done.stdout.decode("utf-8", "replace"))
-
-
-@hookimpl
-def dspy_infra_backends() -> dict[str, type[Backend]]:
-    return {"process": ProcessBackend}

@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from aiohttp import web
 
 __all__ = ["PUBLIC_PATHS", "STATIC_FILES", "add_console_routes"]
@@ -24,10 +26,15 @@ STATIC_FILES = ("index.html", "app.js", "style.css")
 PUBLIC_PATHS = frozenset({"/", *(f"/console/{name}" for name in STATIC_FILES)})
 
 
-def add_console_routes(app: web.Application) -> None:
-    """Add ``/api/v1/...``, ``/`` and ``/console/...`` to the HTTP app (``http.build_app``)."""
+def add_console_routes(
+    app: web.Application,
+    infra: object,
+    submit: Callable[[web.Request], Awaitable[web.Response]],
+) -> None:
+    """Add ``/api/v1/...``, ``/`` and ``/console/...`` to the HTTP app (``http.build_app``) for
+    ``infra``; ``submit`` is ``/queue/submit``'s handler (the API's submit reuses it)."""
     from .api import add_api_routes
     from .static import add_static_routes
 
-    add_api_routes(app)
+    add_api_routes(app, infra, submit)
     add_static_routes(app)

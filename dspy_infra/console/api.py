@@ -8,14 +8,9 @@ JSON. Lists are bounded pages (``offset`` + ``limit``), never the whole store.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import itertools
 import json
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,80 +23,30 @@ from ..values import check_text, preview
 if TYPE_CHECKING:
     from ..infra import Infra
 
-__all__ = ["API_PREFIX", "ConsoleState", "add_api_routes", "task_doc"]
+__all__ = ["add_api_routes", "task_doc"]
 
-API_PREFIX = "/api/v1"
-
-#: Largest page of tasks or runs.
-MAX_LIMIT = 200
-#: Largest ``offset`` (pages reach back this far; filter to go further).
-MAX_OFFSET = 100_000
-#: Tasks a filter by class or id text looks through, newest first (the store keeps them in
-#: memory; this bounds the time one request holds the loop).
-MAX_SCAN = 50_000
-#: Characters of a task's log the detail view returns (its end).
-MAX_LOG_CHARS = 64 * 1024
-#: Service log lines the detail view returns, and the longest line kept.
-SERVICE_LOG_LINES = 200
-MAX_LINE_CHARS = 4096
-#: Characters of an error text in a list row.
-ROW_ERROR_CHARS = 300
-#: Seconds between throughput samples, and how many are kept (5 minutes).
-SAMPLE_INTERVAL = 2.0
-SAMPLES = 150
-#: Limit changes kept per class.
-LIMIT_CHANGES = 20
-
-_DIGITS = re.compile(r"[0-9]{1,9}")
-
-
-class ConsoleState:
-    """Per-app state: the event-stream epoch, the stop signal of open streams, the samples."""
-
-    def __init__(self, infra: Infra) -> None:
-        self.infra = infra
-        #: Event ids are ``EPOCH-SEQ``; a ``Last-Event-ID`` of another epoch (another server
-        #: process) cannot be resumed.
-        self.epoch = uuid.uuid4().hex[:8]
-        self.stopping = asyncio.Event()
-        self.open_streams = 0
-        #: (time, completed, failed, cancelled) totals, one per SAMPLE_INTERVAL.
-        self.totals: collections.deque[tuple[float, float, float, float]] = collections.deque(
-            maxlen=SAMPLES + 1
-        )
-        self.limit_changes: dict[str, collections.deque[tuple[float, int]]] = {}
-
-    def sample(self) -> None:
-        totals = {"completed": 0.0, "failed": 0.0, "cancelled": 0.0}
-        for family in self.infra.metrics.tasks_total.collect():
-            for s in family.samples:
-                if s.name.endswith("_total") and s.labels.get("status") in totals:
-                    totals[s.labels["status"]] += s.value
-        now = time.time()
-        self.totals.append((now, totals["completed"], totals["failed"], totals["cancelled"]))
-        for name, q in self.infra.queue_status().items():
-            changes = self.limit_changes.setdefault(name, collections.deque(maxlen=LIMIT_CHANGES))
-            if not changes or changes[-1][1] != q.limit:
-                changes.append((now, q.limit))
-
-    def throughput(self) -> list[list[float]]:
-        """Per interval: [end time, completed, failed, cancelled] (deltas of the totals)."""
-        points = list(self.totals)
-        return [
-            [round(b[0], 3), b[1] - a[1], b[2] - a[2], b[3] - a[3]] for a, b in itertools.pairwise(points)
-        ]
-
-
-CONSOLE_KEY: web.AppKey[ConsoleState] = web.AppKey("console", ConsoleState)
+from .sse import events_stream
+from .state import (
+    _DIGITS,
+    API_PREFIX,
+    CONSOLE_KEY,
+    INFRA_KEY,
+    MAX_LIMIT,
+    MAX_LINE_CHARS,
+    MAX_LOG_CHARS,
+    MAX_OFFSET,
+    MAX_SCAN,
+    ROW_ERROR_CHARS,
+    SAMPLE_INTERVAL,
+    SERVICE_LOG_LINES,
+    SUBMIT_KEY,
+    ConsoleState,
+    embedded,
+)
 
 
 def _infra(request: web.Request) -> Infra:
-    from ..http import INFRA_KEY
-
     return request.app[INFRA_KEY]
-
-
-# -- query parameters ---------------------------------------------------------------------------
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -228,7 +173,7 @@ def _queue_docs(infra: Infra, console: ConsoleState) -> list[dict[str, Any]]:
             "max_limit": q.max_limit,
             "limit_changes": [[round(t, 3), v] for t, v in console.limit_changes.get(name, ())],
         }
-        for name, q in sorted(infra.queue_status().items())
+        for name, q in sorted(infra.scheduler.queue_status().items())
     ]
 
 
@@ -322,9 +267,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 async def submit_task(request: web.Request) -> web.Response:
     """The same code path as ``POST /queue/submit`` (its checks, its exec policy), answered
     with the whole task."""
-    from ..http import _submit
-
-    answer = await _submit(request)
+    answer = await request.app[SUBMIT_KEY](request)
     assert isinstance(answer.body, bytes)
     state = await _infra(request).get_task(json.loads(answer.body)["id"])
     return web.json_response(task_doc(state, detail=True), status=201)
@@ -444,10 +387,15 @@ async def openapi_document(request: web.Request) -> web.Response:
 # -- wiring -------------------------------------------------------------------------------------
 
 
-def add_api_routes(app: web.Application) -> None:
-    from ..http import INFRA_KEY
-    from .sse import events_stream
-
+def add_api_routes(
+    app: web.Application,
+    infra: object,
+    submit: Callable[[web.Request], Awaitable[web.Response]],
+) -> None:
+    """Add the ``/api/v1`` routes for ``infra`` (the embedded Infra the app serves);
+    ``submit`` is ``/queue/submit``'s handler, which the API's submit reuses."""
+    app[INFRA_KEY] = embedded(infra)
+    app[SUBMIT_KEY] = submit
     p = API_PREFIX
     r = app.router
     r.add_get(f"{p}/openapi.json", openapi_document)

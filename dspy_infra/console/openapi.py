@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import __version__
 from ..models import TaskStatus
-from .api import API_PREFIX, MAX_LIMIT, MAX_OFFSET
+from ..version import __version__
+from .state import API_PREFIX, MAX_LIMIT, MAX_OFFSET
 
 __all__ = ["openapi_document"]
 

@@ -28,6 +28,7 @@ from aiohttp import web
 from ..errors import SpecError, Unavailable
 from ..models import Event
 from ..values import check_text, preview
+from .state import CONSOLE_KEY, INFRA_KEY
 
 __all__ = ["BUFFER", "KEEPALIVE", "MAX_STREAMS", "events_stream", "frame"]
 
@@ -82,9 +83,6 @@ def _since(request: web.Request) -> float | None:
 
 
 async def events_stream(request: web.Request) -> web.StreamResponse:
-    from ..http import INFRA_KEY
-    from .api import CONSOLE_KEY
-
     infra = request.app[INFRA_KEY]
     console = request.app[CONSOLE_KEY]
     if console.open_streams >= MAX_STREAMS:

@@ -1,15 +1,11 @@
-"""gRPC servers (grpclib + betterproto2) over an ``Infra``, and ``dspy-infra serve``.
-
-``InfraServer(infra, settings)`` is an async context manager: on entry it serves
-``orchestrator.v1.OrchestratorService``, ``env_manager.v1.EnvManagerService`` and the
-standard ``grpc.health.v1.Health`` on ``settings.grpc_port``, the env manager again on
-``settings.env_manager_port`` (the old stack's separate port), and the HTTP app on
-``settings.http_port``; on exit it stops them all. Port 0 binds a free port; the bound
-ports are the attributes ``grpc_port``, ``env_manager_port`` and ``http_port``.
+"""The gRPC services (grpclib + betterproto2) over an embedded ``Infra``:
+``orchestrator.v1.OrchestratorService`` and ``env_manager.v1.EnvManagerService``, and
+``build_grpc_server``, which serves them with ``grpc.health.v1`` behind one guard.
 
 Every gRPC call passes through one grpclib ``RecvRequest`` hook (``_guard``) which checks
 the bearer token and wraps the handler so that any dspy_infra error becomes a gRPC status
-decided by ``grpc_status_for`` -- the one place errors map to status codes.
+decided by ``wire.grpc_status_for`` -- the one place errors map to status codes. Listening,
+TLS and the HTTP app next to it are ``serve.py``'s.
 """
 
 from __future__ import annotations
@@ -17,145 +13,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hmac
-import ipaddress
-import json
 import logging
-import signal
-import socket
-import ssl
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import grpclib.const
 import grpclib.events
 import grpclib.server
-from anyio.abc import AsyncResource
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
 
-from ..config import Settings
 from ..errors import (
-    AlreadyExists,
-    BackendUnavailable,
-    DeadlineExceeded,
     FailedPrecondition,
     InfraError,
-    MissingBinary,
     NotFound,
-    PermissionDenied,
-    ServiceError,
     SpecError,
-    Unauthenticated,
-    Unavailable,
 )
 from ..models import TaskSpec, TaskStatus, validate_name
 from ..values import (
-    INT32_MAX,
-    INT32_MIN,
     MAX_ID_LENGTH,
-    MAX_JSON_DEPTH,
     check_finite,
     check_int,
-    check_json_object,
     check_text,
     preview,
 )
-from . import _convert as cv
+from ..wire import (
+    MAX_TASKS_JSON_BYTES,
+    bearer_matches,
+    check_remote_payload,
+    error_message,
+    grpc_status_for,
+    json_task_list,
+    refuse_remote_command,
+    remote_payload,
+    runs_command,
+    spec_from_doc,
+    to_grpc_error,
+)
+from . import convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from ..infra import Infra
 
-__all__ = [
-    "COMMAND_HANDLERS",
-    "MAX_ERROR_MESSAGE",
-    "TASK_JSON_KEYS",
-    "EnvManagerService",
-    "InfraServer",
-    "OrchestratorService",
-    "check_bind",
-    "check_remote_payload",
-    "error_message",
-    "grpc_status_for",
-    "json_task_list",
-    "refuse_remote_command",
-    "run_server",
-    "server_ssl_context",
-    "spec_from_doc",
-    "to_grpc_error",
-]
+__all__ = ["EnvManagerService", "OrchestratorService", "build_grpc_server"]
 
 log = logging.getLogger("dspy_infra.rpc")
 _In = TypeVar("_In")
-#: Seconds InfraServer.aclose waits for connections to close after cancelling the calls.
-_CLOSE_TIMEOUT = 5.0
 _Out = TypeVar("_Out")
-
-# -- the one error -> status table ----------------------------------------------------------
-
-#: First match wins, so subclasses come before their bases.
-_STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
-    (SpecError, Status.INVALID_ARGUMENT),  # also ConfigError, CycleError
-    (NotFound, Status.NOT_FOUND),
-    (AlreadyExists, Status.ALREADY_EXISTS),
-    (FailedPrecondition, Status.FAILED_PRECONDITION),  # also ResourceUnavailable
-    # The request was fine; this machine cannot honour it (binary not installed, a service's
-    # port taken, a service that never became healthy): the client must change something.
-    (MissingBinary, Status.FAILED_PRECONDITION),
-    (ServiceError, Status.FAILED_PRECONDITION),  # also HealthCheckFailed
-    (Unavailable, Status.UNAVAILABLE),
-    (BackendUnavailable, Status.UNAVAILABLE),
-    (DeadlineExceeded, Status.DEADLINE_EXCEEDED),
-    (Unauthenticated, Status.UNAUTHENTICATED),
-    (PermissionDenied, Status.PERMISSION_DENIED),
-)
-
-
-def grpc_status_for(exc: BaseException) -> Status:
-    """The gRPC status for an exception (INTERNAL for anything not in the table)."""
-    for cls, status in _STATUS_BY_ERROR:
-        if isinstance(exc, cls):
-            return status
-    return Status.INTERNAL
-
-
-#: Longest error text a response carries (gRPC trailer, HTTP error body, rejected task).
-#: Errors echo only a ``preview`` of bad input, so this is a last line of defence: grpclib
-#: percent-encodes the trailer on the event loop, and a 400k-character message held the loop
-#: for 20 s (and broke the client's header limit, which then saw RESOURCE_EXHAUSTED).
-MAX_ERROR_MESSAGE = 1024
-#: What a client sees for an error that is not a dspy_infra error (the log has the details).
-INTERNAL_MESSAGE = "internal error (fix: see the server log; this is a bug, please report it)"
-
-
-def error_message(exc: BaseException) -> str:
-    """The text a client sees for ``exc``: ``str(exc)`` of our errors, cut to
-    ``MAX_ERROR_MESSAGE``; never the text or class of an unexpected exception."""
-    if not isinstance(exc, InfraError):
-        return INTERNAL_MESSAGE
-    text = str(exc)
-    if len(text) > MAX_ERROR_MESSAGE:
-        text = text[: MAX_ERROR_MESSAGE - 40] + f"... ({len(text)} characters)"
-    return text
-
-
-def to_grpc_error(exc: BaseException) -> GRPCError:
-    """A ``GRPCError`` whose message names the field and the fix (bounded, no internals)."""
-    if isinstance(exc, GRPCError):
-        if exc.message is not None and len(exc.message) > MAX_ERROR_MESSAGE:
-            return GRPCError(exc.status, exc.message[:MAX_ERROR_MESSAGE])
-        return exc
-    return GRPCError(grpc_status_for(exc), error_message(exc))
 
 
 def _rejected(index: int, task_id: str, exc: InfraError) -> orch_pb.RejectedTask:
@@ -167,77 +78,7 @@ def _rejected(index: int, task_id: str, exc: InfraError) -> orch_pb.RejectedTask
     )
 
 
-# -- who may run commands (Settings.exec_policy) ----------------------------------------------
-
-#: Handlers whose payload names something to run: ``exec`` runs a command, ``container`` runs
-#: any image with any command. Under exec_policy "embedded" or "deny" remote clients may not
-#: submit them.
-COMMAND_HANDLERS = frozenset({"exec", "container"})
-
-
-def refuse_remote_command(settings: Settings, what: str, field: str) -> None:
-    """Raise ``PermissionDenied`` when a remote client (gRPC, HTTP) asks to run a command
-    and ``settings.exec_policy`` allows that only to the owning process (or nobody)."""
-    if settings.exec_policy == "allow":
-        return
-    raise PermissionDenied(
-        f"{what} is refused for remote clients under exec_policy = {settings.exec_policy!r}",
-        field=field,
-        fix="run commands from the Python API of the process that owns the infra,"
-        ' or set exec_policy = "allow" if every client that can reach the server may run commands',
-    )
-
-
-def _runs_command(payload: Mapping[str, Any]) -> bool:
-    handler = payload.get("handler")
-    return isinstance(handler, str) and (handler in COMMAND_HANDLERS or "{{" in handler)
-
-
-def check_remote_payload(settings: Settings, payload: Mapping[str, Any], field: str) -> None:
-    """Refuse a remote task whose handler runs commands (see ``refuse_remote_command``)."""
-    if _runs_command(payload):
-        handler = payload.get("handler")
-        refuse_remote_command(settings, f"a task with handler {preview(handler)}", f"{field}.handler")
-
-
 # -- checks at the edge ----------------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost, or "" (all interfaces)
-
-
-def check_bind(settings: Settings) -> None:
-    """Refuse to serve on a non-loopback address without a token."""
-    if not _is_loopback(settings.host) and not settings.token:
-        raise SpecError(
-            f"refusing to bind {preview(settings.host)} (not loopback) without a token",
-            field="host",
-            fix="set token (DSPY_INFRA_TOKEN) or bind 127.0.0.1",
-        )
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        missing = "tls_key" if settings.tls_cert else "tls_cert"
-        raise SpecError("TLS needs both a certificate and a key", field=missing, fix=f"set {missing}")
-
-
-def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """TLS context for both servers when ``tls_cert``/``tls_key`` are set (HTTP/2 via ALPN)."""
-    if not settings.tls_cert or not settings.tls_key:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise SpecError(
-            f"cannot load certificate/key: {exc}", field="tls_cert", fix="point tls_cert/tls_key at PEM files"
-        ) from None
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
-    return ctx
 
 
 def _names(values: list[str], field: str) -> list[str]:
@@ -262,92 +103,6 @@ def _known_id(value: str, field: str, kind: str) -> str:
             f"no {kind} {preview(value)}", field=field, fix=f"ids are at most {MAX_ID_LENGTH} characters"
         )
     return value
-
-
-#: Largest ``SubmitTasks.tasks_json`` (grpclib refuses bigger messages anyway: 4 MiB).
-MAX_TASKS_JSON_BYTES = 4 << 20
-#: Keys of a task written as JSON (POST /queue/submit, SubmitTasks.tasks_json).
-TASK_JSON_KEYS = ("id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id")
-_TASK_JSON_KEY_SET = frozenset(TASK_JSON_KEYS)
-
-
-def json_task_list(raw: bytes, field: str, *, max_bytes: int) -> list[Any]:
-    """A JSON array of task objects (``SubmitTasks.tasks_json``): size, UTF-8 and nesting
-    are checked for the whole text; each entry's values are checked by ``spec_from_doc``, so
-    one bad task is rejected alone, as in the ``tasks`` field."""
-    if len(raw) > max_bytes:
-        raise SpecError(
-            f"is {len(raw)} bytes, the limit is {max_bytes}", field=field, fix="send fewer tasks per call"
-        )
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"is not UTF-8 (byte {exc.start})", field=field, fix="send UTF-8 JSON") from None
-    except RecursionError:
-        raise SpecError(
-            f"is nested more than {MAX_JSON_DEPTH} levels deep", field=field, fix="flatten the tasks"
-        ) from None
-    except ValueError as exc:
-        # json.JSONDecodeError: its text names line and column only, never the input.
-        raise SpecError(
-            f"is not valid JSON: {str(exc)[:120]}", field=field, fix='send [{"payload": {...}}, ...]'
-        ) from None
-    if not isinstance(doc, list):
-        raise SpecError(
-            f"expected a JSON array of tasks, got {preview(doc)}",
-            field=field,
-            fix='send [{"payload": {...}}, ...]',
-        )
-    return doc
-
-
-def remote_payload(value: Any, field: str = "payload") -> dict[str, Any]:
-    """A payload from a client, checked for what the store and the wire hold (text, numbers,
-    nesting, key length). Its size is left to the scheduler's ``max_payload_bytes`` check, so
-    that rule (and its message) lives in one place; the request itself is already bounded
-    (HTTP body limit, gRPC message limit)."""
-    return check_json_object(value, field, max_bytes=_UNBOUNDED)
-
-
-#: No size bound of our own in ``remote_payload`` (see there).
-_UNBOUNDED = 1 << 62
-
-
-def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
-    """A ``TaskSpec`` from a task written as JSON: ``{"id"?, "class"?, "payload", ...}``.
-    A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``.
-    Every field is checked against what the store and the wire hold, naming the field."""
-    if not isinstance(doc, Mapping):
-        raise SpecError(
-            f"expected a JSON object, got {preview(doc)}", field="body", fix='send {"payload": {...}}'
-        )
-    unknown = sorted(str(k) for k in doc.keys() - _TASK_JSON_KEY_SET)
-    if unknown:
-        raise SpecError(
-            f"unknown key {preview(unknown[0])}",
-            field=unknown[0][:64],
-            fix="use " + ", ".join(TASK_JSON_KEYS),
-        )
-    task_id = doc.get("id")
-    task_id = "" if task_id is None else check_text(task_id, "id", allow_empty=True)
-    if not task_id and generate_id:
-        task_id = uuid.uuid4().hex
-    task_class = doc.get("class")
-    task_class = "cpu_short" if task_class is None else check_text(task_class, "class", allow_empty=True)
-    payload = remote_payload(doc.get("payload"))
-    priority = doc.get("priority")
-    timeout = doc.get("timeout")
-    max_attempts = doc.get("max_attempts")
-    workflow_id = doc.get("workflow_id")
-    return TaskSpec(
-        id=task_id,
-        task_class=task_class or "cpu_short",
-        payload=payload,
-        priority=0 if priority is None else check_int(priority, "priority", lo=INT32_MIN, hi=INT32_MAX),
-        timeout=None if timeout is None else check_finite(timeout, "timeout", lo=0, lo_open=True),
-        max_attempts=1 if max_attempts is None else check_int(max_attempts, "max_attempts", lo=1, hi=100),
-        workflow_id="" if workflow_id is None else check_text(workflow_id, "workflow_id", allow_empty=True),
-    )
 
 
 #: The grpclib stream of the call being handled (set by ``_guard``), so a server stream can
@@ -509,11 +264,11 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return cv.task_result_to_pb(await self.infra.wait(task_id, timeout))
 
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
-        queues = self.infra.queue_status()
+        queues = await self.infra.queue_status()
         return orch_pb.QueueStatusResponse(queues={k: cv.queue_status_to_pb(q) for k, q in queues.items()})
 
     async def create_workflow(self, message: orch_pb.CreateWorkflowRequest) -> orch_pb.CreateWorkflowResponse:
-        from ..scheduler.workflows import parse_workflow_spec
+        from ..workflows.validate import parse_workflow_spec
 
         if not message.id:
             raise SpecError("is required", field="id", fix="give the workflow a unique, non-empty id")
@@ -534,11 +289,11 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         if self.infra.settings.exec_policy != "allow":
             # A remote input that is templated into a command step would let the client
             # choose (part of) a command; the owning process may still start such runs.
-            from ..scheduler.workflows import step_input_keys
+            from ..workflows.spec import step_input_keys
 
             wf = await self.infra.workflows.get_workflow(workflow_id)
             for step in wf.spec.steps:
-                if _runs_command(step.payload) and step_input_keys(step):
+                if runs_command(step.payload) and step_input_keys(step):
                     refuse_remote_command(
                         self.infra.settings,
                         f"starting a run whose input reaches the command of step {step.name!r}",
@@ -749,15 +504,9 @@ _Handler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
 def _guard(
     token: str | None, closing: asyncio.Event
 ) -> Callable[[grpclib.events.RecvRequest], Coroutine[Any, Any, None]]:
-    expected = f"Bearer {token}".encode() if token else None
-
     async def on_request(event: grpclib.events.RecvRequest) -> None:
         inner: _Handler = event.method_func
-        authorized = True
-        if expected is not None:
-            given = event.metadata.get("authorization", "")
-            given_bytes = given.encode() if isinstance(given, str) else bytes(given)
-            authorized = hmac.compare_digest(given_bytes, expected)
+        authorized = bearer_matches(event.metadata.get("authorization", ""), token)
 
         async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
             if not authorized:
@@ -799,7 +548,7 @@ def _guard(
     return on_request
 
 
-# -- InfraServer ---------------------------------------------------------------------------
+# -- the server ----------------------------------------------------------------------------
 
 
 class _RequestCodec(ProtoCodec):
@@ -817,158 +566,11 @@ class _RequestCodec(ProtoCodec):
             ) from None
 
 
-def _listen(host: str, port: int, field: str = "port") -> socket.socket:
-    """A listening TCP socket. Created with proto=IPPROTO_TCP on purpose: asyncio only sets
-    TCP_NODELAY on accepted sockets whose proto says TCP, and without it every response
-    waits ~40 ms for Nagle + delayed ACK (``socket.create_server`` leaves proto 0)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise Unavailable(
-            f"cannot listen on {host}:{port}: {exc.strerror}",
-            field=field,
-            fix=f"set {field} to a free port (0 = any free port) or stop what uses {port}",
-        ) from None
-    return sock
-
-
-class InfraServer(AsyncResource):
-    """gRPC (both services + health) and HTTP servers for one Infra, as an async context manager."""
-
-    def __init__(self, infra: Infra, settings: Settings | None = None) -> None:
-        self.infra = infra
-        self.settings = settings if settings is not None else infra.settings
-        self.grpc_port = 0
-        self.env_manager_port = 0
-        self.http_port = 0
-        self._grpc: list[grpclib.server.Server] = []
-        self._http: web.AppRunner | None = None
-        self._closing = asyncio.Event()
-
-    @property
-    def host(self) -> str:
-        return self.settings.host
-
-    async def __aenter__(self) -> Self:
-        from aiohttp import web
-
-        from ..http import build_app
-
-        check_bind(self.settings)
-        tls = server_ssl_context(self.settings)
-        try:
-            env_manager = EnvManagerService(self.infra)
-            self.grpc_port = await self._serve_grpc(
-                [OrchestratorService(self.infra), env_manager], self.settings.grpc_port, tls, "grpc_port"
-            )
-            # The env manager also answers on its own port, as the old stack's did (unless
-            # configured onto the same port, where it is already served).
-            if self.settings.env_manager_port and self.settings.env_manager_port == self.settings.grpc_port:
-                self.env_manager_port = self.grpc_port
-            else:
-                self.env_manager_port = await self._serve_grpc(
-                    [env_manager], self.settings.env_manager_port, tls, "env_manager_port"
-                )
-
-            self._http = web.AppRunner(build_app(self.infra, self.settings), access_log=None)
-            await self._http.setup()
-            sock = _listen(self.host, self.settings.http_port, "http_port")
-            self.http_port = sock.getsockname()[1]
-            await web.SockSite(self._http, sock, ssl_context=tls).start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def _serve_grpc(
-        self, services: list[Any], port: int, tls: ssl.SSLContext | None, field: str
-    ) -> int:
-        """Serve ``services`` + grpc.health.v1 behind the guard on ``port``; the bound port."""
-        server = grpclib.server.Server([*services, Health()], codec=_RequestCodec())
-        grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(self.settings.token, self._closing))
-        sock = _listen(self.host, port, field)
-        self._grpc.append(server)
-        await server.start(sock=sock, ssl=tls)
-        return int(sock.getsockname()[1])
-
-    async def aclose(self) -> None:
-        """Stop accepting and end the calls in progress (streams end; clients see UNAVAILABLE)."""
-        http, self._http = self._http, None
-        if http is not None:
-            await http.cleanup()
-        servers, self._grpc = self._grpc, []
-        self._closing.set()
-        for server in servers:
-            server.close()
-        # Handlers were cancelled; on Python >= 3.12 wait_closed also waits for idle client
-        # connections to go away, which a connected client need never do: bound the wait.
-        with anyio.move_on_after(_CLOSE_TIMEOUT):
-            for server in servers:
-                with contextlib.suppress(Exception):
-                    await server.wait_closed()
-
-
-# -- dspy-infra serve ------------------------------------------------------------------------
-
-
-async def run_server(
-    settings: Settings,
-    *,
-    stop_services: bool = False,
-    on_ready: Callable[[InfraServer], None] | None = None,
-) -> int:
-    """Run an embedded Infra with its servers until SIGTERM/SIGINT, then shut down gracefully:
-    stop accepting, give running tasks ``settings.shutdown_grace`` seconds to finish (the rest
-    stay durable for the next start), and stop the services only when ``stop_services``.
-    Prints one ``dspy-infra serving ...`` line with the bound addresses when ready."""
-    from ..infra import Infra
-
-    check_bind(settings)  # refuse before starting anything
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with Infra(settings) as infra:
-            # A server's services outlive it unless --stop-services: its next start adopts them.
-            infra.services.keep_by_default = not stop_services
-            async with InfraServer(infra, settings) as server:
-                scheme = "https" if settings.tls_cert else "http"
-                print(
-                    f"dspy-infra serving grpc={server.host}:{server.grpc_port}"
-                    f" env_manager={server.host}:{server.env_manager_port}"
-                    f" http={scheme}://{server.host}:{server.http_port}",
-                    flush=True,
-                )
-                if on_ready is not None:
-                    on_ready(server)
-                await stop.wait()
-                print(
-                    f"dspy-infra: stopping: no new requests; running tasks get up to"
-                    f" {settings.shutdown_grace:g} s to finish (the rest stay stored for the next start)"
-                    + (", then services stop" if stop_services else "; services keep running"),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            # Servers are closed: nothing new comes in. Let running tasks finish.
-            drain = getattr(infra.scheduler, "drain", None)
-            if drain is not None:
-                await drain(settings.shutdown_grace)
-            if stop_services:
-                running = await infra.services.status()
-                names = [n for n, st in running.items() if str(st.status) not in ("stopped", "failed")]
-                if names:
-                    await infra.services.stop(names)
-    except InfraError as exc:
-        print(f"dspy-infra: {exc}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    return 0
+def build_grpc_server(
+    services: list[Any], token: str | None, closing: asyncio.Event
+) -> grpclib.server.Server:
+    """A grpclib server for ``services`` plus ``grpc.health.v1``, every call behind the guard
+    (token check, error mapping); ``closing`` is set when the owner shuts it down."""
+    server = grpclib.server.Server([*services, Health()], codec=_RequestCodec())
+    grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(token, closing))
+    return server

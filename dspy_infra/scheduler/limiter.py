@@ -1,9 +1,8 @@
 """Adaptive concurrency per task class: a resizable FIFO semaphore plus an AIMD-like policy.
 
-``ResizableSemaphore`` hands out slots first come, first served. ``acquire`` can be cancelled
-at any point without leaking a slot; ``resize`` up wakes waiters at once, ``resize`` down
-never interrupts holders (the in-flight work finishes, new grants wait until ``in_use`` drops
-below the new limit).
+``ResizableSemaphore`` counts slots under a limit that can change: ``resize`` down never
+interrupts holders (the in-flight work finishes, new grants wait until ``in_use`` drops below
+the new limit); the scheduler's queue decides who gets the next free slot.
 
 ``AimdPolicy`` is pure: given the current limit and one ``LimiterSample`` (backlog, in-flight,
 mean wait, error rate over the last interval) it returns the next limit. ``SampleWindow``
@@ -13,23 +12,25 @@ once per ``settings.limiter_interval``; tests feed samples directly.
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-
 import attrs
 
 __all__ = ["AimdPolicy", "LimiterSample", "ResizableSemaphore", "SampleWindow"]
 
 
 class ResizableSemaphore:
-    """A FIFO counting semaphore whose limit can change while it is in use."""
+    """A counting limit whose size can change while it is in use.
+
+    ``try_acquire`` takes a slot when one is free, ``release`` gives it back; ``resize``
+    never interrupts holders (after a lowered limit, new grants wait until ``in_use`` drops
+    below it). It holds no waiters: the scheduler keeps the tasks that wait in its own
+    priority queue and tries again when a slot is released.
+    """
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         self._limit = limit
         self._in_use = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def limit(self) -> int:
@@ -39,67 +40,23 @@ class ResizableSemaphore:
     def in_use(self) -> int:
         return self._in_use
 
-    @property
-    def waiting(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
-
     def try_acquire(self) -> bool:
-        """Take a slot now if one is free and nobody is queued before us."""
-        if self._in_use < self._limit and not self._waiters:
+        """Take a slot if one is free under the current limit."""
+        if self._in_use < self._limit:
             self._in_use += 1
             return True
         return False
-
-    async def acquire(self) -> None:
-        """Wait for a slot (FIFO). Cancelling the wait never leaks or loses a slot."""
-        if self.try_acquire():
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                # Granted and cancelled in the same instant: hand the slot on.
-                self.release()
-            else:
-                fut.cancel()
-                self._drop(fut)
-            raise
 
     def release(self) -> None:
         if self._in_use <= 0:
             raise RuntimeError("release() without a matching acquire()")
         self._in_use -= 1
-        self._wake()
 
     def resize(self, limit: int) -> None:
         """Change the limit; holders above a lower limit keep their slots until release."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         self._limit = limit
-        self._wake()
-
-    def _drop(self, fut: asyncio.Future[None]) -> None:
-        try:
-            self._waiters.remove(fut)
-        except ValueError:
-            pass
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self._in_use < self._limit:
-            fut = self._waiters.popleft()
-            if fut.done():
-                continue
-            self._in_use += 1
-            fut.set_result(None)
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
 
 
 @attrs.frozen
@@ -162,10 +119,6 @@ class SampleWindow:
         self.wait_total = 0.0
         self.finished = 0
         self.errors = 0
-
-    def record_start(self, waited: float) -> None:
-        self.started += 1
-        self.wait_total += waited
 
     def record_outcome(self, error: bool) -> None:
         self.finished += 1

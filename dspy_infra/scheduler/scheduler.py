@@ -19,10 +19,16 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   limit and resizes the semaphore.
 
 Executors: a class whose ``executor`` is not ``"local"`` runs its tasks through the executor
-of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` must return an
-object with ``async run(ctx: TaskContext) -> Mapping[str, Any]`` (or be such a function).
+of that name from the ``dspy_infra_executors`` hook: ``factory(settings)`` returns an
+``Executor`` (``context.py``: ``async run(ctx) -> Mapping[str, Any]``).
 Results are JSON objects (``values.check_json_object``); a value JSON cannot hold fails the
 task with an error naming its key.
+
+Size: over 600 lines on purpose. What is left here is the ``Scheduler`` class alone, whose
+dispatch, attempt end, retry, cancel, recovery and commit paths share its private state on
+the hot path; the pieces with an idea of their own already live next to it (``task.py``,
+``queue.py``, ``delivery.py``, ``limiter.py``, ``store.py``, ``context.py``). Cutting the
+class into mixins would hide the invariants that tie those paths together.
 """
 
 from __future__ import annotations
@@ -33,8 +39,6 @@ import heapq
 import logging
 import threading
 import time
-from bisect import bisect_left
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Self
 
@@ -46,8 +50,10 @@ from ..config import Settings
 from ..errors import (
     AlreadyExists,
     DeadlineExceeded,
+    HandlerFailure,
     InfraError,
     NotFound,
+    PermanentFailure,
     PermissionDenied,
     SpecError,
     Unavailable,
@@ -60,17 +66,16 @@ from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
-from .handlers import Handler, PermanentFailure, SharedResources, TaskContext
-from .limiter import AimdPolicy, ResizableSemaphore, SampleWindow
+from .context import Executor, ExecutorFactory, Handler, SharedResources, TaskContext
+from .delivery import STREAM_BUFFER_LIMIT, Subscriber
+from .queue import ClassQueue
 from .store import (
-    STATUS_TEXT,
-    InsertRow,
     MemoryStore,
     SqliteStore,
     StoredTask,
-    UpdateRow,
     encode_json_object,
 )
+from .task import TaskRecord
 
 __all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "STREAM_BUFFER_LIMIT", "Scheduler", "retry_delay"]
 
@@ -86,8 +91,6 @@ _COMPLETED = TaskStatus.COMPLETED
 _FAILED = TaskStatus.FAILED
 _CANCELLED = TaskStatus.CANCELLED
 _EVENT_TYPE = {s: f"task_{s.value}" for s in TaskStatus}
-#: The result of a task that has none yet (shared: results are replaced, never mutated).
-_NO_RESULT: dict[str, Any] = {}
 #: An attempt whose start record the store refuses this many times in a row fails the task.
 _MAX_UNSAVED_STARTS = 5
 #: A worker yields to the event loop after this many tasks that finished without awaiting.
@@ -97,262 +100,6 @@ _YIELD_EVERY = 64
 def retry_delay(failed_attempts: int) -> float:
     """Backoff before the next attempt after ``failed_attempts`` failures (>= 1)."""
     return min(RETRY_BACKOFF_CAP, RETRY_BACKOFF_BASE * 2 ** (failed_attempts - 1))
-
-
-class _Task:
-    """Mutable bookkeeping for one task (the public view is ``TaskState``)."""
-
-    # Class-level defaults, not __slots__: a new task sets four attributes instead of
-    # sixteen (accepting is on the hot path). Mutable values are always replaced, never
-    # changed in place, so the shared defaults stay as they are.
-    status = _PENDING
-    attempts = 0
-    result: dict[str, Any] = _NO_RESULT
-    error = ""
-    started_at = 0.0
-    completed_at = 0.0
-    duration_ms = 0.0
-    #: True once the terminal state is committed and handed to waiters and streams.
-    delivered = False
-    cancel_requested = False
-    #: Re-queued from the store at start (it may name a handler registered after start).
-    recovered = False
-    waiters: list[asyncio.Future[None]] | None = None
-    worker: asyncio.Task[Any] | None = None
-    timer: asyncio.TimerHandle | None = None
-    #: False until the task's row is committed (durable mode); it is queued only then.
-    stored = True
-    #: Why the store refused this task's row (the task was not accepted).
-    rejection: InfraError | None = None
-    #: Why the store refused the latest change of this (stored) task's row.
-    write_error: InfraError | None = None
-    #: The payload's JSON text, computed once at submit (size check and store row).
-    payload_text = ""
-    #: Attempts in a row that could not start because their record was not saved.
-    unsaved_starts = 0
-
-    def __init__(self, spec: TaskSpec, seq: int, now: float) -> None:
-        self.spec = spec
-        self.seq = seq
-        self.submitted_at = now
-        self.ready_at = now
-
-    def insert_row(self) -> InsertRow:
-        spec = self.spec
-        return (
-            spec.id,
-            self.seq,
-            spec.task_class,
-            spec.priority,
-            spec.timeout,
-            spec.max_attempts,
-            spec.workflow_id,
-            self.payload_text or encode_json_object(spec.payload),
-            STATUS_TEXT[self.status],
-            self.attempts,
-            encode_json_object(self.result) if self.result else "",
-            self.error,
-            self.submitted_at,
-            self.started_at,
-            self.completed_at,
-            self.duration_ms,
-        )
-
-    def update_row(self) -> UpdateRow:
-        return (
-            STATUS_TEXT[self.status],
-            self.attempts,
-            encode_json_object(self.result) if self.result else "",
-            self.error,
-            self.started_at,
-            self.completed_at,
-            self.duration_ms,
-            self.spec.id,
-        )
-
-    def state(self) -> TaskState:
-        return TaskState(
-            spec=self.spec,
-            status=self.status,
-            attempts=self.attempts,
-            result=dict(self.result),
-            error=self.error,
-            submitted_at=self.submitted_at,
-            started_at=self.started_at,
-            completed_at=self.completed_at,
-            duration_ms=self.duration_ms,
-        )
-
-    def to_result(self) -> TaskResult:
-        # TaskState.to_result without building the TaskState first (once per task).
-        return TaskResult(
-            task_id=self.spec.id,
-            status=self.status,
-            result=dict(self.result),
-            error=self.error,
-            duration_ms=self.duration_ms,
-            completed_at=self.completed_at,
-        )
-
-
-class _BatchedCounter:
-    """Counts in a plain int on the hot path; ``flush`` adds them to the Prometheus child."""
-
-    __slots__ = ("child", "pending")
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.pending = 0
-
-    def flush(self) -> None:
-        if self.pending:
-            self.child.inc(self.pending)
-            self.pending = 0
-
-
-class _BatchedHistogram:
-    """Buckets observations in plain ints on the hot path; ``flush`` adds each bucket's count
-    and the sum to the Prometheus child in one step per bucket.
-
-    A prometheus_client ``observe`` takes a lock per value and walks the bucket list; at tens
-    of thousands of tasks a second that alone was a third of the scheduler's time. The child
-    keeps one non-cumulative value per bucket plus a sum (``_buckets``, ``_sum``); when a
-    future prometheus_client does not, every observation goes straight to ``observe``.
-    """
-
-    __slots__ = ("bounds", "child", "counts", "direct", "pending", "total")
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        bounds = getattr(child, "_upper_bounds", None)
-        buckets = getattr(child, "_buckets", None)
-        self.direct = not (
-            isinstance(bounds, list) and isinstance(buckets, list) and len(bounds) == len(buckets)
-        ) or not hasattr(child, "_sum")
-        self.bounds: list[float] = list(bounds) if not self.direct else []  # type: ignore[arg-type]
-        self.counts = [0] * len(self.bounds)
-        self.total = 0.0
-        self.pending = 0
-
-    def observe(self, value: float) -> None:
-        if self.direct:
-            self.child.observe(value)
-            return
-        # bisect_left: the first bucket whose upper bound is >= value (le semantics).
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.pending += 1
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        counts = self.counts
-        for i, n in enumerate(counts):
-            if n:
-                self.child._buckets[i].inc(n)
-                counts[i] = 0
-        self.child._sum.inc(self.total)
-        self.total = 0.0
-        self.pending = 0
-
-
-class _ClassQueue:
-    """One class: its heap, limiter, policy, sample window, parked workers, metric children."""
-
-    __slots__ = (
-        "cls",
-        "gpu_wait",
-        "heap",
-        "idle",
-        "m_duration",
-        "m_error_rate",
-        "m_errors",
-        "m_total",
-        "m_wait",
-        "policy",
-        "queued",
-        "refusal",
-        "sem",
-        "window",
-    )
-
-    def __init__(
-        self,
-        cls: TaskClass,
-        metrics: InfraMetrics,
-        refusal: InfraError | None,
-        before_collect: Callable[[], None],
-    ) -> None:
-        self.cls = cls
-        self.sem = ResizableSemaphore(cls.base_concurrency)
-        self.policy = AimdPolicy(cls.min_concurrency, cls.max_concurrency) if cls.adaptive else None
-        self.window = SampleWindow()
-        # Heap entries are (-priority, seq): ints only, so the garbage collector stops tracking
-        # them; ``queued`` maps seq -> task for the live entries (a cancel just drops it).
-        self.heap: list[tuple[int, int]] = []
-        self.queued: dict[int, _Task] = {}
-        self.idle: deque[asyncio.Future[_Task]] = deque()
-        self.refusal = refusal
-        name = cls.name
-
-        # Gauges are read when scraped, so the hot path never touches them.
-        def limit() -> float:
-            # Collected before the counters and histograms (metrics.py registers it first):
-            # folding the batched values in here makes every scrape exact.
-            before_collect()
-            return self.sem.limit
-
-        metrics.concurrency_limit.labels(name).set_function(limit)
-        metrics.inflight_tasks.labels(name).set_function(lambda: self.sem.in_use)
-        metrics.queue_depth.labels(name).set_function(lambda: len(self.queued))
-        self.m_error_rate = metrics.error_rate.labels(name)
-        # Counters and histograms are batched: see ``Scheduler.flush_metrics``.
-        self.m_errors = _BatchedCounter(metrics.task_errors_total.labels(name))
-        self.m_wait = _BatchedHistogram(metrics.task_wait_seconds.labels(name))
-        self.gpu_wait = _BatchedHistogram(metrics.gpu_wait_seconds.labels(name)) if cls.needs_gpu else None
-        self.m_total = {
-            s: _BatchedCounter(metrics.tasks_total.labels(name, s.value)) for s in TaskStatus if s.terminal
-        }
-        self.m_duration = {
-            s: _BatchedHistogram(metrics.task_duration_seconds.labels(name, s.value))
-            for s in (_COMPLETED, _FAILED, _CANCELLED)
-        }
-
-    def flush_metrics(self) -> None:
-        self.m_errors.flush()
-        self.m_wait.flush()
-        if self.gpu_wait is not None:
-            self.gpu_wait.flush()
-        for counter in self.m_total.values():
-            counter.flush()
-        for histogram in self.m_duration.values():
-            histogram.flush()
-
-
-#: Most results a ``stream_results`` consumer of every task may leave unread; one that falls
-#: further behind is dropped (its buffer freed) and its stream ends with an error.
-STREAM_BUFFER_LIMIT = 10_000
-
-
-class _Subscriber:
-    """One ``stream_results`` consumer: a bounded buffer and a wake-up future."""
-
-    __slots__ = ("buffer", "closed", "overflowed", "wakeup", "wanted")
-
-    def __init__(self, wanted: set[str] | None) -> None:
-        self.wanted = wanted
-        self.buffer: deque[TaskResult] = deque()
-        self.wakeup: asyncio.Future[None] | None = None
-        self.closed = False
-        self.overflowed = False
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.wakeup is not None and not self.wakeup.done():
-            self.wakeup.set_result(None)
 
 
 class Scheduler(AsyncResource):
@@ -374,23 +121,23 @@ class Scheduler(AsyncResource):
         self._hardware_arg = hardware
         self.hardware: HardwareInfo | None = hardware
         self._classes: dict[str, TaskClass] = {}
-        self._queues: dict[str, _ClassQueue] = {}
+        self._queues: dict[str, ClassQueue] = {}
         self._handlers: dict[str, Handler] = {}
         #: Recovered tasks parked until their handler is registered (see _park_for_handler).
-        self._awaiting_handler: dict[str, list[_Task]] = {}
+        self._awaiting_handler: dict[str, list[TaskRecord]] = {}
         self._handler_grace_until = 0.0
         self._executors: dict[str, Handler] = {}
         #: Engine connections and the like that handlers reuse across attempts.
         self._shared = SharedResources()
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, TaskRecord] = {}
         #: Ids of finished tasks pruned from retention -> their content hash (see _existing).
         self._pruned: dict[str, str] = {}
         #: Delivered terminal tasks in delivery order (for retention).
         self._finished: dict[str, None] = {}
         self._listeners: list[Callable[[TaskState], None]] = []
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: set[Subscriber] = set()
         #: Terminal tasks whose commit callback is not registered yet (durable mode).
-        self._undelivered: list[_Task] = []
+        self._undelivered: list[TaskRecord] = []
         self._store: SqliteStore | MemoryStore = MemoryStore()
         #: Memory-only stores keep nothing: the hot path skips building rows for them.
         self._durable = False
@@ -434,7 +181,7 @@ class Scheduler(AsyncResource):
                     )
                 except InfraError as exc:
                     refusal = exc
-                self._queues[cls.name] = _ClassQueue(cls, self.metrics, refusal, self._flush_if_loop_thread)
+                self._queues[cls.name] = ClassQueue(cls, self.metrics, refusal, self._flush_if_loop_thread)
             self._durable = self.settings.durable
             if self._durable:
                 self._store = SqliteStore(
@@ -463,20 +210,20 @@ class Scheduler(AsyncResource):
         return self
 
     async def _build_executors(self, stack: contextlib.AsyncExitStack) -> None:
-        for name, factory in collect_mapping(self.plugins.hook.dspy_infra_executors()).items():
+        factories: dict[str, ExecutorFactory] = collect_mapping(self.plugins.hook.dspy_infra_executors())
+        for name, factory in factories.items():
             executor = factory(self.settings)
             if executor is None:  # the plugin is installed but not configured (e.g. slurm unset)
                 continue
-            if hasattr(executor, "__aenter__"):
-                executor = await stack.enter_async_context(executor)
-            run = getattr(executor, "run", executor)
-            if not callable(run):
+            if not isinstance(executor, Executor):
                 raise SpecError(
                     f"executor {name!r} has no run(ctx) method",
                     field="dspy_infra_executors",
                     fix="return a factory whose result has `async def run(ctx)`",
                 )
-            self._executors[name] = run
+            if isinstance(executor, contextlib.AbstractAsyncContextManager):
+                await stack.enter_async_context(executor)  # its watchers live as long as we do
+            self._executors[name] = executor.run
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
@@ -552,11 +299,11 @@ class Scheduler(AsyncResource):
         await end_interrupted_attempts(self.settings.resolved_home(), [row.spec.id for row in unfinished])
 
     def _recover(self, stored: list[StoredTask]) -> None:
-        finished: list[_Task] = []
-        requeue: list[_Task] = []
-        exhausted: list[_Task] = []
+        finished: list[TaskRecord] = []
+        requeue: list[TaskRecord] = []
+        exhausted: list[TaskRecord] = []
         for row in stored:
-            rec = _Task(row.spec, row.seq, row.submitted_at)
+            rec = TaskRecord(row.spec, row.seq, row.submitted_at)
             rec.attempts = row.attempts
             rec.result = row.result
             rec.error = row.error
@@ -642,7 +389,7 @@ class Scheduler(AsyncResource):
 
     # -- submit ---------------------------------------------------------------------------
 
-    def _check(self, spec: TaskSpec) -> tuple[_ClassQueue, str]:
+    def _check(self, spec: TaskSpec) -> tuple[ClassQueue, str]:
         """Refuse what this scheduler cannot run; returns the class queue and payload text."""
         if not self._accepting:
             raise Unavailable("the scheduler is not running", fix="start it (async with Scheduler(...))")
@@ -680,7 +427,7 @@ class Scheduler(AsyncResource):
                 )
         return cq, text
 
-    def _existing(self, spec: TaskSpec) -> _Task | None:
+    def _existing(self, spec: TaskSpec) -> TaskRecord | None:
         rec = self._tasks.get(spec.id)
         if rec is not None and rec.spec != spec and rec.spec.content_hash != spec.content_hash:
             raise AlreadyExists(
@@ -735,7 +482,7 @@ class Scheduler(AsyncResource):
         ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
         """
         outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
-        checked: list[tuple[int, TaskSpec, _ClassQueue | None, str]] = []
+        checked: list[tuple[int, TaskSpec, ClassQueue | None, str]] = []
         batch: dict[str, TaskSpec] = {}
         for index, spec in enumerate(specs):
             try:
@@ -758,13 +505,13 @@ class Scheduler(AsyncResource):
             checked.append((index, spec, queue if existing is None else None, text))
         now = time.time()
         tasks = self._tasks
-        records: list[tuple[int, _Task]] = []
-        fresh: list[tuple[_Task, _ClassQueue]] = []
+        records: list[tuple[int, TaskRecord]] = []
+        fresh: list[tuple[TaskRecord, ClassQueue]] = []
         for index, spec, cq, text in checked:
             if cq is None or spec.id in tasks:
                 records.append((index, tasks[spec.id]))
                 continue
-            rec = _Task(spec, self._seq, now)
+            rec = TaskRecord(spec, self._seq, now)
             self._seq += 1
             tasks[spec.id] = rec
             if self._durable:
@@ -795,9 +542,9 @@ class Scheduler(AsyncResource):
                 outcomes[index] = rec.state()
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _accepted(self, fresh: list[tuple[_Task, _ClassQueue]], error: InfraError | None) -> None:
+    def _accepted(self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None) -> None:
         """The commit holding these tasks' rows is done: queue the stored ones."""
-        touched: dict[str, _ClassQueue] = {}
+        touched: dict[str, ClassQueue] = {}
         for rec, cq in fresh:
             if rec.rejection is not None:
                 continue
@@ -824,7 +571,7 @@ class Scheduler(AsyncResource):
                 log.error("task %s: its state change was not saved: %s", preview(task_id), error)
                 rec.write_error = error
 
-    def _reject(self, rec: _Task, error: InfraError) -> None:
+    def _reject(self, rec: TaskRecord, error: InfraError) -> None:
         """A task whose row was never written was not accepted: forget it entirely."""
         rec.rejection = error
         if self._tasks.get(rec.spec.id) is rec:
@@ -857,7 +604,7 @@ class Scheduler(AsyncResource):
 
     # -- queries --------------------------------------------------------------------------
 
-    def _record(self, task_id: str) -> _Task:
+    def _record(self, task_id: str) -> TaskRecord:
         rec = self._tasks.get(task_id)
         if rec is None:
             raise NotFound(f"no task with id {task_id!r}", field="task_id")
@@ -955,7 +702,7 @@ class Scheduler(AsyncResource):
                 rec = self._record(task_id)
                 if not rec.delivered:
                     remaining.add(task_id)
-        sub = _Subscriber(wanted)
+        sub = Subscriber(wanted)
         self._subscribers.add(sub)
         try:
             if include_completed:
@@ -1022,12 +769,12 @@ class Scheduler(AsyncResource):
 
     # -- dispatch (hot path) --------------------------------------------------------------
 
-    def _enqueue(self, cq: _ClassQueue, rec: _Task, now: float) -> None:
+    def _enqueue(self, cq: ClassQueue, rec: TaskRecord, now: float) -> None:
         rec.ready_at = now
         cq.queued[rec.seq] = rec
         heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
 
-    def _take(self, cq: _ClassQueue) -> _Task | None:
+    def _take(self, cq: ClassQueue) -> TaskRecord | None:
         """Next queued task of ``cq`` if a slot is free (the slot is then taken)."""
         if not self._dispatching:
             return None
@@ -1040,7 +787,7 @@ class Scheduler(AsyncResource):
         self._start(cq, rec)
         return rec
 
-    def _start(self, cq: _ClassQueue, rec: _Task) -> None:
+    def _start(self, cq: ClassQueue, rec: TaskRecord) -> None:
         now = time.time()
         rec.status = _RUNNING
         rec.attempts += 1
@@ -1049,7 +796,7 @@ class Scheduler(AsyncResource):
         rec.write_error = None
         self._inflight += 1
         waited = now - rec.ready_at
-        window = cq.window  # SampleWindow.record_start, inlined: this runs once per task
+        window = cq.window  # counted inline: this runs once per task
         window.started += 1
         window.wait_total += waited
         cq.m_wait.observe(waited)
@@ -1061,7 +808,7 @@ class Scheduler(AsyncResource):
         if self._listeners:
             self._notify(rec)
 
-    def _pump(self, cq: _ClassQueue) -> None:
+    def _pump(self, cq: ClassQueue) -> None:
         """Start as many queued tasks of ``cq`` as its free slots allow."""
         while (rec := self._take(cq)) is not None:
             while cq.idle:
@@ -1073,15 +820,15 @@ class Scheduler(AsyncResource):
                 assert self._tg is not None
                 self._tg.start_soon(self._worker, cq, rec)
 
-    async def _worker(self, cq: _ClassQueue, first: _Task) -> None:
+    async def _worker(self, cq: ClassQueue, first: TaskRecord) -> None:
         """Run tasks of one class until cancelled at shutdown; park while there is no work."""
         me = asyncio.current_task()
         assert me is not None and self._loop is not None
-        rec: _Task | None = first
+        rec: TaskRecord | None = first
         streak = 0
         while True:
             if rec is None:
-                parked: asyncio.Future[_Task] = self._loop.create_future()
+                parked: asyncio.Future[TaskRecord] = self._loop.create_future()
                 cq.idle.append(parked)
                 rec = await parked
                 streak = 0
@@ -1094,7 +841,7 @@ class Scheduler(AsyncResource):
                 await asyncio.sleep(0)
             rec = self._take(cq)
 
-    def _handler_for(self, cq: _ClassQueue, spec: TaskSpec) -> Handler:
+    def _handler_for(self, cq: ClassQueue, spec: TaskSpec) -> Handler:
         if cq.cls.executor != "local":
             executor = self._executors.get(cq.cls.executor)
             if executor is None:  # only a task recovered from an earlier run can get here
@@ -1114,7 +861,7 @@ class Scheduler(AsyncResource):
             )
         return handler
 
-    async def _run(self, cq: _ClassQueue, rec: _Task, me: asyncio.Task[Any]) -> None:
+    async def _run(self, cq: ClassQueue, rec: TaskRecord, me: asyncio.Task[Any]) -> None:
         """One attempt of ``rec``; records its outcome. Re-raises only shutdown cancellation."""
         if rec.cancel_requested:
             self._attempt_ended(cq, rec, _CANCELLED, "cancelled while running", None)
@@ -1156,15 +903,16 @@ class Scheduler(AsyncResource):
             raise
         except PermanentFailure as exc:
             error, retryable = str(exc), False
+        except HandlerFailure as exc:
+            error = str(exc) or type(exc).__name__
+            if exc.result is not None:
+                with contextlib.suppress(SpecError):  # a partial result JSON cannot hold is dropped
+                    rec.result = check_json_object(exc.result, "result")
         except Exception as exc:
             if isinstance(exc, TimeoutError) and timeout_cm is not None and timeout_cm.expired():
                 error = f"timed out after {spec.timeout:g}s"
             else:
                 error = str(exc) or type(exc).__name__
-            partial = getattr(exc, "result", None)
-            if isinstance(partial, Mapping):
-                with contextlib.suppress(SpecError):  # a partial result JSON cannot hold is dropped
-                    rec.result = check_json_object(partial, "result")
         rec.worker = None
         if rec.cancel_requested:
             # The handler swallowed the cancellation (or ended just as it arrived). A success
@@ -1190,7 +938,7 @@ class Scheduler(AsyncResource):
         else:
             self._attempt_ended(cq, rec, _FAILED, error, None)
 
-    def _park_for_handler(self, cq: _ClassQueue, rec: _Task) -> bool:
+    def _park_for_handler(self, cq: ClassQueue, rec: TaskRecord) -> bool:
         """Park a recovered task whose handler is not registered yet; True when parked.
 
         Apps register handlers with ``@infra.handler`` after ``ensure_infra()`` returns, but
@@ -1240,7 +988,7 @@ class Scheduler(AsyncResource):
 
         self._store.after_commit(committed)
 
-    def _unstarted(self, cq: _ClassQueue, rec: _Task, error: InfraError) -> None:
+    def _unstarted(self, cq: ClassQueue, rec: TaskRecord, error: InfraError) -> None:
         """The attempt could not be recorded, so it does not run: back to the queue after a
         backoff, the attempt not counted (the store is failing; nothing is run unrecorded)."""
         assert self._loop is not None
@@ -1265,7 +1013,7 @@ class Scheduler(AsyncResource):
         rec.timer = self._loop.call_later(retry_delay(rec.unsaved_starts), self._requeue, cq, rec)
         self._idle_check()
 
-    def _interrupted(self, cq: _ClassQueue, rec: _Task) -> None:
+    def _interrupted(self, cq: ClassQueue, rec: TaskRecord) -> None:
         """Shutdown cancelled a running attempt: saved as ``pending`` (the attempt stays
         counted), so the next start runs it again. Only a crash leaves a ``running`` row,
         and recovery counts such an attempt against ``max_attempts``."""
@@ -1275,7 +1023,7 @@ class Scheduler(AsyncResource):
         if self._durable:
             self._store.put(rec.update_row())
 
-    def _retry(self, cq: _ClassQueue, rec: _Task, error: str) -> None:
+    def _retry(self, cq: ClassQueue, rec: TaskRecord, error: str) -> None:
         assert self._loop is not None
         now = time.time()
         delay = retry_delay(rec.attempts)
@@ -1297,14 +1045,14 @@ class Scheduler(AsyncResource):
         rec.timer = self._loop.call_later(delay, self._requeue, cq, rec)
         self._idle_check()
 
-    def _requeue(self, cq: _ClassQueue, rec: _Task) -> None:
+    def _requeue(self, cq: ClassQueue, rec: TaskRecord) -> None:
         rec.timer = None
         if rec.status is _PENDING and not self._stopping:
             self._enqueue(cq, rec, time.time())
             self._pump(cq)
 
     def _attempt_ended(
-        self, cq: _ClassQueue, rec: _Task, status: TaskStatus, error: str, result: dict[str, Any] | None
+        self, cq: ClassQueue, rec: TaskRecord, status: TaskStatus, error: str, result: dict[str, Any] | None
     ) -> None:
         now = time.time()
         window = cq.window  # SampleWindow.record_outcome, inlined
@@ -1319,7 +1067,7 @@ class Scheduler(AsyncResource):
         self._terminal(rec, status, error, now)
 
     def _terminal(
-        self, rec: _Task, status: TaskStatus, error: str, now: float, *, count_inflight: bool = True
+        self, rec: TaskRecord, status: TaskStatus, error: str, now: float, *, count_inflight: bool = True
     ) -> None:
         if count_inflight:
             self._inflight -= 1
@@ -1364,7 +1112,7 @@ class Scheduler(AsyncResource):
 
         self._store.after_commit(committed)
 
-    def _deliver(self, rec: _Task, store_error: InfraError | None = None) -> None:
+    def _deliver(self, rec: TaskRecord, store_error: InfraError | None = None) -> None:
         """The terminal row is committed: hand the result to waiters and streams."""
         if store_error is not None:
             # The result stands (it happened), but after a crash the task would run again.
@@ -1377,10 +1125,10 @@ class Scheduler(AsyncResource):
             rec.waiters = None
         if self._subscribers:
             result = rec.to_result()
-            overflowed: list[_Subscriber] = []
+            overflowed: list[Subscriber] = []
             for sub in self._subscribers:
                 if sub.wanted is None or rec.spec.id in sub.wanted:
-                    sub.buffer.append(result)  # _Subscriber.push, inlined: once per task
+                    sub.buffer.append(result)  # Subscriber.push, inlined: once per task
                     if sub.wanted is None and len(sub.buffer) > STREAM_BUFFER_LIMIT:
                         overflowed.append(sub)
                     wakeup = sub.wakeup
@@ -1417,7 +1165,7 @@ class Scheduler(AsyncResource):
         if self._inflight == 0 and self._idle_event is not None:
             self._idle_event.set()
 
-    def _notify(self, rec: _Task) -> None:
+    def _notify(self, rec: TaskRecord) -> None:
         state = rec.state()
         for fn in list(self._listeners):
             try:

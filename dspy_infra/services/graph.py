@@ -12,13 +12,13 @@ import difflib
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..errors import CycleError, NotFound, SpecError
+from ..graph import find_cycle, levels
 from ..models import ServiceSpec
 
 __all__ = [
     "check_host_ports",
     "dependency_closure",
     "dependents_closure",
-    "find_cycle",
     "startup_levels",
     "stop_order",
     "topological_order",
@@ -37,36 +37,6 @@ def _suggest(name: str, known: Iterable[str]) -> str:
     if close:
         return f"did you mean {close[0]!r}?"
     return "declare it in [services.NAME] or remove the dependency"
-
-
-def find_cycle(edges: Mapping[str, Iterable[str]]) -> list[str] | None:
-    """One cycle of the directed graph ``edges`` (node -> nodes it depends on), first node
-    repeated last (``["a", "b", "a"]``), or None. Deterministic: nodes are visited sorted.
-    Edges to nodes absent from ``edges`` are ignored (unknown names are checked elsewhere)."""
-    white, grey, black = 0, 1, 2
-    colour = dict.fromkeys(edges, white)
-    for root in sorted(edges):
-        if colour[root] != white:
-            continue
-        # Iterative DFS (a deep graph must not hit the recursion limit); `path` is the grey chain.
-        path: list[str] = [root]
-        iters = [iter(sorted(edges[root]))]
-        colour[root] = grey
-        while iters:
-            nxt = next(iters[-1], None)
-            if nxt is None:
-                colour[path.pop()] = black
-                iters.pop()
-                continue
-            if nxt not in colour:
-                continue
-            if colour[nxt] == grey:
-                return [*path[path.index(nxt) :], nxt]
-            if colour[nxt] == white:
-                colour[nxt] = grey
-                path.append(nxt)
-                iters.append(iter(sorted(edges[nxt])))
-    return None
 
 
 def _deps(spec: ServiceSpec) -> list[str]:
@@ -146,32 +116,10 @@ def dependents_closure(specs: Mapping[str, ServiceSpec], name: str) -> set[str]:
 def startup_levels(specs: Mapping[str, ServiceSpec]) -> list[list[str]]:
     """Level 0 = no dependencies; level k = depends only on levels < k (sorted in each level).
     Dependencies on services outside ``specs`` are treated as already satisfied."""
-    validate_cycles = find_cycle({n: [d for d in _deps(s) if d in specs] for n, s in specs.items()})
+    validate_cycles = find_cycle({n: _deps(s) for n, s in specs.items()})
     if validate_cycles is not None:
         raise CycleError(validate_cycles, field=f"services.{validate_cycles[0]}.depends_on")
-    level: dict[str, int] = {}
-
-    def depth(name: str) -> int:
-        # Iterative memoised longest path, safe for deep chains.
-        stack = [name]
-        while stack:
-            top = stack[-1]
-            pending = [d for d in _deps(specs[top]) if d in specs and d not in level]
-            if pending:
-                stack.extend(pending)
-                continue
-            stack.pop()
-            level[top] = 1 + max((level[d] for d in _deps(specs[top]) if d in specs), default=-1)
-        return level[name]
-
-    levels: list[list[str]] = []
-    for name in sorted(specs):
-        k = depth(name)
-        while len(levels) <= k:
-            levels.append([])
-    for name in sorted(specs):
-        levels[level[name]].append(name)
-    return levels
+    return levels({n: _deps(s) for n, s in specs.items()})
 
 
 def topological_order(specs: Mapping[str, ServiceSpec]) -> list[str]:

@@ -28,6 +28,11 @@ removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
 The monitor probes every healthy service on its check's interval; one that exits, or fails
 ``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
 (exponential backoff, at most ``max_restarts``), then marked failed.
+
+Size: over 600 lines on purpose: one class whose start, adopt, stop, restart and monitor
+paths share the per-service locks and ``_Managed`` records; the pure parts live next to it
+(``graph.py``, ``health.py``, ``catalog.py``, ``handles.py``; ``ownership.py`` for liveness).
+Splitting the methods into mixins would spread that shared state over several files.
 """
 
 from __future__ import annotations
@@ -53,7 +58,6 @@ from ..backends.base import (
     LABEL_SPEC_HASH,
     Backend,
 )
-from ..backends.process import pid_alive, proc_start_time
 from ..config import Settings
 from ..errors import (
     AlreadyExists,
@@ -83,6 +87,7 @@ from ..models import (
     ServiceStatus,
     ServiceStatusUpdate,
 )
+from ..ownership import label_pid_alive, start_time_of
 from ..plugins import collect_mapping
 from .catalog import build_catalog, parse_overrides, write_support_files
 from .graph import (
@@ -194,8 +199,7 @@ class ServiceManager(AsyncResource):
         #: Services a start brought up without ``keep`` (started or adopted), in start order:
         #: the ones ``Infra`` stops when it closes, whoever asked (Python, gRPC, the CLI).
         self.owned: list[str] = []
-        started = proc_start_time(os.getpid())
-        self._self_started = str(started[0]) if started else ""
+        self._self_started = start_time_of(os.getpid())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -1166,11 +1170,7 @@ class ServiceManager(AsyncResource):
         return self.backend.probe_address(managed.instance, port)
 
 
-def _alive(pid: str, started: str) -> bool:
-    """A pid (and, when known, its start time) read from a label or lease still runs."""
-    if not pid.isdigit():
-        return False
-    return pid_alive(int(pid), int(started) if started.isdigit() else None)
+_alive = label_pid_alive
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,0 +1,555 @@
+"""The ``slurm`` executor: ``gpu_slurm`` tasks run as Slurm batch jobs.
+
+Enabled by ``slurm = "cli"`` in the settings (``DSPY_INFRA_SLURM=cli``); unset, the hook's
+factory returns None and ``gpu_slurm`` is refused at submit. It uses Slurm's own command-line
+tools (``sbatch``, ``squeue``, ``scontrol``, ``scancel``; Debian: ``slurm-client``), so it
+works wherever those reach a controller: a single node (``slurm-wlm``) or a cluster.
+
+One attempt of a task is one batch job:
+
+- ``payload["cmd"]`` runs through ``/bin/sh -c`` (the same meaning as the ``exec`` handler),
+  submitted with ``sbatch --parsable --no-requeue`` (the scheduler owns retries, not Slurm).
+  Job name: the task id (made safe); ``--partition`` from ``settings.slurm_partition``;
+  ``--time`` from the task timeout (whole minutes, rounded up: the scheduler's own timeout is
+  the precise one); ``--gres=gpu:N`` when ``payload["gpus"]`` asks; ``--chdir`` from
+  ``payload["cwd"]``. Output and error files go to ``<home>/slurm/<task>/<attempt>.out|.err``
+  (on a cluster ``home`` must be on a filesystem the compute nodes share).
+- One watcher (owned by the executor's task group) polls every job in flight with a single
+  ``squeue`` call per tick, backing off from 0.1 s to 2 s; a job that leaves ``squeue`` is
+  looked up with ``scontrol show job`` for its final state and exit code (``sacct`` needs
+  accounting, which many small clusters do not run).
+- Result: ``job_id``, ``state``, ``exit_code`` and the last 4 KiB of ``stdout`` / ``stderr``.
+  A non-zero exit or a FAILED / TIMEOUT / NODE_FAIL / CANCELLED / ... state fails the attempt
+  (``SlurmJobFailed``, which carries the same map); a submission Slurm refuses as invalid (bad
+  partition, unknown gres) fails the task at once.
+- Cancelling the attempt (task cancel, task timeout, shutdown) runs ``scancel`` before the
+  cancellation goes on, even if a second cancellation arrives meanwhile: a job never outlives
+  its attempt.
+- Each job carries ``--comment=dspy_infra:<owner>:<task>``. A crash cannot scancel, so a later
+  attempt (the task re-queued on restart) first cancels any job of the same task and owner
+  still queued or running: two copies of one task never run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import shlex
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Self, TypeVar
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.abc import AsyncResource
+
+from ..config import Settings
+from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
+from ..hookspecs import hookimpl
+from ..scheduler.context import TAIL_BYTES, ExecutorFactory, TaskContext
+
+__all__ = [
+    "FAILED_STATES",
+    "SLURM_PACKAGE_HINT",
+    "SlurmCli",
+    "SlurmCommandError",
+    "SlurmExecutor",
+    "SlurmJob",
+    "SlurmJobFailed",
+    "SlurmJobPlan",
+    "dspy_infra_executors",
+    "failure_message",
+    "job_dir_name",
+    "job_name",
+    "job_tag",
+    "parse_scontrol_job",
+    "plan_job",
+    "time_limit_minutes",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: What to install when the Slurm tools are missing.
+SLURM_PACKAGE_HINT = (
+    "install Slurm's client tools (Debian/Ubuntu: apt-get install slurm-client; slurm-wlm for a"
+    " whole single-node cluster, with munge), or unset `slurm` to refuse gpu_slurm tasks"
+)
+#: Job states that end a job unsuccessfully (COMPLETED with a non-zero exit code fails too).
+FAILED_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
+_TERMINAL_STATES = FAILED_STATES | {"COMPLETED"}
+#: sbatch refusals that no retry can fix (the request itself is wrong for this cluster).
+_INVALID_SUBMISSION = re.compile(r"invalid|not available|unrecognized|no partition specified", re.IGNORECASE)
+_UNKNOWN_JOB = "Invalid job id specified"
+_SAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
+_TOOLS = ("sbatch", "squeue", "scontrol", "scancel")
+
+
+class SlurmCommandError(Exception):
+    """A Slurm command exited non-zero; ``stderr`` is what it said."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        super().__init__(f"{argv[0]} exited with {returncode}: {self.stderr or '(no message)'}")
+
+
+class SlurmJobFailed(HandlerFailure):
+    """A job ended unsuccessfully; ``result`` is the attempt's result map (kept on the task)."""
+
+
+@attrs.frozen
+class SlurmJob:
+    """A job as ``scontrol show job`` reports it."""
+
+    job_id: str
+    state: str
+    exit_code: int = 0
+    #: Signal that ended the batch script (0 = none).
+    signal: int = 0
+    reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in _TERMINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "COMPLETED" and self.exit_code == 0 and self.signal == 0
+
+
+def parse_scontrol_job(text: str) -> SlurmJob:
+    """Parse ``scontrol show -o job ID`` output (``Key=Value`` pairs; values we read hold no spaces)."""
+    fields = dict(re.findall(r"(?:^|\s)(JobId|JobState|ExitCode|Reason)=(\S*)", text))
+    if "JobId" not in fields or "JobState" not in fields:
+        raise ValueError(f"not a scontrol job record: {text[:200]!r}")
+    code, _, sig = fields.get("ExitCode", "0:0").partition(":")
+    return SlurmJob(
+        job_id=fields["JobId"],
+        # A state can carry a flag suffix on some versions (e.g. "CANCELLED+").
+        state=fields["JobState"].rstrip("+"),
+        exit_code=int(code or 0),
+        signal=int(sig or 0),
+        reason="" if fields.get("Reason") in (None, "None") else fields["Reason"],
+    )
+
+
+def time_limit_minutes(timeout: float) -> int:
+    """Slurm's ``--time`` (whole minutes) for a task timeout in seconds: never shorter."""
+    return max(1, math.ceil(timeout / 60))
+
+
+def job_name(task_id: str) -> str:
+    """The task id as a Slurm job name (what ``squeue -n`` finds). Never empty, ``.`` or
+    ``..`` (Slurm uses the name in default output paths)."""
+    name = _SAFE.sub("_", task_id)[:200]
+    return name if name.strip(".") else "_" * max(1, len(name))
+
+
+def job_dir_name(task_id: str) -> str:
+    """A directory name for one task's files: readable, safe, and distinct for distinct ids."""
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:12]
+    return f"{_SAFE.sub('_', task_id)[:64]}-{digest}"
+
+
+def job_tag(task_id: str, settings: Settings) -> str:
+    """The job comment that ties a job to its task and owner (found again after a crash)."""
+    return f"dspy_infra:{_SAFE.sub('_', settings.resolved_owner())}:{job_dir_name(task_id)}"
+
+
+def _slurm_path(path: Path) -> str:
+    # sbatch expands %j, %x, ... in --output/--error; "%%" is a literal percent.
+    return str(path).replace("%", "%%")
+
+
+@attrs.frozen
+class SlurmJobPlan:
+    """Everything needed to submit one attempt: the sbatch arguments, script and file paths."""
+
+    argv: tuple[str, ...]
+    script: str
+    stdout_path: Path
+    stderr_path: Path
+
+
+def plan_job(ctx: TaskContext, settings: Settings) -> SlurmJobPlan:
+    """Validate the payload and build the ``sbatch`` call; ``PermanentFailure`` names a bad field."""
+    payload = ctx.payload
+    cmd = payload.get("cmd", "")
+    if not cmd.strip():
+        raise PermanentFailure('payload.cmd: missing (fix: give the shell command, e.g. {"cmd": "echo hi"})')
+    folder = settings.resolved_home() / "slurm" / job_dir_name(ctx.spec.id)
+    out, err = folder / f"{ctx.attempt}.out", folder / f"{ctx.attempt}.err"
+    argv = [
+        "sbatch",
+        "--parsable",
+        "--no-requeue",
+        f"--job-name={job_name(ctx.spec.id)}",
+        f"--comment={job_tag(ctx.spec.id, settings)}",
+        f"--output={_slurm_path(out)}",
+        f"--error={_slurm_path(err)}",
+    ]
+    if settings.slurm_partition:
+        argv.append(f"--partition={settings.slurm_partition}")
+    if ctx.spec.timeout is not None:
+        argv.append(f"--time={time_limit_minutes(ctx.spec.timeout)}")
+    gpus = payload.get("gpus", "").strip()
+    if gpus:
+        if not gpus.isdigit() or int(gpus) < 1:
+            raise PermanentFailure(
+                f'payload.gpus: {gpus!r} is not a whole number of GPUs (fix: e.g. "1", or leave it out)'
+            )
+        argv.append(f"--gres=gpu:{int(gpus)}")
+    if payload.get("cwd"):
+        argv.append(f"--chdir={payload['cwd']}")
+    # The batch script runs the command exactly as the exec handler does: /bin/sh -c CMD.
+    script = f"#!/bin/sh\nexec /bin/sh -c {shlex.quote(cmd)}\n"
+    return SlurmJobPlan(tuple(argv), script, out, err)
+
+
+def _read_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - TAIL_BYTES))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
+async def _finish_despite_cancel(work: asyncio.Future[_T]) -> _T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile; the cancellation
+    is re-raised afterwards. For short clean-up calls (sbatch, scancel) that must not be cut."""
+    interrupted = False
+    while not work.done():
+        try:
+            await asyncio.wait({work})
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        if not work.cancelled():
+            work.exception()  # retrieved here: the cancellation is what propagates
+        raise asyncio.CancelledError
+    return work.result()
+
+
+class SlurmCli:
+    """Slurm's command-line tools as async calls (asyncio subprocesses, never on the loop)."""
+
+    def __init__(self, *, command_timeout: float = 60.0) -> None:
+        self.command_timeout = command_timeout
+
+    async def call(self, argv: Sequence[str], stdin: bytes | None = None) -> str:
+        """Run ``argv``; return its stdout, raise ``SlurmCommandError`` on a non-zero exit."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise PermanentFailure(f"slurm: {argv[0]} is not on PATH (fix: {SLURM_PACKAGE_HINT})") from None
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                out, err = await proc.communicate(stdin)
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await _finish_despite_cancel(asyncio.ensure_future(proc.wait()))
+        if proc.returncode != 0:
+            raise SlurmCommandError(argv, proc.returncode or 0, err.decode(errors="replace"))
+        return out.decode(errors="replace")
+
+    async def submit(self, plan: SlurmJobPlan) -> str:
+        """``sbatch`` the plan; the job id."""
+        out = await self.call(plan.argv, plan.script.encode())
+        # --parsable prints "ID" or "ID;CLUSTER".
+        job_id = out.strip().split(";", 1)[0]
+        if not job_id.isdigit():
+            raise SlurmCommandError(plan.argv, 0, f"unexpected sbatch output {out.strip()!r}")
+        return job_id
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """Job id -> state for the given jobs still in ``squeue`` (finished jobs drop out)."""
+        argv = ("squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T")
+        try:
+            out = await self.call(argv)
+        except SlurmCommandError as exc:
+            if _UNKNOWN_JOB in exc.stderr:
+                return {}  # none of them is listed any more
+            raise
+        listed: dict[str, str] = {}
+        for line in out.splitlines():
+            job_id, sep, state = line.strip().partition("|")
+            if sep:
+                listed[job_id] = state
+        return listed
+
+    async def show(self, job_id: str) -> SlurmJob | None:
+        """The job from ``scontrol show job``; None once Slurm has forgotten it."""
+        try:
+            out = await self.call(("scontrol", "show", "-o", "job", job_id))
+        except SlurmCommandError as exc:
+            if _UNKNOWN_JOB in exc.stderr:
+                return None
+            raise
+        return parse_scontrol_job(out)
+
+    async def cancel(self, job_id: str) -> None:
+        await self.call(("scancel", job_id))
+
+    async def tagged(self, name: str, tag: str) -> list[str]:
+        """Ids of queued or running jobs named ``name`` whose comment is ``tag``."""
+        out = await self.call(("squeue", "-h", "-n", name, "-o", "%i|%k"))
+        return [
+            job_id for job_id, _, comment in (ln.partition("|") for ln in out.splitlines()) if comment == tag
+        ]
+
+
+class _JobWatcher:
+    """Polls all jobs in flight with one ``squeue`` per tick; resolves each job's future
+    with its final ``SlurmJob``. Runs in the executor's task group."""
+
+    def __init__(self, cli: SlurmCli, *, poll_min: float, poll_max: float, unreachable_limit: float) -> None:
+        self.cli = cli
+        self.poll_min = poll_min
+        self.poll_max = poll_max
+        self.unreachable_limit = unreachable_limit
+        self._waiters: dict[str, asyncio.Future[SlurmJob]] = {}
+        self._wake = asyncio.Event()
+
+    async def wait(self, job_id: str) -> SlurmJob:
+        fut: asyncio.Future[SlurmJob] = asyncio.get_running_loop().create_future()
+        self._waiters[job_id] = fut
+        self._wake.set()
+        try:
+            return await fut
+        finally:
+            if self._waiters.get(job_id) is fut:
+                del self._waiters[job_id]
+
+    async def run_forever(self) -> None:
+        interval = self.poll_min
+        failing_since: float | None = None
+        while True:
+            if not self._waiters:
+                self._wake.clear()
+                await self._wake.wait()
+            with anyio.move_on_after(interval):
+                await self._wake.wait()
+            if self._wake.is_set():
+                # A new job: look at it soon (jobs often finish within a second), then back off.
+                self._wake.clear()
+                interval = self.poll_min
+                await anyio.sleep(self.poll_min)
+            try:
+                await self._poll_once()
+            except (SlurmCommandError, ValueError, TimeoutError) as exc:
+                now = time.monotonic()
+                # Warn once per outage, not on every tick of it.
+                log.log(logging.DEBUG if failing_since else logging.WARNING, "slurm: polling failed: %s", exc)
+                failing_since = failing_since or now
+                if now - failing_since > self.unreachable_limit:
+                    self._fail_all(
+                        f"slurm: no job states from the controller for {now - failing_since:.0f}s: {exc}"
+                    )
+                    failing_since = None
+            else:
+                failing_since = None
+            interval = min(self.poll_max, interval * 1.5)
+
+    async def _poll_once(self) -> None:
+        ids = list(self._waiters)
+        if not ids:
+            return
+        listed = await self.cli.states(ids)
+        for job_id in ids:
+            if job_id in listed and listed[job_id] not in _TERMINAL_STATES:
+                continue
+            job = await self.cli.show(job_id)
+            fut = self._waiters.get(job_id)
+            if fut is None or fut.done():
+                continue
+            if job is None:
+                fut.set_exception(
+                    SlurmCommandError(
+                        ("scontrol", "show", "job", job_id),
+                        1,
+                        f"job {job_id} is no longer known to Slurm (purged before its end was seen;"
+                        " raise MinJobAge in slurm.conf)",
+                    )
+                )
+            elif job.terminal:
+                fut.set_result(job)
+
+    def _fail_all(self, message: str) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(message, fix="check `scontrol ping` on this host"))
+
+
+class SlurmExecutor(AsyncResource):
+    """Runs tasks as Slurm batch jobs (see the module docstring). An async context manager:
+    its task group owns the job watcher; ``run`` needs it entered (the Scheduler does that)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cli: SlurmCli | None = None,
+        poll_min: float = 0.1,
+        poll_max: float = 2.0,
+        unreachable_limit: float = 120.0,
+    ) -> None:
+        self.settings = settings
+        self.cli = cli or SlurmCli()
+        self._watcher = _JobWatcher(
+            self.cli, poll_min=poll_min, poll_max=poll_max, unreachable_limit=unreachable_limit
+        )
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
+        if missing:
+            raise ConfigError(
+                f"slurm = {self.settings.slurm!r} but {', '.join(missing)} not found on PATH",
+                field="slurm",
+                fix=SLURM_PACKAGE_HINT,
+            )
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        tg.start_soon(self._watcher.run_forever, name="dspy_infra-slurm-watcher")
+        self._tg = tg
+        return self
+
+    async def aclose(self) -> None:
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+
+    async def run(self, ctx: TaskContext) -> dict[str, str]:
+        """One attempt of ``ctx.spec`` as a batch job; the result map, or raise on failure."""
+        if self._tg is None:
+            raise Unavailable(
+                "the Slurm executor is not running", fix="use it as `async with SlurmExecutor(settings)`"
+            )
+        plan = plan_job(ctx, self.settings)
+        await anyio.to_thread.run_sync(lambda: plan.stdout_path.parent.mkdir(parents=True, exist_ok=True))
+        if ctx.attempt > 1:
+            # An earlier attempt's job may still run if its process died before scancel.
+            name = job_name(ctx.spec.id)
+            for stale in await self.cli.tagged(name, job_tag(ctx.spec.id, self.settings)):
+                log.warning("slurm: cancelling job %s left by an earlier attempt of %r", stale, ctx.spec.id)
+                await self._scancel(stale)
+        submitting = asyncio.ensure_future(self.cli.submit(plan))
+        try:
+            job_id = await _finish_despite_cancel(submitting)
+        except asyncio.CancelledError:
+            # Cancelled while sbatch ran: the job exists now, so it must go again.
+            if not submitting.cancelled() and submitting.exception() is None:
+                await self._scancel(submitting.result())
+            raise
+        except SlurmCommandError as exc:
+            if exc.argv[:1] == ["sbatch"] and _INVALID_SUBMISSION.search(exc.stderr):
+                raise PermanentFailure(
+                    f"slurm: sbatch refused the job: {exc.stderr} (fix: check slurm_partition and"
+                    " payload.gpus against `sinfo`)"
+                ) from None
+            raise
+        log.info("slurm: task %r attempt %d is job %s", ctx.spec.id, ctx.attempt, job_id)
+        try:
+            job = await self._watcher.wait(job_id)
+        except BaseException:
+            await self._scancel(job_id)
+            raise
+        result = await anyio.to_thread.run_sync(self._result_map, job, plan)
+        if not job.succeeded:
+            raise SlurmJobFailed(failure_message(job, result), result)
+        return result
+
+    async def _scancel(self, job_id: str) -> None:
+        try:
+            await _finish_despite_cancel(asyncio.ensure_future(self.cli.cancel(job_id)))
+        except (SlurmCommandError, TimeoutError) as exc:
+            log.warning("slurm: scancel %s failed: %s", job_id, exc)
+        else:
+            log.info("slurm: cancelled job %s", job_id)
+
+    @staticmethod
+    def _result_map(job: SlurmJob, plan: SlurmJobPlan) -> dict[str, str]:
+        result = {
+            "job_id": job.job_id,
+            "state": job.state,
+            "exit_code": str(job.exit_code),
+            "stdout": _read_tail(plan.stdout_path),
+            "stderr": _read_tail(plan.stderr_path),
+        }
+        if job.state == "FAILED" and not plan.stdout_path.exists():
+            result["output_missing"] = str(plan.stdout_path)
+        return result
+
+
+def failure_message(job: SlurmJob, result: Mapping[str, str]) -> str:
+    """The error of a failed attempt: the job, how it ended, and the end of what it printed."""
+    what = {
+        "TIMEOUT": "hit its Slurm time limit",
+        "CANCELLED": "was cancelled in Slurm",
+        "NODE_FAIL": "lost its node",
+        "OUT_OF_MEMORY": "ran out of memory",
+    }.get(job.state, "failed")
+    text = f"Slurm job {job.job_id} {what} ({job.state}, exit code {job.exit_code}"
+    text += f", signal {job.signal})" if job.signal else ")"
+    if job.reason:
+        text += f" reason {job.reason}"
+    if "output_missing" in result:
+        # The job never opened its output file: the node cannot write where we read.
+        text += (
+            f"; it wrote no {result['output_missing']} (fix: put `home` on a filesystem the"
+            " compute nodes share, or check the node's slurmd log)"
+        )
+    tail = result.get("stderr", "").strip() or result.get("stdout", "").strip()
+    return text + (f": {tail[-500:]}" if tail else "")
+
+
+def _factory(settings: Settings) -> SlurmExecutor | None:
+    if settings.slurm is None:
+        return None  # not configured: gpu_slurm stays refused at submit
+    if settings.slurm != "cli":
+        raise ConfigError(
+            f"unknown Slurm executor {settings.slurm!r}",
+            field="slurm",
+            fix='set slurm = "cli" (sbatch/squeue on PATH), or leave it unset',
+        )
+    return SlurmExecutor(settings)
+
+
+@hookimpl
+def dspy_infra_executors() -> Mapping[str, ExecutorFactory]:
+    """The ``slurm`` executor (None unless ``settings.slurm`` is set)."""
+    return {"slurm": _factory}

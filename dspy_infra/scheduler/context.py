@@ -1,0 +1,210 @@
+"""What a handler gets and reads: ``TaskContext`` (the task's spec, attempt, settings and the
+scheduler's ``SharedResources``), the ``Handler`` type, the typed payload readers and the
+tail rule for subprocess output.
+
+A handler is an async function of a ``TaskContext`` returning its result, a JSON object;
+raising fails the attempt (retried while attempts remain), raising ``PermanentFailure`` fails
+the task at once. Payload values are JSON values; old clients send every value as a string,
+so the typed readers accept a number's or an object's text too, and name the field on
+anything else. ``Executor`` is the contract of what runs whole classes elsewhere. The
+scheduler owns these contracts; the built-in handlers live in ``dspy_infra.handlers`` and
+executors in ``dspy_infra.executors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+
+import anyio
+import attrs
+
+from ..config import Settings
+from ..errors import PermanentFailure
+from ..models import TaskSpec
+from ..values import preview
+
+__all__ = [
+    "TAIL_BYTES",
+    "Executor",
+    "ExecutorFactory",
+    "Handler",
+    "SharedResources",
+    "Tail",
+    "TaskContext",
+    "payload_json_object",
+    "payload_number",
+    "payload_text",
+]
+
+_R = TypeVar("_R")
+
+#: How much of a subprocess's output the ``Tail`` rule keeps (the end of it; the ``http``
+#: and ``container`` handlers use it, ``exec`` keeps more: ``RESULT_OUTPUT_BYTES``).
+TAIL_BYTES = 4096
+
+
+class SharedResources:
+    """Long-lived resources that handlers share across attempts (an engine connection, ...).
+
+    Owned by the scheduler: each resource is opened by the first attempt that asks for it
+    (``get``) and closed by ``aclose`` when the scheduler closes, after every attempt has
+    ended. A resource that fails to open is not kept, so the next attempt tries again.
+    """
+
+    def __init__(self) -> None:
+        self._opened: dict[Hashable, Any] = {}
+        self._locks: dict[Hashable, anyio.Lock] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._closed = False
+
+    async def get(self, key: Hashable, opener: Callable[[], AbstractAsyncContextManager[_R]]) -> _R:
+        """The resource under ``key``, entering ``opener()`` the first time (once, even when
+        attempts ask at the same moment)."""
+        if key in self._opened:
+            return cast(_R, self._opened[key])
+        async with self._locks.setdefault(key, anyio.Lock()):
+            if key not in self._opened:
+                if self._closed:
+                    raise RuntimeError("the scheduler that owns these resources has closed")
+                self._opened[key] = await self._stack.enter_async_context(opener())
+            return cast(_R, self._opened[key])
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._opened.clear()
+        await self._stack.aclose()
+
+
+@attrs.frozen
+class TaskContext:
+    """What a handler gets: the task's spec, which attempt this is (1-based), the scheduler's
+    settings and the resources it owns for handlers (both None outside a scheduler)."""
+
+    spec: TaskSpec
+    attempt: int
+    settings: Settings | None = None
+    shared: SharedResources | None = None
+
+    @property
+    def payload(self) -> Mapping[str, Any]:
+        return self.spec.payload
+
+
+Handler = Callable[[TaskContext], Awaitable[Mapping[str, Any]]]
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs the tasks of a class whose ``executor`` is not ``"local"`` somewhere else (Slurm,
+    and the next ones). ``run`` is called once per attempt, like a handler: its result is a
+    JSON object; raising fails the attempt (``PermanentFailure``: the task). An executor that
+    is also an async context manager is entered when the scheduler starts and left when it
+    closes (its watchers and connections live that long)."""
+
+    async def run(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+
+
+#: What the ``dspy_infra_executors`` hook maps a name to: called with the scheduler's
+#: settings, it returns the executor (or None when the plugin is installed but not
+#: configured, e.g. ``slurm`` unset).
+ExecutorFactory = Callable[[Settings], Executor | None]
+
+
+def payload_json_object(payload: Mapping[str, Any], field: str, example: str) -> dict[str, str]:
+    """``payload[field]`` as an object of strings (``{}`` when absent, null or empty).
+
+    A JSON object, or its text (old clients send every payload value as a string); anything
+    else is a ``PermanentFailure`` naming the field and showing ``example``.
+    """
+    raw = payload.get(field)
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        value: Any = raw
+    elif isinstance(raw, str):
+        if not raw.strip():
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise PermanentFailure(
+                f"payload.{field}: not valid JSON ({exc}) (fix: a JSON object, e.g. {example})"
+            ) from None
+    else:
+        raise PermanentFailure(
+            f"payload.{field}: expected a JSON object, got {preview(raw)} (fix: a JSON object, e.g. {example})"
+        )
+    if not isinstance(value, dict):
+        raise PermanentFailure(
+            f"payload.{field}: expected a JSON object, got {type(value).__name__}"
+            f" (fix: a JSON object, e.g. {example})"
+        )
+    bad = sorted(str(k) for k, v in value.items() if not isinstance(v, str))
+    if bad:
+        raise PermanentFailure(
+            f"payload.{field}: values must be strings, not for {', '.join(preview(k) for k in bad[:5])}"
+            f" (fix: quote them, e.g. {example})"
+        )
+    return dict(value)
+
+
+class Tail:
+    """Keeps the last ``TAIL_BYTES`` of a stream without holding all of it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * TAIL_BYTES:
+            del self.data[: len(self.data) - TAIL_BYTES]
+
+    def text(self) -> str:
+        return bytes(self.data[-TAIL_BYTES:]).decode("utf-8", errors="replace")
+
+
+# -- typed payload fields -------------------------------------------------------------------
+
+
+def payload_text(payload: Mapping[str, Any], field: str, default: str = "", *, example: str = "") -> str:
+    """``payload[field]`` as text (``default`` when absent or null); anything but a string is
+    a ``PermanentFailure`` naming the field."""
+    value = payload.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise PermanentFailure(
+            f"payload.{field}: expected a string, got {preview(value)}"
+            + (f" (fix: e.g. {example})" if example else "")
+        )
+    return value
+
+
+def payload_number(
+    payload: Mapping[str, Any], field: str, default: float, *, lo: float = 0.0, example: str = "0.5"
+) -> float:
+    """``payload[field]`` as a finite number ``>= lo``: a JSON number, or its text (what old
+    clients send); anything else is a ``PermanentFailure`` naming the field."""
+    value = payload.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PermanentFailure(
+            f"payload.{field}: expected a number, got {preview(value)} (fix: e.g. {example})"
+        )
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise PermanentFailure(
+            f"payload.{field}: {preview(value)} is not a number (fix: e.g. {example})"
+        ) from None
+    if not math.isfinite(number) or number < lo:
+        raise PermanentFailure(
+            f"payload.{field}: must be a finite number >= {lo:g}, got {preview(value)} (fix: e.g. {example})"
+        )
+    return number

@@ -1,0 +1,114 @@
+"""``TaskRecord``: the scheduler's mutable bookkeeping for one task (the public view is
+``TaskState``), and the rows it writes to the store."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import (
+    InfraError,
+)
+from ..models import TaskResult, TaskSpec, TaskState, TaskStatus
+from .store import (
+    STATUS_TEXT,
+    InsertRow,
+    UpdateRow,
+    encode_json_object,
+)
+
+__all__ = ["NO_RESULT", "TaskRecord"]
+
+_PENDING = TaskStatus.PENDING
+#: The result of a task that has none yet (shared: results are replaced, never mutated).
+NO_RESULT: dict[str, Any] = {}
+_NO_RESULT = NO_RESULT
+
+
+class TaskRecord:
+    """Mutable bookkeeping for one task (the public view is ``TaskState``)."""
+
+    # Class-level defaults, not __slots__: a new task sets four attributes instead of
+    # sixteen (accepting is on the hot path). Mutable values are always replaced, never
+    # changed in place, so the shared defaults stay as they are.
+    status = _PENDING
+    attempts = 0
+    result: dict[str, Any] = _NO_RESULT
+    error = ""
+    started_at = 0.0
+    completed_at = 0.0
+    duration_ms = 0.0
+    #: True once the terminal state is committed and handed to waiters and streams.
+    delivered = False
+    cancel_requested = False
+    #: Re-queued from the store at start (it may name a handler registered after start).
+    recovered = False
+    waiters: list[asyncio.Future[None]] | None = None
+    worker: asyncio.Task[Any] | None = None
+    timer: asyncio.TimerHandle | None = None
+    #: False until the task's row is committed (durable mode); it is queued only then.
+    stored = True
+    #: Why the store refused this task's row (the task was not accepted).
+    rejection: InfraError | None = None
+    #: Why the store refused the latest change of this (stored) task's row.
+    write_error: InfraError | None = None
+    #: The payload's JSON text, computed once at submit (size check and store row).
+    payload_text = ""
+    #: Attempts in a row that could not start because their record was not saved.
+    unsaved_starts = 0
+
+    def __init__(self, spec: TaskSpec, seq: int, now: float) -> None:
+        self.spec = spec
+        self.seq = seq
+        self.submitted_at = now
+        self.ready_at = now
+
+    def insert_row(self) -> InsertRow:
+        spec = self.spec
+        return (
+            spec.id,
+            self.seq,
+            spec.task_class,
+            spec.priority,
+            spec.timeout,
+            spec.max_attempts,
+            spec.workflow_id,
+            self.payload_text or encode_json_object(spec.payload),
+            STATUS_TEXT[self.status],
+            self.attempts,
+            encode_json_object(self.result) if self.result else "",
+            self.error,
+            self.submitted_at,
+            self.started_at,
+            self.completed_at,
+            self.duration_ms,
+        )
+
+    def update_row(self) -> UpdateRow:
+        return (
+            STATUS_TEXT[self.status],
+            self.attempts,
+            encode_json_object(self.result) if self.result else "",
+            self.error,
+            self.started_at,
+            self.completed_at,
+            self.duration_ms,
+            self.spec.id,
+        )
+
+    def state(self) -> TaskState:
+        return TaskState(
+            spec=self.spec,
+            status=self.status,
+            attempts=self.attempts,
+            result=dict(self.result),
+            error=self.error,
+            submitted_at=self.submitted_at,
+            started_at=self.started_at,
+            completed_at=self.completed_at,
+            duration_ms=self.duration_ms,
+        )
+
+    def to_result(self) -> TaskResult:
+        # Without building the TaskState first (once per task).
+        return TaskResult.of(self)

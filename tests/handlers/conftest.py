@@ -1,0 +1,7 @@
+"""Tests of dspy_infra/handlers: the engine fixtures (engines.py) for the ``container`` handler."""
+
+from __future__ import annotations
+
+from engines import docker_backend, docker_engine, engine, engine_kind, podman_engine, registry
+
+__all__ = ["docker_backend", "docker_engine", "engine", "engine_kind", "podman_engine", "registry"]
