@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+from _rpc_support import base_settings
 
 from dspy_infra.config import load_settings
 from dspy_infra.infra import Infra
-from dspy_infra.rpc.server import InfraServer
-from tests._rpc_support import base_settings
+from dspy_infra.serve import InfraServer
 
 T = TypeVar("T")
 

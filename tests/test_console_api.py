@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from _rpc_support import in_process_server
+from engines import skip_or_fail
 
 from dspy_infra.console import PUBLIC_PATHS
 from dspy_infra.console.api import API_PREFIX, CONSOLE_KEY
@@ -18,8 +20,6 @@ from dspy_infra.console.openapi import openapi_document
 from dspy_infra.events import EventBus
 from dspy_infra.http import build_app
 from dspy_infra.infra import Infra
-from tests._rpc_support import in_process_server
-from tests.conftest import skip_or_fail
 
 TOKEN = "console-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -66,8 +66,9 @@ async def test_every_api_route_is_documented_and_every_documented_path_exists(tm
 
 
 def load_settings_for(tmp_path: Path) -> Any:
+    from _rpc_support import base_settings
+
     from dspy_infra.config import load_settings
-    from tests._rpc_support import base_settings
 
     return load_settings(**base_settings(tmp_path / "state"))
 
@@ -240,7 +241,7 @@ async def test_queues_and_overview(api: tuple[Any, str, Infra, Any]) -> None:
     await infra.wait("bad", timeout=30)
     async with session.get(f"{base}/queues") as resp:
         queues = {q["class"]: q for q in (await _json(resp))["queues"]}
-    expected = infra.queue_status()["cpu_short"]
+    expected = (await infra.queue_status())["cpu_short"]
     assert queues["cpu_short"]["limit"] == expected.limit
     assert queues["cpu_short"]["max_limit"] == expected.max_limit
     async with session.get(f"{base}/overview") as resp:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _console_support import ThreadedServer, threaded_server
+from engines import skip_or_fail
 
 from dspy_infra.models import TaskSpec
-from tests._console_support import ThreadedServer, threaded_server
-from tests.conftest import skip_or_fail
 
 TOKEN = "browser-token"
 CHROMIUM = "/usr/bin/chromium"

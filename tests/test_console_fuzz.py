@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from _console_support import threaded_server
+from engines import skip_or_fail
 from hypothesis import HealthCheck, given, settings
 
 from dspy_infra.console.api import API_PREFIX
-from tests._console_support import threaded_server
-from tests.conftest import skip_or_fail
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engines import skip_or_fail
 
 from dspy_infra.metrics import InfraMetrics
-from tests.conftest import skip_or_fail
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"

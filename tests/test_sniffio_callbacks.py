@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import skip_or_fail
+from engines import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = """

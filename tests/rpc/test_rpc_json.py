@@ -196,8 +196,9 @@ def test_event_data_travels_on_its_string_map() -> None:
 
 
 async def test_remote_list_tasks_filters_by_workflow_run_like_the_embedded_one(tmp_path: Path) -> None:
-    from dspy_infra.rpc.client import RemoteInfra
-    from tests._rpc_support import in_process_server
+    from _rpc_support import in_process_server
+
+    from dspy_infra.rpc.remote import RemoteInfra
 
     async with in_process_server(tmp_path) as (infra, server):
         await infra.submit_task("w-1", payload={"handler": "noop"}, workflow_id="run-a")
