@@ -162,7 +162,11 @@ def check_json_object(
     root: JsonObject = {}
     # Each entry: (source container, destination container, path, depth).
     stack: list[tuple[Any, Any, str, int]] = [(value, root, field, 1)]
-    budget = max_bytes  # a cheap running bound; the exact size is checked after the walk
+    # Two running bounds of the compact JSON size: ``low`` never exceeds it (so passing the
+    # limit refuses at once, without encoding a huge value), ``high`` never falls short (a
+    # character takes at most 6 bytes, as a \u escape). Only when the limit lies between them
+    # is the value encoded to measure it exactly: most values are encoded once, by the store.
+    low = high = 2  # the root's braces
     while stack:
         src, dst, path, depth = stack.pop()
         if depth > max_depth:
@@ -178,37 +182,44 @@ def check_json_object(
                     raise SpecError(f"has a key that is not a string: {preview(key)}", field=path)
                 check_text(key, f"{path} key", max_length=MAX_KEY_LENGTH, allow_empty=True)
                 where = f"{path}.{key}" if len(key) <= 40 else f"{path}.{key[:40]}..."
-                budget -= len(key) + 4
+                low += len(key) + 3  # "key":
+                high += 6 * len(key) + 4  # and a comma
             else:
                 where = f"{path}[{key}]"
-                budget -= 1
+                high += 1  # a comma
             if item is None or isinstance(item, bool):
                 out: Any = item
-                budget -= 5
+                size = 4 if item is not False else 5
             elif isinstance(item, int):
                 out = check_int(item, where)
-                budget -= 20
+                size = len(repr(out))
             elif isinstance(item, float):
                 out = check_finite(item, where)
-                budget -= 24
+                size = len(repr(out))
             elif isinstance(item, str):
                 out = check_text(item, where, max_length=max_bytes, allow_empty=True)
-                budget -= len(item) + 2
+                low += len(item) + 2
+                high += 6 * len(item) + 2
+                size = 0
             elif isinstance(item, Mapping):
                 out = {}
                 stack.append((item, out, where, depth + 1))
+                size = 2
             elif isinstance(item, list | tuple):
                 out = []
                 stack.append((item, out, where, depth + 1))
+                size = 2
             else:
                 raise SpecError(
                     f"is a {type(item).__name__}, which JSON cannot hold",
                     field=where,
                     fix="use strings, numbers, booleans, null, lists and objects",
                 )
-            if budget < 0:
+            low += size
+            high += size
+            if low > max_bytes:
                 raise SpecError(
-                    f"is larger than {max_bytes} bytes",
+                    f"is larger than {max_bytes} bytes as JSON",
                     field=field,
                     fix="send less data (or raise the limit)",
                 )
@@ -216,13 +227,14 @@ def check_json_object(
                 dst[key] = out
             else:
                 dst.append(out)
-    size = len(json_text(root).encode("utf-8"))
-    if size > max_bytes:
-        raise SpecError(
-            f"is {size} bytes as JSON, the limit is {max_bytes}",
-            field=field,
-            fix="send less data (or raise the limit)",
-        )
+    if high > max_bytes:
+        exact = len(json_text(root).encode("utf-8"))
+        if exact > max_bytes:
+            raise SpecError(
+                f"is {exact} bytes as JSON, the limit is {max_bytes}",
+                field=field,
+                fix="send less data (or raise the limit)",
+            )
     return root
 
 
