@@ -172,7 +172,8 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         settings = self.infra.settings
         # Decode first (payload_json or the old map), then apply the command policy to what
         # was decoded: checking only the old map would let payload_json bypass exec_policy.
-        payload = remote_payload(cv.submit_request_payload(req, max_payload_bytes=settings.max_payload_bytes))
+        # TaskSpec checks the decoded payload for what the store holds (once, not here too).
+        payload = cv.submit_request_payload(req, max_payload_bytes=settings.max_payload_bytes)
         check_remote_payload(settings, payload, "payload")
         return TaskSpec(
             id=check_text(req.id, "id"),
