@@ -26,9 +26,9 @@ import json
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 
@@ -50,6 +50,8 @@ __all__ = [
     "render_settings_markdown",
     "settings_reference",
 ]
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -154,6 +156,48 @@ def _print_json(doc: Any) -> None:
 
 def _status_text(value: Any) -> str:
     return str(getattr(value, "value", value))
+
+
+def _table(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    fold: bool = False,
+    right: Container[str] = (),
+) -> Any:
+    """A rich table of ``rows``: the human view of every listing (``--json`` is the other).
+    ``fold`` wraps long cells (URLs) instead of cutting them; ``right`` aligns those columns."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(
+            column,
+            overflow="fold" if fold else "ellipsis",
+            justify="right" if column in right else "left",
+        )
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _print_listing(
+    as_json: bool,
+    items: Sequence[T],
+    *,
+    doc: Callable[[T], Any],
+    title: str,
+    columns: Sequence[str],
+    row: Callable[[T], Sequence[str]],
+) -> int:
+    """A listing command's output: ``doc`` of each item as a JSON array with ``--json``, else
+    a table titled ``title (count)`` with ``row`` of each item."""
+    if as_json:
+        _print_json([doc(item) for item in items])
+    else:
+        _console().print(_table(f"{title} ({len(items)})", columns, [row(item) for item in items]))
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,8 +366,6 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     async def body(infra: InfraAPI) -> int:
         health = await infra.health()
         services = await infra.services.status()
@@ -350,31 +392,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"dspy-infra {health.get('version', '?')} ({where}): "
             + ("healthy" if health.get("healthy") else "UNHEALTHY")
         )
-        table = Table(title="Services")
-        for column in ("service", "status", "backend", "ports", "instance", "started", "restarts"):
-            table.add_column(column)
-        for name, st in sorted(services.items()):
-            ports = ", ".join(f"{h}->{c}" for c, h in sorted(st.ports.items())) or "-"
-            table.add_row(
+        service_rows = [
+            (
                 name,
                 _status_text(st.status),
                 st.backend or "-",
-                ports,
+                ", ".join(f"{h}->{c}" for c, h in sorted(st.ports.items())) or "-",
                 (st.instance_id or "-")[:12],
                 _ts(st.started_at),
                 str(st.restarts),
             )
-        if not services:
-            table.add_row("(none)", "", "", "", "", "", "")
-        out.print(table)
-        qtable = Table(title="Queues and limits")
-        for column in ("class", "queued", "running", "limit", "min", "max"):
-            qtable.add_column(column, justify="right" if column != "class" else "left")
-        for name, q in sorted(queues.items()):
-            qtable.add_row(
-                name, str(q.depth), str(q.inflight), str(q.limit), str(q.min_limit), str(q.max_limit)
-            )
-        out.print(qtable)
+            for name, st in sorted(services.items())
+        ]
+        service_columns = ("service", "status", "backend", "ports", "instance", "started", "restarts")
+        out.print(_table("Services", service_columns, service_rows or [("(none)", "", "", "", "", "", "")]))
+        queue_rows = [
+            (name, str(q.depth), str(q.inflight), str(q.limit), str(q.min_limit), str(q.max_limit))
+            for name, q in sorted(queues.items())
+        ]
+        queue_columns = ("class", "queued", "running", "limit", "min", "max")
+        out.print(_table("Queues and limits", queue_columns, queue_rows, right=queue_columns[1:]))
         return EXIT_OK if health.get("healthy") else EXIT_FAILURE
 
     return _run_with_infra(args, body)
@@ -554,8 +591,6 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     command = getattr(args, "tasks_command", None) or "list"
     if command == "show":
         return _run_with_infra(args, lambda infra: _show_task(infra, args))
@@ -563,15 +598,13 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         return _run_with_infra(args, lambda infra: _show_task_log(infra, args))
 
     async def body(infra: InfraAPI) -> int:
-        states = await infra.list_tasks(status=args.status, limit=args.limit)
-        if args.json:
-            _print_json([_task_row(s) for s in states])
-            return EXIT_OK
-        table = Table(title=f"Tasks ({len(states)})")
-        for column in ("id", "class", "status", "attempts", "submitted", "duration", "error"):
-            table.add_column(column)
-        for s in states:
-            table.add_row(
+        return _print_listing(
+            args.json,
+            await infra.list_tasks(status=args.status, limit=args.limit),
+            doc=_task_row,
+            title="Tasks",
+            columns=("id", "class", "status", "attempts", "submitted", "duration", "error"),
+            row=lambda s: (
                 s.id,
                 s.spec.task_class,
                 _status_text(s.status),
@@ -579,9 +612,8 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
                 _ts(s.submitted_at),
                 f"{s.duration_ms:.0f} ms" if s.duration_ms else "-",
                 (s.error or "")[:60],
-            )
-        _console().print(table)
-        return EXIT_OK
+            ),
+        )
 
     return _run_with_infra(args, body)
 
@@ -692,24 +724,25 @@ def _run_update_line(update: Any) -> str:
     return text
 
 
-def _steps_table(run: Any, title: str = "Steps") -> Any:
-    from rich.table import Table
+def _took_text(step: Any) -> str:
+    took = step.completed_at - step.started_at if step.completed_at and step.started_at else 0.0
+    return "-" if not took else f"{took * 1000:.0f} ms" if took < 1 else f"{took:.1f} s"
 
-    table = Table(title=title)
-    for column in ("step", "status", "attempts", "task", "started", "took", "error"):
-        table.add_column(column)
-    for name, step in run.steps.items():
-        took = step.completed_at - step.started_at if step.completed_at and step.started_at else 0.0
-        table.add_row(
+
+def _steps_table(run: Any, title: str = "Steps") -> Any:
+    rows = [
+        (
             name,
             _status_text(step.status),
             str(step.attempts),
             step.task_id or "-",
             _ts(step.started_at),
-            ("-" if not took else f"{took * 1000:.0f} ms" if took < 1 else f"{took:.1f} s"),
+            _took_text(step),
             (step.error or "")[:60],
         )
-    return table
+        for name, step in run.steps.items()
+    ]
+    return _table(title, ("step", "status", "attempts", "task", "started", "took", "error"), rows)
 
 
 def _run_doc(run: Any) -> dict[str, Any]:
@@ -748,8 +781,6 @@ async def _follow_run(infra: InfraAPI, run_id: str) -> Any:
 
 
 def _cmd_workflow(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     if args.wf_command == "create":
         spec = _read_workflow_spec(args.file)
 
@@ -798,43 +829,33 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
     if args.wf_command == "list":
 
         async def listing(infra: InfraAPI) -> int:
-            workflows = await infra.list_workflows()
-            if args.json:
-                _print_json(
-                    [
-                        {
-                            "id": wf.id,
-                            "name": wf.name,
-                            "description": wf.description,
-                            "steps": list(wf.spec.names),
-                            "created_at": wf.created_at,
-                        }
-                        for wf in workflows
-                    ]
-                )
-                return EXIT_OK
-            table = Table(title=f"Workflows ({len(workflows)})")
-            for column in ("id", "name", "steps", "created", "description"):
-                table.add_column(column)
-            for wf in workflows:
-                table.add_row(wf.id, wf.name, ", ".join(wf.spec.names), _ts(wf.created_at), wf.description)
-            _console().print(table)
-            return EXIT_OK
+            return _print_listing(
+                args.json,
+                await infra.list_workflows(),
+                doc=lambda wf: {
+                    "id": wf.id,
+                    "name": wf.name,
+                    "description": wf.description,
+                    "steps": list(wf.spec.names),
+                    "created_at": wf.created_at,
+                },
+                title="Workflows",
+                columns=("id", "name", "steps", "created", "description"),
+                row=lambda wf: (wf.id, wf.name, ", ".join(wf.spec.names), _ts(wf.created_at), wf.description),
+            )
 
         return _run_with_infra(args, listing)
 
     if args.wf_command == "runs":
 
         async def runs(infra: InfraAPI) -> int:
-            states = await infra.list_runs(args.workflow_id, limit=args.limit)
-            if args.json:
-                _print_json([_run_doc(r) for r in states])
-                return EXIT_OK
-            table = Table(title=f"Runs ({len(states)})")
-            for column in ("run", "workflow", "status", "steps", "created", "updated", "error"):
-                table.add_column(column)
-            for r in states:
-                table.add_row(
+            return _print_listing(
+                args.json,
+                await infra.list_runs(args.workflow_id, limit=args.limit),
+                doc=_run_doc,
+                title="Runs",
+                columns=("run", "workflow", "status", "steps", "created", "updated", "error"),
+                row=lambda r: (
                     r.run_id,
                     r.workflow_id,
                     _status_text(r.status),
@@ -842,9 +863,8 @@ def _cmd_workflow(args: argparse.Namespace) -> int:
                     _ts(r.created_at),
                     _ts(r.updated_at),
                     (r.error or "")[:60],
-                )
-            _console().print(table)
-            return EXIT_OK
+                ),
+            )
 
         return _run_with_infra(args, runs)
 
@@ -908,7 +928,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_services(args: argparse.Namespace) -> int:
     """Each running service with its status and the URL a client connects to."""
-    from rich.table import Table
 
     async def body(infra: InfraAPI) -> int:
         states = await infra.services.status(list(args.names) or None)
@@ -932,13 +951,17 @@ def _cmd_services(args: argparse.Namespace) -> int:
         if not running:
             out.print("no services are running (start one: dspy-infra up NAME)")
             return EXIT_OK
-        table = Table(title="Services")
-        for column in ("service", "status", "url", "ports (container->host)"):
-            table.add_column(column, overflow="fold")
-        for name, st in sorted(running.items()):
-            ports = ", ".join(f"{c}->{h}" for c, h in sorted(st.ports.items())) or "-"
-            table.add_row(name, _status_text(st.status), st.url or "-", ports)
-        out.print(table)
+        rows = [
+            (
+                name,
+                _status_text(st.status),
+                st.url or "-",
+                ", ".join(f"{c}->{h}" for c, h in sorted(st.ports.items())) or "-",
+            )
+            for name, st in sorted(running.items())
+        ]
+        columns = ("service", "status", "url", "ports (container->host)")
+        out.print(_table("Services", columns, rows, fold=True))
         return EXIT_OK
 
     return _run_with_infra(args, body)
@@ -946,8 +969,6 @@ def _cmd_services(args: argparse.Namespace) -> int:
 
 def _cmd_catalog(args: argparse.Namespace) -> int:
     """The service specs this configuration knows (built-ins, plugins, [services.NAME])."""
-    from rich.table import Table
-
     from .plugins import build_plugin_manager
     from .services.catalog import build_catalog, spec_to_toml
     from .services.graph import unknown_service
@@ -961,11 +982,8 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
             raise unknown_service(args.show, catalog, field="--show")
         sys.stdout.write(spec_to_toml(spec))
         return EXIT_OK
-    table = Table(title="Service catalog (dspy-infra catalog --show NAME prints one as TOML)")
-    for column in ("service", "image", "process command", "ports", "health", "url", "required"):
-        table.add_column(column, overflow="fold")
-    for name, spec in sorted(catalog.items()):
-        table.add_row(
+    rows = [
+        (
             name,
             spec.image or "-",
             spec.command[0] if spec.command else "-",
@@ -978,7 +996,11 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
             default_url_template(spec) if spec.ports or spec.health.port else "-",
             "yes" if spec.required else "no",
         )
-    _console().print(table)
+        for name, spec in sorted(catalog.items())
+    ]
+    columns = ("service", "image", "process command", "ports", "health", "url", "required")
+    title = "Service catalog (dspy-infra catalog --show NAME prints one as TOML)"
+    _console().print(_table(title, columns, rows, fold=True))
     return EXIT_OK
 
 
