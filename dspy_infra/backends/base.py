@@ -21,7 +21,7 @@ from typing import Self
 import attrs
 from anyio.abc import AsyncResource
 
-from ..errors import BackendError, SpecError
+from ..errors import BackendError, NotFound, SpecError
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
 __all__ = [
@@ -199,6 +199,13 @@ class Backend(AsyncResource):
     @abc.abstractmethod
     async def inspect(self, instance_id: str) -> Instance:
         """Current state of one instance; ``NotFound`` if it is gone."""
+
+    async def inspect_or_none(self, instance_id: str) -> Instance | None:
+        """Current state of one instance, or None if it is gone."""
+        try:
+            return await self.inspect(instance_id)
+        except NotFound:
+            return None
 
     @abc.abstractmethod
     async def list_instances(self, labels: Mapping[str, str]) -> list[Instance]:

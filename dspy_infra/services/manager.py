@@ -25,9 +25,10 @@ owner's instance started with ``keep`` (a ``.keep/<instance>`` marker) and still
 catalog's spec is adopted and monitored from that moment; every other dead owner's instance is
 removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
 
-The monitor probes every healthy service on its check's interval; one that exits, or fails
-``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
-(exponential backoff, at most ``max_restarts``), then marked failed.
+Once up, a service is watched by the ``ServiceMonitor`` (``monitor.py``: probes and the
+restart policy), which the manager runs in its task group; the monitor replaces an instance
+through the manager's ``_recreate`` under the service's lock, the path a manual ``restart``
+takes.
 
 Size: over 600 lines on purpose: one class whose start, adopt, stop, restart and monitor
 paths share the per-service locks and ``_Managed`` records; the pure parts live next to it
@@ -65,7 +66,6 @@ from ..errors import (
     BackendUnavailable,
     HealthCheckFailed,
     InfraError,
-    MissingBinary,
     NotFound,
     ServiceError,
     SpecError,
@@ -100,6 +100,9 @@ from .graph import (
 )
 from .handles import ServiceHandle, default_url_template, main_container_port, service_url
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
+from .monitor import ManagedService as _Managed
+from .monitor import ServiceMonitor
+from .monitor import failure_reason as _reason
 
 __all__ = ["ServiceManager", "instance_name_for"]
 
@@ -112,7 +115,6 @@ _SATISFIES = {
 }
 #: Longest wait for an existing (adoptable) instance to answer its probe before recreating it.
 _ADOPT_WAIT = 5.0
-_MONITOR_TICK = 0.2
 #: The owner process's start time (clock ticks since boot): with the pid, it tells a live
 #: owner from an unrelated process that was given the same pid later.
 
@@ -120,21 +122,6 @@ _MONITOR_TICK = 0.2
 def instance_name_for(owner: str, service: str) -> str:
     """Stable instance (container / process) name, so a later run can find and adopt it."""
     return "dspy_infra-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", owner) + "-" + service
-
-
-@attrs.define
-class _Managed:
-    """What the manager knows of one service it runs. Mutable: starts, stops and restarts
-    replace it under the service's lock; the monitor updates its status between awaits."""
-
-    spec: ServiceSpec
-    instance: Instance
-    status: ServiceStatus
-    message: str = ""
-    restarts: int = 0
-    failures: int = 0
-    next_probe: float = 0.0
-    adopted: bool = False
 
 
 @attrs.define
@@ -188,7 +175,6 @@ class ServiceManager(AsyncResource):
         self._queue_status = queue_status
         self._managed: dict[str, _Managed] = {}
         self._locks: dict[str, anyio.Lock] = {}
-        self._busy: set[str] = set()
         self._tg: TaskGroup | None = None
         self._start_slots = anyio.Semaphore(self.max_parallel_starts)
         self._leases = settings.resolved_home() / "services" / ".leases"
@@ -200,6 +186,15 @@ class ServiceManager(AsyncResource):
         #: the ones ``Infra`` stops when it closes, whoever asked (Python, gRPC, the CLI).
         self.owned: list[str] = []
         self._self_started = start_time_of(os.getpid())
+        self._monitor = ServiceMonitor(
+            self._managed,
+            backend=lambda: self.backend,
+            bus=bus,
+            metrics=metrics,
+            lock=self._lock,
+            recreate=lambda spec: self._recreate(spec, timeout=10.0, manual=False),
+            on_change=self._set_active_gauge,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,7 +217,7 @@ class ServiceManager(AsyncResource):
         except BaseException:
             await self._close_backend()
             raise
-        self._tg.start_soon(self._monitor, name="dspy_infra-service-monitor")
+        self._tg.start_soon(self._monitor.run, self._tg, name="dspy_infra-service-monitor")
         return self
 
     async def _sweep_on_open(self) -> None:
@@ -700,10 +695,12 @@ class ServiceManager(AsyncResource):
             pid, _, started = (self._leases / instance_name).read_text().strip().partition(" ")
         except OSError:
             return False
-        return _alive(pid, started)
+        return label_pid_alive(pid, started)
 
     def _owner_alive(self, inst: Instance) -> bool:
-        owner = _alive(inst.labels.get(LABEL_OWNER_PID, ""), inst.labels.get(LABEL_OWNER_STARTED, ""))
+        owner = label_pid_alive(
+            inst.labels.get(LABEL_OWNER_PID, ""), inst.labels.get(LABEL_OWNER_STARTED, "")
+        )
         return owner or self._lease_holder_alive(inst.name)
 
     async def _remove_orphans(self, keep: set[str]) -> list[str]:
@@ -738,10 +735,7 @@ class ServiceManager(AsyncResource):
         return len(found)
 
     async def _inspect_or_none(self, instance_id: str) -> Instance | None:
-        try:
-            return await self.backend.inspect(instance_id)
-        except NotFound:
-            return None
+        return await self.backend.inspect_or_none(instance_id)
 
     async def _rollback(self, run: _StartRun) -> None:
         """Stop what this start created (a required service failed)."""
@@ -826,104 +820,6 @@ class ServiceManager(AsyncResource):
         managed = self._managed[spec.name]
         managed.restarts = restarts + 1
         self.bus.publish("service_restarted", spec.name, {"restarts": managed.restarts, "manual": manual})
-
-    # -- the monitor -----------------------------------------------------------------------
-
-    async def _monitor(self) -> None:
-        while True:
-            await anyio.sleep(_MONITOR_TICK)
-            now = time.monotonic()
-            for name, managed in list(self._managed.items()):
-                if name in self._busy or now < managed.next_probe:
-                    continue
-                if managed.status not in (ServiceStatus.HEALTHY, ServiceStatus.UNHEALTHY):
-                    continue
-                managed.next_probe = now + max(_MONITOR_TICK, managed.spec.health.interval)
-                self._busy.add(name)
-                self._task_group().start_soon(self._watch_once, name, name=f"watch-{name}")
-
-    async def _watch_once(self, name: str) -> None:
-        try:
-            managed = self._managed.get(name)
-            if managed is None:
-                return
-            spec, instance = managed.spec, managed.instance
-            current = await self._inspect_or_none(instance.id)
-            exited = current is None or current.state == "exited"
-            if exited:
-                code = None if current is None else current.exit_code
-                ok, message = False, f"exited with code {code}" if current is not None else "instance is gone"
-            else:
-                result = await run_probe(
-                    probe_for(spec.health), self.backend, spec, instance, metrics=self.metrics
-                )
-                ok, message = result.ok, result.message
-            if self._managed.get(name) is not managed:
-                return  # stopped or replaced while we probed
-            if ok:
-                if managed.status != ServiceStatus.HEALTHY:
-                    self.bus.publish("service_healthy", name, {"instance_id": instance.id, "probe": message})
-                managed.status, managed.message, managed.failures = ServiceStatus.HEALTHY, message, 0
-                self._set_active_gauge()
-                return
-            managed.failures += 1
-            managed.message = message
-            if not exited and managed.failures < max(1, spec.health.retries):
-                return
-            if managed.status != ServiceStatus.UNHEALTHY:
-                managed.status = ServiceStatus.UNHEALTHY
-                self.bus.publish("service_unhealthy", name, {"reason": message})
-                self._set_active_gauge()
-            await self._apply_restart_policy(
-                name, managed, exited_code=current.exit_code if current else None
-            )
-        finally:
-            self._busy.discard(name)
-
-    async def _apply_restart_policy(self, name: str, managed: _Managed, *, exited_code: int | None) -> None:
-        policy = managed.spec.restart
-        clean_exit = (
-            exited_code == 0 and managed.status == ServiceStatus.UNHEALTHY and "exited" in managed.message
-        )
-        if clean_exit and policy.mode != "always":
-            # It finished on its own with success: stopped, not failed.
-            managed.status, managed.message = ServiceStatus.STOPPED, "exited with code 0"
-            self._set_active_gauge()
-            self.bus.publish("service_stopped", name, {"exit_code": 0})
-            return
-        if policy.mode == "no":
-            await self._give_up(name, managed, f"{managed.message}; restart policy 'no'")
-            return
-        if managed.restarts >= policy.max_restarts:
-            await self._give_up(
-                name, managed, f"{managed.message}; gave up after {managed.restarts} restarts"
-            )
-            return
-        delay = min(policy.max_backoff, policy.backoff * math.pow(2, managed.restarts))
-        await anyio.sleep(delay)
-        async with self._lock(name):
-            if self._managed.get(name) is not managed:
-                return  # stopped while we backed off
-            try:
-                await self._recreate(managed.spec, timeout=10.0, manual=False)
-            except Exception as exc:
-                self.metrics.failed_service_starts_total.labels(service_name=name, reason=_reason(exc)).inc()
-                self.metrics.service_start_total.labels(service_name=name, status="failure").inc()
-                again = self._managed.get(name)
-                if again is None:
-                    self._managed[name] = attrs.evolve(
-                        managed,
-                        status=ServiceStatus.UNHEALTHY,
-                        restarts=managed.restarts + 1,
-                        message=str(exc),
-                    )
-                    again = self._managed[name]
-                again.next_probe = time.monotonic()  # let the monitor decide again soon
-
-    async def _give_up(self, name: str, managed: _Managed, why: str) -> None:
-        managed.status, managed.message = ServiceStatus.FAILED, why
-        self._set_active_gauge()
-        self.bus.publish("service_failed", name, {"error": why, "restarts": managed.restarts})
 
     # -- observation -----------------------------------------------------------------------
 
@@ -1168,19 +1064,3 @@ class ServiceManager(AsyncResource):
             else:
                 raise NotFound(f"service {name!r} publishes no port", field="container_port")
         return self.backend.probe_address(managed.instance, port)
-
-
-_alive = label_pid_alive
-
-
-def _reason(exc: BaseException) -> str:
-    """Low-cardinality label for env_manager_failed_service_starts_total."""
-    if isinstance(exc, HealthCheckFailed):
-        return "exited" if "exited" in exc.last_failure else "health_check"
-    if isinstance(exc, MissingBinary):
-        return "missing_binary"
-    if isinstance(exc, BackendError):
-        return "backend_error"
-    if isinstance(exc, SpecError):
-        return "invalid_spec"
-    return type(exc).__name__
