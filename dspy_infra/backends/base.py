@@ -24,6 +24,16 @@ from anyio.abc import AsyncResource
 from ..errors import BackendError, NotFound, SpecError
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
+# The ownership labels are ownership.py's; backends and their callers read them from here too.
+from ..ownership import (
+    LABEL_OWNER,
+    LABEL_OWNER_PID,
+    LABEL_OWNER_STARTED,
+    LABEL_PREFIX,
+    LABEL_SERVICE,
+    LABEL_SPEC_HASH,
+)
+
 __all__ = [
     "LABEL_OWNER",
     "LABEL_OWNER_PID",
@@ -39,13 +49,6 @@ __all__ = [
     "listen_port_placeholders",
 ]
 
-LABEL_PREFIX = "dspy_infra."
-LABEL_OWNER = "dspy_infra.owner"
-LABEL_OWNER_PID = "dspy_infra.owner_pid"
-#: The owner process's start time (from /proc), so a reused pid is not taken for the owner.
-LABEL_OWNER_STARTED = "dspy_infra.owner_started"
-LABEL_SERVICE = "dspy_infra.service"
-LABEL_SPEC_HASH = "dspy_infra.spec_hash"
 
 # -- port placeholders -------------------------------------------------------------------------
 #
