@@ -24,23 +24,16 @@ from anyio.abc import AsyncResource
 from ..errors import BackendError, NotFound, SpecError
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
-# The ownership labels are ownership.py's; backends and their callers read them from here too.
-from ..ownership import (
-    LABEL_OWNER,
-    LABEL_OWNER_PID,
-    LABEL_OWNER_STARTED,
-    LABEL_PREFIX,
-    LABEL_SERVICE,
-    LABEL_SPEC_HASH,
-)
+# The ownership labels are ownership.py's; re-exported (``X as X``) for the backends and
+# handlers that import them from here.
+from ..ownership import LABEL_OWNER as LABEL_OWNER
+from ..ownership import LABEL_OWNER_PID as LABEL_OWNER_PID
+from ..ownership import LABEL_OWNER_STARTED as LABEL_OWNER_STARTED
+from ..ownership import LABEL_PREFIX as LABEL_PREFIX
+from ..ownership import LABEL_SERVICE as LABEL_SERVICE
+from ..ownership import LABEL_SPEC_HASH as LABEL_SPEC_HASH
 
 __all__ = [
-    "LABEL_OWNER",
-    "LABEL_OWNER_PID",
-    "LABEL_OWNER_STARTED",
-    "LABEL_PREFIX",
-    "LABEL_SERVICE",
-    "LABEL_SPEC_HASH",
     "Backend",
     "expand_port_placeholders",
     "fill_port_placeholders",

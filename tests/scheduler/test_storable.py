@@ -142,15 +142,27 @@ async def test_a_task_runs_only_after_its_row_is_committed(tmp_path: Path) -> No
     assert ran == ["kept"], "a task whose row was refused must never run"
 
 
+class CrashingConnection:
+    """Test double for a writer-thread crash (what commit_interval=inf did: an OverflowError
+    no store error handling expects): every statement raises it, even the rollback."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        raise OverflowError("timestamp too large")
+
+    executemany = execute
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 async def test_a_dead_writer_thread_fails_later_submits_instead_of_hanging(tmp_path: Path) -> None:
     async with durable(tmp_path / "state") as sched:
-        store = sched._store
+        store = sched.store
         assert isinstance(store, SqliteStore)
-
-        def broken(batch: list[Any]) -> bool:
-            raise OverflowError("timestamp too large")  # what commit_interval=inf did
-
-        store._commit = broken  # type: ignore[method-assign]
+        store.wrap_connection(CrashingConnection)
         with anyio.fail_after(5), pytest.raises(Unavailable) as info:
             await sched.submit(TaskSpec("first", payload={"handler": "noop"}))
         assert "writer thread failed" in str(info.value)
