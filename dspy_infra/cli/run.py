@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..api import InfraAPI
 from ..errors import SpecError
@@ -33,6 +33,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+N = TypeVar("N", int, float)
+
 #: How a command group adds a command: ``command(name, run, help)`` returns its parser.
 Command = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -57,24 +59,24 @@ def parse_pairs(values: Sequence[str] | None, field: str) -> dict[str, str]:
     return out
 
 
-def non_negative_int(text: str) -> int:
+def _number(text: str, parse: Callable[[str], N], kind: str, bound: str, ok: Callable[[N], bool]) -> N:
+    """``text`` read by ``parse``; an argparse error naming ``kind`` or ``bound`` otherwise."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, "a whole number", ">= 0", lambda value: value >= 0)
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    # `not > 0` also refuses NaN.
+    return _number(text, float, "a number of seconds", "> 0", lambda value: value > 0)
 
 
 def infra_kwargs(args: argparse.Namespace) -> dict[str, Any]:
