@@ -582,6 +582,17 @@ def manager_dags(draw: st.DrawFn) -> dict[str, list[str]]:
     }
 
 
+# -- services/test_monitor.py ---------------------------------------------------------------
+
+#: A restart policy (any backoff and cap) and how many restarts came before.
+restart_policies = st.builds(
+    lambda backoff, cap: RestartPolicy(backoff=backoff, max_backoff=cap),
+    st.floats(0.001, 10),
+    st.floats(0.001, 120),
+)
+prior_restarts = st.integers(0, 60)
+
+
 # -- services/test_service_cli.py ----------------------------------------------------------
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
