@@ -120,6 +120,11 @@ class InfraMetrics:
             registry=r,
         )
 
+    def metric_names(self) -> set[str]:
+        """The name of every metric this registry exports (a counter without its ``_total``,
+        as Prometheus names metric families): what the operations docs must list."""
+        return {family.name for family in self.registry.collect()}
+
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)

@@ -1,6 +1,8 @@
-"""Which operating-system processes belong to a task attempt, and ending them.
+"""Ownership: which processes, containers and services belong to whom, and who may end them.
 
-One place for "is this still the process we started?" and "end everything an attempt left":
+One place for "is this still the process we started?", "end everything an attempt left" and
+"whose service instance is this, and may we reap it?" (the last in the section *services and
+containers* below: labels, leases, keep markers and orphan rules):
 
 - **Identity.** A pid alone is not a process: pids are reused. A process is its pid plus its
   start time (``/proc/PID/stat`` field 22, clock ticks since boot); a zombie (state ``Z``)
@@ -34,32 +36,46 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import tempfile
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 __all__ = [
     "ATTEMPT_ENV",
+    "LABEL_OWNER",
+    "LABEL_OWNER_PID",
+    "LABEL_OWNER_STARTED",
+    "LABEL_PREFIX",
+    "LABEL_SERVICE",
+    "LABEL_SPEC_HASH",
     "AttemptRecord",
     "AttemptRegistry",
     "EndReport",
     "ProcStat",
+    "ServiceOwnership",
+    "SweepAction",
     "attempt_marker",
     "durable_scope",
     "end_attempt_processes",
     "end_interrupted_attempts",
     "end_leftover_attempts",
     "find_marked",
+    "instance_name_for",
     "label_pid_alive",
+    "labelled_owner_alive",
+    "owner_labels",
     "pid_alive",
     "proc_stat",
+    "reap_before_start",
     "same_process",
     "start_time_of",
+    "sweep_action",
 ]
 
 _log = logging.getLogger(__name__)
@@ -429,3 +445,124 @@ async def end_interrupted_attempts(
             else "",
         )
     return report
+
+
+# -- services and containers: labels, leases, keep markers, orphan rules -----------------------
+#
+# Every instance (container or process) a manager or the container handler creates carries
+# labels naming its owner: the configured owner name (``settings.resolved_owner()``) and the
+# owner *process* (pid plus start time). An instance belongs to the owner process while that
+# process lives, or while a *lease* names a live process (an adopter: a container's labels
+# cannot change, so a later process that adopts it writes a lease file). A *keep marker*
+# (``<home>/services/.keep/<instance>``) says "leave it running when the owner exits".
+#
+# Who may reap what: nothing without our owner label is ever touched. An instance of our owner
+# whose owner process and lease holder are both dead is an orphan. When a manager opens, an
+# orphan that is kept, still running and running the catalog's spec is adopted; every other
+# orphan is reaped (``sweep_action``). Before a start, orphans are reaped except kept ones and
+# the services the start is about to adopt or recreate (``reap_before_start``).
+
+LABEL_PREFIX = "dspy_infra."
+LABEL_OWNER = "dspy_infra.owner"
+LABEL_OWNER_PID = "dspy_infra.owner_pid"
+#: The owner process's start time (from /proc), so a reused pid is not taken for the owner.
+LABEL_OWNER_STARTED = "dspy_infra.owner_started"
+LABEL_SERVICE = "dspy_infra.service"
+LABEL_SPEC_HASH = "dspy_infra.spec_hash"
+
+
+def owner_labels(owner: str) -> dict[str, str]:
+    """The labels that name ``owner`` and this process as the owner of an instance."""
+    pid = os.getpid()
+    return {LABEL_OWNER: owner, LABEL_OWNER_PID: str(pid), LABEL_OWNER_STARTED: start_time_of(pid)}
+
+
+def labelled_owner_alive(labels: Mapping[str, str]) -> bool:
+    """True while the owner process named by ``labels`` (pid and start time) still runs."""
+    return label_pid_alive(labels.get(LABEL_OWNER_PID, ""), labels.get(LABEL_OWNER_STARTED, ""))
+
+
+def instance_name_for(owner: str, service: str) -> str:
+    """Stable instance (container / process) name, so a later run can find and adopt it."""
+    return "dspy_infra-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", owner) + "-" + service
+
+
+SweepAction = Literal["leave", "adopt", "reap"]
+
+
+def sweep_action(*, owner_alive: bool, kept: bool, adoptable: bool) -> SweepAction:
+    """What a manager opening on this owner does with one of its instances: leave it to its
+    live owner, adopt a kept one that still runs the catalog's spec, reap any other."""
+    if owner_alive:
+        return "leave"
+    return "adopt" if kept and adoptable else "reap"
+
+
+def reap_before_start(*, owner_alive: bool, kept: bool) -> bool:
+    """Whether a start reaps one of this owner's instances of a service it does not start:
+    only an orphan (owner and lease holder dead) that was not kept on purpose."""
+    return not owner_alive and not kept
+
+
+class ServiceOwnership:
+    """The ownership records of one owner on one state directory: instance names, labels,
+    leases and keep markers. Blocking file access: call it through ``anyio.to_thread``."""
+
+    def __init__(self, owner: str, home: Path) -> None:
+        self.owner = owner
+        self._leases = home / "services" / ".leases"
+        self._kept = home / "services" / ".keep"
+
+    def instance_name(self, service: str) -> str:
+        return instance_name_for(self.owner, service)
+
+    def filter(self, service: str | None = None) -> dict[str, str]:
+        """The labels that select this owner's instances (of ``service``, when given)."""
+        return (
+            {LABEL_OWNER: self.owner}
+            if service is None
+            else {LABEL_OWNER: self.owner, LABEL_SERVICE: service}
+        )
+
+    def labels(self, service: str, spec_hash: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """An instance's labels: ``extra`` (the spec's own), never over the ownership ones."""
+        return {
+            **(extra or {}),
+            **owner_labels(self.owner),
+            LABEL_SERVICE: service,
+            LABEL_SPEC_HASH: spec_hash,
+        }
+
+    def write_lease(self, instance_name: str) -> None:
+        """Record this process as the holder of ``instance_name`` (it adopted it)."""
+        self._leases.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        (self._leases / instance_name).write_text(f"{pid} {start_time_of(pid)}")
+
+    def drop_lease(self, instance_name: str) -> None:
+        with contextlib.suppress(OSError):
+            (self._leases / instance_name).unlink()
+
+    def lease_holder_alive(self, instance_name: str) -> bool:
+        try:
+            pid, _, started = (self._leases / instance_name).read_text().strip().partition(" ")
+        except OSError:
+            return False
+        return label_pid_alive(pid, started)
+
+    def owner_alive(self, labels: Mapping[str, str], instance_name: str) -> bool:
+        """True while the instance's owner process, or the process holding its lease, lives."""
+        return labelled_owner_alive(labels) or self.lease_holder_alive(instance_name)
+
+    def is_kept(self, instance_name: str) -> bool:
+        return (self._kept / instance_name).exists()
+
+    def set_kept(self, service: str, kept: bool) -> None:
+        """Mark ``service``'s instance as one to leave running after its owner exits (or not)."""
+        marker = self._kept / self.instance_name(service)
+        if kept:
+            self._kept.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()

@@ -115,6 +115,11 @@ class InfraServer(AsyncResource):
     def host(self) -> str:
         return self.settings.host
 
+    @property
+    def http_app(self) -> web.Application | None:
+        """The HTTP application while serving (None before and after), for in-process checks."""
+        return self._http.app if self._http is not None else None
+
     async def __aenter__(self) -> Self:
         check_bind(self.settings)
         tls = server_ssl_context(self.settings)

@@ -89,26 +89,18 @@ start_munge() {
     say "munged up"
 }
 
-start_slurmctld() {
-    if live_pid "$CTLD_PID" >/dev/null && ctld_up; then
-        say "slurmctld already up"
+# start_daemon NAME PIDFILE READY_CHECK: start a Slurm daemon unless it is already up and
+# ready, then wait until READY_CHECK passes (its log is $LOG_DIR/NAME.log).
+start_daemon() {
+    local name=$1 pidfile=$2 ready=$3
+    if live_pid "$pidfile" >/dev/null && "$ready"; then
+        say "$name already up"
         return
     fi
-    rm -f "$CTLD_PID"
-    slurmctld
-    wait_for slurmctld "$CTLD_PID" "$LOG_DIR/slurmctld.log" ctld_up
-    say "slurmctld up"
-}
-
-start_slurmd() {
-    if live_pid "$SLURMD_PID" >/dev/null && node_ready; then
-        say "slurmd already up"
-        return
-    fi
-    rm -f "$SLURMD_PID"
-    slurmd
-    wait_for slurmd "$SLURMD_PID" "$LOG_DIR/slurmd.log" node_ready
-    say "slurmd up, node $(sinfo -h -N -o '%N %t')"
+    rm -f "$pidfile"
+    "$name"
+    wait_for "$name" "$pidfile" "$LOG_DIR/$name.log" "$ready"
+    say "$name up"
 }
 
 status() {
@@ -132,8 +124,9 @@ main() {
         install -d -o root -g root -m 0755 "$SPOOL_DIR"
         write_conf
         start_munge
-        start_slurmctld
-        start_slurmd
+        start_daemon slurmctld "$CTLD_PID" ctld_up
+        start_daemon slurmd "$SLURMD_PID" node_ready
+        say "node $(sinfo -h -N -o '%N %t')"
         status
         ;;
     stop)

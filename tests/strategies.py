@@ -152,16 +152,26 @@ hostile_strings = st.one_of(
     st.just("y" * 400_000),
 )
 
+
+def _json_trees(*, non_finite: bool, text_size: int, key_size: int, width: int) -> st.SearchStrategy[Any]:
+    """Nested lists and objects of small leaves: null, booleans, integers beyond 64 bits,
+    floats (NaN and infinities only with ``non_finite``) and short text."""
+    return st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=non_finite, allow_infinity=non_finite)
+        | st.text(max_size=text_size),
+        lambda inner: (
+            st.lists(inner, max_size=width)
+            | st.dictionaries(st.text(max_size=key_size), inner, max_size=width)
+        ),
+        max_leaves=12,
+    )
+
+
 #: Any JSON value with small leaves (for nesting and type confusion).
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12,
-)
+json_values = _json_trees(non_finite=False, text_size=10, key_size=6, width=4)
 
 
 def _nested(depth: int, leaf: Any = 1) -> Any:
@@ -353,15 +363,7 @@ attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, m
 
 
 #: JSON-ish values including what no store can hold (lone surrogates, NUL, huge ints, NaN).
-hostile_json = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=12,
-)
+hostile_json = _json_trees(non_finite=True, text_size=8, key_size=4, width=3)
 
 #: Keyword arguments for TaskSpec, valid or not.
 hostile_task_kwargs = st.fixed_dictionaries(
@@ -578,6 +580,17 @@ def manager_dags(draw: st.DrawFn) -> dict[str, list[str]]:
         name: draw(st.lists(st.sampled_from(names[:i]), unique=True, max_size=2)) if i else []
         for i, name in enumerate(names)
     }
+
+
+# -- services/test_monitor.py ---------------------------------------------------------------
+
+#: A restart policy (any backoff and cap) and how many restarts came before.
+restart_policies = st.builds(
+    lambda backoff, cap: RestartPolicy(backoff=backoff, max_backoff=cap),
+    st.floats(0.001, 10),
+    st.floats(0.001, 120),
+)
+prior_restarts = st.integers(0, 60)
 
 
 # -- services/test_service_cli.py ----------------------------------------------------------

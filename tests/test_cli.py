@@ -266,6 +266,23 @@ class Server:
         return run("--addr", self.addr, *args, cwd=self.cwd, env=self.env, timeout=timeout)
 
 
+def serve_argv(home: Path, *extra: str) -> list[str]:
+    """``dspy-infra serve`` on ``home`` with every port picked by the system."""
+    return [
+        CLI,
+        "--home",
+        str(home),
+        "serve",
+        "--grpc-port",
+        "0",
+        "--env-manager-port",
+        "0",
+        "--http-port",
+        "0",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cwd = tmp_path_factory.mktemp("serve")
@@ -279,19 +296,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         'health = { kind = "http", path = "/", startup_timeout = 20 }\n'
     )
     proc = subprocess.Popen(
-        [
-            CLI,
-            "--home",
-            str(cwd / "home"),
-            "serve",
-            "--grpc-port",
-            "0",
-            "--env-manager-port",
-            "0",
-            "--http-port",
-            "0",
-            "--stop-services",
-        ],
+        serve_argv(cwd / "home", "--stop-services"),
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -362,18 +367,7 @@ def test_up_logs_down_a_process_service(server: Server) -> None:
 
 def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [
-            CLI,
-            "--home",
-            str(tmp_path / "h"),
-            "serve",
-            "--grpc-port",
-            "0",
-            "--env-manager-port",
-            "0",
-            "--http-port",
-            "0",
-        ],
+        serve_argv(tmp_path / "h"),
         cwd=tmp_path,
         env=clean_env(tmp_path),
         stdout=subprocess.PIPE,

@@ -344,7 +344,9 @@ async def test_events_resume_after_the_last_event_id(api: tuple[Any, str, Infra,
 async def test_event_streams_end_when_the_client_leaves_and_when_the_server_stops(tmp_path: Path) -> None:
     async with in_process_server(tmp_path / "state") as (_infra, server):
         base = f"http://127.0.0.1:{server.http_port}{API_PREFIX}"
-        console = server._http.app[CONSOLE_KEY]  # type: ignore[union-attr]
+        app = server.http_app
+        assert app is not None
+        console = app[CONSOLE_KEY]
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{base}/events") as resp:
                 await resp.content.readline()

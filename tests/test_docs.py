@@ -12,7 +12,7 @@ import attrs
 import pytest
 from engines import skip_or_fail
 
-from dspy_infra.cli import _build_parser
+from dspy_infra.cli import command_tree
 from dspy_infra.config import Settings
 from dspy_infra.config_doc import render_settings_markdown
 from dspy_infra.metrics import InfraMetrics
@@ -64,22 +64,9 @@ def test_wire_contract_names_every_rpc_and_message() -> None:
     assert [m for m in sorted(messages) if f"`{m}`" not in text] == []
 
 
-def _subcommands() -> dict[str, set[str]]:
-    parser = _build_parser()
-    out: dict[str, set[str]] = {}
-    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
-        for name, sub in action.choices.items():  # type: ignore[union-attr]
-            nested: set[str] = set()
-            if sub._subparsers is not None:
-                for inner in sub._subparsers._group_actions:
-                    nested |= set(inner.choices or ())  # type: ignore[arg-type]
-            out[name] = nested
-    return out
-
-
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.name)
 def test_docs_mention_only_real_cli_commands(path: Path) -> None:
-    commands = _subcommands()
+    commands = command_tree()
     # Only code counts (fenced blocks and inline spans); prose may say "dspy-infra does ...".
     raw = path.read_text()
     fenced = re.findall(r"^```[^\n]*\n(.*?)^```", raw, re.M | re.S)
@@ -103,7 +90,7 @@ def test_docs_mention_only_real_cli_commands(path: Path) -> None:
 
 def test_operations_lists_every_metric() -> None:
     text = (DOCS / "operations.md").read_text()
-    names = {m._name for m in vars(InfraMetrics()).values() if hasattr(m, "_labelnames")}
+    names = InfraMetrics().metric_names()
     assert len(names) >= 12
     assert [n for n in sorted(names) if n not in text] == []
 

@@ -234,7 +234,7 @@ async def test_a_real_browser_page_on_another_origin_cannot_submit(tmp_path: Pat
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         try:
-            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            port = runner.addresses[0][1]
             dom = await _chromium("--dump-dom", f"http://127.0.0.1:{port}/")
         finally:
             await runner.cleanup()

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from strategies import any_task_ids, output_chunks
 
@@ -17,15 +18,21 @@ from dspy_infra.handlers.basic import _Capture
 from dspy_infra.handlers.task_logs import AttemptLog, read_task_log
 from dspy_infra.ownership import (
     ATTEMPT_ENV,
+    LABEL_OWNER,
+    LABEL_OWNER_PID,
+    LABEL_SERVICE,
     AttemptRecord,
     AttemptRegistry,
+    ServiceOwnership,
     _marker_task,
     attempt_marker,
     end_attempt_processes,
     end_leftover_attempts,
     find_marked,
     proc_stat,
+    reap_before_start,
     same_process,
+    sweep_action,
 )
 
 SCOPE = f"test-{os.getpid()}"
@@ -214,3 +221,55 @@ def test_attempt_log_keeps_everything_or_an_exact_head_and_tail(
     else:
         note = f"\n[dspy_infra: {len(data) - 2000} bytes of output omitted here]\n".encode()
         assert stored == data[:1000] + note + data[-1000:]
+
+
+# -- services: labels, leases, keep markers, orphan rules -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("owner_alive", "kept", "adoptable", "action"),
+    [
+        (True, True, True, "leave"),
+        (True, False, False, "leave"),
+        (False, True, True, "adopt"),
+        (False, True, False, "reap"),  # kept, but no longer the catalog's spec: reaped
+        (False, False, True, "reap"),
+        (False, False, False, "reap"),
+    ],
+)
+def test_sweep_on_open_leaves_live_owners_adopts_kept_orphans_and_reaps_the_rest(
+    owner_alive: bool, kept: bool, adoptable: bool, action: str
+) -> None:
+    assert sweep_action(owner_alive=owner_alive, kept=kept, adoptable=adoptable) == action
+
+
+def test_a_start_reaps_only_orphans_that_were_not_kept() -> None:
+    assert reap_before_start(owner_alive=False, kept=False)
+    assert not reap_before_start(owner_alive=False, kept=True)
+    assert not reap_before_start(owner_alive=True, kept=False)
+
+
+def test_a_lease_keeps_an_instance_of_a_dead_owner_owned_until_it_is_dropped(tmp_path: Path) -> None:
+    ownership = ServiceOwnership("me", tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    labels = ownership.labels("redis", "hash", {LABEL_OWNER: "spoofed", "team": "infra"})
+    assert labels[LABEL_OWNER] == "me" and labels["team"] == "infra" and labels[LABEL_SERVICE] == "redis"
+    assert ownership.owner_alive(labels, "inst")  # this process owns it
+    orphan = {**labels, LABEL_OWNER_PID: str(dead.pid)}
+    assert not ownership.owner_alive(orphan, "inst")
+    ownership.write_lease("inst")  # this process adopts it
+    assert ownership.owner_alive(orphan, "inst")
+    ownership.drop_lease("inst")
+    assert not ownership.owner_alive(orphan, "inst")
+
+
+def test_keep_markers_are_per_service_instance(tmp_path: Path) -> None:
+    ownership = ServiceOwnership("me", tmp_path)
+    name = ownership.instance_name("redis")
+    assert not ownership.is_kept(name)
+    ownership.set_kept("redis", True)
+    assert ownership.is_kept(name) and not ownership.is_kept(ownership.instance_name("kafka"))
+    ownership.set_kept("redis", False)
+    ownership.set_kept("redis", False)  # idempotent
+    assert not ownership.is_kept(name)

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiodocker
 import pytest
 from engines import Engine, docker_engine, engine, engine_kind, podman_engine, unique_name  # noqa: F401  (fixtures, used by name)
+from harness import processes_with
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,22 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def processes_with(token: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose command line contains ``token``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if token.encode() in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def port_open(port: int) -> bool:

@@ -21,16 +21,19 @@ from typing import Self
 import attrs
 from anyio.abc import AsyncResource
 
-from ..errors import BackendError, SpecError
+from ..errors import BackendError, NotFound, SpecError
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
 
+# The ownership labels are ownership.py's; re-exported (``X as X``) for the backends and
+# handlers that import them from here.
+from ..ownership import LABEL_OWNER as LABEL_OWNER
+from ..ownership import LABEL_OWNER_PID as LABEL_OWNER_PID
+from ..ownership import LABEL_OWNER_STARTED as LABEL_OWNER_STARTED
+from ..ownership import LABEL_PREFIX as LABEL_PREFIX
+from ..ownership import LABEL_SERVICE as LABEL_SERVICE
+from ..ownership import LABEL_SPEC_HASH as LABEL_SPEC_HASH
+
 __all__ = [
-    "LABEL_OWNER",
-    "LABEL_OWNER_PID",
-    "LABEL_OWNER_STARTED",
-    "LABEL_PREFIX",
-    "LABEL_SERVICE",
-    "LABEL_SPEC_HASH",
     "Backend",
     "expand_port_placeholders",
     "fill_port_placeholders",
@@ -39,13 +42,6 @@ __all__ = [
     "listen_port_placeholders",
 ]
 
-LABEL_PREFIX = "dspy_infra."
-LABEL_OWNER = "dspy_infra.owner"
-LABEL_OWNER_PID = "dspy_infra.owner_pid"
-#: The owner process's start time (from /proc), so a reused pid is not taken for the owner.
-LABEL_OWNER_STARTED = "dspy_infra.owner_started"
-LABEL_SERVICE = "dspy_infra.service"
-LABEL_SPEC_HASH = "dspy_infra.spec_hash"
 
 # -- port placeholders -------------------------------------------------------------------------
 #
@@ -199,6 +195,13 @@ class Backend(AsyncResource):
     @abc.abstractmethod
     async def inspect(self, instance_id: str) -> Instance:
         """Current state of one instance; ``NotFound`` if it is gone."""
+
+    async def inspect_or_none(self, instance_id: str) -> Instance | None:
+        """Current state of one instance, or None if it is gone."""
+        try:
+            return await self.inspect(instance_id)
+        except NotFound:
+            return None
 
     @abc.abstractmethod
     async def list_instances(self, labels: Mapping[str, str]) -> list[Instance]:

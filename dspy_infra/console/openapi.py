@@ -7,10 +7,12 @@ description cannot drift apart unnoticed.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
-from ..models import TaskStatus
+from ..models import ServiceStatus, TaskStatus
 from ..version import __version__
+from ..workflows.spec import StepStatus
 from .state import API_PREFIX, MAX_LIMIT, MAX_OFFSET
 
 __all__ = ["openapi_document"]
@@ -29,6 +31,11 @@ def _ref(name: str) -> dict[str, Any]:
 
 def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": list(props) if required is None else required}
+
+
+def _enum(values: type[StrEnum]) -> dict[str, Any]:
+    """A string schema listing the values of ``values`` (the enum the server answers with)."""
+    return {"type": "string", "enum": [v.value for v in values]}
 
 
 def _array(items: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +80,7 @@ _SCHEMAS: dict[str, Any] = {
         {
             "id": _STR,
             "class": _STR,
-            "status": {"type": "string", "enum": [s.value for s in TaskStatus]},
+            "status": _enum(TaskStatus),
             "priority": _INT,
             "workflow_id": _STR,
             "attempts": _INT,
@@ -150,10 +157,7 @@ _SCHEMAS: dict[str, Any] = {
     "Service": _obj(
         {
             "name": _STR,
-            "status": {
-                "type": "string",
-                "enum": ["starting", "running", "healthy", "unhealthy", "stopped", "failed"],
-            },
+            "status": _enum(ServiceStatus),
             "backend": _STR,
             "instance_id": _STR,
             "host": _STR,
@@ -189,10 +193,7 @@ _SCHEMAS: dict[str, Any] = {
     "Step": _obj(
         {
             "name": _STR,
-            "status": {
-                "type": "string",
-                "enum": ["pending", "running", "completed", "failed", "skipped", "cancelled"],
-            },
+            "status": _enum(StepStatus),
             "task_id": _STR,
             "task_class": _STR,
             "depends_on": _array(_STR),
@@ -207,7 +208,7 @@ _SCHEMAS: dict[str, Any] = {
         {
             "run_id": _STR,
             "workflow_id": _STR,
-            "status": {"type": "string", "enum": [s.value for s in TaskStatus]},
+            "status": _enum(TaskStatus),
             "input": _JSON_OBJECT,
             "output": _JSON_OBJECT,
             "error": _STR,
@@ -256,7 +257,7 @@ def _paths() -> dict[str, Any]:
                 "parameters": [
                     _query(
                         "status",
-                        {"type": "string", "enum": [s.value for s in TaskStatus]},
+                        _enum(TaskStatus),
                         "only this status",
                     ),
                     _query("class", _TEXT_PARAM, "only this task class"),

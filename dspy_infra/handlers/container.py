@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -44,13 +43,13 @@ from contextlib import asynccontextmanager
 import anyio
 import attrs
 
-from ..backends.base import LABEL_OWNER, LABEL_OWNER_PID, LABEL_OWNER_STARTED, Backend
+from ..backends.base import Backend
 from ..backends.registry import container_engine, engine_address
 from ..config import Settings
 from ..errors import BackendError, InfraError, NotFound, PermanentFailure
 from ..hookspecs import hookimpl
 from ..models import Instance, ServiceSpec
-from ..ownership import label_pid_alive, start_time_of
+from ..ownership import LABEL_OWNER, labelled_owner_alive, owner_labels
 from ..scheduler.context import Handler, Tail, TaskContext, payload_json_object
 from .basic import ExecFailed
 
@@ -193,8 +192,7 @@ async def _backend(ctx: TaskContext, settings: Settings, network: str) -> AsyncI
 
 
 def _owner_gone(labels: Mapping[str, str]) -> bool:
-    pid, started = labels.get(LABEL_OWNER_PID, ""), labels.get(LABEL_OWNER_STARTED, "")
-    return not label_pid_alive(pid, started)
+    return not labelled_owner_alive(labels)
 
 
 async def _remove_leftovers(backend: Backend, labels: Mapping[str, str]) -> None:
@@ -228,13 +226,7 @@ async def _start(backend: Backend, task: ContainerTask, labels: Mapping[str, str
 async def container_handler(ctx: TaskContext) -> dict[str, str]:
     task = container_task(ctx.spec.id, ctx.payload)
     settings = ctx.settings if ctx.settings is not None else Settings()
-    pid = os.getpid()
-    labels = {
-        LABEL_OWNER: settings.resolved_owner(),
-        LABEL_OWNER_PID: str(pid),
-        LABEL_OWNER_STARTED: start_time_of(pid),
-        LABEL_TASK: ctx.spec.id,
-    }
+    labels = {**owner_labels(settings.resolved_owner()), LABEL_TASK: ctx.spec.id}
     async with _backend(ctx, settings, task.network) as backend:
         if ctx.attempt > 1:
             await _remove_leftovers(backend, labels)

@@ -130,6 +130,13 @@ def json_from_request(
     return dict(old_map)
 
 
+def _same_named(source: object, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields ``names`` of ``source`` as keyword arguments: for the fields a value class
+    and its message spell and type alike. One table of names per pair serves both directions,
+    so a field added to one side cannot be carried one way and dropped the other."""
+    return {name: getattr(source, name) for name in names}
+
+
 def _status(value: str) -> TaskStatus:
     try:
         return TaskStatus(value)
@@ -164,19 +171,18 @@ def task_result_from_pb(msg: orch_pb.TaskResult) -> TaskResult:
     )
 
 
+#: ``TaskState`` fields its message spells and types alike.
+_TASK_STATE_FIELDS = ("attempts", "error", "submitted_at", "started_at", "completed_at", "duration_ms")
+
+
 def task_state_to_pb(state: TaskState) -> orch_pb.GetTaskStatusResponse:
     spec = state.spec
     return orch_pb.GetTaskStatusResponse(
+        **_same_named(state, _TASK_STATE_FIELDS),
         task_id=spec.id,
         status=str(state.status),
         result=json_map(state.result),
-        error=state.error,
         class_=spec.task_class,
-        attempts=state.attempts,
-        duration_ms=state.duration_ms,
-        submitted_at=state.submitted_at,
-        started_at=state.started_at,
-        completed_at=state.completed_at,
         payload=json_map(spec.payload),
         priority=spec.priority,
         workflow_id=spec.workflow_id,
@@ -198,15 +204,10 @@ def task_state_from_pb(msg: orch_pb.GetTaskStatusResponse) -> TaskState:
         workflow_id=msg.workflow_id,
     )
     return TaskState(
+        **_same_named(msg, _TASK_STATE_FIELDS),
         spec=spec,
         status=_status(msg.status),
-        attempts=msg.attempts,
         result=json_from_wire(msg.result, msg.result_json, "result_json"),
-        error=msg.error,
-        submitted_at=msg.submitted_at,
-        started_at=msg.started_at,
-        completed_at=msg.completed_at,
-        duration_ms=msg.duration_ms,
     )
 
 
@@ -230,52 +231,41 @@ def request_json_bound(max_payload_bytes: int) -> int:
     return 4 * max_payload_bytes + (64 << 10)
 
 
+def _request_object(req: Any, field: str, max_payload_bytes: int) -> JsonObject:
+    """The JSON object a request carries as ``FIELD_json`` (new clients) or ``FIELD`` (the old
+    string map), bounded before parsing."""
+    return json_from_request(
+        getattr(req, field),
+        getattr(req, f"{field}_json"),
+        map_field=field,
+        json_field=f"{field}_json",
+        max_bytes=request_json_bound(max_payload_bytes),
+    )
+
+
 def submit_request_payload(
     req: orch_pb.SubmitTaskRequest, *, max_payload_bytes: int = MAX_JSON_BYTES
 ) -> JsonObject:
     """A submitted task's payload: ``payload_json`` (new clients) or ``payload`` (old ones)."""
-    return json_from_request(
-        req.payload,
-        req.payload_json,
-        map_field="payload",
-        json_field="payload_json",
-        max_bytes=request_json_bound(max_payload_bytes),
-    )
+    return _request_object(req, "payload", max_payload_bytes)
 
 
 def run_input_from_pb(
     req: orch_pb.StartWorkflowRunRequest, *, max_payload_bytes: int = MAX_JSON_BYTES
 ) -> JsonObject:
     """A run's input: ``input_json`` (new clients) or ``input`` (old ones)."""
-    return json_from_request(
-        req.input,
-        req.input_json,
-        map_field="input",
-        json_field="input_json",
-        max_bytes=request_json_bound(max_payload_bytes),
-    )
+    return _request_object(req, "input", max_payload_bytes)
+
+
+_QUEUE_STATUS_FIELDS = ("task_class", "depth", "inflight", "limit", "min_limit", "max_limit")
 
 
 def queue_status_to_pb(q: QueueStatus) -> orch_pb.QueueStatus:
-    return orch_pb.QueueStatus(
-        task_class=q.task_class,
-        depth=q.depth,
-        inflight=q.inflight,
-        limit=q.limit,
-        min_limit=q.min_limit,
-        max_limit=q.max_limit,
-    )
+    return orch_pb.QueueStatus(**_same_named(q, _QUEUE_STATUS_FIELDS))
 
 
 def queue_status_from_pb(msg: orch_pb.QueueStatus) -> QueueStatus:
-    return QueueStatus(
-        task_class=msg.task_class,
-        depth=msg.depth,
-        inflight=msg.inflight,
-        limit=msg.limit,
-        min_limit=msg.min_limit,
-        max_limit=msg.max_limit,
-    )
+    return QueueStatus(**_same_named(msg, _QUEUE_STATUS_FIELDS))
 
 
 # -- events -------------------------------------------------------------------------------
@@ -324,39 +314,32 @@ def run_update_to_pb(update: RunUpdate | RunState) -> orch_pb.WorkflowStatusUpda
         msg.updated_at = state.updated_at
         return msg
     return orch_pb.WorkflowStatusUpdate(
-        run_id=update.run_id,
+        **_same_named(update, _RUN_UPDATE_FIELDS),
         status=str(update.status),
-        current_step=update.current_step,
-        steps_completed=update.steps_completed,
-        total_steps=update.total_steps,
         output=json_map(update.output),
-        error=update.error,
         output_json=json_text(dict(update.output)),
     )
 
 
+_RUN_UPDATE_FIELDS = ("run_id", "current_step", "steps_completed", "total_steps", "error")
+
+
 def run_update_from_pb(msg: orch_pb.WorkflowStatusUpdate) -> RunUpdate:
     return RunUpdate(
-        run_id=msg.run_id,
+        **_same_named(msg, _RUN_UPDATE_FIELDS),
         status=_run_status(msg.status),
-        current_step=msg.current_step,
-        steps_completed=msg.steps_completed,
-        total_steps=msg.total_steps,
         output=json_from_wire(msg.output, msg.output_json, "output_json"),
-        error=msg.error,
     )
+
+
+_STEP_FIELDS = ("name", "task_id", "attempts", "error", "started_at", "completed_at")
 
 
 def _step_to_pb(step: StepState) -> orch_pb.WorkflowStep:
     return orch_pb.WorkflowStep(
-        name=step.name,
+        **_same_named(step, _STEP_FIELDS),
         status=str(step.status),
-        task_id=step.task_id,
-        attempts=step.attempts,
         result_json=json_text(dict(step.result)),
-        error=step.error,
-        started_at=step.started_at,
-        completed_at=step.completed_at,
     )
 
 
@@ -372,14 +355,9 @@ def run_state_from_pb(msg: orch_pb.WorkflowStatusUpdate) -> RunState:
     server sends no steps: the state then has the counts of the update and no step details."""
     steps = {
         s.name: StepState(
-            name=s.name,
+            **_same_named(s, _STEP_FIELDS),
             status=_step_status(s.status),
-            task_id=s.task_id,
-            attempts=s.attempts,
             result=json_from_wire({}, s.result_json, "steps.result_json"),
-            error=s.error,
-            started_at=s.started_at,
-            completed_at=s.completed_at,
         )
         for s in msg.steps
     }
@@ -426,44 +404,32 @@ def _service_status(value: str) -> ServiceStatus:
         return ServiceStatus.UNHEALTHY
 
 
+_STATUS_UPDATE_FIELDS = ("service_name", "message", "progress")
+
+
 def status_update_to_pb(update: ServiceStatusUpdate) -> env_pb.ServiceStatusUpdate:
-    return env_pb.ServiceStatusUpdate(
-        service_name=update.service_name,
-        status=str(update.status),
-        message=update.message,
-        progress=update.progress,
-    )
+    return env_pb.ServiceStatusUpdate(**_same_named(update, _STATUS_UPDATE_FIELDS), status=str(update.status))
 
 
 def status_update_from_pb(msg: env_pb.ServiceStatusUpdate) -> ServiceStatusUpdate:
-    return ServiceStatusUpdate(
-        service_name=msg.service_name,
-        status=_service_status(msg.status),
-        message=msg.message,
-        progress=msg.progress,
-    )
+    return ServiceStatusUpdate(**_same_named(msg, _STATUS_UPDATE_FIELDS), status=_service_status(msg.status))
+
+
+_USAGE_FIELDS = ("cpu_percent", "memory_bytes", "network_rx_bytes", "network_tx_bytes")
+_SERVICE_STATE_FIELDS = ("name", "restarts", "backend", "url")
 
 
 def service_state_to_pb(state: ServiceState) -> env_pb.ServiceStatus:
-    usage = state.resource_usage
     return env_pb.ServiceStatus(
-        name=state.name,
+        **_same_named(state, _SERVICE_STATE_FIELDS),
         status=str(state.status),
         container_id=state.instance_id,
         ports=sorted(state.ports.values()),
         health_checks=dict(state.health_checks),
         started_at=int(state.started_at),
-        resource_usage=env_pb.ResourceUsage(
-            cpu_percent=usage.cpu_percent,
-            memory_bytes=usage.memory_bytes,
-            network_rx_bytes=usage.network_rx_bytes,
-            network_tx_bytes=usage.network_tx_bytes,
-        ),
+        resource_usage=env_pb.ResourceUsage(**_same_named(state.resource_usage, _USAGE_FIELDS)),
         port_map=dict(state.ports),
-        restarts=state.restarts,
-        backend=state.backend,
         host=state.host,
-        url=state.url,
         main_port=state.port,
     )
 
@@ -471,31 +437,24 @@ def service_state_to_pb(state: ServiceState) -> env_pb.ServiceStatus:
 def service_state_from_pb(msg: env_pb.ServiceStatus) -> ServiceState:
     usage = msg.resource_usage or env_pb.ResourceUsage()
     return ServiceState(
-        name=msg.name,
+        **_same_named(msg, _SERVICE_STATE_FIELDS),
         status=_service_status(msg.status),
         instance_id=msg.container_id,
         ports=dict(msg.port_map),
         health_checks=dict(msg.health_checks),
         started_at=float(msg.started_at),
-        resource_usage=ResourceUsage(
-            cpu_percent=usage.cpu_percent,
-            memory_bytes=usage.memory_bytes,
-            network_rx_bytes=usage.network_rx_bytes,
-            network_tx_bytes=usage.network_tx_bytes,
-        ),
-        restarts=msg.restarts,
-        backend=msg.backend,
+        resource_usage=ResourceUsage(**_same_named(usage, _USAGE_FIELDS)),
         host=msg.host or "127.0.0.1",
-        url=msg.url,
         port=msg.main_port,
     )
 
 
+_HEALTH_UPDATE_FIELDS = ("service_name", "healthy", "message")
+
+
 def health_update_to_pb(update: HealthUpdate) -> env_pb.HealthUpdate:
     return env_pb.HealthUpdate(
-        service_name=update.service_name,
-        healthy=update.healthy,
-        message=update.message,
+        **_same_named(update, _HEALTH_UPDATE_FIELDS),
         timestamp=int(update.timestamp),
         details=dict(update.details),
     )
@@ -503,32 +462,24 @@ def health_update_to_pb(update: HealthUpdate) -> env_pb.HealthUpdate:
 
 def health_update_from_pb(msg: env_pb.HealthUpdate) -> HealthUpdate:
     return HealthUpdate(
-        service_name=msg.service_name,
-        healthy=msg.healthy,
-        message=msg.message,
+        **_same_named(msg, _HEALTH_UPDATE_FIELDS),
         timestamp=float(msg.timestamp),
         details=dict(msg.details),
     )
 
 
+_AVAILABILITY_FIELDS = ("available", "capacity", "in_use")
+_GPU_FIELDS = ("index", "name", "memory_bytes", "utilization_percent")
+
+
 def resources_to_pb(avail: ResourceAvailability) -> env_pb.ResourceAvailabilityResponse:
     hw = avail.hardware
     return env_pb.ResourceAvailabilityResponse(
-        available=avail.available,
-        capacity=avail.capacity,
-        in_use=avail.in_use,
+        **_same_named(avail, _AVAILABILITY_FIELDS),
         hardware=env_pb.HardwareInfo(
             cpu_cores=hw.cpu_cores,
             memory_bytes=hw.memory_bytes,
-            gpus=[
-                env_pb.Gpu(
-                    index=g.index,
-                    name=g.name,
-                    memory_bytes=g.memory_bytes,
-                    utilization_percent=g.utilization_percent,
-                )
-                for g in hw.gpus
-            ],
+            gpus=[env_pb.Gpu(**_same_named(g, _GPU_FIELDS)) for g in hw.gpus],
         ),
     )
 
@@ -536,62 +487,40 @@ def resources_to_pb(avail: ResourceAvailability) -> env_pb.ResourceAvailabilityR
 def resources_from_pb(msg: env_pb.ResourceAvailabilityResponse) -> ResourceAvailability:
     hw = msg.hardware or env_pb.HardwareInfo()
     return ResourceAvailability(
-        available=msg.available,
-        capacity=msg.capacity,
-        in_use=msg.in_use,
+        **_same_named(msg, _AVAILABILITY_FIELDS),
         hardware=HardwareInfo(
             cpu_cores=hw.cpu_cores,
             memory_bytes=hw.memory_bytes,
-            gpus=tuple(
-                GPUInfo(
-                    index=g.index,
-                    name=g.name,
-                    memory_bytes=g.memory_bytes,
-                    utilization_percent=g.utilization_percent,
-                )
-                for g in hw.gpus
-            ),
+            gpus=tuple(GPUInfo(**_same_named(g, _GPU_FIELDS)) for g in hw.gpus),
         ),
     )
 
 
+_PULL_PROGRESS_FIELDS = ("image_name", "status", "current", "total", "progress_percent", "message")
+
+
 def pull_progress_to_pb(p: ImagePullProgress) -> env_pb.ImagePullProgress:
-    return env_pb.ImagePullProgress(
-        image_name=p.image_name,
-        status=p.status,
-        current=p.current,
-        total=p.total,
-        progress_percent=p.progress_percent,
-        message=p.message,
-    )
+    return env_pb.ImagePullProgress(**_same_named(p, _PULL_PROGRESS_FIELDS))
 
 
 def pull_progress_from_pb(msg: env_pb.ImagePullProgress) -> ImagePullProgress:
-    return ImagePullProgress(
-        image_name=msg.image_name,
-        status=msg.status,
-        current=msg.current,
-        total=msg.total,
-        progress_percent=msg.progress_percent,
-        message=msg.message,
-    )
+    return ImagePullProgress(**_same_named(msg, _PULL_PROGRESS_FIELDS))
+
+
+_LOG_ENTRY_FIELDS = ("service_name", "stream", "message")
 
 
 def log_entry_to_pb(entry: LogEntry) -> env_pb.LogEntry:
     return env_pb.LogEntry(
-        service_name=entry.service_name,
+        **_same_named(entry, _LOG_ENTRY_FIELDS),
         container_id=entry.instance_id,
-        stream=entry.stream,
-        message=entry.message,
         timestamp=int(entry.timestamp),
     )
 
 
 def log_entry_from_pb(msg: env_pb.LogEntry) -> LogEntry:
     return LogEntry(
-        service_name=msg.service_name,
+        **_same_named(msg, _LOG_ENTRY_FIELDS),
         instance_id=msg.container_id,
-        stream=msg.stream,
-        message=msg.message,
         timestamp=float(msg.timestamp),
     )

@@ -1208,6 +1208,19 @@ class Scheduler(AsyncResource):
                 cq.sem.resize(new)
                 self._pump(cq)
 
+    # -- inspection (in-process only: nothing on the gRPC or HTTP face reaches these) -------
+
+    @property
+    def store(self) -> SqliteStore | MemoryStore:
+        """The task store (``SqliteStore`` when durable), for its diagnostics seams."""
+        return self._store
+
+    @property
+    def open_result_streams(self) -> int:
+        """How many ``stream_results`` consumers are attached (one that left or fell behind
+        no longer counts: its buffer is released)."""
+        return len(self._subscribers)
+
 
 def _result_object(result: Mapping[str, Any]) -> dict[str, Any]:
     """A handler's result as kept: a JSON object (numbers, booleans, nesting preserved)."""

@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
@@ -308,6 +308,10 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         pass
+
+
+#: Whatever ``SqliteStore.wrap_connection`` is handed back (a test double of the connection).
+_Wrapper = TypeVar("_Wrapper")
 
 
 class SqliteStore:
@@ -624,6 +628,27 @@ class SqliteStore:
             _write_rows(self._conn, _delete_sql, [(row[0],) for row in pruned])
             _write_rows(self._conn, _pruned_sql, pruned)
         self._conn.execute("COMMIT")
+
+    # -- diagnostics (in-process only: nothing on the gRPC or HTTP face reaches these) ------
+
+    def trace_statements(self, callback: Callable[[str], None] | None) -> None:
+        """Call ``callback`` (from the writer thread) with each SQL statement it runs; None
+        stops. For an operator diagnosing commit behaviour, and for tests counting commits."""
+        self._open_connection().set_trace_callback(callback)
+
+    def wrap_connection(self, wrap: Callable[[sqlite3.Connection], _Wrapper]) -> _Wrapper:
+        """Route the writer thread's SQL through ``wrap(connection)`` (an object with the
+        connection's ``execute`` and ``close``) and return it: the fault-injection seam for
+        tests (a full disk, a writer thread that dies). In-process only, like
+        ``trace_statements``; call it while the store is open."""
+        wrapper = wrap(self._open_connection())
+        self._conn = cast(sqlite3.Connection, wrapper)
+        return wrapper
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise FailedPrecondition("the task store is not open", fix="use it while the scheduler runs")
+        return self._conn
 
 
 def _row_id(row: tuple[Any, ...]) -> str:

@@ -190,16 +190,25 @@ def _unknown_key(where: str, key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown key {key!r}", field=f"{where}.{key}", fix=fix)
 
 
+def _check_keys(table: Mapping[Any, Any], known: Iterable[str], where: str) -> None:
+    """Refuse a key of ``table`` that is not in ``known``, suggesting the closest one."""
+    known = list(known)
+    for key in table:
+        if key not in known:
+            raise _unknown_key(where, str(key), known)
+
+
+def _field_names(cls: type[Any]) -> list[str]:
+    return [a.name for a in attrs.fields(cls)]
+
+
 def _parse_port(value: Any, where: str) -> PortMapping:
     if isinstance(value, PortMapping):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return PortMapping(container_port=value, host_port=0)
     if isinstance(value, Mapping):
-        known = [a.name for a in attrs.fields(PortMapping)]
-        for key in value:
-            if key not in known:
-                raise _unknown_key(where, str(key), known)
+        _check_keys(value, _field_names(PortMapping), where)
         return PortMapping(**dict(value))
     if isinstance(value, str):
         text, _, protocol = value.partition("/")
@@ -226,10 +235,7 @@ def _parse_volume(value: Any, where: str) -> VolumeMount:
     if isinstance(value, VolumeMount):
         return value
     if isinstance(value, Mapping):
-        known = [a.name for a in attrs.fields(VolumeMount)]
-        for key in value:
-            if key not in known:
-                raise _unknown_key(where, str(key), known)
+        _check_keys(value, _field_names(VolumeMount), where)
         return VolumeMount(**dict(value))
     if isinstance(value, str):
         parts = value.split(":")
@@ -259,9 +265,7 @@ def _parse_depends(value: Any, where: str) -> tuple[DependsOn, ...]:
         elif isinstance(item, str):
             out.append(DependsOn(validate_name(item, where)))
         elif isinstance(item, Mapping):
-            for key in item:
-                if key not in ("name", "condition"):
-                    raise _unknown_key(where, str(key), ["name", "condition"])
+            _check_keys(item, ("name", "condition"), where)
             if "name" not in item:
                 raise ConfigError("a dependency table needs a name", field=where)
             out.append(
@@ -278,10 +282,7 @@ def _parse_nested(key: str, value: Any, base: Any, where: str) -> Any:
         return value
     if not isinstance(value, Mapping):
         raise ConfigError(f"expected a table, got {value!r}", field=where)
-    known = [a.name for a in attrs.fields(cls)]
-    for k in value:
-        if k not in known:
-            raise _unknown_key(where, str(k), known)
+    _check_keys(value, _field_names(cls), where)
     fields = dict(value)
     if key == "health" and "command" in fields:
         fields["command"] = parse_command(fields["command"], f"{where}.command")

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: First retry delay of the startup wait; doubles up to the check's ``interval``.
-_FIRST_DELAY = 0.01
+FIRST_PROBE_DELAY = 0.01
 
 
 @attrs.frozen
@@ -260,10 +260,11 @@ async def last_log_lines(backend: Backend, spec: ServiceSpec, instance_id: str, 
     return lines[-n:]
 
 
-def _backoff(attempt: int, ceiling: float) -> float:
-    # Exponential from _FIRST_DELAY, capped at the check interval, with "full jitter" between
+def probe_backoff(attempt: int, ceiling: float) -> float:
+    """Seconds before probe number ``attempt + 1`` of a starting service."""
+    # Exponential from FIRST_PROBE_DELAY, capped at the check interval, with "full jitter" between
     # half and all of it so many services probed together do not knock in step.
-    delay = min(ceiling, _FIRST_DELAY * (2**attempt))
+    delay = min(ceiling, FIRST_PROBE_DELAY * (2**attempt))
     return random.uniform(delay / 2, delay)
 
 
@@ -309,5 +310,5 @@ async def wait_until_healthy(
                 last_logs=await last_log_lines(backend, spec, instance.id),
                 timeout=budget,
             )
-        await anyio.sleep(min(remaining, _backoff(attempt, check.interval)))
+        await anyio.sleep(min(remaining, probe_backoff(attempt, check.interval)))
         attempt += 1

@@ -14,33 +14,33 @@ and the error names the service and why (``HealthCheckFailed`` carries the last 
 failure and log lines). An optional service that fails is reported; its dependents are
 skipped with a message naming it, and the rest go on.
 
-Ownership: every instance carries ``dspy_infra.owner`` (``settings.resolved_owner()``),
-``dspy_infra.service``, ``dspy_infra.spec_hash`` and ``dspy_infra.owner_pid`` labels and a
-stable name ``dspy_infra-<owner>-<service>``. A start adopts a healthy running instance with
-the same spec hash instead of recreating it (and writes a *lease* file naming the adopting
-pid, because a container's labels cannot change), recreates one whose hash differs, and
-removes instances of this owner whose owner process (and lease holder) is dead (orphans).
-Nothing without our owner label is ever touched. Opening a manager sweeps at once: a dead
-owner's instance started with ``keep`` (a ``.keep/<instance>`` marker) and still running the
-catalog's spec is adopted and monitored from that moment; every other dead owner's instance is
-removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
+Ownership (the labels, leases, keep markers and orphan rules are ``ownership.py``'s; the
+manager applies them through its ``ServiceOwnership``): every instance carries the owner's
+labels and a stable name ``dspy_infra-<owner>-<service>``. A start adopts a healthy running
+instance with the same spec hash instead of recreating it (and writes a lease naming the
+adopting process, because a container's labels cannot change), recreates one whose hash
+differs, and removes this owner's orphans (owner process and lease holder dead) that were not
+kept. Nothing without our owner label is ever touched. Opening a manager sweeps at once: a
+kept orphan still running the catalog's spec is adopted and monitored from that moment; every
+other orphan is removed, whatever this infra goes on to ask for. ``stop`` drops the marker.
 
-The monitor probes every healthy service on its check's interval; one that exits, or fails
-``retries`` probes in a row, is marked unhealthy and restarted per its ``RestartPolicy``
-(exponential backoff, at most ``max_restarts``), then marked failed.
+Once up, a service is watched by the ``ServiceMonitor`` (``monitor.py``: probes and the
+restart policy), which the manager runs in its task group; the monitor replaces an instance
+through the manager's ``_recreate`` under the service's lock, the path a manual ``restart``
+takes.
 
-Size: over 600 lines on purpose: one class whose start, adopt, stop, restart and monitor
-paths share the per-service locks and ``_Managed`` records; the pure parts live next to it
-(``graph.py``, ``health.py``, ``catalog.py``, ``handles.py``; ``ownership.py`` for liveness).
-Splitting the methods into mixins would spread that shared state over several files.
+Size: over 600 lines on purpose: one class whose backend choice, start, adopt, stop and
+restart paths and status answers share the per-service locks and ``ManagedService`` records.
+What needs none of that state lives next to it: the monitor (``monitor.py``), graph order
+(``graph.py``), probes (``health.py``), the catalog (``catalog.py``), URLs (``handles.py``) and
+the ownership rules (``ownership.py``). Splitting the methods into mixins would spread the
+shared state over several files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Self
@@ -50,14 +50,7 @@ import attrs
 import pluggy
 from anyio.abc import AsyncResource, TaskGroup
 
-from ..backends.base import (
-    LABEL_OWNER,
-    LABEL_OWNER_PID,
-    LABEL_OWNER_STARTED,
-    LABEL_SERVICE,
-    LABEL_SPEC_HASH,
-    Backend,
-)
+from ..backends.base import Backend
 from ..config import Settings
 from ..errors import (
     AlreadyExists,
@@ -65,7 +58,6 @@ from ..errors import (
     BackendUnavailable,
     HealthCheckFailed,
     InfraError,
-    MissingBinary,
     NotFound,
     ServiceError,
     SpecError,
@@ -87,7 +79,15 @@ from ..models import (
     ServiceStatus,
     ServiceStatusUpdate,
 )
-from ..ownership import label_pid_alive, start_time_of
+from ..ownership import (
+    LABEL_OWNER,
+    LABEL_SERVICE,
+    LABEL_SPEC_HASH,
+    ServiceOwnership,
+    instance_name_for,
+    reap_before_start,
+    sweep_action,
+)
 from ..plugins import collect_mapping
 from .catalog import build_catalog, parse_overrides, write_support_files
 from .graph import (
@@ -100,6 +100,9 @@ from .graph import (
 )
 from .handles import ServiceHandle, default_url_template, main_container_port, service_url
 from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
+from .monitor import ManagedService as _Managed
+from .monitor import ServiceMonitor
+from .monitor import failure_reason as _reason
 
 __all__ = ["ServiceManager", "instance_name_for"]
 
@@ -112,29 +115,8 @@ _SATISFIES = {
 }
 #: Longest wait for an existing (adoptable) instance to answer its probe before recreating it.
 _ADOPT_WAIT = 5.0
-_MONITOR_TICK = 0.2
 #: The owner process's start time (clock ticks since boot): with the pid, it tells a live
 #: owner from an unrelated process that was given the same pid later.
-
-
-def instance_name_for(owner: str, service: str) -> str:
-    """Stable instance (container / process) name, so a later run can find and adopt it."""
-    return "dspy_infra-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", owner) + "-" + service
-
-
-@attrs.define
-class _Managed:
-    """What the manager knows of one service it runs. Mutable: starts, stops and restarts
-    replace it under the service's lock; the monitor updates its status between awaits."""
-
-    spec: ServiceSpec
-    instance: Instance
-    status: ServiceStatus
-    message: str = ""
-    restarts: int = 0
-    failures: int = 0
-    next_probe: float = 0.0
-    adopted: bool = False
 
 
 @attrs.define
@@ -188,18 +170,25 @@ class ServiceManager(AsyncResource):
         self._queue_status = queue_status
         self._managed: dict[str, _Managed] = {}
         self._locks: dict[str, anyio.Lock] = {}
-        self._busy: set[str] = set()
         self._tg: TaskGroup | None = None
         self._start_slots = anyio.Semaphore(self.max_parallel_starts)
-        self._leases = settings.resolved_home() / "services" / ".leases"
-        self._kept = settings.resolved_home() / "services" / ".keep"
+        #: Labels, leases and keep markers of this owner (the rules are ownership.py's).
+        self.ownership = ServiceOwnership(self.owner, settings.resolved_home())
         #: Services started without an explicit ``keep`` are kept when this is True (a server
         #: that leaves its services running on shutdown sets it).
         self.keep_by_default = False
         #: Services a start brought up without ``keep`` (started or adopted), in start order:
         #: the ones ``Infra`` stops when it closes, whoever asked (Python, gRPC, the CLI).
         self.owned: list[str] = []
-        self._self_started = start_time_of(os.getpid())
+        self._monitor = ServiceMonitor(
+            self._managed,
+            backend=lambda: self.backend,
+            bus=bus,
+            metrics=metrics,
+            lock=self._lock,
+            recreate=lambda spec: self._recreate(spec, timeout=10.0, manual=False),
+            on_change=self._set_active_gauge,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,14 +211,14 @@ class ServiceManager(AsyncResource):
         except BaseException:
             await self._close_backend()
             raise
-        self._tg.start_soon(self._monitor, name="dspy_infra-service-monitor")
+        self._tg.start_soon(self._monitor.run, self._tg, name="dspy_infra-service-monitor")
         return self
 
     async def _sweep_on_open(self) -> None:
         """Services of this owner whose owner process (and lease holder) is dead: a kept one
         that still runs the catalog's spec is adopted now, so the monitor watches it from
         this moment; every other one is reaped, whatever this infra goes on to ask for."""
-        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+        for inst in await self.backend.list_instances(self.ownership.filter()):
             try:
                 await self._sweep_one(inst)
             except InfraError as exc:  # one stuck leftover must not keep the infra from starting
@@ -241,23 +230,27 @@ class ServiceManager(AsyncResource):
 
     async def _sweep_one(self, inst: Instance) -> None:
         service = inst.labels.get(LABEL_SERVICE, "")
-        if not service or await anyio.to_thread.run_sync(self._owner_alive, inst):
+        if not service:
             return
+        owner_alive = await anyio.to_thread.run_sync(self._owner_alive, inst)
+        kept = not owner_alive and await anyio.to_thread.run_sync(self.ownership.is_kept, inst.name)
         spec = self.catalog.get(service)
-        kept = await anyio.to_thread.run_sync(self._is_kept, inst.name)
-        if (
-            kept
-            and spec is not None
+        adoptable = (
+            spec is not None
             and not spec.one_shot
             and inst.state == "running"
             and inst.labels.get(LABEL_SPEC_HASH) == spec.spec_hash
             and service not in self._managed
-        ):
+        )
+        action = sweep_action(owner_alive=owner_alive, kept=kept, adoptable=adoptable)
+        if action == "leave":
+            return
+        if action == "adopt" and spec is not None:
             async with self._lock(service):
                 if await self._try_adopt(spec) is not None:
                     return
         await self._discard(inst)
-        await anyio.to_thread.run_sync(self._set_kept, service, False)
+        await anyio.to_thread.run_sync(self.ownership.set_kept, service, False)
         self.bus.publish("service_orphan_removed", service, {"instance": inst.name, "kept": kept})
 
     async def aclose(self) -> None:
@@ -355,14 +348,7 @@ class ServiceManager(AsyncResource):
         return lock
 
     def _labels(self, spec: ServiceSpec) -> dict[str, str]:
-        return {
-            **spec.labels,
-            LABEL_OWNER: self.owner,
-            LABEL_SERVICE: spec.name,
-            LABEL_SPEC_HASH: spec.spec_hash,
-            LABEL_OWNER_PID: str(os.getpid()),
-            LABEL_OWNER_STARTED: self._self_started,
-        }
+        return self.ownership.labels(spec.name, spec.spec_hash, spec.labels)
 
     def _set_active_gauge(self) -> None:
         up = (ServiceStatus.HEALTHY, ServiceStatus.RUNNING, ServiceStatus.UNHEALTHY)
@@ -478,7 +464,7 @@ class ServiceManager(AsyncResource):
         up = [n for n in order if run.outcome.get(n) in (_HEALTHY, _STARTED, _COMPLETED)]
         for name in up:
             if keep:
-                await anyio.to_thread.run_sync(self._set_kept, name, True)
+                await anyio.to_thread.run_sync(self.ownership.set_kept, name, True)
                 with contextlib.suppress(ValueError):
                     self.owned.remove(name)
             elif name not in self.owned:
@@ -672,52 +658,31 @@ class ServiceManager(AsyncResource):
             await self._discard(inst)
         return None
 
-    # -- ownership -------------------------------------------------------------------------
+    # -- ownership (the records and rules are ownership.py's) ---------------------------------
 
     def _write_lease(self, instance_name: str) -> None:
-        self._leases.mkdir(parents=True, exist_ok=True)
-        (self._leases / instance_name).write_text(f"{os.getpid()} {self._self_started}")
+        self.ownership.write_lease(instance_name)
 
-    def _is_kept(self, instance_name: str) -> bool:
-        return (self._kept / instance_name).exists()
-
-    def _set_kept(self, service: str, kept: bool) -> None:
-        """Mark ``service``'s instance as one to leave running after its owner exits (or not)."""
-        marker = self._kept / instance_name_for(self.owner, service)
-        if kept:
-            self._kept.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                marker.unlink()
+    def _owner_alive(self, inst: Instance) -> bool:
+        return self.ownership.owner_alive(inst.labels, inst.name)
 
     def is_kept(self, service: str) -> bool:
         """True when ``service`` was started with ``keep`` (it outlives its owner)."""
-        return self._is_kept(instance_name_for(self.owner, service))
-
-    def _lease_holder_alive(self, instance_name: str) -> bool:
-        try:
-            pid, _, started = (self._leases / instance_name).read_text().strip().partition(" ")
-        except OSError:
-            return False
-        return _alive(pid, started)
-
-    def _owner_alive(self, inst: Instance) -> bool:
-        owner = _alive(inst.labels.get(LABEL_OWNER_PID, ""), inst.labels.get(LABEL_OWNER_STARTED, ""))
-        return owner or self._lease_holder_alive(inst.name)
+        return self.ownership.is_kept(self.ownership.instance_name(service))
 
     async def _remove_orphans(self, keep: set[str]) -> list[str]:
         """Remove this owner's instances whose owner process is gone, except services in
         ``keep`` (the start about to run adopts or recreates those)."""
         removed: list[str] = []
-        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+        for inst in await self.backend.list_instances(self.ownership.filter()):
             service = inst.labels.get(LABEL_SERVICE, "")
             if service in keep or service in self._managed:
                 continue
-            if await anyio.to_thread.run_sync(self._owner_alive, inst):
+            owner_alive = await anyio.to_thread.run_sync(self._owner_alive, inst)
+            # A kept one (keep=True) was left running on purpose; `down` removes it.
+            kept = not owner_alive and await anyio.to_thread.run_sync(self.ownership.is_kept, inst.name)
+            if not reap_before_start(owner_alive=owner_alive, kept=kept):
                 continue
-            if await anyio.to_thread.run_sync(self._is_kept, inst.name):
-                continue  # left running on purpose (keep=True); `down` removes it
             await self._discard(inst)
             removed.append(inst.name)
             self.bus.publish("service_orphan_removed", service, {"instance": inst.name})
@@ -728,20 +693,16 @@ class ServiceManager(AsyncResource):
             await self.backend.stop(instance.id, timeout=timeout)
         with contextlib.suppress(NotFound, AlreadyExists):  # AlreadyExists: removal under way
             await self.backend.remove(instance.id)
-        with contextlib.suppress(OSError):
-            await anyio.to_thread.run_sync((self._leases / instance.name).unlink)
+        await anyio.to_thread.run_sync(self.ownership.drop_lease, instance.name)
 
     async def _remove_instances(self, service: str, timeout: float = 5.0) -> int:
-        found = await self.backend.list_instances({LABEL_OWNER: self.owner, LABEL_SERVICE: service})
+        found = await self.backend.list_instances(self.ownership.filter(service))
         for inst in found:
             await self._discard(inst, timeout)
         return len(found)
 
     async def _inspect_or_none(self, instance_id: str) -> Instance | None:
-        try:
-            return await self.backend.inspect(instance_id)
-        except NotFound:
-            return None
+        return await self.backend.inspect_or_none(instance_id)
 
     async def _rollback(self, run: _StartRun) -> None:
         """Stop what this start created (a required service failed)."""
@@ -760,7 +721,7 @@ class ServiceManager(AsyncResource):
         ``StopServices([])`` and ``dspy-infra down`` send) means every service of this owner.
         Returns ``{name: "stopped" | "not running" | "error: ..."}``."""
         if not names:
-            listed = await self.backend.list_instances({LABEL_OWNER: self.owner})
+            listed = await self.backend.list_instances(self.ownership.filter())
             targets = set(self._managed) | {i.labels.get(LABEL_SERVICE, "") for i in listed} - {""}
         else:
             targets = set(names)
@@ -783,7 +744,7 @@ class ServiceManager(AsyncResource):
             self._managed.pop(name, None)
             with contextlib.suppress(ValueError):
                 self.owned.remove(name)
-            await anyio.to_thread.run_sync(self._set_kept, name, False)
+            await anyio.to_thread.run_sync(self.ownership.set_kept, name, False)
             try:
                 count = await self._remove_instances(name, timeout)
             except InfraError as exc:
@@ -827,109 +788,11 @@ class ServiceManager(AsyncResource):
         managed.restarts = restarts + 1
         self.bus.publish("service_restarted", spec.name, {"restarts": managed.restarts, "manual": manual})
 
-    # -- the monitor -----------------------------------------------------------------------
-
-    async def _monitor(self) -> None:
-        while True:
-            await anyio.sleep(_MONITOR_TICK)
-            now = time.monotonic()
-            for name, managed in list(self._managed.items()):
-                if name in self._busy or now < managed.next_probe:
-                    continue
-                if managed.status not in (ServiceStatus.HEALTHY, ServiceStatus.UNHEALTHY):
-                    continue
-                managed.next_probe = now + max(_MONITOR_TICK, managed.spec.health.interval)
-                self._busy.add(name)
-                self._task_group().start_soon(self._watch_once, name, name=f"watch-{name}")
-
-    async def _watch_once(self, name: str) -> None:
-        try:
-            managed = self._managed.get(name)
-            if managed is None:
-                return
-            spec, instance = managed.spec, managed.instance
-            current = await self._inspect_or_none(instance.id)
-            exited = current is None or current.state == "exited"
-            if exited:
-                code = None if current is None else current.exit_code
-                ok, message = False, f"exited with code {code}" if current is not None else "instance is gone"
-            else:
-                result = await run_probe(
-                    probe_for(spec.health), self.backend, spec, instance, metrics=self.metrics
-                )
-                ok, message = result.ok, result.message
-            if self._managed.get(name) is not managed:
-                return  # stopped or replaced while we probed
-            if ok:
-                if managed.status != ServiceStatus.HEALTHY:
-                    self.bus.publish("service_healthy", name, {"instance_id": instance.id, "probe": message})
-                managed.status, managed.message, managed.failures = ServiceStatus.HEALTHY, message, 0
-                self._set_active_gauge()
-                return
-            managed.failures += 1
-            managed.message = message
-            if not exited and managed.failures < max(1, spec.health.retries):
-                return
-            if managed.status != ServiceStatus.UNHEALTHY:
-                managed.status = ServiceStatus.UNHEALTHY
-                self.bus.publish("service_unhealthy", name, {"reason": message})
-                self._set_active_gauge()
-            await self._apply_restart_policy(
-                name, managed, exited_code=current.exit_code if current else None
-            )
-        finally:
-            self._busy.discard(name)
-
-    async def _apply_restart_policy(self, name: str, managed: _Managed, *, exited_code: int | None) -> None:
-        policy = managed.spec.restart
-        clean_exit = (
-            exited_code == 0 and managed.status == ServiceStatus.UNHEALTHY and "exited" in managed.message
-        )
-        if clean_exit and policy.mode != "always":
-            # It finished on its own with success: stopped, not failed.
-            managed.status, managed.message = ServiceStatus.STOPPED, "exited with code 0"
-            self._set_active_gauge()
-            self.bus.publish("service_stopped", name, {"exit_code": 0})
-            return
-        if policy.mode == "no":
-            await self._give_up(name, managed, f"{managed.message}; restart policy 'no'")
-            return
-        if managed.restarts >= policy.max_restarts:
-            await self._give_up(
-                name, managed, f"{managed.message}; gave up after {managed.restarts} restarts"
-            )
-            return
-        delay = min(policy.max_backoff, policy.backoff * math.pow(2, managed.restarts))
-        await anyio.sleep(delay)
-        async with self._lock(name):
-            if self._managed.get(name) is not managed:
-                return  # stopped while we backed off
-            try:
-                await self._recreate(managed.spec, timeout=10.0, manual=False)
-            except Exception as exc:
-                self.metrics.failed_service_starts_total.labels(service_name=name, reason=_reason(exc)).inc()
-                self.metrics.service_start_total.labels(service_name=name, status="failure").inc()
-                again = self._managed.get(name)
-                if again is None:
-                    self._managed[name] = attrs.evolve(
-                        managed,
-                        status=ServiceStatus.UNHEALTHY,
-                        restarts=managed.restarts + 1,
-                        message=str(exc),
-                    )
-                    again = self._managed[name]
-                again.next_probe = time.monotonic()  # let the monitor decide again soon
-
-    async def _give_up(self, name: str, managed: _Managed, why: str) -> None:
-        managed.status, managed.message = ServiceStatus.FAILED, why
-        self._set_active_gauge()
-        self.bus.publish("service_failed", name, {"error": why, "restarts": managed.restarts})
-
     # -- observation -----------------------------------------------------------------------
 
     async def _instances_by_service(self) -> dict[str, Instance]:
         out: dict[str, Instance] = {}
-        for inst in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+        for inst in await self.backend.list_instances(self.ownership.filter()):
             service = inst.labels.get(LABEL_SERVICE, "")
             if service and (service not in out or inst.state == "running"):
                 out[service] = inst
@@ -1168,19 +1031,3 @@ class ServiceManager(AsyncResource):
             else:
                 raise NotFound(f"service {name!r} publishes no port", field="container_port")
         return self.backend.probe_address(managed.instance, port)
-
-
-_alive = label_pid_alive
-
-
-def _reason(exc: BaseException) -> str:
-    """Low-cardinality label for env_manager_failed_service_starts_total."""
-    if isinstance(exc, HealthCheckFailed):
-        return "exited" if "exited" in exc.last_failure else "health_check"
-    if isinstance(exc, MissingBinary):
-        return "missing_binary"
-    if isinstance(exc, BackendError):
-        return "backend_error"
-    if isinstance(exc, SpecError):
-        return "invalid_spec"
-    return type(exc).__name__

@@ -126,7 +126,7 @@ def check_step_count(count: int) -> None:
 def _check_spec_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
         raise SpecError(
-            f"is {size} bytes, the limit is {MAX_SPEC_BYTES}",
+            f"is {size} bytes, the limit is {max_bytes}",
             field="spec",
             fix=f"split the work into smaller workflows (at most {MAX_STEPS} steps, {MAX_SPEC_BYTES} bytes)",
         )

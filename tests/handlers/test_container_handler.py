@@ -60,12 +60,25 @@ def ctx(settings: Settings | None, task_id: str = "t", **payload: str) -> TaskCo
 
 
 async def labelled(engine: Engine, task_id: str) -> list[dict[str, Any]]:
-    """Containers (any state) carrying ``dspy_infra.task=<task_id>``, straight from the engine."""
+    """What the engine says of each container (any state) carrying ``dspy_infra.task=<task_id>``
+    (its inspect document)."""
     async with aiodocker.Docker(url=engine.host) as docker:
         found = await docker.containers.list(
             all=True, filters=json.dumps({"label": [f"{LABEL_TASK}={task_id}"]})
         )
-        return [dict(c._container) for c in found]
+        shown = []
+        for container in found:
+            with contextlib.suppress(aiodocker.DockerError):  # removed since it was listed
+                shown.append(await container.show())
+        return shown
+
+
+def _is_open(backend: DockerBackend) -> bool:
+    """Whether ``backend`` holds an engine client (its ``docker`` property refuses when closed)."""
+    try:
+        return backend.docker is not None
+    except BackendError:
+        return False
 
 
 async def until_labelled(engine: Engine, task_id: str, timeout: float = 20) -> dict[str, Any]:
@@ -73,7 +86,7 @@ async def until_labelled(engine: Engine, task_id: str, timeout: float = 20) -> d
         async with asyncio.timeout(timeout):
             while True:
                 found = await labelled(engine, task_id)
-                if found and str(found[0].get("State", "")).lower() == "running":
+                if found and found[0]["State"]["Status"] == "running":
                     return found[0]
                 await asyncio.sleep(0.1)
     raise AssertionError(f"no running container labelled {LABEL_TASK}={task_id} within {timeout}s")
@@ -283,8 +296,8 @@ async def test_a_scheduler_opens_one_backend_per_engine_and_network_and_closes_i
         for i in range(4):
             assert (await sched.wait(f"c{i}", timeout=60)).status is TaskStatus.COMPLETED
         assert sorted(b.network for b in opened) == ["bridge", "none"]
-        assert all(b._docker is not None for b in opened)  # kept open for the next attempt
-    assert all(b._docker is None for b in opened)  # closed with the scheduler
+        assert all(_is_open(b) for b in opened)  # kept open for the next attempt
+    assert not any(_is_open(b) for b in opened)  # closed with the scheduler
 
 
 async def test_a_later_attempt_removes_leftovers_of_dead_owners_only(engine: Engine, tmp_path: Path) -> None:
@@ -329,7 +342,7 @@ async def test_timeout_removes_the_running_container(engine: Engine, tmp_path: P
         payload = {"handler": "container", "image": engine.images.busybox, "cmd": "sleep 60"}
         await sched.submit(TaskSpec(task_id, payload=payload, timeout=4))
         seen = await until_labelled(engine, task_id)
-        assert seen["Labels"][LABEL_OWNER] == settings.resolved_owner()
+        assert seen["Config"]["Labels"][LABEL_OWNER] == settings.resolved_owner()
         result = await sched.wait(task_id, timeout=60)
     assert result.status is TaskStatus.FAILED and "timed out after 4s" in result.error
     assert await labelled(engine, task_id) == []

@@ -15,11 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import finish
+from harness import finish, wait_until
 
 from dspy_infra.ownership import proc_stat
 
@@ -122,14 +122,6 @@ def _alive(pid: int) -> bool:
     return st is not None and not st.dead
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 class Runs:
     """The shared log of ``step.sh``: start/end lines per task id."""
 
@@ -210,7 +202,7 @@ def test_sigkilled_exec_tasks_are_ended_before_they_run_again(tmp_path: Path, ru
     try:
         assert first.stdout is not None
         assert first.stdout.readline().strip() == "ACCEPTED"
-        _wait_for(lambda: runs.started(ids), 30, "every task to start")
+        wait_until(lambda: runs.started(ids), 30, "every task to start")
     finally:
         _sigkill(first)
     first_pids = runs.pids()
@@ -263,7 +255,7 @@ def test_sigkilled_workflow_steps_are_ended_before_they_run_again(tmp_path: Path
         assert first.stdout is not None
         run_id = json.loads(first.stdout.readline())["run_id"]
         logged = [f"overlap.{n}" for n in names]
-        _wait_for(lambda: runs.started(logged), 30, "every step to start")
+        wait_until(lambda: runs.started(logged), 30, "every step to start")
     finally:
         _sigkill(first)
     first_pids = runs.pids()
@@ -325,7 +317,7 @@ def _recorded_leftover_ignoring_sigterm(home: Path, ready: Path) -> subprocess.P
     )
     env = {**os.environ, "DSPY_INFRA_ATTEMPT": marker}
     leftover = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
-    _wait_for(ready.exists, 10, "the leftover to start")
+    wait_until(ready.exists, 10, "the leftover to start")
     st = proc_stat(leftover.pid)
     assert st is not None
     AttemptRegistry(home / "attempts").write(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from harness import handler_context, processes_with
 
 from dspy_infra.errors import PermanentFailure
 from dspy_infra.handlers.basic import (
@@ -23,10 +24,6 @@ from dspy_infra.plugins import build_plugin_manager, collect_mapping
 from dspy_infra.scheduler.context import TaskContext
 
 
-def ctx(**payload: object) -> TaskContext:
-    return TaskContext(spec=TaskSpec("t", payload=payload), attempt=1)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -38,21 +35,25 @@ def _alive(pid: int) -> bool:
 
 
 async def test_exec_returns_exit_code_and_both_streams() -> None:
-    result = await exec_handler(ctx(cmd="echo out; echo err >&2"))
+    result = await exec_handler(handler_context(cmd="echo out; echo err >&2"))
     assert result == {"exit_code": 0, "stdout": "out\n", "stderr": "err\n"}
 
 
 async def test_exec_keeps_output_whole_up_to_the_limit() -> None:
     # Regression: stdout used to keep only its last 4 KiB.
     n = RESULT_OUTPUT_BYTES - 10
-    result = await exec_handler(ctx(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END"))
+    result = await exec_handler(
+        handler_context(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END")
+    )
     assert result["stdout"] == "START" + "a" * n + "END"
     assert "truncated" not in result
 
 
 async def test_exec_beyond_the_limit_keeps_head_and_tail_and_says_how_much_was_cut() -> None:
     n = 3 * RESULT_OUTPUT_BYTES
-    result = await exec_handler(ctx(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END"))
+    result = await exec_handler(
+        handler_context(cmd=f"printf START; head -c {n} /dev/zero | tr '\\0' a; printf END")
+    )
     out = result["stdout"]
     assert out.startswith("STARTaaa") and out.endswith("aaaEND")
     assert result["truncated"] is True
@@ -66,14 +67,14 @@ async def test_exec_beyond_the_limit_keeps_head_and_tail_and_says_how_much_was_c
 async def test_exec_output_of_control_characters_stays_within_the_limit_as_json() -> None:
     import json
 
-    result = await exec_handler(ctx(cmd=f"head -c {RESULT_OUTPUT_BYTES} /dev/zero"))
+    result = await exec_handler(handler_context(cmd=f"head -c {RESULT_OUTPUT_BYTES} /dev/zero"))
     assert result["truncated"] is True
     assert len(json.dumps(result["stdout"])) <= RESULT_OUTPUT_BYTES + 100
 
 
 async def test_exec_nonzero_exit_fails_with_the_stderr_tail() -> None:
     with pytest.raises(ExecFailed) as info:
-        await exec_handler(ctx(cmd="echo partial; echo 'no such thing' >&2; exit 3"))
+        await exec_handler(handler_context(cmd="echo partial; echo 'no such thing' >&2; exit 3"))
     assert info.value.exit_code == 3
     assert "exited with 3" in str(info.value) and "no such thing" in str(info.value)
     assert info.value.result["stdout"] == "partial\n"
@@ -81,7 +82,7 @@ async def test_exec_nonzero_exit_fails_with_the_stderr_tail() -> None:
 
 async def test_exec_without_cmd_is_a_permanent_failure_naming_the_field() -> None:
     with pytest.raises(PermanentFailure, match=r"payload\.cmd"):
-        await exec_handler(ctx())
+        await exec_handler(handler_context())
 
 
 async def test_exec_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ async def test_exec_cancel_kills_the_whole_process_group(tmp_path: Path) -> None
     # The shell starts a background grandchild: a kill of the shell alone would leak it.
     cmd = f"sleep 30 & echo $! > {pidfile}; wait"
     with anyio.move_on_after(0.5) as scope:
-        await exec_handler(ctx(cmd=cmd))
+        await exec_handler(handler_context(cmd=cmd))
     assert scope.cancelled_caught
     grandchild = int(pidfile.read_text())
     for _ in range(100):  # up to 5 s for the kill to land
@@ -100,20 +101,20 @@ async def test_exec_cancel_kills_the_whole_process_group(tmp_path: Path) -> None
 
 
 async def test_exec_runs_in_cwd(tmp_path: Path) -> None:
-    result = await exec_handler(ctx(cmd="pwd", cwd=str(tmp_path)))
+    result = await exec_handler(handler_context(cmd="pwd", cwd=str(tmp_path)))
     assert result["stdout"].strip() == str(tmp_path)
 
 
 async def test_noop_sleep_fail() -> None:
-    assert await noop_handler(ctx()) == {}
+    assert await noop_handler(handler_context()) == {}
     started = time.monotonic()
-    assert await sleep_handler(ctx(seconds="0.05")) == {"slept": 0.05}
-    assert await sleep_handler(ctx(seconds=0.05)) == {"slept": 0.05}
+    assert await sleep_handler(handler_context(seconds="0.05")) == {"slept": 0.05}
+    assert await sleep_handler(handler_context(seconds=0.05)) == {"slept": 0.05}
     assert time.monotonic() - started >= 0.04
     with pytest.raises(PermanentFailure, match=r"payload\.seconds"):
-        await sleep_handler(ctx(seconds="soon"))
+        await sleep_handler(handler_context(seconds="soon"))
     with pytest.raises(RuntimeError, match="boom"):
-        await fail_handler(ctx(message="boom"))
+        await fail_handler(handler_context(message="boom"))
 
 
 def test_builtins_are_registered_through_the_plugin_hook() -> None:
@@ -126,7 +127,7 @@ def test_builtins_are_registered_through_the_plugin_hook() -> None:
 async def test_exec_ends_with_its_shell_even_if_a_background_child_holds_the_pipes(tmp_path: Path) -> None:
     pidfile = tmp_path / "bg.pid"
     with anyio.fail_after(10):
-        result = await exec_handler(ctx(cmd=f"sleep 30 & echo $! > {pidfile}; echo started"))
+        result = await exec_handler(handler_context(cmd=f"sleep 30 & echo $! > {pidfile}; echo started"))
     assert result["stdout"] == "started\n"
     background = int(pidfile.read_text())
     for _ in range(100):
@@ -134,22 +135,6 @@ async def test_exec_ends_with_its_shell_even_if_a_background_child_holds_the_pip
             break
         await anyio.sleep(0.05)
     assert not _alive(background), "a process the task started outlived it"
-
-
-def _processes_with_arg(arg: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains ``arg``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if arg in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3])
@@ -170,10 +155,10 @@ async def test_exec_cancelled_while_spawning_ends_at_once_and_leaves_no_child(
     assert done, "cancel hung"
     assert task.cancelled()
     for _ in range(100):  # the group kill is immediate; reaping may lag a little
-        if not _processes_with_arg(f"sleep {marker}"):
+        if not processes_with(f"sleep {marker}"):
             break
         await anyio.sleep(0.05)
-    assert _processes_with_arg(f"sleep {marker}") == []
+    assert processes_with(f"sleep {marker}") == []
 
 
 def _json_ctx(**payload: object) -> TaskContext:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from harness import open_scheduler
+from harness import fast_retries, handler_context, open_scheduler
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import codes, http_fields, url_like
@@ -25,15 +25,10 @@ from dspy_infra.handlers.http import (
     parse_expect_status,
     status_outcome,
 )
-from dspy_infra.models import TaskSpec, TaskStatus
+from dspy_infra.models import TaskResult, TaskSpec, TaskState, TaskStatus
 from dspy_infra.plugins import build_plugin_manager, collect_mapping
-from dspy_infra.scheduler import scheduler as scheduler_module
-from dspy_infra.scheduler.context import TAIL_BYTES, TaskContext, payload_json_object
+from dspy_infra.scheduler.context import TAIL_BYTES, payload_json_object
 from dspy_infra.scheduler.scheduler import Scheduler
-
-
-def ctx(**payload: str) -> TaskContext:
-    return TaskContext(spec=TaskSpec("t", payload=payload), attempt=1)
 
 
 class Server:
@@ -115,13 +110,13 @@ def scheduler(home: Path) -> contextlib.AbstractAsyncContextManager[Scheduler]:
 
 
 async def test_get_returns_status_body_and_content_type(server: Server) -> None:
-    result = await http_handler(ctx(url=f"{server.base}/status/200"))
+    result = await http_handler(handler_context(url=f"{server.base}/status/200"))
     assert result == {"status": "200", "body": "answer 200", "content_type": "text/plain"}
 
 
 async def test_method_body_and_headers_reach_the_server(server: Server) -> None:
     result = await http_handler(
-        ctx(
+        handler_context(
             url=f"{server.base}/echo",
             method="put",
             body='{"x": 1}',
@@ -135,15 +130,15 @@ async def test_method_body_and_headers_reach_the_server(server: Server) -> None:
 
 
 async def test_body_keeps_only_the_tail(server: Server) -> None:
-    result = await http_handler(ctx(url=f"{server.base}/big"))
+    result = await http_handler(handler_context(url=f"{server.base}/big"))
     assert len(result["body"].encode()) == TAIL_BYTES and result["body"].endswith("aaaEND")
 
 
 async def test_expect_status_accepts_a_listed_non_2xx_and_refuses_an_unlisted_2xx(server: Server) -> None:
-    result = await http_handler(ctx(url=f"{server.base}/status/404", expect_status="200, 404"))
+    result = await http_handler(handler_context(url=f"{server.base}/status/404", expect_status="200, 404"))
     assert result["status"] == "404" and result["body"] == "answer 404"
     with pytest.raises(PermanentFailure, match=r"unexpected status 204 \(expected 200,404\)"):
-        await http_handler(ctx(url=f"{server.base}/status/204", expect_status="200,404"))
+        await http_handler(handler_context(url=f"{server.base}/status/204", expect_status="200,404"))
 
 
 # -- failures -----------------------------------------------------------------------------
@@ -151,7 +146,7 @@ async def test_expect_status_accepts_a_listed_non_2xx_and_refuses_an_unlisted_2x
 
 async def test_unexpected_4xx_is_permanent_and_quotes_the_body(server: Server) -> None:
     with pytest.raises(PermanentFailure) as info:
-        await http_handler(ctx(url=f"{server.base}/status/403"))
+        await http_handler(handler_context(url=f"{server.base}/status/403"))
     message = str(info.value)
     assert "unexpected status 403 (expected 2xx)" in message and "answer 403" in message
     assert "payload.expect_status" in message  # the fix
@@ -160,7 +155,7 @@ async def test_unexpected_4xx_is_permanent_and_quotes_the_body(server: Server) -
 async def test_unexpected_5xx_and_429_are_retryable_failures_carrying_the_result(server: Server) -> None:
     for code in (500, 503, 429):
         with pytest.raises(HttpStatusFailed) as info:
-            await http_handler(ctx(url=f"{server.base}/status/{code}"))
+            await http_handler(handler_context(url=f"{server.base}/status/{code}"))
         assert not isinstance(info.value, PermanentFailure)
         assert info.value.result["status"] == str(code)
         assert info.value.result["body"] == f"answer {code}"
@@ -172,7 +167,7 @@ async def test_connection_refused_is_an_ordinary_failure_naming_the_url() -> Non
         port = sock.getsockname()[1]
     # Nothing listens on the port now.
     with pytest.raises(ConnectionError, match=f"GET http://127.0.0.1:{port}/x"):
-        await http_handler(ctx(url=f"http://127.0.0.1:{port}/x"))
+        await http_handler(handler_context(url=f"http://127.0.0.1:{port}/x"))
 
 
 @pytest.mark.parametrize(
@@ -195,7 +190,7 @@ async def test_bad_payloads_are_permanent_failures_naming_the_field(
 ) -> None:
     # Port 1 refuses connections: reaching the network would fail differently.
     with pytest.raises(PermanentFailure) as info:
-        await http_handler(ctx(**payload))
+        await http_handler(handler_context(**payload))
     assert field in str(info.value)
     assert "fix:" in str(info.value)
 
@@ -203,36 +198,32 @@ async def test_bad_payloads_are_permanent_failures_naming_the_field(
 # -- through a real Scheduler ---------------------------------------------------------------
 
 
-async def test_5xx_is_retried_by_the_scheduler_until_it_succeeds(server: Server, tmp_path: Path) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scheduler_module, "RETRY_BACKOFF_BASE", 0.01)
+async def run_http_task(
+    tmp_path: Path, task_id: str, url: str, max_attempts: int
+) -> tuple[TaskResult, TaskState]:
+    """Run one ``http`` task through a real scheduler (retries come fast): its result and state."""
+    with fast_retries(0.01):
         async with scheduler(tmp_path) as sched:
-            payload = {"handler": "http", "url": f"{server.base}/flaky/2"}
-            await sched.submit(TaskSpec("flaky", payload=payload, max_attempts=3))
-            result = await sched.wait("flaky", timeout=10)
+            payload = {"handler": "http", "url": url}
+            await sched.submit(TaskSpec(task_id, payload=payload, max_attempts=max_attempts))
+            return await sched.wait(task_id, timeout=10), await sched.get(task_id)
+
+
+async def test_5xx_is_retried_by_the_scheduler_until_it_succeeds(server: Server, tmp_path: Path) -> None:
+    result, _ = await run_http_task(tmp_path, "flaky", f"{server.base}/flaky/2", max_attempts=3)
     assert result.status is TaskStatus.COMPLETED, result.error
     assert result.result["body"] == "ok after 3" and server.flaky_calls == 3
     assert result.result["status"] == "200"
 
 
 async def test_5xx_fails_the_task_when_attempts_run_out(server: Server, tmp_path: Path) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scheduler_module, "RETRY_BACKOFF_BASE", 0.01)
-        async with scheduler(tmp_path) as sched:
-            payload = {"handler": "http", "url": f"{server.base}/flaky/5"}
-            await sched.submit(TaskSpec("down", payload=payload, max_attempts=2))
-            result = await sched.wait("down", timeout=10)
-            state = await sched.get("down")
+    result, state = await run_http_task(tmp_path, "down", f"{server.base}/flaky/5", max_attempts=2)
     assert result.status is TaskStatus.FAILED and "unexpected status 503" in result.error
     assert state.attempts == 2 and server.flaky_calls == 2
 
 
 async def test_4xx_is_not_retried_by_the_scheduler(server: Server, tmp_path: Path) -> None:
-    async with scheduler(tmp_path) as sched:
-        payload = {"handler": "http", "url": f"{server.base}/status/400"}
-        await sched.submit(TaskSpec("bad", payload=payload, max_attempts=5))
-        result = await sched.wait("bad", timeout=10)
-        state = await sched.get("bad")
+    result, state = await run_http_task(tmp_path, "bad", f"{server.base}/status/400", max_attempts=5)
     assert result.status is TaskStatus.FAILED and "unexpected status 400" in result.error
     assert state.attempts == 1
 

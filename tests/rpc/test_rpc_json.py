@@ -15,12 +15,14 @@ import pytest
 from hypothesis import given, settings
 from strategies import wire_json_objects
 
+from dspy_infra import models
 from dspy_infra.errors import SpecError
-from dspy_infra.models import TaskResult, TaskStatus
+from dspy_infra.models import TaskResult, TaskSpec, TaskState, TaskStatus
 from dspy_infra.rpc import convert as cv
+from dspy_infra.rpc._gen.env_manager import v1 as env_pb
 from dspy_infra.rpc._gen.orchestrator import v1 as orch_pb
 from dspy_infra.values import json_text
-from dspy_infra.workflows import RunStatus, RunUpdate
+from dspy_infra.workflows import RunState, RunStatus, RunUpdate, StepState, StepStatus
 
 NESTED: dict[str, Any] = {"nested": {"a": 1}, "ok": True, "n": 3, "x": 1.5, "none": None, "s": "text"}
 
@@ -30,22 +32,160 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return json_text(a) == json_text(b)
 
 
-@settings(max_examples=60, deadline=None)
-@given(wire_json_objects)
-def test_task_result_json_round_trip_keeps_types(result: dict[str, Any]) -> None:
-    sent = TaskResult(task_id="t", status=TaskStatus.COMPLETED, result=result)
-    raw = bytes(cv.task_result_to_pb(sent))
-    got = cv.task_result_from_pb(orch_pb.TaskResult.parse(raw))
-    assert _same(got.result, result)
+#: (build a value holding a JSON object, to message, message class, from message, read it back)
+JSON_CARRIERS = {
+    "task result": (
+        lambda obj: TaskResult(task_id="t", status=TaskStatus.COMPLETED, result=obj),
+        cv.task_result_to_pb,
+        orch_pb.TaskResult,
+        cv.task_result_from_pb,
+        lambda got: got.result,
+    ),
+    "run output": (
+        lambda obj: RunUpdate(run_id="r", status=RunStatus.COMPLETED, output=obj),
+        cv.run_update_to_pb,
+        orch_pb.WorkflowStatusUpdate,
+        cv.run_update_from_pb,
+        lambda got: got.output,
+    ),
+}
 
 
+@pytest.mark.parametrize("carrier", list(JSON_CARRIERS))
 @settings(max_examples=60, deadline=None)
-@given(wire_json_objects)
-def test_run_output_json_round_trip_keeps_types(output: dict[str, Any]) -> None:
-    sent = RunUpdate(run_id="r", status=RunStatus.COMPLETED, output=output)
-    raw = bytes(cv.run_update_to_pb(sent))
-    got = cv.run_update_from_pb(orch_pb.WorkflowStatusUpdate.parse(raw))
-    assert _same(got.output, output)
+@given(obj=wire_json_objects)
+def test_json_round_trip_keeps_types(carrier: str, obj: dict[str, Any]) -> None:
+    build, to_pb, message, from_pb, read = JSON_CARRIERS[carrier]
+    raw = bytes(to_pb(build(obj)))
+    assert _same(read(from_pb(message.parse(raw))), obj)
+
+
+#: One value per converter pair with every field away from its default, so a field that one
+#: direction carries and the other drops fails the round trip.
+ROUND_TRIPS: list[tuple[Any, Any, Any, Any]] = [
+    (
+        models.QueueStatus(task_class="c", depth=3, inflight=2, limit=4, min_limit=1, max_limit=9),
+        cv.queue_status_to_pb,
+        orch_pb.QueueStatus,
+        cv.queue_status_from_pb,
+    ),
+    (
+        models.ServiceState(
+            name="redis",
+            status=models.ServiceStatus.HEALTHY,
+            instance_id="abc",
+            ports={6379: 32768},
+            health_checks={"tcp": "ok"},
+            started_at=1700000000.0,
+            resource_usage=models.ResourceUsage(
+                cpu_percent=1.5, memory_bytes=2, network_rx_bytes=3, network_tx_bytes=4
+            ),
+            restarts=2,
+            backend="docker",
+            host="10.0.0.1",
+            url="redis://10.0.0.1:32768/0",
+            port=32768,
+        ),
+        cv.service_state_to_pb,
+        env_pb.ServiceStatus,
+        cv.service_state_from_pb,
+    ),
+    (
+        models.ServiceStatusUpdate(
+            service_name="s", status=models.ServiceStatus.STARTING, message="m", progress=50
+        ),
+        cv.status_update_to_pb,
+        env_pb.ServiceStatusUpdate,
+        cv.status_update_from_pb,
+    ),
+    (
+        models.HealthUpdate(service_name="s", healthy=True, message="m", timestamp=17.0, details={"a": "b"}),
+        cv.health_update_to_pb,
+        env_pb.HealthUpdate,
+        cv.health_update_from_pb,
+    ),
+    (
+        models.ResourceAvailability(
+            available=True,
+            capacity=5,
+            in_use=2,
+            hardware=models.HardwareInfo(
+                cpu_cores=8,
+                memory_bytes=1 << 30,
+                gpus=(models.GPUInfo(index=1, name="g", memory_bytes=7, utilization_percent=12.5),),
+            ),
+        ),
+        cv.resources_to_pb,
+        env_pb.ResourceAvailabilityResponse,
+        cv.resources_from_pb,
+    ),
+    (
+        models.ImagePullProgress(
+            image_name="i", status="downloading", current=1, total=2, progress_percent=50, message="m"
+        ),
+        cv.pull_progress_to_pb,
+        env_pb.ImagePullProgress,
+        cv.pull_progress_from_pb,
+    ),
+    (
+        models.LogEntry(service_name="s", instance_id="i", stream="stderr", message="m", timestamp=3.0),
+        cv.log_entry_to_pb,
+        env_pb.LogEntry,
+        cv.log_entry_from_pb,
+    ),
+    (
+        TaskState(
+            spec=TaskSpec("t", "gpu", payload={"a": 1}, priority=3, timeout=5.0, max_attempts=2),
+            status=TaskStatus.FAILED,
+            attempts=2,
+            result={"r": [1]},
+            error="e",
+            submitted_at=1.0,
+            started_at=2.0,
+            completed_at=3.0,
+            duration_ms=4.0,
+        ),
+        cv.task_state_to_pb,
+        orch_pb.GetTaskStatusResponse,
+        cv.task_state_from_pb,
+    ),
+    (
+        RunState(
+            run_id="r",
+            workflow_id="w",
+            status=RunStatus.RUNNING,
+            steps={
+                "a": StepState(
+                    name="a",
+                    status=StepStatus.COMPLETED,
+                    task_id="r.a",
+                    attempts=1,
+                    result={"x": 1},
+                    error="",
+                    started_at=1.0,
+                    completed_at=2.0,
+                ),
+                "b": StepState(name="b", status=StepStatus.FAILED, attempts=3, error="boom"),
+            },
+            input={"i": {"n": 1}},
+            output={"o": True},
+            error="e",
+            idempotency_key="k",
+            created_at=1.0,
+            updated_at=2.0,
+        ),
+        cv.run_update_to_pb,
+        orch_pb.WorkflowStatusUpdate,
+        cv.run_state_from_pb,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "to_pb", "message", "from_pb"), ROUND_TRIPS, ids=lambda v: type(v).__name__
+)
+def test_every_field_survives_the_round_trip(value: Any, to_pb: Any, message: Any, from_pb: Any) -> None:
+    assert from_pb(message.parse(bytes(to_pb(value)))) == value
 
 
 def test_old_map_view_is_strings_as_is_and_json_text_for_the_rest() -> None:

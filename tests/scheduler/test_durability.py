@@ -5,13 +5,13 @@ is lost and none that was recorded completed runs again."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from harness import kill_when
 
 N_TASKS = 300
 
@@ -95,17 +95,11 @@ def test_sigkill_loses_nothing_and_never_reruns_a_completed_task(tmp_path: Path)
         return [sys.executable, str(script), mode, str(home), str(log), str(N_TASKS)]
 
     first = subprocess.Popen(child("submit"), stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout is not None
-        assert first.stdout.readline().strip() == "ACCEPTED"
-        # Let it get going: some tasks done, eight running, most still queued.
-        deadline = time.monotonic() + 20
-        while len(_log(log)) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(first.pid, signal.SIGKILL)
-    finally:
-        first.kill()
-        first.wait(timeout=10)
+    assert first.stdout is not None
+    accepted = first.stdout.readline().strip()
+    # Let it get going: some tasks done, eight running, most still queued.
+    kill_when(first, lambda: accepted != "ACCEPTED" or len(_log(log)) >= 20, timeout=20)
+    assert accepted == "ACCEPTED"
     assert first.returncode == -signal.SIGKILL
 
     at_kill = _rows(home / "state.db")

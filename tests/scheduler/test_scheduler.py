@@ -8,12 +8,11 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import anyio
 import anyio.lowlevel
 import pytest
-from harness import NO_GPU, open_scheduler
+from harness import NO_GPU, fast_retries, open_scheduler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import priorities, task_outcomes
@@ -31,13 +30,29 @@ from dspy_infra.events import EventBus
 from dspy_infra.hookspecs import hookimpl
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import GPUInfo, HardwareInfo, TaskSpec, TaskState, TaskStatus
-from dspy_infra.scheduler import scheduler as scheduler_module
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler, retry_delay
 
 TWO_GPUS = HardwareInfo(cpu_cores=2, memory_bytes=8 << 30, gpus=(GPUInfo(0, "A100"), GPUInfo(1, "A100")))
 #: A class that runs one task at a time and never adapts: dispatch order is observable.
 SERIAL = {"serial": {"min_concurrency": 1, "base_concurrency": 1, "max_concurrency": 1, "adaptive": False}}
+
+
+def fixed_width(width: int) -> dict[str, dict[str, int]]:
+    """One task class ``w`` that runs exactly ``width`` tasks at a time."""
+    return {"w": {"min_concurrency": width, "base_concurrency": width, "max_concurrency": width}}
+
+
+def record_terminal(sched: Scheduler) -> dict[str, list[TaskStatus]]:
+    """Every terminal status each task of ``sched`` reaches, in order (filled by a listener)."""
+    terminal: dict[str, list[TaskStatus]] = {}
+
+    def listen(state: TaskState) -> None:
+        if state.status.terminal:
+            terminal.setdefault(state.id, []).append(state.status)
+
+    sched.add_listener(listen)
+    return terminal
 
 
 def running(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Scheduler]:
@@ -205,7 +220,6 @@ def test_every_task_ends_exactly_once_and_retries_stay_within_max_attempts(
     tmp_path: Path, plans: list[tuple[list[str], int]], width: int
 ) -> None:
     async def scenario() -> tuple[dict[str, list[TaskStatus]], dict[str, int], dict[str, TaskState]]:
-        terminal: dict[str, list[TaskStatus]] = {}
         calls = Counter[str]()
 
         async def scripted(ctx: TaskContext) -> dict[str, str]:
@@ -217,14 +231,9 @@ def test_every_task_ends_exactly_once_and_retries_stay_within_max_attempts(
                 return {"attempt": str(ctx.attempt)}
             raise RuntimeError(f"planned failure {ctx.attempt}")
 
-        def listen(state: TaskState) -> None:
-            if state.status.terminal:
-                terminal.setdefault(state.id, []).append(state.status)
-
-        classes = {"w": {"min_concurrency": width, "base_concurrency": width, "max_concurrency": width}}
-        async with running(tmp_path, task_classes=classes) as sched:
+        async with running(tmp_path, task_classes=fixed_width(width)) as sched:
             sched.register_handler("scripted", scripted)
-            sched.add_listener(listen)
+            terminal = record_terminal(sched)
             await sched.submit_many(
                 [
                     spec(f"t{i}", "scripted", task_class="w", max_attempts=m, payload={"script": ",".join(o)})
@@ -236,7 +245,7 @@ def test_every_task_ends_exactly_once_and_retries_stay_within_max_attempts(
             states = {f"t{i}": await sched.get(f"t{i}") for i in range(len(plans))}
         return terminal, dict(calls), states
 
-    with mock.patch.object(scheduler_module, "RETRY_BACKOFF_BASE", 0.001):
+    with fast_retries():
         terminal, calls, states = asyncio.run(scenario())
     for i, (outcomes, max_attempts) in enumerate(plans):
         tid = f"t{i}"
@@ -749,7 +758,6 @@ def test_exactly_one_terminal_state_with_random_cancels(
     tmp_path: Path, tasks: list[tuple[str, int | None, int]], width: int
 ) -> None:
     async def scenario() -> tuple[dict[str, list[TaskStatus]], dict[str, TaskStatus], bool]:
-        terminal: dict[str, list[TaskStatus]] = {}
 
         async def work(ctx: TaskContext) -> dict[str, str]:
             kind = ctx.payload["kind"]
@@ -759,14 +767,9 @@ def test_exactly_one_terminal_state_with_random_cancels(
                 raise RuntimeError("planned")
             return {}
 
-        def listen(state: TaskState) -> None:
-            if state.status.terminal:
-                terminal.setdefault(state.id, []).append(state.status)
-
-        classes = {"w": {"min_concurrency": width, "base_concurrency": width, "max_concurrency": width}}
-        async with running(tmp_path, task_classes=classes) as sched:
+        async with running(tmp_path, task_classes=fixed_width(width)) as sched:
             sched.register_handler("work", work)
-            sched.add_listener(listen)
+            terminal = record_terminal(sched)
             ids = [f"t{i}" for i in range(len(tasks))]
             await sched.submit_many(
                 [
@@ -791,7 +794,7 @@ def test_exactly_one_terminal_state_with_random_cancels(
             drained = q.depth == 0 and q.inflight == 0
         return terminal, final, drained
 
-    with mock.patch.object(scheduler_module, "RETRY_BACKOFF_BASE", 0.001):
+    with fast_retries():
         terminal, final, drained = asyncio.run(scenario())
     assert drained, "every slot came back"
     for i, (kind, after, _) in enumerate(tasks):

@@ -9,19 +9,18 @@ acknowledged task is on disk.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from harness import NO_GPU, open_scheduler
+from harness import NO_GPU, kill_when, open_scheduler
 from hypothesis import HealthCheck, given, settings
 from strategies import hostile_task_kwargs, poisoned_batches
 
@@ -75,6 +74,20 @@ def durable(home: Path, **overrides: Any) -> contextlib.AbstractAsyncContextMana
     return open_scheduler(home, hardware=HW, durable=True, task_classes=WORK, **overrides)
 
 
+@contextlib.asynccontextmanager
+async def durable_recording(home: Path) -> AsyncIterator[tuple[Scheduler, list[str]]]:
+    """A durable scheduler whose ``record`` handler notes the id of every task it runs."""
+    ran: list[str] = []
+
+    async def record(ctx: TaskContext) -> dict[str, Any]:
+        ran.append(ctx.spec.id)
+        return {}
+
+    async with durable(home) as sched:
+        sched.register_handler("record", record)
+        yield sched, ran
+
+
 def good(i: int) -> TaskSpec:
     return TaskSpec(f"good-{i}", "work", {"handler": "noop", "n": i})
 
@@ -117,14 +130,7 @@ async def test_a_refused_row_fails_alone_and_its_neighbours_run(tmp_path: Path) 
 async def test_a_task_runs_only_after_its_row_is_committed(tmp_path: Path) -> None:
     home = tmp_path / "state"
     poison_store(home)
-    ran: list[str] = []
-
-    async def record(ctx: TaskContext) -> dict[str, Any]:
-        ran.append(ctx.spec.id)
-        return {}
-
-    async with durable(home) as sched:
-        sched.register_handler("record", record)
+    async with durable_recording(home) as (sched, ran):
         specs = [
             TaskSpec("refused", "work", {"handler": "record", "mark": POISON}),
             TaskSpec("kept", "work", {"handler": "record"}),
@@ -136,15 +142,27 @@ async def test_a_task_runs_only_after_its_row_is_committed(tmp_path: Path) -> No
     assert ran == ["kept"], "a task whose row was refused must never run"
 
 
+class CrashingConnection:
+    """Test double for a writer-thread crash (what commit_interval=inf did: an OverflowError
+    no store error handling expects): every statement raises it, even the rollback."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        raise OverflowError("timestamp too large")
+
+    executemany = execute
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 async def test_a_dead_writer_thread_fails_later_submits_instead_of_hanging(tmp_path: Path) -> None:
     async with durable(tmp_path / "state") as sched:
-        store = sched._store
+        store = sched.store
         assert isinstance(store, SqliteStore)
-
-        def broken(batch: list[Any]) -> bool:
-            raise OverflowError("timestamp too large")  # what commit_interval=inf did
-
-        store._commit = broken  # type: ignore[method-assign]
+        store.wrap_connection(CrashingConnection)
         with anyio.fail_after(5), pytest.raises(Unavailable) as info:
             await sched.submit(TaskSpec("first", payload={"handler": "noop"}))
         assert "writer thread failed" in str(info.value)
@@ -248,14 +266,7 @@ def test_sigkill_with_refused_rows_loses_no_acknowledged_task(tmp_path: Path) ->
     out = tmp_path / "acks.txt"
     with out.open("wb") as sink:
         child = subprocess.Popen([sys.executable, str(script), str(home), POISON], stdout=sink)
-        try:
-            deadline = time.monotonic() + 30
-            while out.stat().st_size < 60_000 and time.monotonic() < deadline and child.poll() is None:
-                time.sleep(0.05)
-            os.kill(child.pid, signal.SIGKILL)
-        finally:
-            child.kill()
-            child.wait(timeout=10)
+        kill_when(child, lambda: out.stat().st_size >= 60_000, timeout=30)
     assert child.returncode == -signal.SIGKILL
     lines = out.read_text().splitlines()
     acked = {line.split()[1] for line in lines if line.startswith("ACK ")}
@@ -281,14 +292,7 @@ async def test_an_attempt_whose_record_is_refused_never_starts(tmp_path: Path) -
         conn.commit()
     finally:
         conn.close()
-    ran: list[str] = []
-
-    async def record(ctx: TaskContext) -> dict[str, Any]:
-        ran.append(ctx.spec.id)
-        return {}
-
-    async with durable(home) as sched:
-        sched.register_handler("record", record)
+    async with durable_recording(home) as (sched, ran):
         await sched.submit_many(
             [
                 TaskSpec("unstartable", "work", {"handler": "record", "mark": "no-start"}, max_attempts=3),

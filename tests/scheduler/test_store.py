@@ -86,8 +86,8 @@ async def test_submit_returns_only_after_the_row_is_committed(state_dir: Path) -
 
 async def test_a_batch_is_one_group_commit(state_dir: Path) -> None:
     async with durable(state_dir, commit_interval=0.02) as sched:
-        store = sched._store
-        assert isinstance(store, SqliteStore) and store._conn is not None
+        store = sched.store
+        assert isinstance(store, SqliteStore)
         commits: list[str] = []
         lock = threading.Lock()
 
@@ -96,7 +96,7 @@ async def test_a_batch_is_one_group_commit(state_dir: Path) -> None:
                 with lock:
                     commits.append(statement)
 
-        store._conn.set_trace_callback(trace)
+        store.trace_statements(trace)
         specs = [TaskSpec(f"t{i}", payload={"handler": "noop"}) for i in range(500)]
         await sched.submit_many(specs)
         async for _ in sched.stream_results([s.id for s in specs]):
@@ -198,10 +198,9 @@ class FailingDisk:
 
 async def test_a_failed_commit_reaches_the_submitter_and_the_writer_survives(state_dir: Path) -> None:
     async with durable(state_dir) as sched:
-        store = sched._store
-        assert isinstance(store, SqliteStore) and store._conn is not None
-        disk = FailingDisk(store._conn)
-        store._conn = disk  # type: ignore[assignment]
+        store = sched.store
+        assert isinstance(store, SqliteStore)
+        disk = store.wrap_connection(FailingDisk)
         with pytest.raises(Unavailable) as info:
             await sched.submit(TaskSpec("lost-write", payload={"handler": "sleep", "seconds": "5"}))
         assert "disk is full" in str(info.value) and info.value.fix

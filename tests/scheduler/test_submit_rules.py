@@ -159,7 +159,7 @@ async def test_a_result_stream_that_stops_reading_is_dropped(
         await sched.submit_many([TaskSpec(f"t{i}", payload={"handler": "noop"}) for i in range(20)])
         for i in range(20):
             await sched.wait(f"t{i}", timeout=5)
-        assert not sched._subscribers, "the subscriber and its buffer are released"
+        assert sched.open_result_streams == 0, "the subscriber and its buffer are released"
         with pytest.raises(Unavailable, match="fell more than 5 results behind"):
             while True:
                 await reader.__anext__()

@@ -322,6 +322,6 @@ async def test_run_probe_labels_outcomes(redis_port: int, backend: ProcessBacken
 
 @given(st.integers(0, 40), st.floats(0.01, 30))
 def test_backoff_is_jittered_exponential_and_capped(attempt: int, ceiling: float) -> None:
-    delay = health_mod._backoff(attempt, ceiling)
-    full = min(ceiling, health_mod._FIRST_DELAY * 2**attempt)
+    delay = health_mod.probe_backoff(attempt, ceiling)
+    full = min(ceiling, health_mod.FIRST_PROBE_DELAY * 2**attempt)
     assert full / 2 <= delay <= full

@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import finish
+from harness import finish, wait_until
 
 CHILD = """
 import asyncio, json, sys
@@ -88,14 +87,6 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -131,7 +122,7 @@ def test_sigkilled_run_resumes_without_rerunning_completed_steps(tmp_path: Path,
     try:
         assert first.stdout is not None
         run_id = json.loads(first.stdout.readline())["run_id"]
-        _wait_for(middle_pids.exists, 30, "the middle step to start")
+        wait_until(middle_pids.exists, 30, "the middle step to start")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)
