@@ -3,55 +3,124 @@
     infra = await ensure_infra(services=["redis"])
 
 Only the public API lives here; everything else is an implementation module.
+
+The names are loaded when first used (PEP 562 ``__getattr__``): ``import dspy_infra`` stays
+cheap for every CLI call and every process that only needs one corner of the package, and
+the gRPC, HTTP and SQLite parts are imported by whoever uses them first.
 """
 
 from __future__ import annotations
 
-from .api import InfraAPI
-from .config import Settings, load_settings
-from .ensure import ensure_infra, shutdown_infra, use_infra
-from .errors import (
-    AlreadyExists,
-    BackendError,
-    BackendUnavailable,
-    ConfigError,
-    CycleError,
-    DeadlineExceeded,
-    FailedPrecondition,
-    HealthCheckFailed,
-    InfraError,
-    MissingBinary,
-    NotFound,
-    PermissionDenied,
-    ResourceUnavailable,
-    ServiceError,
-    SpecError,
-    TaskError,
-    Unauthenticated,
-    Unavailable,
-)
-from .hookspecs import hookimpl
-from .infra import Infra
-from .models import (
-    DependsOn,
-    Event,
-    HealthCheck,
-    PortMapping,
-    Resources,
-    RestartPolicy,
-    ServiceSpec,
-    TaskClass,
-    TaskResult,
-    TaskSpec,
-    TaskState,
-    TaskStatus,
-    VolumeMount,
-)
-from .services.handles import ServiceHandle
-from .sync import SyncInfra, ensure_infra_sync
-from .version import __version__
-from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
+import importlib
+from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .api import InfraAPI
+    from .config import Settings, load_settings
+    from .ensure import ensure_infra, shutdown_infra, use_infra
+    from .errors import (
+        AlreadyExists,
+        BackendError,
+        BackendUnavailable,
+        ConfigError,
+        CycleError,
+        DeadlineExceeded,
+        FailedPrecondition,
+        HealthCheckFailed,
+        InfraError,
+        MissingBinary,
+        NotFound,
+        PermissionDenied,
+        ResourceUnavailable,
+        ServiceError,
+        SpecError,
+        TaskError,
+        Unauthenticated,
+        Unavailable,
+    )
+    from .hookspecs import hookimpl
+    from .infra import Infra
+    from .models import (
+        DependsOn,
+        Event,
+        HealthCheck,
+        PortMapping,
+        Resources,
+        RestartPolicy,
+        ServiceSpec,
+        TaskClass,
+        TaskResult,
+        TaskSpec,
+        TaskState,
+        TaskStatus,
+        VolumeMount,
+    )
+    from .services.handles import ServiceHandle
+    from .sync import SyncInfra, ensure_infra_sync
+    from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
+
+#: Public name -> the module that defines it (relative to this package).
+_LAZY: dict[str, str] = {
+    "InfraAPI": ".api",
+    "Settings": ".config",
+    "load_settings": ".config",
+    "ensure_infra": ".ensure",
+    "shutdown_infra": ".ensure",
+    "use_infra": ".ensure",
+    **dict.fromkeys(
+        (
+            "AlreadyExists",
+            "BackendError",
+            "BackendUnavailable",
+            "ConfigError",
+            "CycleError",
+            "DeadlineExceeded",
+            "FailedPrecondition",
+            "HealthCheckFailed",
+            "InfraError",
+            "MissingBinary",
+            "NotFound",
+            "PermissionDenied",
+            "ResourceUnavailable",
+            "ServiceError",
+            "SpecError",
+            "TaskError",
+            "Unauthenticated",
+            "Unavailable",
+        ),
+        ".errors",
+    ),
+    "hookimpl": ".hookspecs",
+    "Infra": ".infra",
+    **dict.fromkeys(
+        (
+            "DependsOn",
+            "Event",
+            "HealthCheck",
+            "PortMapping",
+            "Resources",
+            "RestartPolicy",
+            "ServiceSpec",
+            "TaskClass",
+            "TaskResult",
+            "TaskSpec",
+            "TaskState",
+            "TaskStatus",
+            "VolumeMount",
+        ),
+        ".models",
+    ),
+    "ServiceHandle": ".services.handles",
+    "SyncInfra": ".sync",
+    "ensure_infra_sync": ".sync",
+    **dict.fromkeys(
+        ("RunState", "RunUpdate", "StepSpec", "StepState", "Workflow", "WorkflowSpec"), ".workflows"
+    ),
+}
+
+# Literal, so linters and type checkers see it; tests check it matches _LAZY.
 __all__ = [
     "AlreadyExists",
     "BackendError",
@@ -103,3 +172,16 @@ __all__ = [
     "shutdown_infra",
     "use_infra",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
