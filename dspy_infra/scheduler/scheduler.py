@@ -9,12 +9,16 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   when its class has nothing to do; a new worker is started only when no parked one exists,
   so there are never more workers than the class's peak concurrency.
 - State changes go to the store as cheap tuples; the store's writer thread commits them in
-  groups. A task is queued (and ``submit`` returns) only once its row is committed; a row
+  groups. A task is queued (and ``submit`` returns) only once its row is on disk; a row
   the store refuses rejects that task alone and leaves no trace in memory. An attempt is
   recorded (``running``, attempts + 1) and committed before its handler starts, so recovery
   counts attempts that a crash interrupted and ``max_attempts`` bounds how often one task
-  can take the process down. Results are delivered (``wait``, ``stream_results``) once the
-  terminal row is committed, so a result a caller has seen is never run again after a crash.
+  can take the process down. An in-process handler waits only until the record is in the
+  store's log (safe from this process's death, which is what the record guards against);
+  a handler that starts processes or containers (``exec``, ``container``) or a class run by
+  an executor waits until it is flushed to the disk, so not even a power cut can make such
+  work run twice unnoticed. Results are delivered (``wait``, ``stream_results``) once the
+  terminal row is on disk, so a result a caller has seen is never run again after a crash.
 - Every ``limiter_interval`` the sampler asks each adaptive class's ``AimdPolicy`` for a new
   limit and resizes the semaphore.
 
@@ -95,6 +99,9 @@ _EVENT_TYPE = {s: f"task_{s.value}" for s in TaskStatus}
 _MAX_UNSAVED_STARTS = 5
 #: A worker yields to the event loop after this many tasks that finished without awaiting.
 _YIELD_EVERY = 64
+#: Handlers whose attempts start work outside this process (a process, a container): their
+#: attempt record is flushed to the disk before they start, not only written to the log.
+_OUTSIDE_HANDLERS = frozenset({"exec", "container"})
 
 
 def retry_delay(failed_attempts: int) -> float:
@@ -151,8 +158,10 @@ class Scheduler(AsyncResource):
         self._accepting = False
         self._dispatching = False
         self._stopping = False
-        #: Resolves once the attempts started in this loop step are committed (_attempt_gate).
+        #: Resolve once the attempts started in this loop step are in the store's log / on
+        #: the disk (_attempt_gate).
         self._start_gate: asyncio.Future[InfraError | None] | None = None
+        self._synced_start_gate: asyncio.Future[InfraError | None] | None = None
         #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
         self._drain_deadline: float | None = None
 
@@ -881,7 +890,8 @@ class Scheduler(AsyncResource):
                 # Shielded: the gate is shared by every attempt started in this loop step,
                 # and a cancelled await would cancel it for all of them (their workers then
                 # die with a CancelledError nobody asked for, taking the task group down).
-                store_error = await asyncio.shield(self._attempt_gate())
+                synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
+                store_error = await asyncio.shield(self._attempt_gate(synced))
                 if rec.write_error is None and store_error is not None:
                     rec.write_error = store_error
                 if rec.write_error is not None:
@@ -966,27 +976,38 @@ class Scheduler(AsyncResource):
         self._idle_check()
         return True
 
-    def _attempt_gate(self) -> asyncio.Future[InfraError | None]:
+    def _attempt_gate(self, synced: bool) -> asyncio.Future[InfraError | None]:
         """A future that resolves (to the store's error, or None) once every row queued so far
-        is committed. Shared by all attempts started in one loop step: one commit callback
-        for all of them, registered after the step, so after each of their rows."""
-        gate = self._start_gate
+        is in the store's log (``synced``: flushed to the disk). Shared by all attempts
+        started in one loop step: one store callback for all of them, registered after the
+        step, so after each of their rows."""
+        gate = self._synced_start_gate if synced else self._start_gate
         if gate is None:
             assert self._loop is not None
-            gate = self._start_gate = self._loop.create_future()
-            self._loop.call_soon(self._arm_attempt_gate)
+            gate = self._loop.create_future()
+            if synced:
+                self._synced_start_gate = gate
+            else:
+                self._start_gate = gate
+            self._loop.call_soon(self._arm_attempt_gate, synced)
         return gate
 
-    def _arm_attempt_gate(self) -> None:
-        gate, self._start_gate = self._start_gate, None
+    def _arm_attempt_gate(self, synced: bool) -> None:
+        if synced:
+            gate, self._synced_start_gate = self._synced_start_gate, None
+        else:
+            gate, self._start_gate = self._start_gate, None
         if gate is None:
             return
 
-        def committed(error: InfraError | None) -> None:
+        def saved(error: InfraError | None) -> None:
             if not gate.done():
                 gate.set_result(error)
 
-        self._store.after_commit(committed)
+        if synced:
+            self._store.after_commit(saved)
+        else:
+            self._store.after_write(saved)
 
     def _unstarted(self, cq: ClassQueue, rec: TaskRecord, error: InfraError) -> None:
         """The attempt could not be recorded, so it does not run: back to the queue after a
