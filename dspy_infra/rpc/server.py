@@ -264,6 +264,17 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         return cv.task_result_to_pb(await self.infra.wait(task_id, timeout))
 
+    async def submit_and_wait(self, message: orch_pb.SubmitAndWaitRequest) -> orch_pb.TaskResult:
+        """One round trip for "submit, then wait": the acknowledgement and the result share
+        the call (one HTTP/2 stream, one request decode, one response encode)."""
+        if message.task is None:
+            raise SpecError("is required", field="task", fix="send the task as in SubmitTask")
+        spec = self._spec(message.task)
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        scheduler = self.infra.scheduler
+        await scheduler.submit(spec)
+        return cv.task_result_to_pb(await scheduler.wait(spec.id, timeout))
+
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
         queues = await self.infra.queue_status()
         return orch_pb.QueueStatusResponse(queues={k: cv.queue_status_to_pb(q) for k, q in queues.items()})
