@@ -75,6 +75,7 @@ from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
     MemoryStore,
+    PrunedId,
     SqliteStore,
     StoredTask,
     encode_json_object,
@@ -138,6 +139,8 @@ class Scheduler(AsyncResource):
         self._shared = SharedResources()
         self._tasks: dict[str, TaskRecord] = {}
         #: Ids of finished tasks pruned from retention -> their content hash (see _existing).
+        #: Memory-only stores keep them here; the durable store keeps them on disk only (its
+        #: trigger refuses such an id when the row is written), so memory stays flat.
         self._pruned: dict[str, str] = {}
         #: Delivered terminal tasks in delivery order (for retention).
         self._finished: dict[str, None] = {}
@@ -447,17 +450,20 @@ class Scheduler(AsyncResource):
                 " the content or the run)",
             )
         if rec is None and spec.id in self._pruned:
-            same = self._pruned[spec.id] == spec.content_hash
-            raise AlreadyExists(
-                f"task {preview(spec.id)} already ran"
-                + (" with the same content" if same else " with different content")
-                + f" and its result was pruned (only the newest {self.settings.retention} finished"
-                " tasks are kept); a reused id is refused so it never runs twice by accident",
-                field="id",
-                fix=f"ids are kept in {self._where()}; use a fresh id (e.g. add a run number or a"
-                " timestamp to fixed ids), or raise retention to keep results longer",
-            )
+            raise self._pruned_refusal(spec, self._pruned[spec.id])
         return rec
+
+    def _pruned_refusal(self, spec: TaskSpec, content_hash: str) -> AlreadyExists:
+        same = content_hash == spec.content_hash
+        return AlreadyExists(
+            f"task {preview(spec.id)} already ran"
+            + (" with the same content" if same else " with different content")
+            + f" and its result was pruned (only the newest {self.settings.retention} finished"
+            " tasks are kept); a reused id is refused so it never runs twice by accident",
+            field="id",
+            fix=f"ids are kept in {self._where()}; use a fresh id (e.g. add a run number or a"
+            " timestamp to fixed ids), or raise retention to keep results longer",
+        )
 
     def _where(self) -> str:
         if self._durable:
@@ -575,6 +581,8 @@ class Scheduler(AsyncResource):
             if rec is None:
                 continue
             if not rec.stored:
+                if isinstance(error, PrunedId):
+                    error = self._pruned_refusal(rec.spec, error.content_hash)
                 self._reject(rec, error)
             else:
                 log.error("task %s: its state change was not saved: %s", preview(task_id), error)
@@ -1179,7 +1187,8 @@ class Scheduler(AsyncResource):
             if rec is not None:
                 # Its id stays (with its content hash): reusing it is refused, never run again.
                 content_hash = rec.spec.content_hash
-                self._pruned[task_id] = content_hash
+                if not self._durable:
+                    self._pruned[task_id] = content_hash
                 self._store.prune(task_id, content_hash)
 
     def _idle_check(self) -> None:

@@ -37,7 +37,9 @@ If the writer thread itself fails, every pending and later operation fails with
 The scheduler keeps every live task (and up to ``retention`` finished ones) in memory, so
 the store is write-only after ``open()`` has loaded the rows. Pruned tasks leave their id and
 content hash in the ``pruned`` table (about 40 bytes per short id on disk), so a pruned id cannot
-silently run again. Recovery (re-queueing tasks
+silently run again: a trigger refuses the insert of such an id (``PrunedId``, found when the
+batch is written, like any row the database refuses), so the ids need no memory and a
+server's memory stays flat however many tasks it has run. Recovery (re-queueing tasks
 that were pending or running) is the scheduler's job; the store just returns what it has.
 
 Workflows keep their own file, ``<home>/workflows.db``; this module owns ``state.db``. An
@@ -70,7 +72,7 @@ from typing import Any
 import anyio
 import attrs
 
-from ..errors import FailedPrecondition, InfraError, SpecError, Unavailable
+from ..errors import AlreadyExists, FailedPrecondition, InfraError, SpecError, Unavailable
 from ..models import TaskSpec, TaskStatus
 from ..values import json_text, preview
 
@@ -82,6 +84,7 @@ __all__ = [
     "InsertRow",
     "MemoryStore",
     "OpenedState",
+    "PrunedId",
     "RejectedCallback",
     "SqliteStore",
     "StoredTask",
@@ -99,6 +102,16 @@ _SCHEMA_VERSION = 1  # the pruned table is an addition older versions ignore
 
 #: Called on the event loop after a commit: ``None`` on success, else the translated error.
 CommitCallback = Callable[[InfraError | None], None]
+
+
+class PrunedId(AlreadyExists):
+    """A task's row was refused because its id belongs to a task pruned from retention;
+    ``content_hash`` is what that task had (the scheduler words the error)."""
+
+    def __init__(self, task_id: str, content_hash: str) -> None:
+        self.task_id = task_id
+        self.content_hash = content_hash
+        super().__init__(f"task {preview(task_id)} already ran and its result was pruned", field="id")
 
 
 class _Written:
@@ -272,6 +285,13 @@ CREATE TABLE IF NOT EXISTS pruned (
     content_hash TEXT NOT NULL
 ) WITHOUT ROWID
 """
+# A pruned id never gets a row again (idempotency outlives retention, without memory).
+_PRUNED_MARK = "dspy_infra: pruned id"
+_CREATE_PRUNED_GUARD = f"""
+CREATE TRIGGER IF NOT EXISTS refuse_pruned_ids BEFORE INSERT ON tasks
+WHEN EXISTS (SELECT 1 FROM pruned WHERE id = NEW.id)
+BEGIN SELECT RAISE(ABORT, '{_PRUNED_MARK}'); END
+"""
 # Multi-row statements: sqlite3 releases and re-takes the GIL around every statement step,
 # so one statement per few hundred rows (not one per row) keeps the writer thread from
 # trading the GIL with the event loop tens of thousands of times a second.
@@ -438,9 +458,9 @@ class SqliteStore:
                 )
             conn.execute(_CREATE)
             conn.execute(_CREATE_PRUNED)
+            conn.execute(_CREATE_PRUNED_GUARD)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             rows = [task for r in conn.execute(_SELECT) if (task := _stored(r)) is not None]
-            pruned = dict(conn.execute(_SELECT_PRUNED).fetchall())
             if wal:
                 # The log exists once the connection has written (user_version above); it
                 # keeps its inode while the connection is open (no journal_size_limit).
@@ -456,7 +476,8 @@ class SqliteStore:
             self._release_lock()
             raise
         self._conn = conn
-        return OpenedState(rows, pruned)
+        # The pruned ids stay on disk (the trigger refuses them); none are loaded.
+        return OpenedState(rows, {})
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -636,9 +657,18 @@ class SqliteStore:
         callbacks: list[CommitCallback] = []
         written: list[CommitCallback] = []
         stop = False
+        rejected: dict[str, InfraError] = {}
         for op in batch:
             if type(op) is tuple:
-                if len(op) == _INSERT_LEN or len(op) == _PRUNE_LEN:
+                if len(op) == _INSERT_LEN:
+                    before = latest.get(op[0])
+                    if before is not None and len(before) == _PRUNE_LEN:
+                        # Pruned, then submitted again within one batch: the prune stands.
+                        rejected[op[0]] = PrunedId(op[0], before[1])
+                        continue
+                    latest[op[0]] = op
+                    continue
+                if len(op) == _PRUNE_LEN:
                     latest[op[0]] = op
                     continue
                 task_id = op[7]
@@ -655,7 +685,6 @@ class SqliteStore:
             else:
                 callbacks.append(op)
         error: InfraError | None = None
-        rejected: dict[str, InfraError] = {}
         if latest:
             rows = list(latest.values())
             try:
@@ -663,13 +692,14 @@ class SqliteStore:
             except Exception as exc:
                 self._rollback()
                 if len(rows) == 1:
-                    rejected[_row_id(rows[0])] = self._row_error(_row_id(rows[0]), exc)
+                    refused = {_row_id(rows[0]): self._row_error(_row_id(rows[0]), exc)}
                 else:
-                    rejected = self._write_apart(rows)
+                    refused = self._write_apart(rows)
+                rejected.update(refused)
                 # A store that refuses everything (disk full, I/O error, locked) is not a bad
                 # row: the callbacks of the batch learn it too.
-                if rejected and len(rejected) == len(rows):
-                    first = next(iter(rejected.values()))
+                if refused and len(refused) == len(rows):
+                    first = next(iter(refused.values()))
                     if isinstance(first, Unavailable | FailedPrecondition):
                         error = first
         if self._call_soon is not None and (rejected or written):
@@ -716,6 +746,10 @@ class SqliteStore:
         return rejected
 
     def _row_error(self, task_id: str, exc: BaseException) -> InfraError:
+        if isinstance(exc, sqlite3.IntegrityError) and _PRUNED_MARK in str(exc):
+            assert self._conn is not None
+            found = self._conn.execute("SELECT content_hash FROM pruned WHERE id = ?", (task_id,)).fetchone()
+            return PrunedId(task_id, found[0] if found else "")
         if isinstance(exc, sqlite3.OperationalError | OSError) or (
             isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
         ):
