@@ -271,9 +271,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             raise SpecError("is required", field="task", fix="send the task as in SubmitTask")
         spec = self._spec(message.task)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
-        scheduler = self.infra.scheduler
-        await scheduler.submit(spec)
-        return cv.task_result_to_pb(await scheduler.wait(spec.id, timeout))
+        return cv.task_result_to_pb(await self.infra.scheduler.submit_and_wait(spec, timeout))
 
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
         queues = await self.infra.queue_status()

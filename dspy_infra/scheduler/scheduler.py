@@ -487,14 +487,33 @@ class Scheduler(AsyncResource):
                 raise outcome
         return [outcome for outcome in outcomes if not isinstance(outcome, InfraError)]
 
+    async def submit_and_wait(self, spec: TaskSpec, timeout: float | None = None) -> TaskResult:
+        """Submit ``spec`` and wait for its result (``DeadlineExceeded`` after ``timeout``).
+
+        No acknowledgement is given before the result, so the task's row need only be in the
+        store's log before it runs (as an attempt record needs); the flush that delivers the
+        result covers it too: one disk flush per task instead of two. A timeout tells the
+        caller that the task stays queued, so that answer waits for the row's flush."""
+        outcome = (await self.submit_each((spec,), acknowledged=False))[0]
+        if isinstance(outcome, InfraError):
+            raise outcome
+        try:
+            return await self.wait(spec.id, timeout)
+        except DeadlineExceeded:
+            await self._committed()
+            raise
+
     async def submit_each(
-        self, specs: Sequence[TaskSpec], *, all_or_nothing: bool = False
+        self, specs: Sequence[TaskSpec], *, all_or_nothing: bool = False, acknowledged: bool = True
     ) -> list[TaskState | InfraError]:
         """Accept a batch with one group commit; one outcome per spec, in order: its state,
         or the error that refused it (bad spec, reused id, or a row the store refused).
 
         A refused task leaves no trace; its neighbours are accepted. With
         ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
+        ``acknowledged`` (the default): return once the rows are on disk. False: once they
+        are in the store's log, for a caller that acknowledges nothing before a result
+        (``submit_and_wait``).
         """
         outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
         checked: list[tuple[int, TaskSpec, ClassQueue | None, str]] = []
@@ -544,10 +563,12 @@ class Scheduler(AsyncResource):
             records.append((index, rec))
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
-        if self._durable and (fresh or any(not rec.stored for _, rec in records)):
+        if self._durable and (fresh or any(not (rec.stored and rec.flushed) for _, rec in records)):
             # Queued only once committed, from the commit callback (not from this coroutine,
             # which a disconnecting client may cancel): a task never runs without its row.
-            await self._committed(lambda error: self._accepted(fresh, error))
+            await self._committed(
+                lambda error: self._accepted(fresh, error, acknowledged), flushed=acknowledged
+            )
         else:
             self._accepted(fresh, None)
         for index, rec in records:
@@ -557,8 +578,12 @@ class Scheduler(AsyncResource):
                 outcomes[index] = rec.state()
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _accepted(self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None) -> None:
-        """The commit holding these tasks' rows is done: queue the stored ones."""
+    def _accepted(
+        self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None, flushed: bool = True
+    ) -> None:
+        """The commit holding these tasks' rows is done: queue the stored ones. Not
+        ``flushed`` (only in the store's log): an acknowledged resubmit of one of them waits
+        for a flush first."""
         touched: dict[str, ClassQueue] = {}
         for rec, cq in fresh:
             if rec.rejection is not None:
@@ -567,6 +592,8 @@ class Scheduler(AsyncResource):
                 self._reject(rec, error)
                 continue
             rec.stored = True
+            if not flushed:
+                rec.flushed = False
             if rec.status is _PENDING and rec.timer is None:
                 cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
                 heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
@@ -599,9 +626,12 @@ class Scheduler(AsyncResource):
                     fut.set_exception(error)
             rec.waiters = None
 
-    async def _committed(self, then: Callable[[InfraError | None], None] | None = None) -> None:
-        """Return once everything queued for the store so far is committed; ``then(error)``
-        runs first, from the commit callback, even if this coroutine is cancelled."""
+    async def _committed(
+        self, then: Callable[[InfraError | None], None] | None = None, *, flushed: bool = True
+    ) -> None:
+        """Return once everything queued for the store so far is committed and flushed to the
+        disk (``flushed=False``: in the store's log); ``then(error)`` runs first, from the
+        store's callback, even if this coroutine is cancelled."""
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
 
@@ -616,7 +646,10 @@ class Scheduler(AsyncResource):
                     else:
                         fut.set_exception(error)
 
-        self._store.after_commit(done)
+        if flushed:
+            self._store.after_commit(done)
+        else:
+            self._store.after_write(done)
         await fut
 
     # -- queries --------------------------------------------------------------------------

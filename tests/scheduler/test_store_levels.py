@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from strategies import store_op_plans
 
 from dspy_infra.config import load_settings
-from dspy_infra.errors import InfraError
+from dspy_infra.errors import DeadlineExceeded, InfraError
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
@@ -223,3 +223,38 @@ async def test_an_exec_attempt_starts_only_after_its_record_is_flushed(
             assert marker.exists()
     finally:
         release.set()
+
+
+async def test_submit_and_wait_flushes_once_per_task_and_a_timeout_answers_only_after_the_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is acknowledged before the result, so the row needs only the log before it
+    runs and the result's flush covers both rows: one flush per task, where submit then
+    wait takes two. A timeout says the task stays queued, so its row is flushed first; an
+    acknowledged resubmit of a task accepted this way waits for a flush too."""
+    flushes = FlushCounter()
+    monkeypatch.setattr(store_module.os, "fdatasync", flushes)
+    cfg = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
+    pm = build_plugin_manager(load_entry_points=False)
+    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+        await sched.submit_and_wait(TaskSpec("warm", payload={"handler": "noop"}), timeout=10)
+        before = flushes.finished
+        for i in range(20):
+            result = await sched.submit_and_wait(TaskSpec(f"sw{i}", payload={"handler": "noop"}), timeout=10)
+            assert result.status is TaskStatus.COMPLETED
+        one_call = flushes.finished - before
+        before = flushes.finished
+        for i in range(20):
+            await sched.submit(TaskSpec(f"two{i}", payload={"handler": "noop"}))
+            await sched.wait(f"two{i}", timeout=10)
+        two_calls = flushes.finished - before
+        assert one_call <= 20 < two_calls, (one_call, two_calls)
+
+        slow = TaskSpec("slow", payload={"handler": "sleep", "seconds": 30})
+        with pytest.raises(DeadlineExceeded):
+            await sched.submit_and_wait(slow, timeout=0.2)
+        assert _rows(sched.settings.resolved_home() / "state.db")["slow"][0] in ("pending", "running")
+        marked = flushes.started
+        state = await sched.submit(slow)  # acknowledged: waits for a flush of its own
+        assert state.id == "slow" and flushes.finished > marked
+        await sched.cancel("slow")
