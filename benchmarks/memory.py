@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _rpc_support import stop_process as stop  # noqa: E402
 
 __all__ = ["main"]
 
@@ -174,12 +176,7 @@ def _soak(seconds: float, rate: int, every: float) -> dict[str, Any]:
                 raise SystemExit(f"server did not start (exit {proc.wait()})")
             samples = asyncio.run(_feed(port, seconds, rate, every, proc.pid))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
     # Retention (10,000 finished tasks) is full after ~10 s at 1k/s; compare from a quarter on.
     rss = [r for _, r in samples]
     quarter = max(1, len(rss) // 4)

@@ -36,6 +36,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from _rpc_support import stop_process as stop
+
 __all__ = ["main", "run_peer"]
 
 
@@ -170,12 +174,7 @@ def _celery(args: argparse.Namespace) -> dict[str, Any]:
                     lambda: bench_tasks.noop.delay().get(timeout=60), args.n, args.tp_n, args.clients
                 )
             finally:
-                worker.terminate()
-                try:
-                    worker.wait(20)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+                stop(worker, timeout=20)
         finally:
             redis_cm.__exit__(None, None, None)
 

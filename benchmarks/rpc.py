@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,9 @@ from dspy_infra.rpc._gen.orchestrator import v1 as pb  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peers import run_peer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from _rpc_support import stop_process as stop  # noqa: E402
 
 __all__ = ["main"]
 
@@ -93,15 +95,6 @@ def _start(code: str, *args: str, cwd: str) -> tuple[subprocess.Popen[str], int]
         if match:
             return proc, int(match[1])
     raise SystemExit(f"server did not start (exit {proc.wait()})")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -318,7 +311,7 @@ def main() -> int:
             round_trip = asyncio.run(_round_trip_phase(ports["durable"], args))
         finally:
             for proc in procs:
-                _stop(proc)
+                stop(proc)
 
     print(f"machine: {os.cpu_count()} cores; n={args.n} concurrency={args.concurrency} batch={args.batch}")
     for name, r in results.items():

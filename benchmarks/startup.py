@@ -15,7 +15,6 @@ import argparse
 import compileall
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _rpc_support import stop_process as stop  # noqa: E402
 
 __all__ = ["main"]
 
@@ -55,12 +57,7 @@ def _serve(cli: str) -> float:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         elapsed = time.perf_counter() - began
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         if "dspy-infra serving" not in line:
             raise SystemExit(f"serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
         return elapsed

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .version import __version__
 
-if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+if TYPE_CHECKING:  # the lazy names' types, for type checkers and editors
     from .api import InfraAPI
     from .config import Settings, load_settings
     from .ensure import ensure_infra, shutdown_infra, use_infra
@@ -61,117 +61,35 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .sync import SyncInfra, ensure_infra_sync
     from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
 
-#: Public name -> the module that defines it (relative to this package).
-_LAZY: dict[str, str] = {
-    "InfraAPI": ".api",
-    "Settings": ".config",
-    "load_settings": ".config",
-    "ensure_infra": ".ensure",
-    "shutdown_infra": ".ensure",
-    "use_infra": ".ensure",
-    **dict.fromkeys(
-        (
-            "AlreadyExists",
-            "BackendError",
-            "BackendUnavailable",
-            "ConfigError",
-            "CycleError",
-            "DeadlineExceeded",
-            "FailedPrecondition",
-            "HealthCheckFailed",
-            "InfraError",
-            "MissingBinary",
-            "NotFound",
-            "PermissionDenied",
-            "ResourceUnavailable",
-            "ServiceError",
-            "SpecError",
-            "TaskError",
-            "Unauthenticated",
-            "Unavailable",
-        ),
-        ".errors",
-    ),
-    "hookimpl": ".hookspecs",
-    "Infra": ".infra",
-    **dict.fromkeys(
-        (
-            "DependsOn",
-            "Event",
-            "HealthCheck",
-            "PortMapping",
-            "Resources",
-            "RestartPolicy",
-            "ServiceSpec",
-            "TaskClass",
-            "TaskResult",
-            "TaskSpec",
-            "TaskState",
-            "TaskStatus",
-            "VolumeMount",
-        ),
-        ".models",
-    ),
-    "ServiceHandle": ".services.handles",
-    "SyncInfra": ".sync",
-    "ensure_infra_sync": ".sync",
-    **dict.fromkeys(
-        ("RunState", "RunUpdate", "StepSpec", "StepState", "Workflow", "WorkflowSpec"), ".workflows"
-    ),
+#: The module (relative to this package) -> the public names it defines.
+_MODULES: dict[str, str] = {
+    ".api": "InfraAPI",
+    ".config": "Settings load_settings",
+    ".ensure": "ensure_infra shutdown_infra use_infra",
+    ".errors": "AlreadyExists BackendError BackendUnavailable ConfigError CycleError DeadlineExceeded FailedPrecondition HealthCheckFailed InfraError MissingBinary NotFound PermissionDenied ResourceUnavailable ServiceError SpecError TaskError Unauthenticated Unavailable",
+    ".hookspecs": "hookimpl",
+    ".infra": "Infra",
+    ".models": "DependsOn Event HealthCheck PortMapping Resources RestartPolicy ServiceSpec TaskClass TaskResult TaskSpec TaskState TaskStatus VolumeMount",
+    ".services.handles": "ServiceHandle",
+    ".sync": "SyncInfra ensure_infra_sync",
+    ".workflows": "RunState RunUpdate StepSpec StepState Workflow WorkflowSpec",
 }
+#: Public name -> the module that defines it.
+_LAZY: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names.split()}
 
-# Literal, so linters and type checkers see it; tests check it matches _LAZY.
+# Literal (so type checkers see the re-exports), kept compact; a test checks it matches _MODULES.
+# fmt: off
 __all__ = [
-    "AlreadyExists",
-    "BackendError",
-    "BackendUnavailable",
-    "ConfigError",
-    "CycleError",
-    "DeadlineExceeded",
-    "DependsOn",
-    "Event",
-    "FailedPrecondition",
-    "HealthCheck",
-    "HealthCheckFailed",
-    "Infra",
-    "InfraAPI",
-    "InfraError",
-    "MissingBinary",
-    "NotFound",
-    "PermissionDenied",
-    "PortMapping",
-    "ResourceUnavailable",
-    "Resources",
-    "RestartPolicy",
-    "RunState",
-    "RunUpdate",
-    "ServiceError",
-    "ServiceHandle",
-    "ServiceSpec",
-    "Settings",
-    "SpecError",
-    "StepSpec",
-    "StepState",
-    "SyncInfra",
-    "TaskClass",
-    "TaskError",
-    "TaskResult",
-    "TaskSpec",
-    "TaskState",
-    "TaskStatus",
-    "Unauthenticated",
-    "Unavailable",
-    "VolumeMount",
-    "Workflow",
-    "WorkflowSpec",
-    "__version__",
-    "ensure_infra",
-    "ensure_infra_sync",
-    "hookimpl",
-    "load_settings",
-    "shutdown_infra",
-    "use_infra",
+    "AlreadyExists", "BackendError", "BackendUnavailable", "ConfigError", "CycleError",
+    "DeadlineExceeded", "DependsOn", "Event", "FailedPrecondition", "HealthCheck", "HealthCheckFailed",
+    "Infra", "InfraAPI", "InfraError", "MissingBinary", "NotFound", "PermissionDenied", "PortMapping",
+    "ResourceUnavailable", "Resources", "RestartPolicy", "RunState", "RunUpdate", "ServiceError",
+    "ServiceHandle", "ServiceSpec", "Settings", "SpecError", "StepSpec", "StepState", "SyncInfra",
+    "TaskClass", "TaskError", "TaskResult", "TaskSpec", "TaskState", "TaskStatus", "Unauthenticated",
+    "Unavailable", "VolumeMount", "Workflow", "WorkflowSpec", "__version__", "ensure_infra",
+    "ensure_infra_sync", "hookimpl", "load_settings", "shutdown_infra", "use_infra",
 ]
+# fmt: on
 
 
 def __getattr__(name: str) -> Any:

@@ -20,75 +20,74 @@ from dspy_infra.rpc.remote import RemoteInfra
 
 
 @pytest.fixture(scope="module")
-def stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ModuleType]]:
-    with official_stubs(tmp_path_factory.mktemp("official_stubs")) as modules:
-        yield modules
+def official(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[dict[str, ModuleType], ServeProcess]]:
+    """The official grpcio stubs and a real server, for the whole module."""
+    stub_dir, home = tmp_path_factory.mktemp("official_stubs"), tmp_path_factory.mktemp("serve")
+    with official_stubs(stub_dir) as modules, serve_process(home) as proc:
+        yield modules, proc
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    with serve_process(tmp_path_factory.mktemp("serve")) as proc:
-        yield proc
+@pytest.fixture
+def orch(official: tuple[dict[str, ModuleType], ServeProcess]) -> Iterator[tuple[ModuleType, Any]]:
+    """The generated messages module and a stub of the official client on a fresh channel."""
+    modules, proc = official
+    with grpc.insecure_channel(proc.addr) as channel:
+        yield modules["orch"], modules["orch_grpc"].OrchestratorServiceStub(channel)
 
 
-def test_one_call_returns_the_result_and_the_task_is_stored(
-    stubs: dict[str, Any], server: ServeProcess
-) -> None:
-    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
-    with grpc.insecure_channel(server.addr) as channel:
-        stub = pb_grpc.OrchestratorServiceStub(channel)
-        task = pb.SubmitTaskRequest(id="sw1", payload_json=json.dumps({"handler": "exec", "cmd": "echo hi"}))
-        result = stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=30), timeout=40)
-        assert result.task_id == "sw1" and result.status == "completed"
-        assert json.loads(result.result_json)["stdout"].strip() == "hi"
-        assert result.completed_at > 0
-        # The same task again (idempotent by id) answers the same result, without a rerun.
-        again = stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=30), timeout=40)
-        assert again.completed_at == result.completed_at and again.result_json == result.result_json
-        status = stub.GetTaskStatus(pb.GetTaskStatusRequest(task_id="sw1"), timeout=10)
-        assert status.status == "completed"
+@pytest.fixture
+def server(official: tuple[dict[str, ModuleType], ServeProcess]) -> ServeProcess:
+    return official[1]
 
 
-def test_a_failing_task_is_a_result_not_an_error(stubs: dict[str, Any], server: ServeProcess) -> None:
-    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
-    with grpc.insecure_channel(server.addr) as channel:
-        stub = pb_grpc.OrchestratorServiceStub(channel)
-        task = pb.SubmitTaskRequest(id="sw-fail", payload={"handler": "no-such-handler"})
-        result = stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task), timeout=30)
-        assert result.status == "failed" and "no-such-handler" in result.error
+def test_one_call_returns_the_result_and_the_task_is_stored(orch: tuple[ModuleType, Any]) -> None:
+    pb, stub = orch
+    task = pb.SubmitTaskRequest(id="sw1", payload_json=json.dumps({"handler": "exec", "cmd": "echo hi"}))
+    result = stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=30), timeout=40)
+    assert result.task_id == "sw1" and result.status == "completed"
+    assert json.loads(result.result_json)["stdout"].strip() == "hi"
+    assert result.completed_at > 0
+    # The same task again (idempotent by id) answers the same result, without a rerun.
+    again = stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=30), timeout=40)
+    assert again.completed_at == result.completed_at and again.result_json == result.result_json
+    status = stub.GetTaskStatus(pb.GetTaskStatusRequest(task_id="sw1"), timeout=10)
+    assert status.status == "completed"
 
 
-def test_bad_requests_get_named_errors(stubs: dict[str, Any], server: ServeProcess) -> None:
-    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
-    with grpc.insecure_channel(server.addr) as channel:
-        stub = pb_grpc.OrchestratorServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as missing:
-            stub.SubmitAndWait(pb.SubmitAndWaitRequest(), timeout=10)
-        assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "task" in (missing.value.details() or "")
-        task = pb.SubmitTaskRequest(id="sw-nan", payload={"handler": "noop"})
-        with pytest.raises(grpc.RpcError) as nan:
-            stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=float("nan")), timeout=10)
-        assert nan.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "timeout_seconds" in (nan.value.details() or "")
-        with pytest.raises(grpc.RpcError) as bad_id:
-            stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=pb.SubmitTaskRequest(id="")), timeout=10)
-        assert bad_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+def test_a_failing_task_is_a_result_not_an_error(orch: tuple[ModuleType, Any]) -> None:
+    pb, stub = orch
+    task = pb.SubmitTaskRequest(id="sw-fail", payload={"handler": "no-such-handler"})
+    result = stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task), timeout=30)
+    assert result.status == "failed" and "no-such-handler" in result.error
 
 
-def test_timeout_is_deadline_exceeded_and_the_task_stays(stubs: dict[str, Any], server: ServeProcess) -> None:
-    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
-    with grpc.insecure_channel(server.addr) as channel:
-        stub = pb_grpc.OrchestratorServiceStub(channel)
-        task = pb.SubmitTaskRequest(
-            id="sw-slow", payload_json=json.dumps({"handler": "sleep", "seconds": 30})
-        )
-        with pytest.raises(grpc.RpcError) as slow:
-            stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=0.2), timeout=20)
-        assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        status = stub.GetTaskStatus(pb.GetTaskStatusRequest(task_id="sw-slow"), timeout=10)
-        assert status.status in ("pending", "running")
-        stub.CancelTask(pb.CancelTaskRequest(task_id="sw-slow"), timeout=20)
+def test_bad_requests_get_named_errors(orch: tuple[ModuleType, Any]) -> None:
+    pb, stub = orch
+    with pytest.raises(grpc.RpcError) as missing:
+        stub.SubmitAndWait(pb.SubmitAndWaitRequest(), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "task" in (missing.value.details() or "")
+    task = pb.SubmitTaskRequest(id="sw-nan", payload={"handler": "noop"})
+    with pytest.raises(grpc.RpcError) as nan:
+        stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=float("nan")), timeout=10)
+    assert nan.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout_seconds" in (nan.value.details() or "")
+    with pytest.raises(grpc.RpcError) as bad_id:
+        stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=pb.SubmitTaskRequest(id="")), timeout=10)
+    assert bad_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_timeout_is_deadline_exceeded_and_the_task_stays(orch: tuple[ModuleType, Any]) -> None:
+    pb, stub = orch
+    task = pb.SubmitTaskRequest(id="sw-slow", payload_json=json.dumps({"handler": "sleep", "seconds": 30}))
+    with pytest.raises(grpc.RpcError) as slow:
+        stub.SubmitAndWait(pb.SubmitAndWaitRequest(task=task, timeout_seconds=0.2), timeout=20)
+    assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    status = stub.GetTaskStatus(pb.GetTaskStatusRequest(task_id="sw-slow"), timeout=10)
+    assert status.status in ("pending", "running")
+    stub.CancelTask(pb.CancelTaskRequest(task_id="sw-slow"), timeout=20)
 
 
 async def test_remote_infra_submit_and_wait(server: ServeProcess) -> None:
