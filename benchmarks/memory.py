@@ -190,14 +190,14 @@ def _soak(seconds: float, rate: int, every: float) -> dict[str, Any]:
 
 def _child(kind: str, n: int) -> dict[str, Any]:
     """Run one in-process figure in a fresh interpreter."""
-    code = (
-        f"import asyncio, json, sys, tempfile, pathlib; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
-        f" import memory; t = tempfile.mkdtemp(prefix='dspy-mem-');"
-        f" print(json.dumps(asyncio.run(memory._{kind}({n}, pathlib.Path(t)))))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=False
-    )
+    with tempfile.TemporaryDirectory(prefix="dspy-mem-") as home:
+        code = (
+            f"import asyncio, json, sys, pathlib; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
+            f" import memory; print(json.dumps(asyncio.run(memory._{kind}({n}, pathlib.Path({home!r})))))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=900, check=False
+        )
     if out.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{out.stderr[-2000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
