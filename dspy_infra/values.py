@@ -255,7 +255,7 @@ def _flat_text_map(value: Any, max_bytes: int) -> JsonObject | None:
     # A character takes at most 6 bytes as JSON (a \u escape); per entry "":"" and a comma.
     if 6 * (len(keys) + len(texts)) + 6 * len(value) + 2 > max_bytes:
         return None
-    if "\x00" in keys or "\x00" in texts or any(len(key) > MAX_KEY_LENGTH for key in value):
+    if "\x00" in keys or "\x00" in texts or max(map(len, value), default=0) > MAX_KEY_LENGTH:
         return None
     if not (_is_utf8(keys) and _is_utf8(texts)):
         return None
