@@ -33,10 +33,16 @@ test: lint typecheck unit
 proto: venv
 	$(BIN)/python scripts/gen_proto.py
 
+# Every row of issue 11's table, each with its ratio to its floor or peer (Ray and Celery run
+# where installed: pip install -e '.[bench]'); each script's last line is JSON. The 10-minute
+# soak is separate: $(BIN)/python benchmarks/memory.py --soak 600.
 bench: venv
 	$(BIN)/python benchmarks/scheduler.py
-	$(BIN)/python benchmarks/services.py
 	$(BIN)/python benchmarks/rpc.py
+	$(BIN)/python benchmarks/startup.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/services.py
+	if [ -f benchmarks/containers.py ]; then $(BIN)/python benchmarks/containers.py; fi
 	$(BIN)/python benchmarks/workflows.py
 
 # As root on Debian: the engines and servers the engine tests use (what CI installs).

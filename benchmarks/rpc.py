@@ -5,7 +5,12 @@ this process, using the generated betterproto2/grpclib stubs for both. Measured 
 
 - round trip: ``--n`` sequential calls, p50/p99 (SubmitTask vs echo);
 - throughput: ``--n`` calls, ``--concurrency`` in flight on one channel (submit_per_s);
-- batched: ``SubmitTasks`` (an addition to the contract) in batches of ``--batch``.
+- batched: ``SubmitTasks`` (an addition to the contract) in batches of ``--batch``;
+- submit -> result (issue 11): ``SubmitAndWait`` round trips (p50/p99, sequential) and
+  ``--clients`` concurrent callers doing them (tasks/s), on the durable server, next to the
+  same through two calls (``SubmitTask`` then ``WaitTask``) and next to the peers
+  (``benchmarks/peers.py``: Ray ``ray.get(f.remote())``, Celery ``delay().get()``, each
+  where installed, else skipped with the reason).
 
 The dspy-infra server is the real one (``run_server``: embedded Infra + InfraServer, noop
 tasks), measured with the durable SQLite store (the default) and memory-only. Last line: one JSON object with
@@ -20,7 +25,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,12 @@ sys.path.insert(0, str(ROOT))
 from grpclib.client import Channel  # noqa: E402
 
 from dspy_infra.rpc._gen.orchestrator import v1 as pb  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peers import run_peer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from _rpc_support import stop_process as stop  # noqa: E402
 
 __all__ = ["main"]
 
@@ -85,15 +95,6 @@ def _start(code: str, *args: str, cwd: str) -> tuple[subprocess.Popen[str], int]
         if match:
             return proc, int(match[1])
     raise SystemExit(f"server did not start (exit {proc.wait()})")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -158,6 +159,77 @@ async def _batched(
     return n / (time.perf_counter() - began)
 
 
+async def _submit_and_wait(stub: pb.OrchestratorServiceStub, prefix: str, n: int) -> list[float]:
+    latencies = []
+    for i in range(n):
+        req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
+        began = time.perf_counter()
+        result = await stub.submit_and_wait(req)
+        latencies.append(time.perf_counter() - began)
+        assert result.status == "completed", result.error
+    return latencies
+
+
+async def _two_calls(stub: pb.OrchestratorServiceStub, prefix: str, n: int) -> list[float]:
+    latencies = []
+    for i in range(n):
+        req = _request(prefix, i)
+        began = time.perf_counter()
+        await stub.submit_task(req)
+        await stub.wait_task(pb.WaitTaskRequest(task_id=req.id, timeout_seconds=60))
+        latencies.append(time.perf_counter() - began)
+    return latencies
+
+
+async def _many_clients(port: int, prefix: str, n: int, clients: int) -> float:
+    """``clients`` callers, each with its own channel (connection), doing SubmitAndWait."""
+    channels = [Channel("127.0.0.1", port) for _ in range(clients)]
+    left = iter(range(n))
+
+    async def client(channel: Channel) -> None:
+        stub = pb.OrchestratorServiceStub(channel)
+        for i in left:
+            req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
+            result = await stub.submit_and_wait(req)
+            assert result.status == "completed", result.error
+
+    try:
+        for channel in channels:  # connect first: the figure is about calls, not handshakes
+            await pb.OrchestratorServiceStub(channel).health(pb.HealthRequest())
+        began = time.perf_counter()
+        await asyncio.gather(*(client(ch) for ch in channels))
+        return n / (time.perf_counter() - began)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+async def _round_trip_phase(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """The submit -> result figures of one (durable) server, in short alternating rounds."""
+    channel = Channel("127.0.0.1", port)
+    stub = pb.OrchestratorServiceStub(channel)
+    one: list[float] = []
+    two: list[float] = []
+    many_elapsed = 0.0
+    rounds = 5
+    try:
+        await _submit_and_wait(stub, "sw-warm", 100)
+        for r in range(rounds):
+            one += await _submit_and_wait(stub, f"sw{r}", args.rt_n // rounds)
+            two += await _two_calls(stub, f"two{r}", args.rt_n // rounds)
+            per_round = args.tp_n // rounds
+            many_elapsed += per_round / await _many_clients(port, f"many{r}", per_round, args.clients)
+    finally:
+        channel.close()
+    return {
+        "sw_p50_ms": _pct(one, 0.5),
+        "sw_p99_ms": _pct(one, 0.99),
+        "two_call_p50_ms": _pct(two, 0.5),
+        "two_call_p99_ms": _pct(two, 0.99),
+        "many_clients_per_s": (args.tp_n // rounds) * rounds / many_elapsed,
+    }
+
+
 async def _measure(ports: dict[str, int], args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Each phase alternates between the servers in short rounds, so that load from other
     processes on the machine falls on all of them alike and the ratios stay meaningful."""
@@ -209,6 +281,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1000, help="tasks per SubmitTasks call")
     parser.add_argument("--batch-n", type=int, default=40_000, help="tasks submitted in bulk batches")
+    parser.add_argument("--rt-n", type=int, default=1000, help="submit -> result round trips (each kind)")
+    parser.add_argument("--tp-n", type=int, default=3000, help="tasks for the many-clients figure")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent callers (own connection each)")
+    parser.add_argument("--no-peers", action="store_true", help="skip Ray and Celery")
     args = parser.parse_args()
 
     procs: list[subprocess.Popen[str]] = []
@@ -232,9 +308,10 @@ def main() -> int:
                 proc, ports[name] = _start(INFRA_SERVER, json.dumps(settings), cwd=home)
                 procs.append(proc)
             results = asyncio.run(_measure(ports, args))
+            round_trip = asyncio.run(_round_trip_phase(ports["durable"], args))
         finally:
             for proc in procs:
-                _stop(proc)
+                stop(proc)
 
     print(f"machine: {os.cpu_count()} cores; n={args.n} concurrency={args.concurrency} batch={args.batch}")
     for name, r in results.items():
@@ -258,6 +335,36 @@ def main() -> int:
         "memory_submit_per_s": round(memory["per_s"], 1),
         "memory_batch_tasks_per_s": round(memory["batch_per_s"], 1),
     }
+    peers: dict[str, dict[str, object]] = {}
+    for peer in ("ray", "celery"):
+        if args.no_peers:
+            peers[peer] = {"skipped": "--no-peers"}
+        else:
+            peers[peer] = run_peer(peer, n=args.rt_n, tp_n=args.tp_n, clients=args.clients)
+    rt = round_trip
+    print(
+        f"submit->result, durable: SubmitAndWait p50 {rt['sw_p50_ms']:.3f} ms p99 {rt['sw_p99_ms']:.3f} ms;"
+        f" SubmitTask+WaitTask p50 {rt['two_call_p50_ms']:.3f} ms p99 {rt['two_call_p99_ms']:.3f} ms;"
+        f" {args.clients} clients {rt['many_clients_per_s']:.0f} tasks/s"
+    )
+    summary.update({k: round(v, 4) for k, v in rt.items()})
+    for peer, fig in peers.items():
+        if "skipped" in fig:
+            print(f"{peer:>8}: skipped ({fig['skipped']})")
+            continue
+        p50, p99, per_s = float(fig["p50_ms"]), float(fig["p99_ms"]), float(fig["per_s"])  # type: ignore[arg-type]
+        print(
+            f"{peer:>8}: p50 {p50:.3f} ms p99 {p99:.3f} ms, {args.clients} clients {per_s:.0f} tasks/s  ->"
+            f" dspy p50 {rt['sw_p50_ms'] / p50:.2f}x, p99 {rt['sw_p99_ms'] / p99:.2f}x,"
+            f" many clients {rt['many_clients_per_s'] / per_s:.2f}x"
+        )
+        summary[f"{peer}_p50_ms"] = round(p50, 4)
+        summary[f"{peer}_p99_ms"] = round(p99, 4)
+        summary[f"{peer}_per_s"] = round(per_s, 1)
+        summary[f"sw_p50_vs_{peer}"] = round(rt["sw_p50_ms"] / p50, 3)
+        summary[f"sw_p99_vs_{peer}"] = round(rt["sw_p99_ms"] / p99, 3)
+        summary[f"many_clients_vs_{peer}"] = round(rt["many_clients_per_s"] / per_s, 3)
+    print(f"batch submit over gRPC, durable: {summary['batch_tasks_per_s']:.0f} tasks/s (target >= 30,000)")
     print(json.dumps(summary))
     return 0
 

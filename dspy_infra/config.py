@@ -158,8 +158,8 @@ class Settings:
     #: PEM private key matching ``tls_cert``.
     tls_key: str | None = None
     #: Finished tasks kept in the store; older ones are pruned.
-    #: The ids of pruned tasks are kept (per short id about 170 bytes in memory, 40 on disk),
-    #: so a reused id is refused instead of running again.
+    #: The ids of pruned tasks are kept (per short id about 40 bytes on disk; in memory only
+    #: with durable = false, about 170 bytes), so a reused id is refused instead of running again.
     retention: int = attrs.field(default=10_000, validator=_integer(1, 100_000_000))
     #: Largest accepted task payload, in bytes of its compact JSON (at most 64 MiB).
     max_payload_bytes: int = attrs.field(default=1 << 20, validator=_integer(2, 64 << 20))

@@ -67,6 +67,7 @@ __all__ = [
     "slurm_task_ids",
     "states",
     "step_names",
+    "store_op_plans",
     "task_doc",
     "task_ids",
     "task_outcomes",
@@ -360,6 +361,18 @@ def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
 
 #: What each run of a task does, in order: finish, raise, or take its process down ("crash").
 attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, max_size=6)
+
+#: Operations on the durable store, in the order the loop queues them: ("insert", n) rows,
+#: ("update", n) changes of already inserted rows, an ``after_write`` or ``after_commit``
+#: callback, or ("yield", _) a turn of the event loop (so batches split at random points).
+store_op_plans = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["insert", "update"]), st.integers(1, 40)),
+        st.tuples(st.sampled_from(["after_write", "after_commit", "yield"]), st.just(0)),
+    ),
+    min_size=1,
+    max_size=40,
+)
 
 
 #: JSON-ish values including what no store can hold (lone surrogates, NUL, huge ints, NaN).

@@ -45,3 +45,31 @@ def test_escaped_characters_count_as_their_escapes() -> None:
     check_json_object(doc, "payload", max_bytes=_size(doc))
     with pytest.raises(SpecError, match="bytes"):
         check_json_object(doc, "payload", max_bytes=_size(doc) - 1)
+
+
+@given(
+    doc=st.dictionaries(
+        st.one_of(st.text(max_size=8), st.sampled_from(["", "k" * 257, "a\x00", "\ud800"])),
+        st.one_of(st.text(max_size=30), st.sampled_from(["", "\x00", "\ud800x", "é" * 50]), st.integers()),
+        max_size=6,
+    ),
+    limit=st.integers(min_value=2, max_value=400),
+)
+def test_the_flat_string_map_fast_path_accepts_and_refuses_exactly_what_the_walk_does(
+    doc: dict[Any, Any], limit: int
+) -> None:
+    """``check_json_object`` answers a plain dict of strings without the full walk; a
+    read-only view of the same dict takes the walk. Same copy, or the same refusal."""
+    from types import MappingProxyType
+
+    try:
+        walked: Any = check_json_object(MappingProxyType(doc), "payload", max_bytes=limit)
+    except SpecError as exc:
+        walked = ("refused", str(exc))
+    try:
+        fast: Any = check_json_object(doc, "payload", max_bytes=limit)
+    except SpecError as exc:
+        fast = ("refused", str(exc))
+    assert fast == walked
+    if isinstance(fast, dict):
+        assert fast is not doc

@@ -295,6 +295,16 @@ class OrchestratorClient(TaskSubmitter, _Client):
         events = self._stream(self.stub.stream_events(req), cv.event_from_pb)
         return events if since is None else _events_since(events, since)
 
+    async def submit_and_wait(self, spec: TaskSpec, timeout: float | None = None) -> TaskResult:
+        """Submit ``spec`` and wait for its result in one call (``SubmitAndWait``): one round
+        trip instead of ``submit`` then ``wait``. Idempotent by id like ``submit``."""
+        req = orch_pb.SubmitAndWaitRequest(
+            task=cv.submit_request_from_spec(spec), timeout_seconds=timeout or 0.0
+        )
+        # The server enforces `timeout`; the call's own deadline only adds slack for the trip.
+        call = self.stub.submit_and_wait(req, timeout=None if timeout is None else timeout + 5)
+        return cv.task_result_from_pb(await self._unary(call))
+
 
 def health_doc(resp: orch_pb.HealthResponse) -> dict[str, Any]:
     """``Infra.health()``'s dict from a ``HealthResponse``, plus the server's identity

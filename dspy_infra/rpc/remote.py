@@ -336,3 +336,9 @@ class RemoteInfra(TaskSubmitter, AsyncResource):
 
     async def cancel_run(self, run_id: str) -> RunState:
         return await self.orchestrator.cancel_workflow_run(run_id)
+
+    # -- additions ---------------------------------------------------------------------------
+
+    async def submit_and_wait(self, spec: TaskSpec, timeout: float | None = None) -> TaskResult:
+        """Submit ``spec`` and wait for its result in one round trip (``SubmitAndWait``)."""
+        return await self.orchestrator.submit_and_wait(spec, timeout)

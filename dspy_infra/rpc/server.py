@@ -2,9 +2,9 @@
 ``orchestrator.v1.OrchestratorService`` and ``env_manager.v1.EnvManagerService``, and
 ``build_grpc_server``, which serves them with ``grpc.health.v1`` behind one guard.
 
-Every gRPC call passes through one grpclib ``RecvRequest`` hook (``_guard``) which checks
-the bearer token and wraps the handler so that any dspy_infra error becomes a gRPC status
-decided by ``wire.grpc_status_for`` -- the one place errors map to status codes. Listening,
+Every gRPC method is wrapped once, when the server is built, by one guard (``_guard``) which
+checks the bearer token and turns any dspy_infra error into a gRPC status decided by
+``wire.grpc_status_for`` -- the one place errors map to status codes. Listening,
 TLS and the HTTP app next to it are ``serve.py``'s.
 """
 
@@ -16,12 +16,11 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import grpclib.const
-import grpclib.events
 import grpclib.server
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
@@ -264,6 +263,15 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         return cv.task_result_to_pb(await self.infra.wait(task_id, timeout))
 
+    async def submit_and_wait(self, message: orch_pb.SubmitAndWaitRequest) -> orch_pb.TaskResult:
+        """One round trip for "submit, then wait": the acknowledgement and the result share
+        the call (one HTTP/2 stream, one request decode, one response encode)."""
+        if message.task is None:
+            raise SpecError("is required", field="task", fix="send the task as in SubmitTask")
+        spec = self._spec(message.task)
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        return cv.task_result_to_pb(await self.infra.scheduler.submit_and_wait(spec, timeout))
+
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
         queues = await self.infra.queue_status()
         return orch_pb.QueueStatusResponse(queues={k: cv.queue_status_to_pb(q) for k, q in queues.items()})
@@ -502,51 +510,63 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
 _Handler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
 
 
-def _guard(
-    token: str | None, closing: asyncio.Event
-) -> Callable[[grpclib.events.RecvRequest], Coroutine[Any, Any, None]]:
-    async def on_request(event: grpclib.events.RecvRequest) -> None:
-        inner: _Handler = event.method_func
-        authorized = bearer_matches(event.metadata.get("authorization", ""), token)
+def _guard(inner: _Handler, method_name: str, token: str | None, closing: asyncio.Event) -> _Handler:
+    """``inner`` behind the bearer check, with every error mapped to a gRPC status.
 
-        async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
-            if not authorized:
-                raise GRPCError(
-                    Status.UNAUTHENTICATED,
-                    "authorization: missing or wrong bearer token"
-                    " (fix: send metadata 'authorization: Bearer <token>')",
+    Wrapped once per method when the server is built (not per call through grpclib's
+    ``RecvRequest`` event, which built an event object and a closure for every request)."""
+
+    async def guarded(stream: grpclib.server.Stream[Any, Any]) -> None:
+        if not bearer_matches(stream.metadata.get("authorization", "") if stream.metadata else "", token):
+            raise GRPCError(
+                Status.UNAUTHENTICATED,
+                "authorization: missing or wrong bearer token"
+                " (fix: send metadata 'authorization: Bearer <token>')",
+            )
+        _CALL.set(stream)
+        try:
+            await inner(stream)
+        except _ClientGone:
+            # One line per broken stream; grpclib sends nothing on a closed connection.
+            log.info("%s: the client went away; stream ended", method_name)
+            raise GRPCError(Status.CANCELLED, "client went away") from None
+        except GRPCError as exc:
+            raise to_grpc_error(exc) from None
+        except asyncio.CancelledError:
+            if not closing.is_set():
+                raise  # the client went away or its deadline passed
+            # The server is shutting down: end the call with a status the client can act
+            # on (grpclib's cancellation alone leaves open streams hanging on the client).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            with contextlib.suppress(Exception):
+                await stream.send_trailing_metadata(
+                    status=Status.UNAVAILABLE,
+                    status_message="server shutting down (fix: reconnect when it is back)",
                 )
-            _CALL.set(stream)
-            try:
-                await inner(stream)
-            except _ClientGone:
-                # One line per broken stream; grpclib sends nothing on a closed connection.
-                log.info("%s: the client went away; stream ended", event.method_name)
-                raise GRPCError(Status.CANCELLED, "client went away") from None
-            except GRPCError as exc:
-                raise to_grpc_error(exc) from None
-            except asyncio.CancelledError:
-                if not closing.is_set():
-                    raise  # the client went away or its deadline passed
-                # The server is shutting down: end the call with a status the client can act
-                # on (grpclib's cancellation alone leaves open streams hanging on the client).
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                with contextlib.suppress(Exception):
-                    await stream.send_trailing_metadata(
-                        status=Status.UNAVAILABLE,
-                        status_message="server shutting down (fix: reconnect when it is back)",
-                    )
-            except InfraError as exc:
-                raise to_grpc_error(exc) from None
-            except Exception as exc:
-                log.exception("unexpected error in %s", event.method_name)
-                raise to_grpc_error(exc) from None
+        except InfraError as exc:
+            raise to_grpc_error(exc) from None
+        except Exception as exc:
+            log.exception("unexpected error in %s", method_name)
+            raise to_grpc_error(exc) from None
 
-        event.method_func = guarded
+    return guarded
 
-    return on_request
+
+class _Guarded:
+    """A grpclib service whose every method is behind ``_guard``."""
+
+    def __init__(self, service: Any, token: str | None, closing: asyncio.Event) -> None:
+        self._mapping = {
+            path: grpclib.const.Handler(
+                _guard(h.func, path, token, closing), h.cardinality, h.request_type, h.reply_type
+            )
+            for path, h in service.__mapping__().items()
+        }
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return self._mapping
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -572,6 +592,5 @@ def build_grpc_server(
 ) -> grpclib.server.Server:
     """A grpclib server for ``services`` plus ``grpc.health.v1``, every call behind the guard
     (token check, error mapping); ``closing`` is set when the owner shuts it down."""
-    server = grpclib.server.Server([*services, Health()], codec=_RequestCodec())
-    grpclib.events.listen(server, grpclib.events.RecvRequest, _guard(token, closing))
-    return server
+    guarded = [_Guarded(service, token, closing) for service in [*services, Health()]]
+    return grpclib.server.Server(guarded, codec=_RequestCodec())

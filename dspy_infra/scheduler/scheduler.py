@@ -9,12 +9,16 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   when its class has nothing to do; a new worker is started only when no parked one exists,
   so there are never more workers than the class's peak concurrency.
 - State changes go to the store as cheap tuples; the store's writer thread commits them in
-  groups. A task is queued (and ``submit`` returns) only once its row is committed; a row
+  groups. A task is queued (and ``submit`` returns) only once its row is on disk; a row
   the store refuses rejects that task alone and leaves no trace in memory. An attempt is
   recorded (``running``, attempts + 1) and committed before its handler starts, so recovery
   counts attempts that a crash interrupted and ``max_attempts`` bounds how often one task
-  can take the process down. Results are delivered (``wait``, ``stream_results``) once the
-  terminal row is committed, so a result a caller has seen is never run again after a crash.
+  can take the process down. An in-process handler waits only until the record is in the
+  store's log (safe from this process's death, which is what the record guards against);
+  a handler that starts processes or containers (``exec``, ``container``) or a class run by
+  an executor waits until it is flushed to the disk, so not even a power cut can make such
+  work run twice unnoticed. Results are delivered (``wait``, ``stream_results``) once the
+  terminal row is on disk, so a result a caller has seen is never run again after a crash.
 - Every ``limiter_interval`` the sampler asks each adaptive class's ``AimdPolicy`` for a new
   limit and resizes the semaphore.
 
@@ -71,6 +75,7 @@ from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
     MemoryStore,
+    PrunedId,
     SqliteStore,
     StoredTask,
     encode_json_object,
@@ -95,6 +100,9 @@ _EVENT_TYPE = {s: f"task_{s.value}" for s in TaskStatus}
 _MAX_UNSAVED_STARTS = 5
 #: A worker yields to the event loop after this many tasks that finished without awaiting.
 _YIELD_EVERY = 64
+#: Handlers whose attempts start work outside this process (a process, a container): their
+#: attempt record is flushed to the disk before they start, not only written to the log.
+_OUTSIDE_HANDLERS = frozenset({"exec", "container"})
 
 
 def retry_delay(failed_attempts: int) -> float:
@@ -131,6 +139,8 @@ class Scheduler(AsyncResource):
         self._shared = SharedResources()
         self._tasks: dict[str, TaskRecord] = {}
         #: Ids of finished tasks pruned from retention -> their content hash (see _existing).
+        #: Memory-only stores keep them here; the durable store keeps them on disk only (its
+        #: trigger refuses such an id when the row is written), so memory stays flat.
         self._pruned: dict[str, str] = {}
         #: Delivered terminal tasks in delivery order (for retention).
         self._finished: dict[str, None] = {}
@@ -151,8 +161,10 @@ class Scheduler(AsyncResource):
         self._accepting = False
         self._dispatching = False
         self._stopping = False
-        #: Resolves once the attempts started in this loop step are committed (_attempt_gate).
+        #: Resolve once the attempts started in this loop step are in the store's log / on
+        #: the disk (_attempt_gate).
         self._start_gate: asyncio.Future[InfraError | None] | None = None
+        self._synced_start_gate: asyncio.Future[InfraError | None] | None = None
         #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
         self._drain_deadline: float | None = None
 
@@ -438,17 +450,20 @@ class Scheduler(AsyncResource):
                 " the content or the run)",
             )
         if rec is None and spec.id in self._pruned:
-            same = self._pruned[spec.id] == spec.content_hash
-            raise AlreadyExists(
-                f"task {preview(spec.id)} already ran"
-                + (" with the same content" if same else " with different content")
-                + f" and its result was pruned (only the newest {self.settings.retention} finished"
-                " tasks are kept); a reused id is refused so it never runs twice by accident",
-                field="id",
-                fix=f"ids are kept in {self._where()}; use a fresh id (e.g. add a run number or a"
-                " timestamp to fixed ids), or raise retention to keep results longer",
-            )
+            raise self._pruned_refusal(spec, self._pruned[spec.id])
         return rec
+
+    def _pruned_refusal(self, spec: TaskSpec, content_hash: str) -> AlreadyExists:
+        same = content_hash == spec.content_hash
+        return AlreadyExists(
+            f"task {preview(spec.id)} already ran"
+            + (" with the same content" if same else " with different content")
+            + f" and its result was pruned (only the newest {self.settings.retention} finished"
+            " tasks are kept); a reused id is refused so it never runs twice by accident",
+            field="id",
+            fix=f"ids are kept in {self._where()}; use a fresh id (e.g. add a run number or a"
+            " timestamp to fixed ids), or raise retention to keep results longer",
+        )
 
     def _where(self) -> str:
         if self._durable:
@@ -472,14 +487,33 @@ class Scheduler(AsyncResource):
                 raise outcome
         return [outcome for outcome in outcomes if not isinstance(outcome, InfraError)]
 
+    async def submit_and_wait(self, spec: TaskSpec, timeout: float | None = None) -> TaskResult:
+        """Submit ``spec`` and wait for its result (``DeadlineExceeded`` after ``timeout``).
+
+        No acknowledgement is given before the result, so the task's row need only be in the
+        store's log before it runs (as an attempt record needs); the flush that delivers the
+        result covers it too: one disk flush per task instead of two. A timeout tells the
+        caller that the task stays queued, so that answer waits for the row's flush."""
+        outcome = (await self.submit_each((spec,), acknowledged=False))[0]
+        if isinstance(outcome, InfraError):
+            raise outcome
+        try:
+            return await self.wait(spec.id, timeout)
+        except DeadlineExceeded:
+            await self._committed()
+            raise
+
     async def submit_each(
-        self, specs: Sequence[TaskSpec], *, all_or_nothing: bool = False
+        self, specs: Sequence[TaskSpec], *, all_or_nothing: bool = False, acknowledged: bool = True
     ) -> list[TaskState | InfraError]:
         """Accept a batch with one group commit; one outcome per spec, in order: its state,
         or the error that refused it (bad spec, reused id, or a row the store refused).
 
         A refused task leaves no trace; its neighbours are accepted. With
         ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
+        ``acknowledged`` (the default): return once the rows are on disk. False: once they
+        are in the store's log, for a caller that acknowledges nothing before a result
+        (``submit_and_wait``).
         """
         outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
         checked: list[tuple[int, TaskSpec, ClassQueue | None, str]] = []
@@ -529,10 +563,12 @@ class Scheduler(AsyncResource):
             records.append((index, rec))
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
-        if self._durable and (fresh or any(not rec.stored for _, rec in records)):
+        if self._durable and (fresh or any(not (rec.stored and rec.flushed) for _, rec in records)):
             # Queued only once committed, from the commit callback (not from this coroutine,
             # which a disconnecting client may cancel): a task never runs without its row.
-            await self._committed(lambda error: self._accepted(fresh, error))
+            await self._committed(
+                lambda error: self._accepted(fresh, error, acknowledged), flushed=acknowledged
+            )
         else:
             self._accepted(fresh, None)
         for index, rec in records:
@@ -542,8 +578,12 @@ class Scheduler(AsyncResource):
                 outcomes[index] = rec.state()
         return [outcome for outcome in outcomes if outcome is not None]
 
-    def _accepted(self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None) -> None:
-        """The commit holding these tasks' rows is done: queue the stored ones."""
+    def _accepted(
+        self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None, flushed: bool = True
+    ) -> None:
+        """The commit holding these tasks' rows is done: queue the stored ones. Not
+        ``flushed`` (only in the store's log): an acknowledged resubmit of one of them waits
+        for a flush first."""
         touched: dict[str, ClassQueue] = {}
         for rec, cq in fresh:
             if rec.rejection is not None:
@@ -552,6 +592,8 @@ class Scheduler(AsyncResource):
                 self._reject(rec, error)
                 continue
             rec.stored = True
+            if not flushed:
+                rec.flushed = False
             if rec.status is _PENDING and rec.timer is None:
                 cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
                 heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
@@ -566,6 +608,8 @@ class Scheduler(AsyncResource):
             if rec is None:
                 continue
             if not rec.stored:
+                if isinstance(error, PrunedId):
+                    error = self._pruned_refusal(rec.spec, error.content_hash)
                 self._reject(rec, error)
             else:
                 log.error("task %s: its state change was not saved: %s", preview(task_id), error)
@@ -582,9 +626,12 @@ class Scheduler(AsyncResource):
                     fut.set_exception(error)
             rec.waiters = None
 
-    async def _committed(self, then: Callable[[InfraError | None], None] | None = None) -> None:
-        """Return once everything queued for the store so far is committed; ``then(error)``
-        runs first, from the commit callback, even if this coroutine is cancelled."""
+    async def _committed(
+        self, then: Callable[[InfraError | None], None] | None = None, *, flushed: bool = True
+    ) -> None:
+        """Return once everything queued for the store so far is committed and flushed to the
+        disk (``flushed=False``: in the store's log); ``then(error)`` runs first, from the
+        store's callback, even if this coroutine is cancelled."""
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
 
@@ -599,7 +646,10 @@ class Scheduler(AsyncResource):
                     else:
                         fut.set_exception(error)
 
-        self._store.after_commit(done)
+        if flushed:
+            self._store.after_commit(done)
+        else:
+            self._store.after_write(done)
         await fut
 
     # -- queries --------------------------------------------------------------------------
@@ -881,7 +931,8 @@ class Scheduler(AsyncResource):
                 # Shielded: the gate is shared by every attempt started in this loop step,
                 # and a cancelled await would cancel it for all of them (their workers then
                 # die with a CancelledError nobody asked for, taking the task group down).
-                store_error = await asyncio.shield(self._attempt_gate())
+                synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
+                store_error = await asyncio.shield(self._attempt_gate(synced))
                 if rec.write_error is None and store_error is not None:
                     rec.write_error = store_error
                 if rec.write_error is not None:
@@ -966,27 +1017,38 @@ class Scheduler(AsyncResource):
         self._idle_check()
         return True
 
-    def _attempt_gate(self) -> asyncio.Future[InfraError | None]:
+    def _attempt_gate(self, synced: bool) -> asyncio.Future[InfraError | None]:
         """A future that resolves (to the store's error, or None) once every row queued so far
-        is committed. Shared by all attempts started in one loop step: one commit callback
-        for all of them, registered after the step, so after each of their rows."""
-        gate = self._start_gate
+        is in the store's log (``synced``: flushed to the disk). Shared by all attempts
+        started in one loop step: one store callback for all of them, registered after the
+        step, so after each of their rows."""
+        gate = self._synced_start_gate if synced else self._start_gate
         if gate is None:
             assert self._loop is not None
-            gate = self._start_gate = self._loop.create_future()
-            self._loop.call_soon(self._arm_attempt_gate)
+            gate = self._loop.create_future()
+            if synced:
+                self._synced_start_gate = gate
+            else:
+                self._start_gate = gate
+            self._loop.call_soon(self._arm_attempt_gate, synced)
         return gate
 
-    def _arm_attempt_gate(self) -> None:
-        gate, self._start_gate = self._start_gate, None
+    def _arm_attempt_gate(self, synced: bool) -> None:
+        if synced:
+            gate, self._synced_start_gate = self._synced_start_gate, None
+        else:
+            gate, self._start_gate = self._start_gate, None
         if gate is None:
             return
 
-        def committed(error: InfraError | None) -> None:
+        def saved(error: InfraError | None) -> None:
             if not gate.done():
                 gate.set_result(error)
 
-        self._store.after_commit(committed)
+        if synced:
+            self._store.after_commit(saved)
+        else:
+            self._store.after_write(saved)
 
     def _unstarted(self, cq: ClassQueue, rec: TaskRecord, error: InfraError) -> None:
         """The attempt could not be recorded, so it does not run: back to the queue after a
@@ -1158,7 +1220,8 @@ class Scheduler(AsyncResource):
             if rec is not None:
                 # Its id stays (with its content hash): reusing it is refused, never run again.
                 content_hash = rec.spec.content_hash
-                self._pruned[task_id] = content_hash
+                if not self._durable:
+                    self._pruned[task_id] = content_hash
                 self._store.prune(task_id, content_hash)
 
     def _idle_check(self) -> None:

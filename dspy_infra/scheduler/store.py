@@ -5,8 +5,27 @@ the event loop only puts operations on a queue (never blocks on disk). Group com
 writer takes what is queued (while busy, after collecting for ``commit_interval`` seconds),
 coalesces them per task id (only the latest row of a task is written) and commits the lot
 in one transaction. Callbacks registered with ``after_commit`` run on the loop once the
-batch that holds every operation queued before them is committed; that is how ``submit``
-returns only after its row is on disk.
+batch that holds every operation queued before them is committed *and flushed to the disk*;
+that is how ``submit`` returns only after its row is on disk, and how a result is delivered
+only once its row is.
+
+Two levels of "saved", because they guard against different failures:
+
+- ``after_commit``: on the disk (``fdatasync`` of the write-ahead log; what SQLite's
+  ``synchronous=FULL`` does at every commit). Survives a power cut or a kernel crash. Every
+  acknowledgement (a submit) and every delivered result waits for this.
+- ``after_write``: committed into the write-ahead log through the operating system, not yet
+  flushed. Survives the death of this process (SIGKILL, segfault, OOM kill), which is what
+  an attempt record guards against: a handler that takes its process down must find its
+  attempt counted. The flush follows within one group commit.
+
+The connection runs with ``synchronous=NORMAL`` (commits write the log but do not flush it)
+and a second thread, the *syncer*, flushes the log once for every group of commits that
+someone waits on: while it waits for the disk, the writer already commits the next group,
+so attempts start at memory speed and acknowledgements still cost one flush per group, not
+one per commit. Nothing is acknowledged before the flush that covers it, so acknowledged work
+is exactly as safe as under ``synchronous=FULL``. If the database cannot use WAL (some
+network file systems), the connection stays at ``FULL`` and every commit is flushed.
 
 A batch whose transaction fails is split and written again in halves, down to single rows,
 so a row the database refuses (a trigger, a constraint, a value that slipped past
@@ -18,7 +37,9 @@ If the writer thread itself fails, every pending and later operation fails with
 The scheduler keeps every live task (and up to ``retention`` finished ones) in memory, so
 the store is write-only after ``open()`` has loaded the rows. Pruned tasks leave their id and
 content hash in the ``pruned`` table (about 40 bytes per short id on disk), so a pruned id cannot
-silently run again. Recovery (re-queueing tasks
+silently run again: a trigger refuses the insert of such an id (``PrunedId``, found when the
+batch is written, like any row the database refuses), so the ids need no memory and a
+server's memory stays flat however many tasks it has run. Recovery (re-queueing tasks
 that were pending or running) is the scheduler's job; the store just returns what it has.
 
 Workflows keep their own file, ``<home>/workflows.db``; this module owns ``state.db``. An
@@ -51,7 +72,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import attrs
 
-from ..errors import FailedPrecondition, InfraError, SpecError, Unavailable
+from ..errors import AlreadyExists, FailedPrecondition, InfraError, SpecError, Unavailable
 from ..models import TaskSpec, TaskStatus
 from ..values import json_text, preview
 
@@ -63,6 +84,7 @@ __all__ = [
     "InsertRow",
     "MemoryStore",
     "OpenedState",
+    "PrunedId",
     "RejectedCallback",
     "SqliteStore",
     "StoredTask",
@@ -80,6 +102,30 @@ _SCHEMA_VERSION = 1  # the pruned table is an addition older versions ignore
 
 #: Called on the event loop after a commit: ``None`` on success, else the translated error.
 CommitCallback = Callable[[InfraError | None], None]
+
+
+class PrunedId(AlreadyExists):
+    """A task's row was refused because its id belongs to a task pruned from retention;
+    ``content_hash`` is what that task had (the scheduler words the error)."""
+
+    def __init__(self, task_id: str, content_hash: str) -> None:
+        self.task_id = task_id
+        self.content_hash = content_hash
+        super().__init__(f"task {preview(task_id)} already ran and its result was pruned", field="id")
+
+
+class _Written:
+    """An ``after_write`` callback in the queue (plain callables are ``after_commit`` ones)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: CommitCallback) -> None:
+        self.callback = callback
+
+    def __call__(self, error: InfraError | None) -> None:
+        self.callback(error)
+
+
 #: Called on the event loop, before the commit callbacks of a batch, with the task ids whose
 #: rows could not be written and why (inserts and updates alike).
 RejectedCallback = Callable[[dict[str, InfraError]], None]
@@ -239,6 +285,13 @@ CREATE TABLE IF NOT EXISTS pruned (
     content_hash TEXT NOT NULL
 ) WITHOUT ROWID
 """
+# A pruned id never gets a row again (idempotency outlives retention, without memory).
+_PRUNED_MARK = "dspy_infra: pruned id"
+_CREATE_PRUNED_GUARD = f"""
+CREATE TRIGGER IF NOT EXISTS refuse_pruned_ids BEFORE INSERT ON tasks
+WHEN EXISTS (SELECT 1 FROM pruned WHERE id = NEW.id)
+BEGIN SELECT RAISE(ABORT, '{_PRUNED_MARK}'); END
+"""
 # Multi-row statements: sqlite3 releases and re-takes the GIL around every statement step,
 # so one statement per few hundred rows (not one per row) keeps the writer thread from
 # trading the GIL with the event loop tens of thousands of times a second.
@@ -306,6 +359,9 @@ class MemoryStore:
     def after_commit(self, callback: CommitCallback) -> None:
         callback(None)
 
+    def after_write(self, callback: CommitCallback) -> None:
+        callback(None)
+
     async def aclose(self) -> None:
         pass
 
@@ -339,6 +395,16 @@ class SqliteStore:
         self._awake = False
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        #: The write-ahead log, opened read-only for the syncer's fdatasync (None: not WAL,
+        #: every commit is flushed by SQLite itself).
+        self._wal_fd: int | None = None
+        #: Written groups whose ``after_commit`` callbacks wait for the next flush, in order.
+        self._unsynced: deque[Any] = deque()
+        self._sync_wake = threading.Event()
+        self._syncer: threading.Thread | None = None
+        #: Set when a flush failed: what the log holds may not be on disk, nothing more is
+        #: acknowledged.
+        self._sync_error: InfraError | None = None
         self._lock_fd: int | None = None
         self._call_soon: Callable[..., Any] | None = None
 
@@ -356,6 +422,8 @@ class SqliteStore:
             context.run(sniffio.current_async_library_cvar.set, "asyncio")
         self._call_soon = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, context=context)
         opened = await anyio.to_thread.run_sync(self._open_sync)
+        self._syncer = threading.Thread(target=self._sync_loop, name="dspy_infra-store-sync", daemon=True)
+        self._syncer.start()
         self._thread = threading.Thread(target=self._writer, name="dspy_infra-store", daemon=True)
         self._thread.start()
         return opened
@@ -378,10 +446,12 @@ class SqliteStore:
             ) from None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk when it returns, so an accepted task survives even
-            # a power cut; group commit keeps the fsync count low.
-            conn.execute("PRAGMA synchronous=FULL")
+            wal = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() == "wal"
+            # NORMAL with WAL: a commit is in the log (safe from a crash of this process) when
+            # it returns; the syncer flushes the log before anything is acknowledged, so an
+            # accepted task survives a power cut as under FULL (see the module docstring).
+            # Without WAL, FULL: every commit is flushed before it returns.
+            conn.execute("PRAGMA synchronous=NORMAL" if wal else "PRAGMA synchronous=FULL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:
                 raise FailedPrecondition(
@@ -392,17 +462,26 @@ class SqliteStore:
                 )
             conn.execute(_CREATE)
             conn.execute(_CREATE_PRUNED)
+            conn.execute(_CREATE_PRUNED_GUARD)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             rows = [task for r in conn.execute(_SELECT) if (task := _stored(r)) is not None]
-            pruned = dict(conn.execute(_SELECT_PRUNED).fetchall())
+            if wal:
+                # The log exists once the connection has written (user_version above); it
+                # keeps its inode while the connection is open (no journal_size_limit).
+                self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
         except sqlite3.Error as exc:
+            self._release_lock()
+            raise translate_sqlite_error(exc, self.path) from None
+        except OSError as exc:
+            conn.close()
             self._release_lock()
             raise translate_sqlite_error(exc, self.path) from None
         except BaseException:
             self._release_lock()
             raise
         self._conn = conn
-        return OpenedState(rows, pruned)
+        # The pruned ids stay on disk (the trigger refuses them); none are loaded.
+        return OpenedState(rows, {})
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -433,10 +512,25 @@ class SqliteStore:
         self._enqueue((task_id, content_hash))
 
     def after_commit(self, callback: CommitCallback) -> None:
+        """``callback(error)`` on the loop once every operation queued before it is committed
+        and flushed to the disk (survives a power cut)."""
         if self._thread is None:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(callback)
+        if self._dead is not None:
+            # The writer died after (or while) draining: fail what it will never take.
+            self._fail_queued(self._dead)
+
+    def after_write(self, callback: CommitCallback) -> None:
+        """``callback(error)`` on the loop once every operation queued before it is committed
+        to the write-ahead log (survives this process's death; flushed soon after)."""
+        if self._thread is None:
+            callback(Unavailable("the task store is closed"))
+            return
+        self._enqueue(_Written(callback))
+        if self._dead is not None:
+            self._fail_queued(self._dead)
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)
@@ -507,9 +601,52 @@ class SqliteStore:
                 leftovers = [ops.popleft() for _ in range(len(ops))]
                 if leftovers:
                     self._commit(leftovers)
+            # The syncer flushes what is handed to it, then stops; only then may the
+            # connection close (closing checkpoints and removes the log).
+            self._unsynced.append(_STOP)
+            self._sync_wake.set()
+            if self._syncer is not None:
+                self._syncer.join()
+            if self._wal_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._wal_fd)
+                self._wal_fd = None
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._release_lock()
+
+    def _sync_loop(self) -> None:
+        """The syncer thread: one flush of the log for every group of written batches whose
+        ``after_commit`` callbacks wait, then those callbacks, in order."""
+        pending = self._unsynced
+        stop = False
+        while not stop:
+            self._sync_wake.wait()
+            self._sync_wake.clear()
+            groups: list[tuple[list[CommitCallback], InfraError | None]] = []
+            for _ in range(len(pending)):
+                item = pending.popleft()
+                if item is _STOP:
+                    stop = True
+                else:
+                    groups.append(item)
+            if not groups:
+                continue
+            if self._wal_fd is not None and self._sync_error is None:
+                try:
+                    os.fdatasync(self._wal_fd)
+                except OSError as exc:
+                    # After a failed flush the kernel may have dropped the pages: what the
+                    # log holds is not known to be on disk, so nothing more is acknowledged.
+                    self._sync_error = Unavailable(
+                        f"cannot flush the task store's log {self.path}-wal to disk: {exc}",
+                        fix="check the disk (space, errors), then restart the process",
+                    )
+                    log.error("flushing the task store's log failed: %s", exc)
+            if self._call_soon is not None:
+                for callbacks, error in groups:
+                    with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
+                        self._call_soon(_run_callbacks, callbacks, error or self._sync_error)
 
     def _commit(self, batch: list[Any]) -> bool:
         """Write one batch; True when it held the stop marker.
@@ -522,10 +659,20 @@ class SqliteStore:
         # Per task id: its latest insert row (len 16), update row (len 8) or prune (len 2).
         latest: dict[str, tuple[Any, ...]] = {}
         callbacks: list[CommitCallback] = []
+        written: list[CommitCallback] = []
         stop = False
+        rejected: dict[str, InfraError] = {}
         for op in batch:
             if type(op) is tuple:
-                if len(op) == _INSERT_LEN or len(op) == _PRUNE_LEN:
+                if len(op) == _INSERT_LEN:
+                    before = latest.get(op[0])
+                    if before is not None and len(before) == _PRUNE_LEN:
+                        # Pruned, then submitted again within one batch: the prune stands.
+                        rejected[op[0]] = PrunedId(op[0], before[1])
+                        continue
+                    latest[op[0]] = op
+                    continue
+                if len(op) == _PRUNE_LEN:
                     latest[op[0]] = op
                     continue
                 task_id = op[7]
@@ -537,10 +684,11 @@ class SqliteStore:
                     latest[task_id] = op
             elif op is _STOP:
                 stop = True
+            elif type(op) is _Written:
+                written.append(op.callback)
             else:
                 callbacks.append(op)
         error: InfraError | None = None
-        rejected: dict[str, InfraError] = {}
         if latest:
             rows = list(latest.values())
             try:
@@ -548,18 +696,23 @@ class SqliteStore:
             except Exception as exc:
                 self._rollback()
                 if len(rows) == 1:
-                    rejected[_row_id(rows[0])] = self._row_error(_row_id(rows[0]), exc)
+                    refused = {_row_id(rows[0]): self._row_error(_row_id(rows[0]), exc)}
                 else:
-                    rejected = self._write_apart(rows)
+                    refused = self._write_apart(rows)
+                rejected.update(refused)
                 # A store that refuses everything (disk full, I/O error, locked) is not a bad
                 # row: the callbacks of the batch learn it too.
-                if rejected and len(rejected) == len(rows):
-                    first = next(iter(rejected.values()))
+                if refused and len(refused) == len(rows):
+                    first = next(iter(refused.values()))
                     if isinstance(first, Unavailable | FailedPrecondition):
                         error = first
-        if self._call_soon is not None and (rejected or callbacks):
+        if self._call_soon is not None and (rejected or written):
             with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
-                self._call_soon(self._report, rejected, callbacks, error)
+                self._call_soon(self._report, rejected, written, error)
+        if callbacks:
+            # After the written callbacks were handed to the loop: for one batch they run first.
+            self._unsynced.append((callbacks, error))
+            self._sync_wake.set()
         return stop
 
     def _report(
@@ -597,6 +750,10 @@ class SqliteStore:
         return rejected
 
     def _row_error(self, task_id: str, exc: BaseException) -> InfraError:
+        if isinstance(exc, sqlite3.IntegrityError) and _PRUNED_MARK in str(exc):
+            assert self._conn is not None
+            found = self._conn.execute("SELECT content_hash FROM pruned WHERE id = ?", (task_id,)).fetchone()
+            return PrunedId(task_id, found[0] if found else "")
         if isinstance(exc, sqlite3.OperationalError | OSError) or (
             isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError)
         ):

@@ -48,6 +48,9 @@ class TaskRecord:
     timer: asyncio.TimerHandle | None = None
     #: False until the task's row is committed (durable mode); it is queued only then.
     stored = True
+    #: False when the row was accepted into the store's log without waiting for its flush
+    #: (``submit_and_wait``): acknowledging it again waits for a flush.
+    flushed = True
     #: Why the store refused this task's row (the task was not accepted).
     rejection: InfraError | None = None
     #: Why the store refused the latest change of this (stored) task's row.

@@ -33,6 +33,7 @@ __all__ = (
     "StreamEventsRequest",
     "StreamTaskResultsRequest",
     "StreamWorkflowStatusRequest",
+    "SubmitAndWaitRequest",
     "SubmitTaskRequest",
     "SubmitTaskResponse",
     "SubmitTasksRequest",
@@ -446,6 +447,19 @@ class StreamWorkflowStatusRequest(betterproto2.Message):
 default_message_pool.register_message(
     "orchestrator.v1", "StreamWorkflowStatusRequest", StreamWorkflowStatusRequest
 )
+
+
+@dataclass(eq=False, repr=False)
+class SubmitAndWaitRequest(betterproto2.Message):
+    task: "SubmitTaskRequest | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+
+    timeout_seconds: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
+    """
+    0 = wait without limit
+    """
+
+
+default_message_pool.register_message("orchestrator.v1", "SubmitAndWaitRequest", SubmitAndWaitRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -1067,6 +1081,29 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def submit_and_wait(
+        self,
+        message: "SubmitAndWaitRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "TaskResult":
+        """
+        Submit one task and wait for its result, in one call (what SubmitTask then WaitTask
+        do in two). Idempotent by id like SubmitTask: the same task again waits for the same
+        result. timeout_seconds passing first: DEADLINE_EXCEEDED, the task stays queued.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.v1.OrchestratorService/SubmitAndWait",
+            message,
+            TaskResult,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def submit_task(self, message: "SubmitTaskRequest") -> "SubmitTaskResponse":
@@ -1164,6 +1201,15 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def list_workflow_runs(self, message: "ListWorkflowRunsRequest") -> "ListWorkflowRunsResponse":
         """
         Runs with their steps, newest first (workflow_id empty = every workflow).
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def submit_and_wait(self, message: "SubmitAndWaitRequest") -> "TaskResult":
+        """
+        Submit one task and wait for its result, in one call (what SubmitTask then WaitTask
+        do in two). Idempotent by id like SubmitTask: the same task again waits for the same
+        result. timeout_seconds passing first: DEADLINE_EXCEEDED, the task stays queued.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -1325,6 +1371,14 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.list_workflow_runs(request)
         await stream.send_message(response)
 
+    async def __rpc_submit_and_wait(
+        self, stream: "grpclib.server.Stream[SubmitAndWaitRequest, TaskResult]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.submit_and_wait(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/orchestrator.v1.OrchestratorService/SubmitTask": grpclib.const.Handler(
@@ -1440,5 +1494,11 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ListWorkflowRunsRequest,
                 ListWorkflowRunsResponse,
+            ),
+            "/orchestrator.v1.OrchestratorService/SubmitAndWait": grpclib.const.Handler(
+                self.__rpc_submit_and_wait,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                SubmitAndWaitRequest,
+                TaskResult,
             ),
         }
