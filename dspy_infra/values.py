@@ -200,6 +200,14 @@ def check_json_object(
                 out = check_finite(item, where)
                 size = len(repr(out))
             elif isinstance(item, str):
+                # Measured before check_text's own length rule: a string the byte limit
+                # cannot hold is a size problem of the whole value, reported in bytes.
+                if len(item) + low + 2 > max_bytes:
+                    raise SpecError(
+                        f"is larger than {max_bytes} bytes as JSON",
+                        field=field,
+                        fix="send less data (or raise the limit)",
+                    )
                 out = check_text(item, where, max_length=max_bytes, allow_empty=True)
                 low += len(item) + 2
                 high += 6 * len(item) + 2
