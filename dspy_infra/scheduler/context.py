@@ -30,6 +30,7 @@ from ..values import preview
 
 __all__ = [
     "TAIL_BYTES",
+    "BoundedExecutor",
     "Executor",
     "ExecutorFactory",
     "Handler",
@@ -107,6 +108,17 @@ class Executor(Protocol):
     closes (its watchers and connections live that long)."""
 
     async def run(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class BoundedExecutor(Executor, Protocol):
+    """An executor whose engine reports how many attempts of a class it can run now (Ray's
+    free resources): the scheduler keeps the class's adaptive limit at or below it."""
+
+    def capacity(self, class_name: str) -> int | None:
+        """Attempts of ``class_name`` the engine can hold now; None = no bound known. Cheap
+        and non-blocking (the sampler calls it on the loop): return a polled figure."""
+        ...
 
 
 #: What the ``dspy_infra_executors`` hook maps a name to: called with the scheduler's

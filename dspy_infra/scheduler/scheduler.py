@@ -66,7 +66,7 @@ from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
-from .context import Executor, ExecutorFactory, Handler, SharedResources, TaskContext
+from .context import BoundedExecutor, Executor, ExecutorFactory, Handler, SharedResources, TaskContext
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
@@ -127,6 +127,8 @@ class Scheduler(AsyncResource):
         self._awaiting_handler: dict[str, list[TaskRecord]] = {}
         self._handler_grace_until = 0.0
         self._executors: dict[str, Handler] = {}
+        #: Executor name -> what its engine can hold per class (the adaptive limit's ceiling).
+        self._capacities: dict[str, Callable[[str], int | None]] = {}
         #: Engine connections and the like that handlers reuse across attempts.
         self._shared = SharedResources()
         self._tasks: dict[str, TaskRecord] = {}
@@ -224,6 +226,8 @@ class Scheduler(AsyncResource):
             if isinstance(executor, contextlib.AbstractAsyncContextManager):
                 await stack.enter_async_context(executor)  # its watchers live as long as we do
             self._executors[name] = executor.run
+            if isinstance(executor, BoundedExecutor):
+                self._capacities[name] = executor.capacity
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
@@ -1204,6 +1208,10 @@ class Scheduler(AsyncResource):
             if cq.policy is None:
                 continue
             new = cq.policy.next_limit(cq.sem.limit, sample)
+            capacity = self._capacities.get(cq.cls.executor)
+            ceiling = capacity(cq.cls.name) if capacity is not None else None
+            if ceiling is not None:
+                new = max(1, min(new, ceiling))
             if new != cq.sem.limit:
                 cq.sem.resize(new)
                 self._pump(cq)

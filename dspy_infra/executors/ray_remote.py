@@ -1,0 +1,203 @@
+"""What runs on the Ray cluster for the ``ray`` executor (``ray.py`` wraps these with
+``ray.remote``; this module imports Ray only inside functions that run where Ray is).
+
+- ``run_attempt(call)``: one attempt, a Ray task with the class's resources. It runs the
+  named handler (a built-in such as ``exec`` or ``http``, found through the same plugin hook
+  as on the owner, or ``"package.module:function"``, an async function importable on the
+  cluster) in its own event loop and returns an *outcome*, a plain dict: ``{"ok": true,
+  "result": {...}}`` or ``{"ok": false, "permanent": bool, "error": "...", "result": {...}}``
+  (handler errors travel as data, not as pickled exceptions). A cancel from Ray (SIGINT in
+  the worker's main thread) cancels the handler, so ``exec`` ends its process group.
+- ``AttemptKeeper``: a detached, named async actor (one per owner and namespace) that
+  submits attempts and keeps each one's outcome until its owner collects it. Tasks the
+  keeper submits belong to the keeper, so they outlive a crashed owner; a restarted owner
+  asks the same keeper for the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import inspect
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AttemptKeeper", "Outcome", "run_attempt"]
+
+Outcome = dict[str, Any]
+
+#: Seconds a cancelled attempt gets to end by itself (its handler's clean-up: ``exec``
+#: ends its process group) before Ray kills its worker.
+CANCEL_GRACE = 5.0
+#: Outcomes nobody collected are dropped this long after the attempt ended (an owner that
+#: never came back).
+UNCOLLECTED_TTL = 7 * 24 * 3600.0
+
+
+@functools.cache
+def _builtin_handlers() -> Mapping[str, Any]:
+    from ..plugins import build_plugin_manager, collect_mapping
+
+    return collect_mapping(build_plugin_manager().hook.dspy_infra_handlers())
+
+
+def _import_handler(path: str) -> Any:
+    from ..errors import PermanentFailure
+
+    module_name, sep, attr = path.partition(":")
+    fix = '(fix: "package.module:function", an async function importable on the Ray cluster)'
+    if not sep or not module_name or not attr:
+        raise PermanentFailure(f"payload.handler: {path!r} is neither a built-in nor an import path {fix}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise PermanentFailure(f"payload.handler: cannot import {path!r} on the cluster: {exc} {fix}") from None
+    if not inspect.iscoroutinefunction(target):
+        raise PermanentFailure(f"payload.handler: {path!r} is not an async function {fix}")
+    return target
+
+
+def _worker_settings(call: Mapping[str, Any]) -> Any:
+    from ..config import Settings
+
+    # The worker's own state directory: only the exec handler's task log lands there (the
+    # owner keeps the result). Never durable: the owner recovers, not the worker.
+    home = Path(tempfile.gettempdir()) / "dspy-infra-ray-worker"
+    return Settings(home=home, durable=False, exec_policy=call["exec_policy"])
+
+
+async def _run_handler(call: Mapping[str, Any]) -> Outcome:
+    from ..errors import HandlerFailure, PermanentFailure
+    from ..models import TaskSpec
+    from ..scheduler.context import SharedResources, TaskContext
+    from ..values import check_json_object
+
+    shared = SharedResources()
+    try:
+        try:
+            name = call["handler"]
+            handler = _builtin_handlers().get(name) or _import_handler(name)
+            spec = TaskSpec(call["task_id"], task_class=call["task_class"], payload=call["payload"])
+            ctx = TaskContext(spec, call["attempt"], _worker_settings(call), shared)
+            result = check_json_object(await handler(ctx), "result")
+        except PermanentFailure as exc:
+            return {"ok": False, "permanent": True, "error": str(exc), "result": dict(exc.result or {})}
+        except HandlerFailure as exc:
+            return {"ok": False, "permanent": False, "error": str(exc), "result": dict(exc.result or {})}
+        except Exception as exc:
+            return {"ok": False, "permanent": False, "error": f"{type(exc).__name__}: {exc}", "result": {}}
+        return {"ok": True, "result": result}
+    finally:
+        await shared.aclose()
+
+
+def run_attempt(call: Mapping[str, Any]) -> Outcome:
+    """One attempt on a Ray worker (wrapped by ``ray.remote(max_retries=0)``: retries are the
+    scheduler's). Ray's cancel interrupts the main thread with SIGINT; the handler is
+    cancelled then, so its clean-up runs, and the cancellation propagates to Ray."""
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(_run_handler(call))
+        if threading.current_thread() is threading.main_thread():
+            loop.add_signal_handler(signal.SIGINT, task.cancel)
+        try:
+            return loop.run_until_complete(task)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                loop.remove_signal_handler(signal.SIGINT)
+    finally:
+        loop.close()
+
+
+class AttemptKeeper:
+    """Submits attempts and keeps their outcomes until collected (see the module docstring).
+
+    ``run(key, call, options)`` starts the attempt under ``key`` unless the keeper already
+    has it, waits for its end and returns the outcome; with ``call`` None it only adopts:
+    ``{"status": "unknown"}`` when the keeper has no such key (never started, or the keeper
+    was restarted and lost it). ``collect`` drops an outcome once its owner has it.
+    """
+
+    def __init__(self) -> None:
+        import ray
+
+        # Retries are the scheduler's, never Ray's: a lost attempt fails, then the task's
+        # policy decides.
+        self._remote_run = ray.remote(max_retries=0)(run_attempt)
+        self._refs: dict[str, Any] = {}
+        self._ended: dict[str, float] = {}
+
+    def _expire(self) -> None:
+        cutoff = time.time() - UNCOLLECTED_TTL
+        for key in [k for k, at in self._ended.items() if at < cutoff]:
+            self._refs.pop(key, None)
+            self._ended.pop(key, None)
+
+    async def run(self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None) -> Outcome:
+        import ray
+
+        ref = self._refs.get(key)
+        if ref is None:
+            if call is None or options is None:
+                return {"status": "unknown"}
+            self._expire()
+            ref = self._refs[key] = self._remote_run.options(**options).remote(call)
+        try:
+            outcome: Outcome = await ref
+        except ray.exceptions.TaskCancelledError:
+            outcome = {"status": "cancelled"}
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, asyncio.CancelledError | KeyboardInterrupt):
+                outcome = {"status": "cancelled"}
+            else:
+                outcome = {"status": "lost", "error": f"{type(exc.cause).__name__}: {exc.cause}"}
+        except ray.exceptions.RayError as exc:
+            # The worker or its node died, the object was lost, ...: the attempt is over.
+            outcome = {"status": "lost", "error": f"{type(exc).__name__}: {exc}"}
+        self._ended.setdefault(key, time.time())
+        return {"status": "ended", **outcome} if "status" not in outcome else outcome
+
+    async def status(self, key: str) -> str:
+        """``unknown``, ``running`` or ``ended``."""
+        import ray
+
+        ref = self._refs.get(key)
+        if ref is None:
+            return "unknown"
+        ready, _ = ray.wait([ref], timeout=0)
+        return "ended" if ready else "running"
+
+    async def cancel(self, key: str) -> None:
+        """Cancel the attempt: SIGINT first (the handler cleans up: exec ends its process
+        group), and if it has not ended after ``CANCEL_GRACE`` seconds, kill its worker."""
+        import ray
+
+        ref = self._refs.get(key)
+        if ref is None:
+            return
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=False)
+        deadline = time.monotonic() + CANCEL_GRACE
+        while time.monotonic() < deadline:
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                return
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+
+    async def collect(self, key: str) -> None:
+        self._refs.pop(key, None)
+        self._ended.pop(key, None)
+
+    async def ping(self) -> bool:
+        return True
