@@ -236,6 +236,8 @@ class RayExecutor(AsyncResource):
         self.capacity_interval = capacity_interval
         home = settings.resolved_home()
         self._journal = HandleJournal(home) if settings.durable else None
+        #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
+        self.survives_owner = self._journal is not None
         # Keys and keeper names: the durable scope is the same across restarts (what adoption
         # needs); a memory-only scheduler's is its own.
         self._scope = durable_scope(home) if settings.durable else f"mem-{id(self):x}-{durable_scope(home)}"
@@ -468,12 +470,16 @@ def _result(outcome: Outcome, ctx: TaskContext) -> dict[str, Any]:
     raise RayHandlerFailed(outcome["error"], outcome["result"] or None)
 
 
+def _ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
 def _factory(settings: Settings) -> RayExecutor | None:
     classes = ray_classes(settings)
     if not classes:
         return None  # no class runs on Ray: Ray is never imported
     first = next(iter(classes))
-    if importlib.util.find_spec("ray") is None:
+    if not _ray_installed():
         raise ConfigError(
             'executor = "ray" but Ray is not installed',
             field=f"task_classes.{first}.executor",

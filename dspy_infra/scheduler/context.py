@@ -105,7 +105,12 @@ class Executor(Protocol):
     and the next ones). ``run`` is called once per attempt, like a handler: its result is a
     JSON object; raising fails the attempt (``PermanentFailure``: the task). An executor that
     is also an async context manager is entered when the scheduler starts and left when it
-    closes (its watchers and connections live that long)."""
+    closes (its watchers and connections live that long).
+
+    An executor whose attempts outlive their owner process and are adopted by the task's
+    next attempt after a restart (Slurm jobs, Ray attempts of a durable scheduler) sets
+    ``survives_owner = True``: recovery then re-queues a task interrupted on its last
+    attempt instead of failing it (the work was not lost with the process)."""
 
     async def run(self, ctx: TaskContext) -> Mapping[str, Any]: ...
 

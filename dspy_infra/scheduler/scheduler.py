@@ -129,6 +129,8 @@ class Scheduler(AsyncResource):
         self._executors: dict[str, Handler] = {}
         #: Executor name -> what its engine can hold per class (the adaptive limit's ceiling).
         self._capacities: dict[str, Callable[[str], int | None]] = {}
+        #: Executors whose attempts outlive this process (a restart adopts them).
+        self._adopting: set[str] = set()
         #: Engine connections and the like that handlers reuse across attempts.
         self._shared = SharedResources()
         self._tasks: dict[str, TaskRecord] = {}
@@ -228,6 +230,8 @@ class Scheduler(AsyncResource):
             self._executors[name] = executor.run
             if isinstance(executor, BoundedExecutor):
                 self._capacities[name] = executor.capacity
+            if getattr(executor, "survives_owner", False):
+                self._adopting.add(name)
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
@@ -302,6 +306,12 @@ class Scheduler(AsyncResource):
         """
         await end_interrupted_attempts(self.settings.resolved_home(), [row.spec.id for row in unfinished])
 
+    def _adopts(self, class_name: str) -> bool:
+        """True when the class's attempts outlive this process: an interrupted one is still
+        running (or has a result) elsewhere, and its next attempt adopts it."""
+        cq = self._queues.get(class_name)
+        return cq is not None and cq.cls.executor in self._adopting
+
     def _recover(self, stored: list[StoredTask]) -> None:
         finished: list[TaskRecord] = []
         requeue: list[TaskRecord] = []
@@ -320,7 +330,11 @@ class Scheduler(AsyncResource):
                 rec.status = row.status
                 rec.delivered = True
                 finished.append(rec)
-            elif row.status is _RUNNING and row.attempts >= row.spec.max_attempts:
+            elif (
+                row.status is _RUNNING
+                and row.attempts >= row.spec.max_attempts
+                and not self._adopts(row.spec.task_class)
+            ):
                 # The attempt was recorded before its handler started, so a task whose run
                 # takes the process down uses up its attempts like any other failure.
                 rec.status = _RUNNING

@@ -202,8 +202,9 @@ async def test_parallel_tasks_each_get_their_own_job(slurm: None, tmp_path: Path
 async def test_a_later_attempt_cancels_the_job_an_earlier_one_left_running(
     slurm: None, tmp_path: Path
 ) -> None:
-    # A crash cannot scancel: the job of attempt 1 still runs when the recovered task's
-    # attempt 2 starts. Attempt 2 cancels it first, so one task never runs twice at once.
+    # A job of attempt 1 that no handle records (its scancel failed, or it was submitted
+    # without one) still runs when attempt 2 starts: attempt 2 cancels it first, so one task
+    # never runs twice at once.
     settings = load_settings(env={}, home=tmp_path, slurm="cli")
     task = slurm_task("survivor", "echo second")
     async with SlurmExecutor(settings) as executor:
@@ -386,13 +387,15 @@ def test_the_sbatch_call_carries_exactly_what_was_asked(
     # A literal % in the path is escaped for sbatch's filename patterns.
     assert flags["--output"] == str(plan.stdout_path).replace("%", "%%")
     assert plan.stdout_path == home / "slurm" / job_dir_name(task_id) / f"{attempt}.out"
-    assert plan.script.startswith("#!/bin/sh\nexec /bin/sh -c ")
+    assert plan.script.startswith("#!/bin/sh\n/bin/sh -c ")
+    assert plan.exit_path == plan.stdout_path.with_suffix(".exit")
 
 
 def test_the_batch_script_runs_the_command_like_the_exec_handler(tmp_path: Path) -> None:
     # The script sbatch gets, run by a real shell here, behaves as `/bin/sh -c CMD`.
     cmd = "printf '%s|' \"$0\" 'a b' it\\'s; exit 4"
     plan = plan_job(TaskContext(slurm_task("t", cmd), 1), load_settings(env={}, home=tmp_path, slurm="cli"))
+    plan.exit_path.parent.mkdir(parents=True)
     via_script = subprocess.run(["/bin/sh", "-s"], input=plan.script, capture_output=True, text=True)
     direct = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True)
     assert (
@@ -400,6 +403,8 @@ def test_the_batch_script_runs_the_command_like_the_exec_handler(tmp_path: Path)
         == (direct.returncode, direct.stdout)
         == (4, "/bin/sh|a b|it's|")
     )
+    # ... and leaves its exit code for an owner that comes back after Slurm forgot the job.
+    assert plan.exit_path.read_text() == "4\n"
 
 
 @given(
