@@ -206,7 +206,9 @@ def ray_classes(settings: Settings) -> dict[str, RayClassOptions]:
                 field=f"ray_classes.{name}",
                 fix=f'set executor = "ray" in [task_classes.{name}], or remove [ray_classes.{name}]',
             )
-    return {name: _class_options(name, settings.ray_classes.get(name, {}), settings) for name in sorted(names)}
+    return {
+        name: _class_options(name, settings.ray_classes.get(name, {}), settings) for name in sorted(names)
+    }
 
 
 def _import_ray(field: str) -> ModuleType:
@@ -370,7 +372,7 @@ class RayExecutor(AsyncResource):
         if ":" in handler and policy != "allow":
             raise PermanentFailure(
                 f"payload.handler: {handler!r} imports code on the cluster, which exec_policy"
-                f" {policy!r} forbids (fix: set exec_policy = \"allow\", or use a built-in handler)"
+                f' {policy!r} forbids (fix: set exec_policy = "allow", or use a built-in handler)'
             )
         return {
             "handler": handler,
@@ -384,7 +386,9 @@ class RayExecutor(AsyncResource):
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         """One attempt of ``ctx.spec`` on the cluster (adopting one left by a crashed owner)."""
         if self._tg is None:
-            raise Unavailable("the Ray executor is not running", fix="use it as `async with RayExecutor(...)`")
+            raise Unavailable(
+                "the Ray executor is not running", fix="use it as `async with RayExecutor(...)`"
+            )
         cls_name = ctx.spec.task_class
         options = self.classes.get(cls_name) or RayClassOptions(namespace=self.settings.ray_namespace)
         call = self._call(ctx)
@@ -436,7 +440,9 @@ class RayExecutor(AsyncResource):
         except ray.exceptions.RayActorError as exc:
             self._forget_keeper(namespace, keeper)
             await self._forget(ctx, None, key)
-            raise RayAttemptLost(f"ray: the attempt keeper died (its node left the cluster?): {exc}") from None
+            raise RayAttemptLost(
+                f"ray: the attempt keeper died (its node left the cluster?): {exc}"
+            ) from None
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
                 with contextlib.suppress(Exception):

@@ -60,7 +60,9 @@ def _import_handler(path: str) -> Any:
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise PermanentFailure(f"payload.handler: cannot import {path!r} on the cluster: {exc} {fix}") from None
+        raise PermanentFailure(
+            f"payload.handler: cannot import {path!r} on the cluster: {exc} {fix}"
+        ) from None
     if not inspect.iscoroutinefunction(target):
         raise PermanentFailure(f"payload.handler: {path!r} is not an async function {fix}")
     return target
@@ -142,7 +144,9 @@ class AttemptKeeper:
             self._refs.pop(key, None)
             self._ended.pop(key, None)
 
-    async def run(self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None) -> Outcome:
+    async def run(
+        self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None
+    ) -> Outcome:
         import ray
 
         ref = self._refs.get(key)

@@ -573,7 +573,11 @@ class SlurmExecutor(AsyncResource):
             code = await anyio.to_thread.run_sync(_read_exit_code, Path(fields["exit"]))
             await anyio.to_thread.run_sync(journal.remove, ctx.spec.id)
             if code is None:
-                log.warning("slurm: task %r: no job of attempt %d is left; running it anew", ctx.spec.id, prior.attempt)
+                log.warning(
+                    "slurm: task %r: no job of attempt %d is left; running it anew",
+                    ctx.spec.id,
+                    prior.attempt,
+                )
                 return None
             job = SlurmJob(job_id or "unknown", "COMPLETED" if code == 0 else "FAILED", exit_code=code)
         return job, Path(fields["stdout"]), Path(fields["stderr"])

@@ -30,7 +30,9 @@ def _answers(address: str) -> bool:
 def ray_cluster() -> str:
     """The address of a running Ray cluster (skip, or fail in CI, without one)."""
     if importlib.util.find_spec("ray") is None:
-        skip_or_fail("Ray is not installed (fix: .venv/bin/pip install -e '.[ray]', or make venv EXTRAS=dev,ray)")
+        skip_or_fail(
+            "Ray is not installed (fix: .venv/bin/pip install -e '.[ray]', or make venv EXTRAS=dev,ray)"
+        )
     if not _answers(RAY_ADDRESS):
         skip_or_fail(f"no Ray cluster answers at {RAY_ADDRESS} (run: bash scripts/ray.sh start)")
     return RAY_ADDRESS

@@ -24,8 +24,9 @@ from typing import Any
 
 import anyio
 import pytest
+from adoption import adoption_round, wait_for_text
 from conftest import RAY_ADDRESS
-from harness import finish, open_scheduler
+from harness import open_scheduler
 from hypothesis import given
 from strategies import ray_demands
 
@@ -71,20 +72,11 @@ def namespace(ray_cluster: str) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def ray_scheduler(tmp_path: Path, namespace: str, **classes: dict[str, Any]) -> AsyncIterator[Scheduler]:
+async def ray_scheduler(
+    tmp_path: Path, namespace: str, **classes: dict[str, Any]
+) -> AsyncIterator[Scheduler]:
     async with open_scheduler(tmp_path, durable=False, **ray_settings(tmp_path, namespace, **classes)) as s:
         yield s
-
-
-async def _file_text(path: Path, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            text = path.read_text()
-            if text.strip():
-                return text
-        await anyio.sleep(0.1)
-    raise AssertionError(f"{path} never written")
 
 
 async def _gone(pid: int, timeout: float = 30) -> bool:
@@ -112,7 +104,9 @@ async def test_without_ray_the_executor_is_refused_at_start_naming_the_install(
 ) -> None:
     monkeypatch.setattr(ray_executor, "_ray_installed", lambda: False)
     with pytest.raises(ConfigError) as caught:
-        async with open_scheduler(tmp_path, task_classes={"train": {"executor": "ray", "max_concurrency": 2}}):
+        async with open_scheduler(
+            tmp_path, task_classes={"train": {"executor": "ray", "max_concurrency": 2}}
+        ):
             pass
     assert caught.value.field == "task_classes.train.executor"
     assert "pip install 'dspy-infra[ray]'" in str(caught.value)
@@ -167,7 +161,9 @@ def test_ray_options_map_to_the_task_options_and_demand() -> None:
 
 
 @given(ray_demands, ray_demands)
-def test_fitting_attempts_is_the_largest_count_that_fits(demand: dict[str, float], free: dict[str, float]) -> None:
+def test_fitting_attempts_is_the_largest_count_that_fits(
+    demand: dict[str, float], free: dict[str, float]
+) -> None:
     fits = fitting_attempts(demand, free)
     if not demand:
         assert fits is None
@@ -235,7 +231,7 @@ async def test_cancel_ends_the_remote_command_and_its_process(tmp_path: Path, na
         await sched.submit(
             TaskSpec("long", task_class="on_ray", payload={"cmd": f"echo $$ > {pid_file}; exec sleep 300"})
         )
-        pid = int(await _file_text(pid_file))
+        pid = int(await wait_for_text(pid_file))
         assert pid_alive(pid)
         await sched.cancel("long")
         result = await sched.wait("long", timeout=60)
@@ -254,19 +250,23 @@ async def test_timeout_fails_the_task_and_ends_the_remote_command(tmp_path: Path
                 payload={"cmd": f"echo $$ > {pid_file}; exec sleep 300"},
             )
         )
-        pid = int(await _file_text(pid_file))
+        pid = int(await wait_for_text(pid_file))
         result = await sched.wait("slow", timeout=90)
     assert result.status is TaskStatus.FAILED and "timed out after 8s" in result.error
     assert await _gone(pid)
 
 
-async def test_the_adaptive_limit_is_bounded_by_what_the_cluster_has_free(tmp_path: Path, namespace: str) -> None:
+async def test_the_adaptive_limit_is_bounded_by_what_the_cluster_has_free(
+    tmp_path: Path, namespace: str
+) -> None:
     settings = load_settings(env={}, home=tmp_path, durable=False, **ray_settings(tmp_path, namespace, w2={}))
     # One worker2 unit in the whole cluster: at most one attempt of a class needing all of it.
     classes = {"w2": RayClassOptions(namespace=namespace, num_cpus=0, resources={"worker2": 1})}
     async with RayExecutor(settings, classes, capacity_interval=0.2) as executor:
         deadline = time.monotonic() + 30
-        while executor.capacity("w2") is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if executor.capacity("w2") is not None:
+                break
             await anyio.sleep(0.1)
         assert executor.capacity("w2") == 1
         assert executor.capacity("not_a_ray_class") is None
@@ -280,39 +280,7 @@ async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(tmp_path: Pa
         "task_class": "on_ray",
         "payload": {"cmd": f"echo run >> {runs}; sleep 8; echo finished"},
     }
-    await _adoption_round(settings, task, runs)
-
-
-async def _adoption_round(settings: dict[str, Any], task: dict[str, Any], runs: Path) -> dict[str, Any]:
-    """Owner 1 submits and is SIGKILLed once the command runs; owner 2 adopts. The command
-    ran exactly once and owner 2 has its result."""
-    script = str(HERE / "owner_process.py")
-    first = subprocess.Popen(
-        [sys.executable, script, "submit", json.dumps(settings), json.dumps(task)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        await _file_text(runs, timeout=180)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        finish(first, timeout=30)
-    second = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, script, "resume", json.dumps(settings), task["id"]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
-    outcome: dict[str, Any] = json.loads(second.stdout.strip().splitlines()[-1])
-    assert outcome["status"] == "completed", outcome
-    assert runs.read_text() == "run\n", "the command ran more than once"
-    assert "finished" in str(outcome["result"].get("stdout"))
-    # Attempt 1 died with its owner; attempt 2 adopted it instead of running it again.
-    assert outcome["attempts"] == 2
-    return outcome
+    await adoption_round(settings, task, runs)
 
 
 def _raylet_pids(resource: str) -> list[int]:
@@ -321,7 +289,9 @@ def _raylet_pids(resource: str) -> list[int]:
         if entry.isdigit():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if any(a.startswith(b"--static_resource_list=") and resource.encode() + b"," in a for a in argv):
+                if any(
+                    a.startswith(b"--static_resource_list=") and resource.encode() + b"," in a for a in argv
+                ):
                     pids.append(int(entry))
     return pids
 
@@ -353,7 +323,9 @@ async def test_losing_the_node_mid_task_fails_the_attempt_and_the_retry_finishes
     runs = tmp_path / "runs"
     await asyncio.to_thread(_start_node, resource)
     try:
-        async with ray_scheduler(tmp_path, namespace, lossy={"num_cpus": 0, "resources": {resource: 1}}) as sched:
+        async with ray_scheduler(
+            tmp_path, namespace, lossy={"num_cpus": 0, "resources": {resource: 1}}
+        ) as sched:
             await sched.submit(
                 TaskSpec(
                     "survive",
@@ -362,11 +334,13 @@ async def test_losing_the_node_mid_task_fails_the_attempt_and_the_retry_finishes
                     payload={"cmd": f"echo run >> {runs}; sleep 5; echo done"},
                 )
             )
-            await _file_text(runs, timeout=180)
+            await wait_for_text(runs, timeout=180)
             for pid in _raylet_pids(resource):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 120
-            while (await sched.get("survive")).attempts < 2 and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                if (await sched.get("survive")).attempts >= 2:
+                    break
                 await anyio.sleep(0.2)
             state = await sched.get("survive")
             assert state.attempts == 2 and state.status is not TaskStatus.COMPLETED, state
