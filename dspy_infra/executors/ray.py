@@ -32,8 +32,8 @@ scheduler records the attempt's key in its handle journal (``journal.py``, fsync
 crash (SIGKILL included) the task's next attempt finds the handle, asks the keeper, and
 watches the same attempt to its end, or collects its outcome if it has ended: it never runs
 twice. Only when the keeper does not know the key (it never started, or the keeper itself
-was lost) does the task run anew. A memory-only scheduler uses a keeper owned by this
-process instead, so its attempts end with it (a restart has nothing to adopt them for).
+was lost) does the task run anew. A memory-only scheduler submits its attempts itself, one
+hop shorter: they end with this process (a restart has nothing to adopt them for).
 
 Cancel (task cancel, timeout, shutdown) asks the keeper to ``ray.cancel`` the attempt: a
 SIGINT that cancels the handler (``exec`` ends its process group), then, after
@@ -72,7 +72,15 @@ from ..ownership import attempt_marker, durable_scope
 from ..scheduler.context import ExecutorFactory, TaskContext
 from ..values import check_finite, check_json_object, preview
 from .journal import HandleJournal, RemoteHandle
-from .ray_remote import CANCEL_GRACE, AttemptKeeper, Outcome
+from .ray_remote import (
+    CANCEL_GRACE,
+    AttemptKeeper,
+    Outcome,
+    cancel_attempt,
+    ended,
+    outcome_of_error,
+    run_attempt,
+)
 
 __all__ = [
     "RAY_CLASS_FIELDS",
@@ -245,6 +253,9 @@ class RayExecutor(AsyncResource):
         self._scope = durable_scope(home) if settings.durable else f"mem-{id(self):x}-{durable_scope(home)}"
         self._ray: ModuleType | None = None
         self._keeper_class: Any = None
+        self._remote_run: Any = None
+        #: Class name -> the attempt function with the class's options (memory-only path).
+        self._remotes: dict[str, Any] = {}
         self._keepers: dict[str, Any] = {}
         self._keeper_lock = anyio.Lock()
         self._node_id = ""
@@ -293,6 +304,8 @@ class RayExecutor(AsyncResource):
                 ) from None
         self._node_id = ray.get_runtime_context().get_node_id()
         self._keeper_class = ray.remote(AttemptKeeper)
+        # Retries are the scheduler's, never Ray's.
+        self._remote_run = ray.remote(max_retries=0)(run_attempt)
 
     # -- the adaptive limit's bound --------------------------------------------------------
 
@@ -339,9 +352,9 @@ class RayExecutor(AsyncResource):
             "max_concurrency": 10_000,
             # Next to its owner: a keeper on a node that goes away takes its attempts along.
             "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=True),
+            # Outlives this process: it holds the attempts a restart adopts.
+            "lifetime": "detached",
         }
-        if self.settings.durable:
-            options["lifetime"] = "detached"
         keeper = self._keeper_class.options(**options).remote()
         ray.get(keeper.ping.remote(), timeout=120)
         return keeper
@@ -400,26 +413,45 @@ class RayExecutor(AsyncResource):
         return _result(outcome, ctx)
 
     async def _outcome(self, ctx: TaskContext, call: dict[str, Any], options: RayClassOptions) -> Outcome:
+        if self._journal is None:
+            return await self._run_owned(ctx.spec.task_class, call, options)
         key = attempt_marker(self._scope, ctx.spec.id, ctx.attempt)
         handle = RemoteHandle("ray", ctx.spec.id, ctx.attempt, {"namespace": options.namespace, "key": key})
-        if self._journal is not None:
-            prior = await anyio.to_thread.run_sync(self._journal.read, ctx.spec.id)
-            if prior is not None and prior.executor == "ray":
-                outcome = await self._watch(ctx, prior.fields["namespace"], prior.fields["key"], None, None)
-                if outcome["status"] != "unknown":
-                    log.warning(
-                        "ray: task %r attempt %d adopted attempt %d, left running by an earlier owner",
-                        ctx.spec.id,
-                        ctx.attempt,
-                        prior.attempt,
-                    )
-                    return outcome
-            # Before submission, durably: a crash from here on leaves the key to adopt.
-            await anyio.to_thread.run_sync(self._journal.write, handle)
+        prior = await anyio.to_thread.run_sync(self._journal.read, ctx.spec.id)
+        if prior is not None and prior.executor == "ray":
+            outcome = await self._watch(ctx, prior.fields["namespace"], prior.fields["key"], None, None)
+            if outcome["status"] != "unknown":
+                log.warning(
+                    "ray: task %r attempt %d adopted attempt %d, left running by an earlier owner",
+                    ctx.spec.id,
+                    ctx.attempt,
+                    prior.attempt,
+                )
+                return outcome
+        # Before submission, durably: a crash from here on leaves the key to adopt.
+        await anyio.to_thread.run_sync(self._journal.write, handle)
         outcome = await self._watch(ctx, options.namespace, key, call, options.task_options())
         if outcome["status"] == "unknown":  # only an adoption asks without a call
             raise RayAttemptLost("ray: the attempt keeper lost the attempt it was given")
         return outcome
+
+    async def _run_owned(self, cls_name: str, call: dict[str, Any], options: RayClassOptions) -> Outcome:
+        """Memory-only: the attempt is this process's own Ray task (it ends with us, and a
+        restart has nothing to adopt), one hop shorter than through a keeper."""
+        ray = self._ray
+        assert ray is not None
+        remote = self._remotes.get(cls_name)
+        if remote is None:
+            remote = self._remotes[cls_name] = self._remote_run.options(**options.task_options())
+        ref = remote.remote(call)
+        try:
+            return ended(await ref)
+        except ray.exceptions.RayError as exc:
+            return outcome_of_error(exc)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
+                await anyio.to_thread.run_sync(cancel_attempt, ref)
+            raise
 
     async def _watch(
         self,
@@ -429,17 +461,17 @@ class RayExecutor(AsyncResource):
         call: dict[str, Any] | None,
         task_options: dict[str, Any] | None,
     ) -> Outcome:
-        """Start (``call`` given) or adopt the attempt under ``key`` and wait for its outcome;
-        on cancel, cancel it on the cluster first. Ends with the outcome collected and the
-        handle forgotten."""
+        """Through the keeper: start (``call`` given) or adopt the attempt under ``key`` and
+        wait for its outcome; on cancel, cancel it on the cluster first. Ends with the
+        outcome collected and the handle forgotten (unless the keeper does not know it)."""
         ray = self._ray
         assert ray is not None
         keeper = await self._keeper(namespace)
         try:
-            outcome: Outcome = await keeper.run.remote(key, call, task_options)
+            outcome: Outcome = await keeper.run.remote(key, call, task_options, True)
         except ray.exceptions.RayActorError as exc:
             self._forget_keeper(namespace, keeper)
-            await self._forget(ctx, None, key)
+            await self._forget_handle(ctx)
             raise RayAttemptLost(
                 f"ray: the attempt keeper died (its node left the cluster?): {exc}"
             ) from None
@@ -447,15 +479,14 @@ class RayExecutor(AsyncResource):
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
                 with contextlib.suppress(Exception):
                     await keeper.cancel.remote(key)
-                await self._forget(ctx, keeper, key)
+                keeper.collect.remote(key)
+                await self._forget_handle(ctx)
             raise
         if outcome["status"] != "unknown":
-            await self._forget(ctx, keeper, key)
+            await self._forget_handle(ctx)
         return outcome
 
-    async def _forget(self, ctx: TaskContext, keeper: Any, key: str) -> None:
-        if keeper is not None:
-            keeper.collect.remote(key)  # fire and forget: the outcome is in hand
+    async def _forget_handle(self, ctx: TaskContext) -> None:
         if self._journal is not None:
             await anyio.to_thread.run_sync(self._journal.remove, ctx.spec.id)
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AttemptKeeper", "Outcome", "run_attempt"]
+__all__ = ["AttemptKeeper", "Outcome", "cancel_attempt", "ended", "outcome_of_error", "run_attempt"]
 
 Outcome = dict[str, Any]
 
@@ -102,22 +102,62 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
         await shared.aclose()
 
 
+_worker_loop: asyncio.AbstractEventLoop | None = None
+
+
 def run_attempt(call: Mapping[str, Any]) -> Outcome:
     """One attempt on a Ray worker (wrapped by ``ray.remote(max_retries=0)``: retries are the
     scheduler's). Ray's cancel interrupts the main thread with SIGINT; the handler is
-    cancelled then, so its clean-up runs, and the cancellation propagates to Ray."""
-    loop = asyncio.new_event_loop()
+    cancelled then, so its clean-up runs, and the cancellation propagates to Ray.
+
+    A Ray worker runs one task at a time, so one event loop per worker process serves every
+    attempt it runs (a new loop per attempt costs more than a no-op handler)."""
+    global _worker_loop
+    if _worker_loop is None or _worker_loop.is_closed():
+        _worker_loop = asyncio.new_event_loop()
+    loop = _worker_loop
+    task = loop.create_task(_run_handler(call))
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
     try:
-        task = loop.create_task(_run_handler(call))
-        if threading.current_thread() is threading.main_thread():
-            loop.add_signal_handler(signal.SIGINT, task.cancel)
-        try:
-            return loop.run_until_complete(task)
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                loop.remove_signal_handler(signal.SIGINT)
+        return loop.run_until_complete(task)
     finally:
-        loop.close()
+        if in_main:
+            loop.remove_signal_handler(signal.SIGINT)
+
+
+def cancel_attempt(ref: Any) -> None:
+    """Blocking: cancel the attempt behind ``ref`` (SIGINT first: the handler cleans up, exec
+    ends its process group); if it has not ended after ``CANCEL_GRACE`` seconds, kill its
+    worker. Only the owner of ``ref`` may call it."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.cancel(ref, force=False)
+    ready, _ = ray.wait([ref], timeout=CANCEL_GRACE)
+    if not ready:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+
+
+def outcome_of_error(exc: BaseException) -> Outcome:
+    """The outcome of an attempt whose ref raised ``exc`` instead of returning one."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.TaskCancelledError):
+        return {"status": "cancelled"}
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        if isinstance(exc.cause, asyncio.CancelledError | KeyboardInterrupt):
+            return {"status": "cancelled"}
+        return {"status": "lost", "error": f"{type(exc.cause).__name__}: {exc.cause}"}
+    # The worker or its node died, the object was lost, ...: the attempt is over.
+    return {"status": "lost", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def ended(outcome: Outcome) -> Outcome:
+    """A handler's outcome marked as ended (errors from Ray carry their own status)."""
+    return outcome if "status" in outcome else {"status": "ended", **outcome}
 
 
 class AttemptKeeper:
@@ -145,8 +185,10 @@ class AttemptKeeper:
             self._ended.pop(key, None)
 
     async def run(
-        self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None
+        self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None, collect: bool
     ) -> Outcome:
+        """The attempt's outcome (see the class docstring); ``collect``: forget it once
+        returned (its owner has it)."""
         import ray
 
         ref = self._refs.get(key)
@@ -156,48 +198,21 @@ class AttemptKeeper:
             self._expire()
             ref = self._refs[key] = self._remote_run.options(**options).remote(call)
         try:
-            outcome: Outcome = await ref
-        except ray.exceptions.TaskCancelledError:
-            outcome = {"status": "cancelled"}
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, asyncio.CancelledError | KeyboardInterrupt):
-                outcome = {"status": "cancelled"}
-            else:
-                outcome = {"status": "lost", "error": f"{type(exc.cause).__name__}: {exc.cause}"}
+            outcome: Outcome = ended(await ref)
         except ray.exceptions.RayError as exc:
-            # The worker or its node died, the object was lost, ...: the attempt is over.
-            outcome = {"status": "lost", "error": f"{type(exc).__name__}: {exc}"}
-        self._ended.setdefault(key, time.time())
-        return {"status": "ended", **outcome} if "status" not in outcome else outcome
-
-    async def status(self, key: str) -> str:
-        """``unknown``, ``running`` or ``ended``."""
-        import ray
-
-        ref = self._refs.get(key)
-        if ref is None:
-            return "unknown"
-        ready, _ = ray.wait([ref], timeout=0)
-        return "ended" if ready else "running"
+            outcome = outcome_of_error(exc)
+        if collect:
+            await self.collect(key)
+        else:
+            self._ended.setdefault(key, time.time())
+        return outcome
 
     async def cancel(self, key: str) -> None:
-        """Cancel the attempt: SIGINT first (the handler cleans up: exec ends its process
-        group), and if it has not ended after ``CANCEL_GRACE`` seconds, kill its worker."""
-        import ray
-
+        """Cancel the attempt (``cancel_attempt``, in a thread: the keeper serves others
+        meanwhile)."""
         ref = self._refs.get(key)
-        if ref is None:
-            return
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=False)
-        deadline = time.monotonic() + CANCEL_GRACE
-        while time.monotonic() < deadline:
-            ready, _ = ray.wait([ref], timeout=0)
-            if ready:
-                return
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=True)
+        if ref is not None:
+            await asyncio.to_thread(cancel_attempt, ref)
 
     async def collect(self, key: str) -> None:
         self._refs.pop(key, None)
