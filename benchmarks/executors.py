@@ -148,7 +148,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ray_address": args.address,
         "ray_namespace": "dspy-bench",
         "task_classes": {
-            "on_ray": {"executor": "ray", "max_concurrency": width, "base_concurrency": width, "adaptive": False},
+            "on_ray": {
+                "executor": "ray",
+                "max_concurrency": width,
+                "base_concurrency": width,
+                "adaptive": False,
+            },
             "local": {"max_concurrency": width, "base_concurrency": width, "adaptive": False},
         },
         "ray_classes": {"on_ray": {"num_cpus": TASK_CPUS}},

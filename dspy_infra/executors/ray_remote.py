@@ -68,13 +68,14 @@ def _import_handler(path: str) -> Any:
     return target
 
 
-def _worker_settings(call: Mapping[str, Any]) -> Any:
+@functools.cache
+def _worker_settings(exec_policy: str) -> Any:
     from ..config import Settings
 
     # The worker's own state directory: only the exec handler's task log lands there (the
     # owner keeps the result). Never durable: the owner recovers, not the worker.
     home = Path(tempfile.gettempdir()) / "dspy-infra-ray-worker"
-    return Settings(home=home, durable=False, exec_policy=call["exec_policy"])
+    return Settings(home=home, durable=False, exec_policy=exec_policy)
 
 
 async def _run_handler(call: Mapping[str, Any]) -> Outcome:
@@ -89,7 +90,7 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
             name = call["handler"]
             handler = _builtin_handlers().get(name) or _import_handler(name)
             spec = TaskSpec(call["task_id"], task_class=call["task_class"], payload=call["payload"])
-            ctx = TaskContext(spec, call["attempt"], _worker_settings(call), shared)
+            ctx = TaskContext(spec, call["attempt"], _worker_settings(call["exec_policy"]), shared)
             result = check_json_object(await handler(ctx), "result")
         except PermanentFailure as exc:
             return {"ok": False, "permanent": True, "error": str(exc), "result": dict(exc.result or {})}
@@ -103,6 +104,13 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
 
 
 _worker_loop: asyncio.AbstractEventLoop | None = None
+#: The attempt this worker runs now (what a SIGINT from ``ray.cancel`` cancels).
+_running: asyncio.Task[Outcome] | None = None
+
+
+def _cancel_running() -> None:
+    if _running is not None:
+        _running.cancel()
 
 
 def run_attempt(call: Mapping[str, Any]) -> Outcome:
@@ -110,21 +118,19 @@ def run_attempt(call: Mapping[str, Any]) -> Outcome:
     scheduler's). Ray's cancel interrupts the main thread with SIGINT; the handler is
     cancelled then, so its clean-up runs, and the cancellation propagates to Ray.
 
-    A Ray worker runs one task at a time, so one event loop per worker process serves every
-    attempt it runs (a new loop per attempt costs more than a no-op handler)."""
-    global _worker_loop
+    A Ray worker runs one task at a time, so one event loop per worker process, with its
+    SIGINT handler installed once, serves every attempt it runs (a new loop and handler
+    per attempt cost more than a no-op handler)."""
+    global _worker_loop, _running
     if _worker_loop is None or _worker_loop.is_closed():
         _worker_loop = asyncio.new_event_loop()
-    loop = _worker_loop
-    task = loop.create_task(_run_handler(call))
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        loop.add_signal_handler(signal.SIGINT, task.cancel)
+        if threading.current_thread() is threading.main_thread():
+            _worker_loop.add_signal_handler(signal.SIGINT, _cancel_running)
+    task = _running = _worker_loop.create_task(_run_handler(call))
     try:
-        return loop.run_until_complete(task)
+        return _worker_loop.run_until_complete(task)
     finally:
-        if in_main:
-            loop.remove_signal_handler(signal.SIGINT)
+        _running = None
 
 
 def cancel_attempt(ref: Any) -> None:
