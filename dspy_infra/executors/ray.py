@@ -61,7 +61,6 @@ from types import ModuleType
 from typing import Any, Self
 
 import anyio
-import anyio.abc
 import attrs
 from anyio.abc import AsyncResource
 
@@ -71,6 +70,7 @@ from ..hookspecs import hookimpl
 from ..ownership import attempt_marker, durable_scope
 from ..scheduler.context import ExecutorFactory, TaskContext
 from ..values import check_finite, check_json_object, preview
+from .background import BackgroundTask
 from .journal import HandleJournal, RemoteHandle
 from .ray_remote import (
     CANCEL_GRACE,
@@ -231,8 +231,8 @@ def _import_ray(field: str) -> ModuleType:
 
 class RayExecutor(AsyncResource):
     """Runs attempts on a Ray cluster (see the module docstring). An async context manager:
-    entering connects to the cluster (in a thread) and starts the capacity poller in its own
-    task group; ``run`` needs it entered (the Scheduler does that)."""
+    entering connects to the cluster (in a thread) and starts the capacity poller (a
+    ``BackgroundTask``); ``run`` needs it entered (the Scheduler does that)."""
 
     def __init__(
         self,
@@ -261,7 +261,7 @@ class RayExecutor(AsyncResource):
         self._node_id = ""
         self._available: dict[str, float] | None = None
         self._inflight: Counter[str] = Counter()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._poller = BackgroundTask(self._poll_capacity, "dspy_infra-ray-capacity")
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -269,20 +269,14 @@ class RayExecutor(AsyncResource):
         field = f"task_classes.{next(iter(self.classes), 'NAME')}.executor"
         self._ray = await anyio.to_thread.run_sync(_import_ray, field)
         await anyio.to_thread.run_sync(self._connect)
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        tg.start_soon(self._poll_capacity, name="dspy_infra-ray-capacity")
-        self._tg = tg
+        await self._poller.start()
         return self
 
     async def aclose(self) -> None:
         # The Ray connection stays: a driver is per process, and others in this process
         # (another scheduler, the app itself) may use it. Detached keepers stay too: they
         # hold the attempts a restart adopts.
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        await self._poller.stop()
 
     def _connect(self) -> None:
         ray = self._ray
@@ -398,7 +392,7 @@ class RayExecutor(AsyncResource):
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         """One attempt of ``ctx.spec`` on the cluster (adopting one left by a crashed owner)."""
-        if self._tg is None:
+        if not self._poller.running:
             raise Unavailable(
                 "the Ray executor is not running", fix="use it as `async with RayExecutor(...)`"
             )

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 import anyio
-import anyio.abc
 import attrs
 from anyio.abc import AsyncResource
 
@@ -62,6 +61,7 @@ from ..config import Settings
 from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
 from ..hookspecs import hookimpl
 from ..scheduler.context import TAIL_BYTES, ExecutorFactory, TaskContext
+from .background import BackgroundTask
 from .journal import HandleJournal, RemoteHandle
 
 __all__ = [
@@ -432,7 +432,7 @@ class _JobWatcher:
 
 class SlurmExecutor(AsyncResource):
     """Runs tasks as Slurm batch jobs (see the module docstring). An async context manager:
-    its task group owns the job watcher; ``run`` needs it entered (the Scheduler does that)."""
+    it owns the job watcher (a ``BackgroundTask``); ``run`` needs it entered (the Scheduler does that)."""
 
     def __init__(
         self,
@@ -448,7 +448,7 @@ class SlurmExecutor(AsyncResource):
         self._watcher = _JobWatcher(
             self.cli, poll_min=poll_min, poll_max=poll_max, unreachable_limit=unreachable_limit
         )
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._background = BackgroundTask(self._watcher.run_forever, "dspy_infra-slurm-watcher")
         self._journal = HandleJournal(settings.resolved_home()) if settings.durable else None
         #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
         self.survives_owner = self._journal is not None
@@ -461,21 +461,15 @@ class SlurmExecutor(AsyncResource):
                 field="slurm",
                 fix=SLURM_PACKAGE_HINT,
             )
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        tg.start_soon(self._watcher.run_forever, name="dspy_infra-slurm-watcher")
-        self._tg = tg
+        await self._background.start()
         return self
 
     async def aclose(self) -> None:
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        await self._background.stop()
 
     async def run(self, ctx: TaskContext) -> dict[str, str]:
         """One attempt of ``ctx.spec`` as a batch job; the result map, or raise on failure."""
-        if self._tg is None:
+        if not self._background.running:
             raise Unavailable(
                 "the Slurm executor is not running", fix="use it as `async with SlurmExecutor(settings)`"
             )
