@@ -260,6 +260,7 @@ class RayExecutor(AsyncResource):
         self._keeper_lock = anyio.Lock()
         self._node_id = ""
         self._available: dict[str, float] | None = None
+        self._total: dict[str, float] | None = None
         self._inflight: Counter[str] = Counter()
         self._poller = BackgroundTask(self._poll_capacity, "dspy_infra-ray-capacity")
 
@@ -303,24 +304,34 @@ class RayExecutor(AsyncResource):
 
     # -- the adaptive limit's bound --------------------------------------------------------
 
-    async def _poll_capacity(self) -> None:
+    def _resources(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Blocking: (free, total) resources of the cluster."""
         assert self._ray is not None
+        return dict(self._ray.available_resources()), dict(self._ray.cluster_resources())
+
+    async def _poll_capacity(self) -> None:
         while True:
             try:
-                self._available = dict(await anyio.to_thread.run_sync(self._ray.available_resources))
+                self._available, self._total = await anyio.to_thread.run_sync(self._resources)
             except Exception as exc:  # the cluster went away: no bound until it answers again
-                log.debug("ray: available_resources failed: %s", exc)
-                self._available = None
+                log.debug("ray: polling the cluster's resources failed: %s", exc)
+                self._available = self._total = None
             await anyio.sleep(self.capacity_interval)
 
     def capacity(self, class_name: str) -> int | None:
         """Attempts of ``class_name`` the cluster can run now: those in flight plus as many
-        more as its free resources fit (None: unknown yet, or the class asks for nothing)."""
+        more as its free resources fit, and never more than its whole resources fit (attempts
+        in flight may still wait in Ray's queue). None: unknown yet, or the class asks for
+        nothing."""
         options = self.classes.get(class_name)
-        if options is None or self._available is None:
+        if options is None or self._available is None or self._total is None:
             return None
-        more = fitting_attempts(options.demand(), self._available)
-        return None if more is None else self._inflight[class_name] + more
+        demand = options.demand()
+        more = fitting_attempts(demand, self._available)
+        whole = fitting_attempts(demand, self._total)
+        if more is None or whole is None:
+            return None
+        return min(self._inflight[class_name] + more, whole)
 
     # -- keepers --------------------------------------------------------------------------
 

@@ -269,6 +269,23 @@ async def test_the_adaptive_limit_is_bounded_by_what_the_cluster_has_free(
         assert executor.capacity("not_a_ray_class") is None
 
 
+async def test_the_scheduler_keeps_a_ray_class_s_limit_within_the_cluster(
+    tmp_path: Path, namespace: str
+) -> None:
+    # The class may adapt up to 8 and starts at 4, but the cluster has one worker2 unit and
+    # each attempt needs all of it: the sampled limit drops to what the cluster can hold.
+    settings = ray_settings(tmp_path, namespace, w2={"num_cpus": 0, "resources": {"worker2": 1}})
+    settings["task_classes"]["w2"].update(base_concurrency=4, max_concurrency=8)
+    async with open_scheduler(tmp_path, durable=False, limiter_interval=0.2, **settings) as sched:
+        assert sched.queue_status()["w2"].limit == 4
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sched.queue_status()["w2"].limit == 1:
+                break
+            await anyio.sleep(0.2)
+        assert sched.queue_status()["w2"].limit == 1
+
+
 async def test_ray_calls_never_block_the_event_loop(tmp_path: Path, namespace: str) -> None:
     # Connecting, creating the detached keeper and fsyncing the handle all happen while a
     # watchdog ticks; blocking calls on the loop (ray.init, ray.get) showed gaps of seconds.
