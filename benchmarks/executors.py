@@ -5,15 +5,19 @@ The same two tasks on each path: ``noop`` (a handler returning ``{}``) and a sho
 function). For each path and task:
 
 - throughput: ``--n`` tasks submitted at once, at most ``--width`` running (the class's
-  ``max_concurrency``; bare Ray is held to the same width by an ``asyncio.Semaphore``
-  around awaited refs, with the same per-task ``num_cpus``), tasks/s from first submit to
-  last result;
-- latency: ``--m`` tasks one after another, p50 and p99 of submit-to-result.
+  ``max_concurrency``; every path, bare Ray included, goes through the same
+  ``asyncio.Semaphore`` of that width around awaited results, with the same per-task
+  ``num_cpus`` on Ray), tasks/s from first submit to last result;
+- latency: ``--m`` tasks one after another, p50 and p99 of submit-to-result, interleaved
+  task by task across the paths (so a busy machine weighs on all of them alike).
 
 dspy_infra's Ray path runs memory-only (``durable = false``: the scheduler submits its own
 Ray task per attempt) and durable (through the detached keeper actor that lets attempts
 outlive their owner, the handle fsynced before each submission, every attempt committed
-to the store). Prints a table; the last line is one JSON object with, per task, the overhead
+to the store); ``local_durable`` shows what the durable store alone costs. ``exec`` on
+the dspy_infra paths is dspy_infra's ``exec`` handler (task log, process-group and marker
+sweep), which costs more than a bare ``subprocess.run`` on any executor: compare ``local``
+with ``bare_ray`` to see it. Prints a table; the last line is one JSON object with, per task, the overhead
 ratios of dspy_infra's Ray path over bare Ray: ``throughput_ratio`` = bare tasks/s /
 dspy_infra tasks/s and ``p50_ratio`` = dspy_infra p50 / bare p50 (1.0 = no overhead;
 target <= 1.2), for the memory-only and the durable path.
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -68,72 +74,69 @@ def _bare_task(kind: str) -> dict[str, Any]:
     return {}
 
 
-async def bare_ray(kind: str, n: int, m: int, width: int) -> dict[str, float]:
-    import ray
+class RunPath:
+    """One way to run a task: ``one(kind)`` runs one task and returns when it has ended."""
 
-    remote = ray.remote(max_retries=0, num_cpus=TASK_CPUS)(_bare_task)
+    def __init__(self, name: str, one: Callable[[str], Awaitable[object]]) -> None:
+        self.name = name
+        self.one = one
+
+
+async def throughput(path: RunPath, kind: str, n: int, width: int) -> float:
+    """Tasks/s of ``n`` tasks, at most ``width`` at once (the class's limit holds the
+    scheduler paths to it; the semaphore is a no-op for them)."""
     window = asyncio.Semaphore(width)
 
     async def one() -> None:
         async with window:
-            await remote.remote(kind)
+            await path.one(kind)
 
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
-    elapsed = time.perf_counter() - started
-    latencies = []
-    for _ in range(m):
-        t = time.perf_counter()
+    return n / (time.perf_counter() - started)
+
+
+def scheduler_path(name: str, sched: Scheduler, task_class: str) -> RunPath:
+    ids = itertools.count()
+
+    async def one(kind: str) -> None:
+        task_id = f"{name}-{next(ids)}"
+        await sched.submit(TaskSpec(task_id, task_class=task_class, payload=PAYLOADS[kind]))
+        result = await sched.wait(task_id, timeout=600)
+        assert result.status.value == "completed", result.error
+
+    return RunPath(name, one)
+
+
+def bare_ray_path() -> RunPath:
+    import ray
+
+    remote = ray.remote(max_retries=0, num_cpus=TASK_CPUS)(_bare_task)
+
+    async def one(kind: str) -> None:
         await remote.remote(kind)
-        latencies.append(time.perf_counter() - t)
-    return _figures(n, elapsed, latencies)
+
+    return RunPath("bare_ray", one)
 
 
-def _figures(n: int, elapsed: float, latencies: list[float]) -> dict[str, float]:
-    return {
-        "tasks_per_s": n / elapsed,
-        "p50_ms": _percentile(latencies, 0.5) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
-    }
+async def open_scheduler(
+    stack: contextlib.AsyncExitStack, home: str, durable: bool, overrides: dict[str, Any]
+) -> Scheduler:
+    settings = load_settings(env={}, home=home, durable=durable, **overrides)
+    plugins = build_plugin_manager(load_entry_points=False)
+    sched = Scheduler(settings, bus=EventBus(), metrics=InfraMetrics(), plugins=plugins)
+    return await stack.enter_async_context(sched)
 
 
-async def through_scheduler(
-    kind: str, n: int, m: int, width: int, *, task_class: str, durable: bool, overrides: dict[str, Any]
-) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as home:
-        settings = load_settings(env={}, home=home, durable=durable, **overrides)
-        plugins = build_plugin_manager(load_entry_points=False)
-        async with Scheduler(settings, bus=EventBus(), metrics=InfraMetrics(), plugins=plugins) as sched:
-            payload = PAYLOADS[kind]
-            specs = [TaskSpec(f"t{i}", task_class=task_class, payload=payload) for i in range(n)]
-            started = time.perf_counter()
-            await sched.submit_many(specs)
-            for spec in specs:
-                await sched.wait(spec.id, timeout=600)
-            elapsed = time.perf_counter() - started
-            latencies = []
-            for i in range(m):
-                t = time.perf_counter()
-                await sched.submit(TaskSpec(f"l{i}", task_class=task_class, payload=payload))
-                await sched.wait(f"l{i}", timeout=600)
-                latencies.append(time.perf_counter() - t)
-            await _kill_keepers(home, settings.ray_namespace if durable else None)
-        return _figures(n, elapsed, latencies)
-
-
-async def _kill_keepers(home: str, namespace: str | None) -> None:
+async def _kill_keeper(home: str, namespace: str) -> None:
     """A durable run leaves its detached keeper (that is its point): remove it afterwards."""
-    if namespace is None:
-        return
     import ray
 
     from dspy_infra.ownership import durable_scope
 
     def kill() -> None:
-        try:
+        with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(f"dspy_infra-keeper-{durable_scope(Path(home))}", namespace=namespace))
-        except ValueError:
-            pass
 
     await asyncio.to_thread(kill)
 
@@ -144,47 +147,51 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     await asyncio.to_thread(ray.init, address=args.address, log_to_driver=False, configure_logging=False)
     width = args.width
-    ray_overrides = {
+    fixed = {"max_concurrency": width, "base_concurrency": width, "adaptive": False}
+    overrides = {
         "ray_address": args.address,
         "ray_namespace": "dspy-bench",
-        "task_classes": {
-            "on_ray": {
-                "executor": "ray",
-                "max_concurrency": width,
-                "base_concurrency": width,
-                "adaptive": False,
-            },
-            "local": {"max_concurrency": width, "base_concurrency": width, "adaptive": False},
-        },
+        "task_classes": {"on_ray": {"executor": "ray", **fixed}, "local": fixed},
         "ray_classes": {"on_ray": {"num_cpus": TASK_CPUS}},
     }
-    paths: dict[str, Callable[[str], Awaitable[dict[str, float]]]] = {
-        "local": lambda kind: through_scheduler(
-            kind, args.n, args.m, width, task_class="local", durable=False, overrides=ray_overrides
-        ),
-        "bare_ray": lambda kind: bare_ray(kind, args.n, args.m, width),
-        "dspy_ray": lambda kind: through_scheduler(
-            kind, args.n, args.m, width, task_class="on_ray", durable=False, overrides=ray_overrides
-        ),
-        "dspy_ray_durable": lambda kind: through_scheduler(
-            kind, args.n, args.m, width, task_class="on_ray", durable=True, overrides=ray_overrides
-        ),
-    }
-    # Warm Ray's worker pool (and the keepers' code) before anything is timed.
-    for kind in PAYLOADS:
-        await paths["bare_ray"](kind)
-        await paths["dspy_ray"](kind)
-    rounds: dict[str, dict[str, list[dict[str, float]]]] = {k: {p: [] for p in paths} for k in PAYLOADS}
-    for _ in range(args.rounds):
+    async with contextlib.AsyncExitStack() as stack:
+        homes = {name: stack.enter_context(tempfile.TemporaryDirectory()) for name in ("mem", "durable")}
+        memory = await open_scheduler(stack, homes["mem"], False, overrides)
+        durable = await open_scheduler(stack, homes["durable"], True, overrides)
+        stack.push_async_callback(_kill_keeper, homes["durable"], "dspy-bench")
+        paths = [
+            scheduler_path("local", memory, "local"),
+            scheduler_path("local_durable", durable, "local"),
+            bare_ray_path(),
+            scheduler_path("dspy_ray", memory, "on_ray"),
+            scheduler_path("dspy_ray_durable", durable, "on_ray"),
+        ]
+        # Warm Ray's worker pool and the keeper before anything is timed.
         for kind in PAYLOADS:
-            for name, path in paths.items():
-                rounds[kind][name].append(await path(kind))
+            for path in paths:
+                await throughput(path, kind, 2 * width, width)
+        rates: dict[str, dict[str, list[float]]] = {k: {p.name: [] for p in paths} for k in PAYLOADS}
+        latencies: dict[str, dict[str, list[float]]] = {k: {p.name: [] for p in paths} for k in PAYLOADS}
+        for _ in range(args.rounds):
+            for kind in PAYLOADS:
+                for path in paths:
+                    rates[kind][path.name].append(await throughput(path, kind, args.n, width))
+                # Latency interleaved task by task, so every path sees the same machine.
+                for _ in range(args.m):
+                    for path in paths:
+                        started = time.perf_counter()
+                        await path.one(kind)
+                        latencies[kind][path.name].append(time.perf_counter() - started)
     out: dict[str, Any] = {"n": args.n, "m": args.m, "width": width, "rounds": args.rounds}
     print(f"{'task':>5} {'path':>17} {'tasks/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    for kind, per_path in rounds.items():
+    for kind in PAYLOADS:
         med = {
-            name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-            for name, runs in per_path.items()
+            path.name: {
+                "tasks_per_s": statistics.median(rates[kind][path.name]),
+                "p50_ms": _percentile(latencies[kind][path.name], 0.5) * 1000,
+                "p99_ms": _percentile(latencies[kind][path.name], 0.99) * 1000,
+            }
+            for path in paths
         }
         for name, fig in med.items():
             print(f"{kind:>5} {name:>17} {fig['tasks_per_s']:9.0f} {fig['p50_ms']:8.2f} {fig['p99_ms']:8.2f}")

@@ -1,11 +1,13 @@
-"""The SIGKILL adoption round shared by the Slurm and Ray tests: a real owner process is
-killed mid-task and a new owner of the same state directory adopts the attempt."""
+"""The SIGKILL adoption round shared by the Slurm and Ray tests (a real owner process is
+killed mid-task and a new owner of the same state directory adopts the attempt), and where
+the Ray tests find their cluster."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +19,11 @@ import anyio
 from harness import finish
 
 HERE = Path(__file__).resolve().parent
+#: The head's GCS address (scripts/ray.sh: DSPY_INFRA_RAY_PORT, default 26379).
+RAY_ADDRESS = os.environ.get("DSPY_INFRA_TEST_RAY_ADDRESS", "127.0.0.1:26379")
+# Ray 2.60 clusters started by scripts/ray.sh require token auth from every driver, and the
+# owner subprocesses of the adoption tests inherit it.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 async def wait_for_text(path: Path, timeout: float = 60) -> str:

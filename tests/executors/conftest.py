@@ -4,17 +4,11 @@ the two-node Ray cluster of ``bash scripts/ray.sh start`` (head on 127.0.0.1:263
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
 
 import pytest
+from adoption import RAY_ADDRESS
 from engines import skip_or_fail
-
-#: The head's GCS address (scripts/ray.sh: DSPY_INFRA_RAY_PORT, default 26379).
-RAY_ADDRESS = os.environ.get("DSPY_INFRA_TEST_RAY_ADDRESS", "127.0.0.1:26379")
-# Ray 2.60 clusters started by scripts/ray.sh require token auth from every driver, and the
-# owner subprocesses of the adoption tests inherit it.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _answers(address: str) -> bool:

@@ -24,8 +24,7 @@ from typing import Any
 
 import anyio
 import pytest
-from adoption import adoption_round, wait_for_text
-from conftest import RAY_ADDRESS
+from adoption import RAY_ADDRESS, adoption_round, wait_for_text
 from harness import open_scheduler
 from hypothesis import given
 from strategies import ray_demands
