@@ -26,7 +26,6 @@ from dspy_infra.scheduler.limiter import LimiterSample
 
 __all__ = [
     "Dag",
-    "ray_demands",
     "any_task_ids",
     "attempt_plans",
     "bad_workflow_specs",
@@ -59,6 +58,7 @@ __all__ = [
     "ports",
     "priorities",
     "public_v4",
+    "ray_demands",
     "result_keys",
     "service_cli_names",
     "service_cli_ports",
