@@ -55,6 +55,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import socket
 from collections import Counter
 from collections.abc import Mapping
 from types import ModuleType
@@ -219,6 +220,29 @@ def ray_classes(settings: Settings) -> dict[str, RayClassOptions]:
     }
 
 
+def _probe(address: str | None) -> None:
+    """Blocking: refuse an address nothing listens on at once (``ray.init`` retries such an
+    address for minutes before it gives up)."""
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(
+            f"{preview(address)} is not HOST:PORT",
+            field="ray_address",
+            fix='the head\'s GCS address, e.g. "127.0.0.1:6379", or "ray://HOST:10001"',
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as exc:
+        raise Unavailable(
+            f"ray: nothing answers at {address} ({exc.strerror or exc})",
+            field="ray_address",
+            fix="start the cluster (`ray start --head --port=PORT`) or point ray_address at its head",
+        ) from None
+
+
 def _import_ray(field: str) -> ModuleType:
     try:
         import ray
@@ -248,9 +272,8 @@ class RayExecutor(AsyncResource):
         self._journal = HandleJournal(home) if settings.durable else None
         #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
         self.survives_owner = self._journal is not None
-        # Keys and keeper names: the durable scope is the same across restarts (what adoption
-        # needs); a memory-only scheduler's is its own.
-        self._scope = durable_scope(home) if settings.durable else f"mem-{id(self):x}-{durable_scope(home)}"
+        # Attempt keys and the keeper's name: the same across restarts (what adoption needs).
+        self._scope = durable_scope(home)
         self._ray: ModuleType | None = None
         self._keeper_class: Any = None
         self._remote_run: Any = None
@@ -284,6 +307,7 @@ class RayExecutor(AsyncResource):
         assert ray is not None
         address = self.settings.ray_address
         if not ray.is_initialized():
+            _probe(address)
             try:
                 ray.init(
                     address=address,

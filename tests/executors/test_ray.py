@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from hypothesis import given
 from strategies import ray_demands
 
 from dspy_infra.config import load_settings
-from dspy_infra.errors import ConfigError
+from dspy_infra.errors import ConfigError, Unavailable
 from dspy_infra.executors import ray as ray_executor
 from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
@@ -113,6 +114,39 @@ async def test_without_ray_the_executor_is_refused_at_start_naming_the_install(
             pass
     assert caught.value.field == "task_classes.train.executor"
     assert "pip install 'dspy-infra[ray]'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "error", "text"),
+    [("127.0.0.1:1", Unavailable, "nothing answers at 127.0.0.1:1"), ("head-node", ConfigError, "HOST:PORT")],
+)
+async def test_an_address_nothing_answers_at_is_refused_at_once(
+    tmp_path: Path, address: str, error: type[Exception], text: str
+) -> None:
+    # ray.init would retry such an address for minutes; the executor refuses it at start.
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("needs Ray installed (the address is checked only where Ray could connect)")
+    code = (
+        "import asyncio, sys\n"
+        "from dspy_infra.config import load_settings\n"
+        "from dspy_infra.executors.ray import RayExecutor, ray_classes\n"
+        "async def main():\n"
+        f"    s = load_settings(env={{}}, home={str(tmp_path)!r}, ray_address={address!r},\n"
+        "        task_classes={'r': {'executor': 'ray', 'max_concurrency': 1}})\n"
+        "    try:\n"
+        "        async with RayExecutor(s, ray_classes(s)):\n"
+        "            pass\n"
+        "    except Exception as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+        "asyncio.run(main())\n"
+    )
+    started = time.monotonic()
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.startswith(error.__name__), done.stdout + done.stderr[-2000:]
+    assert "ray_address" in done.stdout and text in done.stdout
+    assert time.monotonic() - started < 60
 
 
 def test_ray_options_for_a_class_not_on_ray_are_refused() -> None:
