@@ -497,7 +497,7 @@ class RayExecutor(AsyncResource):
         assert ray is not None
         keeper = await self._keeper(namespace)
         try:
-            outcome: Outcome = await keeper.run.remote(key, call, task_options, True)
+            outcome: Outcome = await keeper.run.remote(key, call, task_options)
         except ray.exceptions.RayActorError as exc:
             self._forget_keeper(namespace, keeper)
             await self._forget_handle(ctx)
@@ -512,6 +512,9 @@ class RayExecutor(AsyncResource):
                 await self._forget_handle(ctx)
             raise
         if outcome["status"] != "unknown":
+            # The outcome is in hand: the keeper may drop it (fire and forget), then the
+            # handle goes. A crash before this leaves both, and the next owner asks again.
+            keeper.collect.remote(key)
             await self._forget_handle(ctx)
         return outcome
 

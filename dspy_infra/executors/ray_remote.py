@@ -191,10 +191,10 @@ class AttemptKeeper:
             self._ended.pop(key, None)
 
     async def run(
-        self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None, collect: bool
+        self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None
     ) -> Outcome:
-        """The attempt's outcome (see the class docstring); ``collect``: forget it once
-        returned (its owner has it)."""
+        """The attempt's outcome (see the class docstring). Kept until ``collect``: the
+        caller may die before it receives it, and its successor asks again."""
         import ray
 
         ref = self._refs.get(key)
@@ -207,10 +207,7 @@ class AttemptKeeper:
             outcome: Outcome = ended(await ref)
         except ray.exceptions.RayError as exc:
             outcome = outcome_of_error(exc)
-        if collect:
-            await self.collect(key)
-        else:
-            self._ended.setdefault(key, time.time())
+        self._ended.setdefault(key, time.time())
         return outcome
 
     async def cancel(self, key: str) -> None:

@@ -38,9 +38,12 @@ async def wait_for_text(path: Path, timeout: float = 60) -> str:
     raise AssertionError(f"{path} never written")
 
 
-async def adoption_round(settings: dict[str, Any], task: dict[str, Any], runs: Path) -> dict[str, Any]:
-    """Owner 1 submits and is SIGKILLed once the command runs; owner 2 adopts. The command
-    ran exactly once and owner 2 has its result."""
+async def adoption_round(
+    settings: dict[str, Any], task: dict[str, Any], runs: Path, *, ended: Path | None = None
+) -> dict[str, Any]:
+    """Owner 1 submits and is SIGKILLed once the command runs; owner 2 adopts (after the
+    command wrote ``ended``, when given: the attempt finished while no owner watched). The
+    command ran exactly once and owner 2 has its result."""
     script = str(HERE / "owner_process.py")
     first = await asyncio.to_thread(
         subprocess.Popen,
@@ -54,6 +57,8 @@ async def adoption_round(settings: dict[str, Any], task: dict[str, Any], runs: P
     finally:
         first.send_signal(signal.SIGKILL)
         finish(first, timeout=30)
+    if ended is not None:
+        await wait_for_text(ended, timeout=120)
     second = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, script, "resume", json.dumps(settings), task["id"]],

@@ -346,15 +346,36 @@ async def test_ray_calls_never_block_the_event_loop(tmp_path: Path, namespace: s
     assert max(gaps) < 1.0, f"the loop stalled for {max(gaps):.2f}s"
 
 
-async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(tmp_path: Path, namespace: str) -> None:
-    runs = tmp_path / "runs"
+@pytest.mark.parametrize("restart", ["while_running", "after_it_ended"])
+async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(
+    tmp_path: Path, namespace: str, restart: str
+) -> None:
+    # while_running: the new owner watches the same attempt to its end; after_it_ended: the
+    # keeper kept the outcome for it. Either way the command ran once.
+    runs, ended = tmp_path / "runs", tmp_path / "ended"
     settings = {"home": str(tmp_path / "home"), **ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})}
     task = {
         "id": "long/job",
         "task_class": "on_ray",
-        "payload": {"cmd": f"echo run >> {runs}; sleep 8; echo finished"},
+        "payload": {"cmd": f"echo run >> {runs}; sleep 6; echo finished; echo yes > {ended}"},
     }
-    await adoption_round(settings, task, runs)
+    await adoption_round(settings, task, runs, ended=ended if restart == "after_it_ended" else None)
+
+
+async def test_a_handle_the_keeper_does_not_know_runs_the_task_anew(tmp_path: Path, namespace: str) -> None:
+    # The owner died after recording the handle but before the keeper had the attempt (or the
+    # keeper was lost with its node): nothing to adopt, so the task runs, once.
+    runs = tmp_path / "runs"
+    HandleJournal(tmp_path).write(
+        RemoteHandle("ray", "orphan", 1, {"namespace": namespace, "key": "never-given"})
+    )
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("orphan", "on_ray", f"echo run >> {runs}; echo ok"))
+        result = await sched.wait("orphan", timeout=120)
+    assert result.status is TaskStatus.COMPLETED and result.result["stdout"] == "ok\n", result.error
+    assert await anyio.Path(runs).read_text() == "run\n"
+    assert HandleJournal(tmp_path).read("orphan") is None
 
 
 def _raylet_pids(resource: str) -> list[int]:
