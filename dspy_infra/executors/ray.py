@@ -233,14 +233,15 @@ def _probe(address: str | None) -> None:
             fix='the head\'s GCS address, e.g. "127.0.0.1:6379", or "ray://HOST:10001"',
         )
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
-            pass
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        return
     except OSError as exc:
-        raise Unavailable(
-            f"ray: nothing answers at {address} ({exc.strerror or exc})",
-            field="ray_address",
-            fix="start the cluster (`ray start --head --port=PORT`) or point ray_address at its head",
-        ) from None
+        reason = exc.strerror or str(exc)
+    raise Unavailable(
+        f"ray: nothing answers at {address} ({reason})",
+        field="ray_address",
+        fix="start the cluster (`ray start --head --port=PORT`) or point ray_address at its head",
+    )
 
 
 def _import_ray(field: str) -> ModuleType:
