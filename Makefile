@@ -3,8 +3,13 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Optional extras installed on top of dev, comma-separated (CI: EXTRAS=ray). Without them the
+# tests that need one skip, naming it.
+EXTRAS ?=
+comma := ,
+EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.stamp-$(e))
 
-.PHONY: venv demo test lint typecheck unit proto bench engines-deps engines-start engines-stop slurm-start slurm-stop clean
+.PHONY: venv demo test lint typecheck unit proto bench engines-deps engines-start engines-stop slurm-start slurm-stop ray-start ray-stop clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +17,11 @@ $(VENV)/.stamp: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-venv: $(VENV)/.stamp
+$(VENV)/.stamp-%: $(VENV)/.stamp
+	$(BIN)/pip install -q -e '.[$*]'
+	touch $@
+
+venv: $(VENV)/.stamp $(EXTRA_STAMPS)
 
 demo: venv
 	$(BIN)/dspy-infra demo
@@ -60,6 +69,13 @@ slurm-start:
 
 slurm-stop:
 	bash scripts/slurm.sh stop
+
+# A two-node Ray cluster on this machine (head on 127.0.0.1:26379); needs EXTRAS=ray.
+ray-start: venv
+	bash scripts/ray.sh start
+
+ray-stop:
+	bash scripts/ray.sh stop
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -187,6 +187,18 @@ class Settings:
     slurm: str | None = attrs.field(default=None, validator=attrs.validators.optional(_one_of("cli")))
     #: Slurm partition for gpu_slurm jobs; None = the cluster's default partition.
     slurm_partition: str | None = None
+    #: Ray cluster of the classes whose ``executor = "ray"``: "HOST:PORT" of the head's GCS,
+    #: "ray://HOST:PORT" (Ray Client) or "auto"; None = Ray's own choice ($RAY_ADDRESS, else
+    #: a cluster started on this machine, else a new local one). One per process: a Ray
+    #: driver talks to one cluster.
+    ray_address: str | None = None
+    #: Default Ray namespace of the detached actors that keep attempts (``ray_classes.NAME``
+    #: may set its own).
+    ray_namespace: str = "dspy_infra"
+    #: Per-class Ray options, ``[ray_classes.NAME]``: num_cpus (default 1), num_gpus,
+    #: resources (custom resources, e.g. {worker2 = 1}), runtime_env, namespace. NAME is a
+    #: task class with ``executor = "ray"``.
+    ray_classes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     def resolved_home(self) -> Path:
         return self.home if self.home is not None else default_home()
@@ -200,7 +212,7 @@ class Settings:
 
 
 _FIELDS = {a.name: a for a in attrs.fields(Settings)}
-_TABLES = ("task_classes", "services")
+_TABLES = ("task_classes", "services", "ray_classes")
 
 
 def _convert(name: str, raw: Any, source: str) -> Any:

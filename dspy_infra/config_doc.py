@@ -28,9 +28,10 @@ _EXAMPLES: dict[str, Any] = {
     "tls_key": "/etc/dspy-infra/tls/server.key",
     "slurm": "cli",
     "slurm_partition": "gpu",
+    "ray_address": "127.0.0.1:26379",
 }
 
-_TABLE_FIELDS = ("task_classes", "services")
+_TABLE_FIELDS = ("task_classes", "services", "ray_classes")
 
 _TABLE_EXAMPLES = """\
 # -- Task classes -------------------------------------------------------------------------------
@@ -45,6 +46,15 @@ _TABLE_EXAMPLES = """\
 # base_concurrency = 2
 # max_concurrency = 8
 # adaptive = true
+#
+# [task_classes.train]              # runs on a Ray cluster (pip install 'dspy-infra[ray]')
+# executor = "ray"
+# max_concurrency = 8
+#
+# [ray_classes.train]               # what each attempt of `train` asks of the cluster
+# num_cpus = 1
+# num_gpus = 1
+# resources = { worker2 = 1 }
 
 # -- Services -----------------------------------------------------------------------------------
 # Each [services.NAME] table overrides a built-in service (redis, reddb, ollama, kafka,

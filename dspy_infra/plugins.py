@@ -19,6 +19,7 @@ DEFAULT_PLUGINS = (
     "dspy_infra.handlers.container",
     "dspy_infra.scheduler.classes",
     "dspy_infra.executors.slurm",
+    "dspy_infra.executors.ray",
     "dspy_infra.services.catalog",
     "dspy_infra.backends.registry",
 )

@@ -58,6 +58,7 @@ __all__ = [
     "ports",
     "priorities",
     "public_v4",
+    "ray_demands",
     "result_keys",
     "service_cli_names",
     "service_cli_ports",
@@ -752,3 +753,11 @@ step_names = st.from_regex(r"\A[a-z0-9][a-z0-9_.-]{0,30}\Z").filter(lambda n: ".
 
 
 result_keys = st.from_regex(r"\A[A-Za-z0-9_.:/-]{1,20}\Z")
+
+
+#: Resource name -> amount, as a Ray class asks per attempt or a cluster reports free.
+ray_demands = st.dictionaries(
+    st.sampled_from(["CPU", "GPU", "worker2", "head", "memory"]),
+    st.one_of(st.integers(1, 64).map(float), st.floats(0.001, 64.0, allow_nan=False)),
+    max_size=4,
+)

@@ -33,6 +33,7 @@ from dspy_infra.cli import parse_pairs
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.config_doc import render_config_template, settings_reference
 from dspy_infra.errors import SpecError
+from dspy_infra.executors.ray import ray_classes
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.classes import resolve_classes
 from dspy_infra.services.catalog import parse_service_table
@@ -193,7 +194,8 @@ def test_template_table_examples_are_valid_for_the_real_parsers(tmp_path: Path) 
     path.write_text(text + "\n")
     loaded = load_settings(path, env={})
     assert set(loaded.services) == {"redis", "web"}
-    assert set(loaded.task_classes) == {"cpu_short", "embed"}
+    assert set(loaded.task_classes) == {"cpu_short", "embed", "train"}
+    assert ray_classes(loaded)["train"].task_options()["resources"] == {"worker2": 1}
     web = parse_service_table("web", loaded.services["web"])
     assert web.command[:3] == ("python3", "-m", "http.server")
     assert web.ports[0].container_port == 8000 and web.health.kind == "http"

@@ -27,6 +27,9 @@ ONLY_UNDER_PYTEST = {"pytest", "_pytest"}
 #: ``contextlib.suppress(ImportError)``, our dependencies import them when present
 #: (betterproto2 loads pydantic validators if pydantic is there).
 ONLY_WHEN_PRESENT = {"sniffio", "pydantic", "pydantic_core", "typing_inspection"}
+#: Optional extras: imported only inside the code that needs them, once configured (the ray
+#: executor, for a class with executor = "ray"); a start without them names the extra.
+ONLY_WITH_EXTRA = {"ray": "ray"}
 
 
 def _norm(name: str) -> str:
@@ -87,6 +90,7 @@ def test_every_import_in_the_source_is_a_runtime_dependency() -> None:
                     top in sys.stdlib_module_names
                     or top == "dspy_infra"
                     or top in ONLY_UNDER_PYTEST | ONLY_WHEN_PRESENT
+                    or top in ONLY_WITH_EXTRA
                 ):
                     continue
                 if not providers.get(top, set()) & installed:
@@ -119,3 +123,9 @@ def test_what_serve_and_the_cli_load_is_installed_without_extras() -> None:
         and not providers[top] & installed
     }
     assert not missing, f"loaded at run time but installed only by extras: {missing}"
+
+
+def test_each_optional_import_is_installed_by_its_extra() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for top, extra in ONLY_WITH_EXTRA.items():
+        assert any(_norm(Requirement(r).name) == _norm(top) for r in extras[extra]), (top, extra)

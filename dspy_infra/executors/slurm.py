@@ -25,9 +25,17 @@ One attempt of a task is one batch job:
 - Cancelling the attempt (task cancel, task timeout, shutdown) runs ``scancel`` before the
   cancellation goes on, even if a second cancellation arrives meanwhile: a job never outlives
   its attempt.
-- Each job carries ``--comment=dspy_infra:<owner>:<task>``. A crash cannot scancel, so a later
-  attempt (the task re-queued on restart) first cancels any job of the same task and owner
-  still queued or running: two copies of one task never run at once.
+- Survives its owner: a durable scheduler records each attempt's handle (job name, comment
+  tag, output paths) in its handle journal (``journal.py``, fsync) *before* ``sbatch``, and
+  the job id right after. The task re-queued after a crash (SIGKILL included) first reads
+  the handle and adopts the job: still queued or running -> watched to its end; finished ->
+  its state and output collected (from ``scontrol``, or from the exit-code file the batch
+  script writes once Slurm has forgotten the job); gone (never submitted) -> run anew. A
+  job is never run a second time. A crash between ``sbatch`` and the job id's record is
+  covered by the tag: each job carries ``--comment=dspy_infra:<owner>:<task>``.
+- A memory-only scheduler keeps no handles (its tasks do not outlive it). With nothing to
+  adopt, a later attempt of a task first cancels any job of it still queued or running
+  (an earlier scancel failed): two copies of one task never run at once.
 """
 
 from __future__ import annotations
@@ -46,7 +54,6 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 import anyio
-import anyio.abc
 import attrs
 from anyio.abc import AsyncResource
 
@@ -54,6 +61,8 @@ from ..config import Settings
 from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
 from ..hookspecs import hookimpl
 from ..scheduler.context import TAIL_BYTES, ExecutorFactory, TaskContext
+from .background import BackgroundTask
+from .journal import HandleJournal, RemoteHandle
 
 __all__ = [
     "FAILED_STATES",
@@ -192,6 +201,9 @@ class SlurmJobPlan:
     script: str
     stdout_path: Path
     stderr_path: Path
+    #: Where the batch script writes the command's exit code (read when Slurm has forgotten
+    #: a job an earlier owner left: its result survives the job's record).
+    exit_path: Path
 
 
 def plan_job(ctx: TaskContext, settings: Settings) -> SlurmJobPlan:
@@ -224,9 +236,14 @@ def plan_job(ctx: TaskContext, settings: Settings) -> SlurmJobPlan:
         argv.append(f"--gres=gpu:{int(gpus)}")
     if payload.get("cwd"):
         argv.append(f"--chdir={payload['cwd']}")
-    # The batch script runs the command exactly as the exec handler does: /bin/sh -c CMD.
-    script = f"#!/bin/sh\nexec /bin/sh -c {shlex.quote(cmd)}\n"
-    return SlurmJobPlan(tuple(argv), script, out, err)
+    # The batch script runs the command exactly as the exec handler does (/bin/sh -c CMD),
+    # then records its exit code beside the output for an owner that comes back late.
+    exit_path = folder / f"{ctx.attempt}.exit"
+    script = (
+        f"#!/bin/sh\n/bin/sh -c {shlex.quote(cmd)}\ncode=$?\n"
+        f"echo $code > {shlex.quote(str(exit_path))}\nexit $code\n"
+    )
+    return SlurmJobPlan(tuple(argv), script, out, err, exit_path)
 
 
 def _read_tail(path: Path) -> str:
@@ -415,7 +432,7 @@ class _JobWatcher:
 
 class SlurmExecutor(AsyncResource):
     """Runs tasks as Slurm batch jobs (see the module docstring). An async context manager:
-    its task group owns the job watcher; ``run`` needs it entered (the Scheduler does that)."""
+    it owns the job watcher (a ``BackgroundTask``); ``run`` needs it entered (the Scheduler does that)."""
 
     def __init__(
         self,
@@ -431,7 +448,10 @@ class SlurmExecutor(AsyncResource):
         self._watcher = _JobWatcher(
             self.cli, poll_min=poll_min, poll_max=poll_max, unreachable_limit=unreachable_limit
         )
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._background = BackgroundTask(self._watcher.run_forever, "dspy_infra-slurm-watcher")
+        self._journal = HandleJournal(settings.resolved_home()) if settings.durable else None
+        #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
+        self.survives_owner = self._journal is not None
 
     async def __aenter__(self) -> Self:
         missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
@@ -441,32 +461,48 @@ class SlurmExecutor(AsyncResource):
                 field="slurm",
                 fix=SLURM_PACKAGE_HINT,
             )
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        tg.start_soon(self._watcher.run_forever, name="dspy_infra-slurm-watcher")
-        self._tg = tg
+        await self._background.start()
         return self
 
     async def aclose(self) -> None:
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
+        await self._background.stop()
 
     async def run(self, ctx: TaskContext) -> dict[str, str]:
         """One attempt of ``ctx.spec`` as a batch job; the result map, or raise on failure."""
-        if self._tg is None:
+        if not self._background.running:
             raise Unavailable(
                 "the Slurm executor is not running", fix="use it as `async with SlurmExecutor(settings)`"
             )
         plan = plan_job(ctx, self.settings)
         await anyio.to_thread.run_sync(lambda: plan.stdout_path.parent.mkdir(parents=True, exist_ok=True))
+        journal = self._journal
+        if journal is not None:
+            adopted = await self._adopt(ctx, journal)
+            if adopted is not None:
+                return await self._outcome(*adopted)
         if ctx.attempt > 1:
-            # An earlier attempt's job may still run if its process died before scancel.
+            # Nothing to adopt, yet a job of an earlier attempt may still run (its scancel
+            # failed, or it was submitted without a handle): two copies never run at once.
             name = job_name(ctx.spec.id)
             for stale in await self.cli.tagged(name, job_tag(ctx.spec.id, self.settings)):
                 log.warning("slurm: cancelling job %s left by an earlier attempt of %r", stale, ctx.spec.id)
                 await self._scancel(stale)
+        if journal is not None:
+            handle = RemoteHandle(
+                "slurm",
+                ctx.spec.id,
+                ctx.attempt,
+                {
+                    "job_id": "",
+                    "name": job_name(ctx.spec.id),
+                    "tag": job_tag(ctx.spec.id, self.settings),
+                    "stdout": str(plan.stdout_path),
+                    "stderr": str(plan.stderr_path),
+                    "exit": str(plan.exit_path),
+                },
+            )
+            # Durable before sbatch: a crash from here on leaves the tag to find the job by.
+            await anyio.to_thread.run_sync(journal.write, handle)
         submitting = asyncio.ensure_future(self.cli.submit(plan))
         try:
             job_id = await _finish_despite_cancel(submitting)
@@ -483,12 +519,65 @@ class SlurmExecutor(AsyncResource):
                 ) from None
             raise
         log.info("slurm: task %r attempt %d is job %s", ctx.spec.id, ctx.attempt, job_id)
+        if journal is not None:
+            await anyio.to_thread.run_sync(journal.write, handle.with_fields(job_id=job_id))
+        job = await self._watch(ctx, job_id)
+        return await self._outcome(job, plan.stdout_path, plan.stderr_path)
+
+    async def _watch(self, ctx: TaskContext, job_id: str) -> SlurmJob:
+        """The job's final state; cancelled meanwhile, the job is scancelled first. Either
+        way the attempt is over: its handle is forgotten."""
         try:
-            job = await self._watcher.wait(job_id)
+            return await self._watcher.wait(job_id)
         except BaseException:
             await self._scancel(job_id)
             raise
-        result = await anyio.to_thread.run_sync(self._result_map, job, plan)
+        finally:
+            if self._journal is not None:
+                await _finish_despite_cancel(
+                    asyncio.ensure_future(anyio.to_thread.run_sync(self._journal.remove, ctx.spec.id))
+                )
+
+    async def _adopt(self, ctx: TaskContext, journal: HandleJournal) -> tuple[SlurmJob, Path, Path] | None:
+        """The job an earlier owner of this task left (see the module docstring), watched to
+        its end; None when there is none to adopt (the task runs anew)."""
+        prior = await anyio.to_thread.run_sync(journal.read, ctx.spec.id)
+        if prior is None or prior.executor != "slurm":
+            return None
+        fields = prior.fields
+        job_id = str(fields.get("job_id", ""))
+        if not job_id:
+            # The owner died between sbatch and recording the id: the tag finds the job.
+            found = await self.cli.tagged(str(fields["name"]), str(fields["tag"]))
+            job_id = found[0] if found else ""
+        job: SlurmJob | None = None
+        if job_id:
+            log.warning(
+                "slurm: task %r attempt %d adopts job %s of attempt %d (left by an earlier owner)",
+                ctx.spec.id,
+                ctx.attempt,
+                job_id,
+                prior.attempt,
+            )
+            try:
+                job = await self._watch(ctx, job_id)
+            except SlurmCommandError as exc:
+                log.warning("slurm: adopted job %s: %s; reading its exit file", job_id, exc)
+        if job is None:
+            code = await anyio.to_thread.run_sync(_read_exit_code, Path(fields["exit"]))
+            await anyio.to_thread.run_sync(journal.remove, ctx.spec.id)
+            if code is None:
+                log.warning(
+                    "slurm: task %r: no job of attempt %d is left; running it anew",
+                    ctx.spec.id,
+                    prior.attempt,
+                )
+                return None
+            job = SlurmJob(job_id or "unknown", "COMPLETED" if code == 0 else "FAILED", exit_code=code)
+        return job, Path(fields["stdout"]), Path(fields["stderr"])
+
+    async def _outcome(self, job: SlurmJob, stdout_path: Path, stderr_path: Path) -> dict[str, str]:
+        result = await anyio.to_thread.run_sync(self._result_map, job, stdout_path, stderr_path)
         if not job.succeeded:
             raise SlurmJobFailed(failure_message(job, result), result)
         return result
@@ -502,17 +591,25 @@ class SlurmExecutor(AsyncResource):
             log.info("slurm: cancelled job %s", job_id)
 
     @staticmethod
-    def _result_map(job: SlurmJob, plan: SlurmJobPlan) -> dict[str, str]:
+    def _result_map(job: SlurmJob, stdout_path: Path, stderr_path: Path) -> dict[str, str]:
         result = {
             "job_id": job.job_id,
             "state": job.state,
             "exit_code": str(job.exit_code),
-            "stdout": _read_tail(plan.stdout_path),
-            "stderr": _read_tail(plan.stderr_path),
+            "stdout": _read_tail(stdout_path),
+            "stderr": _read_tail(stderr_path),
         }
-        if job.state == "FAILED" and not plan.stdout_path.exists():
-            result["output_missing"] = str(plan.stdout_path)
+        if job.state == "FAILED" and not stdout_path.exists():
+            result["output_missing"] = str(stdout_path)
         return result
+
+
+def _read_exit_code(path: Path) -> int | None:
+    """The exit code the batch script recorded; None if it never got that far."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def failure_message(job: SlurmJob, result: Mapping[str, str]) -> str:

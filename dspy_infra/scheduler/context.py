@@ -30,6 +30,7 @@ from ..values import preview
 
 __all__ = [
     "TAIL_BYTES",
+    "BoundedExecutor",
     "Executor",
     "ExecutorFactory",
     "Handler",
@@ -104,9 +105,25 @@ class Executor(Protocol):
     and the next ones). ``run`` is called once per attempt, like a handler: its result is a
     JSON object; raising fails the attempt (``PermanentFailure``: the task). An executor that
     is also an async context manager is entered when the scheduler starts and left when it
-    closes (its watchers and connections live that long)."""
+    closes (its watchers and connections live that long).
+
+    An executor whose attempts outlive their owner process and are adopted by the task's
+    next attempt after a restart (Slurm jobs, Ray attempts of a durable scheduler) sets
+    ``survives_owner = True``: recovery then re-queues a task interrupted on its last
+    attempt instead of failing it (the work was not lost with the process)."""
 
     async def run(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class BoundedExecutor(Executor, Protocol):
+    """An executor whose engine reports how many attempts of a class it can run now (Ray's
+    free resources): the scheduler keeps the class's adaptive limit at or below it."""
+
+    def capacity(self, class_name: str) -> int | None:
+        """Attempts of ``class_name`` the engine can hold now; None = no bound known. Cheap
+        and non-blocking (the sampler calls it on the loop): return a polled figure."""
+        ...
 
 
 #: What the ``dspy_infra_executors`` hook maps a name to: called with the scheduler's

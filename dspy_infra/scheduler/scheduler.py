@@ -70,7 +70,7 @@ from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
-from .context import Executor, ExecutorFactory, Handler, SharedResources, TaskContext
+from .context import BoundedExecutor, Executor, ExecutorFactory, Handler, SharedResources, TaskContext
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
@@ -135,6 +135,10 @@ class Scheduler(AsyncResource):
         self._awaiting_handler: dict[str, list[TaskRecord]] = {}
         self._handler_grace_until = 0.0
         self._executors: dict[str, Handler] = {}
+        #: Executor name -> what its engine can hold per class (the adaptive limit's ceiling).
+        self._capacities: dict[str, Callable[[str], int | None]] = {}
+        #: Executors whose attempts outlive this process (a restart adopts them).
+        self._adopting: set[str] = set()
         #: Engine connections and the like that handlers reuse across attempts.
         self._shared = SharedResources()
         self._tasks: dict[str, TaskRecord] = {}
@@ -236,6 +240,10 @@ class Scheduler(AsyncResource):
             if isinstance(executor, contextlib.AbstractAsyncContextManager):
                 await stack.enter_async_context(executor)  # its watchers live as long as we do
             self._executors[name] = executor.run
+            if isinstance(executor, BoundedExecutor):
+                self._capacities[name] = executor.capacity
+            if getattr(executor, "survives_owner", False):
+                self._adopting.add(name)
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
@@ -310,6 +318,12 @@ class Scheduler(AsyncResource):
         """
         await end_interrupted_attempts(self.settings.resolved_home(), [row.spec.id for row in unfinished])
 
+    def _adopts(self, class_name: str) -> bool:
+        """True when the class's attempts outlive this process: an interrupted one is still
+        running (or has a result) elsewhere, and its next attempt adopts it."""
+        cq = self._queues.get(class_name)
+        return cq is not None and cq.cls.executor in self._adopting
+
     def _recover(self, stored: list[StoredTask]) -> None:
         finished: list[TaskRecord] = []
         requeue: list[TaskRecord] = []
@@ -328,7 +342,11 @@ class Scheduler(AsyncResource):
                 rec.status = row.status
                 rec.delivered = True
                 finished.append(rec)
-            elif row.status is _RUNNING and row.attempts >= row.spec.max_attempts:
+            elif (
+                row.status is _RUNNING
+                and row.attempts >= row.spec.max_attempts
+                and not self._adopts(row.spec.task_class)
+            ):
                 # The attempt was recorded before its handler started, so a task whose run
                 # takes the process down uses up its attempts like any other failure.
                 rec.status = _RUNNING
@@ -1267,6 +1285,10 @@ class Scheduler(AsyncResource):
             if cq.policy is None:
                 continue
             new = cq.policy.next_limit(cq.sem.limit, sample)
+            capacity = self._capacities.get(cq.cls.executor)
+            ceiling = capacity(cq.cls.name) if capacity is not None else None
+            if ceiling is not None:
+                new = max(1, min(new, ceiling))
             if new != cq.sem.limit:
                 cq.sem.resize(new)
                 self._pump(cq)

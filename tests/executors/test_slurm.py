@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from adoption import adoption_round
 from engines import skip_or_fail
 from harness import open_scheduler
 from hypothesis import example, given
@@ -25,6 +26,7 @@ from strategies import slurm_task_ids, states
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import ConfigError, PermanentFailure, ResourceUnavailable, Unavailable
+from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.slurm import (
     FAILED_STATES,
     SlurmExecutor,
@@ -202,8 +204,9 @@ async def test_parallel_tasks_each_get_their_own_job(slurm: None, tmp_path: Path
 async def test_a_later_attempt_cancels_the_job_an_earlier_one_left_running(
     slurm: None, tmp_path: Path
 ) -> None:
-    # A crash cannot scancel: the job of attempt 1 still runs when the recovered task's
-    # attempt 2 starts. Attempt 2 cancels it first, so one task never runs twice at once.
+    # A job of attempt 1 that no handle records (its scancel failed, or it was submitted
+    # without one) still runs when attempt 2 starts: attempt 2 cancels it first, so one task
+    # never runs twice at once.
     settings = load_settings(env={}, home=tmp_path, slurm="cli")
     task = slurm_task("survivor", "echo second")
     async with SlurmExecutor(settings) as executor:
@@ -386,13 +389,15 @@ def test_the_sbatch_call_carries_exactly_what_was_asked(
     # A literal % in the path is escaped for sbatch's filename patterns.
     assert flags["--output"] == str(plan.stdout_path).replace("%", "%%")
     assert plan.stdout_path == home / "slurm" / job_dir_name(task_id) / f"{attempt}.out"
-    assert plan.script.startswith("#!/bin/sh\nexec /bin/sh -c ")
+    assert plan.script.startswith("#!/bin/sh\n/bin/sh -c ")
+    assert plan.exit_path == plan.stdout_path.with_suffix(".exit")
 
 
 def test_the_batch_script_runs_the_command_like_the_exec_handler(tmp_path: Path) -> None:
     # The script sbatch gets, run by a real shell here, behaves as `/bin/sh -c CMD`.
     cmd = "printf '%s|' \"$0\" 'a b' it\\'s; exit 4"
     plan = plan_job(TaskContext(slurm_task("t", cmd), 1), load_settings(env={}, home=tmp_path, slurm="cli"))
+    plan.exit_path.parent.mkdir(parents=True)
     via_script = subprocess.run(["/bin/sh", "-s"], input=plan.script, capture_output=True, text=True)
     direct = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True)
     assert (
@@ -400,6 +405,8 @@ def test_the_batch_script_runs_the_command_like_the_exec_handler(tmp_path: Path)
         == (direct.returncode, direct.stdout)
         == (4, "/bin/sh|a b|it's|")
     )
+    # ... and leaves its exit code for an owner that comes back after Slurm forgot the job.
+    assert plan.exit_path.read_text() == "4\n"
 
 
 @given(
@@ -427,3 +434,52 @@ def test_a_job_that_wrote_no_output_says_where_to_look() -> None:
     text = failure_message(job, result)
     assert "JobLaunchFailure" in text and "/home/x/slurm/t/1.out" in text
     assert "filesystem the compute nodes share" in text
+
+
+async def test_a_sigkilled_owner_s_job_is_adopted_and_runs_once(slurm: None, tmp_path: Path) -> None:
+    # The owner is SIGKILLed while its job runs; the next owner of the same state directory
+    # adopts the job (watches it to its end) instead of cancelling it and running it again.
+    runs = tmp_path / "runs"
+    settings = {"home": str(tmp_path / "home"), "slurm": "cli", "shutdown_grace": 0.5}
+    task = {
+        "id": "train/long",
+        "task_class": "gpu_slurm",
+        "payload": {"cmd": f"echo run >> {runs}; sleep 6; echo finished"},
+    }
+    outcome = await adoption_round(settings, task, runs)
+    assert outcome["result"]["state"] == "COMPLETED"
+    assert (await _job_state(outcome["result"]["job_id"])).state == "COMPLETED"
+
+
+async def test_a_job_that_ended_while_no_owner_watched_is_collected_not_rerun(
+    slurm: None, tmp_path: Path
+) -> None:
+    # The job ends between the crash and the restart: its result is collected from Slurm.
+    runs = tmp_path / "runs"
+    settings = load_settings(env={}, home=tmp_path, slurm="cli")
+    task = slurm_task("quick", f"echo run >> {runs}; echo out")
+    async with SlurmExecutor(settings) as executor:
+        plan = plan_job(TaskContext(task, 1), settings)
+        await anyio.Path(plan.stdout_path.parent).mkdir(parents=True)
+        journal = HandleJournal(tmp_path)
+        handle = RemoteHandle(
+            "slurm",
+            task.id,
+            1,
+            {
+                "job_id": "",
+                "name": job_name(task.id),
+                "tag": job_tag(task.id, settings),
+                "stdout": str(plan.stdout_path),
+                "stderr": str(plan.stderr_path),
+                "exit": str(plan.exit_path),
+            },
+        )
+        journal.write(handle)
+        job_id = await executor.cli.submit(plan)
+        journal.write(handle.with_fields(job_id=job_id))
+        assert await _left_queue(job_id)
+        result = await executor.run(TaskContext(task, 2))
+    assert result["job_id"] == job_id and result["stdout"] == "out\n"
+    assert runs.read_text() == "run\n"
+    assert journal.read(task.id) is None

@@ -1,0 +1,564 @@
+"""The ``ray`` executor: tasks of a class with ``executor = "ray"`` run on a Ray cluster.
+
+Ray is an optional extra (``pip install 'dspy-infra[ray]'``). A config naming the executor
+without Ray installed is refused when the scheduler starts (``ConfigError`` naming
+``task_classes.NAME.executor`` and the install command), never at the first task.
+
+Configuration::
+
+    ray_address = "127.0.0.1:26379"     # one cluster per process (a Ray driver has one)
+    [task_classes.train]
+    executor = "ray"
+    max_concurrency = 8
+    [ray_classes.train]                 # optional: what each attempt asks of the cluster
+    num_cpus = 1                        # default 1, like a Ray task
+    num_gpus = 0
+    resources = { worker2 = 1 }         # custom resources of the cluster's nodes
+    runtime_env = { env_vars = { HF_HOME = "/data/hf" } }
+    namespace = "dspy_infra"            # default: ray_namespace
+
+One attempt is one Ray task (``max_retries=0``: retries, timeouts and priorities stay the
+scheduler's) with the class's resources and runtime env, running the task's handler on the
+cluster (``payload["handler"]``: a built-in such as ``exec``, ``http``, ``sleep``, or
+``"package.module:function"``, an async function importable there; ``exec`` when only
+``cmd`` is given). Results and errors come back as from a local handler: the same JSON
+result (``exec`` output bounded the same way), ``PermanentFailure`` fails the task, other
+failures fail the attempt with the handler's message and result.
+
+Survives its owner: attempts are submitted by a named, detached *keeper* actor
+(``ray_remote.AttemptKeeper``, one per state directory and namespace, placed on the owner's
+node), so they belong to the keeper, not to this process. Before submitting, a durable
+scheduler records the attempt's key in its handle journal (``journal.py``, fsync); after a
+crash (SIGKILL included) the task's next attempt finds the handle, asks the keeper, and
+watches the same attempt to its end, or collects its outcome if it has ended: it never runs
+twice. Only when the keeper does not know the key (it never started, or the keeper itself
+was lost) does the task run anew. A memory-only scheduler submits its attempts itself, one
+hop shorter: they end with this process (a restart has nothing to adopt them for).
+
+Cancel (task cancel, timeout, shutdown) asks the keeper to ``ray.cancel`` the attempt: a
+SIGINT that cancels the handler (``exec`` ends its process group), then, after
+``ray_remote.CANCEL_GRACE`` seconds, a forced cancel that kills the worker.
+
+A lost worker, node or keeper fails the attempt with ``RayAttemptLost`` (retried per the
+task's ``max_attempts``); a cluster that does not answer at start is ``Unavailable``.
+The class's adaptive limit is bounded by what the cluster reports available
+(``ray.available_resources()``, polled off the loop every few seconds): the attempts in
+flight plus as many more as the free resources fit.
+
+Every blocking Ray call (``ray.init``, actor lookup, ``available_resources``) runs in a
+worker thread; ObjectRefs are awaited on the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import socket
+from collections import Counter
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any, Self
+
+import anyio
+import attrs
+from anyio.abc import AsyncResource
+
+from ..config import Settings
+from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
+from ..hookspecs import hookimpl
+from ..ownership import attempt_marker, durable_scope
+from ..scheduler.context import ExecutorFactory, TaskContext
+from ..values import check_finite, check_json_object, preview
+from .background import BackgroundTask
+from .journal import HandleJournal, RemoteHandle
+from .ray_remote import (
+    CANCEL_GRACE,
+    AttemptKeeper,
+    Outcome,
+    cancel_attempt,
+    ended,
+    outcome_of_error,
+    run_attempt,
+)
+
+__all__ = [
+    "RAY_CLASS_FIELDS",
+    "RAY_INSTALL_HINT",
+    "RayAttemptLost",
+    "RayClassOptions",
+    "RayExecutor",
+    "RayHandlerFailed",
+    "dspy_infra_executors",
+    "fitting_attempts",
+    "ray_classes",
+]
+
+log = logging.getLogger(__name__)
+
+RAY_INSTALL_HINT = "pip install 'dspy-infra[ray]'"
+RAY_CLASS_FIELDS = ("num_cpus", "num_gpus", "resources", "runtime_env", "namespace")
+#: Seconds between two ``ray.available_resources()`` polls (the adaptive limit's bound).
+CAPACITY_INTERVAL = 5.0
+
+
+class RayAttemptLost(HandlerFailure):
+    """The attempt ended without an outcome: its worker, node or keeper died, or it was
+    cancelled on the cluster. Retried per the task's ``max_attempts``."""
+
+
+class RayHandlerFailed(HandlerFailure):
+    """The handler failed its attempt on the cluster; ``result`` is what it returned."""
+
+
+@attrs.frozen
+class RayClassOptions:
+    """What each attempt of one class asks of the cluster (``[ray_classes.NAME]``)."""
+
+    namespace: str
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = attrs.field(factory=dict)
+    runtime_env: dict[str, Any] = attrs.field(factory=dict)
+
+    def task_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``RemoteFunction.options`` for one attempt."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.runtime_env:
+            options["runtime_env"] = dict(self.runtime_env)
+        return options
+
+    def demand(self) -> dict[str, float]:
+        """Resource name (as ``ray.available_resources()`` spells it) -> amount per attempt."""
+        wanted = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {name: amount for name, amount in wanted.items() if amount > 0}
+
+
+def fitting_attempts(demand: Mapping[str, float], available: Mapping[str, float]) -> int | None:
+    """How many more attempts with ``demand`` fit into ``available`` (None: no demand, so
+    no bound)."""
+    if not demand:
+        return None
+    # A hair of slack: Ray reports fractions such as 0.9999999 for 1 - 0.0001 * 1000.
+    return min(math.floor(available.get(name, 0.0) / amount + 1e-6) for name, amount in demand.items())
+
+
+def _amount(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"must be a number, got {preview(value)}", field=field, fix="e.g. 1 or 0.5")
+    try:
+        return check_finite(float(value), field, lo=0.0)
+    except ValueError:
+        raise ConfigError(
+            f"must be a finite number >= 0, got {preview(value)}", field=field, fix="e.g. 1 or 0.5"
+        ) from None
+
+
+def _class_options(name: str, table: Mapping[str, Any], settings: Settings) -> RayClassOptions:
+    where = f"ray_classes.{name}"
+    unknown = sorted(set(table) - set(RAY_CLASS_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown Ray option {preview(unknown[0])}",
+            field=f"{where}.{unknown[0]}",
+            fix="use " + ", ".join(RAY_CLASS_FIELDS),
+        )
+    options: dict[str, Any] = {"namespace": settings.ray_namespace}
+    for key in ("num_cpus", "num_gpus"):
+        if key in table:
+            options[key] = _amount(table[key], f"{where}.{key}")
+    if "resources" in table:
+        resources = table["resources"]
+        if not isinstance(resources, Mapping):
+            raise ConfigError(
+                f"must be a table, got {preview(resources)}",
+                field=f"{where}.resources",
+                fix="e.g. resources = { worker2 = 1 }",
+            )
+        options["resources"] = {str(k): _amount(v, f"{where}.resources.{k}") for k, v in resources.items()}
+        if {"CPU", "GPU"} & set(options["resources"]):
+            raise ConfigError(
+                "CPU and GPU are not custom resources",
+                field=f"{where}.resources",
+                fix="use num_cpus / num_gpus for them",
+            )
+    if "runtime_env" in table:
+        try:
+            options["runtime_env"] = check_json_object(table["runtime_env"], f"{where}.runtime_env")
+        except ValueError as exc:
+            raise ConfigError(
+                str(exc), field=f"{where}.runtime_env", fix='a table, e.g. { env_vars = { A = "1" } }'
+            ) from None
+    if "namespace" in table:
+        namespace = table["namespace"]
+        if not isinstance(namespace, str) or not namespace.strip():
+            raise ConfigError(
+                f"must be a non-empty string, got {preview(namespace)}",
+                field=f"{where}.namespace",
+                fix='e.g. namespace = "dspy_infra"',
+            )
+        options["namespace"] = namespace
+    return RayClassOptions(**options)
+
+
+def ray_classes(settings: Settings) -> dict[str, RayClassOptions]:
+    """The classes of ``settings`` that run on Ray, with their options (refusing a
+    ``[ray_classes.NAME]`` table for a class that does not)."""
+    names = {name for name, table in settings.task_classes.items() if table.get("executor") == "ray"}
+    for name in settings.ray_classes:
+        if name not in names:
+            raise ConfigError(
+                f"class {name!r} does not run on Ray",
+                field=f"ray_classes.{name}",
+                fix=f'set executor = "ray" in [task_classes.{name}], or remove [ray_classes.{name}]',
+            )
+    return {
+        name: _class_options(name, settings.ray_classes.get(name, {}), settings) for name in sorted(names)
+    }
+
+
+def _probe(address: str | None) -> None:
+    """Blocking: refuse an address nothing listens on at once (``ray.init`` retries such an
+    address for minutes before it gives up)."""
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(
+            f"{preview(address)} is not HOST:PORT",
+            field="ray_address",
+            fix='the head\'s GCS address, e.g. "127.0.0.1:6379", or "ray://HOST:10001"',
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        return
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    raise Unavailable(
+        f"ray: nothing answers at {address} ({reason})",
+        field="ray_address",
+        fix="start the cluster (`ray start --head --port=PORT`) or point ray_address at its head",
+    )
+
+
+def _import_ray(field: str) -> ModuleType:
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(
+            f'executor = "ray" but Ray cannot be imported ({exc})', field=field, fix=RAY_INSTALL_HINT
+        ) from None
+    return ray
+
+
+class RayExecutor(AsyncResource):
+    """Runs attempts on a Ray cluster (see the module docstring). An async context manager:
+    entering connects to the cluster (in a thread) and starts the capacity poller (a
+    ``BackgroundTask``); ``run`` needs it entered (the Scheduler does that)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        classes: Mapping[str, RayClassOptions],
+        *,
+        capacity_interval: float = CAPACITY_INTERVAL,
+    ) -> None:
+        self.settings = settings
+        self.classes = dict(classes)
+        self.capacity_interval = capacity_interval
+        home = settings.resolved_home()
+        self._journal = HandleJournal(home) if settings.durable else None
+        #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
+        self.survives_owner = self._journal is not None
+        # Attempt keys and the keeper's name: the same across restarts (what adoption needs).
+        self._scope = durable_scope(home)
+        self._ray: ModuleType | None = None
+        self._keeper_class: Any = None
+        self._remote_run: Any = None
+        #: Class name -> the attempt function with the class's options (memory-only path).
+        self._remotes: dict[str, Any] = {}
+        self._keepers: dict[str, Any] = {}
+        self._keeper_lock = anyio.Lock()
+        self._node_id = ""
+        self._available: dict[str, float] | None = None
+        self._total: dict[str, float] | None = None
+        self._inflight: Counter[str] = Counter()
+        self._poller = BackgroundTask(self._poll_capacity, "dspy_infra-ray-capacity")
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        field = f"task_classes.{next(iter(self.classes), 'NAME')}.executor"
+        self._ray = await anyio.to_thread.run_sync(_import_ray, field)
+        await anyio.to_thread.run_sync(self._connect)
+        await self._poller.start()
+        return self
+
+    async def aclose(self) -> None:
+        # The Ray connection stays: a driver is per process, and others in this process
+        # (another scheduler, the app itself) may use it. Detached keepers stay too: they
+        # hold the attempts a restart adopts.
+        await self._poller.stop()
+
+    def _connect(self) -> None:
+        ray = self._ray
+        assert ray is not None
+        address = self.settings.ray_address
+        if not ray.is_initialized():
+            _probe(address)
+            try:
+                ray.init(
+                    address=address,
+                    namespace=self.settings.ray_namespace,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            except Exception as exc:  # ConnectionError, RuntimeError, auth errors, ...
+                raise Unavailable(
+                    f"ray: cannot connect to the cluster at {address or 'the default address'}: {exc}",
+                    fix="start it (`ray start --head`), set ray_address to its head (HOST:PORT), and"
+                    " give this process the cluster's auth settings (e.g. RAY_AUTH_MODE=token)",
+                ) from None
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._keeper_class = ray.remote(AttemptKeeper)
+        # Retries are the scheduler's, never Ray's.
+        self._remote_run = ray.remote(max_retries=0)(run_attempt)
+
+    # -- the adaptive limit's bound --------------------------------------------------------
+
+    def _resources(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Blocking: (free, total) resources of the cluster."""
+        assert self._ray is not None
+        return dict(self._ray.available_resources()), dict(self._ray.cluster_resources())
+
+    async def _poll_capacity(self) -> None:
+        while True:
+            try:
+                self._available, self._total = await anyio.to_thread.run_sync(self._resources)
+            except Exception as exc:  # the cluster went away: no bound until it answers again
+                log.debug("ray: polling the cluster's resources failed: %s", exc)
+                self._available = self._total = None
+            await anyio.sleep(self.capacity_interval)
+
+    def capacity(self, class_name: str) -> int | None:
+        """Attempts of ``class_name`` the cluster can run now: those in flight plus as many
+        more as its free resources fit, and never more than its whole resources fit (attempts
+        in flight may still wait in Ray's queue). None: unknown yet, or the class asks for
+        nothing."""
+        options = self.classes.get(class_name)
+        if options is None or self._available is None or self._total is None:
+            return None
+        demand = options.demand()
+        more = fitting_attempts(demand, self._available)
+        whole = fitting_attempts(demand, self._total)
+        if more is None or whole is None:
+            return None
+        return min(self._inflight[class_name] + more, whole)
+
+    # -- keepers --------------------------------------------------------------------------
+
+    async def _keeper(self, namespace: str) -> Any:
+        keeper = self._keepers.get(namespace)
+        if keeper is not None:
+            return keeper
+        async with self._keeper_lock:
+            if namespace not in self._keepers:
+                self._keepers[namespace] = await anyio.to_thread.run_sync(self._open_keeper, namespace)
+            return self._keepers[namespace]
+
+    def _open_keeper(self, namespace: str) -> Any:
+        ray = self._ray
+        assert ray is not None
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options: dict[str, Any] = {
+            "name": f"dspy_infra-keeper-{self._scope}",
+            "namespace": namespace,
+            "get_if_exists": True,
+            "num_cpus": 0,
+            "max_concurrency": 10_000,
+            # Next to its owner: a keeper on a node that goes away takes its attempts along.
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=True),
+            # Outlives this process: it holds the attempts a restart adopts.
+            "lifetime": "detached",
+        }
+        keeper = self._keeper_class.options(**options).remote()
+        ray.get(keeper.ping.remote(), timeout=120)
+        return keeper
+
+    def _forget_keeper(self, namespace: str, keeper: Any) -> None:
+        if self._keepers.get(namespace) is keeper:
+            del self._keepers[namespace]
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    def _call(self, ctx: TaskContext) -> dict[str, Any]:
+        """What the cluster needs to run the attempt; refuses a bad handler field here."""
+        payload = ctx.payload
+        handler = payload.get("handler")
+        if handler is None and "cmd" in payload:
+            handler = "exec"
+        if not isinstance(handler, str) or not handler:
+            raise PermanentFailure(
+                f"payload.handler: expected a handler name, got {preview(handler)} (fix: a built-in"
+                ' such as "exec" or "http", or "package.module:function" importable on the cluster)'
+            )
+        policy = self.settings.exec_policy
+        if handler == "exec" and policy == "deny":
+            raise PermanentFailure(
+                "exec_policy: 'deny' forbids running commands, so the exec handler refuses this task"
+                ' (fix: set exec_policy = "allow" or "embedded", then submit it again)'
+            )
+        if ":" in handler and policy != "allow":
+            raise PermanentFailure(
+                f"payload.handler: {handler!r} imports code on the cluster, which exec_policy"
+                f' {policy!r} forbids (fix: set exec_policy = "allow", or use a built-in handler)'
+            )
+        return {
+            "handler": handler,
+            "task_id": ctx.spec.id,
+            "task_class": ctx.spec.task_class,
+            "payload": dict(payload),
+            "attempt": ctx.attempt,
+            "exec_policy": policy,
+        }
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        """One attempt of ``ctx.spec`` on the cluster (adopting one left by a crashed owner)."""
+        if not self._poller.running:
+            raise Unavailable(
+                "the Ray executor is not running", fix="use it as `async with RayExecutor(...)`"
+            )
+        cls_name = ctx.spec.task_class
+        options = self.classes.get(cls_name) or RayClassOptions(namespace=self.settings.ray_namespace)
+        call = self._call(ctx)
+        self._inflight[cls_name] += 1
+        try:
+            outcome = await self._outcome(ctx, call, options)
+        finally:
+            self._inflight[cls_name] -= 1
+        return _result(outcome, ctx)
+
+    async def _outcome(self, ctx: TaskContext, call: dict[str, Any], options: RayClassOptions) -> Outcome:
+        if self._journal is None:
+            return await self._run_owned(ctx.spec.task_class, call, options)
+        key = attempt_marker(self._scope, ctx.spec.id, ctx.attempt)
+        handle = RemoteHandle("ray", ctx.spec.id, ctx.attempt, {"namespace": options.namespace, "key": key})
+        prior = await anyio.to_thread.run_sync(self._journal.read, ctx.spec.id)
+        if prior is not None and prior.executor == "ray":
+            outcome = await self._watch(ctx, prior.fields["namespace"], prior.fields["key"], None, None)
+            if outcome["status"] != "unknown":
+                log.warning(
+                    "ray: task %r attempt %d adopted attempt %d, left running by an earlier owner",
+                    ctx.spec.id,
+                    ctx.attempt,
+                    prior.attempt,
+                )
+                return outcome
+        # Before submission, durably: a crash from here on leaves the key to adopt.
+        await anyio.to_thread.run_sync(self._journal.write, handle)
+        outcome = await self._watch(ctx, options.namespace, key, call, options.task_options())
+        if outcome["status"] == "unknown":  # only an adoption asks without a call
+            raise RayAttemptLost("ray: the attempt keeper lost the attempt it was given")
+        return outcome
+
+    async def _run_owned(self, cls_name: str, call: dict[str, Any], options: RayClassOptions) -> Outcome:
+        """Memory-only: the attempt is this process's own Ray task (it ends with us, and a
+        restart has nothing to adopt), one hop shorter than through a keeper."""
+        ray = self._ray
+        assert ray is not None
+        remote = self._remotes.get(cls_name)
+        if remote is None:
+            remote = self._remotes[cls_name] = self._remote_run.options(**options.task_options())
+        ref = remote.remote(call)
+        try:
+            return ended(await ref)
+        except ray.exceptions.RayError as exc:
+            return outcome_of_error(exc)
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
+                await anyio.to_thread.run_sync(cancel_attempt, ref)
+            raise
+
+    async def _watch(
+        self,
+        ctx: TaskContext,
+        namespace: str,
+        key: str,
+        call: dict[str, Any] | None,
+        task_options: dict[str, Any] | None,
+    ) -> Outcome:
+        """Through the keeper: start (``call`` given) or adopt the attempt under ``key`` and
+        wait for its outcome; on cancel, cancel it on the cluster first. Ends with the
+        outcome collected and the handle forgotten (unless the keeper does not know it)."""
+        ray = self._ray
+        assert ray is not None
+        keeper = await self._keeper(namespace)
+        try:
+            outcome: Outcome = await keeper.run.remote(key, call, task_options)
+        except ray.exceptions.RayActorError as exc:
+            self._forget_keeper(namespace, keeper)
+            await self._forget_handle(ctx)
+            raise RayAttemptLost(
+                f"ray: the attempt keeper died (its node left the cluster?): {exc}"
+            ) from None
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
+                with contextlib.suppress(Exception):
+                    await keeper.cancel.remote(key)
+                keeper.collect.remote(key)
+                await self._forget_handle(ctx)
+            raise
+        if outcome["status"] != "unknown":
+            # The outcome is in hand: the keeper may drop it (fire and forget), then the
+            # handle goes. A crash before this leaves both, and the next owner asks again.
+            keeper.collect.remote(key)
+            await self._forget_handle(ctx)
+        return outcome
+
+    async def _forget_handle(self, ctx: TaskContext) -> None:
+        if self._journal is not None:
+            await anyio.to_thread.run_sync(self._journal.remove, ctx.spec.id)
+
+
+def _result(outcome: Outcome, ctx: TaskContext) -> dict[str, Any]:
+    status = outcome["status"]
+    if status == "cancelled":
+        raise RayAttemptLost(f"ray: attempt {ctx.attempt} of {ctx.spec.id!r} was cancelled on the cluster")
+    if status != "ended":
+        raise RayAttemptLost(
+            f"ray: attempt {ctx.attempt} of {ctx.spec.id!r} was lost with its worker or node:"
+            f" {outcome.get('error', status)}"
+        )
+    if outcome["ok"]:
+        return dict(outcome["result"])
+    if outcome["permanent"]:
+        raise PermanentFailure(outcome["error"], outcome["result"] or None)
+    raise RayHandlerFailed(outcome["error"], outcome["result"] or None)
+
+
+def _ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def _factory(settings: Settings) -> RayExecutor | None:
+    classes = ray_classes(settings)
+    if not classes:
+        return None  # no class runs on Ray: Ray is never imported
+    first = next(iter(classes))
+    if not _ray_installed():
+        raise ConfigError(
+            'executor = "ray" but Ray is not installed',
+            field=f"task_classes.{first}.executor",
+            fix=RAY_INSTALL_HINT,
+        )
+    return RayExecutor(settings, classes)
+
+
+@hookimpl
+def dspy_infra_executors() -> Mapping[str, ExecutorFactory]:
+    """The ``ray`` executor (None unless a class has ``executor = "ray"``)."""
+    return {"ray": _factory}
