@@ -523,8 +523,12 @@ class DockerBackend(Backend):
 
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
         await self._ensure_network()
+        checked: set[str] = set()
         for spec in specs:
             _require_image(spec)
+            if spec.image in checked:  # services of one image: one engine call, not one each
+                continue
+            checked.add(spec.image)
             try:
                 await self._ensure_image(spec.image)
             except InfraError as exc:

@@ -638,7 +638,7 @@ class ServiceManager(AsyncResource):
         delay = 0.02
         while True:
             try:
-                instance = await self._create(spec)
+                instance = await self._create(spec, run)
                 break
             except AlreadyExists:
                 # Another process of this owner (a pytest-xdist worker, say) is creating it
@@ -651,12 +651,24 @@ class ServiceManager(AsyncResource):
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.5)
         run.created.append(name)
-        run.root_created(name)
         return await self._await_ready(spec, instance)
 
-    async def _create(self, spec: ServiceSpec) -> Instance:
+    async def _create(self, spec: ServiceSpec, run: _StartRun | None = None) -> Instance:
+        """Create and start ``spec``'s instance. Within a start (``run``), in two steps where
+        the backend can: the dependents' creates wait for the first level's (``root_created``)."""
         instance_name = instance_name_for(self.owner, spec.name)
-        instance = await self.backend.run(spec, instance_name=instance_name, labels=self._labels(spec))
+        labels = self._labels(spec)
+        created = (
+            None
+            if run is None
+            else await self.backend.create(spec, instance_name=instance_name, labels=labels)
+        )
+        if run is not None:
+            run.root_created(spec.name)
+        if created is not None:
+            instance = await self.backend.start(created)
+        else:
+            instance = await self.backend.run(spec, instance_name=instance_name, labels=labels)
         self._managed[spec.name] = _Managed(spec=spec, instance=instance, status=ServiceStatus.STARTING)
         return instance
 
