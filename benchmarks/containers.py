@@ -2,7 +2,7 @@
 
 Every variant runs the same one-shot container (the busybox test image, ``sh -c "echo hi"``,
 no network) to its end: created, started, waited for, its output read, removed. Per round
-each variant runs once, in a rotated order; ``--n`` rounds.
+each variant runs once, in a new (seeded, shuffled) order.
 
 - *raw*: bare aiodocker ``containers.create``, ``start``, ``wait``, ``log``, ``delete`` on
   one open client (the floor);
@@ -20,6 +20,7 @@ this row alone), on each engine that answers.
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import tempfile
@@ -98,9 +99,9 @@ async def run_engine(kind: str, host: str, image: str, rounds: int) -> dict[str,
                     await run()
                 samples: dict[str, list[float]] = {name: [] for name in variants}
                 names = list(variants)
-                for i in range(rounds):
-                    k = i % len(names)
-                    for name in names[k:] + names[:k]:
+                shuffler = random.Random(11)  # a new order each round, the same each run
+                for _ in range(rounds):
+                    for name in shuffler.sample(names, len(names)):
                         started = time.perf_counter()
                         await variants[name]()
                         samples[name].append(time.perf_counter() - started)

@@ -5,8 +5,9 @@ The finish line of every start is the same event: Redis answers ``PING`` with ``
 the published port. A bare TCP accept is not used: Docker's port proxy accepts on the host
 port before Redis listens inside, so an accept would time the proxy, not the service.
 
-1. **Start.** ``--n`` rounds; each round runs every variant once, in a rotated order (so the
-   drift of a shared machine falls on all alike), and removes what it started (untimed):
+1. **Start.** ``--n`` rounds; each round runs every variant once, in a new (seeded, shuffled)
+   order so the drift of a shared machine and the leftovers of the previous start fall on
+   all alike, and removes what it started (untimed):
 
    - *raw*: aiodocker ``containers.create`` + ``start`` with the exact create body dspy_infra
      sends (the service network with the service's alias), then a ``PING`` every 5 ms;
@@ -42,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -224,6 +226,43 @@ _LEVELS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
 )
 
 
+def _engine_calls(metrics: InfraMetrics) -> list[str]:
+    """``operation: n calls, total ms`` per engine call recorded in ``metrics``."""
+    counts: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    for family in metrics.docker_api_duration_seconds.collect():
+        for sample in family.samples:
+            operation = sample.labels.get("operation", "")
+            if sample.name.endswith("_count"):
+                counts[operation] = counts.get(operation, 0) + sample.value
+            elif sample.name.endswith("_sum"):
+                sums[operation] = sums.get(operation, 0) + sample.value
+    return [f"{op:18s} n={counts[op]:3.0f}  {sums.get(op, 0) * 1000:8.1f} ms" for op in sorted(counts)]
+
+
+async def engine_call_rows(bench: Bench) -> None:
+    """Which engine calls one open, one single start and one graph make, and their time."""
+    for title, run in (
+        ("open a backend", None),
+        ("one start (ServiceManager.ensure)", bench.dspy),
+        ("the graph (ServiceManager.ensure)", bench.graph_wall),
+    ):
+        metrics = InfraMetrics()
+        if run is None:
+            async with DockerBackend(bench.backend.settings, host=bench.host, metrics=metrics) as fresh:
+                await fresh.has_image(bench.images.redis)
+        else:
+            saved, bench.backend.metrics = bench.backend.metrics, metrics
+            try:
+                await run()
+            finally:
+                bench.backend.metrics = saved
+            await bench.clean()
+        print(f"{bench.kind:6s} engine calls: {title}")
+        for line in _engine_calls(metrics):
+            print(f"{bench.kind:6s}   {line}")
+
+
 def _testcontainers_missing() -> str:
     try:
         import testcontainers.community.redis  # noqa: F401
@@ -240,9 +279,12 @@ async def _rounds(
     for name in names:  # one untimed run of each warms the engine's caches and our pools
         await variants[name]()
         await bench.clean()
-    for i in range(rounds):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
+    shuffler = random.Random(11)  # seeded: the same orders each run
+    for _ in range(rounds):
+        # A new order each round: a rotation keeps each variant behind the same neighbour,
+        # whose leftovers (a force-removed container's network still being torn down) it
+        # would always inherit.
+        for name in shuffler.sample(names, len(names)):
             samples[name].append(await variants[name]())
             await bench.clean()
     return samples
@@ -311,6 +353,7 @@ async def run_engine(
     rounds: tuple[int, int, int],
     contexts: dict[str, tuple[bytes, str]],
     skip_tc: str,
+    calls: bool = False,
 ) -> dict[str, Any]:
     start_rounds, graph_rounds, container_rounds = rounds
     async with aiodocker.Docker(url=host) as docker:
@@ -328,6 +371,8 @@ async def run_engine(
             )
             try:
                 await backend.prepare([_spec("redis", images.redis, 0)])  # the network, once
+                if calls:
+                    await engine_call_rows(bench)
                 out = await start_rows(bench, start_rounds, skip_tc) if start_rounds else {}
                 if graph_rounds:
                     out |= await graph_rows(bench, graph_rounds)
@@ -351,6 +396,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--containers", type=int, default=10, help="container handler rounds (0: skip that row)"
     )
+    parser.add_argument(
+        "--calls", action="store_true", help="first print the engine calls of an open, a start and the graph"
+    )
     args = parser.parse_args(argv)
     kinds = engines.ENGINE_KINDS if args.engine == "all" else (args.engine,)
     # Its Ryuk reaper container image is not here offline; our rounds remove what they start.
@@ -368,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         os.environ["DOCKER_HOST"] = host  # testcontainers' docker client reads it
         rounds = (args.n, args.rounds, args.containers)
-        found = asyncio.run(run_engine(kind, host, rounds, contexts, skip_tc))
+        found = asyncio.run(run_engine(kind, host, rounds, contexts, skip_tc, args.calls))
         result |= {f"{kind}_{key}": value for key, value in found.items()}
     print(json.dumps(result, sort_keys=True))
 
