@@ -744,6 +744,13 @@ class ServiceManager(AsyncResource):
                 )
             except HealthCheckFailed:
                 continue
+            # Listed while its owner was still starting it, it had no published ports yet:
+            # keep the instance as it is now, or the monitor would probe no port.
+            if inst.state != "running":
+                current = await self._inspect_or_none(inst.id)
+                if current is None:
+                    continue
+                inst = current
             await anyio.to_thread.run_sync(self._write_lease, inst.name)
             self._managed[spec.name] = _Managed(
                 spec,
