@@ -1,44 +1,55 @@
-"""Service start cost through dspy_infra against raw aiodocker, on one real engine and image.
+"""Service start cost through dspy_infra against raw aiodocker and testcontainers, on the real
+engines (Docker Engine and Podman), the same Redis image, the same finish line.
 
-1. **Start overhead.** Alternating, ``--n`` times each, on the same engine and image (busybox
-   ``httpd``, built through the engine API from the host's ``/bin/busybox``):
+The finish line of every start is the same event: Redis answers ``PING`` with ``+PONG`` on
+the published port. A bare TCP accept is not used: Docker's port proxy accepts on the host
+port before Redis listens inside, so an accept would time the proxy, not the service.
 
-   - *raw*: aiodocker ``containers.create`` + ``start``, then poll the published port until
-     the service answers;
-   - *dspy_infra*: ``DockerBackend.run`` + ``wait_until_healthy`` (exactly what the
-     ``ServiceManager`` does for one service), with an ``http`` health check.
+1. **Start.** ``--n`` rounds; each round runs every variant once, in a new (seeded, shuffled)
+   order so the drift of a shared machine and the leftovers of the previous start fall on
+   all alike, and removes what it started (untimed):
 
-   Both stop the clock on the same event, the service's first answer on its published port
-   (the first bytes of its HTTP reply). A bare TCP accept is not used as the finish line:
-   Docker's port proxy accepts on the host port before anything listens inside, so an accept
-   would time the proxy, not the service. ``start_overhead_ratio`` = median dspy_infra time
-   over median raw time (target <= 1.05).
+   - *raw*: aiodocker ``containers.create`` + ``start`` with the exact create body dspy_infra
+     sends (the service network with the service's alias), then a ``PING`` every 5 ms;
+   - *raw_bridge*: the same on the engine's default ``bridge`` network (no user network: what
+     testcontainers and a plain ``docker run -p`` do), to show what the service network costs;
+   - *dspy*: ``ServiceManager.ensure(["redis"])`` on an open manager: the whole user path
+     (orphan sweep, adoption check, create, start, the ``redis`` health probe);
+   - *testcontainers*: ``RedisContainer(image).start()`` with its defaults (run in a worker
+     thread; its Ryuk reaper off: no Ryuk image offline; connection mode ``docker_host``),
+     where the package is installed.
 
-2. **Graph.** A three-level graph (``base`` -> ``left``, ``right`` -> ``top``) brought up by
-   ``ServiceManager.ensure`` against its critical path: the sum over levels of the slowest
-   *single* start in that level, each single start measured alone through the same path in
-   the same run (alternating with the graph runs). ``graph_ratio`` = median graph wall time
-   over median critical path (target <= 1.1). Siblings started together each take longer
-   than one started alone (the engine sets up their networks one at a time, on few cores),
-   so a second floor is measured too: raw aiodocker starting each level's containers at once,
-   level after level; ``graph_ratio_vs_raw_levels`` is what dspy_infra adds over that.
+   Ratios are medians of per-round ratios (the variants of a round ran back to back).
+   Target: ``start_ratio`` (dspy over raw) <= 1.05, and dspy ahead of testcontainers.
 
-Run ``bash scripts/engines.sh start`` first. Prints the figures; the last line is one JSON
-object. Removing containers between rounds is not timed.
+2. **Graph.** A three-level Redis graph (``base`` -> ``left``, ``right`` -> ``top``) brought up
+   by ``ServiceManager.ensure(["top"])`` against its critical path: the sum over levels of the
+   slowest *single* start in that level (``DockerBackend.run`` + the health wait, each alone),
+   measured in the same rounds. Also raw aiodocker starting each level's containers at once,
+   level after level (the engine's own cost of parallel starts). Target: ``graph_ratio`` <= 1.1.
+
+3. **Container handler.** The ``container`` task handler against a raw one-shot container
+   (``benchmarks/containers.py``). Target: the task <= 1.1x raw on both engines.
+
+Engines come from ``tests/engines.py`` (``bash scripts/engines.sh start``); the Redis image
+is built there from the host's ``redis-server`` (no registry needed). Prints each figure with
+its ratio; the last line is one JSON object (keys prefixed by engine).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +58,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the test image builders (one place for them)
 
 import aiodocker  # noqa: E402
-from engines import ensure_test_images, free_port, image_build_contexts  # noqa: E402
+import anyio  # noqa: E402
+import containers  # noqa: E402  (benchmarks/containers.py: the container handler row)
+import engines  # noqa: E402
 
 from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE  # noqa: E402
 from dspy_infra.backends.docker import DockerBackend, container_config  # noqa: E402
@@ -59,34 +72,31 @@ from dspy_infra.plugins import build_plugin_manager  # noqa: E402
 from dspy_infra.services.health import wait_until_healthy  # noqa: E402
 from dspy_infra.services.manager import ServiceManager  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "redis_answers"]
 
-_HOSTS = {"docker": "unix:///run/dspy-test/docker.sock", "podman": "unix:///run/dspy-test/podman.sock"}
-# A shell that traps TERM so stops between rounds are quick (httpd as PID 1 ignores TERM).
-_HTTPD = ["sh", "-c", 'httpd -f -p 8080 -h /www & trap "exit 0" TERM; wait']
-_POLL = 0.005  # raw path: seconds between attempts (tighter than any health backoff)
+_POLL = 0.005  # raw paths: seconds between PINGs (tighter than any health schedule)
 _SETTLE = 0.2  # after removing a container the engine still tears down its network: let it
+_PING = b"*1\r\n$4\r\nPING\r\n"
 
 
 def _spec(name: str, image: str, port: int, deps: Sequence[str] = ()) -> ServiceSpec:
     return ServiceSpec(
         name=name,
         image=image,
-        command=_HTTPD,
-        ports=[PortMapping(8080, port)],
+        ports=[PortMapping(6379, port)],
         depends_on=[DependsOn(d) for d in deps],
-        health=HealthCheck(kind="http", path="/index.html", interval=0.5, startup_timeout=60),
+        health=HealthCheck(kind="redis", interval=0.5, startup_timeout=60),
     )
 
 
-async def _first_answer(port: int) -> None:
-    """Poll until the service behind 127.0.0.1:port answers an HTTP request (raw sockets)."""
+async def redis_answers(port: int, host: str = "127.0.0.1") -> None:
+    """Poll until Redis behind ``host:port`` answers PING with +PONG (raw sockets)."""
     while True:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(host, port)
             try:
-                writer.write(b"GET /index.html HTTP/1.0\r\n\r\n")
-                if await reader.read(12):
+                writer.write(_PING)
+                if (await reader.readline()).startswith(b"+PONG"):
                     return
             finally:
                 writer.close()
@@ -95,65 +105,118 @@ async def _first_answer(port: int) -> None:
         await asyncio.sleep(_POLL)
 
 
-async def raw_start(
-    docker: aiodocker.Docker, spec: ServiceSpec, network: str, labels: dict[str, str]
-) -> tuple[float, str]:
-    # The same create body dspy_infra sends, built before the clock starts.
-    config = container_config(spec, instance_name=spec.name, labels=labels, network=network)
-    name = f"bench-raw-{uuid.uuid4().hex[:8]}"
-    started = time.perf_counter()
-    container = await docker.containers.create(config, name=name)
-    await container.start()
-    await _first_answer(spec.ports[0].host_port or 0)
-    return time.perf_counter() - started, container.id
+def _median_ratio(top: list[float], bottom: list[float]) -> float:
+    return statistics.median(t / b for t, b in zip(top, bottom, strict=True))
 
 
-async def dspy_start(backend: DockerBackend, spec: ServiceSpec, labels: dict[str, str]) -> tuple[float, str]:
-    name = f"bench-dspy-{uuid.uuid4().hex[:8]}"
-    started = time.perf_counter()
-    instance = await backend.run(spec, instance_name=name, labels=labels)
-    await wait_until_healthy(backend, spec, instance)
-    return time.perf_counter() - started, instance.id
+class Bench:
+    """One engine: an open backend (its own network and owner), the images, the samples."""
 
+    def __init__(self, kind: str, host: str, backend: DockerBackend, images: engines.TestImages, home: Path):
+        self.kind, self.host, self.backend, self.images, self.home = kind, host, backend, images, home
+        self.owner = backend.settings.resolved_owner()
 
-async def _clean(backend: DockerBackend, owner: str) -> None:
-    for instance in await backend.list_instances({LABEL_OWNER: owner}):
-        await backend.remove(instance.id)
+    def labels(self, service: str) -> dict[str, str]:
+        return {LABEL_OWNER: self.owner, LABEL_SERVICE: service}
 
+    async def clean(self) -> None:
+        for instance in await self.backend.list_instances({LABEL_OWNER: self.owner}):
+            await self.backend.remove(instance.id)
+        await asyncio.sleep(_SETTLE)
 
-async def start_overhead(backend: DockerBackend, image: str, n: int) -> dict[str, Any]:
-    owner = backend.settings.resolved_owner()
-    labels = {LABEL_OWNER: owner, LABEL_SERVICE: "web"}
-    await backend.prepare([_spec("web", image, free_port())])
-    # One untimed round of each warms the engine's caches and our connection pool.
-    await raw_start(backend.docker, _spec("web", image, free_port()), backend.network, labels)
-    await dspy_start(backend, _spec("web", image, free_port()), labels)
-    await _clean(backend, owner)
-    raw: list[float] = []
-    ours: list[float] = []
-    for i in range(n):
-        order = ("raw", "dspy") if i % 2 == 0 else ("dspy", "raw")
-        for which in order:
-            spec = _spec("web", image, free_port())
-            if which == "raw":
-                raw.append((await raw_start(backend.docker, spec, backend.network, labels))[0])
-            else:
-                ours.append((await dspy_start(backend, spec, labels))[0])
-            await _clean(backend, owner)
-            await asyncio.sleep(_SETTLE)
-    raw_ms, ours_ms = statistics.median(raw) * 1000, statistics.median(ours) * 1000
-    # Each round's two starts ran back to back: the median of their ratios cancels the drift
-    # of a machine shared with other work better than a ratio of medians does.
-    ratio = statistics.median(o / r for o, r in zip(ours, raw, strict=True))
-    print(f"start  raw aiodocker   median {raw_ms:7.1f} ms  (min {min(raw) * 1000:6.1f}, n={n})")
-    print(f"start  dspy_infra      median {ours_ms:7.1f} ms  (min {min(ours) * 1000:6.1f}, n={n})")
-    print(f"start  overhead ratio  {ratio:.3f}  (median of per-round ratios; target <= 1.05)")
-    return {
-        "raw_start_ms": raw_ms,
-        "dspy_start_ms": ours_ms,
-        "start_overhead_ratio": ratio,
-        "start_overhead_ratio_of_medians": ours_ms / raw_ms,
-    }
+    def manager(self, specs: Sequence[ServiceSpec]) -> ServiceManager:
+        settings = Settings(
+            home=self.home, backend="docker", network=self.backend.network, owner=self.backend.settings.owner
+        )
+        return ServiceManager(
+            settings,
+            bus=EventBus(),
+            metrics=InfraMetrics(),
+            plugins=build_plugin_manager(load_entry_points=False),
+            backend=self.backend,
+            extra_services=specs,
+        )
+
+    # -- single starts -------------------------------------------------------------------
+
+    async def raw(self, *, bridge: bool = False, service: str = "redis") -> float:
+        port = engines.free_port()
+        spec = _spec(service, self.images.redis, port)
+        network = "bridge" if bridge else self.backend.network
+        config = container_config(spec, instance_name=service, labels=self.labels(service), network=network)
+        started = time.perf_counter()
+        container = await self.backend.docker.containers.create(
+            config, name=f"bench-raw-{uuid.uuid4().hex[:8]}"
+        )
+        await container.start()
+        await redis_answers(port)
+        return time.perf_counter() - started
+
+    async def dspy(self) -> float:
+        async with self.manager([_spec("redis", self.images.redis, engines.free_port())]) as manager:
+            started = time.perf_counter()
+            await manager.ensure(["redis"])
+            elapsed = time.perf_counter() - started
+            await manager.stop(timeout=2)
+        return elapsed
+
+    async def single(self, name: str) -> float:
+        """One service alone through the backend and the health wait (the graph's unit)."""
+        spec = _spec(name, self.images.redis, engines.free_port())
+        started = time.perf_counter()
+        instance = await self.backend.run(
+            spec, instance_name=f"bench-{name}-{uuid.uuid4().hex[:8]}", labels=self.labels(name)
+        )
+        await wait_until_healthy(self.backend, spec, instance)
+        return time.perf_counter() - started
+
+    async def testcontainers(self) -> float:
+        from testcontainers.community.redis import RedisContainer
+
+        def run() -> float:
+            container = RedisContainer(self.images.redis)  # its docker client: before the clock
+            container.with_kwargs(labels=self.labels("testcontainers"))
+            started = time.perf_counter()
+            container.start()  # returns once its redis client's PING succeeded
+            elapsed = time.perf_counter() - started
+            container.stop()
+            return elapsed
+
+        return await anyio.to_thread.run_sync(run)
+
+    # -- graph ---------------------------------------------------------------------------
+
+    async def graph_wall(self) -> float:
+        specs = [
+            _spec(name, self.images.redis, engines.free_port(), deps)
+            for level in _LEVELS
+            for name, deps in level
+        ]
+        async with self.manager(specs) as manager:
+            started = time.perf_counter()
+            await manager.ensure(["top"])
+            elapsed = time.perf_counter() - started
+            await manager.stop(timeout=2)
+        return elapsed
+
+    async def critical_path(self) -> float:
+        total = 0.0
+        for level in _LEVELS:
+            slowest = 0.0
+            for name, _deps in level:
+                slowest = max(slowest, await self.single(name))
+                await self.clean()
+            total += slowest
+        return total
+
+    async def raw_levels(self) -> float:
+        total = 0.0
+        for level in _LEVELS:
+            started = time.perf_counter()
+            await asyncio.gather(*(self.raw(service=name) for name, _deps in level))
+            total += time.perf_counter() - started
+            await self.clean()
+        return total
 
 
 _LEVELS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
@@ -163,103 +226,138 @@ _LEVELS: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
 )
 
 
-def _graph_specs(image: str) -> list[ServiceSpec]:
-    return [_spec(name, image, free_port(), deps) for level in _LEVELS for name, deps in level]
+def _engine_calls(metrics: InfraMetrics) -> list[str]:
+    """``operation: n calls, total ms`` per engine call recorded in ``metrics``."""
+    counts: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    for family in metrics.docker_api_duration_seconds.collect():
+        for sample in family.samples:
+            operation = sample.labels.get("operation", "")
+            if sample.name.endswith("_count"):
+                counts[operation] = counts.get(operation, 0) + sample.value
+            elif sample.name.endswith("_sum"):
+                sums[operation] = sums.get(operation, 0) + sample.value
+    return [f"{op:18s} n={counts[op]:3.0f}  {sums.get(op, 0) * 1000:8.1f} ms" for op in sorted(counts)]
 
 
-async def critical_path(backend: DockerBackend, image: str) -> float:
-    """Sum over levels of the slowest single start, each started alone."""
-    owner = backend.settings.resolved_owner()
-    total = 0.0
-    for level in _LEVELS:
-        slowest = 0.0
-        for name, _deps in level:
-            spec = _spec(name, image, free_port())
-            elapsed, _id = await dspy_start(backend, spec, {LABEL_OWNER: owner, LABEL_SERVICE: name})
-            slowest = max(slowest, elapsed)
-            await _clean(backend, owner)
-        total += slowest
-    return total
+async def engine_call_rows(bench: Bench) -> None:
+    """Which engine calls one open, one single start and one graph make, and their time."""
+    for title, run in (
+        ("open a backend", None),
+        ("one start (ServiceManager.ensure)", bench.dspy),
+        ("the graph (ServiceManager.ensure)", bench.graph_wall),
+    ):
+        metrics = InfraMetrics()
+        if run is None:
+            async with DockerBackend(bench.backend.settings, host=bench.host, metrics=metrics) as fresh:
+                await fresh.has_image(bench.images.redis)
+        else:
+            saved, bench.backend.metrics = bench.backend.metrics, metrics
+            try:
+                await run()
+            finally:
+                bench.backend.metrics = saved
+            await bench.clean()
+        print(f"{bench.kind:6s} engine calls: {title}")
+        for line in _engine_calls(metrics):
+            print(f"{bench.kind:6s}   {line}")
 
 
-async def raw_levels(backend: DockerBackend, image: str) -> float:
-    """The engine's own floor for the graph: raw aiodocker starts each level's containers
-    at once (waiting for all to answer), levels one after another."""
-    owner = backend.settings.resolved_owner()
-    total = 0.0
-    for level in _LEVELS:
-        specs = [_spec(name, image, free_port()) for name, _deps in level]
-        started = time.perf_counter()
-        await asyncio.gather(
-            *(
-                raw_start(
-                    backend.docker, spec, backend.network, {LABEL_OWNER: owner, LABEL_SERVICE: spec.name}
-                )
-                for spec in specs
-            )
+def _testcontainers_missing() -> str:
+    try:
+        import testcontainers.community.redis  # noqa: F401
+    except ImportError as exc:
+        return f"testcontainers[redis] is not installed ({exc}); pip install 'testcontainers>=4.8' redis"
+    return ""
+
+
+async def _rounds(
+    bench: Bench, variants: dict[str, Callable[[], Awaitable[float]]], rounds: int
+) -> dict[str, list[float]]:
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:  # one untimed run of each warms the engine's caches and our pools
+        await variants[name]()
+        await bench.clean()
+    shuffler = random.Random(11)  # seeded: the same orders each run
+    for _ in range(rounds):
+        # A new order each round: a rotation keeps each variant behind the same neighbour,
+        # whose leftovers (a force-removed container's network still being torn down) it
+        # would always inherit.
+        for name in shuffler.sample(names, len(names)):
+            samples[name].append(await variants[name]())
+            await bench.clean()
+    return samples
+
+
+async def start_rows(bench: Bench, rounds: int, skip_tc: str) -> dict[str, Any]:
+    variants: dict[str, Callable[[], Awaitable[float]]] = {
+        "raw": bench.raw,
+        "raw_bridge": lambda: bench.raw(bridge=True),
+        "dspy": bench.dspy,
+    }
+    if not skip_tc:
+        variants["testcontainers"] = bench.testcontainers
+    samples = await _rounds(bench, variants, rounds)
+    out: dict[str, Any] = {}
+    for name, values in samples.items():
+        ms = statistics.median(values) * 1000
+        ratio = _median_ratio(values, samples["raw"])
+        out[f"start_{name}_ms"] = round(ms, 1)
+        out[f"start_{name}_over_raw"] = round(ratio, 3)
+        print(
+            f"{bench.kind:6s} start {name:15s} median {ms:7.1f} ms  (min {min(values) * 1000:6.1f})"
+            f"  x{ratio:.3f} of raw  (n={rounds})"
         )
-        total += time.perf_counter() - started
-        await _clean(backend, owner)
-    return total
+    out["start_ratio"] = out["start_dspy_over_raw"]
+    print(f"{bench.kind:6s} start dspy/raw        {out['start_ratio']:.3f}  (target <= 1.05)")
+    if skip_tc:
+        print(f"{bench.kind:6s} start testcontainers  skipped: {skip_tc}")
+    else:
+        vs_tc = _median_ratio(samples["dspy"], samples["testcontainers"])
+        out["start_dspy_over_testcontainers"] = round(vs_tc, 3)
+        print(f"{bench.kind:6s} start dspy/testcont.  {vs_tc:.3f}  (target < 1: ahead of testcontainers)")
+    return out
 
 
-async def graph_wall(backend: DockerBackend, image: str, home: Path) -> float:
-    settings = Settings(home=home, backend="docker", network=backend.network, owner=backend.settings.owner)
-    specs = _graph_specs(image)
-    async with ServiceManager(
-        settings,
-        bus=EventBus(),
-        metrics=InfraMetrics(),
-        plugins=build_plugin_manager(load_entry_points=False),
-        backend=backend,
-        extra_services=specs,
-    ) as manager:
-        started = time.perf_counter()
-        await manager.ensure(["top"])
-        elapsed = time.perf_counter() - started
-        await manager.stop(timeout=5)
-    await _clean(backend, backend.settings.resolved_owner())
-    return elapsed
-
-
-async def graph(backend: DockerBackend, image: str, rounds: int, home: Path) -> dict[str, Any]:
-    await graph_wall(backend, image, home)  # warm-up, untimed
-    samples: dict[str, list[float]] = {"wall": [], "path": [], "raw_levels": []}
-    for i in range(rounds):
-        # Rotate the order so machine load drifts over all three alike.
-        order = ["wall", "path", "raw_levels"][i % 3 :] + ["wall", "path", "raw_levels"][: i % 3]
-        for which in order:
-            if which == "wall":
-                samples[which].append(await graph_wall(backend, image, home))
-            elif which == "path":
-                samples[which].append(await critical_path(backend, image))
-            else:
-                samples[which].append(await raw_levels(backend, image))
-    wall_ms, path_ms, raw_ms = (statistics.median(samples[k]) * 1000 for k in ("wall", "path", "raw_levels"))
-    print(f"graph  3 levels wall    median {wall_ms:7.1f} ms  (ServiceManager.ensure, n={rounds})")
-    print(f"graph  critical path    median {path_ms:7.1f} ms  (sum of slowest single start per level)")
-    print(
-        f"graph  raw level floor  median {raw_ms:7.1f} ms  (raw aiodocker, each level's containers at once)"
+async def graph_rows(bench: Bench, rounds: int) -> dict[str, Any]:
+    samples = await _rounds(
+        bench, {"wall": bench.graph_wall, "path": bench.critical_path, "raw_levels": bench.raw_levels}, rounds
     )
-    # Per-round ratios (the three runs of a round are back to back), then their median.
-    ratio = statistics.median(w / p for w, p in zip(samples["wall"], samples["path"], strict=True))
-    vs_raw = statistics.median(w / r for w, r in zip(samples["wall"], samples["raw_levels"], strict=True))
-    print(f"graph  ratio            {ratio:.3f}  (median of per-round ratios; target <= 1.1)")
-    print(f"graph  ratio vs raw     {vs_raw:.3f}  (over the engine's own cost of parallel starts)")
+    wall, path, raw = (statistics.median(samples[k]) * 1000 for k in ("wall", "path", "raw_levels"))
+    ratio = _median_ratio(samples["wall"], samples["path"])
+    vs_raw = _median_ratio(samples["wall"], samples["raw_levels"])
+    print(
+        f"{bench.kind:6s} graph 3 levels wall    median {wall:7.1f} ms  (ServiceManager.ensure, n={rounds})"
+    )
+    print(
+        f"{bench.kind:6s} graph critical path    median {path:7.1f} ms  (sum of the slowest single start per level)"
+    )
+    print(
+        f"{bench.kind:6s} graph raw level floor  median {raw:7.1f} ms  (raw aiodocker, a level's containers at once)"
+    )
+    print(f"{bench.kind:6s} graph wall/path        {ratio:.3f}  (target <= 1.1)")
+    print(f"{bench.kind:6s} graph wall/raw levels  {vs_raw:.3f}")
     return {
-        "graph_wall_ms": wall_ms,
-        "critical_path_ms": path_ms,
-        "raw_levels_ms": raw_ms,
-        "graph_ratio": ratio,
-        "graph_ratio_vs_raw_levels": vs_raw,
+        "graph_wall_ms": round(wall, 1),
+        "graph_critical_path_ms": round(path, 1),
+        "graph_raw_levels_ms": round(raw, 1),
+        "graph_ratio": round(ratio, 3),
+        "graph_over_raw_levels": round(vs_raw, 3),
     }
 
 
-async def run(
-    engine: str, host: str, n: int, rounds: int, contexts: dict[str, tuple[bytes, str]]
+async def run_engine(
+    kind: str,
+    host: str,
+    rounds: tuple[int, int, int],
+    contexts: dict[str, tuple[bytes, str]],
+    skip_tc: str,
+    calls: bool = False,
 ) -> dict[str, Any]:
+    start_rounds, graph_rounds, container_rounds = rounds
     async with aiodocker.Docker(url=host) as docker:
-        images = await ensure_test_images(docker, contexts)
+        images = await engines.ensure_test_images(docker, contexts)
     with tempfile.TemporaryDirectory(prefix="dspy-bench-") as tmp:
         settings = Settings(
             home=Path(tmp) / "home",
@@ -267,32 +365,59 @@ async def run(
             owner=f"bench-{uuid.uuid4().hex[:8]}",
         )
         async with DockerBackend(settings, host=host) as backend:
+            bench = Bench(kind, host, backend, images, Path(tmp) / "manager-home")
+            print(
+                f"{kind:6s} engine {backend.engine} API {backend.api_version} at {host}; image {images.redis}"
+            )
             try:
-                print(
-                    f"engine {engine} ({backend.engine}, API {backend.api_version}) at {host}; image {images.busybox}"
-                )
-                result: dict[str, Any] = {"engine": engine}
-                result |= await start_overhead(backend, images.busybox, n)
-                result |= await graph(backend, images.busybox, rounds, Path(tmp) / "graph-home")
-                return result
+                await backend.prepare([_spec("redis", images.redis, 0)])  # the network, once
+                if calls:
+                    await engine_call_rows(bench)
+                out = await start_rows(bench, start_rounds, skip_tc) if start_rounds else {}
+                if graph_rounds:
+                    out |= await graph_rows(bench, graph_rounds)
+                if container_rounds:
+                    out |= await containers.run_engine(kind, host, images.busybox, container_rounds)
+                return out
             finally:
-                await _clean(backend, settings.resolved_owner())
-                try:
-                    await (await backend.docker.networks.get(settings.network)).delete()
-                except aiodocker.DockerError:
-                    pass
+                with anyio.CancelScope(shield=True):
+                    await bench.clean()
+                    with contextlib.suppress(aiodocker.DockerError):
+                        await (await backend.docker.networks.get(settings.network)).delete()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", choices=sorted(_HOSTS), default="docker")
-    parser.add_argument("--host", help="engine address (default: the engines.sh socket of --engine)")
-    parser.add_argument("--n", type=int, default=40, help="starts of each kind")
-    parser.add_argument("--rounds", type=int, default=6, help="graph runs (and critical-path runs)")
+    parser.add_argument("--engine", choices=[*engines.ENGINE_KINDS, "all"], default="all")
+    parser.add_argument(
+        "--n", type=int, default=10, help="start rounds (each runs every variant once; 0: skip)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="graph rounds (0: skip the graph)")
+    parser.add_argument(
+        "--containers", type=int, default=10, help="container handler rounds (0: skip that row)"
+    )
+    parser.add_argument(
+        "--calls", action="store_true", help="first print the engine calls of an open, a start and the graph"
+    )
     args = parser.parse_args(argv)
-    host = args.host or os.environ.get(f"DSPY_INFRA_TEST_{args.engine.upper()}_HOST") or _HOSTS[args.engine]
-    contexts = image_build_contexts()  # reads host files: before the event loop starts
-    result = asyncio.run(run(args.engine, host, args.n, args.rounds, contexts))
+    kinds = engines.ENGINE_KINDS if args.engine == "all" else (args.engine,)
+    # Its Ryuk reaper container image is not here offline; our rounds remove what they start.
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    # The engines publish ports on this host's 127.0.0.1. Inside a container testcontainers
+    # would otherwise guess a gateway address (and fails on Podman, whose list has no HostConfig).
+    os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+    skip_tc = _testcontainers_missing()
+    contexts = engines.image_build_contexts()  # reads host files: before any event loop
+    result: dict[str, Any] = {}
+    for kind in kinds:
+        host = engines._host_for(kind)
+        if not engines._ping(host):
+            print(f"{kind:6s} skipped: no engine answers at {host} (bash scripts/engines.sh start)")
+            continue
+        os.environ["DOCKER_HOST"] = host  # testcontainers' docker client reads it
+        rounds = (args.n, args.rounds, args.containers)
+        found = asyncio.run(run_engine(kind, host, rounds, contexts, skip_tc, args.calls))
+        result |= {f"{kind}_{key}": value for key, value in found.items()}
     print(json.dumps(result, sort_keys=True))
 
 

@@ -192,6 +192,21 @@ class Backend(AsyncResource):
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
         """Create and start one instance of ``spec``; return it as started."""
 
+    async def create(
+        self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]
+    ) -> Instance | None:
+        """Create an instance of ``spec`` without starting it (state ``created``), so a start
+        that must first wait for other services has its slow part done ahead; ``start``
+        runs it, ``remove`` drops it. None when this backend has nothing to do ahead (a
+        process starts in one step): then ``run`` it when its time comes."""
+        return None
+
+    async def start(self, instance: Instance) -> Instance:
+        """Start an instance ``create`` made; return it as started. On failure it is removed."""
+        raise BackendError(
+            f"the {type(self).__name__} creates nothing ahead of a start", field="backend", fix="use run()"
+        )
+
     @abc.abstractmethod
     async def inspect(self, instance_id: str) -> Instance:
         """Current state of one instance; ``NotFound`` if it is gone."""

@@ -4,8 +4,10 @@ This is the scheduler's only way to the container engines (it knows services onl
 this handler). It uses the ``docker`` backend (Docker Engine or Podman) at the scheduler's
 ``settings.docker_host``: one backend per engine and network, opened by the first attempt
 that needs it and kept in the scheduler's ``SharedResources`` (closed when the scheduler
-closes), because opening one costs a version call (about 1 s on Podman). Called outside a
-scheduler (``ctx.shared`` is None) it opens one for the call and closes it after.
+closes), so attempts share its connection pool. Called outside a scheduler (``ctx.shared``
+is None) it opens one for the call and closes it after (opening asks the engine one
+``GET /_ping``, under a millisecond); a caller running many passes a ``SharedResources`` it
+owns and closes.
 
 Payload (all strings, as on the wire):
 

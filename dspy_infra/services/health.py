@@ -2,13 +2,14 @@
 
 A probe answers "is this instance ready right now?" with a ``ProbeResult(ok, message,
 duration)`` and never raises for an unhealthy service (only for a programming error).
-``wait_until_healthy`` retries a probe with exponential backoff and full jitter under the
-check's overall ``startup_timeout``; when that runs out it raises ``HealthCheckFailed``
-carrying the last probe failure and the service's last log lines. It also stops waiting as
-soon as the instance has exited, since a dead process will not turn healthy.
+``wait_until_healthy`` retries a probe, pausing in proportion to the time already waited
+(from 5 ms up to the check's ``interval``), under the check's overall ``startup_timeout``;
+when that runs out it raises ``HealthCheckFailed`` carrying the last probe failure and the
+service's last log lines. It also stops waiting (within a quarter second) once the instance
+has exited, since a dead process will not turn healthy.
 
-Of the check's fields, ``interval`` caps the retry delay (and paces the manager's monitor),
-``timeout`` bounds one probe, ``startup_timeout`` the whole wait and ``retries`` is how many
+Of the check's fields, ``interval`` caps the pause between startup probes (and paces the
+manager's monitor), ``timeout`` bounds one probe, ``startup_timeout`` the whole wait and ``retries`` is how many
 failed probes in a row the monitor tolerates before calling a running service unhealthy.
 ``start_period`` needs no handling: during startup every failure is tolerated until
 ``startup_timeout`` anyway.
@@ -49,8 +50,17 @@ __all__ = [
     "wait_until_healthy",
 ]
 
-#: First retry delay of the startup wait; doubles up to the check's ``interval``.
-FIRST_PROBE_DELAY = 0.01
+#: Shortest pause between two probes of the startup wait.
+MIN_PROBE_DELAY = 0.005
+#: The pause grows with the time already waited (this fraction of it), up to the check's
+#: ``interval``: a service that becomes ready after ``t`` seconds is seen at most about
+#: ``PROBE_DELAY_FRACTION * t`` late, and a wait of ``t`` seconds costs about
+#: ``ln(t / 0.1) / PROBE_DELAY_FRACTION`` probes after its first 0.1 s (some 50 for one second).
+PROBE_DELAY_FRACTION = 0.05
+#: Seconds between the engine checks of the startup wait ("has the instance exited?"): an
+#: engine call per failed probe would cost more than the probes (about 8 ms per inspect on
+#: Podman) and delay the next probe by as much.
+_EXIT_CHECK_EVERY = 0.25
 
 
 @attrs.frozen
@@ -260,12 +270,13 @@ async def last_log_lines(backend: Backend, spec: ServiceSpec, instance_id: str, 
     return lines[-n:]
 
 
-def probe_backoff(attempt: int, ceiling: float) -> float:
-    """Seconds before probe number ``attempt + 1`` of a starting service."""
-    # Exponential from FIRST_PROBE_DELAY, capped at the check interval, with "full jitter" between
-    # half and all of it so many services probed together do not knock in step.
-    delay = min(ceiling, FIRST_PROBE_DELAY * (2**attempt))
-    return random.uniform(delay / 2, delay)
+def probe_delay(waited: float, ceiling: float) -> float:
+    """The pause before the next startup probe after ``waited`` seconds of waiting: short at
+    first (a service is usually ready within a second), growing with the wait, never above
+    ``ceiling`` (the check's interval), with a little jitter so services probed together
+    do not knock in step."""
+    delay = min(ceiling, max(MIN_PROBE_DELAY, PROBE_DELAY_FRACTION * waited))
+    return random.uniform(0.8 * delay, delay)
 
 
 async def wait_until_healthy(
@@ -277,31 +288,28 @@ async def wait_until_healthy(
     timeout: float | None = None,
 ) -> ProbeResult:
     """Probe until the first success; ``HealthCheckFailed`` (with last failure and log lines)
-    when ``timeout`` (default: the check's ``startup_timeout``) runs out or the instance exits."""
+    when ``timeout`` (default: the check's ``startup_timeout``) runs out or the instance exits.
+
+    Only the probe decides readiness (a ``redis`` check needs ``+PONG``, an ``http`` check
+    its status; an engine's port proxy accepting is not enough). Between failed probes the
+    pause grows with the time waited (``probe_delay``); whether the instance has exited is
+    asked of the engine at most every ``_EXIT_CHECK_EVERY`` seconds, and once more before
+    giving up.
+    """
     check = spec.health
     probe = probe_for(check)
     budget = check.startup_timeout if timeout is None else timeout
-    deadline = time.monotonic() + budget
-    last = ProbeResult(False, "not probed yet")
-    attempt = 0
+    began = time.monotonic()
+    deadline = began + budget
+    next_exit_check = began + _EXIT_CHECK_EVERY
     while True:
         last = await run_probe(probe, backend, spec, instance, metrics=metrics)
         if last.ok:
             return last
-        try:
-            current = await backend.inspect(instance.id)
-        except NotFound:
-            raise HealthCheckFailed(
-                spec.name, last_failure=f"instance disappeared (last probe: {last.message})"
-            ) from None
-        instance = current  # a container that was only "created" gets its published ports on start
-        if current.state == "exited":
-            failure = (
-                f"exited with code {current.exit_code} before becoming healthy (last probe: {last.message})"
-            )
-            raise HealthCheckFailed(
-                spec.name, last_failure=failure, last_logs=await last_log_lines(backend, spec, instance.id)
-            )
+        now = time.monotonic()
+        if now >= next_exit_check or now >= deadline:
+            instance = await _still_running(backend, spec, instance, last)
+            next_exit_check = time.monotonic() + _EXIT_CHECK_EVERY
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise HealthCheckFailed(
@@ -310,5 +318,22 @@ async def wait_until_healthy(
                 last_logs=await last_log_lines(backend, spec, instance.id),
                 timeout=budget,
             )
-        await anyio.sleep(min(remaining, probe_backoff(attempt, check.interval)))
-        attempt += 1
+        await anyio.sleep(min(remaining, probe_delay(now - began, check.interval)))
+
+
+async def _still_running(
+    backend: Backend, spec: ServiceSpec, instance: Instance, last: ProbeResult
+) -> Instance:
+    """The instance as the engine sees it now; ``HealthCheckFailed`` if it is gone or exited."""
+    try:
+        current = await backend.inspect(instance.id)
+    except NotFound:
+        raise HealthCheckFailed(
+            spec.name, last_failure=f"instance disappeared (last probe: {last.message})"
+        ) from None
+    if current.state == "exited":
+        failure = f"exited with code {current.exit_code} before becoming healthy (last probe: {last.message})"
+        raise HealthCheckFailed(
+            spec.name, last_failure=failure, last_logs=await last_log_lines(backend, spec, instance.id)
+        )
+    return current  # a container that was only "created" gets its published ports on start

@@ -16,9 +16,11 @@ import struct
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import anyio
+import attrs
 import pytest
 from engines import (
     Engine,
@@ -28,6 +30,8 @@ from engines import (
     engine,
     engine_backend,
     engine_kind,
+    engine_settings,
+    free_port,
     podman_engine,
     registry,
     unique_name,
@@ -56,6 +60,7 @@ from dspy_infra.errors import (
     BackendError,
     BackendUnavailable,
     DeadlineExceeded,
+    InfraError,
     NotFound,
     SpecError,
 )
@@ -673,3 +678,74 @@ async def test_owners_creating_the_network_at_once_leave_one(engine: Engine, tmp
         await _remove_network(backends[0])
         for backend in backends:
             await backend.aclose()
+
+
+async def test_open_asks_only_ping_and_pins_the_api_version(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: open asked GET /version twice (once itself, once through aiodocker's "auto"
+    # API version), about 300 ms each on Podman: the container handler paid it per call.
+    paths: list[str] = []
+    real_query = aiodocker.Docker._do_query
+
+    async def recording_query(self: aiodocker.Docker, path: Any, method: str, **kwargs: Any) -> Any:
+        paths.append(str(path))  # a spy: the real call runs
+        return await real_query(self, path, method, **kwargs)
+
+    monkeypatch.setattr(aiodocker.Docker, "_do_query", recording_query)
+    async with DockerBackend(engine_settings(tmp_path), host=engine.host) as backend:
+        assert backend.engine == engine.kind
+        assert backend.api_version and backend.docker.api_version == f"v{backend.api_version}"
+        assert await backend.has_image(engine.images.busybox)
+    assert paths[0] == "_ping" and not any("version" in p for p in paths), paths
+
+
+async def test_create_then_start_is_run_in_two_steps(engine_backend: DockerBackend, engine: Engine) -> None:
+    spec = ServiceSpec(
+        name=unique_name("web"),
+        image=engine.images.busybox,
+        command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+        ports=[PortMapping(8080, 0)],
+    )
+    await engine_backend.prepare([spec])
+    created = await engine_backend.create(
+        spec, instance_name=unique_name("web"), labels=_labels(engine_backend, spec.name)
+    )
+    assert created is not None and created.state == "created" and created.ports == {}
+    assert created.labels[LABEL_SERVICE] == spec.name and created.address == spec.name
+    seen = await engine_backend.inspect(created.id)
+    assert (seen.id, seen.name, seen.state) == (created.id, created.name, "created")
+    started = await engine_backend.start(created)
+    assert started.id == created.id and started.state == "running"
+    assert started.ports[8080][1] > 0  # published (engine-chosen) on start
+    await engine_backend.remove(started.id)
+    # A pinned host port is known before the start: the started instance says what an
+    # inspect would say, without asking.
+    pinned = attrs.evolve(spec, name=unique_name("pinned"), ports=[PortMapping(8080, free_port())])
+    created = await engine_backend.create(
+        pinned, instance_name=unique_name("pinned"), labels=_labels(engine_backend, pinned.name)
+    )
+    assert created is not None
+    started = await engine_backend.start(created)
+    assert started.state == "running"
+    assert (
+        started.ports
+        == (await engine_backend.inspect(created.id)).ports
+        == {8080: ("127.0.0.1", pinned.ports[0].host_port)}
+    )
+    await engine_backend.remove(started.id)
+
+
+async def test_a_created_instance_that_cannot_start_is_removed(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    spec = ServiceSpec(name=unique_name("bad"), image=engine.images.busybox, command=["/no/such/binary"])
+    await engine_backend.prepare([spec])
+    created = await engine_backend.create(
+        spec, instance_name=unique_name("bad"), labels=_labels(engine_backend, spec.name)
+    )
+    assert created is not None
+    with pytest.raises(InfraError):
+        await engine_backend.start(created)
+    with pytest.raises(NotFound):
+        await engine_backend.inspect(created.id)

@@ -320,8 +320,61 @@ async def test_run_probe_labels_outcomes(redis_port: int, backend: ProcessBacken
     )
 
 
-@given(st.integers(0, 40), st.floats(0.01, 30))
-def test_backoff_is_jittered_exponential_and_capped(attempt: int, ceiling: float) -> None:
-    delay = health_mod.probe_backoff(attempt, ceiling)
-    full = min(ceiling, health_mod.FIRST_PROBE_DELAY * 2**attempt)
-    assert full / 2 <= delay <= full
+@given(st.floats(0, 1e6), st.floats(0.01, 30))
+def test_startup_probe_delay_grows_with_the_wait_and_is_capped(waited: float, ceiling: float) -> None:
+    delay = health_mod.probe_delay(waited, ceiling)
+    full = min(ceiling, max(health_mod.MIN_PROBE_DELAY, health_mod.PROBE_DELAY_FRACTION * waited))
+    assert 0.8 * full <= delay <= full <= ceiling
+
+
+class _CountingInspects(ProcessBackend):
+    """The real process backend, counting the engine checks the startup wait makes."""
+
+    inspects = 0
+
+    async def inspect(self, instance_id: str) -> Instance:
+        self.inspects += 1
+        return await super().inspect(instance_id)
+
+
+async def test_startup_wait_probes_often_but_asks_the_backend_rarely(tmp_path: Path) -> None:
+    # Regression: the wait asked the backend "exited yet?" after every failed probe (an
+    # engine call each, ~8 ms on Podman, delaying the next probe by as much).
+    port = free_port()  # nothing listens: every probe fails until the timeout
+    spec = _spec("tcp", port, startup_timeout=0.8)
+    async with _CountingInspects(home=tmp_path) as backend:
+        holder = await _holder(backend, port)
+        metrics = InfraMetrics()
+        with pytest.raises(HealthCheckFailed):
+            await wait_until_healthy(backend, spec, holder, metrics=metrics)
+        await backend.remove(holder.id)
+    snap = metrics.snapshot(["env_manager_service_health_check_duration_seconds"])
+    probes = snap[
+        'env_manager_service_health_check_duration_seconds_count{service_name="svc",status="unhealthy"}'
+    ]
+    assert probes >= 20  # a quick schedule: a service ready early is seen early
+    assert 1 <= backend.inspects <= 6 < probes  # about one engine check per quarter second
+
+
+async def test_redis_service_is_not_healthy_while_its_port_only_accepts(backend: ProcessBackend) -> None:
+    # What an engine's port proxy (or a server still loading) looks like: the port accepts,
+    # but PING gets no +PONG. The wait must go on until Redis itself answers.
+    answering = anyio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if answering.is_set():
+            await reader.readline()
+            writer.write(b"+PONG\r\n")
+            await writer.drain()
+        writer.close()  # accepted, then closed without an answer
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        holder = await _holder(backend, port)
+        with pytest.raises(HealthCheckFailed) as info:
+            await wait_until_healthy(backend, _spec("redis", port, startup_timeout=0.5), holder)
+        assert "redis" in info.value.last_failure and "PONG" not in info.value.last_failure
+        answering.set()
+        result = await wait_until_healthy(backend, _spec("redis", port), holder)
+    assert result.ok and "+PONG" in result.message

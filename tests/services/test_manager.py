@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import manager_dags
 
-from dspy_infra.backends.base import LABEL_OWNER, Backend
+from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE, Backend
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.config import Settings
@@ -433,6 +433,34 @@ async def test_failing_required_service_stops_the_start_with_its_reason(kit: Kit
         assert await _owned(kit) == []  # what this start had brought up was stopped again
         statuses = await mgr.status(["app", "sibling"])
         assert {s.status for s in statuses.values()} == {ServiceStatus.STOPPED}
+
+
+async def test_dependents_are_created_while_their_dependencies_start(kit: Kit) -> None:
+    # The create/start split: a container engine creates a dependent's instance at once (the
+    # slow part on Podman's vfs storage) and only starts it once its dependencies are ready.
+    if kit.settings.backend == "process":
+        pytest.skip("the process backend creates nothing ahead of a start (a process starts in one step)")
+    bus = EventBus()
+    owner = kit.settings.resolved_owner()
+    seen: list[tuple[str, bool]] = []  # (state of top's instance, was base healthy by then)
+
+    async def watch_top() -> None:
+        while True:
+            for inst in await kit.backend.list_instances({LABEL_OWNER: owner, LABEL_SERVICE: "top"}):
+                seen.append((inst.state, "base" in _events(bus, "service_healthy")))
+            await anyio.sleep(0.05)
+
+    async with _manager(kit, _http(kit, "base", delay=1.0), _http(kit, "top", "base"), bus=bus) as mgr:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_top)
+            await mgr.ensure(["top"])
+            tg.cancel_scope.cancel()
+        assert ("created", False) in seen  # created before base was healthy...
+        starting, healthy = _events(bus, "service_starting"), _events(bus, "service_healthy")
+        assert starting["top"].timestamp >= healthy["base"].timestamp  # ...started only after
+        assert await _http_ok(*mgr.endpoint("top"))
+        await mgr.stop()
+    assert await _owned(kit) == []
 
 
 async def test_one_shot_job_gates_its_dependent(kit: Kit, tmp_path: Path) -> None:
