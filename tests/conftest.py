@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from engines import remove_session_networks
 from harness import open_scheduler
 
 from dspy_infra.backends.process import ProcessBackend
@@ -50,3 +51,8 @@ async def process_backend(tmp_path: Path) -> AsyncIterator[ProcessBackend]:
         yield b
         for inst in await b.list_instances({}):
             await b.remove(inst.id)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The per-test networks go with the session (see ``engines.engine_settings``)."""
+    remove_session_networks()

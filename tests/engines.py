@@ -324,9 +324,46 @@ def podman_engine() -> Engine:
     return _engine("podman")
 
 
+#: Networks this session's tests asked for (by name); removed from every engine at its end.
+#: A network per test and none removed used up Docker's default address pools (31 bridge
+#: networks) after a few runs, and every later network create failed.
+_session_networks: set[str] = set()
+
+
 def engine_settings(tmp_path: Path) -> Settings:
     # A network per test keeps overlapping runs from seeing each other's aliases.
-    return Settings(home=tmp_path / "home", network=unique_name("net"), owner=unique_name("owner"))
+    network = unique_name("net")
+    _session_networks.add(network)
+    return Settings(home=tmp_path / "home", network=network, owner=unique_name("owner"))
+
+
+def remove_session_networks() -> list[str]:
+    """Remove the networks this session's tests created, on every engine that answers.
+
+    Called once at the end of the session (tests/conftest.py); returns what it removed."""
+    names = set(_session_networks)
+    if not names:
+        return []
+
+    async def sweep(host: str) -> list[str]:
+        removed: list[str] = []
+        async with aiodocker.Docker(url=host) as docker:
+            for network in await docker.networks.list():
+                if network.get("Name") in names:
+                    try:
+                        await (await docker.networks.get(network["Id"])).delete()
+                        removed.append(str(network["Name"]))
+                    except aiodocker.DockerError:
+                        pass  # still in use by a leftover container: the engine keeps it
+        return removed
+
+    removed: list[str] = []
+    for kind in ENGINE_KINDS:
+        host = _host_for(kind)
+        if _ping(host):
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                removed += pool.submit(asyncio.run, sweep(host)).result()
+    return removed
 
 
 async def _open_backend(engine: Engine, tmp_path: Path) -> AsyncIterator[DockerBackend]:
@@ -343,11 +380,13 @@ async def _open_backend(engine: Engine, tmp_path: Path) -> AsyncIterator[DockerB
 
 
 async def _remove_network(backend: DockerBackend) -> None:
-    try:
-        network = await backend.docker.networks.get(backend.network)
-        await network.delete()
-    except aiodocker.DockerError:
-        pass
+    # Every network of the name: a failed race may have left more than one.
+    for found in await backend.docker.networks.list(filters={"name": [backend.network]}):
+        if found.get("Name") == backend.network:
+            try:
+                await (await backend.docker.networks.get(found["Id"])).delete()
+            except aiodocker.DockerError:
+                pass
 
 
 @pytest.fixture
