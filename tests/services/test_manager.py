@@ -435,11 +435,11 @@ async def test_failing_required_service_stops_the_start_with_its_reason(kit: Kit
         assert {s.status for s in statuses.values()} == {ServiceStatus.STOPPED}
 
 
+# Container engines only: the process backend creates nothing ahead (a process starts in one step).
+@pytest.mark.parametrize("backend", ["docker", "podman"], indirect=True)
 async def test_dependents_are_created_while_their_dependencies_start(kit: Kit) -> None:
     # The create/start split: a container engine creates a dependent's instance at once (the
     # slow part on Podman's vfs storage) and only starts it once its dependencies are ready.
-    if kit.settings.backend == "process":
-        pytest.skip("the process backend creates nothing ahead of a start (a process starts in one step)")
     bus = EventBus()
     owner = kit.settings.resolved_owner()
     seen: list[tuple[str, bool]] = []  # (state of top's instance, was base healthy by then)

@@ -81,7 +81,11 @@ def test_up_keep_services_down(tmp_path: Path) -> None:
     try:
         listed = _run("services", "--json", cwd=tmp_path)  # a new process: adopts the kept one
         assert listed.returncode == 0, listed.stderr
-        redis = json.loads(listed.stdout)["redis"]
+        # Seen once in a full run (1 in 1027 tests, not again in 14 reruns): "redis" missing
+        # from the list. Say what the new process saw if it happens again.
+        found = json.loads(listed.stdout)
+        assert "redis" in found, (listed.stdout, listed.stderr, _run("status", cwd=tmp_path).stdout)
+        redis = found["redis"]
         assert redis["status"] == "healthy" and redis["port"] != 6379
         assert redis["url"] == f"redis://127.0.0.1:{redis['port']}/0"
         table = _run("services", cwd=tmp_path)
