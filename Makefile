@@ -53,6 +53,8 @@ bench: venv
 	$(BIN)/python benchmarks/services.py
 	if [ -f benchmarks/containers.py ]; then $(BIN)/python benchmarks/containers.py; fi
 	$(BIN)/python benchmarks/workflows.py
+	# The ray executor against bare Ray on the two-node cluster (make ray-start; needs EXTRAS=ray).
+	if $(BIN)/python -c 'import ray' 2>/dev/null; then RAY_AUTH_MODE=token $(BIN)/python benchmarks/executors.py; else echo 'benchmarks/executors.py: skipped (no ray: make venv EXTRAS=ray)'; fi
 
 # As root on Debian: the engines and servers the engine tests use (what CI installs).
 engines-deps:
