@@ -36,6 +36,9 @@ One attempt of a task is one batch job:
 - A memory-only scheduler keeps no handles (its tasks do not outlive it). With nothing to
   adopt, a later attempt of a task first cancels any job of it still queued or running
   (an earlier scancel failed): two copies of one task never run at once.
+
+Size: a little over 600 lines: one executor; the sbatch script, the squeue/scontrol watcher
+and adoption share the job records, and the handle journal is already its own module.
 """
 
 from __future__ import annotations
