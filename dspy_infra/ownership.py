@@ -76,6 +76,7 @@ __all__ = [
     "same_process",
     "start_time_of",
     "sweep_action",
+    "write_durably",
 ]
 
 _log = logging.getLogger(__name__)
@@ -245,20 +246,8 @@ class AttemptRegistry:
 
     def write(self, record: AttemptRecord) -> Path:
         """Write ``record`` atomically and durably (blocking)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record.task_id, record.attempt)
-        fd, tmp = tempfile.mkstemp(prefix=".attempt-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(record.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self.directory)
+        write_durably(path, record.to_json())
         return path
 
     def remove(self, task_id: str, attempt: int) -> None:
@@ -285,6 +274,24 @@ class AttemptRegistry:
                 continue
             out.append((path, AttemptRecord.from_json(text)))
         return out
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably (blocking): a crash leaves the old
+    file or the new one, and the new one is on disk (file and directory entry) on return."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

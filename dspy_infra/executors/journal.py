@@ -21,14 +21,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ..ownership import durable_scope
+from ..ownership import durable_scope, write_durably
 
 __all__ = ["HANDLES_DIR", "HandleJournal", "RemoteHandle"]
 
@@ -88,30 +87,9 @@ class HandleJournal:
     def write(self, handle: RemoteHandle) -> None:
         """Record ``handle`` atomically and durably: a crash leaves the old file or the new
         one, and a handle written is on disk before the caller submits anything."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         doc = json.dumps(attrs.asdict(handle), separators=(",", ":"), ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(prefix=".handle-", dir=self.directory)
-        try:
-            os.write(fd, doc.encode("utf-8", "surrogatepass"))
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, self.path_for(handle.task_id))
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._sync_directory()
+        write_durably(self.path_for(handle.task_id), doc)
 
     def remove(self, task_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path_for(task_id))
-
-    def _sync_directory(self) -> None:
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
