@@ -221,8 +221,16 @@ def refuse_remote_command(settings: Settings, what: str, field: str) -> None:
 
 
 def runs_command(payload: Mapping[str, Any]) -> bool:
+    """Whether a payload may run a command or code the client chose, wherever its class runs.
+
+    Not only the handler: the Slurm executor runs ``cmd`` whatever the handler says, the Ray
+    executor runs ``cmd`` as ``exec`` when no handler is named, and a ``"module:function"``
+    handler imports code on the Ray cluster. Judging by the handler alone let a remote
+    ``{"cmd": ...}`` to such a class through under exec_policy "embedded"."""
+    if "cmd" in payload:
+        return True
     handler = payload.get("handler")
-    return isinstance(handler, str) and (handler in COMMAND_HANDLERS or "{{" in handler)
+    return isinstance(handler, str) and (handler in COMMAND_HANDLERS or "{{" in handler or ":" in handler)
 
 
 def check_remote_payload(settings: Settings, payload: Mapping[str, Any], field: str) -> None:

@@ -357,6 +357,15 @@ def test_remote_commands_are_refused_under_exec_policy(
                 pb.SubmitTaskRequest(id="x2", payload={"handler": "container", "image": "alpine"}), timeout=10
             ),
             lambda: envm.ExecuteTask(env.ExecuteTaskRequest(task_id="x3", payload=cmd), timeout=10),
+            # No handler named: the Slurm and Ray executors run `cmd` anyway.
+            lambda: orch.SubmitTask(
+                pb.SubmitTaskRequest(id="x5", payload={"cmd": f"touch {marker}"}, **{"class": "gpu_slurm"}),
+                timeout=10,
+            ),
+            # An import path runs code the client chose on a Ray cluster.
+            lambda: orch.SubmitTask(
+                pb.SubmitTaskRequest(id="x6", payload={"handler": "os:system"}), timeout=10
+            ),
             lambda: orch.CreateWorkflow(
                 pb.CreateWorkflowRequest(
                     id="wf", spec=json.dumps({"steps": [{"name": "a", "payload": cmd}]}).encode()
