@@ -48,6 +48,7 @@ import attrs
 
 __all__ = [
     "ATTEMPT_ENV",
+    "LABEL_NETWORK",
     "LABEL_OWNER",
     "LABEL_OWNER_PID",
     "LABEL_OWNER_STARTED",
@@ -476,6 +477,9 @@ LABEL_OWNER_PID = "dspy_infra.owner_pid"
 LABEL_OWNER_STARTED = "dspy_infra.owner_started"
 LABEL_SERVICE = "dspy_infra.service"
 LABEL_SPEC_HASH = "dspy_infra.spec_hash"
+#: On a network this library created (value "1"): only such a network is ever removed, and only
+#: once no container of anyone is on it; a network a user made and named in settings is left.
+LABEL_NETWORK = "dspy_infra.network"
 
 
 def owner_labels(owner: str) -> dict[str, str]:

@@ -188,6 +188,13 @@ class Backend(AsyncResource):
         """Once before a start: create the shared network / check binaries exist. Raises
         ``MissingBinary`` / ``BackendError`` naming the service and what to install."""
 
+    async def release(self) -> bool:
+        """After an owner stopped all its services: remove what ``prepare`` created and nobody
+        uses any more (the docker backend's service network, when it created it and no
+        container of anyone is on it). True when something was removed. Never raises: what
+        is still in use stays for its users."""
+        return False
+
     @abc.abstractmethod
     async def run(self, spec: ServiceSpec, *, instance_name: str, labels: Mapping[str, str]) -> Instance:
         """Create and start one instance of ``spec``; return it as started."""

@@ -45,6 +45,7 @@ from ..errors import (
 )
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
+from ..ownership import LABEL_NETWORK
 from .base import (
     LABEL_SERVICE,
     Backend,
@@ -120,6 +121,13 @@ def translate_docker_error(exc: BaseException, *, operation: str, target: str = 
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return BackendUnavailable(f"{what}: {exc}", field="docker_host", fix=_START_ENGINE_FIX)
     return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _names_missing_network(exc: InfraError) -> bool:
+    """A create refused because its network is gone (Docker: 404 "network X not found";
+    Podman: "unable to find network ... network not found")."""
+    lowered = exc.message.lower()
+    return "network" in lowered and "not found" in lowered
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,7 +557,12 @@ class DockerBackend(Backend):
             try:
                 async with self._api("network_create", self.network):
                     reply = await self.docker.networks.create(
-                        {"Name": self.network, "Driver": "bridge", "CheckDuplicate": True}
+                        {
+                            "Name": self.network,
+                            "Driver": "bridge",
+                            "CheckDuplicate": True,
+                            "Labels": {LABEL_NETWORK: "1"},
+                        }
                     )
                     created = str(reply.id)
             except AlreadyExists:
@@ -582,6 +595,32 @@ class DockerBackend(Backend):
                         await (await self.docker.networks.get(created)).delete()
             await anyio.sleep(0.05)
 
+    async def release(self) -> bool:
+        if self.network in BUILTIN_NETWORKS:
+            return False
+        self._network_ready = False  # whatever happens below, the next create checks again
+        try:
+            async with self._api("network_list", self.network):
+                found = await self.docker.networks.list(filters={"name": [self.network]})
+            ours = [
+                str(n.get("Id", ""))
+                for n in found
+                if n.get("Name") == self.network and (n.get("Labels") or {}).get(LABEL_NETWORK) == "1"
+            ]
+            if not ours:
+                return False  # gone, or a network the user made: not ours to remove
+            # Created and exited containers count: a created one is attached only at its start.
+            filters = json.dumps({"network": [self.network]})
+            async with self._api("container_list", self.network):
+                if await self.docker.containers.list(all=True, filters=filters):
+                    return False
+            for network_id in ours:
+                async with self._api("network_remove", self.network):
+                    await (await self.docker.networks.get(network_id)).delete()
+        except InfraError:
+            return False  # a container arrived meanwhile (the engine refuses), or it is gone
+        return True
+
     async def has_image(self, image: str) -> bool:
         try:
             async with self._api("image_inspect", image):
@@ -611,10 +650,16 @@ class DockerBackend(Backend):
         await self._ensure_network()
         try:
             container = await self._create(config, instance_name)
-        except NotFound as exc:
-            if exc.field != "image":
+        except InfraError as exc:
+            if isinstance(exc, NotFound) and exc.field == "image":
+                await self._ensure_image(spec.image)
+            elif _names_missing_network(exc):
+                # Another owner's ``release`` removed the shared network between our check
+                # and this create: make it again.
+                self._network_ready = False
+                await self._ensure_network()
+            else:
                 raise
-            await self._ensure_image(spec.image)
             container = await self._create(config, instance_name)
         if all(p.host_port for p in spec.ports if p.host_port is not None):
             self._pinned_ports[str(container.id)] = {
@@ -633,8 +678,16 @@ class DockerBackend(Backend):
     async def start(self, instance: Instance) -> Instance:
         pinned = self._pinned_ports.pop(instance.id, None)
         try:
-            async with self._api("container_start", instance.name):
-                await self.docker.containers.container(instance.id).start()
+            try:
+                await self._start_container(instance)
+            except InfraError as exc:
+                if not _names_missing_network(exc):
+                    raise
+                # Docker lets another owner's ``release`` remove the network under a created
+                # container; the engine finds it again by name once it exists.
+                self._network_ready = False
+                await self._ensure_network()
+                await self._start_container(instance)
         except BaseException:
             # A created-but-unstartable container would leak: remove it, then report.
             with anyio.CancelScope(shield=True):
@@ -645,6 +698,10 @@ class DockerBackend(Backend):
             # racing a fast exit only once the exit is handled: tens of ms, so not always.)
             return await self.inspect(instance.id)
         return attrs.evolve(instance, state="running", ports=pinned, started_at=time.time())
+
+    async def _start_container(self, instance: Instance) -> None:
+        async with self._api("container_start", instance.name):
+            await self.docker.containers.container(instance.id).start()
 
     async def _create(
         self, config: dict[str, Any], instance_name: str

@@ -833,6 +833,9 @@ class ServiceManager(AsyncResource):
             async with anyio.create_task_group() as tg:
                 for name in wave:
                     tg.start_soon(self._stop_one, name, timeout, results)
+        # The shared network goes with the last container on it (anyone's), so a `down`
+        # leaves nothing of ours on the engine.
+        await self.backend.release()
         return {name: results[name] for name in stop_order(self.catalog, targets)}
 
     async def _stop_one(self, name: str, timeout: float, results: dict[str, str]) -> None:

@@ -65,6 +65,7 @@ from dspy_infra.errors import (
     SpecError,
 )
 from dspy_infra.models import HealthCheck, Instance, PortMapping, Resources, ServiceSpec, VolumeMount
+from dspy_infra.ownership import LABEL_NETWORK
 
 # Fixtures from engines.py, imported so pytest sees them in this module.
 __all__ = ["docker_engine", "engine", "engine_backend", "engine_kind", "podman_engine", "registry"]
@@ -749,3 +750,79 @@ async def test_a_created_instance_that_cannot_start_is_removed(
         await engine_backend.start(created)
     with pytest.raises(NotFound):
         await engine_backend.inspect(created.id)
+
+
+async def _network_names(backend: DockerBackend) -> list[str]:
+    found = await backend.docker.networks.list(filters={"name": [backend.network]})
+    return [n["Name"] for n in found if n["Name"] == backend.network]
+
+
+async def test_release_removes_the_network_it_made_once_no_container_is_on_it(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    # Regression: `dspy-infra down` left the service network behind, unlabelled, so nothing
+    # could tell it from a user's.
+    spec = ServiceSpec(name=unique_name("idle"), image=engine.images.busybox, command=["sleep", "30"])
+    await engine_backend.prepare([spec])
+    labels = (await engine_backend.docker.networks.list(filters={"name": [engine_backend.network]}))[0][
+        "Labels"
+    ]
+    assert labels == {LABEL_NETWORK: "1"}
+    instance = await _run(engine_backend, spec)
+    # Anyone's container on it (running, created or exited) keeps it.
+    assert await engine_backend.release() is False
+    assert await _network_names(engine_backend) == [engine_backend.network]
+    await engine_backend.stop(instance.id, timeout=0)
+    assert await engine_backend.release() is False  # exited, not yet removed
+    await engine_backend.remove(instance.id)
+    assert await engine_backend.release() is True
+    assert await _network_names(engine_backend) == []
+    assert await engine_backend.release() is False  # nothing left to remove: no error
+    # The next start makes it again.
+    again = await _run(engine_backend, spec)
+    assert await _network_names(engine_backend) == [engine_backend.network]
+    await engine_backend.remove(again.id)
+
+
+async def test_release_never_removes_a_network_the_user_made(engine: Engine, tmp_path: Path) -> None:
+    settings = engine_settings(tmp_path)
+    async with DockerBackend(settings, host=engine.host) as backend:
+        await backend.docker.networks.create({"Name": backend.network, "Driver": "bridge"})
+        try:
+            await backend.prepare([])
+            assert await backend.release() is False
+            assert await _network_names(backend) == [backend.network]
+        finally:
+            await _remove_network(backend)
+
+
+async def test_a_network_released_under_a_create_or_a_start_is_made_again(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # Two owners share the network: one's release may run between the other's network check
+    # and its create, or (Docker allows it) between its create and its start.
+    settings = engine_settings(tmp_path)
+    spec = ServiceSpec(name=unique_name("late"), image=engine.images.busybox, command=["true"])
+    async with (
+        DockerBackend(settings, host=engine.host) as starter,
+        DockerBackend(attrs.evolve(settings, owner=unique_name("other")), host=engine.host) as leaver,
+    ):
+        try:
+            await starter.prepare([spec])
+            assert await leaver.release() is True
+            instance = await _run(starter, spec)
+            assert await _wait_exit_code(starter, instance.id) == 0
+            await starter.remove(instance.id)
+            created = await starter.create(
+                spec, instance_name=unique_name("late"), labels=_labels(starter, spec.name)
+            )
+            assert created is not None
+            assert await leaver.release() is False  # a created container counts as on it
+            if engine.kind == "docker":  # Podman refuses to remove a network a created container names
+                await _remove_network(leaver)
+                assert await _network_names(leaver) == []
+            started = await starter.start(created)
+            assert await _wait_exit_code(starter, started.id) == 0
+            await starter.remove(started.id)
+        finally:
+            await _remove_network(starter)

@@ -463,6 +463,27 @@ async def test_dependents_are_created_while_their_dependencies_start(kit: Kit) -
     assert await _owned(kit) == []
 
 
+@pytest.mark.parametrize("backend", ["docker", "podman"], indirect=True)
+async def test_stopping_every_service_removes_the_network_the_start_made(kit: Kit) -> None:
+    # Regression: `dspy-infra down` left the service network on the engine, for good.
+    docker = kit.backend.docker  # type: ignore[attr-defined]
+    network = kit.settings.network
+
+    async def networks() -> list[str]:
+        return [
+            n["Name"] for n in await docker.networks.list(filters={"name": [network]}) if n["Name"] == network
+        ]
+
+    async with _manager(kit, _http(kit, "a"), _http(kit, "b")) as mgr:
+        await mgr.ensure(["a", "b"])
+        assert await networks() == [network]
+        await mgr.stop(["a"])
+        assert await networks() == [network]  # b still runs on it
+        await mgr.stop()
+        assert await networks() == []
+    assert await _owned(kit) == []
+
+
 async def test_one_shot_job_gates_its_dependent(kit: Kit, tmp_path: Path) -> None:
     bus = EventBus()
     volumes, inside = kit.shared_dir(tmp_path)
