@@ -405,15 +405,13 @@ def _instance_from_inspect(data: Mapping[str, Any]) -> Instance:
     )
 
 
-#: Podman's libpod API (any 4.x or later version prefix routes to it).
-_LIBPOD_PREFIX = "v4.0.0/libpod"
 #: (polling interval, seconds for that stage) of a wait on Podman; the last has no end.
 _PODMAN_WAIT_STAGES: tuple[tuple[str, float], ...] = (("10ms", 1.0), ("50ms", 10.0), ("250ms", math.inf))
 
 
-async def _identify_engine(docker: aiodocker.Docker) -> tuple[str, str]:
-    """``("docker" | "podman", API version)`` of the engine behind ``docker``, and pin that
-    version on the client.
+async def _identify_engine(docker: aiodocker.Docker) -> tuple[str, str, str]:
+    """``("docker" | "podman", API version, libpod API version)`` of the engine behind
+    ``docker`` (the last is "" unless Podman names it), and pin the API version on the client.
 
     From the headers of ``GET /_ping`` (``Api-Version``; Podman adds ``Libpod-Api-Version``):
     under a millisecond on both engines, where ``GET /version`` takes about 300 ms on Podman
@@ -424,6 +422,8 @@ async def _identify_engine(docker: aiodocker.Docker) -> tuple[str, str]:
         headers = response.headers
         await response.read()
     api_version = headers.get("Api-Version", "")
+    libpod = headers.get("Libpod-Api-Version", "")
+    libpod = libpod if re.fullmatch(r"\d+\.\d+(\.\d+)?", libpod) else ""
     if headers.get("Libpod-Api-Version") or headers.get("Server", "").lower().startswith("libpod"):
         engine = "podman"
     else:
@@ -432,9 +432,9 @@ async def _identify_engine(docker: aiodocker.Docker) -> tuple[str, str]:
         version = await docker.version()  # also pins aiodocker's API version
         components = " ".join(str(c.get("Name", "")) for c in version.get("Components") or ())
         engine = "podman" if "podman" in components.lower() else engine
-        return engine, str(version.get("ApiVersion", ""))
+        return engine, str(version.get("ApiVersion", "")), libpod
     docker.api_version = f"v{api_version}"
-    return engine, api_version
+    return engine, api_version, libpod
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,6 +456,8 @@ class DockerBackend(Backend):
         #: "docker" or "podman", known after ``open()``.
         self.engine = ""
         self.api_version = ""
+        #: Podman's own API version (its ``Libpod-Api-Version``), "" elsewhere.
+        self.libpod_api_version = ""
         self._docker: aiodocker.Docker | None = None
         self._network_ready = False
         #: Podman only: when each container's image HEALTHCHECK may run next (monotonic time).
@@ -512,7 +514,7 @@ class DockerBackend(Backend):
         try:
             with anyio.fail_after(10):
                 async with self._api("ping", self.address):
-                    self.engine, self.api_version = await _identify_engine(docker)
+                    self.engine, self.api_version, self.libpod_api_version = await _identify_engine(docker)
         except BaseException as exc:
             await docker.close()
             if isinstance(exc, TimeoutError):
@@ -608,7 +610,7 @@ class DockerBackend(Backend):
 
     async def wait_exit(self, instance_id: str) -> int:
         # aiodocker sets no client timeout on wait: the caller's timeout bounds it.
-        if self.engine == "podman":
+        if self.engine == "podman" and self.libpod_api_version:
             return await self._podman_wait_exit(instance_id)
         async with self._api("container_wait", instance_id):
             reply = await self.docker.containers.container(instance_id).wait()
@@ -619,7 +621,7 @@ class DockerBackend(Backend):
         """Podman's wait endpoints look at the container every ``interval`` (250 ms unless
         told, and the Docker-compatible one cannot be told): an exit is seen up to 250 ms
         late, 125 ms on average, which was most of a short ``container`` task's gap to Docker.
-        Libpod's own endpoint takes the interval: 10 ms for the first second, 50 ms until
+        Libpod's own endpoint (at the version its ping names) takes the interval: 10 ms for the first second, 50 ms until
         10 s, then the default, so an exit is seen at most ~5 % of the wait late (the rule of
         the startup wait) without polling a long task 100 times a second. A stage that ends
         without the exit drops its request (Podman stops that wait) and the next one asks
@@ -628,7 +630,7 @@ class DockerBackend(Backend):
             with anyio.move_on_after(budget):
                 async with self._api("container_wait", instance_id):
                     reply = await self.docker._query_json(
-                        f"{_LIBPOD_PREFIX}/containers/{instance_id}/wait",
+                        f"v{self.libpod_api_version}/libpod/containers/{instance_id}/wait",
                         method="POST",
                         params={"condition": "stopped", "interval": interval},
                         versioned_api=False,
