@@ -64,7 +64,7 @@ async def run_engine(kind: str, host: str, image: str, rounds: int) -> dict[str,
             try:
                 counter = iter(range(1_000_000))
 
-                async def raw() -> None:
+                async def raw_one_shot(wait: Callable[[Any], Awaitable[object]]) -> None:
                     container = await docker.containers.create(
                         {
                             "Image": image,
@@ -73,30 +73,26 @@ async def run_engine(kind: str, host: str, image: str, rounds: int) -> dict[str,
                         }
                     )
                     await container.start()
-                    await container.wait()
+                    await wait(container)
                     await container.log(stdout=True, stderr=True)
                     await container.delete(force=True)
 
-                async def raw_libpod_wait() -> None:
-                    # Podman only: the same, but waiting through libpod's endpoint with a 10 ms
-                    # interval (its Docker-compatible wait looks every 250 ms), as the backend does.
-                    container = await docker.containers.create(
-                        {
-                            "Image": image,
-                            "Cmd": ["/bin/sh", "-c", _CMD],
-                            "HostConfig": {"NetworkMode": "none"},
-                        }
-                    )
-                    await container.start()
-                    await docker._query_json(
+                async def raw() -> None:
+                    await raw_one_shot(lambda container: container.wait())
+
+                async def libpod_wait(container: Any) -> object:
+                    # Podman only: libpod's wait endpoint with a 10 ms interval (its
+                    # Docker-compatible wait looks every 250 ms), as the backend does.
+                    return await docker._query_json(
                         f"v4.0.0/libpod/containers/{container.id}/wait",
                         method="POST",
                         params={"condition": "stopped", "interval": "10ms"},
                         versioned_api=False,
                         timeout=None,
                     )
-                    await container.log(stdout=True, stderr=True)
-                    await container.delete(force=True)
+
+                async def raw_libpod_wait() -> None:
+                    await raw_one_shot(libpod_wait)
 
                 async def handler() -> None:
                     payload = {"image": image, "cmd": _CMD}
