@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from ..config import CONFIG_FILE_NAME
 from ..config_doc import SettingDoc, render_config_template, render_settings_markdown, settings_reference
 from ..errors import AlreadyExists, InfraError, NotFound, SpecError
+from ..rpc import import_betterproto2_without_pydantic
 from . import serve, services, settings, tasks, workflows
 from .run import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CommandFailed, parse_pairs
 
@@ -157,6 +158,9 @@ def _fail(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # The command's own process, one thread so far: the only place where hiding pydantic
+    # from betterproto2 (a tenth of `serve`'s start) cannot race another import.
+    import_betterproto2_without_pydantic()
     try:
         args = build_parser().parse_args(argv)
         try:

@@ -52,4 +52,7 @@ def register(command: Command) -> None:
     i.add_argument("path", nargs="?", default=CONFIG_FILE_NAME, metavar="PATH")
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     cfg.add_parser("show", help="the effective settings as JSON")
-    cfg.add_parser("reference", help="the settings table of docs/configuration.md (markdown)")
+    cfg.add_parser(
+        "reference",
+        help="every setting with its environment variable, type, default and meaning (a markdown table)",
+    )

@@ -25,7 +25,6 @@ import grpclib.server
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
-from grpclib.health.service import Health
 
 from ..errors import (
     FailedPrecondition,
@@ -57,6 +56,7 @@ from ..wire import (
 from . import convert as cv
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
+from .health import Health
 
 if TYPE_CHECKING:
     from ..infra import Infra

@@ -32,6 +32,7 @@ from engines import (
     engine_kind,
     engine_settings,
     free_port,
+    podman_backend,
     podman_engine,
     registry,
     unique_name,
@@ -68,7 +69,15 @@ from dspy_infra.models import HealthCheck, Instance, PortMapping, Resources, Ser
 from dspy_infra.ownership import LABEL_NETWORK
 
 # Fixtures from engines.py, imported so pytest sees them in this module.
-__all__ = ["docker_engine", "engine", "engine_backend", "engine_kind", "podman_engine", "registry"]
+__all__ = [
+    "docker_engine",
+    "engine",
+    "engine_backend",
+    "engine_kind",
+    "podman_backend",
+    "podman_engine",
+    "registry",
+]
 
 # Requesting anyio_backend up front keeps anyio's plugin from re-creating these items at
 # collection finish, which would drop the engine parametrization.
@@ -826,3 +835,64 @@ async def test_a_network_released_under_a_create_or_a_start_is_made_again(
             await starter.remove(started.id)
         finally:
             await _remove_network(starter)
+
+
+async def test_wait_exit_gives_each_exit_code_on_every_engine(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    """The exit code of a one-shot container, whether it ends at once, fails, or outlives the
+    first stage of Podman's staged wait (1 s: the wait asks again with a longer interval)."""
+    for script, code in (("echo hi", 0), ("exit 3", 3), ("sleep 1.3; exit 5", 5)):
+        spec = ServiceSpec(name=unique_name("w"), image=engine.images.busybox, command=["sh", "-c", script])
+        instance = await _run(engine_backend, spec)
+        with anyio.fail_after(60):
+            assert await engine_backend.wait_exit(instance.id) == code, script
+        await engine_backend.remove(instance.id)
+
+
+async def test_wait_exit_on_podman_asks_libpod_with_a_short_interval(
+    podman_backend: DockerBackend, podman_engine: Engine
+) -> None:
+    """Podman's Docker-compatible wait looks at the container every 250 ms (an exit seen up to
+    250 ms late, which made the ``container`` task 1.38x a raw container); the backend asks
+    libpod's wait with a 10 ms interval first. A spy on the real client records the calls."""
+    docker = podman_backend.docker
+    asked: list[tuple[str, dict[str, Any]]] = []
+    real = docker._query_json
+
+    async def spy(path: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append((str(path), dict(kwargs.get("params") or {})))
+        return await real(path, *args, **kwargs)
+
+    spec = ServiceSpec(
+        name=unique_name("w"), image=podman_engine.images.busybox, command=["sh", "-c", "exit 4"]
+    )
+    instance = await _run(podman_backend, spec)
+    docker._query_json = spy  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(60):
+            assert await podman_backend.wait_exit(instance.id) == 4
+    finally:
+        del docker._query_json
+    waits = [(path, params) for path, params in asked if path.endswith("/wait")]
+    # At the libpod version Podman's ping names (a newer prefix is refused by older Podman).
+    assert waits and f"v{podman_backend.libpod_api_version}/libpod/containers/" in waits[0][0], waits
+    assert waits[0][1]["interval"] == "10ms", waits
+    await podman_backend.remove(instance.id)
+
+
+async def test_a_cancelled_wait_on_podman_leaves_the_container_waitable(
+    podman_backend: DockerBackend, podman_engine: Engine
+) -> None:
+    """Cancelling a wait (a task's timeout) drops the request; the container can still be
+    waited for and removed."""
+    spec = ServiceSpec(
+        name=unique_name("w"), image=podman_engine.images.busybox, command=["sh", "-c", "sleep 2"]
+    )
+    instance = await _run(podman_backend, spec)
+    with anyio.move_on_after(0.3) as scope:
+        await podman_backend.wait_exit(instance.id)
+    assert scope.cancelled_caught
+    with anyio.fail_after(60):
+        assert await podman_backend.wait_exit(instance.id) == 0
+    await podman_backend.remove(instance.id)

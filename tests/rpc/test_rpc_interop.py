@@ -209,6 +209,35 @@ def test_standard_grpc_health_service(server: ServeProcess) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_standard_grpc_health_watch_and_unknown_service(server: ServeProcess) -> None:
+    """The health service is ours (``rpc/health.py``, no protobuf): ``Watch`` streams SERVING
+    and stays open; an unknown service is NOT_FOUND for ``Check`` and SERVICE_UNKNOWN for
+    ``Watch``, as grpclib's service answered."""
+    from grpclib.health.v1 import health_pb2
+
+    response = health_pb2.HealthCheckResponse
+    with grpc.insecure_channel(server.addr) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=response.FromString,
+        )
+        watch = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=response.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        for service, expected in (("", response.SERVING), ("no.such.Service", response.SERVICE_UNKNOWN)):
+            stream = watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+            assert next(iter(stream)).status == expected
+            time.sleep(0.2)
+            assert stream.is_active()  # the stream stays open after the first answer
+            stream.cancel()
+
+
 def test_json_fields_and_old_maps_with_the_official_client(
     stubs: dict[str, Any], server: ServeProcess
 ) -> None:
