@@ -286,6 +286,8 @@ class RayExecutor(AsyncResource):
         self._available: dict[str, float] | None = None
         self._total: dict[str, float] | None = None
         self._inflight: Counter[str] = Counter()
+        #: Classes whose attempts a graceful stop leaves running (``leave_running``).
+        self._leaving: frozenset[str] = frozenset()
         self._poller = BackgroundTask(self._poll_capacity, "dspy_infra-ray-capacity")
 
     # -- lifetime -------------------------------------------------------------------------
@@ -302,6 +304,11 @@ class RayExecutor(AsyncResource):
         # (another scheduler, the app itself) may use it. Detached keepers stay too: they
         # hold the attempts a restart adopts.
         await self._poller.stop()
+
+    def leave_running(self, class_names: frozenset[str]) -> None:
+        """The owner stops gracefully: attempts of ``class_names`` cancelled from now on keep
+        running under their keeper, with their handles (``DetachableExecutor``)."""
+        self._leaving = class_names
 
     def _connect(self) -> None:
         ray = self._ray
@@ -505,7 +512,14 @@ class RayExecutor(AsyncResource):
             raise RayAttemptLost(
                 f"ray: the attempt keeper died (its node left the cluster?): {exc}"
             ) from None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()) and ctx.spec.task_class in self._leaving:
+                log.warning(
+                    "ray: the owner stops; attempt %s of task %r keeps running for the next start",
+                    key,
+                    ctx.spec.id,
+                )
+                raise
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
                 with contextlib.suppress(Exception):
                     await keeper.cancel.remote(key)

@@ -36,7 +36,9 @@ _FIELD_TYPES: dict[str, type] = {
     "adaptive": bool,
     "needs_gpu": bool,
     "executor": str,
+    "on_shutdown": str,
 }
+_STR_EXAMPLES = {"executor": 'e.g. "local"', "on_shutdown": 'e.g. "leave" or "cancel"'}
 
 
 def builtin_classes(hardware: HardwareInfo) -> list[TaskClass]:
@@ -76,7 +78,7 @@ def _field_value(cls_name: str, key: str, value: Any) -> Any:
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"must be true or false, got {value!r}", field=field)
     if kind is str and (not isinstance(value, str) or not value):
-        raise ConfigError(f"must be a non-empty string, got {value!r}", field=field, fix='e.g. "local"')
+        raise ConfigError(f"must be a non-empty string, got {value!r}", field=field, fix=_STR_EXAMPLES[key])
     return value
 
 

@@ -362,6 +362,44 @@ async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(
     await adoption_round(settings, task, runs, ended=ended if restart == "after_it_ended" else None)
 
 
+@pytest.mark.parametrize("restart", ["while_running", "after_it_ended"])
+async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
+    tmp_path: Path, namespace: str, restart: str
+) -> None:
+    # A durable scheduler stops (a deploy) mid-attempt: the attempt runs on under its keeper
+    # with its handle, and the next start adopts it (or collects its outcome). Runs once.
+    runs, ended = tmp_path / "runs", tmp_path / "ended"
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    cmd = f"echo run >> {runs}; sleep 5; echo finished; echo yes > {ended}"
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("train/deploy", "on_ray", cmd))
+        await wait_for_text(runs, timeout=120)
+    handle = HandleJournal(tmp_path).read("train/deploy")
+    assert handle is not None and handle.executor == "ray"
+    assert not ended.exists(), "the attempt was not running when the owner stopped"
+    if restart == "after_it_ended":
+        await wait_for_text(ended, timeout=60)
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        result = await sched.wait("train/deploy", timeout=120)
+        state = await sched.get("train/deploy")
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"] == "finished\n"
+    assert runs.read_text() == "run\n", "the attempt ran more than once"
+    assert state.attempts == 2  # the interrupted attempt, then the one that adopted it
+    assert HandleJournal(tmp_path).read("train/deploy") is None
+
+
+async def test_on_shutdown_cancel_ends_the_attempt_at_a_graceful_stop(tmp_path: Path, namespace: str) -> None:
+    pid_file = tmp_path / "pid"
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    settings["task_classes"]["on_ray"]["on_shutdown"] = "cancel"
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("ci", "on_ray", f"echo $$ > {pid_file}; exec sleep 300"))
+        pid = int(await wait_for_text(pid_file))
+    assert await _gone(pid), "the command outlived a graceful stop with on_shutdown = 'cancel'"
+    assert HandleJournal(tmp_path).read("ci") is None
+
+
 async def test_a_handle_the_keeper_does_not_know_runs_the_task_anew(tmp_path: Path, namespace: str) -> None:
     # The owner died after recording the handle but before the keeper had the attempt (or the
     # keeper was lost with its node): nothing to adopt, so the task runs, once.
