@@ -35,9 +35,12 @@ twice. Only when the keeper does not know the key (it never started, or the keep
 was lost) does the task run anew. A memory-only scheduler submits its attempts itself, one
 hop shorter: they end with this process (a restart has nothing to adopt them for).
 
-Cancel (task cancel, timeout, shutdown) asks the keeper to ``ray.cancel`` the attempt: a
-SIGINT that cancels the handler (``exec`` ends its process group), then, after
-``ray_remote.CANCEL_GRACE`` seconds, a forced cancel that kills the worker.
+Cancel (task cancel, timeout) asks the keeper to ``ray.cancel`` the attempt: a SIGINT that
+cancels the handler (``exec`` ends its process group), then, after
+``ray_remote.CANCEL_GRACE`` seconds, a forced cancel that kills the worker. A graceful stop
+of the owner cancels it the same way only for a class with ``on_shutdown = "cancel"``;
+otherwise (``leave_running``) the attempt runs on under its keeper, its handle kept, and the
+next start adopts it as after a crash.
 
 A lost worker, node or keeper fails the attempt with ``RayAttemptLost`` (retried per the
 task's ``max_attempts``); a cluster that does not answer at start is ``Unavailable``.

@@ -22,9 +22,11 @@ One attempt of a task is one batch job:
   A non-zero exit or a FAILED / TIMEOUT / NODE_FAIL / CANCELLED / ... state fails the attempt
   (``SlurmJobFailed``, which carries the same map); a submission Slurm refuses as invalid (bad
   partition, unknown gres) fails the task at once.
-- Cancelling the attempt (task cancel, task timeout, shutdown) runs ``scancel`` before the
+- Cancelling the attempt (task cancel, task timeout) runs ``scancel`` before the
   cancellation goes on, even if a second cancellation arrives meanwhile: a job never outlives
-  its attempt.
+  its attempt. A graceful stop of a durable owner does the same only for a class with
+  ``on_shutdown = "cancel"``; otherwise (``leave_running``) the job keeps running with its
+  handle and the next start adopts it, as after a crash.
 - Survives its owner: a durable scheduler records each attempt's handle (job name, comment
   tag, output paths) in its handle journal (``journal.py``, fsync) *before* ``sbatch``, and
   the job id right after. The task re-queued after a crash (SIGKILL included) first reads
