@@ -37,6 +37,7 @@ from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.ownership import end_leftover_attempts, pid_alive
+from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 HERE = Path(__file__).resolve().parent
@@ -374,8 +375,6 @@ async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
         await sched.submit(exec_task("train/deploy", "on_ray", cmd))
         await wait_for_text(runs, timeout=120)
-    handle = HandleJournal(tmp_path).read("train/deploy")
-    assert handle is not None and handle.executor == "ray"
     assert not ended.exists(), "the attempt was not running when the owner stopped"
     if restart == "after_it_ended":
         await wait_for_text(ended, timeout=60)
@@ -386,7 +385,6 @@ async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
     assert result.result["stdout"] == "finished\n"
     assert runs.read_text() == "run\n", "the attempt ran more than once"
     assert state.attempts == 2  # the interrupted attempt, then the one that adopted it
-    assert HandleJournal(tmp_path).read("train/deploy") is None
 
 
 async def test_on_shutdown_cancel_ends_the_attempt_at_a_graceful_stop(tmp_path: Path, namespace: str) -> None:
@@ -397,23 +395,37 @@ async def test_on_shutdown_cancel_ends_the_attempt_at_a_graceful_stop(tmp_path: 
         await sched.submit(exec_task("ci", "on_ray", f"echo $$ > {pid_file}; exec sleep 300"))
         pid = int(await wait_for_text(pid_file))
     assert await _gone(pid), "the command outlived a graceful stop with on_shutdown = 'cancel'"
-    assert HandleJournal(tmp_path).read("ci") is None
 
 
-async def test_a_handle_the_keeper_does_not_know_runs_the_task_anew(tmp_path: Path, namespace: str) -> None:
-    # The owner died after recording the handle but before the keeper had the attempt (or the
-    # keeper was lost with its node): nothing to adopt, so the task runs, once.
+async def test_an_attempt_the_keeper_never_got_runs_anew_once(tmp_path: Path, namespace: str) -> None:
+    # The owner recorded attempt 1 and died before its keeper had it (or the keeper was lost
+    # with its node): attempt 2 finds nothing to adopt, so the task runs, once.
     runs = tmp_path / "runs"
-    HandleJournal(tmp_path).write(
-        RemoteHandle("ray", "orphan", 1, {"namespace": namespace, "key": "never-given"})
+    settings = load_settings(
+        env={}, home=tmp_path, durable=True, **ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
     )
+    async with RayExecutor(settings, ray_classes(settings)) as executor:
+        task = exec_task("orphan", "on_ray", f"echo run >> {runs}; echo ok")
+        result = await executor.run(TaskContext(task, 2))
+    assert result["stdout"] == "ok\n"
+    assert await anyio.Path(runs).read_text() == "run\n"
+
+
+async def test_a_retry_runs_anew_rather_than_adopting_the_attempt_it_retries(
+    tmp_path: Path, namespace: str
+) -> None:
+    # Attempt 1 fails; its outcome stays with the keeper a moment (for an owner that would
+    # crash before recording it). Attempt 2, a retry in the same owner, must run again.
+    marker, runs = tmp_path / "failed-once", tmp_path / "runs"
+    cmd = f"echo run >> {runs}; if [ -e {marker} ]; then echo ok; else touch {marker}; exit 1; fi"
     settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
-        await sched.submit(exec_task("orphan", "on_ray", f"echo run >> {runs}; echo ok"))
-        result = await sched.wait("orphan", timeout=120)
-    assert result.status is TaskStatus.COMPLETED and result.result["stdout"] == "ok\n", result.error
-    assert await anyio.Path(runs).read_text() == "run\n"
-    assert HandleJournal(tmp_path).read("orphan") is None
+        await sched.submit(exec_task("flaky", "on_ray", cmd, max_attempts=2))
+        result = await sched.wait("flaky", timeout=120)
+        state = await sched.get("flaky")
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"] == "ok\n" and state.attempts == 2
+    assert runs.read_text() == "run\nrun\n"
 
 
 def _raylet_pids(resource: str) -> list[int]:
