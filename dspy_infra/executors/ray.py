@@ -68,7 +68,7 @@ import math
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any, Self
 
@@ -79,6 +79,7 @@ from anyio.abc import AsyncResource
 from ..config import Settings
 from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
 from ..hookspecs import hookimpl
+from ..models import TaskClass
 from ..ownership import attempt_marker, durable_scope
 from ..scheduler.context import ExecutorFactory, TaskContext
 from ..values import check_finite, check_json_object, preview
@@ -94,6 +95,7 @@ from .ray_remote import (
 )
 
 __all__ = [
+    "RAY_CLASS",
     "RAY_CLASS_FIELDS",
     "RAY_INSTALL_HINT",
     "RayAttemptLost",
@@ -101,6 +103,7 @@ __all__ = [
     "RayExecutor",
     "RayHandlerFailed",
     "dspy_infra_executors",
+    "dspy_infra_task_classes",
     "fitting_attempts",
     "ray_classes",
 ]
@@ -108,6 +111,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RAY_INSTALL_HINT = "pip install 'dspy-infra[ray]'"
+#: The built-in class whose tasks run on Ray (``dspy_infra_task_classes`` below).
+RAY_CLASS = "ray"
 RAY_CLASS_FIELDS = ("num_cpus", "num_gpus", "resources", "runtime_env", "namespace")
 #: Seconds between two ``ray.available_resources()`` polls (the adaptive limit's bound).
 CAPACITY_INTERVAL = 5.0
@@ -220,12 +225,22 @@ def ray_classes(settings: Settings) -> dict[str, RayClassOptions]:
     """The classes of ``settings`` that run on Ray, with their options (refusing a
     ``[ray_classes.NAME]`` table for a class that does not)."""
     names = {name for name, table in settings.task_classes.items() if table.get("executor") == "ray"}
+    builtin = settings.task_classes.get(RAY_CLASS, {})
+    if builtin.get("executor", "ray") == "ray" and (
+        settings.ray_address is not None or RAY_CLASS in settings.task_classes
+    ):
+        names.add(RAY_CLASS)  # the built-in class for single tasks, once Ray is configured
     for name in settings.ray_classes:
         if name not in names:
+            fix = (
+                "set ray_address to the cluster's head"
+                if name == RAY_CLASS
+                else f'set executor = "ray" in [task_classes.{name}]'
+            )
             raise ConfigError(
                 f"class {name!r} does not run on Ray",
                 field=f"ray_classes.{name}",
-                fix=f'set executor = "ray" in [task_classes.{name}], or remove [ray_classes.{name}]',
+                fix=f"{fix}, or remove [ray_classes.{name}]",
             )
     return {
         name: _class_options(name, settings.ray_classes.get(name, {}), settings) for name in sorted(names)
@@ -601,14 +616,25 @@ def _factory(settings: Settings) -> RayExecutor | None:
     classes = ray_classes(settings)
     if not classes:
         return None  # no class runs on Ray: Ray is never imported
-    first = next(iter(classes))
+    explicit = [name for name in classes if "executor" in settings.task_classes.get(name, {})]
     if not _ray_installed():
         raise ConfigError(
-            'executor = "ray" but Ray is not installed',
-            field=f"task_classes.{first}.executor",
+            'executor = "ray" but Ray is not installed'
+            if explicit
+            else "ray_address is set but Ray is not installed",
+            field=f"task_classes.{explicit[0]}.executor" if explicit else "ray_address",
             fix=RAY_INSTALL_HINT,
         )
     return RayExecutor(settings, classes)
+
+
+@hookimpl
+def dspy_infra_task_classes() -> Iterable[TaskClass]:
+    """The built-in ``ray`` class: a single task goes to the Ray cluster with
+    ``task_class="ray"``, no class of one's own needed. It runs once ``ray_address`` is set
+    (refused at submit before that, like ``gpu_slurm`` without ``slurm``); its attempts ask
+    for one CPU unless ``[ray_classes.ray]`` says otherwise."""
+    return [TaskClass(RAY_CLASS, min_concurrency=1, base_concurrency=4, max_concurrency=64, executor="ray")]
 
 
 @hookimpl

@@ -152,10 +152,17 @@ def check_runnable(
                 " max_concurrency in dspy-infra.toml to run it anyway",
             )
     if cls.executor != "local" and cls.executor not in executors:
-        what = "Slurm" if cls.executor == "slurm" else repr(cls.executor)
+        what = {"slurm": "Slurm", "ray": "Ray"}.get(cls.executor, repr(cls.executor))
+        setup = {
+            "slurm": 'set slurm = "cli" (Slurm\'s tools on PATH)',
+            "ray": 'set ray_address to the Ray cluster\'s head, e.g. "10.0.0.5:6379"'
+            " (with pip install 'dspy-infra[ray]')",
+        }.get(
+            cls.executor,
+            f"install a plugin providing the {cls.executor!r} executor (dspy_infra_executors hook)",
+        )
         raise ResourceUnavailable(
             f"no {what} executor configured for class {cls.name!r}",
             field="task_class",
-            fix=f"install a plugin providing the {cls.executor!r} executor (dspy_infra_executors hook)"
-            " or submit to a local class such as cpu_long",
+            fix=f"{setup}, or submit to a local class such as cpu_long",
         )

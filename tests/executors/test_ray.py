@@ -31,7 +31,7 @@ from hypothesis import given
 from strategies import ray_demands
 
 from dspy_infra.config import load_settings
-from dspy_infra.errors import ConfigError, Unavailable
+from dspy_infra.errors import ConfigError, ResourceUnavailable, Unavailable
 from dspy_infra.executors import ray as ray_executor
 from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
@@ -115,6 +115,38 @@ async def test_without_ray_the_executor_is_refused_at_start_naming_the_install(
             pass
     assert caught.value.field == "task_classes.train.executor"
     assert "pip install 'dspy-infra[ray]'" in str(caught.value)
+
+
+async def test_the_built_in_ray_class_is_refused_at_submit_until_ray_address_is_set(tmp_path: Path) -> None:
+    async with open_scheduler(tmp_path) as sched:
+        with pytest.raises(ResourceUnavailable) as caught:
+            await sched.submit(TaskSpec("solo", task_class="ray", payload={"cmd": "true"}))
+    assert caught.value.field == "task_class"
+    assert "no Ray executor configured for class 'ray'" in str(caught.value)
+    assert "ray_address" in str(caught.value) and "dspy-infra[ray]" in str(caught.value)
+
+
+async def test_ray_address_without_ray_installed_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_executor, "_ray_installed", lambda: False)
+    with pytest.raises(ConfigError) as caught:
+        async with open_scheduler(tmp_path, ray_address="127.0.0.1:26379"):
+            pass
+    assert caught.value.field == "ray_address" and "pip install 'dspy-infra[ray]'" in str(caught.value)
+
+
+def test_the_built_in_ray_class_takes_options_once_ray_is_configured() -> None:
+    settings = load_settings(env={}, ray_address="h:1", ray_classes={"ray": {"num_gpus": 1}})
+    assert ray_classes(settings)["ray"].num_gpus == 1.0
+    with pytest.raises(ConfigError) as caught:
+        ray_classes(load_settings(env={}, ray_classes={"ray": {"num_gpus": 1}}))
+    assert caught.value.field == "ray_classes.ray" and "ray_address" in str(caught.value)
+    # A config that moves the name `ray` to a local class keeps it local.
+    assert (
+        ray_classes(load_settings(env={}, ray_address="h:1", task_classes={"ray": {"executor": "local"}}))
+        == {}
+    )
 
 
 @pytest.mark.parametrize(
@@ -243,6 +275,17 @@ async def test_exec_on_ray_gives_the_result_a_local_exec_gives(tmp_path: Path, n
     assert remote.result == local.result == {"exit_code": 0, "stdout": "out\n", "stderr": "err\n"}
     assert failed.status is TaskStatus.FAILED
     assert failed.error == "command exited with 3: bad" and failed.result["exit_code"] == 3
+
+
+async def test_one_task_runs_on_ray_through_the_built_in_class(tmp_path: Path, namespace: str) -> None:
+    # No class of one's own: ray_address alone, and task_class="ray". The command's parent
+    # is a Ray worker process (its title is "ray::run_attempt").
+    settings = {"ray_address": RAY_ADDRESS, "ray_namespace": namespace, "shutdown_grace": 0.5}
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(TaskSpec("solo", task_class="ray", payload={"cmd": "tr -d '\\0' < /proc/$PPID/cmdline"}))
+        result = await sched.wait("solo", timeout=120)
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"].startswith("ray::run_attempt"), result.result
 
 
 async def test_a_task_pinned_by_a_custom_resource_runs_on_that_node(tmp_path: Path, namespace: str) -> None:
