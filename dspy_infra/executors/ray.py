@@ -561,9 +561,9 @@ class RayExecutor(AsyncResource):
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
                 with contextlib.suppress(Exception):
                     await keeper.cancel.remote(task_id)
-                # Whatever attempt the keeper held for the task, it is over: a retry must
-                # not adopt it.
-                keeper.collect.remote([(task_id, key)])
+                # Whatever attempt the keeper held for the task (this one, or one it was
+                # adopting), it is over: a retry must not adopt it.
+                keeper.collect.remote([(task_id, None)])
             raise
         if outcome["status"] != "unknown":
             self._uncollected[(namespace, task_id)] = (outcome.get("adopted", key), time.monotonic())

@@ -197,9 +197,9 @@ class AttemptKeeper:
             self._held.pop(task_id, None)
             self._ended.pop(task_id, None)
 
-    def _drop(self, task_id: str, key: str) -> None:
+    def _drop(self, task_id: str, key: str | None) -> None:
         held = self._held.get(task_id)
-        if held is not None and held[0] == key:
+        if held is not None and (key is None or held[0] == key):
             del self._held[task_id]
             self._ended.pop(task_id, None)
 
@@ -238,8 +238,9 @@ class AttemptKeeper:
         if held is not None:
             await asyncio.to_thread(cancel_attempt, held[1])
 
-    async def collect(self, done: list[tuple[str, str]]) -> None:
-        """Drop the outcomes of these (task id, key) pairs: their owner has recorded them."""
+    async def collect(self, done: list[tuple[str, str | None]]) -> None:
+        """Drop the outcomes of these (task id, key) pairs: their owner has recorded them
+        (key None: whatever attempt is held for the task)."""
         for task_id, key in done:
             self._drop(task_id, key)
 

@@ -282,7 +282,9 @@ async def test_one_task_runs_on_ray_through_the_built_in_class(tmp_path: Path, n
     # is a Ray worker process (its title is "ray::run_attempt").
     settings = {"ray_address": RAY_ADDRESS, "ray_namespace": namespace, "shutdown_grace": 0.5}
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
-        await sched.submit(TaskSpec("solo", task_class="ray", payload={"cmd": "tr -d '\\0' < /proc/$PPID/cmdline"}))
+        await sched.submit(
+            TaskSpec("solo", task_class="ray", payload={"cmd": "tr -d '\\0' < /proc/$PPID/cmdline"})
+        )
         result = await sched.wait("solo", timeout=120)
     assert result.status is TaskStatus.COMPLETED, result.error
     assert result.result["stdout"].startswith("ray::run_attempt"), result.result
