@@ -349,6 +349,17 @@ class RayExecutor(AsyncResource):
         running under their keeper for the next start (``DetachableExecutor``)."""
         self._leaving = class_names
 
+    async def cancel_left(self, task_id: str, class_name: str) -> None:
+        """Cancel the attempt an earlier owner left for ``task_id`` (cancelled before the
+        task adopted it), through the class's keeper."""
+        if not self.survives_owner:
+            return
+        options = self.classes.get(class_name) or RayClassOptions(namespace=self.settings.ray_namespace)
+        keeper = await self._keeper(options.namespace)
+        with contextlib.suppress(Exception):
+            await keeper.cancel.remote(task_id)
+        keeper.collect.remote([(task_id, None)])
+
     def _connect(self) -> None:
         ray = self._ray
         assert ray is not None

@@ -479,6 +479,22 @@ class SlurmExecutor(AsyncResource):
         running with their handles (``scheduler.context.DetachableExecutor``)."""
         self._leaving = class_names
 
+    async def cancel_left(self, task_id: str, class_name: str) -> None:
+        """scancel the job an earlier owner left for ``task_id`` (cancelled before adopted)."""
+        if self._journal is None:
+            return
+        prior = await anyio.to_thread.run_sync(self._journal.read, task_id)
+        if prior is None or prior.executor != "slurm":
+            return
+        job_id = str(prior.fields.get("job_id", ""))
+        found = (
+            [job_id] if job_id else await self.cli.tagged(str(prior.fields["name"]), str(prior.fields["tag"]))
+        )
+        for job in found:
+            log.warning("slurm: task %r was cancelled before it adopted job %s: cancelling it", task_id, job)
+            await self._scancel(job)
+        await anyio.to_thread.run_sync(self._journal.remove, task_id)
+
     def _left_behind(self, ctx: TaskContext, job_id: str) -> bool:
         """True when the attempt being cancelled is left running for the next start."""
         if ctx.spec.task_class not in self._leaving:

@@ -143,6 +143,11 @@ class DetachableExecutor(Executor, Protocol):
         cancel or a timeout before it still ends the attempt."""
         ...
 
+    async def cancel_left(self, task_id: str, class_name: str) -> None:
+        """End the attempt of ``task_id`` that an earlier owner left running, if any: the
+        task was cancelled before its next attempt adopted it."""
+        ...
+
 
 def classes_left_running(
     classes: Iterable[TaskClass], detachable: Collection[str], configured: Collection[str]

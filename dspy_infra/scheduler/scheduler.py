@@ -844,6 +844,9 @@ class Scheduler(AsyncResource):
                 rec.timer.cancel()
                 rec.timer = None
             self._terminal(rec, _CANCELLED, "cancelled while queued", now, count_inflight=False)
+            if cq is not None and rec.attempts and cq.cls.executor in self._detachable:
+                # An earlier owner may have left its attempt running (on_shutdown = "leave").
+                await self._detachable[cq.cls.executor].cancel_left(task_id, cq.cls.name)
         elif rec.status is _RUNNING and not rec.cancel_requested:
             rec.cancel_requested = True
             # No worker yet: it was handed over but has not run; it checks the flag first.

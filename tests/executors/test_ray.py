@@ -432,6 +432,32 @@ async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
     assert state.attempts == 2  # the interrupted attempt, then the one that adopted it
 
 
+async def test_a_task_cancelled_before_it_adopted_its_left_attempt_ends_it(
+    tmp_path: Path, namespace: str
+) -> None:
+    # A graceful stop left two attempts; at the next start the one slot goes to the higher
+    # priority task, so "left" waits in the queue, not yet adopted: cancelling it there
+    # still ends its command.
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    pids = {name: tmp_path / f"{name}.pid" for name in ("left", "first")}
+    width = {"min_concurrency": 1, "base_concurrency": 2, "max_concurrency": 2, "adaptive": False}
+    settings["task_classes"]["on_ray"] = {"executor": "ray", **width}
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("left", "on_ray", f"echo $$ > {pids['left']}; exec sleep 300"))
+        await sched.submit(
+            exec_task("first", "on_ray", f"echo $$ > {pids['first']}; exec sleep 300", priority=10)
+        )
+        left, first = [int(await wait_for_text(pids[name], timeout=120)) for name in ("left", "first")]
+    settings["task_classes"]["on_ray"].update(base_concurrency=1, max_concurrency=1)
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        assert (await sched.get("left")).status is TaskStatus.PENDING
+        assert (await sched.cancel("left")).status is TaskStatus.CANCELLED
+        assert await _gone(left), "the left attempt outlived the cancel of its task"
+        assert pid_alive(first)
+        await sched.cancel("first")
+    assert await _gone(first)
+
+
 async def test_on_shutdown_cancel_ends_the_attempt_at_a_graceful_stop(tmp_path: Path, namespace: str) -> None:
     pid_file = tmp_path / "pid"
     settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})

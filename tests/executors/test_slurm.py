@@ -484,6 +484,38 @@ def test_a_job_that_wrote_no_output_says_where_to_look() -> None:
     assert "filesystem the compute nodes share" in text
 
 
+def _fixed_width(width: int) -> dict[str, Any]:
+    return {
+        "gpu_slurm": {
+            "min_concurrency": 1,
+            "base_concurrency": width,
+            "max_concurrency": width,
+            "adaptive": False,
+        }
+    }
+
+
+async def test_a_task_cancelled_before_it_adopted_its_left_job_ends_the_job(
+    slurm: None, tmp_path: Path
+) -> None:
+    # A graceful stop left two jobs; at the next start the one slot goes to the higher
+    # priority task, so "left" waits in the queue, not yet adopted: cancelling it there
+    # still ends its job (and the adopted one ends on its own cancel as always).
+    async with scheduler(tmp_path, slurm="cli", durable=True, task_classes=_fixed_width(2)) as sched:
+        await sched.submit(slurm_task("left", "sleep 120"))
+        await sched.submit(slurm_task("first", "sleep 120", priority=10))
+        left_job = await _running_job(job_name("left"))
+        first_job = await _running_job(job_name("first"))
+    async with scheduler(tmp_path, slurm="cli", durable=True, task_classes=_fixed_width(1)) as sched:
+        assert (await sched.get("left")).status is TaskStatus.PENDING
+        assert (await sched.cancel("left")).status is TaskStatus.CANCELLED
+        assert await _left_queue(left_job)
+        assert (await _job_state(left_job)).state == "CANCELLED"
+        await sched.cancel("first")
+    assert await _left_queue(first_job)
+    assert HandleJournal(tmp_path).read("left") is None
+
+
 async def test_sigterm_to_serve_leaves_the_job_and_the_next_serve_adopts_it(
     slurm: None, tmp_path: Path
 ) -> None:
