@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 from harness import open_scheduler
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import on_shutdown_classes
 
 from dspy_infra.errors import ConfigError
 from dspy_infra.models import TaskClass
@@ -64,3 +67,29 @@ def test_classes_left_running_by_default_are_those_of_detachable_executors() -> 
     ]
     left = classes_left_running(classes, {"ray", "slurm"}, {"ray", "slurm"})
     assert left == {"train", "gpu_slurm"}
+
+
+@given(
+    on_shutdown_classes,
+    st.sets(st.sampled_from(["slurm", "ray"])),
+    st.sets(st.sampled_from(["slurm", "ray", "kubernetes"])),
+)
+def test_only_classes_that_can_be_adopted_are_left_running(
+    classes: list[TaskClass], detachable: set[str], configured: set[str]
+) -> None:
+    configured |= detachable
+    try:
+        left = classes_left_running(classes, detachable, configured)
+    except ConfigError as exc:
+        # Refused only for an explicit "leave" that nothing could adopt, naming that class.
+        assert any(
+            f"task_classes.{c.name}.on_shutdown" == exc.field
+            and c.on_shutdown == "leave"
+            and c.executor not in detachable
+            and (c.executor == "local" or c.executor in configured)
+            for c in classes
+        )
+        return
+    for cls in classes:
+        # Left running exactly when its executor can adopt it and it does not ask to cancel.
+        assert (cls.name in left) == (cls.executor in detachable and cls.on_shutdown != "cancel")
