@@ -13,9 +13,8 @@ function). For each path and task:
 
 dspy_infra's Ray path runs memory-only (``durable = false``: the scheduler submits its own
 Ray task per attempt) and durable (through the detached keeper actor that lets attempts
-outlive their owner, the handle fsynced before each submission, every attempt committed
-to the store); ``local_durable`` shows what the durable store alone costs. ``exec`` on
-the dspy_infra paths is dspy_infra's ``exec`` handler (task log, process-group and marker
+outlive their owner, every attempt's row flushed to the store before it is submitted);
+``local_durable`` shows what the durable store alone costs. ``exec`` on the dspy_infra paths is dspy_infra's ``exec`` handler (task log, process-group and marker
 sweep), which costs more than a bare ``subprocess.run`` on any executor: compare ``local``
 with ``bare_ray`` to see it. Prints a table; the last line is one JSON object with, per task, the overhead
 ratios of dspy_infra's Ray path over bare Ray: ``throughput_ratio`` = bare tasks/s /

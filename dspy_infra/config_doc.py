@@ -36,7 +36,7 @@ _TABLE_FIELDS = ("task_classes", "services", "ray_classes")
 _TABLE_EXAMPLES = """\
 # -- Task classes -------------------------------------------------------------------------------
 # Each [task_classes.NAME] table overrides a built-in class (cpu_short, cpu_long, gpu,
-# gpu_slurm) or declares a new one. The limit adapts between min and max, starting at base.
+# gpu_slurm, ray) or declares a new one. The limit adapts between min and max, starting at base.
 #
 # [task_classes.cpu_short]
 # max_concurrency = 16

@@ -174,6 +174,10 @@ class TaskClass:
     needs_gpu: bool = False
     #: Name of the executor that runs this class ("local" or e.g. "slurm").
     executor: str = "local"
+    #: What a graceful stop of the owner does to a running attempt of this class: "leave"
+    #: (it runs on and the next start adopts it; Slurm/Ray on a durable scheduler) or
+    #: "cancel". None: "leave" where the executor's attempts outlive their owner, else "cancel".
+    on_shutdown: str | None = None
 
     def __attrs_post_init__(self) -> None:
         where = f"task_classes.{self.name}"
@@ -185,6 +189,12 @@ class TaskClass:
                     f"must be true or false, got {preview(getattr(self, name))}", field=f"{where}.{name}"
                 )
         check_text(self.executor, f"{where}.executor", max_length=63)
+        if self.on_shutdown not in (None, "leave", "cancel"):
+            raise SpecError(
+                f'must be "leave" or "cancel", got {preview(self.on_shutdown)}',
+                field=f"{where}.on_shutdown",
+                fix='on_shutdown = "leave" (a running job outlives a restart) or "cancel"',
+            )
         if not 1 <= self.min_concurrency <= self.base_concurrency <= self.max_concurrency:
             raise SpecError(
                 f"need 1 <= min ({self.min_concurrency}) <= base ({self.base_concurrency})"

@@ -19,6 +19,7 @@ from dspy_infra.models import (
     Resources,
     RestartPolicy,
     ServiceSpec,
+    TaskClass,
     TaskSpec,
     VolumeMount,
 )
@@ -760,4 +761,18 @@ ray_demands = st.dictionaries(
     st.sampled_from(["CPU", "GPU", "worker2", "head", "memory"]),
     st.one_of(st.integers(1, 64).map(float), st.floats(0.001, 64.0, allow_nan=False)),
     max_size=4,
+)
+
+
+#: Task classes as the scheduler may hold them, by executor and on_shutdown: what a graceful
+#: stop leaves running (``scheduler.context.classes_left_running``).
+on_shutdown_classes = st.lists(
+    st.builds(
+        TaskClass,
+        name=st.from_regex(r"\A[a-z][a-z0-9_]{0,10}\Z"),
+        executor=st.sampled_from(["local", "slurm", "ray", "kubernetes"]),
+        on_shutdown=st.sampled_from([None, "leave", "cancel"]),
+    ),
+    max_size=8,
+    unique_by=lambda cls: cls.name,
 )

@@ -1,6 +1,6 @@
-"""Handles of attempts that run outside this process (a Slurm job, a Ray attempt kept by a
-detached actor), recorded durably so a restarted owner adopts them instead of running the
-task a second time.
+"""Handles of attempts that run outside this process (Slurm jobs), recorded durably so a
+restarted owner adopts them instead of running the task a second time. (A Ray attempt's
+handle is derived from the attempt's own store row: ``ray.py``.)
 
 One file per task under ``<home>/executor-handles/``, named by a hash of the durable scope
 (``ownership.durable_scope``) and the task id. An executor writes the handle **before** it
@@ -37,7 +37,7 @@ HANDLES_DIR = "executor-handles"
 @attrs.frozen
 class RemoteHandle:
     """Where one attempt of a task runs: which executor, which attempt, and the executor's
-    own fields (Slurm: job id and output paths; Ray: namespace, keeper and key)."""
+    own fields (Slurm: job id, name, comment tag and output paths)."""
 
     executor: str
     task_id: str

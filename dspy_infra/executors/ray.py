@@ -27,17 +27,27 @@ failures fail the attempt with the handler's message and result.
 
 Survives its owner: attempts are submitted by a named, detached *keeper* actor
 (``ray_remote.AttemptKeeper``, one per state directory and namespace, placed on the owner's
-node), so they belong to the keeper, not to this process. Before submitting, a durable
-scheduler records the attempt's key in its handle journal (``journal.py``, fsync); after a
-crash (SIGKILL included) the task's next attempt finds the handle, asks the keeper, and
-watches the same attempt to its end, or collects its outcome if it has ended: it never runs
-twice. Only when the keeper does not know the key (it never started, or the keeper itself
-was lost) does the task run anew. A memory-only scheduler submits its attempts itself, one
-hop shorter: they end with this process (a restart has nothing to adopt them for).
+node), so they belong to the keeper, not to this process. An attempt's handle needs no
+file of its own: it is the keeper's name (state directory's scope, class namespace) and the
+task id, and the scheduler has flushed the attempt's row (running, attempt N) to its store
+before it calls ``run``, so the one fsync of the attempt covers it. After a crash (SIGKILL
+included) or a graceful stop that left the attempt running, the task's next attempt asks
+the keeper for the task, in the same call that would start it: the keeper hands over the
+attempt it holds (watched to its end, or its outcome if it has ended): it never runs twice.
+Only when the keeper holds nothing for the task (it never got it, or the keeper itself was
+lost) does the task run anew. The keeper drops an outcome a second after the owner has it
+(``COLLECT_DELAY``; the scheduler commits the task's end within milliseconds), or at once
+when the owner retries the task. Do not change a class's namespace while attempts run: the
+next start would ask another keeper and run them anew. A memory-only scheduler submits its
+attempts itself, one hop shorter: they end with this process (a restart has nothing to
+adopt them for).
 
-Cancel (task cancel, timeout, shutdown) asks the keeper to ``ray.cancel`` the attempt: a
-SIGINT that cancels the handler (``exec`` ends its process group), then, after
-``ray_remote.CANCEL_GRACE`` seconds, a forced cancel that kills the worker.
+Cancel (task cancel, timeout) asks the keeper to ``ray.cancel`` the attempt: a SIGINT that
+cancels the handler (``exec`` ends its process group), then, after
+``ray_remote.CANCEL_GRACE`` seconds, a forced cancel that kills the worker. A graceful stop
+of the owner cancels it the same way only for a class with ``on_shutdown = "cancel"``;
+otherwise (``leave_running``) the attempt runs on under its keeper, and the
+next start adopts it as after a crash.
 
 A lost worker, node or keeper fails the attempt with ``RayAttemptLost`` (retried per the
 task's ``max_attempts``); a cluster that does not answer at start is ``Unavailable``.
@@ -56,8 +66,9 @@ import importlib.util
 import logging
 import math
 import socket
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import ModuleType
 from typing import Any, Self
 
@@ -68,11 +79,11 @@ from anyio.abc import AsyncResource
 from ..config import Settings
 from ..errors import ConfigError, HandlerFailure, PermanentFailure, Unavailable
 from ..hookspecs import hookimpl
+from ..models import TaskClass
 from ..ownership import attempt_marker, durable_scope
 from ..scheduler.context import ExecutorFactory, TaskContext
 from ..values import check_finite, check_json_object, preview
 from .background import BackgroundTask
-from .journal import HandleJournal, RemoteHandle
 from .ray_remote import (
     CANCEL_GRACE,
     AttemptKeeper,
@@ -84,6 +95,7 @@ from .ray_remote import (
 )
 
 __all__ = [
+    "RAY_CLASS",
     "RAY_CLASS_FIELDS",
     "RAY_INSTALL_HINT",
     "RayAttemptLost",
@@ -91,6 +103,7 @@ __all__ = [
     "RayExecutor",
     "RayHandlerFailed",
     "dspy_infra_executors",
+    "dspy_infra_task_classes",
     "fitting_attempts",
     "ray_classes",
 ]
@@ -98,9 +111,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RAY_INSTALL_HINT = "pip install 'dspy-infra[ray]'"
+#: The built-in class whose tasks run on Ray (``dspy_infra_task_classes`` below).
+RAY_CLASS = "ray"
 RAY_CLASS_FIELDS = ("num_cpus", "num_gpus", "resources", "runtime_env", "namespace")
 #: Seconds between two ``ray.available_resources()`` polls (the adaptive limit's bound).
 CAPACITY_INTERVAL = 5.0
+#: Seconds an outcome in hand stays with the keeper before it is told to drop it.
+COLLECT_DELAY = 1.0
 
 
 class RayAttemptLost(HandlerFailure):
@@ -208,12 +225,22 @@ def ray_classes(settings: Settings) -> dict[str, RayClassOptions]:
     """The classes of ``settings`` that run on Ray, with their options (refusing a
     ``[ray_classes.NAME]`` table for a class that does not)."""
     names = {name for name, table in settings.task_classes.items() if table.get("executor") == "ray"}
+    builtin = settings.task_classes.get(RAY_CLASS, {})
+    if builtin.get("executor", "ray") == "ray" and (
+        settings.ray_address is not None or RAY_CLASS in settings.task_classes
+    ):
+        names.add(RAY_CLASS)  # the built-in class for single tasks, once Ray is configured
     for name in settings.ray_classes:
         if name not in names:
+            fix = (
+                "set ray_address to the cluster's head"
+                if name == RAY_CLASS
+                else f'set executor = "ray" in [task_classes.{name}]'
+            )
             raise ConfigError(
                 f"class {name!r} does not run on Ray",
                 field=f"ray_classes.{name}",
-                fix=f'set executor = "ray" in [task_classes.{name}], or remove [ray_classes.{name}]',
+                fix=f"{fix}, or remove [ray_classes.{name}]",
             )
     return {
         name: _class_options(name, settings.ray_classes.get(name, {}), settings) for name in sorted(names)
@@ -270,9 +297,10 @@ class RayExecutor(AsyncResource):
         self.classes = dict(classes)
         self.capacity_interval = capacity_interval
         home = settings.resolved_home()
-        self._journal = HandleJournal(home) if settings.durable else None
         #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
-        self.survives_owner = self._journal is not None
+        self.survives_owner = settings.durable
+        #: (namespace, task id) -> (key, when) of outcomes in hand the keeper still holds.
+        self._uncollected: dict[tuple[str, str], tuple[str, float]] = {}
         # Attempt keys and the keeper's name: the same across restarts (what adoption needs).
         self._scope = durable_scope(home)
         self._ray: ModuleType | None = None
@@ -286,7 +314,9 @@ class RayExecutor(AsyncResource):
         self._available: dict[str, float] | None = None
         self._total: dict[str, float] | None = None
         self._inflight: Counter[str] = Counter()
-        self._poller = BackgroundTask(self._poll_capacity, "dspy_infra-ray-capacity")
+        #: Classes whose attempts a graceful stop leaves running (``leave_running``).
+        self._leaving: frozenset[str] = frozenset()
+        self._poller = BackgroundTask(self._background, "dspy_infra-ray-capacity")
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -302,6 +332,33 @@ class RayExecutor(AsyncResource):
         # (another scheduler, the app itself) may use it. Detached keepers stay too: they
         # hold the attempts a restart adopts.
         await self._poller.stop()
+        # Every task's end is committed by now (the scheduler closes its store first).
+        with anyio.move_on_after(10):
+            for ref in self._collect(math.inf):
+                with contextlib.suppress(Exception):
+                    await ref
+
+    async def _background(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._poll_capacity)
+            if self.survives_owner:
+                tg.start_soon(self._collect_loop)
+
+    def leave_running(self, class_names: frozenset[str]) -> None:
+        """The owner stops gracefully: attempts of ``class_names`` cancelled from now on keep
+        running under their keeper for the next start (``DetachableExecutor``)."""
+        self._leaving = class_names
+
+    async def cancel_left(self, task_id: str, class_name: str) -> None:
+        """Cancel the attempt an earlier owner left for ``task_id`` (cancelled before the
+        task adopted it), through the class's keeper."""
+        if not self.survives_owner:
+            return
+        options = self.classes.get(class_name) or RayClassOptions(namespace=self.settings.ray_namespace)
+        keeper = await self._keeper(options.namespace)
+        with contextlib.suppress(Exception):
+            await keeper.cancel.remote(task_id)
+        keeper.collect.remote([(task_id, None)])
 
     def _connect(self) -> None:
         ray = self._ray
@@ -443,26 +500,22 @@ class RayExecutor(AsyncResource):
         return _result(outcome, ctx)
 
     async def _outcome(self, ctx: TaskContext, call: dict[str, Any], options: RayClassOptions) -> Outcome:
-        if self._journal is None:
+        if not self.survives_owner:
             return await self._run_owned(ctx.spec.task_class, call, options)
+        # The attempt's handle is its key (scope, task id, attempt) and the class's keeper:
+        # nothing of it needs writing here, since the scheduler flushed the attempt's row
+        # (running, attempt N) before calling us. The keeper adopts in the same call.
         key = attempt_marker(self._scope, ctx.spec.id, ctx.attempt)
-        handle = RemoteHandle("ray", ctx.spec.id, ctx.attempt, {"namespace": options.namespace, "key": key})
-        prior = await anyio.to_thread.run_sync(self._journal.read, ctx.spec.id)
-        if prior is not None and prior.executor == "ray":
-            outcome = await self._watch(ctx, prior.fields["namespace"], prior.fields["key"], None, None)
-            if outcome["status"] != "unknown":
-                log.warning(
-                    "ray: task %r attempt %d adopted attempt %d, left running by an earlier owner",
-                    ctx.spec.id,
-                    ctx.attempt,
-                    prior.attempt,
-                )
-                return outcome
-        # Before submission, durably: a crash from here on leaves the key to adopt.
-        await anyio.to_thread.run_sync(self._journal.write, handle)
-        outcome = await self._watch(ctx, options.namespace, key, call, options.task_options())
+        outcome = await self._through_keeper(ctx, options.namespace, key, call, options.task_options())
         if outcome["status"] == "unknown":  # only an adoption asks without a call
             raise RayAttemptLost("ray: the attempt keeper lost the attempt it was given")
+        if "adopted" in outcome:
+            log.warning(
+                "ray: task %r attempt %d adopted %s, left running by an earlier owner",
+                ctx.spec.id,
+                ctx.attempt,
+                outcome["adopted"],
+            )
         return outcome
 
     async def _run_owned(self, cls_name: str, call: dict[str, Any], options: RayClassOptions) -> Outcome:
@@ -483,7 +536,7 @@ class RayExecutor(AsyncResource):
                 await anyio.to_thread.run_sync(cancel_attempt, ref)
             raise
 
-    async def _watch(
+    async def _through_keeper(
         self,
         ctx: TaskContext,
         namespace: str,
@@ -491,37 +544,63 @@ class RayExecutor(AsyncResource):
         call: dict[str, Any] | None,
         task_options: dict[str, Any] | None,
     ) -> Outcome:
-        """Through the keeper: start (``call`` given) or adopt the attempt under ``key`` and
-        wait for its outcome; on cancel, cancel it on the cluster first. Ends with the
-        outcome collected and the handle forgotten (unless the keeper does not know it)."""
+        """Through the keeper, in one call: adopt the attempt it holds for the task, or
+        start ``call`` under ``key``; wait for its outcome. Cancelled meanwhile, the attempt
+        is cancelled on the cluster first (unless the owner is stopping and the class
+        leaves it running: ``leave_running``). The outcome is dropped by the keeper a
+        little after it is in hand (``_collect_loop``), once the scheduler has recorded it."""
         ray = self._ray
         assert ray is not None
         keeper = await self._keeper(namespace)
+        task_id = ctx.spec.id
+        had = self._uncollected.pop((namespace, task_id), None)
         try:
-            outcome: Outcome = await keeper.run.remote(key, call, task_options)
+            outcome: Outcome = await keeper.run.remote(task_id, key, call, task_options, had and had[0])
         except ray.exceptions.RayActorError as exc:
             self._forget_keeper(namespace, keeper)
-            await self._forget_handle(ctx)
             raise RayAttemptLost(
                 f"ray: the attempt keeper died (its node left the cluster?): {exc}"
             ) from None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()) and ctx.spec.task_class in self._leaving:
+                log.warning(
+                    "ray: the owner stops; attempt %s of task %r keeps running for the next start",
+                    key,
+                    task_id,
+                )
+                raise
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
                 with contextlib.suppress(Exception):
-                    await keeper.cancel.remote(key)
-                keeper.collect.remote(key)
-                await self._forget_handle(ctx)
+                    await keeper.cancel.remote(task_id)
+                # Whatever attempt the keeper held for the task (this one, or one it was
+                # adopting), it is over: a retry must not adopt it.
+                keeper.collect.remote([(task_id, None)])
             raise
         if outcome["status"] != "unknown":
-            # The outcome is in hand: the keeper may drop it (fire and forget), then the
-            # handle goes. A crash before this leaves both, and the next owner asks again.
-            keeper.collect.remote(key)
-            await self._forget_handle(ctx)
+            self._uncollected[(namespace, task_id)] = (outcome.get("adopted", key), time.monotonic())
         return outcome
 
-    async def _forget_handle(self, ctx: TaskContext) -> None:
-        if self._journal is not None:
-            await anyio.to_thread.run_sync(self._journal.remove, ctx.spec.id)
+    async def _collect_loop(self) -> None:
+        """Tell the keepers, in one call each per ``COLLECT_DELAY``, which outcomes to drop:
+        those in hand for at least that long (the scheduler commits a task's end within
+        milliseconds of it; until then a crash leaves the outcome for the next owner)."""
+        while True:
+            await anyio.sleep(COLLECT_DELAY)
+            self._collect(time.monotonic() - COLLECT_DELAY)
+
+    def _collect(self, before: float) -> list[Any]:
+        """Send the keepers the outcomes in hand since ``before`` to drop; their refs."""
+        sent: list[Any] = []
+        due: dict[str, list[tuple[str, str]]] = {}
+        for (namespace, task_id), (key, at) in list(self._uncollected.items()):
+            if at <= before:
+                del self._uncollected[(namespace, task_id)]
+                due.setdefault(namespace, []).append((task_id, key))
+        for namespace, done in due.items():
+            keeper = self._keepers.get(namespace)
+            if keeper is not None:
+                sent.append(keeper.collect.remote(done))
+        return sent
 
 
 def _result(outcome: Outcome, ctx: TaskContext) -> dict[str, Any]:
@@ -548,14 +627,25 @@ def _factory(settings: Settings) -> RayExecutor | None:
     classes = ray_classes(settings)
     if not classes:
         return None  # no class runs on Ray: Ray is never imported
-    first = next(iter(classes))
+    explicit = [name for name in classes if "executor" in settings.task_classes.get(name, {})]
     if not _ray_installed():
         raise ConfigError(
-            'executor = "ray" but Ray is not installed',
-            field=f"task_classes.{first}.executor",
+            'executor = "ray" but Ray is not installed'
+            if explicit
+            else "ray_address is set but Ray is not installed",
+            field=f"task_classes.{explicit[0]}.executor" if explicit else "ray_address",
             fix=RAY_INSTALL_HINT,
         )
     return RayExecutor(settings, classes)
+
+
+@hookimpl
+def dspy_infra_task_classes() -> Iterable[TaskClass]:
+    """The built-in ``ray`` class: a single task goes to the Ray cluster with
+    ``task_class="ray"``, no class of one's own needed. It runs once ``ray_address`` is set
+    (refused at submit before that, like ``gpu_slurm`` without ``slurm``); its attempts ask
+    for one CPU unless ``[ray_classes.ray]`` says otherwise."""
+    return [TaskClass(RAY_CLASS, min_concurrency=1, base_concurrency=4, max_concurrency=64, executor="ray")]
 
 
 @hookimpl

@@ -10,8 +10,9 @@
   the worker's main thread) cancels the handler, so ``exec`` ends its process group.
 - ``AttemptKeeper``: a detached, named async actor (one per owner and namespace) that
   submits attempts and keeps each one's outcome until its owner collects it. Tasks the
-  keeper submits belong to the keeper, so they outlive a crashed owner; a restarted owner
-  asks the same keeper for the same key.
+  keeper submits belong to the keeper, so they outlive a crashed or stopped owner; the
+  task's next attempt, from a restarted owner, asks the same keeper for the same task and
+  gets the attempt it holds.
 """
 
 from __future__ import annotations
@@ -169,10 +170,14 @@ def ended(outcome: Outcome) -> Outcome:
 class AttemptKeeper:
     """Submits attempts and keeps their outcomes until collected (see the module docstring).
 
-    ``run(key, call, options)`` starts the attempt under ``key`` unless the keeper already
-    has it, waits for its end and returns the outcome; with ``call`` None it only adopts:
-    ``{"status": "unknown"}`` when the keeper has no such key (never started, or the keeper
-    was restarted and lost it). ``collect`` drops an outcome once its owner has it.
+    Holds at most one attempt per task (the keeper is per owner, so a task id is unique
+    here). ``run(task_id, key, call, options, drop)`` returns the outcome of the attempt it
+    holds for the task, whatever its key (one left by an earlier owner is *adopted*: the
+    outcome then names its key under ``"adopted"``), or starts ``call`` under ``key`` when it
+    holds none; with ``call`` None it only adopts: ``{"status": "unknown"}`` when it holds
+    none (never started, or the keeper was restarted and lost it). ``drop`` names the key of
+    an outcome the caller already has (a retry must not adopt the attempt it retries).
+    ``collect`` drops outcomes their owner has recorded.
     """
 
     def __init__(self) -> None:
@@ -181,45 +186,63 @@ class AttemptKeeper:
         # Retries are the scheduler's, never Ray's: a lost attempt fails, then the task's
         # policy decides.
         self._remote_run = ray.remote(max_retries=0)(run_attempt)
-        self._refs: dict[str, Any] = {}
+        #: Task id -> (key, ref) of the attempt held for it.
+        self._held: dict[str, tuple[str, Any]] = {}
+        #: Task id -> when its held attempt ended (uncollected outcomes expire).
         self._ended: dict[str, float] = {}
 
     def _expire(self) -> None:
         cutoff = time.time() - UNCOLLECTED_TTL
-        for key in [k for k, at in self._ended.items() if at < cutoff]:
-            self._refs.pop(key, None)
-            self._ended.pop(key, None)
+        for task_id in [t for t, at in self._ended.items() if at < cutoff]:
+            self._held.pop(task_id, None)
+            self._ended.pop(task_id, None)
+
+    def _drop(self, task_id: str, key: str | None) -> None:
+        held = self._held.get(task_id)
+        if held is not None and (key is None or held[0] == key):
+            del self._held[task_id]
+            self._ended.pop(task_id, None)
 
     async def run(
-        self, key: str, call: Mapping[str, Any] | None, options: Mapping[str, Any] | None
+        self,
+        task_id: str,
+        key: str,
+        call: Mapping[str, Any] | None,
+        options: Mapping[str, Any] | None,
+        drop: str | None = None,
     ) -> Outcome:
-        """The attempt's outcome (see the class docstring). Kept until ``collect``: the
-        caller may die before it receives it, and its successor asks again."""
+        """The outcome of the task's attempt (see the class docstring). Kept until
+        ``collect``: the caller may die before it records it, and its successor asks again."""
         import ray
 
-        ref = self._refs.get(key)
-        if ref is None:
+        if drop is not None:
+            self._drop(task_id, drop)
+        held = self._held.get(task_id)
+        if held is None:
             if call is None or options is None:
                 return {"status": "unknown"}
             self._expire()
-            ref = self._refs[key] = self._remote_run.options(**options).remote(call)
+            held = self._held[task_id] = (key, self._remote_run.options(**options).remote(call))
+        held_key, ref = held
         try:
             outcome: Outcome = ended(await ref)
         except ray.exceptions.RayError as exc:
             outcome = outcome_of_error(exc)
-        self._ended.setdefault(key, time.time())
-        return outcome
+        self._ended.setdefault(task_id, time.time())
+        return outcome if held_key == key else {**outcome, "adopted": held_key}
 
-    async def cancel(self, key: str) -> None:
-        """Cancel the attempt (``cancel_attempt``, in a thread: the keeper serves others
-        meanwhile)."""
-        ref = self._refs.get(key)
-        if ref is not None:
-            await asyncio.to_thread(cancel_attempt, ref)
+    async def cancel(self, task_id: str) -> None:
+        """Cancel the task's attempt (``cancel_attempt``, in a thread: the keeper serves
+        others meanwhile)."""
+        held = self._held.get(task_id)
+        if held is not None:
+            await asyncio.to_thread(cancel_attempt, held[1])
 
-    async def collect(self, key: str) -> None:
-        self._refs.pop(key, None)
-        self._ended.pop(key, None)
+    async def collect(self, done: list[tuple[str, str | None]]) -> None:
+        """Drop the outcomes of these (task id, key) pairs: their owner has recorded them
+        (key None: whatever attempt is held for the task)."""
+        for task_id, key in done:
+            self._drop(task_id, key)
 
     async def ping(self) -> bool:
         return True

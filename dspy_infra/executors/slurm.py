@@ -22,9 +22,11 @@ One attempt of a task is one batch job:
   A non-zero exit or a FAILED / TIMEOUT / NODE_FAIL / CANCELLED / ... state fails the attempt
   (``SlurmJobFailed``, which carries the same map); a submission Slurm refuses as invalid (bad
   partition, unknown gres) fails the task at once.
-- Cancelling the attempt (task cancel, task timeout, shutdown) runs ``scancel`` before the
+- Cancelling the attempt (task cancel, task timeout) runs ``scancel`` before the
   cancellation goes on, even if a second cancellation arrives meanwhile: a job never outlives
-  its attempt.
+  its attempt. A graceful stop of a durable owner does the same only for a class with
+  ``on_shutdown = "cancel"``; otherwise (``leave_running``) the job keeps running with its
+  handle and the next start adopts it, as after a crash.
 - Survives its owner: a durable scheduler records each attempt's handle (job name, comment
   tag, output paths) in its handle journal (``journal.py``, fsync) *before* ``sbatch``, and
   the job id right after. The task re-queued after a crash (SIGKILL included) first reads
@@ -455,6 +457,8 @@ class SlurmExecutor(AsyncResource):
         self._journal = HandleJournal(settings.resolved_home()) if settings.durable else None
         #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
         self.survives_owner = self._journal is not None
+        #: Classes whose jobs a graceful stop leaves running (``leave_running``).
+        self._leaving: frozenset[str] = frozenset()
 
     async def __aenter__(self) -> Self:
         missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
@@ -469,6 +473,38 @@ class SlurmExecutor(AsyncResource):
 
     async def aclose(self) -> None:
         await self._background.stop()
+
+    def leave_running(self, class_names: frozenset[str]) -> None:
+        """The owner stops gracefully: jobs of ``class_names`` cancelled from now on keep
+        running with their handles (``scheduler.context.DetachableExecutor``)."""
+        self._leaving = class_names
+
+    async def cancel_left(self, task_id: str, class_name: str) -> None:
+        """scancel the job an earlier owner left for ``task_id`` (cancelled before adopted)."""
+        if self._journal is None:
+            return
+        prior = await anyio.to_thread.run_sync(self._journal.read, task_id)
+        if prior is None or prior.executor != "slurm":
+            return
+        job_id = str(prior.fields.get("job_id", ""))
+        found = (
+            [job_id] if job_id else await self.cli.tagged(str(prior.fields["name"]), str(prior.fields["tag"]))
+        )
+        for job in found:
+            log.warning("slurm: task %r was cancelled before it adopted job %s: cancelling it", task_id, job)
+            await self._scancel(job)
+        await anyio.to_thread.run_sync(self._journal.remove, task_id)
+
+    def _left_behind(self, ctx: TaskContext, job_id: str) -> bool:
+        """True when the attempt being cancelled is left running for the next start."""
+        if ctx.spec.task_class not in self._leaving:
+            return False
+        log.warning(
+            "slurm: the owner stops; job %s of task %r keeps running for the next start to adopt",
+            job_id,
+            ctx.spec.id,
+        )
+        return True
 
     async def run(self, ctx: TaskContext) -> dict[str, str]:
         """One attempt of ``ctx.spec`` as a batch job; the result map, or raise on failure."""
@@ -510,9 +546,17 @@ class SlurmExecutor(AsyncResource):
         try:
             job_id = await _finish_despite_cancel(submitting)
         except asyncio.CancelledError:
-            # Cancelled while sbatch ran: the job exists now, so it must go again.
+            # Cancelled while sbatch ran: the job exists now, so it must go again (or, left
+            # running by a graceful stop, its id be recorded for the next start).
             if not submitting.cancelled() and submitting.exception() is None:
-                await self._scancel(submitting.result())
+                job_id = submitting.result()
+                if journal is not None and self._left_behind(ctx, job_id):
+                    record = handle.with_fields(job_id=job_id)
+                    await _finish_despite_cancel(
+                        asyncio.ensure_future(anyio.to_thread.run_sync(journal.write, record))
+                    )
+                else:
+                    await self._scancel(job_id)
             raise
         except SlurmCommandError as exc:
             if exc.argv[:1] == ["sbatch"] and _INVALID_SUBMISSION.search(exc.stderr):
@@ -529,17 +573,26 @@ class SlurmExecutor(AsyncResource):
 
     async def _watch(self, ctx: TaskContext, job_id: str) -> SlurmJob:
         """The job's final state; cancelled meanwhile, the job is scancelled first. Either
-        way the attempt is over: its handle is forgotten."""
+        way the attempt is over: its handle is forgotten. Only a graceful stop of the owner
+        (``leave_running``) leaves the job running and its handle in place."""
         try:
-            return await self._watcher.wait(job_id)
-        except BaseException:
-            await self._scancel(job_id)
+            job = await self._watcher.wait(job_id)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and self._left_behind(ctx, job_id):
+                raise
+            try:
+                await self._scancel(job_id)  # re-raises a cancellation once scancel is done
+            finally:
+                await self._forget(ctx)
             raise
-        finally:
-            if self._journal is not None:
-                await _finish_despite_cancel(
-                    asyncio.ensure_future(anyio.to_thread.run_sync(self._journal.remove, ctx.spec.id))
-                )
+        await self._forget(ctx)
+        return job
+
+    async def _forget(self, ctx: TaskContext) -> None:
+        if self._journal is not None:
+            await _finish_despite_cancel(
+                asyncio.ensure_future(anyio.to_thread.run_sync(self._journal.remove, ctx.spec.id))
+            )
 
     async def _adopt(self, ctx: TaskContext, journal: HandleJournal) -> tuple[SlurmJob, Path, Path] | None:
         """The job an earlier owner of this task left (see the module docstring), watched to

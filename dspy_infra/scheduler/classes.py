@@ -36,7 +36,9 @@ _FIELD_TYPES: dict[str, type] = {
     "adaptive": bool,
     "needs_gpu": bool,
     "executor": str,
+    "on_shutdown": str,
 }
+_STR_EXAMPLES = {"executor": 'e.g. "local"', "on_shutdown": 'e.g. "leave" or "cancel"'}
 
 
 def builtin_classes(hardware: HardwareInfo) -> list[TaskClass]:
@@ -76,7 +78,7 @@ def _field_value(cls_name: str, key: str, value: Any) -> Any:
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"must be true or false, got {value!r}", field=field)
     if kind is str and (not isinstance(value, str) or not value):
-        raise ConfigError(f"must be a non-empty string, got {value!r}", field=field, fix='e.g. "local"')
+        raise ConfigError(f"must be a non-empty string, got {value!r}", field=field, fix=_STR_EXAMPLES[key])
     return value
 
 
@@ -150,10 +152,17 @@ def check_runnable(
                 " max_concurrency in dspy-infra.toml to run it anyway",
             )
     if cls.executor != "local" and cls.executor not in executors:
-        what = "Slurm" if cls.executor == "slurm" else repr(cls.executor)
+        what = {"slurm": "Slurm", "ray": "Ray"}.get(cls.executor, repr(cls.executor))
+        setup = {
+            "slurm": 'set slurm = "cli" (Slurm\'s tools on PATH)',
+            "ray": 'set ray_address to the Ray cluster\'s head, e.g. "10.0.0.5:6379"'
+            " (with pip install 'dspy-infra[ray]')",
+        }.get(
+            cls.executor,
+            f"install a plugin providing the {cls.executor!r} executor (dspy_infra_executors hook)",
+        )
         raise ResourceUnavailable(
             f"no {what} executor configured for class {cls.name!r}",
             field="task_class",
-            fix=f"install a plugin providing the {cls.executor!r} executor (dspy_infra_executors hook)"
-            " or submit to a local class such as cpu_long",
+            fix=f"{setup}, or submit to a local class such as cpu_long",
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
@@ -24,19 +24,21 @@ import anyio
 import attrs
 
 from ..config import Settings
-from ..errors import PermanentFailure
-from ..models import TaskSpec
+from ..errors import ConfigError, PermanentFailure
+from ..models import TaskClass, TaskSpec
 from ..values import preview
 
 __all__ = [
     "TAIL_BYTES",
     "BoundedExecutor",
+    "DetachableExecutor",
     "Executor",
     "ExecutorFactory",
     "Handler",
     "SharedResources",
     "Tail",
     "TaskContext",
+    "classes_left_running",
     "payload_json_object",
     "payload_number",
     "payload_text",
@@ -124,6 +126,53 @@ class BoundedExecutor(Executor, Protocol):
         """Attempts of ``class_name`` the engine can hold now; None = no bound known. Cheap
         and non-blocking (the sampler calls it on the loop): return a polled figure."""
         ...
+
+
+@runtime_checkable
+class DetachableExecutor(Executor, Protocol):
+    """An executor whose attempts can outlive their owner (``survives_owner`` True: Slurm
+    jobs, Ray attempts of a durable scheduler) and be left running by a graceful stop."""
+
+    survives_owner: bool
+
+    def leave_running(self, class_names: frozenset[str]) -> None:
+        """The owner is stopping gracefully (``Scheduler.aclose``, a SIGTERM to ``serve``):
+        an attempt of one of ``class_names`` cancelled from now on is left running on the
+        engine, its handle kept, for the next start to adopt; it is not ended. Called once,
+        after the shutdown grace and before the running attempts are cancelled. A task
+        cancel or a timeout before it still ends the attempt."""
+        ...
+
+    async def cancel_left(self, task_id: str, class_name: str) -> None:
+        """End the attempt of ``task_id`` that an earlier owner left running, if any: the
+        task was cancelled before its next attempt adopted it."""
+        ...
+
+
+def classes_left_running(
+    classes: Iterable[TaskClass], detachable: Collection[str], configured: Collection[str]
+) -> frozenset[str]:
+    """The classes whose running attempts a graceful stop leaves to the next start: those
+    run by a ``detachable`` executor, unless ``on_shutdown = "cancel"``. ``"leave"`` on a
+    class whose attempts cannot outlive this process is refused (``ConfigError``), except
+    for an executor not ``configured`` here (its class refuses tasks anyway)."""
+    left: set[str] = set()
+    for cls in classes:
+        if cls.executor in detachable:
+            if cls.on_shutdown != "cancel":
+                left.add(cls.name)
+        elif cls.on_shutdown == "leave" and (cls.executor == "local" or cls.executor in configured):
+            why = (
+                "a local attempt ends with its owner"
+                if cls.executor == "local"
+                else f"the {cls.executor!r} executor of a memory-only scheduler keeps no handle to adopt it by"
+            )
+            raise ConfigError(
+                f'on_shutdown = "leave" but {why}',
+                field=f"task_classes.{cls.name}.on_shutdown",
+                fix='set durable = true for a Slurm or Ray class, or on_shutdown = "cancel"',
+            )
+    return frozenset(left)
 
 
 #: What the ``dspy_infra_executors`` hook maps a name to: called with the scheduler's

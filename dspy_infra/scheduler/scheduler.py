@@ -70,7 +70,16 @@ from ..ownership import end_interrupted_attempts
 from ..plugins import collect_mapping
 from ..values import check_json_object, preview
 from .classes import check_runnable, resolve_classes
-from .context import BoundedExecutor, Executor, ExecutorFactory, Handler, SharedResources, TaskContext
+from .context import (
+    BoundedExecutor,
+    DetachableExecutor,
+    Executor,
+    ExecutorFactory,
+    Handler,
+    SharedResources,
+    TaskContext,
+    classes_left_running,
+)
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
@@ -139,6 +148,9 @@ class Scheduler(AsyncResource):
         self._capacities: dict[str, Callable[[str], int | None]] = {}
         #: Executors whose attempts outlive this process (a restart adopts them).
         self._adopting: set[str] = set()
+        #: Those that a graceful stop tells to leave the attempts of ``_left_running`` running.
+        self._detachable: dict[str, DetachableExecutor] = {}
+        self._left_running: frozenset[str] = frozenset()
         #: Engine connections and the like that handlers reuse across attempts.
         self._shared = SharedResources()
         self._tasks: dict[str, TaskRecord] = {}
@@ -198,6 +210,9 @@ class Scheduler(AsyncResource):
                 except InfraError as exc:
                     refusal = exc
                 self._queues[cls.name] = ClassQueue(cls, self.metrics, refusal, self._flush_if_loop_thread)
+            self._left_running = classes_left_running(
+                self._classes.values(), self._detachable, self._executors
+            )
             self._durable = self.settings.durable
             if self._durable:
                 self._store = SqliteStore(
@@ -244,6 +259,8 @@ class Scheduler(AsyncResource):
                 self._capacities[name] = executor.capacity
             if getattr(executor, "survives_owner", False):
                 self._adopting.add(name)
+                if isinstance(executor, DetachableExecutor):
+                    self._detachable[name] = executor
 
     async def aclose(self) -> None:
         """Stop accepting, give running tasks ``settings.shutdown_grace`` to finish, then stop.
@@ -263,6 +280,8 @@ class Scheduler(AsyncResource):
                 if rec.timer is not None:
                     rec.timer.cancel()
                     rec.timer = None
+            for executor in self._detachable.values():
+                executor.leave_running(self._left_running)  # before their attempts are cancelled
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
             await stack.aclose()
@@ -825,6 +844,9 @@ class Scheduler(AsyncResource):
                 rec.timer.cancel()
                 rec.timer = None
             self._terminal(rec, _CANCELLED, "cancelled while queued", now, count_inflight=False)
+            if cq is not None and rec.attempts and cq.cls.executor in self._detachable:
+                # An earlier owner may have left its attempt running (on_shutdown = "leave").
+                await self._detachable[cq.cls.executor].cancel_left(task_id, cq.cls.name)
         elif rec.status is _RUNNING and not rec.cancel_requested:
             rec.cancel_requested = True
             # No worker yet: it was handed over but has not run; it checks the flag first.

@@ -31,12 +31,13 @@ from hypothesis import given
 from strategies import ray_demands
 
 from dspy_infra.config import load_settings
-from dspy_infra.errors import ConfigError, Unavailable
+from dspy_infra.errors import ConfigError, ResourceUnavailable, Unavailable
 from dspy_infra.executors import ray as ray_executor
 from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.ownership import end_leftover_attempts, pid_alive
+from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +115,38 @@ async def test_without_ray_the_executor_is_refused_at_start_naming_the_install(
             pass
     assert caught.value.field == "task_classes.train.executor"
     assert "pip install 'dspy-infra[ray]'" in str(caught.value)
+
+
+async def test_the_built_in_ray_class_is_refused_at_submit_until_ray_address_is_set(tmp_path: Path) -> None:
+    async with open_scheduler(tmp_path) as sched:
+        with pytest.raises(ResourceUnavailable) as caught:
+            await sched.submit(TaskSpec("solo", task_class="ray", payload={"cmd": "true"}))
+    assert caught.value.field == "task_class"
+    assert "no Ray executor configured for class 'ray'" in str(caught.value)
+    assert "ray_address" in str(caught.value) and "dspy-infra[ray]" in str(caught.value)
+
+
+async def test_ray_address_without_ray_installed_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_executor, "_ray_installed", lambda: False)
+    with pytest.raises(ConfigError) as caught:
+        async with open_scheduler(tmp_path, ray_address="127.0.0.1:26379"):
+            pass
+    assert caught.value.field == "ray_address" and "pip install 'dspy-infra[ray]'" in str(caught.value)
+
+
+def test_the_built_in_ray_class_takes_options_once_ray_is_configured() -> None:
+    settings = load_settings(env={}, ray_address="h:1", ray_classes={"ray": {"num_gpus": 1}})
+    assert ray_classes(settings)["ray"].num_gpus == 1.0
+    with pytest.raises(ConfigError) as caught:
+        ray_classes(load_settings(env={}, ray_classes={"ray": {"num_gpus": 1}}))
+    assert caught.value.field == "ray_classes.ray" and "ray_address" in str(caught.value)
+    # A config that moves the name `ray` to a local class keeps it local.
+    assert (
+        ray_classes(load_settings(env={}, ray_address="h:1", task_classes={"ray": {"executor": "local"}}))
+        == {}
+    )
 
 
 @pytest.mark.parametrize(
@@ -244,6 +277,19 @@ async def test_exec_on_ray_gives_the_result_a_local_exec_gives(tmp_path: Path, n
     assert failed.error == "command exited with 3: bad" and failed.result["exit_code"] == 3
 
 
+async def test_one_task_runs_on_ray_through_the_built_in_class(tmp_path: Path, namespace: str) -> None:
+    # No class of one's own: ray_address alone, and task_class="ray". The command's parent
+    # is a Ray worker process (its title is "ray::run_attempt").
+    settings = {"ray_address": RAY_ADDRESS, "ray_namespace": namespace, "shutdown_grace": 0.5}
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(
+            TaskSpec("solo", task_class="ray", payload={"cmd": "tr -d '\\0' < /proc/$PPID/cmdline"})
+        )
+        result = await sched.wait("solo", timeout=120)
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"].startswith("ray::run_attempt"), result.result
+
+
 async def test_a_task_pinned_by_a_custom_resource_runs_on_that_node(tmp_path: Path, namespace: str) -> None:
     async with ray_scheduler(
         tmp_path,
@@ -362,20 +408,95 @@ async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(
     await adoption_round(settings, task, runs, ended=ended if restart == "after_it_ended" else None)
 
 
-async def test_a_handle_the_keeper_does_not_know_runs_the_task_anew(tmp_path: Path, namespace: str) -> None:
-    # The owner died after recording the handle but before the keeper had the attempt (or the
-    # keeper was lost with its node): nothing to adopt, so the task runs, once.
+@pytest.mark.parametrize("restart", ["while_running", "after_it_ended"])
+async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
+    tmp_path: Path, namespace: str, restart: str
+) -> None:
+    # A durable scheduler stops (a deploy) mid-attempt: the attempt runs on under its keeper
+    # with its handle, and the next start adopts it (or collects its outcome). Runs once.
+    runs, ended = tmp_path / "runs", tmp_path / "ended"
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    cmd = f"echo run >> {runs}; sleep 5; echo finished; echo yes > {ended}"
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("train/deploy", "on_ray", cmd))
+        await wait_for_text(runs, timeout=120)
+    assert not ended.exists(), "the attempt was not running when the owner stopped"
+    if restart == "after_it_ended":
+        await wait_for_text(ended, timeout=60)
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        result = await sched.wait("train/deploy", timeout=120)
+        state = await sched.get("train/deploy")
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"] == "finished\n"
+    assert runs.read_text() == "run\n", "the attempt ran more than once"
+    assert state.attempts == 2  # the interrupted attempt, then the one that adopted it
+
+
+async def test_a_task_cancelled_before_it_adopted_its_left_attempt_ends_it(
+    tmp_path: Path, namespace: str
+) -> None:
+    # A graceful stop left two attempts; at the next start the one slot goes to the higher
+    # priority task, so "left" waits in the queue, not yet adopted: cancelling it there
+    # still ends its command.
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    pids = {name: tmp_path / f"{name}.pid" for name in ("left", "first")}
+    width = {"min_concurrency": 1, "base_concurrency": 2, "max_concurrency": 2, "adaptive": False}
+    settings["task_classes"]["on_ray"] = {"executor": "ray", **width}
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("left", "on_ray", f"echo $$ > {pids['left']}; exec sleep 300"))
+        await sched.submit(
+            exec_task("first", "on_ray", f"echo $$ > {pids['first']}; exec sleep 300", priority=10)
+        )
+        left, first = [int(await wait_for_text(pids[name], timeout=120)) for name in ("left", "first")]
+    settings["task_classes"]["on_ray"].update(base_concurrency=1, max_concurrency=1)
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        assert (await sched.get("left")).status is TaskStatus.PENDING
+        assert (await sched.cancel("left")).status is TaskStatus.CANCELLED
+        assert await _gone(left), "the left attempt outlived the cancel of its task"
+        assert pid_alive(first)
+        await sched.cancel("first")
+    assert await _gone(first)
+
+
+async def test_on_shutdown_cancel_ends_the_attempt_at_a_graceful_stop(tmp_path: Path, namespace: str) -> None:
+    pid_file = tmp_path / "pid"
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    settings["task_classes"]["on_ray"]["on_shutdown"] = "cancel"
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("ci", "on_ray", f"echo $$ > {pid_file}; exec sleep 300"))
+        pid = int(await wait_for_text(pid_file))
+    assert await _gone(pid), "the command outlived a graceful stop with on_shutdown = 'cancel'"
+
+
+async def test_an_attempt_the_keeper_never_got_runs_anew_once(tmp_path: Path, namespace: str) -> None:
+    # The owner recorded attempt 1 and died before its keeper had it (or the keeper was lost
+    # with its node): attempt 2 finds nothing to adopt, so the task runs, once.
     runs = tmp_path / "runs"
-    HandleJournal(tmp_path).write(
-        RemoteHandle("ray", "orphan", 1, {"namespace": namespace, "key": "never-given"})
+    settings = load_settings(
+        env={}, home=tmp_path, durable=True, **ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
     )
+    async with RayExecutor(settings, ray_classes(settings)) as executor:
+        task = exec_task("orphan", "on_ray", f"echo run >> {runs}; echo ok")
+        result = await executor.run(TaskContext(task, 2))
+    assert result["stdout"] == "ok\n"
+    assert await anyio.Path(runs).read_text() == "run\n"
+
+
+async def test_a_retry_runs_anew_rather_than_adopting_the_attempt_it_retries(
+    tmp_path: Path, namespace: str
+) -> None:
+    # Attempt 1 fails; its outcome stays with the keeper a moment (for an owner that would
+    # crash before recording it). Attempt 2, a retry in the same owner, must run again.
+    marker, runs = tmp_path / "failed-once", tmp_path / "runs"
+    cmd = f"echo run >> {runs}; if [ -e {marker} ]; then echo ok; else touch {marker}; exit 1; fi"
     settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
-        await sched.submit(exec_task("orphan", "on_ray", f"echo run >> {runs}; echo ok"))
-        result = await sched.wait("orphan", timeout=120)
-    assert result.status is TaskStatus.COMPLETED and result.result["stdout"] == "ok\n", result.error
-    assert await anyio.Path(runs).read_text() == "run\n"
-    assert HandleJournal(tmp_path).read("orphan") is None
+        await sched.submit(exec_task("flaky", "on_ray", cmd, max_attempts=2))
+        result = await sched.wait("flaky", timeout=120)
+        state = await sched.get("flaky")
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"] == "ok\n" and state.attempts == 2
+    assert runs.read_text() == "run\nrun\n"
 
 
 def _raylet_pids(resource: str) -> list[int]:

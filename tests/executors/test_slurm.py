@@ -17,7 +17,8 @@ from typing import Any
 
 import anyio
 import pytest
-from adoption import adoption_round
+from _rpc_support import serve_process, stop_process
+from adoption import adoption_round, wait_for_text
 from engines import skip_or_fail
 from harness import open_scheduler
 from hypothesis import example, given
@@ -41,6 +42,7 @@ from dspy_infra.executors.slurm import (
     time_limit_minutes,
 )
 from dspy_infra.models import TaskSpec, TaskStatus
+from dspy_infra.rpc.remote import RemoteInfra
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
 
@@ -134,8 +136,10 @@ async def test_failing_command_fails_the_task_with_its_exit_code(slurm: None, tm
     assert result.result["job_id"].isdigit()
 
 
-async def test_cancel_of_a_running_task_scancels_its_job(slurm: None, tmp_path: Path) -> None:
-    async with scheduler(tmp_path, slurm="cli") as sched:
+@pytest.mark.parametrize("durable", [False, True])
+async def test_cancel_of_a_running_task_scancels_its_job(slurm: None, tmp_path: Path, durable: bool) -> None:
+    # Durable: the class leaves its jobs running at a graceful stop, never at a task cancel.
+    async with scheduler(tmp_path, slurm="cli", durable=durable) as sched:
         await sched.submit(slurm_task("long", "sleep 120"))
         job_id = await _running_job(job_name("long"))
         await sched.cancel("long")
@@ -144,10 +148,12 @@ async def test_cancel_of_a_running_task_scancels_its_job(slurm: None, tmp_path: 
     # The job left the queue: squeue no longer lists it, scontrol remembers it as cancelled.
     assert await _left_queue(job_id)
     assert (await _job_state(job_id)).state == "CANCELLED"
+    assert HandleJournal(tmp_path).read("long") is None
 
 
 async def test_timeout_fails_the_task_and_cancels_the_job(slurm: None, tmp_path: Path) -> None:
-    async with scheduler(tmp_path, slurm="cli") as sched:
+    # Durable, so on_shutdown defaults to "leave": a timeout still ends the job.
+    async with scheduler(tmp_path, slurm="cli", durable=True) as sched:
         await sched.submit(slurm_task("slow", "sleep 120", timeout=5.0))
         job_id = await _running_job(job_name("slow"))
         result = await sched.wait("slow", timeout=30)
@@ -157,12 +163,54 @@ async def test_timeout_fails_the_task_and_cancels_the_job(slurm: None, tmp_path:
     assert (await _job_state(job_id)).state == "CANCELLED"
 
 
-async def test_shutdown_cancels_jobs_still_running(slurm: None, tmp_path: Path) -> None:
-    async with scheduler(tmp_path, slurm="cli") as sched:
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"durable": False}, id="memory-only"),
+        pytest.param(
+            {"durable": True, "task_classes": {"gpu_slurm": {"on_shutdown": "cancel"}}},
+            id="on_shutdown-cancel",
+        ),
+    ],
+)
+async def test_shutdown_cancels_jobs_still_running_unless_they_are_left(
+    slurm: None, tmp_path: Path, overrides: dict[str, Any]
+) -> None:
+    # A memory-only scheduler keeps no handle a next start could adopt the job by, and a
+    # class with on_shutdown = "cancel" (a CI job) asks to leave no job behind.
+    async with scheduler(tmp_path, slurm="cli", **overrides) as sched:
         await sched.submit(slurm_task("left-running", "sleep 120"))
         job_id = await _running_job(job_name("left-running"))
     assert await _left_queue(job_id)
     assert (await _job_state(job_id)).state == "CANCELLED"
+    assert HandleJournal(tmp_path).read("left-running") is None
+
+
+@pytest.mark.parametrize("restart", ["while_running", "after_it_ended"])
+async def test_a_graceful_stop_leaves_the_job_to_the_next_start(
+    slurm: None, tmp_path: Path, restart: str
+) -> None:
+    # A durable scheduler stops (a deploy) while a job runs: the job keeps running with its
+    # handle, and the next start adopts it (watched, or collected if it ended meanwhile).
+    runs = tmp_path / "runs"
+    task = slurm_task("train/deploy", f"echo run >> {runs}; sleep 5; echo finished")
+    async with scheduler(tmp_path, slurm="cli", durable=True) as sched:
+        await sched.submit(task)
+        job_id = await _running_job(job_name(task.id))
+        await wait_for_text(runs)
+    assert (await _job_state(job_id)).state == "RUNNING"
+    handle = HandleJournal(tmp_path).read(task.id)
+    assert handle is not None and handle.fields["job_id"] == job_id
+    if restart == "after_it_ended":
+        assert await _left_queue(job_id)
+    async with scheduler(tmp_path, slurm="cli", durable=True) as sched:
+        result = await sched.wait(task.id, timeout=120)
+        state = await sched.get(task.id)
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["job_id"] == job_id and result.result["stdout"] == "finished\n"
+    assert runs.read_text() == "run\n", "the job ran more than once"
+    assert state.attempts == 2  # the interrupted attempt, then the one that adopted its job
+    assert HandleJournal(tmp_path).read(task.id) is None
 
 
 async def test_a_request_slurm_refuses_fails_at_once_naming_the_fix(slurm: None, tmp_path: Path) -> None:
@@ -434,6 +482,69 @@ def test_a_job_that_wrote_no_output_says_where_to_look() -> None:
     text = failure_message(job, result)
     assert "JobLaunchFailure" in text and "/home/x/slurm/t/1.out" in text
     assert "filesystem the compute nodes share" in text
+
+
+def _fixed_width(width: int) -> dict[str, Any]:
+    return {
+        "gpu_slurm": {
+            "min_concurrency": 1,
+            "base_concurrency": width,
+            "max_concurrency": width,
+            "adaptive": False,
+        }
+    }
+
+
+async def test_a_task_cancelled_before_it_adopted_its_left_job_ends_the_job(
+    slurm: None, tmp_path: Path
+) -> None:
+    # A graceful stop left two jobs; at the next start the one slot goes to the higher
+    # priority task, so "left" waits in the queue, not yet adopted: cancelling it there
+    # still ends its job (and the adopted one ends on its own cancel as always).
+    async with scheduler(tmp_path, slurm="cli", durable=True, task_classes=_fixed_width(2)) as sched:
+        await sched.submit(slurm_task("left", "sleep 120"))
+        await sched.submit(slurm_task("first", "sleep 120", priority=10))
+        left_job = await _running_job(job_name("left"))
+        first_job = await _running_job(job_name("first"))
+    async with scheduler(tmp_path, slurm="cli", durable=True, task_classes=_fixed_width(1)) as sched:
+        assert (await sched.get("left")).status is TaskStatus.PENDING
+        assert (await sched.cancel("left")).status is TaskStatus.CANCELLED
+        assert await _left_queue(left_job)
+        assert (await _job_state(left_job)).state == "CANCELLED"
+        await sched.cancel("first")
+    assert await _left_queue(first_job)
+    assert HandleJournal(tmp_path).read("left") is None
+
+
+async def test_sigterm_to_serve_leaves_the_job_and_the_next_serve_adopts_it(
+    slurm: None, tmp_path: Path
+) -> None:
+    # What `dspy-infra serve` runs, stopped by SIGTERM (a deploy) while a task's job runs,
+    # then started again on the same state directory: the job ran once, its result arrives.
+    runs, home = tmp_path / "runs", tmp_path / "home"
+    task = slurm_task("train/serve", f"echo run >> {runs}; sleep 5; echo finished")
+    with serve_process(home, slurm="cli", shutdown_grace=0.5) as server:
+        remote = await RemoteInfra.connect(server.addr, required=True)
+        assert remote is not None
+        try:
+            await remote.submit(task)
+        finally:
+            await remote.aclose()
+        job_id = await _running_job(job_name(task.id))
+        await wait_for_text(runs)
+        stop_process(server.proc)
+        assert server.proc.returncode == 0
+    assert (await _job_state(job_id)).state == "RUNNING"
+    with serve_process(home, slurm="cli", shutdown_grace=0.5) as server:
+        remote = await RemoteInfra.connect(server.addr, required=True)
+        assert remote is not None
+        try:
+            result = await remote.wait(task.id, timeout=120)
+        finally:
+            await remote.aclose()
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["job_id"] == job_id and result.result["stdout"] == "finished\n"
+    assert runs.read_text() == "run\n", "the job ran more than once"
 
 
 async def test_a_sigkilled_owner_s_job_is_adopted_and_runs_once(slurm: None, tmp_path: Path) -> None:
