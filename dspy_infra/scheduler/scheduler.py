@@ -9,8 +9,9 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   when its class has nothing to do; a new worker is started only when no parked one exists,
   so there are never more workers than the class's peak concurrency.
 - State changes go to the store as cheap tuples; the store's writer thread commits them in
-  groups. A task is queued (and ``submit`` returns) only once its row is on disk; a row
-  the store refuses rejects that task alone and leaves no trace in memory. An attempt is
+  groups. A task is queued once its row is in the store's log and ``submit`` returns
+  once it is on disk (the task may run meanwhile); a row the store refuses rejects that
+  task alone and leaves no trace in memory. An attempt is
   recorded (``running``, attempts + 1) and committed before its handler starts, so recovery
   counts attempts that a crash interrupted and ``max_attempts`` bounds how often one task
   can take the process down. An in-process handler waits only until the record is in the
@@ -531,7 +532,9 @@ class Scheduler(AsyncResource):
         ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
         ``acknowledged`` (the default): return once the rows are on disk. False: once they
         are in the store's log, for a caller that acknowledges nothing before a result
-        (``submit_and_wait``).
+        (``submit_and_wait``). Either way a task is queued (and may run) as soon as its row
+        is in the log; if the disk flush then fails, the error is raised though the task
+        stays queued (it was never acknowledged, and the store acknowledges nothing more).
         """
         outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
         checked: list[tuple[int, TaskSpec, ClassQueue | None, str]] = []
@@ -582,11 +585,15 @@ class Scheduler(AsyncResource):
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
         if self._durable and (fresh or any(not (rec.stored and rec.flushed) for _, rec in records)):
-            # Queued only once committed, from the commit callback (not from this coroutine,
-            # which a disconnecting client may cancel): a task never runs without its row.
-            await self._committed(
-                lambda error: self._accepted(fresh, error, acknowledged), flushed=acknowledged
-            )
+            # Queued once its row is in the store's log, from the store's callback (not from
+            # this coroutine, which a disconnecting client may cancel): a task never runs
+            # without its row. The acknowledgement (returning) waits for the flush, but the
+            # task need not: it may run while the disk flushes, and a fast task's result row
+            # then shares the flush with its acknowledgement (docs/performance.md says why
+            # running before the acknowledgement gives nothing away).
+            if fresh:
+                self._store.after_write(lambda error: self._accepted(fresh, error, flushed=False))
+            await self._committed(self._flushed(fresh) if acknowledged else None, flushed=acknowledged)
         else:
             self._accepted(fresh, None)
         for index, rec in records:
@@ -618,6 +625,17 @@ class Scheduler(AsyncResource):
                 touched[cq.cls.name] = cq
         for cq in touched.values():
             self._pump(cq)
+
+    @staticmethod
+    def _flushed(fresh: list[tuple[TaskRecord, ClassQueue]]) -> Callable[[InfraError | None], None]:
+        """The store callback that marks these accepted tasks' rows as on the disk."""
+
+        def flushed(error: InfraError | None) -> None:
+            if error is None:
+                for rec, _ in fresh:
+                    rec.flushed = True
+
+        return flushed
 
     def _rows_rejected(self, rejected: dict[str, InfraError]) -> None:
         """The store could not write these tasks' rows (called before the batch's callbacks)."""

@@ -391,6 +391,9 @@ class SqliteStore:
         # deque append/popleft are atomic: the loop appends, the writer pops, no lock per op.
         self._ops: deque[Any] = deque()
         self._wake = threading.Event()
+        #: Set when someone waits on a queued operation (a callback, the stop marker): ends
+        #: the group-commit window at once, since waiters add nothing until they are answered.
+        self._waiting = threading.Event()
         #: False once the writer has started draining: the next op must set ``_wake``.
         self._awake = False
         self._thread: threading.Thread | None = None
@@ -494,6 +497,7 @@ class SqliteStore:
         if self._thread is None:
             return
         self._enqueue(_STOP)
+        self._waiting.set()
         thread, self._thread = self._thread, None
         await anyio.to_thread.run_sync(thread.join)
 
@@ -518,6 +522,8 @@ class SqliteStore:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(callback)
+        if not self._waiting.is_set():
+            self._waiting.set()
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)
@@ -529,8 +535,8 @@ class SqliteStore:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(_Written(callback))
-        if self._dead is not None:
-            self._fail_queued(self._dead)
+        if not self._waiting.is_set():
+            self._waiting.set()
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)
@@ -571,8 +577,12 @@ class SqliteStore:
                 # operations arrive before taking them all (fewer, bigger transactions). After
                 # a small one the store is nearly idle, and a lone submit should wait only for
                 # its own commit; what arrives meanwhile forms the next batch anyway.
+                # The window ends early when a waiter's callback is queued: the rows it waits
+                # for were queued before it (callbacks are registered a loop step after their
+                # rows, so the rows alone must not hold it for a whole window).
                 if busy:
-                    time.sleep(self._interval)
+                    self._waiting.wait(self._interval)
+                self._waiting.clear()
                 self._wake.clear()
                 self._awake = False  # before draining: an op appended after this wakes us again
                 batch = [ops.popleft() for _ in range(len(ops))]
