@@ -170,6 +170,8 @@ class Scheduler(AsyncResource):
         #: the disk (_attempt_gate).
         self._start_gate: asyncio.Future[InfraError | None] | None = None
         self._synced_start_gate: asyncio.Future[InfraError | None] | None = None
+        #: Attempts waiting at ``_start_gate``: written to the attempt journal when it opens.
+        self._journaled: list[TaskRecord] = []
         #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
         self._drain_deadline: float | None = None
 
@@ -968,7 +970,7 @@ class Scheduler(AsyncResource):
                 # and a cancelled await would cancel it for all of them (their workers then
                 # die with a CancelledError nobody asked for, taking the task group down).
                 synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
-                store_error = await asyncio.shield(self._attempt_gate(synced))
+                store_error = await asyncio.shield(self._attempt_gate(synced, rec))
                 if rec.write_error is None and store_error is not None:
                     rec.write_error = store_error
                 if rec.write_error is not None:
@@ -1053,11 +1055,15 @@ class Scheduler(AsyncResource):
         self._idle_check()
         return True
 
-    def _attempt_gate(self, synced: bool) -> asyncio.Future[InfraError | None]:
-        """A future that resolves (to the store's error, or None) once every row queued so far
-        is in the store's log (``synced``: flushed to the disk). Shared by all attempts
-        started in one loop step: one store callback for all of them, registered after the
-        step, so after each of their rows."""
+    def _attempt_gate(self, synced: bool, rec: TaskRecord) -> asyncio.Future[InfraError | None]:
+        """A future that resolves (to the store's error, or None) once the attempts started in
+        this loop step are recorded. ``synced`` (work outside this process): every row queued
+        so far is flushed to the disk, one store callback for all of them, registered after
+        the step, so after each of their rows. Otherwise: the attempts are written to the
+        store's attempt journal, one write at the end of the step from the loop itself
+        (``journal.py``; their rows follow through group commit)."""
+        if not synced:
+            self._journaled.append(rec)
         gate = self._synced_start_gate if synced else self._start_gate
         if gate is None:
             assert self._loop is not None
@@ -1083,8 +1089,16 @@ class Scheduler(AsyncResource):
 
         if synced:
             self._store.after_commit(saved)
-        else:
+            return
+        recs, self._journaled = self._journaled, []
+        try:
+            self._store.record_attempts([(rec.spec.id, rec.attempts) for rec in recs])
+        except OSError as exc:
+            # Not known to be recorded: wait for the rows to reach the store's log instead.
+            log.warning("the attempt journal could not be written (%s); waiting for the store", exc)
             self._store.after_write(saved)
+        else:
+            saved(None)
 
     def _unstarted(self, cq: ClassQueue, rec: TaskRecord, error: InfraError) -> None:
         """The attempt could not be recorded, so it does not run: back to the queue after a

@@ -62,7 +62,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii as _quote
@@ -75,6 +74,7 @@ import attrs
 from ..errors import AlreadyExists, FailedPrecondition, InfraError, SpecError, Unavailable
 from ..models import TaskSpec, TaskStatus
 from ..values import json_text, preview
+from .journal import ROTATE_BYTES, AttemptJournal
 
 __all__ = [
     "DB_FILE_NAME",
@@ -356,6 +356,9 @@ class MemoryStore:
     def prune(self, task_id: str, content_hash: str) -> None:
         pass
 
+    def record_attempts(self, attempts: list[tuple[str, int]]) -> None:
+        pass
+
     def after_commit(self, callback: CommitCallback) -> None:
         callback(None)
 
@@ -381,6 +384,7 @@ class SqliteStore:
         *,
         commit_interval: float = 0.005,
         on_rejected: RejectedCallback | None = None,
+        journal_rotate_bytes: int = ROTATE_BYTES,
     ) -> None:
         self.home = Path(home)
         self._on_rejected = on_rejected
@@ -410,6 +414,11 @@ class SqliteStore:
         self._sync_error: InfraError | None = None
         self._lock_fd: int | None = None
         self._call_soon: Callable[..., Any] | None = None
+        #: Attempts of in-process handlers, recorded from the loop (journal.py).
+        self._journal = AttemptJournal(self.home, rotate_bytes=journal_rotate_bytes)
+        #: Set (writer thread) when a commit failed or refused rows: the journal is then
+        #: kept at close, since the rows it stands in for may be missing.
+        self._rows_lost = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -467,7 +476,9 @@ class SqliteStore:
             conn.execute(_CREATE_PRUNED)
             conn.execute(_CREATE_PRUNED_GUARD)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            _replay_journal(conn, self._journal.read())
             rows = [task for r in conn.execute(_SELECT) if (task := _stored(r)) is not None]
+            self._journal.open()
             if wal:
                 # The log exists once the connection has written (user_version above); it
                 # keeps its inode while the connection is open (no journal_size_limit).
@@ -500,6 +511,8 @@ class SqliteStore:
         self._waiting.set()
         thread, self._thread = self._thread, None
         await anyio.to_thread.run_sync(thread.join)
+        # Every row is written (or it is not known that they are): empty the journal only then.
+        self._journal.close(empty=self._dead is None and not self._rows_lost)
 
     # -- operations (called on the event loop; never block) -------------------------------
 
@@ -514,6 +527,23 @@ class SqliteStore:
     def prune(self, task_id: str, content_hash: str) -> None:
         """A finished task leaves retention: its row goes, its id and hash stay."""
         self._enqueue((task_id, content_hash))
+
+    def record_attempts(self, attempts: list[tuple[str, int]]) -> None:
+        """Record (task id, attempt) as started, in the journal: in the kernel when this
+        returns, so it survives this process's death, like ``after_write``'s level, without
+        the writer thread (their rows are queued before, with ``put``, and follow through
+        group commit). Raises ``OSError`` when the write fails: nothing is recorded then."""
+        if self._journal.append(attempts):
+            # The other file is written from now on; the full one is emptied once every row
+            # queued so far (those of all the attempts it holds) is in the log.
+            self._enqueue(_Written(self._retire_journal))
+
+    def _retire_journal(self, error: InfraError | None) -> None:
+        if error is None:
+            try:
+                self._journal.retire()
+            except OSError as exc:  # kept: it is read again at the next start, harmlessly
+                log.warning("could not empty the attempt journal: %s", exc)
 
     def after_commit(self, callback: CommitCallback) -> None:
         """``callback(error)`` on the loop once every operation queued before it is committed
@@ -710,6 +740,7 @@ class SqliteStore:
                 else:
                     refused = self._write_apart(rows)
                 rejected.update(refused)
+                self._rows_lost = True
                 # A store that refuses everything (disk full, I/O error, locked) is not a bad
                 # row: the callbacks of the batch learn it too.
                 if refused and len(refused) == len(rows):
@@ -816,6 +847,35 @@ class SqliteStore:
         if self._conn is None:
             raise FailedPrecondition("the task store is not open", fix="use it while the scheduler runs")
         return self._conn
+
+
+def _replay_journal(conn: sqlite3.Connection, started: dict[str, int]) -> None:
+    """Raise each unfinished task's attempts to the highest the journal saw start (that
+    attempt was interrupted: ``running``), flushed before the journal is emptied."""
+    if not started:
+        return
+    level = int(conn.execute("PRAGMA synchronous").fetchone()[0])
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("BEGIN")
+    for task_id, attempt in started.items():
+        # One statement per task: a row the database refuses (as it refused the attempt's
+        # own row) keeps what it had and fails alone, never the store's start.
+        try:
+            conn.execute("SAVEPOINT replay")
+            conn.execute(
+                "UPDATE tasks SET status = 'running', attempts = ? WHERE id = ? AND attempts < ?"
+                " AND status IN ('pending', 'running')",
+                (attempt, task_id, attempt),
+            )
+            conn.execute("RELEASE replay")
+        except sqlite3.DatabaseError as exc:
+            conn.execute("ROLLBACK TO replay")
+            conn.execute("RELEASE replay")
+            log.error(
+                "task %s: its journaled attempt %d could not be saved: %s", preview(task_id), attempt, exc
+            )
+    conn.execute("COMMIT")
+    conn.execute(f"PRAGMA synchronous={level}")
 
 
 def _row_id(row: tuple[Any, ...]) -> str:

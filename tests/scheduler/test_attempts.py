@@ -28,6 +28,7 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.context import TaskContext
+from dspy_infra.scheduler.journal import JOURNAL_FILE_NAMES
 from dspy_infra.scheduler.scheduler import Scheduler
 
 HW = NO_GPU
@@ -108,8 +109,9 @@ def test_a_task_that_kills_its_server_runs_at_most_max_attempts_times(
 
 async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[list[str], Any]:
     """Run one task through scheduler restarts. A "crash" run copies the committed database
-    (SQLite's backup API: exactly what a crash at that moment leaves on disk) to a fresh home
-    and the next incarnation starts from that copy; the abandoned one is just closed."""
+    (SQLite's backup API) and the attempt journal (exactly what a crash at that moment leaves
+    on disk) to a fresh home and the next incarnation starts from that copy; the abandoned one
+    is just closed."""
     runs: list[str] = []
     crash_events: list[anyio.Event] = []  # one per incarnation; the newest is live
     home = tmp / "h0"
@@ -122,6 +124,9 @@ async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[
         if what == "crash":
             target = tmp / f"h{len(runs)}"
             target.mkdir()
+            home = ctx.settings.resolved_home()  # type: ignore[union-attr]
+            for name in JOURNAL_FILE_NAMES:
+                (target / name).write_bytes((home / name).read_bytes())
             src = sqlite3.connect(ctx.settings.resolved_home() / "state.db")  # type: ignore[union-attr]
             dst = sqlite3.connect(target / "state.db")
             try:
