@@ -15,7 +15,9 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   recorded (``running``, attempts + 1) and committed before its handler starts, so recovery
   counts attempts that a crash interrupted and ``max_attempts`` bounds how often one task
   can take the process down. An in-process handler waits only until the record is in the
-  store's log (safe from this process's death, which is what the record guards against);
+  kernel (safe from this process's death, which is what the record guards against): the
+  attempts started in one loop step are appended to the store's attempt journal with one
+  write from the loop, and their rows follow through group commit;
   a handler that starts processes or containers (``exec``, ``container``) or a class run by
   an executor waits until it is flushed to the disk, so not even a power cut can make such
   work run twice unnoticed. Results are delivered (``wait``, ``stream_results``) once the
@@ -538,8 +540,13 @@ class Scheduler(AsyncResource):
         is in the log; if the disk flush then fails, the error is raised though the task
         stays queued (it was never acknowledged, and the store acknowledges nothing more).
         """
-        outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
-        checked: list[tuple[int, TaskSpec, ClassQueue | None, str]] = []
+        # One entry per spec: its error, or its record (turned into its state at the end).
+        outcomes: list[Any] = [None] * len(specs)
+        # Parallel lists rather than a tuple per spec: in a batch of thousands such
+        # temporaries outlive the young collections and make the full ones come sooner.
+        checked: list[int] = []
+        queues: list[ClassQueue | None] = []
+        texts: list[str] = []
         batch: dict[str, TaskSpec] = {}
         for index, spec in enumerate(specs):
             try:
@@ -559,14 +566,16 @@ class Scheduler(AsyncResource):
                     raise
                 outcomes[index] = exc
                 continue
-            checked.append((index, spec, queue if existing is None else None, text))
+            checked.append(index)
+            queues.append(queue if existing is None else None)
+            texts.append(text)
         now = time.time()
         tasks = self._tasks
-        records: list[tuple[int, TaskRecord]] = []
-        fresh: list[tuple[TaskRecord, ClassQueue]] = []
-        for index, spec, cq, text in checked:
+        fresh: list[TaskRecord] = []
+        for index, cq, text in zip(checked, queues, texts, strict=True):
+            spec = specs[index]
             if cq is None or spec.id in tasks:
-                records.append((index, tasks[spec.id]))
+                outcomes[index] = tasks[spec.id]
                 continue
             rec = TaskRecord(spec, self._seq, now)
             self._seq += 1
@@ -582,11 +591,13 @@ class Scheduler(AsyncResource):
             )
             if self._listeners:
                 self._notify(rec)
-            fresh.append((rec, cq))
-            records.append((index, rec))
+            fresh.append(rec)
+            outcomes[index] = rec
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
-        if self._durable and (fresh or any(not (rec.stored and rec.flushed) for _, rec in records)):
+        if self._durable and (
+            fresh or any(type(o) is TaskRecord and not (o.stored and o.flushed) for o in outcomes)
+        ):
             # Queued once its row is in the store's log, from the store's callback (not from
             # this coroutine, which a disconnecting client may cancel): a task never runs
             # without its row. The acknowledgement (returning) waits for the flush, but the
@@ -598,21 +609,18 @@ class Scheduler(AsyncResource):
             await self._committed(self._flushed(fresh) if acknowledged else None, flushed=acknowledged)
         else:
             self._accepted(fresh, None)
-        for index, rec in records:
-            if rec.rejection is not None:
-                outcomes[index] = rec.rejection
-            else:
-                outcomes[index] = rec.state()
-        return [outcome for outcome in outcomes if outcome is not None]
+        for index, outcome in enumerate(outcomes):
+            if type(outcome) is TaskRecord:
+                outcomes[index] = outcome.rejection if outcome.rejection is not None else outcome.state()
+        return outcomes
 
-    def _accepted(
-        self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None, flushed: bool = True
-    ) -> None:
+    def _accepted(self, fresh: list[TaskRecord], error: InfraError | None, flushed: bool = True) -> None:
         """The commit holding these tasks' rows is done: queue the stored ones. Not
         ``flushed`` (only in the store's log): an acknowledged resubmit of one of them waits
         for a flush first."""
         touched: dict[str, ClassQueue] = {}
-        for rec, cq in fresh:
+        queues = self._queues
+        for rec in fresh:
             if rec.rejection is not None:
                 continue
             if error is not None:
@@ -622,6 +630,7 @@ class Scheduler(AsyncResource):
             if not flushed:
                 rec.flushed = False
             if rec.status is _PENDING and rec.timer is None:
+                cq = queues[rec.spec.task_class]  # checked at submit; classes never go away
                 cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
                 heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
                 touched[cq.cls.name] = cq
@@ -629,12 +638,12 @@ class Scheduler(AsyncResource):
             self._pump(cq)
 
     @staticmethod
-    def _flushed(fresh: list[tuple[TaskRecord, ClassQueue]]) -> Callable[[InfraError | None], None]:
+    def _flushed(fresh: list[TaskRecord]) -> Callable[[InfraError | None], None]:
         """The store callback that marks these accepted tasks' rows as on the disk."""
 
         def flushed(error: InfraError | None) -> None:
             if error is None:
-                for rec, _ in fresh:
+                for rec in fresh:
                     rec.flushed = True
 
         return flushed

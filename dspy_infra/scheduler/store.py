@@ -19,6 +19,10 @@ Two levels of "saved", because they guard against different failures:
   an attempt record guards against: a handler that takes its process down must find its
   attempt counted. The flush follows within one group commit.
 
+In-process attempts reach the second level without the writer thread: ``record_attempts``
+appends them to the attempt journal (``journal.py``) from the loop, and ``open`` replays the
+journal into the rows before loading them.
+
 The connection runs with ``synchronous=NORMAL`` (commits write the log but do not flush it)
 and a second thread, the *syncer*, flushes the log once for every group of commits that
 someone waits on: while it waits for the disk, the writer already commits the next group,
