@@ -108,6 +108,15 @@ _YIELD_EVERY = 64
 _OUTSIDE_HANDLERS = frozenset({"exec", "container"})
 
 
+class _SharedGate(asyncio.Future[InfraError | None]):
+    """A future that many workers await and none may cancel: a task cancelled while
+    awaiting it gets its CancelledError once the gate resolves (the journal gate resolves at
+    the end of the loop step that armed it, or when the store answers its fallback)."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+
 def retry_delay(failed_attempts: int) -> float:
     """Backoff before the next attempt after ``failed_attempts`` failures (>= 1)."""
     return min(RETRY_BACKOFF_CAP, RETRY_BACKOFF_BASE * 2 ** (failed_attempts - 1))
@@ -973,13 +982,19 @@ class Scheduler(AsyncResource):
             return
         try:
             if self._durable:
-                # The attempt (running, attempts + 1) is on disk before the handler starts:
+                # The attempt (running, attempts + 1) is recorded before the handler starts:
                 # a crash during it counts against max_attempts on recovery.
-                # Shielded: the gate is shared by every attempt started in this loop step,
-                # and a cancelled await would cancel it for all of them (their workers then
-                # die with a CancelledError nobody asked for, taking the task group down).
+                # The gate is shared by every attempt started in this loop step, and a
+                # cancelled await must not cancel it for all of them (their workers would
+                # die with a CancelledError nobody asked for, taking the task group down):
+                # the flush gate is shielded (it may take a while); the journal gate opens
+                # within a loop step and ignores cancel(), so a cancellation arrives then,
+                # without a shield's extra future per attempt.
                 synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
-                store_error = await asyncio.shield(self._attempt_gate(synced, rec))
+                if synced:
+                    store_error = await asyncio.shield(self._attempt_gate(True, rec))
+                else:
+                    store_error = await self._attempt_gate(False, rec)
                 if rec.write_error is None and store_error is not None:
                     rec.write_error = store_error
                 if rec.write_error is not None:
@@ -1076,7 +1091,7 @@ class Scheduler(AsyncResource):
         gate = self._synced_start_gate if synced else self._start_gate
         if gate is None:
             assert self._loop is not None
-            gate = self._loop.create_future()
+            gate = self._loop.create_future() if synced else _SharedGate(loop=self._loop)
             if synced:
                 self._synced_start_gate = gate
             else:
