@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from harness import NO_GPU
+from harness import NO_GPU, crash_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import attempt_plans
@@ -28,7 +27,6 @@ from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler.context import TaskContext
-from dspy_infra.scheduler.journal import JOURNAL_FILE_NAMES
 from dspy_infra.scheduler.scheduler import Scheduler
 
 HW = NO_GPU
@@ -122,18 +120,7 @@ async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[
         if what == "fail":
             raise RuntimeError("failed on purpose")
         if what == "crash":
-            target = tmp / f"h{len(runs)}"
-            target.mkdir()
-            home = ctx.settings.resolved_home()  # type: ignore[union-attr]
-            for name in JOURNAL_FILE_NAMES:
-                (target / name).write_bytes((home / name).read_bytes())
-            src = sqlite3.connect(ctx.settings.resolved_home() / "state.db")  # type: ignore[union-attr]
-            dst = sqlite3.connect(target / "state.db")
-            try:
-                src.backup(dst)
-            finally:
-                src.close()
-                dst.close()
+            crash_image(ctx.settings.resolved_home(), tmp / f"h{len(runs)}")  # type: ignore[union-attr]
             crash_events[-1].set()
             await anyio.sleep(3600)
         return {"run": len(runs)}

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from harness import NO_GPU
+from harness import NO_GPU, crash_image
 from hypothesis import HealthCheck, given, settings
 from strategies import attempt_journal_plans
 
@@ -57,22 +57,6 @@ async def _written(store: SqliteStore) -> None:
     await fut
 
 
-def _crash_image(home: Path, target: Path) -> None:
-    """What a kill leaves: the journal first, then the committed database (anything retired
-    from the journal meanwhile is in the database by then)."""
-    target.mkdir()
-    for name in JOURNAL_FILE_NAMES:
-        if (home / name).exists():
-            (target / name).write_bytes((home / name).read_bytes())
-    src = sqlite3.connect(home / "state.db")
-    dst = sqlite3.connect(target / "state.db")
-    try:
-        src.backup(dst)
-    finally:
-        src.close()
-        dst.close()
-
-
 async def _run_plan(tmp: Path, plan: list[tuple[str, int]]) -> tuple[dict[str, int], dict[str, Any]]:
     """Play ``plan`` on a live store, kill, reopen: (attempts started per id, rows found)."""
     store = SqliteStore(tmp / "live", journal_rotate_bytes=16)  # rotates every attempt or two
@@ -104,7 +88,7 @@ async def _run_plan(tmp: Path, plan: list[tuple[str, int]]) -> tuple[dict[str, i
                 rec.status = TaskStatus.PENDING if what == "fail" else TaskStatus.COMPLETED
                 store.put(rec.update_row())
         await anyio.sleep(0.01)  # let the writer reach its held statement with what it took
-        _crash_image(tmp / "live", tmp / "image")
+        crash_image(tmp / "live", tmp / "image")
     finally:
         held.go.set()
         await store.aclose()
@@ -176,7 +160,7 @@ async def test_in_process_attempts_do_not_wait_for_the_writer_thread(tmp_path: P
             with anyio.fail_after(10):
                 await ran.wait()
             await anyio.sleep(0.01)
-            _crash_image(cfg.resolved_home(), tmp_path / "image")
+            crash_image(cfg.resolved_home(), tmp_path / "image")
         finally:
             held.go.set()
         rows = sqlite3.connect(tmp_path / "image" / "state.db").execute(
