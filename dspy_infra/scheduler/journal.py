@@ -91,6 +91,8 @@ class AttemptJournal:
 
         Raises ``OSError`` when the write fails (nothing is then known to be recorded)."""
         data = "".join([f"{_quote(task_id)} {attempt}\n" for task_id, attempt in entries]).encode("ascii")
+        if not data:
+            return False
         fd = self._fds[self._active]
         written = os.write(fd, data)
         while written < len(data):  # a regular file writes short only when the disk is full

@@ -1116,7 +1116,11 @@ class Scheduler(AsyncResource):
             return
         recs, self._journaled = self._journaled, []
         try:
-            self._store.record_attempts([(rec.spec.id, rec.attempts) for rec in recs])
+            # A task whose last row change was refused does not start (_unstarted): not
+            # journaled, or a crash would count an attempt that never ran.
+            self._store.record_attempts(
+                [(rec.spec.id, rec.attempts) for rec in recs if rec.write_error is None]
+            )
         except OSError as exc:
             # Not known to be recorded: wait for the rows to reach the store's log instead.
             log.warning("the attempt journal could not be written (%s); waiting for the store", exc)
