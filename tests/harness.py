@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -24,10 +25,12 @@ from dspy_infra.models import HardwareInfo, TaskSpec
 from dspy_infra.plugins import build_plugin_manager
 from dspy_infra.scheduler import scheduler as scheduler_module
 from dspy_infra.scheduler.context import TaskContext
+from dspy_infra.scheduler.journal import JOURNAL_FILE_NAMES
 from dspy_infra.scheduler.scheduler import Scheduler
 
 __all__ = [
     "NO_GPU",
+    "crash_image",
     "fast_retries",
     "finish",
     "handler_context",
@@ -125,3 +128,20 @@ def fast_retries(base: float = 0.001) -> contextlib.AbstractContextManager[Any]:
     """Within it, a failed attempt is retried after about ``base`` seconds instead of the
     production backoff (a context manager, so hypothesis tests can use it too)."""
     return mock.patch.object(scheduler_module, "RETRY_BACKOFF_BASE", base)
+
+
+def crash_image(home: Path, target: Path) -> None:
+    """Copy what a crash of the scheduler on ``home`` would leave on disk into ``target``: the
+    attempt journal first, then the committed database through SQLite's backup API (an
+    attempt retired from the journal meanwhile is in the database by then)."""
+    target.mkdir()
+    for name in JOURNAL_FILE_NAMES:
+        if (home / name).exists():
+            (target / name).write_bytes((home / name).read_bytes())
+    src = sqlite3.connect(home / "state.db")
+    dst = sqlite3.connect(target / "state.db")
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()

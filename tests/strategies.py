@@ -28,6 +28,7 @@ from dspy_infra.scheduler.limiter import LimiterSample
 __all__ = [
     "Dag",
     "any_task_ids",
+    "attempt_journal_plans",
     "attempt_plans",
     "bad_workflow_specs",
     "codes",
@@ -363,6 +364,17 @@ def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
 
 #: What each run of a task does, in order: finish, raise, or take its process down ("crash").
 attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, max_size=6)
+
+#: What happens to three tasks before a kill: ("start", i) an attempt of task i starts (its
+#: row queued, the attempt journaled), ("fail", i) / ("complete", i) it ends (row queued),
+#: ("commit", 0) every queued row reaches the store's log. The plan ends at the kill.
+attempt_journal_plans = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["start", "start", "fail", "complete"]), st.integers(0, 2)),
+        st.tuples(st.just("commit"), st.just(0)),
+    ),
+    max_size=30,
+)
 
 #: Operations on the durable store, in the order the loop queues them: ("insert", n) rows,
 #: ("update", n) changes of already inserted rows, an ``after_write`` or ``after_commit``

@@ -1,5 +1,6 @@
 """Three durable runs of ``benchmarks/scheduler.py``'s scheduler figure (20,000 no-op tasks,
-width 16), nothing else: what the durable profiles here sample."""
+width 16), nothing else: what the durable profiles here sample. ``--memory``: the same,
+memory-only (what the memory-only profile samples)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import scheduler as bench
 
 
-async def main() -> None:
+async def main(durable: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(3):
-            await bench.scheduler(20000, 16, durable=True, home=Path(tmp) / f"d{i}")
+            await bench.scheduler(20000, 16, durable=durable, home=Path(tmp) / f"d{i}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(durable="--memory" not in sys.argv[1:]))

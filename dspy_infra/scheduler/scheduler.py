@@ -9,12 +9,15 @@ Shape of the hot path (kept cheap on purpose: no per-task threads, transactions 
   when its class has nothing to do; a new worker is started only when no parked one exists,
   so there are never more workers than the class's peak concurrency.
 - State changes go to the store as cheap tuples; the store's writer thread commits them in
-  groups. A task is queued (and ``submit`` returns) only once its row is on disk; a row
-  the store refuses rejects that task alone and leaves no trace in memory. An attempt is
+  groups. A task is queued once its row is in the store's log and ``submit`` returns
+  once it is on disk (the task may run meanwhile); a row the store refuses rejects that
+  task alone and leaves no trace in memory. An attempt is
   recorded (``running``, attempts + 1) and committed before its handler starts, so recovery
   counts attempts that a crash interrupted and ``max_attempts`` bounds how often one task
   can take the process down. An in-process handler waits only until the record is in the
-  store's log (safe from this process's death, which is what the record guards against);
+  kernel (safe from this process's death, which is what the record guards against): the
+  attempts started in one loop step are appended to the store's attempt journal with one
+  write from the loop, and their rows follow through group commit;
   a handler that starts processes or containers (``exec``, ``container``) or a class run by
   an executor waits until it is flushed to the disk, so not even a power cut can make such
   work run twice unnoticed. Results are delivered (``wait``, ``stream_results``) once the
@@ -114,6 +117,15 @@ _YIELD_EVERY = 64
 _OUTSIDE_HANDLERS = frozenset({"exec", "container"})
 
 
+class _SharedGate(asyncio.Future[InfraError | None]):
+    """A future that many workers await and none may cancel: a task cancelled while
+    awaiting it gets its CancelledError once the gate resolves (the journal gate resolves at
+    the end of the loop step that armed it, or when the store answers its fallback)."""
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        return False
+
+
 def retry_delay(failed_attempts: int) -> float:
     """Backoff before the next attempt after ``failed_attempts`` failures (>= 1)."""
     return min(RETRY_BACKOFF_CAP, RETRY_BACKOFF_BASE * 2 ** (failed_attempts - 1))
@@ -181,6 +193,8 @@ class Scheduler(AsyncResource):
         #: the disk (_attempt_gate).
         self._start_gate: asyncio.Future[InfraError | None] | None = None
         self._synced_start_gate: asyncio.Future[InfraError | None] | None = None
+        #: Attempts waiting at ``_start_gate``: written to the attempt journal when it opens.
+        self._journaled: list[TaskRecord] = []
         #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
         self._drain_deadline: float | None = None
 
@@ -550,10 +564,17 @@ class Scheduler(AsyncResource):
         ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
         ``acknowledged`` (the default): return once the rows are on disk. False: once they
         are in the store's log, for a caller that acknowledges nothing before a result
-        (``submit_and_wait``).
+        (``submit_and_wait``). Either way a task is queued (and may run) as soon as its row
+        is in the log; if the disk flush then fails, the error is raised though the task
+        stays queued (it was never acknowledged, and the store acknowledges nothing more).
         """
-        outcomes: list[TaskState | InfraError | None] = [None] * len(specs)
-        checked: list[tuple[int, TaskSpec, ClassQueue | None, str]] = []
+        # One entry per spec: its error, or its record (turned into its state at the end).
+        outcomes: list[Any] = [None] * len(specs)
+        # Parallel lists rather than a tuple per spec: in a batch of thousands such
+        # temporaries outlive the young collections and make the full ones come sooner.
+        checked: list[int] = []
+        queues: list[ClassQueue | None] = []
+        texts: list[str] = []
         batch: dict[str, TaskSpec] = {}
         for index, spec in enumerate(specs):
             try:
@@ -573,14 +594,16 @@ class Scheduler(AsyncResource):
                     raise
                 outcomes[index] = exc
                 continue
-            checked.append((index, spec, queue if existing is None else None, text))
+            checked.append(index)
+            queues.append(queue if existing is None else None)
+            texts.append(text)
         now = time.time()
         tasks = self._tasks
-        records: list[tuple[int, TaskRecord]] = []
-        fresh: list[tuple[TaskRecord, ClassQueue]] = []
-        for index, spec, cq, text in checked:
+        fresh: list[TaskRecord] = []
+        for index, cq, text in zip(checked, queues, texts, strict=True):
+            spec = specs[index]
             if cq is None or spec.id in tasks:
-                records.append((index, tasks[spec.id]))
+                outcomes[index] = tasks[spec.id]
                 continue
             rec = TaskRecord(spec, self._seq, now)
             self._seq += 1
@@ -596,33 +619,36 @@ class Scheduler(AsyncResource):
             )
             if self._listeners:
                 self._notify(rec)
-            fresh.append((rec, cq))
-            records.append((index, rec))
+            fresh.append(rec)
+            outcomes[index] = rec
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
-        if self._durable and (fresh or any(not (rec.stored and rec.flushed) for _, rec in records)):
-            # Queued only once committed, from the commit callback (not from this coroutine,
-            # which a disconnecting client may cancel): a task never runs without its row.
-            await self._committed(
-                lambda error: self._accepted(fresh, error, acknowledged), flushed=acknowledged
-            )
+        if self._durable and (
+            fresh or any(type(o) is TaskRecord and not (o.stored and o.flushed) for o in outcomes)
+        ):
+            # Queued once its row is in the store's log, from the store's callback (not from
+            # this coroutine, which a disconnecting client may cancel): a task never runs
+            # without its row. The acknowledgement (returning) waits for the flush, but the
+            # task need not: it may run while the disk flushes, and a fast task's result row
+            # then shares the flush with its acknowledgement (docs/performance.md says why
+            # running before the acknowledgement gives nothing away).
+            if fresh:
+                self._store.after_write(lambda error: self._accepted(fresh, error, flushed=False))
+            await self._committed(self._flushed(fresh) if acknowledged else None, flushed=acknowledged)
         else:
             self._accepted(fresh, None)
-        for index, rec in records:
-            if rec.rejection is not None:
-                outcomes[index] = rec.rejection
-            else:
-                outcomes[index] = rec.state()
-        return [outcome for outcome in outcomes if outcome is not None]
+        for index, outcome in enumerate(outcomes):
+            if type(outcome) is TaskRecord:
+                outcomes[index] = outcome.rejection if outcome.rejection is not None else outcome.state()
+        return outcomes
 
-    def _accepted(
-        self, fresh: list[tuple[TaskRecord, ClassQueue]], error: InfraError | None, flushed: bool = True
-    ) -> None:
+    def _accepted(self, fresh: list[TaskRecord], error: InfraError | None, flushed: bool = True) -> None:
         """The commit holding these tasks' rows is done: queue the stored ones. Not
         ``flushed`` (only in the store's log): an acknowledged resubmit of one of them waits
         for a flush first."""
         touched: dict[str, ClassQueue] = {}
-        for rec, cq in fresh:
+        queues = self._queues
+        for rec in fresh:
             if rec.rejection is not None:
                 continue
             if error is not None:
@@ -632,11 +658,23 @@ class Scheduler(AsyncResource):
             if not flushed:
                 rec.flushed = False
             if rec.status is _PENDING and rec.timer is None:
+                cq = queues[rec.spec.task_class]  # checked at submit; classes never go away
                 cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
                 heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
                 touched[cq.cls.name] = cq
         for cq in touched.values():
             self._pump(cq)
+
+    @staticmethod
+    def _flushed(fresh: list[TaskRecord]) -> Callable[[InfraError | None], None]:
+        """The store callback that marks these accepted tasks' rows as on the disk."""
+
+        def flushed(error: InfraError | None) -> None:
+            if error is None:
+                for rec in fresh:
+                    rec.flushed = True
+
+        return flushed
 
     def _rows_rejected(self, rejected: dict[str, InfraError]) -> None:
         """The store could not write these tasks' rows (called before the batch's callbacks)."""
@@ -966,13 +1004,19 @@ class Scheduler(AsyncResource):
             return
         try:
             if self._durable:
-                # The attempt (running, attempts + 1) is on disk before the handler starts:
+                # The attempt (running, attempts + 1) is recorded before the handler starts:
                 # a crash during it counts against max_attempts on recovery.
-                # Shielded: the gate is shared by every attempt started in this loop step,
-                # and a cancelled await would cancel it for all of them (their workers then
-                # die with a CancelledError nobody asked for, taking the task group down).
+                # The gate is shared by every attempt started in this loop step, and a
+                # cancelled await must not cancel it for all of them (their workers would
+                # die with a CancelledError nobody asked for, taking the task group down):
+                # the flush gate is shielded (it may take a while); the journal gate opens
+                # within a loop step and ignores cancel(), so a cancellation arrives then,
+                # without a shield's extra future per attempt.
                 synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
-                store_error = await asyncio.shield(self._attempt_gate(synced))
+                if synced:
+                    store_error = await asyncio.shield(self._attempt_gate(True, rec))
+                else:
+                    store_error = await self._attempt_gate(False, rec)
                 if rec.write_error is None and store_error is not None:
                     rec.write_error = store_error
                 if rec.write_error is not None:
@@ -1057,15 +1101,19 @@ class Scheduler(AsyncResource):
         self._idle_check()
         return True
 
-    def _attempt_gate(self, synced: bool) -> asyncio.Future[InfraError | None]:
-        """A future that resolves (to the store's error, or None) once every row queued so far
-        is in the store's log (``synced``: flushed to the disk). Shared by all attempts
-        started in one loop step: one store callback for all of them, registered after the
-        step, so after each of their rows."""
+    def _attempt_gate(self, synced: bool, rec: TaskRecord) -> asyncio.Future[InfraError | None]:
+        """A future that resolves (to the store's error, or None) once the attempts started in
+        this loop step are recorded. ``synced`` (work outside this process): every row queued
+        so far is flushed to the disk, one store callback for all of them, registered after
+        the step, so after each of their rows. Otherwise: the attempts are written to the
+        store's attempt journal, one write at the end of the step from the loop itself
+        (``journal.py``; their rows follow through group commit)."""
+        if not synced:
+            self._journaled.append(rec)
         gate = self._synced_start_gate if synced else self._start_gate
         if gate is None:
             assert self._loop is not None
-            gate = self._loop.create_future()
+            gate = self._loop.create_future() if synced else _SharedGate(loop=self._loop)
             if synced:
                 self._synced_start_gate = gate
             else:
@@ -1087,8 +1135,20 @@ class Scheduler(AsyncResource):
 
         if synced:
             self._store.after_commit(saved)
-        else:
+            return
+        recs, self._journaled = self._journaled, []
+        try:
+            # A task whose last row change was refused does not start (_unstarted): not
+            # journaled, or a crash would count an attempt that never ran.
+            self._store.record_attempts(
+                [(rec.spec.id, rec.attempts) for rec in recs if rec.write_error is None]
+            )
+        except OSError as exc:
+            # Not known to be recorded: wait for the rows to reach the store's log instead.
+            log.warning("the attempt journal could not be written (%s); waiting for the store", exc)
             self._store.after_write(saved)
+        else:
+            saved(None)
 
     def _unstarted(self, cq: ClassQueue, rec: TaskRecord, error: InfraError) -> None:
         """The attempt could not be recorded, so it does not run: back to the queue after a

@@ -19,6 +19,10 @@ Two levels of "saved", because they guard against different failures:
   an attempt record guards against: a handler that takes its process down must find its
   attempt counted. The flush follows within one group commit.
 
+In-process attempts reach the second level without the writer thread: ``record_attempts``
+appends them to the attempt journal (``journal.py``) from the loop, and ``open`` replays the
+journal into the rows before loading them.
+
 The connection runs with ``synchronous=NORMAL`` (commits write the log but do not flush it)
 and a second thread, the *syncer*, flushes the log once for every group of commits that
 someone waits on: while it waits for the disk, the writer already commits the next group,
@@ -62,9 +66,9 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from itertools import chain
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -75,6 +79,7 @@ import attrs
 from ..errors import AlreadyExists, FailedPrecondition, InfraError, SpecError, Unavailable
 from ..models import TaskSpec, TaskStatus
 from ..values import json_text, preview
+from .journal import ROTATE_BYTES, AttemptJournal
 
 __all__ = [
     "DB_FILE_NAME",
@@ -328,7 +333,9 @@ def _pruned_sql(rows: int) -> str:
 def _write_rows(conn: sqlite3.Connection, sql: Callable[[int], str], rows: list[tuple[Any, ...]]) -> None:
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(sql(len(chunk)), [value for row in chunk for value in row])
+        # chain in C: this runs on the writer thread, and every Python step there holds the
+        # GIL the event loop needs.
+        conn.execute(sql(len(chunk)), list(chain.from_iterable(chunk)))
 
 
 _SELECT = f"SELECT {_COLUMNS} FROM tasks ORDER BY seq"
@@ -356,6 +363,9 @@ class MemoryStore:
     def prune(self, task_id: str, content_hash: str) -> None:
         pass
 
+    def record_attempts(self, attempts: list[tuple[str, int]]) -> None:
+        pass
+
     def after_commit(self, callback: CommitCallback) -> None:
         callback(None)
 
@@ -381,6 +391,7 @@ class SqliteStore:
         *,
         commit_interval: float = 0.005,
         on_rejected: RejectedCallback | None = None,
+        journal_rotate_bytes: int = ROTATE_BYTES,
     ) -> None:
         self.home = Path(home)
         self._on_rejected = on_rejected
@@ -391,6 +402,9 @@ class SqliteStore:
         # deque append/popleft are atomic: the loop appends, the writer pops, no lock per op.
         self._ops: deque[Any] = deque()
         self._wake = threading.Event()
+        #: Set when someone waits on a queued operation (a callback, the stop marker): ends
+        #: the group-commit window at once, since waiters add nothing until they are answered.
+        self._waiting = threading.Event()
         #: False once the writer has started draining: the next op must set ``_wake``.
         self._awake = False
         self._thread: threading.Thread | None = None
@@ -407,6 +421,11 @@ class SqliteStore:
         self._sync_error: InfraError | None = None
         self._lock_fd: int | None = None
         self._call_soon: Callable[..., Any] | None = None
+        #: Attempts of in-process handlers, recorded from the loop (journal.py).
+        self._journal = AttemptJournal(self.home, rotate_bytes=journal_rotate_bytes)
+        #: Set (writer thread) when a commit failed or refused rows: the journal is then
+        #: kept at close, since the rows it stands in for may be missing.
+        self._rows_lost = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -464,7 +483,9 @@ class SqliteStore:
             conn.execute(_CREATE_PRUNED)
             conn.execute(_CREATE_PRUNED_GUARD)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            _replay_journal(conn, self._journal.read())
             rows = [task for r in conn.execute(_SELECT) if (task := _stored(r)) is not None]
+            self._journal.open()
             if wal:
                 # The log exists once the connection has written (user_version above); it
                 # keeps its inode while the connection is open (no journal_size_limit).
@@ -494,8 +515,11 @@ class SqliteStore:
         if self._thread is None:
             return
         self._enqueue(_STOP)
+        self._waiting.set()
         thread, self._thread = self._thread, None
         await anyio.to_thread.run_sync(thread.join)
+        # Every row is written (or it is not known that they are): empty the journal only then.
+        self._journal.close(empty=self._dead is None and not self._rows_lost)
 
     # -- operations (called on the event loop; never block) -------------------------------
 
@@ -511,6 +535,23 @@ class SqliteStore:
         """A finished task leaves retention: its row goes, its id and hash stay."""
         self._enqueue((task_id, content_hash))
 
+    def record_attempts(self, attempts: list[tuple[str, int]]) -> None:
+        """Record (task id, attempt) as started, in the journal: in the kernel when this
+        returns, so it survives this process's death, like ``after_write``'s level, without
+        the writer thread (their rows are queued before, with ``put``, and follow through
+        group commit). Raises ``OSError`` when the write fails: nothing is recorded then."""
+        if self._journal.append(attempts):
+            # The other file is written from now on; the full one is emptied once every row
+            # queued so far (those of all the attempts it holds) is in the log.
+            self._enqueue(_Written(self._retire_journal))
+
+    def _retire_journal(self, error: InfraError | None) -> None:
+        if error is None:
+            try:
+                self._journal.retire()
+            except OSError as exc:  # kept: it is read again at the next start, harmlessly
+                log.warning("could not empty the attempt journal: %s", exc)
+
     def after_commit(self, callback: CommitCallback) -> None:
         """``callback(error)`` on the loop once every operation queued before it is committed
         and flushed to the disk (survives a power cut)."""
@@ -518,6 +559,8 @@ class SqliteStore:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(callback)
+        if not self._waiting.is_set():
+            self._waiting.set()
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)
@@ -529,8 +572,8 @@ class SqliteStore:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(_Written(callback))
-        if self._dead is not None:
-            self._fail_queued(self._dead)
+        if not self._waiting.is_set():
+            self._waiting.set()
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)
@@ -571,8 +614,12 @@ class SqliteStore:
                 # operations arrive before taking them all (fewer, bigger transactions). After
                 # a small one the store is nearly idle, and a lone submit should wait only for
                 # its own commit; what arrives meanwhile forms the next batch anyway.
+                # The window ends early when a waiter's callback is queued: the rows it waits
+                # for were queued before it (callbacks are registered a loop step after their
+                # rows, so the rows alone must not hold it for a whole window).
                 if busy:
-                    time.sleep(self._interval)
+                    self._waiting.wait(self._interval)
+                self._waiting.clear()
                 self._wake.clear()
                 self._awake = False  # before draining: an op appended after this wakes us again
                 batch = [ops.popleft() for _ in range(len(ops))]
@@ -700,6 +747,7 @@ class SqliteStore:
                 else:
                     refused = self._write_apart(rows)
                 rejected.update(refused)
+                self._rows_lost = True
                 # A store that refuses everything (disk full, I/O error, locked) is not a bad
                 # row: the callbacks of the batch learn it too.
                 if refused and len(refused) == len(rows):
@@ -806,6 +854,35 @@ class SqliteStore:
         if self._conn is None:
             raise FailedPrecondition("the task store is not open", fix="use it while the scheduler runs")
         return self._conn
+
+
+def _replay_journal(conn: sqlite3.Connection, started: dict[str, int]) -> None:
+    """Raise each unfinished task's attempts to the highest the journal saw start (that
+    attempt was interrupted: ``running``), flushed before the journal is emptied."""
+    if not started:
+        return
+    level = int(conn.execute("PRAGMA synchronous").fetchone()[0])
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("BEGIN")
+    for task_id, attempt in started.items():
+        # One statement per task: a row the database refuses (as it refused the attempt's
+        # own row) keeps what it had and fails alone, never the store's start.
+        try:
+            conn.execute("SAVEPOINT replay")
+            conn.execute(
+                "UPDATE tasks SET status = 'running', attempts = ? WHERE id = ? AND attempts < ?"
+                " AND status IN ('pending', 'running')",
+                (attempt, task_id, attempt),
+            )
+            conn.execute("RELEASE replay")
+        except sqlite3.DatabaseError as exc:
+            conn.execute("ROLLBACK TO replay")
+            conn.execute("RELEASE replay")
+            log.error(
+                "task %s: its journaled attempt %d could not be saved: %s", preview(task_id), attempt, exc
+            )
+    conn.execute("COMMIT")
+    conn.execute(f"PRAGMA synchronous={level}")
 
 
 def _row_id(row: tuple[Any, ...]) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from harness import NO_GPU
+from harness import NO_GPU, crash_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import attempt_plans
@@ -108,8 +107,9 @@ def test_a_task_that_kills_its_server_runs_at_most_max_attempts_times(
 
 async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[list[str], Any]:
     """Run one task through scheduler restarts. A "crash" run copies the committed database
-    (SQLite's backup API: exactly what a crash at that moment leaves on disk) to a fresh home
-    and the next incarnation starts from that copy; the abandoned one is just closed."""
+    (SQLite's backup API) and the attempt journal (exactly what a crash at that moment leaves
+    on disk) to a fresh home and the next incarnation starts from that copy; the abandoned one
+    is just closed."""
     runs: list[str] = []
     crash_events: list[anyio.Event] = []  # one per incarnation; the newest is live
     home = tmp / "h0"
@@ -120,15 +120,7 @@ async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[
         if what == "fail":
             raise RuntimeError("failed on purpose")
         if what == "crash":
-            target = tmp / f"h{len(runs)}"
-            target.mkdir()
-            src = sqlite3.connect(ctx.settings.resolved_home() / "state.db")  # type: ignore[union-attr]
-            dst = sqlite3.connect(target / "state.db")
-            try:
-                src.backup(dst)
-            finally:
-                src.close()
-                dst.close()
+            crash_image(ctx.settings.resolved_home(), tmp / f"h{len(runs)}")  # type: ignore[union-attr]
             crash_events[-1].set()
             await anyio.sleep(3600)
         return {"run": len(runs)}

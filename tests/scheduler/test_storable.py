@@ -27,6 +27,7 @@ from strategies import hostile_task_kwargs, poisoned_batches
 from dspy_infra.errors import InfraError, NotFound, SpecError, Unavailable
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.context import TaskContext
+from dspy_infra.scheduler.journal import AttemptJournal
 from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.scheduler.store import SqliteStore
 from dspy_infra.scheduler.task import TaskRecord
@@ -279,7 +280,17 @@ def test_sigkill_with_refused_rows_loses_no_acknowledged_task(tmp_path: Path) ->
     assert not refused & set(on_disk)
 
 
-async def test_an_attempt_whose_record_is_refused_never_starts(tmp_path: Path) -> None:
+async def test_an_attempt_whose_record_is_refused_never_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the attempt journal (its write fails) nor the store (a trigger refuses the
+    row) holds the attempt: it never runs. (With the journal written, the journal is the
+    record and the attempt runs: tests/scheduler/test_journal.py.)"""
+
+    def unwritable(self: AttemptJournal, entries: object) -> bool:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AttemptJournal, "append", unwritable)
     home = tmp_path / "state"
     poison_store(home)
     conn = sqlite3.connect(home / "state.db")
