@@ -39,13 +39,9 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .models import TaskSpec
+from .models import PAYLOAD_HARD_LIMIT, TaskSpec
 from .values import (
-    INT32_MAX,
-    INT32_MIN,
     MAX_JSON_DEPTH,
-    check_finite,
-    check_int,
     check_json_object,
     check_text,
     preview,
@@ -280,15 +276,12 @@ def json_task_list(raw: bytes, field: str, *, max_bytes: int) -> list[Any]:
 
 
 def remote_payload(value: Any, field: str = "payload") -> dict[str, Any]:
-    """A payload from a client, checked for what the store and the wire hold (text, numbers,
-    nesting, key length). Its size is left to the scheduler's ``max_payload_bytes`` check, so
-    that rule (and its message) lives in one place; the request itself is already bounded
-    (HTTP body limit, gRPC message limit)."""
-    return check_json_object(value, field, max_bytes=_UNBOUNDED)
-
-
-#: No size bound of our own in ``remote_payload`` (see there).
-_UNBOUNDED = 1 << 62
+    """A payload from a client, checked once for what the store and the wire hold (text,
+    numbers, nesting, key length, and the hard size bound every ``TaskSpec`` payload has):
+    the result goes into ``TaskSpec.with_checked_payload`` without a second walk. The exact
+    size rule (``max_payload_bytes``) is the scheduler's, so that rule (and its message) lives
+    in one place; the request itself is already bounded (HTTP body limit, gRPC message limit)."""
+    return check_json_object(value, field, max_bytes=PAYLOAD_HARD_LIMIT)
 
 
 def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
@@ -299,7 +292,9 @@ def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
         raise SpecError(
             f"expected a JSON object, got {preview(doc)}", field="body", fix='send {"payload": {...}}'
         )
-    unknown = sorted(str(k) for k in doc.keys() - _TASK_JSON_KEY_SET)
+    unknown = (
+        [] if doc.keys() <= _TASK_JSON_KEY_SET else sorted(str(k) for k in doc.keys() - _TASK_JSON_KEY_SET)
+    )
     if unknown:
         raise SpecError(
             f"unknown key {preview(unknown[0])}",
@@ -314,15 +309,16 @@ def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
     task_class = "cpu_short" if task_class is None else check_text(task_class, "class", allow_empty=True)
     payload = remote_payload(doc.get("payload"))
     priority = doc.get("priority")
-    timeout = doc.get("timeout")
     max_attempts = doc.get("max_attempts")
     workflow_id = doc.get("workflow_id")
-    return TaskSpec(
+    # The fields below are checked by TaskSpec itself, under the same names as the JSON keys
+    # and with the same rules (and a null is the field's default), so not here a second time.
+    return TaskSpec.with_checked_payload(
+        payload,
         id=task_id,
         task_class=task_class or "cpu_short",
-        payload=payload,
-        priority=0 if priority is None else check_int(priority, "priority", lo=INT32_MIN, hi=INT32_MAX),
-        timeout=None if timeout is None else check_finite(timeout, "timeout", lo=0, lo_open=True),
-        max_attempts=1 if max_attempts is None else check_int(max_attempts, "max_attempts", lo=1, hi=100),
-        workflow_id="" if workflow_id is None else check_text(workflow_id, "workflow_id", allow_empty=True),
+        priority=0 if priority is None else priority,
+        timeout=doc.get("timeout"),
+        max_attempts=1 if max_attempts is None else max_attempts,
+        workflow_id="" if workflow_id is None else workflow_id,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import SpecError
 from ..models import (
+    PAYLOAD_HARD_LIMIT,
     Event,
     GPUInfo,
     HardwareInfo,
@@ -36,7 +37,7 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..values import MAX_JSON_BYTES, JsonObject, decode_json_object, json_text
+from ..values import MAX_JSON_BYTES, JsonObject, check_json_object, decode_json_object, json_text
 from ..workflows.spec import (
     RunState,
     RunStatus,
@@ -117,7 +118,9 @@ def json_from_request(
     json_field: str,
     max_bytes: int = MAX_JSON_BYTES,
 ) -> JsonObject:
-    """A JSON object from a request that may use the old map or the ``*_json`` field, not both."""
+    """A JSON object from a request that may use the old map or the ``*_json`` field, not both;
+    checked (``values.check_json_object``, bound ``max_bytes``) either way, so a payload read
+    here goes into ``TaskSpec.with_checked_payload`` without a second walk."""
     if text and old_map:
         raise SpecError(
             f"both {map_field} (the old string map) and {json_field} are set",
@@ -127,7 +130,7 @@ def json_from_request(
         )
     if text:
         return decode_json_object(text, json_field, max_bytes=max_bytes)
-    return dict(old_map)
+    return check_json_object(old_map, map_field, max_bytes=max_bytes)
 
 
 def _same_named(source: object, names: tuple[str, ...]) -> dict[str, Any]:
@@ -227,8 +230,10 @@ def submit_request_from_spec(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
 def request_json_bound(max_payload_bytes: int) -> int:
     """How much JSON text a request field may carry before it is even parsed: a guard against
     hostile input, looser than ``max_payload_bytes`` (whitespace, quotes and escapes count in
-    the text). The exact limit stays where it is enforced for every face: the scheduler."""
-    return 4 * max_payload_bytes + (64 << 10)
+    the text), and never above the bound every ``TaskSpec`` payload has (so the one check
+    here is also that one). The exact limit stays where it is enforced for every face: the
+    scheduler."""
+    return min(4 * max_payload_bytes + (64 << 10), PAYLOAD_HARD_LIMIT)
 
 
 def _request_object(req: Any, field: str, max_payload_bytes: int) -> JsonObject:

@@ -171,13 +171,14 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         settings = self.infra.settings
         # Decode first (payload_json or the old map), then apply the command policy to what
         # was decoded: checking only the old map would let payload_json bypass exec_policy.
-        # TaskSpec checks the decoded payload for what the store holds (once, not here too).
+        # The decoder checks the payload for what the store holds, once: TaskSpec takes it
+        # as checked (with_checked_payload) instead of walking it again.
         payload = cv.submit_request_payload(req, max_payload_bytes=settings.max_payload_bytes)
         check_remote_payload(settings, payload, "payload")
-        return TaskSpec(
+        return TaskSpec.with_checked_payload(
+            payload,
             id=check_text(req.id, "id"),
             task_class=check_text(req.class_, "class", allow_empty=True) or "cpu_short",
-            payload=payload,
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
