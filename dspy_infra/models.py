@@ -113,6 +113,8 @@ def coerce_str_map(value: Any, field: str) -> dict[str, str]:
 def _payload(value: Any) -> dict[str, Any]:
     # The size limit of a payload is ``settings.max_payload_bytes``, enforced at submit; the
     # bound here is the largest any setting may allow (what one store row should hold).
+    if value is None:  # no payload (and what with_checked_payload passes): nothing to walk
+        return {}
     return check_json_object(value, "payload", max_bytes=PAYLOAD_HARD_LIMIT)
 
 

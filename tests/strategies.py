@@ -59,6 +59,7 @@ __all__ = [
     "priorities",
     "public_v4",
     "ray_demands",
+    "remote_task_docs",
     "result_keys",
     "service_cli_names",
     "service_cli_ports",
@@ -388,6 +389,25 @@ hostile_task_kwargs = st.fixed_dictionaries(
         "timeout": st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 10**12),
         "max_attempts": st.integers(min_value=-1, max_value=120),
     }
+)
+
+
+#: Task documents as a remote client writes them (SubmitTasks.tasks_json entries, HTTP
+#: bodies): each field absent, valid or wrong, the payload any JSON-ish object (including
+#: what no store can hold) or not an object at all.
+remote_task_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.sampled_from(["t-1", "", "x" * 300, "a\x00b", "\ud800"]) | st.integers(-1, 1) | st.none(),
+        "class": st.sampled_from(["cpu_short", "", "gpu", "a\x00"]) | st.none() | st.integers(0, 1),
+        "payload": st.dictionaries(st.text(max_size=5), hostile_json, max_size=4)
+        | st.dictionaries(st.text(max_size=300), st.text(max_size=8), max_size=3)
+        | hostile_json,
+        "priority": st.none() | st.booleans() | st.integers(-(2**33), 2**33) | st.floats(-2, 2),
+        "timeout": st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 10**9),
+        "max_attempts": st.none() | st.booleans() | st.integers(-1, 120) | st.text(max_size=2),
+        "workflow_id": st.none() | st.sampled_from(["", "wf", "w\x00", "y" * 300]) | st.integers(0, 1),
+    },
 )
 
 
