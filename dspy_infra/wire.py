@@ -288,7 +288,7 @@ def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
     """A ``TaskSpec`` from a task written as JSON: ``{"id"?, "class"?, "payload", ...}``.
     A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``.
     Every field is checked against what the store and the wire hold, naming the field."""
-    if not isinstance(doc, Mapping):
+    if type(doc) is not dict and not isinstance(doc, Mapping):  # (the ABC check is slow)
         raise SpecError(
             f"expected a JSON object, got {preview(doc)}", field="body", fix='send {"payload": {...}}'
         )
@@ -302,9 +302,10 @@ def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
             fix="use " + ", ".join(TASK_JSON_KEYS),
         )
     task_id = doc.get("id")
-    task_id = "" if task_id is None else check_text(task_id, "id", allow_empty=True)
-    if not task_id and generate_id:
-        task_id = uuid.uuid4().hex
+    if task_id is None:
+        task_id = ""
+    if generate_id:  # (without, TaskSpec checks the id, naming it "id" too)
+        task_id = check_text(task_id, "id", allow_empty=True) or uuid.uuid4().hex
     task_class = doc.get("class")
     task_class = "cpu_short" if task_class is None else check_text(task_class, "class", allow_empty=True)
     payload = remote_payload(doc.get("payload"))

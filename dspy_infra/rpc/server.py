@@ -185,15 +185,9 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             workflow_id=check_text(req.workflow_id, "workflow_id", allow_empty=True),
         )
 
-    def _spec_from_json(self, doc: Any, index: int) -> TaskSpec:
-        spec = spec_from_doc(doc, generate_id=False)
-        check_remote_payload(self.infra.settings, spec.payload, f"tasks_json[{index}].payload")
-        return spec
-
     async def submit_tasks(self, message: orch_pb.SubmitTasksRequest) -> orch_pb.SubmitTasksResponse:
-        # A bad task fails alone (its error names the field); the others go in. All valid
-        # specs go to the scheduler as one batch (one group commit); if the scheduler refuses
-        # the batch, each goes alone so that only the bad ones fail.
+        # A bad task fails alone (its error names the field); the others go in, all with one
+        # group commit (``submit_each`` answers for each task: a state, or its refusal).
         rejected: list[orch_pb.RejectedTask] = []
         good: list[tuple[int, TaskSpec]] = []
         index = 0
@@ -205,24 +199,25 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             index += 1
         if message.tasks_json:
             tasks = json_task_list(message.tasks_json, "tasks_json", max_bytes=MAX_TASKS_JSON_BYTES)
+            settings = self.infra.settings
             for i, doc in enumerate(tasks):
-                if i % 256 == 255:
+                if i & 255 == 255:
                     await asyncio.sleep(0)  # a long list must not hold the loop
                 try:
-                    good.append((index, self._spec_from_json(doc, i)))
+                    spec = spec_from_doc(doc, generate_id=False)
+                    check_remote_payload(settings, spec.payload, f"tasks_json[{i}].payload")
+                    good.append((index, spec))
                 except InfraError as exc:
                     task_id = doc.get("id") if isinstance(doc, dict) else None
                     rejected.append(_rejected(index, task_id if isinstance(task_id, str) else "", exc))
                 index += 1
-        scheduler = self.infra.scheduler
-        try:
-            await scheduler.submit_many([spec for _, spec in good])
-        except InfraError:
-            for i, spec in good:
-                try:
-                    await scheduler.submit(spec)
-                except InfraError as exc:
-                    rejected.append(_rejected(i, spec.id, exc))
+        outcomes = await self.infra.scheduler.submit_each([spec for _, spec in good])
+        refused = False
+        for (i, spec), outcome in zip(good, outcomes, strict=True):
+            if isinstance(outcome, InfraError):
+                rejected.append(_rejected(i, spec.id, outcome))
+                refused = True
+        if refused:
             rejected.sort(key=lambda r: r.index)
         return orch_pb.SubmitTasksResponse(accepted=index - len(rejected), rejected=rejected)
 
