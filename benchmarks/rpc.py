@@ -59,6 +59,9 @@ class Echo(pb.OrchestratorServiceBase):
     async def submit_tasks(self, message):
         return pb.SubmitTasksResponse(accepted=len(message.tasks))
 
+    async def submit_and_wait(self, message):
+        return pb.TaskResult(task_id=message.task.id, status="completed", result_json="{}")
+
 async def main():
     # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets (as the real server does).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -204,29 +207,45 @@ async def _many_clients(port: int, prefix: str, n: int, clients: int) -> float:
             channel.close()
 
 
-async def _round_trip_phase(port: int, args: argparse.Namespace) -> dict[str, float]:
-    """The submit -> result figures of one (durable) server, in short alternating rounds."""
-    channel = Channel("127.0.0.1", port)
+async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> dict[str, float]:
+    """The submit -> result figures of the durable server, in short rounds alternating with
+    the same calls on the bare grpclib echo (same messages, same client, no work): the floor
+    of this transport and client on this machine, measured in the same minutes."""
+    channel = Channel("127.0.0.1", ports["durable"])
     stub = pb.OrchestratorServiceStub(channel)
+    echo_channel = Channel("127.0.0.1", ports["echo"])
+    echo = pb.OrchestratorServiceStub(echo_channel)
     one: list[float] = []
     two: list[float] = []
-    many_elapsed = 0.0
+    floor: list[float] = []
+    many_elapsed = echo_many_elapsed = 0.0
     rounds = 5
+    per_round = args.tp_n // rounds
     try:
         await _submit_and_wait(stub, "sw-warm", 100)
+        await _submit_and_wait(echo, "echo-warm", 100)
         for r in range(rounds):
             one += await _submit_and_wait(stub, f"sw{r}", args.rt_n // rounds)
+            floor += await _submit_and_wait(echo, f"echo-sw{r}", args.rt_n // rounds)
             two += await _two_calls(stub, f"two{r}", args.rt_n // rounds)
-            per_round = args.tp_n // rounds
-            many_elapsed += per_round / await _many_clients(port, f"many{r}", per_round, args.clients)
+            many_elapsed += per_round / await _many_clients(
+                ports["durable"], f"many{r}", per_round, args.clients
+            )
+            echo_many_elapsed += per_round / await _many_clients(
+                ports["echo"], f"echo-many{r}", per_round, args.clients
+            )
     finally:
         channel.close()
+        echo_channel.close()
     return {
         "sw_p50_ms": _pct(one, 0.5),
         "sw_p99_ms": _pct(one, 0.99),
+        "echo_sw_p50_ms": _pct(floor, 0.5),
+        "echo_sw_p99_ms": _pct(floor, 0.99),
         "two_call_p50_ms": _pct(two, 0.5),
         "two_call_p99_ms": _pct(two, 0.99),
-        "many_clients_per_s": (args.tp_n // rounds) * rounds / many_elapsed,
+        "many_clients_per_s": per_round * rounds / many_elapsed,
+        "echo_many_clients_per_s": per_round * rounds / echo_many_elapsed,
     }
 
 
@@ -308,7 +327,7 @@ def main() -> int:
                 proc, ports[name] = _start(INFRA_SERVER, json.dumps(settings), cwd=home)
                 procs.append(proc)
             results = asyncio.run(_measure(ports, args))
-            round_trip = asyncio.run(_round_trip_phase(ports["durable"], args))
+            round_trip = asyncio.run(_round_trip_phase(ports, args))
         finally:
             for proc in procs:
                 stop(proc)
@@ -347,6 +366,12 @@ def main() -> int:
         f" SubmitTask+WaitTask p50 {rt['two_call_p50_ms']:.3f} ms p99 {rt['two_call_p99_ms']:.3f} ms;"
         f" {args.clients} clients {rt['many_clients_per_s']:.0f} tasks/s"
     )
+    print(
+        f"    echo floor (same SubmitAndWait messages, no work): p50 {rt['echo_sw_p50_ms']:.3f} ms"
+        f" p99 {rt['echo_sw_p99_ms']:.3f} ms; {args.clients} clients {rt['echo_many_clients_per_s']:.0f} calls/s"
+        f" -> dspy p50 {rt['sw_p50_ms'] / rt['echo_sw_p50_ms']:.2f}x,"
+        f" many clients {rt['many_clients_per_s'] / rt['echo_many_clients_per_s']:.2f}x of the floor"
+    )
     summary.update({k: round(v, 4) for k, v in rt.items()})
     for peer, fig in peers.items():
         if "skipped" in fig:
@@ -364,6 +389,12 @@ def main() -> int:
         summary[f"sw_p50_vs_{peer}"] = round(rt["sw_p50_ms"] / p50, 3)
         summary[f"sw_p99_vs_{peer}"] = round(rt["sw_p99_ms"] / p99, 3)
         summary[f"many_clients_vs_{peer}"] = round(rt["many_clients_per_s"] / per_s, 3)
+        summary[f"echo_many_clients_vs_{peer}"] = round(rt["echo_many_clients_per_s"] / per_s, 3)
+        summary[f"echo_sw_p50_vs_{peer}"] = round(rt["echo_sw_p50_ms"] / p50, 3)
+        print(
+            f"{'':>8}  the echo floor against {peer}: p50 {rt['echo_sw_p50_ms'] / p50:.2f}x,"
+            f" {args.clients} clients {rt['echo_many_clients_per_s'] / per_s:.2f}x"
+        )
     print(f"batch submit over gRPC, durable: {summary['batch_tasks_per_s']:.0f} tasks/s (target >= 30,000)")
     print(json.dumps(summary))
     return 0
