@@ -62,6 +62,9 @@ class Echo(pb.OrchestratorServiceBase):
     async def submit_and_wait(self, message):
         return pb.TaskResult(task_id=message.task.id, status="completed", result_json="{}")
 
+    async def health(self, message):
+        return pb.HealthResponse(healthy=True)
+
 async def main():
     # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets (as the real server does).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)

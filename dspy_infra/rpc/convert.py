@@ -47,6 +47,7 @@ from ..workflows.spec import (
     Workflow,
 )
 from ..workflows.validate import parse_workflow_spec
+from . import upb
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -80,6 +81,7 @@ __all__ = [
     "submit_request_payload",
     "task_result_from_pb",
     "task_result_to_pb",
+    "task_result_to_upb",
     "task_state_from_pb",
     "task_state_to_pb",
     "workflow_from_pb",
@@ -130,7 +132,10 @@ def json_from_request(
         )
     if text:
         return decode_json_object(text, json_field, max_bytes=max_bytes)
-    return check_json_object(old_map, map_field, max_bytes=max_bytes)
+    # (betterproto2's maps are dicts; upb's a container the fast check does not take)
+    return check_json_object(
+        old_map if type(old_map) is dict else dict(old_map), map_field, max_bytes=max_bytes
+    )
 
 
 def _same_named(source: object, names: tuple[str, ...]) -> dict[str, Any]:
@@ -151,16 +156,25 @@ def _status(value: str) -> TaskStatus:
 # -- tasks --------------------------------------------------------------------------------
 
 
+def _task_result_fields(result: TaskResult) -> dict[str, Any]:
+    return {
+        "task_id": result.task_id,
+        "status": str(result.status),
+        "result": json_map(result.result),
+        "error": result.error,
+        "duration_ms": result.duration_ms,
+        "completed_at": int(result.completed_at),
+        "result_json": json_text(dict(result.result)),
+    }
+
+
 def task_result_to_pb(result: TaskResult) -> orch_pb.TaskResult:
-    return orch_pb.TaskResult(
-        task_id=result.task_id,
-        status=str(result.status),
-        result=json_map(result.result),
-        error=result.error,
-        duration_ms=result.duration_ms,
-        completed_at=int(result.completed_at),
-        result_json=json_text(dict(result.result)),
-    )
+    return orch_pb.TaskResult(**_task_result_fields(result))
+
+
+def task_result_to_upb(result: TaskResult) -> Any:
+    """The same message as ``task_result_to_pb``, as the upb class the server sends (``upb``)."""
+    return upb.TaskResult(**_task_result_fields(result))
 
 
 def task_result_from_pb(msg: orch_pb.TaskResult) -> TaskResult:

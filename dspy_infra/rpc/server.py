@@ -55,6 +55,7 @@ from ..wire import (
     to_grpc_error,
 )
 from . import convert as cv
+from . import upb
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -161,11 +162,34 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
     def __init__(self, infra: Infra) -> None:
         self.infra = infra
 
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        """The generated handlers, but ``SubmitTask`` and ``SubmitAndWait`` (the calls every
+        task pays) decode and encode with the official protobuf runtime (``upb``: C) instead
+        of betterproto2 (Python, 20-40 us a message on the loop). Same bytes on the wire."""
+        mapping = super().__mapping__()
+        for name, func, request, reply in (
+            ("SubmitTask", self._submit_task_upb, upb.SubmitTaskRequest, upb.SubmitTaskResponse),
+            ("SubmitAndWait", self._submit_and_wait_upb, upb.SubmitAndWaitRequest, upb.TaskResult),
+        ):
+            path = f"/orchestrator.v1.OrchestratorService/{name}"
+            mapping[path] = grpclib.const.Handler(func, mapping[path].cardinality, request, reply)
+        return mapping
+
     async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
         state = await self.infra.scheduler.submit(self._spec(message))
         return orch_pb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
 
-    def _spec(self, req: orch_pb.SubmitTaskRequest) -> TaskSpec:
+    async def _submit_task_upb(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        message = await stream.recv_message()
+        assert message is not None
+        state = await self.infra.scheduler.submit(self._spec(message, getattr(message, "class")))
+        await stream.send_message(
+            upb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
+        )
+
+    def _spec(self, req: Any, task_class: str | None = None) -> TaskSpec:
+        """The spec of a ``SubmitTaskRequest``: betterproto2's (its class is ``class_``) or
+        upb's (``task_class`` given: ``class`` is a Python keyword there)."""
         # TaskSpec checks the id; the scheduler checks class, payload size and GPU needs
         # before anything changes (one place for each rule).
         settings = self.infra.settings
@@ -178,7 +202,8 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return TaskSpec.with_checked_payload(
             payload,
             id=check_text(req.id, "id"),
-            task_class=check_text(req.class_, "class", allow_empty=True) or "cpu_short",
+            task_class=check_text(req.class_ if task_class is None else task_class, "class", allow_empty=True)
+            or "cpu_short",
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
@@ -263,10 +288,21 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         """One round trip for "submit, then wait": the acknowledgement and the result share
         the call (one HTTP/2 stream, one request decode, one response encode)."""
         if message.task is None:
-            raise SpecError("is required", field="task", fix="send the task as in SubmitTask")
+            raise _no_task()
         spec = self._spec(message.task)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         return cv.task_result_to_pb(await self.infra.scheduler.submit_and_wait(spec, timeout))
+
+    async def _submit_and_wait_upb(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        message = await stream.recv_message()
+        assert message is not None  # (grpclib's unary calls always carry one)
+        if not message.HasField("task"):
+            raise _no_task()
+        task = message.task
+        spec = self._spec(task, getattr(task, "class"))
+        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
+        result = await self.infra.scheduler.submit_and_wait(spec, timeout)
+        await stream.send_message(cv.task_result_to_upb(result))
 
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
         queues = await self.infra.queue_status()
@@ -375,6 +411,10 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             raise FailedPrecondition("this server keeps no per-task logs", field="task_id")
         log = await task_log(message.task_id, attempt=message.attempt or None)
         return orch_pb.GetTaskLogResponse(task_id=message.task_id, log=log)
+
+
+def _no_task() -> SpecError:
+    return SpecError("is required", field="task", fix="send the task as in SubmitTask")
 
 
 def _backend_name(infra: Infra) -> str:
