@@ -79,6 +79,7 @@ __all__ = [
     "status_update_to_pb",
     "submit_request_from_spec",
     "submit_request_payload",
+    "submit_request_upb",
     "task_result_from_pb",
     "task_result_to_pb",
     "task_result_to_upb",
@@ -228,17 +229,26 @@ def task_state_from_pb(msg: orch_pb.GetTaskStatusResponse) -> TaskState:
     )
 
 
+def _submit_request_fields(spec: TaskSpec) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "payload_json": json_text(dict(spec.payload)),
+        "priority": spec.priority,
+        "workflow_id": spec.workflow_id,
+        "timeout_seconds": spec.timeout or 0.0,
+        "max_attempts": spec.max_attempts,
+    }
+
+
 def submit_request_from_spec(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
     """What a new client sends: the payload as JSON only (the map stays empty)."""
-    return orch_pb.SubmitTaskRequest(
-        id=spec.id,
-        class_=spec.task_class,
-        payload_json=json_text(dict(spec.payload)),
-        priority=spec.priority,
-        workflow_id=spec.workflow_id,
-        timeout_seconds=spec.timeout or 0.0,
-        max_attempts=spec.max_attempts,
-    )
+    return orch_pb.SubmitTaskRequest(class_=spec.task_class, **_submit_request_fields(spec))
+
+
+def submit_request_upb(spec: TaskSpec) -> Any:
+    """The same message as ``submit_request_from_spec``, as upb's class (``upb``), whose field
+    ``class`` is spelled as in the .proto (a Python keyword, hence the dict)."""
+    return upb.SubmitTaskRequest(**{"class": spec.task_class}, **_submit_request_fields(spec))
 
 
 def request_json_bound(max_payload_bytes: int) -> int:
