@@ -92,4 +92,5 @@ def test_the_server_serves_the_two_hot_calls_with_upb_and_the_rest_with_betterpr
     assert mapping[route + "SubmitAndWait"].request_type is upb.SubmitAndWaitRequest
     assert mapping[route + "SubmitAndWait"].reply_type is upb.TaskResult
     assert mapping[route + "SubmitTask"].request_type is upb.SubmitTaskRequest
-    assert mapping[route + "SubmitTasks"].request_type is orch_pb.SubmitTasksRequest
+    assert mapping[route + "SubmitTasks"].request_type is upb.SubmitTasksRequest
+    assert mapping[route + "WaitTask"].request_type is orch_pb.WaitTaskRequest
