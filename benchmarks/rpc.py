@@ -10,7 +10,9 @@ this process, using the generated betterproto2/grpclib stubs for both. Measured 
   ``--clients`` concurrent callers doing them (tasks/s), on the durable server, next to the
   same through two calls (``SubmitTask`` then ``WaitTask``) and next to the peers
   (``benchmarks/peers.py``: Ray ``ray.get(f.remote())``, Celery ``delay().get()``, each
-  where installed, else skipped with the reason).
+  where installed, else skipped with the reason). The echo answers ``SubmitAndWait`` too and
+  is measured the same way in the same rounds (sequential and ``--clients``): the floor of
+  this transport and client, printed against the durable server and against each peer.
 
 The dspy-infra server is the real one (``run_server``: embedded Infra + InfraServer, noop
 tasks), measured with the durable SQLite store (the default) and memory-only. Last line: one JSON object with
