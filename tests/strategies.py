@@ -70,6 +70,7 @@ __all__ = [
     "states",
     "step_names",
     "store_op_plans",
+    "submit_task_request_fields",
     "task_doc",
     "task_ids",
     "task_outcomes",
@@ -447,6 +448,20 @@ label_keys = st.from_regex(r"[a-z][a-z0-9._-]{0,15}", fullmatch=True)
 
 
 text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+
+#: Keyword arguments of a betterproto2 ``SubmitTaskRequest``: any value each field can carry.
+submit_task_request_fields = st.fixed_dictionaries(
+    {
+        "id": text_values,
+        "class_": text_values,
+        "payload": st.dictionaries(text_values, text_values, max_size=4),
+        "payload_json": text_values,
+        "priority": st.integers(-(2**31), 2**31 - 1),
+        "timeout_seconds": st.floats(allow_nan=False),
+        "max_attempts": st.integers(-(2**31), 2**31 - 1),
+        "workflow_id": text_values,
+    }
+)
 
 
 ports = st.integers(1, 65535)

@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import text_values, wire_json_objects
+from strategies import submit_task_request_fields, text_values, wire_json_objects
 
 from dspy_infra.models import TaskResult, TaskStatus
 from dspy_infra.rpc import convert as cv
@@ -20,38 +20,11 @@ _REQUEST_FIELDS = ("id", "priority", "timeout_seconds", "max_attempts", "workflo
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    task_id=text_values,
-    task_class=text_values,
-    payload=st.dictionaries(text_values, text_values, max_size=4),
-    payload_json=text_values,
-    priority=st.integers(-(2**31), 2**31 - 1),
-    timeout=st.floats(allow_nan=False),
-    max_attempts=st.integers(-(2**31), 2**31 - 1),
-    wait=st.floats(allow_nan=False),
-    with_task=st.booleans(),
-)
+@given(fields=submit_task_request_fields, wait=st.floats(allow_nan=False), with_task=st.booleans())
 def test_upb_reads_the_requests_a_betterproto2_client_writes(
-    task_id: str,
-    task_class: str,
-    payload: dict[str, str],
-    payload_json: str,
-    priority: int,
-    timeout: float,
-    max_attempts: int,
-    wait: float,
-    with_task: bool,
+    fields: dict[str, Any], wait: float, with_task: bool
 ) -> None:
-    task = orch_pb.SubmitTaskRequest(
-        id=task_id,
-        class_=task_class,
-        payload=payload,
-        payload_json=payload_json,
-        priority=priority,
-        timeout_seconds=timeout,
-        max_attempts=max_attempts,
-        workflow_id=task_id,
-    )
+    task = orch_pb.SubmitTaskRequest(**fields)
     read = upb.SubmitTaskRequest.FromString(bytes(task))
     assert getattr(read, "class") == task.class_
     assert dict(read.payload) == task.payload
