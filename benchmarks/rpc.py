@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from grpclib.client import Channel  # noqa: E402
 
+from dspy_infra.models import TaskSpec  # noqa: E402
 from dspy_infra.rpc._gen.orchestrator import v1 as pb  # noqa: E402
+from dspy_infra.rpc.client import OrchestratorClient  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peers import run_peer  # noqa: E402
@@ -167,14 +169,41 @@ async def _batched(
     return n / (time.perf_counter() - began)
 
 
-async def _submit_and_wait(stub: pb.OrchestratorServiceStub, prefix: str, n: int) -> list[float]:
+#: One SubmitAndWait of a noop task with the given id and number; its status and error.
+_SubmitAndWait = Callable[[str, int], Awaitable[tuple[str, str]]]
+
+
+def _sw_call(channel: Channel, client: str) -> _SubmitAndWait:
+    """``client``: "client" is ``OrchestratorClient.submit_and_wait`` with a ``TaskSpec`` (what
+    ``RemoteInfra`` and ``ensure_infra`` users call, as Ray is measured through its API);
+    "stub" the generated betterproto2 stub with a hand-built request (earlier rounds' figures).
+    The request is built inside the timed call either way."""
+    if client == "stub":
+        stub = pb.OrchestratorServiceStub(channel)
+
+        async def by_stub(prefix: str, i: int) -> tuple[str, str]:
+            req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
+            result = await stub.submit_and_wait(req)
+            return result.status, result.error
+
+        return by_stub
+    orchestrator = OrchestratorClient(channel, "benchmark", token=None, owns_channel=False)
+
+    async def by_client(prefix: str, i: int) -> tuple[str, str]:
+        spec = TaskSpec(id=f"{prefix}-{i}", payload={"handler": "noop", "n": str(i)})
+        result = await orchestrator.submit_and_wait(spec, 60)
+        return str(result.status), result.error
+
+    return by_client
+
+
+async def _submit_and_wait(call: _SubmitAndWait, prefix: str, n: int) -> list[float]:
     latencies = []
     for i in range(n):
-        req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
         began = time.perf_counter()
-        result = await stub.submit_and_wait(req)
+        status, error = await call(prefix, i)
         latencies.append(time.perf_counter() - began)
-        assert result.status == "completed", result.error
+        assert status == "completed", error
     return latencies
 
 
@@ -189,17 +218,16 @@ async def _two_calls(stub: pb.OrchestratorServiceStub, prefix: str, n: int) -> l
     return latencies
 
 
-async def _many_clients(port: int, prefix: str, n: int, clients: int) -> float:
+async def _many_clients(port: int, prefix: str, n: int, clients: int, client_kind: str = "client") -> float:
     """``clients`` callers, each with its own channel (connection), doing SubmitAndWait."""
     channels = [Channel("127.0.0.1", port) for _ in range(clients)]
     left = iter(range(n))
 
     async def client(channel: Channel) -> None:
-        stub = pb.OrchestratorServiceStub(channel)
+        call = _sw_call(channel, client_kind)
         for i in left:
-            req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
-            result = await stub.submit_and_wait(req)
-            assert result.status == "completed", result.error
+            status, error = await call(prefix, i)
+            assert status == "completed", error
 
     try:
         for channel in channels:  # connect first: the figure is about calls, not handshakes
@@ -218,8 +246,9 @@ async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> 
     of this transport and client on this machine, measured in the same minutes."""
     channel = Channel("127.0.0.1", ports["durable"])
     stub = pb.OrchestratorServiceStub(channel)
+    durable = _sw_call(channel, args.client)
     echo_channel = Channel("127.0.0.1", ports["echo"])
-    echo = pb.OrchestratorServiceStub(echo_channel)
+    echo = _sw_call(echo_channel, args.client)
     one: list[float] = []
     two: list[float] = []
     floor: list[float] = []
@@ -227,17 +256,17 @@ async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> 
     rounds = 5
     per_round = args.tp_n // rounds
     try:
-        await _submit_and_wait(stub, "sw-warm", 100)
+        await _submit_and_wait(durable, "sw-warm", 100)
         await _submit_and_wait(echo, "echo-warm", 100)
         for r in range(rounds):
-            one += await _submit_and_wait(stub, f"sw{r}", args.rt_n // rounds)
+            one += await _submit_and_wait(durable, f"sw{r}", args.rt_n // rounds)
             floor += await _submit_and_wait(echo, f"echo-sw{r}", args.rt_n // rounds)
             two += await _two_calls(stub, f"two{r}", args.rt_n // rounds)
             many_elapsed += per_round / await _many_clients(
-                ports["durable"], f"many{r}", per_round, args.clients
+                ports["durable"], f"many{r}", per_round, args.clients, args.client
             )
             echo_many_elapsed += per_round / await _many_clients(
-                ports["echo"], f"echo-many{r}", per_round, args.clients
+                ports["echo"], f"echo-many{r}", per_round, args.clients, args.client
             )
     finally:
         channel.close()
@@ -309,6 +338,12 @@ def main() -> int:
     parser.add_argument("--tp-n", type=int, default=3000, help="tasks for the many-clients figure")
     parser.add_argument("--clients", type=int, default=32, help="concurrent callers (own connection each)")
     parser.add_argument("--no-peers", action="store_true", help="skip Ray and Celery")
+    parser.add_argument(
+        "--client",
+        choices=("client", "stub"),
+        default="client",
+        help="SubmitAndWait rows through OrchestratorClient (default) or the bare generated stub",
+    )
     args = parser.parse_args()
 
     procs: list[subprocess.Popen[str]] = []
@@ -337,7 +372,10 @@ def main() -> int:
             for proc in procs:
                 stop(proc)
 
-    print(f"machine: {os.cpu_count()} cores; n={args.n} concurrency={args.concurrency} batch={args.batch}")
+    print(
+        f"machine: {os.cpu_count()} cores; n={args.n} concurrency={args.concurrency} batch={args.batch};"
+        f" SubmitAndWait rows through {'OrchestratorClient' if args.client == 'client' else 'the bare stub'}"
+    )
     for name, r in results.items():
         print(
             f"{name:>8}: p50 {r['p50_ms']:6.3f} ms  p99 {r['p99_ms']:6.3f} ms  {r['per_s']:7.0f} calls/s"

@@ -34,9 +34,9 @@ async def _drive(phase: str, port: int) -> str:
             rates = [await rpc._batched(stub, f"bulk{k}", 10_000, 1000, 2, typed=False) for k in range(6)]
             return f"bulk JSON: {sorted(rates)[3]:.0f} tasks/s (median of 6 rounds)"
         if phase == "sw":
-            lat = await rpc._submit_and_wait(stub, "sw", 3000)
+            lat = await rpc._submit_and_wait(rpc._sw_call(channel, "stub"), "sw", 3000)
             return f"SubmitAndWait: p50 {rpc._pct(lat, 0.5):.3f} ms p99 {rpc._pct(lat, 0.99):.3f} ms"
-        rate = await rpc._many_clients(port, "many", 6000, 32)
+        rate = await rpc._many_clients(port, "many", 6000, 32, "stub")
         return f"32 clients: {rate:.0f} tasks/s"
     finally:
         channel.close()
