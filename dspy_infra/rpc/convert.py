@@ -15,6 +15,7 @@ one of the two would otherwise be dropped without a word.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from ..errors import SpecError
@@ -47,7 +48,6 @@ from ..workflows.spec import (
     Workflow,
 )
 from ..workflows.validate import parse_workflow_spec
-from . import upb
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -85,9 +85,25 @@ __all__ = [
     "task_result_to_upb",
     "task_state_from_pb",
     "task_state_to_pb",
+    "upb_messages",
     "workflow_from_pb",
     "workflow_to_pb",
 ]
+
+
+_UPB: ModuleType | None = None
+
+
+def upb_messages() -> ModuleType:
+    """``rpc/upb.py`` (the hot calls' upb classes), imported when first needed: it loads
+    ``google.protobuf``, which starting a server or a CLI command does without until a task
+    is submitted."""
+    global _UPB
+    if _UPB is None:
+        from . import upb
+
+        _UPB = upb
+    return _UPB
 
 
 #: Bound of a JSON field read from a server's answer (a result can be larger than a payload:
@@ -175,7 +191,7 @@ def task_result_to_pb(result: TaskResult) -> orch_pb.TaskResult:
 
 def task_result_to_upb(result: TaskResult) -> Any:
     """The same message as ``task_result_to_pb``, as the upb class the server sends (``upb``)."""
-    return upb.TaskResult(**_task_result_fields(result))
+    return upb_messages().TaskResult(**_task_result_fields(result))
 
 
 def task_result_from_pb(msg: orch_pb.TaskResult) -> TaskResult:
@@ -248,7 +264,7 @@ def submit_request_from_spec(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
 def submit_request_upb(spec: TaskSpec) -> Any:
     """The same message as ``submit_request_from_spec``, as upb's class (``upb``), whose field
     ``class`` is spelled as in the .proto (a Python keyword, hence the dict)."""
-    return upb.SubmitTaskRequest(**{"class": spec.task_class}, **_submit_request_fields(spec))
+    return upb_messages().SubmitTaskRequest(**{"class": spec.task_class}, **_submit_request_fields(spec))
 
 
 def request_json_bound(max_payload_bytes: int) -> int:

@@ -55,7 +55,6 @@ from ..wire import (
     to_grpc_error,
 )
 from . import convert as cv
-from . import upb
 from ._gen.env_manager import v1 as env_pb
 from ._gen.orchestrator import v1 as orch_pb
 
@@ -154,6 +153,25 @@ async def _relay(stream: AsyncIterator[_In], convert: Callable[[_In], _Out]) -> 
             await aclose()
 
 
+class _UpbType(type):
+    """A stand-in for one of ``rpc/upb.py``'s classes in a handler's request or reply type:
+    grpclib's codec only calls ``FromString`` on it and ``isinstance`` against it, and both
+    reach the real class, imported by the first hot call. So a server starts without loading
+    google.protobuf (what starting to serve avoids), and pays for it when a task comes."""
+
+    upb_name: str
+
+    def FromString(cls, data: bytes) -> Any:
+        return getattr(cv.upb_messages(), cls.upb_name).FromString(data)
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return isinstance(instance, getattr(cv.upb_messages(), cls.upb_name))
+
+
+def _upb_type(name: str) -> type:
+    return _UpbType(name, (), {"upb_name": name})
+
+
 # -- services ----------------------------------------------------------------------------
 
 
@@ -169,12 +187,14 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         of betterproto2 (Python, tens of microseconds a message on the loop). Same bytes."""
         mapping = super().__mapping__()
         for name, func, request, reply in (
-            ("SubmitTask", self._submit_task_upb, upb.SubmitTaskRequest, upb.SubmitTaskResponse),
-            ("SubmitAndWait", self._submit_and_wait_upb, upb.SubmitAndWaitRequest, upb.TaskResult),
-            ("SubmitTasks", self._submit_tasks_upb, upb.SubmitTasksRequest, upb.SubmitTasksResponse),
+            ("SubmitTask", self._submit_task_upb, "SubmitTaskRequest", "SubmitTaskResponse"),
+            ("SubmitAndWait", self._submit_and_wait_upb, "SubmitAndWaitRequest", "TaskResult"),
+            ("SubmitTasks", self._submit_tasks_upb, "SubmitTasksRequest", "SubmitTasksResponse"),
         ):
             path = f"/orchestrator.v1.OrchestratorService/{name}"
-            mapping[path] = grpclib.const.Handler(func, mapping[path].cardinality, request, reply)
+            mapping[path] = grpclib.const.Handler(
+                func, mapping[path].cardinality, _upb_type(request), _upb_type(reply)
+            )
         return mapping
 
     async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
@@ -186,7 +206,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         assert message is not None
         state = await self.infra.scheduler.submit(self._spec(message, getattr(message, "class")))
         await stream.send_message(
-            upb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
+            cv.upb_messages().SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
         )
 
     def _spec(self, req: Any, task_class: str | None = None) -> TaskSpec:
@@ -222,7 +242,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         message = await stream.recv_message()
         assert message is not None
         accepted, rejected = await self._submit_tasks(message.tasks, message.tasks_json, upb_messages=True)
-        await stream.send_message(upb.SubmitTasksResponse(accepted=accepted, rejected=rejected))
+        await stream.send_message(cv.upb_messages().SubmitTasksResponse(accepted=accepted, rejected=rejected))
 
     async def _submit_tasks(
         self, typed: Iterable[Any], tasks_json: bytes, *, upb_messages: bool

@@ -4,6 +4,8 @@ and write the same bytes, field for field (the contract is the one ``.proto``)."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 from hypothesis import given, settings
@@ -59,11 +61,27 @@ def test_a_result_sent_by_upb_reads_back_as_betterproto2_sent_it(
     )
 
 
-def test_the_server_serves_the_two_hot_calls_with_upb_and_the_rest_with_betterproto2() -> None:
+def test_the_server_serves_the_hot_calls_with_upb_and_the_rest_with_betterproto2() -> None:
     mapping = OrchestratorService.__mapping__(OrchestratorService(infra=None))  # type: ignore[arg-type]
     route = "/orchestrator.v1.OrchestratorService/"
-    assert mapping[route + "SubmitAndWait"].request_type is upb.SubmitAndWaitRequest
-    assert mapping[route + "SubmitAndWait"].reply_type is upb.TaskResult
-    assert mapping[route + "SubmitTask"].request_type is upb.SubmitTaskRequest
-    assert mapping[route + "SubmitTasks"].request_type is upb.SubmitTasksRequest
+    data = bytes(orch_pb.SubmitAndWaitRequest(task=orch_pb.SubmitTaskRequest(id="t")))
+    for method, request, reply in (
+        ("SubmitAndWait", upb.SubmitAndWaitRequest, upb.TaskResult),
+        ("SubmitTask", upb.SubmitTaskRequest, upb.SubmitTaskResponse),
+        ("SubmitTasks", upb.SubmitTasksRequest, upb.SubmitTasksResponse),
+    ):
+        handler = mapping[route + method]
+        # grpclib's codec calls FromString on the request type and isinstance on the reply's
+        assert type(handler.request_type.FromString(b"")) is request
+        assert isinstance(reply(), handler.reply_type)
+        assert not isinstance(orch_pb.TaskResult(), handler.reply_type)
+    assert mapping[route + "SubmitAndWait"].request_type.FromString(data).task.id == "t"
     assert mapping[route + "WaitTask"].request_type is orch_pb.WaitTaskRequest
+
+
+def test_importing_the_server_and_the_client_leaves_upb_unloaded() -> None:
+    """upb's classes (which load google.protobuf) come with the first hot call, not with the
+    modules: serving and CLI commands start without them."""
+    code = "import sys; import dspy_infra.rpc.server, dspy_infra.rpc.client; print('dspy_infra.rpc.upb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
