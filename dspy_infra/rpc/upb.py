@@ -12,6 +12,7 @@ The classes are built from the descriptor protoc wrote from ``orchestrator.proto
 (``_gen/orchestrator/v1/_descriptor.py``, regenerated with the rest by ``make proto``) in a
 pool of their own, so they never clash with other code registering the same file in
 protobuf's default pool (the official grpcio stubs of a client in the same process).
+Imported on first use only (``convert.upb_messages``): it loads google.protobuf.
 """
 
 from __future__ import annotations
