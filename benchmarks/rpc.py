@@ -10,7 +10,9 @@ this process, using the generated betterproto2/grpclib stubs for both. Measured 
   ``--clients`` concurrent callers doing them (tasks/s), on the durable server, next to the
   same through two calls (``SubmitTask`` then ``WaitTask``) and next to the peers
   (``benchmarks/peers.py``: Ray ``ray.get(f.remote())``, Celery ``delay().get()``, each
-  where installed, else skipped with the reason).
+  where installed, else skipped with the reason). The echo answers ``SubmitAndWait`` too and
+  is measured the same way in the same rounds (sequential and ``--clients``): the floor of
+  this transport and client, printed against the durable server and against each peer.
 
 The dspy-infra server is the real one (``run_server``: embedded Infra + InfraServer, noop
 tasks), measured with the durable SQLite store (the default) and memory-only. Last line: one JSON object with
@@ -37,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from grpclib.client import Channel  # noqa: E402
 
+from dspy_infra.models import TaskSpec  # noqa: E402
 from dspy_infra.rpc._gen.orchestrator import v1 as pb  # noqa: E402
+from dspy_infra.rpc.client import OrchestratorClient  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peers import run_peer  # noqa: E402
@@ -58,6 +62,12 @@ class Echo(pb.OrchestratorServiceBase):
 
     async def submit_tasks(self, message):
         return pb.SubmitTasksResponse(accepted=len(message.tasks))
+
+    async def submit_and_wait(self, message):
+        return pb.TaskResult(task_id=message.task.id, status="completed", result_json="{}")
+
+    async def health(self, message):
+        return pb.HealthResponse(healthy=True)
 
 async def main():
     # proto=IPPROTO_TCP so asyncio sets TCP_NODELAY on accepted sockets (as the real server does).
@@ -159,14 +169,43 @@ async def _batched(
     return n / (time.perf_counter() - began)
 
 
-async def _submit_and_wait(stub: pb.OrchestratorServiceStub, prefix: str, n: int) -> list[float]:
+#: One SubmitAndWait of a noop task with the given id and number; its status and error.
+_SubmitAndWait = Callable[[str, int], Awaitable[tuple[str, str]]]
+
+
+def _sw_call(channel: Channel, client: str) -> _SubmitAndWait:
+    """``client``: "client" is ``OrchestratorClient.submit_and_wait`` with a ``TaskSpec`` (what
+    ``RemoteInfra`` and ``ensure_infra`` users call, as Ray is measured through its API);
+    "stub" the generated betterproto2 stub with a hand-built request (earlier rounds' figures).
+    The request is built inside the timed call either way. No timeout through the client
+    (it would add a gRPC deadline, a timer on both sides, ~0.13 ms here): Ray's ``get`` and
+    the stub are measured without one too."""
+    if client == "stub":
+        stub = pb.OrchestratorServiceStub(channel)
+
+        async def by_stub(prefix: str, i: int) -> tuple[str, str]:
+            req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
+            result = await stub.submit_and_wait(req)
+            return result.status, result.error
+
+        return by_stub
+    orchestrator = OrchestratorClient(channel, "benchmark", token=None, owns_channel=False)
+
+    async def by_client(prefix: str, i: int) -> tuple[str, str]:
+        spec = TaskSpec(id=f"{prefix}-{i}", payload={"handler": "noop", "n": str(i)})
+        result = await orchestrator.submit_and_wait(spec)
+        return str(result.status), result.error
+
+    return by_client
+
+
+async def _submit_and_wait(call: _SubmitAndWait, prefix: str, n: int) -> list[float]:
     latencies = []
     for i in range(n):
-        req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
         began = time.perf_counter()
-        result = await stub.submit_and_wait(req)
+        status, error = await call(prefix, i)
         latencies.append(time.perf_counter() - began)
-        assert result.status == "completed", result.error
+        assert status == "completed", error
     return latencies
 
 
@@ -181,17 +220,16 @@ async def _two_calls(stub: pb.OrchestratorServiceStub, prefix: str, n: int) -> l
     return latencies
 
 
-async def _many_clients(port: int, prefix: str, n: int, clients: int) -> float:
+async def _many_clients(port: int, prefix: str, n: int, clients: int, client_kind: str = "client") -> float:
     """``clients`` callers, each with its own channel (connection), doing SubmitAndWait."""
     channels = [Channel("127.0.0.1", port) for _ in range(clients)]
     left = iter(range(n))
 
     async def client(channel: Channel) -> None:
-        stub = pb.OrchestratorServiceStub(channel)
+        call = _sw_call(channel, client_kind)
         for i in left:
-            req = pb.SubmitAndWaitRequest(task=_request(prefix, i), timeout_seconds=60)
-            result = await stub.submit_and_wait(req)
-            assert result.status == "completed", result.error
+            status, error = await call(prefix, i)
+            assert status == "completed", error
 
     try:
         for channel in channels:  # connect first: the figure is about calls, not handshakes
@@ -204,29 +242,46 @@ async def _many_clients(port: int, prefix: str, n: int, clients: int) -> float:
             channel.close()
 
 
-async def _round_trip_phase(port: int, args: argparse.Namespace) -> dict[str, float]:
-    """The submit -> result figures of one (durable) server, in short alternating rounds."""
-    channel = Channel("127.0.0.1", port)
+async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> dict[str, float]:
+    """The submit -> result figures of the durable server, in short rounds alternating with
+    the same calls on the bare grpclib echo (same messages, same client, no work): the floor
+    of this transport and client on this machine, measured in the same minutes."""
+    channel = Channel("127.0.0.1", ports["durable"])
     stub = pb.OrchestratorServiceStub(channel)
+    durable = _sw_call(channel, args.client)
+    echo_channel = Channel("127.0.0.1", ports["echo"])
+    echo = _sw_call(echo_channel, args.client)
     one: list[float] = []
     two: list[float] = []
-    many_elapsed = 0.0
+    floor: list[float] = []
+    many_elapsed = echo_many_elapsed = 0.0
     rounds = 5
+    per_round = args.tp_n // rounds
     try:
-        await _submit_and_wait(stub, "sw-warm", 100)
+        await _submit_and_wait(durable, "sw-warm", 100)
+        await _submit_and_wait(echo, "echo-warm", 100)
         for r in range(rounds):
-            one += await _submit_and_wait(stub, f"sw{r}", args.rt_n // rounds)
+            one += await _submit_and_wait(durable, f"sw{r}", args.rt_n // rounds)
+            floor += await _submit_and_wait(echo, f"echo-sw{r}", args.rt_n // rounds)
             two += await _two_calls(stub, f"two{r}", args.rt_n // rounds)
-            per_round = args.tp_n // rounds
-            many_elapsed += per_round / await _many_clients(port, f"many{r}", per_round, args.clients)
+            many_elapsed += per_round / await _many_clients(
+                ports["durable"], f"many{r}", per_round, args.clients, args.client
+            )
+            echo_many_elapsed += per_round / await _many_clients(
+                ports["echo"], f"echo-many{r}", per_round, args.clients, args.client
+            )
     finally:
         channel.close()
+        echo_channel.close()
     return {
         "sw_p50_ms": _pct(one, 0.5),
         "sw_p99_ms": _pct(one, 0.99),
+        "echo_sw_p50_ms": _pct(floor, 0.5),
+        "echo_sw_p99_ms": _pct(floor, 0.99),
         "two_call_p50_ms": _pct(two, 0.5),
         "two_call_p99_ms": _pct(two, 0.99),
-        "many_clients_per_s": (args.tp_n // rounds) * rounds / many_elapsed,
+        "many_clients_per_s": per_round * rounds / many_elapsed,
+        "echo_many_clients_per_s": per_round * rounds / echo_many_elapsed,
     }
 
 
@@ -285,6 +340,12 @@ def main() -> int:
     parser.add_argument("--tp-n", type=int, default=3000, help="tasks for the many-clients figure")
     parser.add_argument("--clients", type=int, default=32, help="concurrent callers (own connection each)")
     parser.add_argument("--no-peers", action="store_true", help="skip Ray and Celery")
+    parser.add_argument(
+        "--client",
+        choices=("client", "stub"),
+        default="client",
+        help="SubmitAndWait rows through OrchestratorClient (default) or the bare generated stub",
+    )
     args = parser.parse_args()
 
     procs: list[subprocess.Popen[str]] = []
@@ -308,12 +369,15 @@ def main() -> int:
                 proc, ports[name] = _start(INFRA_SERVER, json.dumps(settings), cwd=home)
                 procs.append(proc)
             results = asyncio.run(_measure(ports, args))
-            round_trip = asyncio.run(_round_trip_phase(ports["durable"], args))
+            round_trip = asyncio.run(_round_trip_phase(ports, args))
         finally:
             for proc in procs:
                 stop(proc)
 
-    print(f"machine: {os.cpu_count()} cores; n={args.n} concurrency={args.concurrency} batch={args.batch}")
+    print(
+        f"machine: {os.cpu_count()} cores; n={args.n} concurrency={args.concurrency} batch={args.batch};"
+        f" SubmitAndWait rows through {'OrchestratorClient' if args.client == 'client' else 'the bare stub'}"
+    )
     for name, r in results.items():
         print(
             f"{name:>8}: p50 {r['p50_ms']:6.3f} ms  p99 {r['p99_ms']:6.3f} ms  {r['per_s']:7.0f} calls/s"
@@ -347,6 +411,12 @@ def main() -> int:
         f" SubmitTask+WaitTask p50 {rt['two_call_p50_ms']:.3f} ms p99 {rt['two_call_p99_ms']:.3f} ms;"
         f" {args.clients} clients {rt['many_clients_per_s']:.0f} tasks/s"
     )
+    print(
+        f"    echo floor (same SubmitAndWait messages, no work): p50 {rt['echo_sw_p50_ms']:.3f} ms"
+        f" p99 {rt['echo_sw_p99_ms']:.3f} ms; {args.clients} clients {rt['echo_many_clients_per_s']:.0f} calls/s"
+        f" -> dspy p50 {rt['sw_p50_ms'] / rt['echo_sw_p50_ms']:.2f}x,"
+        f" many clients {rt['many_clients_per_s'] / rt['echo_many_clients_per_s']:.2f}x of the floor"
+    )
     summary.update({k: round(v, 4) for k, v in rt.items()})
     for peer, fig in peers.items():
         if "skipped" in fig:
@@ -364,6 +434,12 @@ def main() -> int:
         summary[f"sw_p50_vs_{peer}"] = round(rt["sw_p50_ms"] / p50, 3)
         summary[f"sw_p99_vs_{peer}"] = round(rt["sw_p99_ms"] / p99, 3)
         summary[f"many_clients_vs_{peer}"] = round(rt["many_clients_per_s"] / per_s, 3)
+        summary[f"echo_many_clients_vs_{peer}"] = round(rt["echo_many_clients_per_s"] / per_s, 3)
+        summary[f"echo_sw_p50_vs_{peer}"] = round(rt["echo_sw_p50_ms"] / p50, 3)
+        print(
+            f"{'':>8}  the echo floor against {peer}: p50 {rt['echo_sw_p50_ms'] / p50:.2f}x,"
+            f" {args.clients} clients {rt['echo_many_clients_per_s'] / per_s:.2f}x"
+        )
     print(f"batch submit over gRPC, durable: {summary['batch_tasks_per_s']:.0f} tasks/s (target >= 30,000)")
     print(json.dumps(summary))
     return 0

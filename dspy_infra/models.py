@@ -31,6 +31,7 @@ from .values import (
 
 __all__ = [
     "CONDITIONS",
+    "PAYLOAD_HARD_LIMIT",
     "DependsOn",
     "Event",
     "ExecResult",
@@ -112,11 +113,13 @@ def coerce_str_map(value: Any, field: str) -> dict[str, str]:
 def _payload(value: Any) -> dict[str, Any]:
     # The size limit of a payload is ``settings.max_payload_bytes``, enforced at submit; the
     # bound here is the largest any setting may allow (what one store row should hold).
-    return check_json_object(value, "payload", max_bytes=_PAYLOAD_HARD_LIMIT)
+    if value is None:  # no payload (and what with_checked_payload passes): nothing to walk
+        return {}
+    return check_json_object(value, "payload", max_bytes=PAYLOAD_HARD_LIMIT)
 
 
 #: No payload is ever larger than this, whatever ``max_payload_bytes`` says (64 MiB).
-_PAYLOAD_HARD_LIMIT = 64 << 20
+PAYLOAD_HARD_LIMIT = 64 << 20
 
 
 def _environment(value: Any) -> dict[str, str]:
@@ -223,15 +226,38 @@ class TaskSpec:
     max_attempts: int = 1
     workflow_id: str = ""
 
+    @classmethod
+    def with_checked_payload(cls, payload: dict[str, Any], **fields: Any) -> TaskSpec:
+        """A spec whose ``payload`` is already checked: the plain ``dict`` that
+        ``values.check_json_object`` (or ``decode_json_object``) returned for it with a bound
+        of at most ``PAYLOAD_HARD_LIMIT``, which is exactly what the constructor's converter
+        checks. It is taken as is instead of being walked a second time (the remote faces
+        check each payload once, at the edge, where the error names the request's field).
+        Every other field is checked as by the constructor."""
+        if type(payload) is not dict:
+            raise TypeError(f"expected the dict check_json_object returned, got {type(payload).__name__}")
+        spec = cls(payload=None, **fields)  # None converts to {} at once (no walk)
+        object.__setattr__(spec, "payload", payload)
+        return spec
+
     def __attrs_post_init__(self) -> None:
-        check_text(self.task_class, "task_class", max_length=MAX_ID_LENGTH)
-        check_int(self.priority, "priority", lo=INT32_MIN, hi=INT32_MAX)
+        # Each check is skipped only for a value of exactly the default's type that passes it
+        # by inspection (the defaults, and a plain int in range): a spec is built for every
+        # task a client sends, and most leave these fields alone. Anything else (a bool, a
+        # subclass, a string to scan) takes the full check, which names the field.
+        task_class, priority, max_attempts = self.task_class, self.priority, self.max_attempts
+        if type(task_class) is not str or task_class != "cpu_short":
+            check_text(task_class, "task_class", max_length=MAX_ID_LENGTH)
+        if type(priority) is not int or not INT32_MIN <= priority <= INT32_MAX:
+            check_int(priority, "priority", lo=INT32_MIN, hi=INT32_MAX)
         if self.timeout is not None:
             # Stored as a float: an int timeout of 10**400 must not reach the store as an int.
             timeout = check_finite(self.timeout, "timeout", lo=0, lo_open=True, hi=MAX_TASK_TIMEOUT)
             object.__setattr__(self, "timeout", timeout)
-        check_int(self.max_attempts, "max_attempts", lo=1, hi=MAX_ATTEMPTS)
-        check_text(self.workflow_id, "workflow_id", max_length=MAX_ID_LENGTH, allow_empty=True)
+        if type(max_attempts) is not int or not 1 <= max_attempts <= MAX_ATTEMPTS:
+            check_int(max_attempts, "max_attempts", lo=1, hi=MAX_ATTEMPTS)
+        if type(self.workflow_id) is not str or self.workflow_id:
+            check_text(self.workflow_id, "workflow_id", max_length=MAX_ID_LENGTH, allow_empty=True)
 
     @property
     def content_hash(self) -> str:

@@ -80,6 +80,8 @@ def preview(value: object, limit: int = _PREVIEW) -> str:
 
 
 def _is_utf8(text: str) -> bool:
+    if text.isascii():  # O(1) in CPython (a flag of the string): ASCII holds no surrogate
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

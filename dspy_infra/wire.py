@@ -39,13 +39,9 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .models import TaskSpec
+from .models import PAYLOAD_HARD_LIMIT, TaskSpec
 from .values import (
-    INT32_MAX,
-    INT32_MIN,
     MAX_JSON_DEPTH,
-    check_finite,
-    check_int,
     check_json_object,
     check_text,
     preview,
@@ -280,26 +276,25 @@ def json_task_list(raw: bytes, field: str, *, max_bytes: int) -> list[Any]:
 
 
 def remote_payload(value: Any, field: str = "payload") -> dict[str, Any]:
-    """A payload from a client, checked for what the store and the wire hold (text, numbers,
-    nesting, key length). Its size is left to the scheduler's ``max_payload_bytes`` check, so
-    that rule (and its message) lives in one place; the request itself is already bounded
-    (HTTP body limit, gRPC message limit)."""
-    return check_json_object(value, field, max_bytes=_UNBOUNDED)
-
-
-#: No size bound of our own in ``remote_payload`` (see there).
-_UNBOUNDED = 1 << 62
+    """A payload from a client, checked once for what the store and the wire hold (text,
+    numbers, nesting, key length, and the hard size bound every ``TaskSpec`` payload has):
+    the result goes into ``TaskSpec.with_checked_payload`` without a second walk. The exact
+    size rule (``max_payload_bytes``) is the scheduler's, so that rule (and its message) lives
+    in one place; the request itself is already bounded (HTTP body limit, gRPC message limit)."""
+    return check_json_object(value, field, max_bytes=PAYLOAD_HARD_LIMIT)
 
 
 def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
     """A ``TaskSpec`` from a task written as JSON: ``{"id"?, "class"?, "payload", ...}``.
     A missing class means ``cpu_short``; a missing id is generated only if ``generate_id``.
     Every field is checked against what the store and the wire hold, naming the field."""
-    if not isinstance(doc, Mapping):
+    if type(doc) is not dict and not isinstance(doc, Mapping):  # (the ABC check is slow)
         raise SpecError(
             f"expected a JSON object, got {preview(doc)}", field="body", fix='send {"payload": {...}}'
         )
-    unknown = sorted(str(k) for k in doc.keys() - _TASK_JSON_KEY_SET)
+    unknown = (
+        [] if doc.keys() <= _TASK_JSON_KEY_SET else sorted(str(k) for k in doc.keys() - _TASK_JSON_KEY_SET)
+    )
     if unknown:
         raise SpecError(
             f"unknown key {preview(unknown[0])}",
@@ -307,22 +302,24 @@ def spec_from_doc(doc: Any, *, generate_id: bool) -> TaskSpec:
             fix="use " + ", ".join(TASK_JSON_KEYS),
         )
     task_id = doc.get("id")
-    task_id = "" if task_id is None else check_text(task_id, "id", allow_empty=True)
-    if not task_id and generate_id:
-        task_id = uuid.uuid4().hex
+    if task_id is None:
+        task_id = ""
+    if generate_id:  # (without, TaskSpec checks the id, naming it "id" too)
+        task_id = check_text(task_id, "id", allow_empty=True) or uuid.uuid4().hex
     task_class = doc.get("class")
     task_class = "cpu_short" if task_class is None else check_text(task_class, "class", allow_empty=True)
     payload = remote_payload(doc.get("payload"))
     priority = doc.get("priority")
-    timeout = doc.get("timeout")
     max_attempts = doc.get("max_attempts")
     workflow_id = doc.get("workflow_id")
-    return TaskSpec(
+    # The fields below are checked by TaskSpec itself, under the same names as the JSON keys
+    # and with the same rules (and a null is the field's default), so not here a second time.
+    return TaskSpec.with_checked_payload(
+        payload,
         id=task_id,
         task_class=task_class or "cpu_short",
-        payload=payload,
-        priority=0 if priority is None else check_int(priority, "priority", lo=INT32_MIN, hi=INT32_MAX),
-        timeout=None if timeout is None else check_finite(timeout, "timeout", lo=0, lo_open=True),
-        max_attempts=1 if max_attempts is None else check_int(max_attempts, "max_attempts", lo=1, hi=100),
-        workflow_id="" if workflow_id is None else check_text(workflow_id, "workflow_id", allow_empty=True),
+        priority=0 if priority is None else priority,
+        timeout=doc.get("timeout"),
+        max_attempts=1 if max_attempts is None else max_attempts,
+        workflow_id="" if workflow_id is None else workflow_id,
     )

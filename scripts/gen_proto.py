@@ -1,6 +1,9 @@
 """Generate the betterproto2 code (grpclib client + server, async) for proto/ into
-dspy_infra/rpc/_gen/. What `make proto` runs; tests/test_proto_codegen.py runs ``generate``
-into a temporary directory and compares it with the committed tree.
+dspy_infra/rpc/_gen/, and the serialized descriptor of the orchestrator service
+(``orchestrator/v1/_descriptor.py``: the server builds the official protobuf runtime's
+classes of its hottest messages from it, ``dspy_infra/rpc/upb.py``). What `make proto` runs;
+tests/test_proto_codegen.py runs ``generate`` into a temporary directory and compares it with
+the committed tree.
 
 Output is deterministic: same protos and compiler version, same bytes.
 """
@@ -60,10 +63,40 @@ def generate(out_dir: Path) -> list[Path]:
         if done.returncode != 0:
             raise SystemExit(f"protoc failed ({done.returncode}):\n{done.stderr}")
         (Path(tmp) / "__init__.py").write_text(_PACKAGE_DOC)
+        _write_descriptor(Path(tmp), env)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         shutil.copytree(tmp, out_dir)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+#: The proto whose descriptor is written, and where (relative to the output directory).
+_DESCRIBED = ("orchestrator/v1/orchestrator.proto", "orchestrator/v1/_descriptor.py")
+
+
+def _write_descriptor(out_dir: Path, env: dict[str, str]) -> None:
+    """``_DESCRIBED``'s FileDescriptorSet as a bytes literal in a module (no package data to
+    ship, and the bytes are protoc's own, so they match the .proto exactly)."""
+    proto, module = _DESCRIBED
+    desc = out_dir / "descriptor.bin"
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"--descriptor_set_out={desc}",
+        str(PROTO_DIR / proto),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"protoc failed ({done.returncode}):\n{done.stderr}")
+    data = desc.read_bytes()
+    desc.unlink()
+    chunks = "".join(f"    {data[i : i + 48]!r}\n" for i in range(0, len(data), 48))
+    (out_dir / module).write_text(
+        f'"""The FileDescriptorSet of {proto}, serialized by protoc (make proto). Never edit by hand."""\n\n'
+        f"FILE_DESCRIPTOR_SET = (\n{chunks})\n"
+    )
 
 
 def main() -> int:

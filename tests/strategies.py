@@ -61,6 +61,7 @@ __all__ = [
     "priorities",
     "public_v4",
     "ray_demands",
+    "remote_task_docs",
     "result_keys",
     "service_cli_names",
     "service_cli_ports",
@@ -71,6 +72,7 @@ __all__ = [
     "states",
     "step_names",
     "store_op_plans",
+    "submit_task_request_fields",
     "task_doc",
     "task_ids",
     "task_outcomes",
@@ -404,6 +406,25 @@ hostile_task_kwargs = st.fixed_dictionaries(
 )
 
 
+#: Task documents as a remote client writes them (SubmitTasks.tasks_json entries, HTTP
+#: bodies): each field absent, valid or wrong, the payload any JSON-ish object (including
+#: what no store can hold) or not an object at all.
+remote_task_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.sampled_from(["t-1", "", "x" * 300, "a\x00b", "\ud800"]) | st.integers(-1, 1) | st.none(),
+        "class": st.sampled_from(["cpu_short", "", "gpu", "a\x00"]) | st.none() | st.integers(0, 1),
+        "payload": st.dictionaries(st.text(max_size=5), hostile_json, max_size=4)
+        | st.dictionaries(st.text(max_size=300), st.text(max_size=8), max_size=3)
+        | hostile_json,
+        "priority": st.none() | st.booleans() | st.integers(-(2**33), 2**33) | st.floats(-2, 2),
+        "timeout": st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 10**9),
+        "max_attempts": st.none() | st.booleans() | st.integers(-1, 120) | st.text(max_size=2),
+        "workflow_id": st.none() | st.sampled_from(["", "wf", "w\x00", "y" * 300]) | st.integers(0, 1),
+    },
+)
+
+
 #: JSON values the stores and the wire hold: 64-bit ints, finite floats, UTF-8 text without
 #: NUL (values.check_text refuses it), nesting.
 wire_json_values = st.recursive(
@@ -440,6 +461,20 @@ label_keys = st.from_regex(r"[a-z][a-z0-9._-]{0,15}", fullmatch=True)
 
 
 text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+
+#: Keyword arguments of a betterproto2 ``SubmitTaskRequest``: any value each field can carry.
+submit_task_request_fields = st.fixed_dictionaries(
+    {
+        "id": text_values,
+        "class_": text_values,
+        "payload": st.dictionaries(text_values, text_values, max_size=4),
+        "payload_json": text_values,
+        "priority": st.integers(-(2**31), 2**31 - 1),
+        "timeout_seconds": st.floats(allow_nan=False),
+        "max_attempts": st.integers(-(2**31), 2**31 - 1),
+        "workflow_id": text_values,
+    }
+)
 
 
 ports = st.integers(1, 65535)

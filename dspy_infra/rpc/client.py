@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from grpclib.client import Channel
+from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
@@ -170,6 +170,19 @@ class OrchestratorClient(TaskSubmitter, _Client):
     def __init__(self, channel: Channel, addr: str, *, token: str | None, owns_channel: bool = True) -> None:
         super().__init__(channel, addr, token=token, owns_channel=owns_channel)
         self.stub = orch_pb.OrchestratorServiceStub(channel, metadata=self.metadata)
+        # The calls every task pays, with upb's messages (encoded and decoded in C), as the
+        # server serves them (rpc/upb.py); the bytes are the same as betterproto2's. Made on
+        # first use: upb loads google.protobuf, which most CLI commands never need.
+        self._upb_calls: dict[str, UnaryUnaryMethod[Any, Any]] = {}
+
+    def _upb_call(self, method: str, request: str, reply: str) -> UnaryUnaryMethod[Any, Any]:
+        call = self._upb_calls.get(method)
+        if call is None:
+            upb = cv.upb_messages()
+            route = f"/orchestrator.v1.OrchestratorService/{method}"
+            call = UnaryUnaryMethod(self.channel, route, getattr(upb, request), getattr(upb, reply))
+            self._upb_calls[method] = call
+        return call
 
     async def health_check(self, *, timeout: float | None = None) -> dict[str, Any]:
         resp = await self._unary(self.stub.health(orch_pb.HealthRequest(), timeout=timeout))
@@ -180,7 +193,8 @@ class OrchestratorClient(TaskSubmitter, _Client):
         return dict(resp.metrics)
 
     async def submit(self, spec: TaskSpec) -> TaskState:
-        resp = await self._unary(self.stub.submit_task(cv.submit_request_from_spec(spec)))
+        submit_task = self._upb_call("SubmitTask", "SubmitTaskRequest", "SubmitTaskResponse")
+        resp = await self._unary(submit_task(cv.submit_request_upb(spec), metadata=self.metadata))
         return TaskState(spec=spec, status=TaskStatus(resp.status or "pending"))
 
     async def submit_tasks(self, specs: Sequence[TaskSpec]) -> list[InfraError | None]:
@@ -298,11 +312,13 @@ class OrchestratorClient(TaskSubmitter, _Client):
     async def submit_and_wait(self, spec: TaskSpec, timeout: float | None = None) -> TaskResult:
         """Submit ``spec`` and wait for its result in one call (``SubmitAndWait``): one round
         trip instead of ``submit`` then ``wait``. Idempotent by id like ``submit``."""
-        req = orch_pb.SubmitAndWaitRequest(
-            task=cv.submit_request_from_spec(spec), timeout_seconds=timeout or 0.0
+        submit_and_wait = self._upb_call("SubmitAndWait", "SubmitAndWaitRequest", "TaskResult")
+        req = cv.upb_messages().SubmitAndWaitRequest(
+            task=cv.submit_request_upb(spec), timeout_seconds=timeout or 0.0
         )
         # The server enforces `timeout`; the call's own deadline only adds slack for the trip.
-        call = self.stub.submit_and_wait(req, timeout=None if timeout is None else timeout + 5)
+        call = submit_and_wait(req, timeout=None if timeout is None else timeout + 5, metadata=self.metadata)
+        # (task_result_from_pb reads upb's message as betterproto2's: the same field names)
         return cv.task_result_from_pb(await self._unary(call))
 
 

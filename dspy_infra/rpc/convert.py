@@ -15,10 +15,12 @@ one of the two would otherwise be dropped without a word.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from ..errors import SpecError
 from ..models import (
+    PAYLOAD_HARD_LIMIT,
     Event,
     GPUInfo,
     HardwareInfo,
@@ -36,7 +38,7 @@ from ..models import (
     TaskState,
     TaskStatus,
 )
-from ..values import MAX_JSON_BYTES, JsonObject, decode_json_object, json_text
+from ..values import MAX_JSON_BYTES, JsonObject, check_json_object, decode_json_object, json_text
 from ..workflows.spec import (
     RunState,
     RunStatus,
@@ -77,13 +79,31 @@ __all__ = [
     "status_update_to_pb",
     "submit_request_from_spec",
     "submit_request_payload",
+    "submit_request_upb",
     "task_result_from_pb",
     "task_result_to_pb",
+    "task_result_to_upb",
     "task_state_from_pb",
     "task_state_to_pb",
+    "upb_messages",
     "workflow_from_pb",
     "workflow_to_pb",
 ]
+
+
+_UPB: ModuleType | None = None
+
+
+def upb_messages() -> ModuleType:
+    """``rpc/upb.py`` (the hot calls' upb classes), imported when first needed: it loads
+    ``google.protobuf``, which starting a server or a CLI command does without until a task
+    is submitted."""
+    global _UPB
+    if _UPB is None:
+        from . import upb
+
+        _UPB = upb
+    return _UPB
 
 
 #: Bound of a JSON field read from a server's answer (a result can be larger than a payload:
@@ -117,7 +137,9 @@ def json_from_request(
     json_field: str,
     max_bytes: int = MAX_JSON_BYTES,
 ) -> JsonObject:
-    """A JSON object from a request that may use the old map or the ``*_json`` field, not both."""
+    """A JSON object from a request that may use the old map or the ``*_json`` field, not both;
+    checked (``values.check_json_object``, bound ``max_bytes``) either way, so a payload read
+    here goes into ``TaskSpec.with_checked_payload`` without a second walk."""
     if text and old_map:
         raise SpecError(
             f"both {map_field} (the old string map) and {json_field} are set",
@@ -127,7 +149,10 @@ def json_from_request(
         )
     if text:
         return decode_json_object(text, json_field, max_bytes=max_bytes)
-    return dict(old_map)
+    # (betterproto2's maps are dicts; upb's a container the fast check does not take)
+    return check_json_object(
+        old_map if type(old_map) is dict else dict(old_map), map_field, max_bytes=max_bytes
+    )
 
 
 def _same_named(source: object, names: tuple[str, ...]) -> dict[str, Any]:
@@ -148,16 +173,25 @@ def _status(value: str) -> TaskStatus:
 # -- tasks --------------------------------------------------------------------------------
 
 
+def _task_result_fields(result: TaskResult) -> dict[str, Any]:
+    return {
+        "task_id": result.task_id,
+        "status": str(result.status),
+        "result": json_map(result.result),
+        "error": result.error,
+        "duration_ms": result.duration_ms,
+        "completed_at": int(result.completed_at),
+        "result_json": json_text(dict(result.result)),
+    }
+
+
 def task_result_to_pb(result: TaskResult) -> orch_pb.TaskResult:
-    return orch_pb.TaskResult(
-        task_id=result.task_id,
-        status=str(result.status),
-        result=json_map(result.result),
-        error=result.error,
-        duration_ms=result.duration_ms,
-        completed_at=int(result.completed_at),
-        result_json=json_text(dict(result.result)),
-    )
+    return orch_pb.TaskResult(**_task_result_fields(result))
+
+
+def task_result_to_upb(result: TaskResult) -> Any:
+    """The same message as ``task_result_to_pb``, as the upb class the server sends (``upb``)."""
+    return upb_messages().TaskResult(**_task_result_fields(result))
 
 
 def task_result_from_pb(msg: orch_pb.TaskResult) -> TaskResult:
@@ -211,24 +245,35 @@ def task_state_from_pb(msg: orch_pb.GetTaskStatusResponse) -> TaskState:
     )
 
 
+def _submit_request_fields(spec: TaskSpec) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "payload_json": json_text(dict(spec.payload)),
+        "priority": spec.priority,
+        "workflow_id": spec.workflow_id,
+        "timeout_seconds": spec.timeout or 0.0,
+        "max_attempts": spec.max_attempts,
+    }
+
+
 def submit_request_from_spec(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
     """What a new client sends: the payload as JSON only (the map stays empty)."""
-    return orch_pb.SubmitTaskRequest(
-        id=spec.id,
-        class_=spec.task_class,
-        payload_json=json_text(dict(spec.payload)),
-        priority=spec.priority,
-        workflow_id=spec.workflow_id,
-        timeout_seconds=spec.timeout or 0.0,
-        max_attempts=spec.max_attempts,
-    )
+    return orch_pb.SubmitTaskRequest(class_=spec.task_class, **_submit_request_fields(spec))
+
+
+def submit_request_upb(spec: TaskSpec) -> Any:
+    """The same message as ``submit_request_from_spec``, as upb's class (``upb``), whose field
+    ``class`` is spelled as in the .proto (a Python keyword, hence the dict)."""
+    return upb_messages().SubmitTaskRequest(**{"class": spec.task_class}, **_submit_request_fields(spec))
 
 
 def request_json_bound(max_payload_bytes: int) -> int:
     """How much JSON text a request field may carry before it is even parsed: a guard against
     hostile input, looser than ``max_payload_bytes`` (whitespace, quotes and escapes count in
-    the text). The exact limit stays where it is enforced for every face: the scheduler."""
-    return 4 * max_payload_bytes + (64 << 10)
+    the text), and never above the bound every ``TaskSpec`` payload has (so the one check
+    here is also that one). The exact limit stays where it is enforced for every face: the
+    scheduler."""
+    return min(4 * max_payload_bytes + (64 << 10), PAYLOAD_HARD_LIMIT)
 
 
 def _request_object(req: Any, field: str, max_payload_bytes: int) -> JsonObject:
