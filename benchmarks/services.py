@@ -370,7 +370,10 @@ async def run_engine(
                 f"{kind:6s} engine {backend.engine} API {backend.api_version} at {host}; image {images.redis}"
             )
             try:
-                await backend.prepare([_spec("redis", images.redis, 0)])  # the network, once
+                # The network is made here, as a user's: one the backend made goes with the
+                # last container on it (Backend.release), and the raw variants share it.
+                await backend.docker.networks.create({"Name": settings.network, "Driver": "bridge"})
+                await backend.prepare([_spec("redis", images.redis, 0)])
                 if calls:
                     await engine_call_rows(bench)
                 out = await start_rows(bench, start_rounds, skip_tc) if start_rounds else {}
