@@ -15,6 +15,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ class FlushCounter:
         self.real(fd)
         with self.lock:
             self.finished = max(self.finished, number)
+
+
+@pytest.fixture
+def stalled_flush(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The store's ``fdatasync`` hangs until the event is set, then flushes for real."""
+    release = threading.Event()
+    real = os.fdatasync
+
+    def stalled(fd: int) -> None:
+        release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(store_module.os, "fdatasync", stalled)
+    yield release
+    release.set()  # nothing may hang past its test
 
 
 def _attempts(path: Path) -> dict[str, int]:
@@ -137,18 +153,11 @@ def test_each_callback_runs_only_once_its_level_covers_every_earlier_row(
 
 
 def test_a_written_callback_does_not_wait_for_a_stalled_flush_but_an_acknowledgement_does(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stalled_flush: threading.Event
 ) -> None:
     """While the disk flush hangs, rows still reach the log and ``after_write`` callbacks
     run; ``after_commit`` (acknowledgements, results) waits for the flush."""
-    release = threading.Event()
-    real = os.fdatasync
-
-    def stalled(fd: int) -> None:
-        release.wait(30)
-        real(fd)
-
-    monkeypatch.setattr(store_module.os, "fdatasync", stalled)
+    release = stalled_flush
     order: list[str] = []
 
     async def run() -> None:
@@ -174,20 +183,13 @@ def test_a_written_callback_does_not_wait_for_a_stalled_flush_but_an_acknowledge
 
 @pytest.mark.parametrize("handler", ["probe", "exec"])
 async def test_an_exec_attempt_starts_only_after_its_record_is_flushed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str
+    tmp_path: Path, stalled_flush: threading.Event, handler: str
 ) -> None:
     """issue 8: an exec attempt is on disk before its process starts. An in-process handler's
     attempt needs only the log (its guard is against this process's death), so it starts
     while the flush hangs, before the submit that acknowledges it returns (the task is queued
     once its row is in the log; only the acknowledgement waits for the flush)."""
-    release = threading.Event()
-    real = os.fdatasync
-
-    def stall(fd: int) -> None:
-        release.wait(30)
-        real(fd)
-
-    monkeypatch.setattr(store_module.os, "fdatasync", stall)
+    release = stalled_flush
     marker = tmp_path / "ran"
     cfg = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
     pm = build_plugin_manager(load_entry_points=False)
