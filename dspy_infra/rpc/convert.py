@@ -77,7 +77,6 @@ __all__ = [
     "service_state_to_pb",
     "status_update_from_pb",
     "status_update_to_pb",
-    "submit_request_from_spec",
     "submit_request_payload",
     "submit_request_upb",
     "task_result_from_pb",
@@ -256,14 +255,10 @@ def _submit_request_fields(spec: TaskSpec) -> dict[str, Any]:
     }
 
 
-def submit_request_from_spec(spec: TaskSpec) -> orch_pb.SubmitTaskRequest:
-    """What a new client sends: the payload as JSON only (the map stays empty)."""
-    return orch_pb.SubmitTaskRequest(class_=spec.task_class, **_submit_request_fields(spec))
-
-
 def submit_request_upb(spec: TaskSpec) -> Any:
-    """The same message as ``submit_request_from_spec``, as upb's class (``upb``), whose field
-    ``class`` is spelled as in the .proto (a Python keyword, hence the dict)."""
+    """What a new client sends: the payload as JSON only (the map stays empty). upb's class
+    (``upb``), whose field ``class`` is spelled as in the .proto (a Python keyword, hence the
+    dict)."""
     return upb_messages().SubmitTaskRequest(**{"class": spec.task_class}, **_submit_request_fields(spec))
 
 

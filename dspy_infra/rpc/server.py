@@ -69,7 +69,7 @@ _Out = TypeVar("_Out")
 
 
 def _rejected(index: int, task_id: str, exc: InfraError) -> dict[str, Any]:
-    """A ``RejectedTask``'s fields (the message is betterproto2's or upb's)."""
+    """A ``RejectedTask``'s fields, for upb's ``SubmitTasksResponse``."""
     return {
         "index": index,
         "task_id": task_id if len(task_id) <= MAX_ID_LENGTH else task_id[:MAX_ID_LENGTH],
@@ -197,21 +197,16 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
             )
         return mapping
 
-    async def submit_task(self, message: orch_pb.SubmitTaskRequest) -> orch_pb.SubmitTaskResponse:
-        state = await self.infra.scheduler.submit(self._spec(message))
-        return orch_pb.SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
-
     async def _submit_task_upb(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         message = await stream.recv_message()
         assert message is not None
-        state = await self.infra.scheduler.submit(self._spec(message, getattr(message, "class")))
+        state = await self.infra.scheduler.submit(self._spec(message))
         await stream.send_message(
             cv.upb_messages().SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
         )
 
-    def _spec(self, req: Any, task_class: str | None = None) -> TaskSpec:
-        """The spec of a ``SubmitTaskRequest``: betterproto2's (its class is ``class_``) or
-        upb's (``task_class`` given: ``class`` is a Python keyword there)."""
+    def _spec(self, req: Any) -> TaskSpec:
+        """The spec of an upb ``SubmitTaskRequest``."""
         # TaskSpec checks the id; the scheduler checks class, payload size and GPU needs
         # before anything changes (one place for each rule).
         settings = self.infra.settings
@@ -224,28 +219,22 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         return TaskSpec.with_checked_payload(
             payload,
             id=check_text(req.id, "id"),
-            task_class=check_text(req.class_ if task_class is None else task_class, "class", allow_empty=True)
-            or "cpu_short",
+            # (``class`` is a Python keyword: upb's field is reached by getattr)
+            task_class=check_text(getattr(req, "class"), "class", allow_empty=True) or "cpu_short",
             priority=req.priority,
             timeout=_non_negative(req.timeout_seconds, "timeout_seconds"),
             max_attempts=check_int(req.max_attempts or 1, "max_attempts", lo=1, hi=100),
             workflow_id=check_text(req.workflow_id, "workflow_id", allow_empty=True),
         )
 
-    async def submit_tasks(self, message: orch_pb.SubmitTasksRequest) -> orch_pb.SubmitTasksResponse:
-        accepted, rejected = await self._submit_tasks(message.tasks, message.tasks_json, upb_messages=False)
-        return orch_pb.SubmitTasksResponse(
-            accepted=accepted, rejected=[orch_pb.RejectedTask(**fields) for fields in rejected]
-        )
-
     async def _submit_tasks_upb(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         message = await stream.recv_message()
         assert message is not None
-        accepted, rejected = await self._submit_tasks(message.tasks, message.tasks_json, upb_messages=True)
+        accepted, rejected = await self._submit_tasks(message.tasks, message.tasks_json)
         await stream.send_message(cv.upb_messages().SubmitTasksResponse(accepted=accepted, rejected=rejected))
 
     async def _submit_tasks(
-        self, typed: Iterable[Any], tasks_json: bytes, *, upb_messages: bool
+        self, typed: Iterable[Any], tasks_json: bytes
     ) -> tuple[int, list[dict[str, Any]]]:
         """How many tasks of a ``SubmitTasks`` were accepted, and the ``RejectedTask`` fields
         of the others. A bad task fails alone (its error names the field); the others go
@@ -255,7 +244,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         index = 0
         for req in typed:
             try:
-                good.append((index, self._spec(req, getattr(req, "class") if upb_messages else None)))
+                good.append((index, self._spec(req)))
             except InfraError as exc:
                 rejected.append(_rejected(index, req.id, exc))
             index += 1
@@ -322,22 +311,14 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         return cv.task_result_to_pb(await self.infra.wait(task_id, timeout))
 
-    async def submit_and_wait(self, message: orch_pb.SubmitAndWaitRequest) -> orch_pb.TaskResult:
+    async def _submit_and_wait_upb(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         """One round trip for "submit, then wait": the acknowledgement and the result share
         the call (one HTTP/2 stream, one request decode, one response encode)."""
-        if message.task is None:
-            raise _no_task()
-        spec = self._spec(message.task)
-        timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
-        return cv.task_result_to_pb(await self.infra.scheduler.submit_and_wait(spec, timeout))
-
-    async def _submit_and_wait_upb(self, stream: grpclib.server.Stream[Any, Any]) -> None:
         message = await stream.recv_message()
         assert message is not None  # (grpclib's unary calls always carry one)
         if not message.HasField("task"):
             raise _no_task()
-        task = message.task
-        spec = self._spec(task, getattr(task, "class"))
+        spec = self._spec(message.task)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         result = await self.infra.scheduler.submit_and_wait(spec, timeout)
         await stream.send_message(cv.task_result_to_upb(result))

@@ -212,10 +212,10 @@ def test_an_old_server_without_json_fields_still_reads() -> None:
 def test_new_client_sends_the_payload_as_json_only() -> None:
     from dspy_infra.models import TaskSpec
 
-    req = cv.submit_request_from_spec(TaskSpec(id="t", payload={"handler": "noop", "k": "v"}))
+    req = cv.submit_request_upb(TaskSpec(id="t", payload={"handler": "noop", "k": "v"}))
     assert not req.payload
     assert json.loads(req.payload_json) == {"handler": "noop", "k": "v"}
-    assert cv.submit_request_payload(orch_pb.SubmitTaskRequest.parse(bytes(req))) == {
+    assert cv.submit_request_payload(orch_pb.SubmitTaskRequest.parse(req.SerializeToString())) == {
         "handler": "noop",
         "k": "v",
     }
