@@ -220,6 +220,33 @@ def test_malformed_protobuf_is_invalid_argument(
     health_ok(server)
 
 
+@pytest.mark.parametrize("method", ["SubmitAndWait", "SubmitTasks"])
+@pytest.mark.parametrize("raw", MALFORMED)
+def test_a_malformed_task_inside_the_other_upb_calls_is_invalid_argument(
+    server: ServeProcess, stubs: dict[str, Any], raw: bytes, method: str
+) -> None:
+    # Both carry SubmitTaskRequest as field 1 and are decoded by upb, like SubmitTask. A
+    # batch answers for each task: one that decodes to a task (upb reads some truncated
+    # fields leniently) is refused alone, naming the field; one that does not fails the call.
+    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
+    with grpc.insecure_channel(server.addr) as channel:
+        before = task_count(pb_grpc.OrchestratorServiceStub(channel), pb)
+        call = channel.unary_unary(f"/orchestrator.v1.OrchestratorService/{method}")
+        try:
+            reply = call(b"\x0a" + bytes([len(raw)]) + raw, timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+            assert_clean(exc)
+        else:
+            assert method == "SubmitTasks", "a malformed task was answered as run"
+            answer = pb.SubmitTasksResponse.FromString(reply)
+            assert answer.accepted == 0 and len(answer.rejected) == 1
+            assert answer.rejected[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert "id" in answer.rejected[0].error
+        assert task_count(pb_grpc.OrchestratorServiceStub(channel), pb) == before
+    health_ok(server)
+
+
 @pytest.mark.parametrize("timeout", [math.nan, math.inf, -math.inf, -1.0])
 def test_a_non_finite_or_negative_wait_timeout_is_invalid_argument(
     server: ServeProcess, stubs: dict[str, Any], timeout: float
