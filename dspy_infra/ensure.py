@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from .api import InfraAPI
 from .config import Settings, load_settings
 from .errors import FailedPrecondition, Unauthenticated
 from .infra import Infra
+from .scheduler.store import LOCK_FILE_NAME
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["ensure_infra", "shutdown_infra", "use_infra"]
 
 _log = logging.getLogger("dspy_infra")
+
+#: Seconds auto mode waits for a server that holds this app's state directory but missed
+#: the quick first answer (0.5 s, meant for "nothing listens"): a busy server is still the
+#: app's own, and embedding beside it would be refused (its store lock) anyway.
+BUSY_SERVER_WAIT = 10.0
 
 
 # -- the process-wide shared instance ---------------------------------------------------------
@@ -135,6 +142,11 @@ async def _maybe_remote(cfg: Settings, *, serve: bool, local_only: Sequence[str]
         # Auto mode: a server that refuses our token cannot be identified, so it is not ours.
         _log.info("dspy_infra: the server at %s refused this app's token; running embedded", target)
         return None
+    if remote is None and not named and _home_held(cfg):
+        _log.info("dspy_infra: the server at %s is slow to answer; waiting for it", target)
+        remote = await RemoteInfra.connect(
+            target, token=cfg.token, required=False, tls=tls, settings=cfg, timeout=BUSY_SERVER_WAIT
+        )
     if remote is None:
         return None
     try:
@@ -154,6 +166,24 @@ async def _maybe_remote(cfg: Settings, *, serve: bool, local_only: Sequence[str]
     how = "named by addr/DSPY_INFRA_ADDR" if cfg.addr else ("mode=remote" if named else "same home")
     _log.info("dspy_infra: attached to the server at %s (%s, home %s)", target, how, identity.get("home"))
     return remote
+
+
+def _home_held(cfg: Settings) -> bool:
+    """Whether another scheduler holds this app's state directory now (its store lock is
+    taken): then a server is this app's own, even if it has not answered yet."""
+    try:
+        fd = os.open(cfg.resolved_home() / LOCK_FILE_NAME, os.O_RDONLY)
+    except OSError:
+        return False  # no state directory, or none we may read: nobody to wait for
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _same_app(identity: Mapping[str, Any], cfg: Settings) -> bool:
