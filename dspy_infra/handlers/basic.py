@@ -516,11 +516,16 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
                     await _readable(child.pidfd)
                 child.reap()
                 child.close()
-            await anyio.to_thread.run_sync(
-                functools.partial(
-                    _finish_attempt, att, ctx, output.take_pending(), child.mark if child else None, swept=swept
+            log_tail = output.take_pending()
+            if swept and att.registry is None and not log_tail and (att.log is None or att.log.empty):
+                # Nothing to sweep, remove or write: closing an empty file needs no thread.
+                if att.log is not None:
+                    with contextlib.suppress(OSError):
+                        att.log.close()
+            else:
+                await anyio.to_thread.run_sync(
+                    functools.partial(_finish_attempt, att, ctx, log_tail, child.mark if child else None, swept=swept)
                 )
-            )
     result = output.result(exit_code)
     if exit_code != 0:
         raise ExecFailed(exit_code, result)
