@@ -60,7 +60,7 @@ async def bench(n: int, rounds: int, cmd: str) -> dict[str, float]:
 
     async def floor_run(_i: int) -> None:
         # The blocking call, as a plain script makes it (the loop has nothing else to do).
-        subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)  # noqa: ASYNC221
+        subprocess.run(argv, capture_output=True, check=True)  # noqa: ASYNC221
 
     async def floor_asyncio(_i: int) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -113,7 +113,7 @@ async def bench(n: int, rounds: int, cmd: str) -> dict[str, float]:
             }
             samples: dict[str, list[float]] = {name: [] for name in variants}
             cpu: dict[str, float] = dict.fromkeys(variants, 0.0)
-            for name, variant in variants.items():  # warm-up
+            for variant in variants.values():  # warm-up
                 for i in range(5):
                     await variant(i)
             for _ in range(rounds):
@@ -143,7 +143,9 @@ async def bench(n: int, rounds: int, cmd: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=200, help="runs per variant and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cmd", default="true", help="the shell command every variant runs")

@@ -402,7 +402,9 @@ def _record_spawned(att: _Attempt, ctx: TaskContext, pid: int) -> None:
     )
 
 
-def _launch(att: _Attempt, ctx: TaskContext, argv: list[str], cwd: str | None, env: Mapping[bytes, bytes]) -> _Child:
+def _launch(
+    att: _Attempt, ctx: TaskContext, argv: list[str], cwd: str | None, env: Mapping[bytes, bytes]
+) -> _Child:
     """Blocking: record the attempt, open its log, start the command in its own process
     group, record its pid. The record comes first: a crash right after the spawn still
     leaves the marker to find."""
@@ -424,21 +426,22 @@ def _launch(att: _Attempt, ctx: TaskContext, argv: list[str], cwd: str | None, e
         )
     except OSError as exc:
         raise _spawn_failure(exc, argv, cwd) from None
+    pidfd: int | None = None
     try:
-        child = _Child(proc, os.pidfd_open(proc.pid), mark)
-    except BaseException:
-        _kill_group(proc.pid)
-        proc.communicate()
-        raise
-    try:
+        pidfd = os.pidfd_open(proc.pid)
         if att.registry is not None:
             _record_spawned(att, ctx, proc.pid)
     except BaseException:
+        # Not waiting for the pipes: something that left the group may hold them.
         _kill_group(proc.pid)
-        proc.communicate()
-        child.close()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if pidfd is not None:
+            os.close(pidfd)
         raise
-    return child
+    return _Child(proc, pidfd, mark)
 
 
 def _end_escaped(att: _Attempt, ctx: TaskContext, mark: PidMark | None) -> None:
@@ -463,7 +466,9 @@ def _only_the_child_since(child: _Child) -> bool:
     return window is not None and all(pid == child.pid for pids in window for pid in pids)
 
 
-def _finish_attempt(att: _Attempt, ctx: TaskContext, log_tail: bytes, mark: PidMark | None, *, swept: bool) -> None:
+def _finish_attempt(
+    att: _Attempt, ctx: TaskContext, log_tail: bytes, mark: PidMark | None, *, swept: bool
+) -> None:
     """Blocking: end what the attempt left (unless ``swept`` already), write the rest of its
     output to its log and close it, forget its record."""
     if not swept:
@@ -488,12 +493,13 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
     child: _Child | None = None
     exited = swept = False
     try:
-        # Shielded: a cancel that lands while the command starts waits for the start, then
-        # the finally below ends the whole group (asyncio's own spawn, cancelled, killed the
-        # shell alone and hung on pipes its children held).
+        # One thread hop records the attempt, opens its log and starts the command.
+        # Shielded: a cancel that lands meanwhile waits for the start, then the finally
+        # below ends the whole group.
         with anyio.CancelScope(shield=True):
             child = await anyio.to_thread.run_sync(_launch, att, ctx, argv, cwd, env)
         await anyio.lowlevel.checkpoint_if_cancelled()
+        assert child is not None  # (the shielded scope swallows no error of the start)
         stdout, stderr = child.pipes()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_drain_into, stdout, output, output.out)
@@ -524,7 +530,9 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
                         att.log.close()
             else:
                 await anyio.to_thread.run_sync(
-                    functools.partial(_finish_attempt, att, ctx, log_tail, child.mark if child else None, swept=swept)
+                    functools.partial(
+                        _finish_attempt, att, ctx, log_tail, child.mark if child else None, swept=swept
+                    )
                 )
     result = output.result(exit_code)
     if exit_code != 0:

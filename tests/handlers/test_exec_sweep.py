@@ -29,7 +29,7 @@ def _alive(pid: int) -> bool:
 
 async def _gone(pid: int, within: float = 5.0) -> bool:
     deadline = time.monotonic() + within
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(pid) and time.monotonic() < deadline:  # noqa: ASYNC110 (another process; no event to await)
         await anyio.sleep(0.02)
     return not _alive(pid)
 
@@ -78,7 +78,9 @@ async def test_a_command_ended_by_a_signal_fails_with_the_negative_signal_number
     assert failed.value.exit_code == -9
 
 
-async def test_the_command_sees_changes_to_our_environment_between_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_command_sees_changes_to_our_environment_between_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     async def foo() -> str:
         return str((await exec_handler(_ctx(None, 'echo "[${DSPY_TEST_FOO-unset}]"')))["stdout"]).strip()
 
