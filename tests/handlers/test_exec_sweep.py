@@ -171,3 +171,11 @@ def test_a_window_finds_a_marked_process_once_and_never_its_threads() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_an_argument_list_finds_its_program_on_our_path() -> None:
+    # The child's environment is bytes (as the system holds it); the program is still looked
+    # up on its PATH.
+    spec = TaskSpec("t", payload={"handler": "exec", "cmd": ["echo", "hi"]})
+    result = await exec_handler(TaskContext(spec, 1))
+    assert result["stdout"] == "hi\n"
