@@ -203,16 +203,17 @@ def child_environment(settings: Settings | None, marker: str) -> dict[bytes, byt
     if cached is not None and cached[0] == current and cached[1] == secrets:
         env = cached[2].copy()
     else:
+        snapshot = dict(current)  # one step: another thread may change the environment
         kept = {
             name: value
-            for name, value in current.items()
+            for name, value in snapshot.items()
             if name not in _SECRET_VARS_B
             and name != _ATTEMPT_ENV_B
             and not any(value == s or (len(s) >= 8 and s in value) for s in secrets)
         }
         # Keyed by a copy of the environment: a change (os.environ, putenv through it) is
         # seen on the next call.
-        _env_cache = (dict(current), secrets, kept)
+        _env_cache = (snapshot, secrets, kept)
         env = kept.copy()
     env[_ATTEMPT_ENV_B] = os.fsencode(marker)
     return env
