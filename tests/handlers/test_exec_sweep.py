@@ -49,8 +49,9 @@ def _ctx(settings: Settings | None, cmd: str, task_id: str = "t") -> TaskContext
 async def test_a_descendant_that_left_the_group_is_ended_when_the_command_exits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, window: str
 ) -> None:
-    if window == "every process":  # an attempt too old for the pid window: the full scan
-        monkeypatch.setattr(ownership, "PID_WINDOW_MAX_AGE", 0.0)
+    # An attempt too old for the pid window reads every process; a loaded machine must not
+    # turn the window variant into that one.
+    monkeypatch.setattr(ownership, "PID_WINDOW_MAX_AGE", 0.0 if window == "every process" else 60.0)
     pidfile = tmp_path / "escaped.pid"
     # setsid: a new session, so the group kill misses it; only its marker finds it. Its
     # output goes elsewhere, so nothing but the sweep ends it.
@@ -107,7 +108,8 @@ async def test_a_silent_command_leaves_an_empty_log_for_its_attempt(tmp_path: Pa
 # -- ownership.pids_since / find_marked(pids=...) ------------------------------------------
 
 
-def test_every_process_started_after_a_mark_is_in_its_window() -> None:
+def test_every_process_started_after_a_mark_is_in_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ownership, "PID_WINDOW_MAX_AGE", 60.0)  # however slow the machine
     before = subprocess.Popen(["sleep", "30"])
     mark = pid_mark()
     assert mark is not None, "this test needs /proc"
@@ -155,7 +157,8 @@ time.sleep(30)
 """
 
 
-def test_a_window_finds_a_marked_process_once_and_never_its_threads() -> None:
+def test_a_window_finds_a_marked_process_once_and_never_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ownership, "PID_WINDOW_MAX_AGE", 60.0)  # however slow Python starts
     scope = f"test-window-{os.getpid()}"
     mark = pid_mark()
     env = {**os.environ, ATTEMPT_ENV: ownership.attempt_marker(scope, "job", 1)}
@@ -168,6 +171,10 @@ def test_a_window_finds_a_marked_process_once_and_never_its_threads() -> None:
         assert len(os.listdir(f"/proc/{proc.pid}/task")) == 5
         assert [st.pid for st in find_marked(scope, {"job"}, pids=window)] == [proc.pid]
         assert find_marked(scope, {"other"}, pids=window) == []
+        # A window too wide to probe pid by pid filters the /proc listing instead.
+        wide = [range(1, proc.pid + 1)]
+        assert [st.pid for st in find_marked(scope, {"job"}, pids=wide)] == [proc.pid]
+        assert find_marked(scope, {"job"}, pids=[range(1, proc.pid)]) == []
     finally:
         proc.kill()
         proc.wait()
