@@ -47,6 +47,7 @@ proto: venv
 # soak is separate: $(BIN)/python benchmarks/memory.py --soak 600.
 bench: venv
 	$(BIN)/python benchmarks/scheduler.py
+	$(BIN)/python benchmarks/exec_handler.py
 	$(BIN)/python benchmarks/rpc.py
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/memory.py

@@ -10,11 +10,14 @@ containers* below: labels, leases, keep markers and orphan rules):
 - **Attempt records.** Before a task command starts, the ``exec`` handler writes a small JSON
   record (task id, attempt, marker) under ``<home>/attempts/``, rewrites it with the pid,
   start time and process group once the process exists, and removes it when the attempt has
-  ended. Each write is atomic (temporary file, fsync, rename), so a crash leaves either the
-  old record or the new one, never a torn one.
+  ended. Each write is atomic (temporary file, rename), so a crash leaves either the old
+  record or the new one, never a torn one. Records are not fsynced: they describe running
+  processes, which a power cut ends too, and a crash of the owner leaves them in the
+  kernel's page cache for the restart to read.
 - **Markers.** The command's environment carries ``DSPY_INFRA_ATTEMPT=<scope>:<task id>:<attempt>``
   and every descendant inherits it, so a descendant that left the process group (``setsid``,
-  a daemonizing server) is still found by scanning ``/proc/*/environ``. ``<scope>`` is
+  a daemonizing server) is still found by scanning ``/proc/*/environ``; right after a short
+  command only the pids handed out since its start need reading (``pids_since``). ``<scope>`` is
   derived from the state directory for durable schedulers (what a restart looks for) and is
   random per scheduler otherwise.
 - **Ending.** SIGTERM to each process group and each marked process, SIGKILL to what is
@@ -40,7 +43,7 @@ import re
 import signal
 import tempfile
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,9 +58,11 @@ __all__ = [
     "LABEL_PREFIX",
     "LABEL_SERVICE",
     "LABEL_SPEC_HASH",
+    "PID_WINDOW_MAX_AGE",
     "AttemptRecord",
     "AttemptRegistry",
     "EndReport",
+    "PidMark",
     "ProcStat",
     "ServiceOwnership",
     "SweepAction",
@@ -72,6 +77,8 @@ __all__ = [
     "labelled_owner_alive",
     "owner_labels",
     "pid_alive",
+    "pid_mark",
+    "pids_since",
     "proc_stat",
     "reap_before_start",
     "same_process",
@@ -169,36 +176,171 @@ def _marker_task(marker: str, scope: str) -> str | None:
     return task_id if sep and attempt.isdigit() else None
 
 
+def _read_proc(path: str) -> bytes | None:
+    """A ``/proc`` file whole, None when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, _PROC_CHUNK)
+        if len(data) == _PROC_CHUNK:
+            chunks = [data]
+            while chunk := os.read(fd, _PROC_CHUNK):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+_PROC_CHUNK = 65536
+
+
+def _marker_of(pid: int, scope: str, task_ids: Collection[str] | None) -> bool:
+    """True when ``pid``'s environment carries a marker of ``scope`` (and of one of ``task_ids``)."""
+    environ = _read_proc(f"/proc/{pid}/environ")
+    if environ is None or _ENV_PREFIX not in environ:
+        return False
+    for item in environ.split(b"\0"):
+        if item.startswith(_ENV_PREFIX):
+            task = _marker_task(item[len(_ENV_PREFIX) :].decode("utf-8", "replace"), scope)
+            return task is not None and (task_ids is None or task in task_ids)
+    return False
+
+
+def _leads_its_thread_group(pid: int) -> bool:
+    """False for a thread's id (``/proc/TID`` answers for a thread too, though ``/proc``
+    does not list it): its process is looked at under its own pid."""
+    status = _read_proc(f"/proc/{pid}/status") or b""
+    for line in status.split(b"\n"):
+        if line.startswith(b"Tgid:"):
+            return line[5:].strip() == str(pid).encode()
+    return False
+
+
+#: Windows of at most this many pids are probed pid by pid; wider ones filter a ``/proc`` listing.
+_PROBE_LIMIT = 128
+
+
 def find_marked(
-    scope: str, task_ids: Collection[str] | None = None, *, exclude: int | None = None
+    scope: str,
+    task_ids: Collection[str] | None = None,
+    *,
+    exclude: int | None = None,
+    pids: Sequence[range] | None = None,
 ) -> list[ProcStat]:
     """Live processes whose environment carries a marker of ``scope`` (and, if given, of one
-    of ``task_ids``). Processes of other users are unreadable and never found."""
+    of ``task_ids``). Processes of other users are unreadable and never found. ``pids``
+    (from ``pids_since``) limits the search to processes started since a mark: a marked
+    process descends from a command started after it, so none is missed."""
     found: list[ProcStat] = []
     me = os.getpid()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit() or int(entry) in (me, exclude):
-            continue
+    candidates: Iterable[int]
+    if pids is not None and sum(map(len, pids)) <= _PROBE_LIMIT:
+        candidates = (pid for window in pids for pid in window)
+        probing = True
+    else:
         try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                environ = fh.read()
+            entries = os.listdir("/proc")
         except OSError:
+            return found
+        numbers = (int(entry) for entry in entries if entry.isdigit())
+        candidates = numbers if pids is None else (n for n in numbers if any(n in w for w in pids))
+        probing = False
+    for pid in candidates:
+        if pid in (me, exclude) or not _marker_of(pid, scope, task_ids):
             continue
-        if _ENV_PREFIX not in environ:
+        if probing and not _leads_its_thread_group(pid):
             continue
-        for item in environ.split(b"\0"):
-            if item.startswith(_ENV_PREFIX):
-                task = _marker_task(item[len(_ENV_PREFIX) :].decode("utf-8", "replace"), scope)
-                if task is not None and (task_ids is None or task in task_ids):
-                    st = proc_stat(entry)
-                    if st is not None and not st.dead:
-                        found.append(st)
-                break
+        st = proc_stat(pid)
+        if st is not None and not st.dead:
+            found.append(st)
     return found
+
+
+# -- which pids are new: what lets the exec handler's sweep skip the old processes ----------
+
+#: Pids below this are never handed out again once the allocator has wrapped (the kernel's
+#: RESERVED_PIDS).
+_RESERVED_PIDS = 300
+#: How long a ``PidMark`` is trusted. Failed forks (a cgroup's pid limit) move the allocator
+#: without being counted, so only a short window is known not to have wrapped around; past
+#: this the sweep reads every process (a few ms, nothing next to a command that ran a second).
+PID_WINDOW_MAX_AGE = 1.0
+
+
+@attrs.frozen
+class PidMark:
+    """A point in pid allocation: the last pid this pid namespace handed out, the system's
+    fork count (``/proc/stat`` "processes": every process and thread created), and when."""
+
+    last_pid: int
+    forks: int
+    at: float
+
+
+def _forks() -> int | None:
+    stat = _read_proc("/proc/stat")
+    at = stat.find(b"\nprocesses ") if stat is not None else -1
+    if stat is None or at < 0:
+        return None
+    try:
+        return int(stat[at + 11 : stat.index(b"\n", at + 1)])
+    except ValueError:
+        return None
+
+
+def _last_pid() -> int | None:
+    # /proc/loadavg's last field: the pid namespace's last handed-out pid (ns_last_pid,
+    # which needs CONFIG_CHECKPOINT_RESTORE, says the same).
+    raw = _read_proc("/proc/loadavg")
+    try:
+        return int(raw.split()[-1]) if raw else None
+    except ValueError:
+        return None
+
+
+def pid_mark() -> PidMark | None:
+    """The point to take just before starting a command whose descendants ``pids_since``
+    should find (None without ``/proc``)."""
+    forks = _forks()  # before the last pid: a fork in between is counted, not missed
+    last = _last_pid()
+    if forks is None or last is None:
+        return None
+    return PidMark(last, forks, time.monotonic())
+
+
+def pids_since(mark: PidMark | None) -> list[range] | None:
+    """Every pid handed out in this pid namespace since ``mark``: one range, two when the
+    allocator wrapped around ``pid_max`` meanwhile. None when that is not known: no mark, a
+    mark older than ``PID_WINDOW_MAX_AGE``, or so many forks since that the allocator may
+    have come round past the mark.
+
+    Linux hands out pids in increasing order from the last one, wrapping at ``pid_max``, so a
+    process started since ``mark`` has a pid in ``(mark.last_pid, last pid now]``, taken
+    cyclically, unless ``pid_max - 300`` pids were handed out meanwhile; the fork count rules
+    that out (with a margin for forks in flight while it was read). Blocking (``/proc``
+    reads, no disk): a few microseconds.
+    """
+    if mark is None or time.monotonic() - mark.at > PID_WINDOW_MAX_AGE:
+        return None
+    last = _last_pid()
+    forks = _forks()
+    raw_max = _read_proc("/proc/sys/kernel/pid_max")
+    if last is None or forks is None or not raw_max:
+        return None
+    try:
+        pid_max = int(raw_max)
+    except ValueError:
+        return None
+    if forks - mark.forks >= (pid_max - _RESERVED_PIDS) // 2:
+        return None
+    if last >= mark.last_pid:
+        return [range(mark.last_pid + 1, last + 1)]
+    return [range(mark.last_pid + 1, pid_max), range(1, last + 1)]
 
 
 @attrs.frozen
@@ -246,9 +388,13 @@ class AttemptRegistry:
         return self.directory / f"{digest}-{attempt}.json"
 
     def write(self, record: AttemptRecord) -> Path:
-        """Write ``record`` atomically and durably (blocking)."""
+        """Write ``record`` atomically (blocking). Not flushed to the disk: a record only
+        matters while its processes live, and what ends the machine ends them too; a crash
+        of this process leaves the written record in the kernel's cache, where a restart
+        reads it. (The scheduler's own record of the attempt is flushed before the handler
+        runs.)"""
         path = self.path_for(record.task_id, record.attempt)
-        write_durably(path, record.to_json())
+        _replace_file(path, record.to_json(), flush=False)
         return path
 
     def remove(self, task_id: str, attempt: int) -> None:
@@ -280,19 +426,30 @@ class AttemptRegistry:
 def write_durably(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably (blocking): a crash leaves the old
     file or the new one, and the new one is on disk (file and directory entry) on return."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    _replace_file(path, text, flush=True)
+
+
+def _replace_file(path: Path, text: str, *, flush: bool) -> None:
+    """Replace ``path`` with ``text`` through a temporary file and a rename, so a reader (or a
+    crash) sees the old file or the new one; ``flush``: on disk on return."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if flush:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if flush:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -53,9 +54,12 @@ from ..ownership import (
     ATTEMPTS_DIR,
     AttemptRecord,
     AttemptRegistry,
+    PidMark,
     attempt_marker,
     durable_scope,
     find_marked,
+    pid_mark,
+    pids_since,
     proc_stat,
     same_process,
 )
@@ -93,29 +97,21 @@ __all__ = [
 _R = TypeVar("_R")
 
 
-async def _exited(pid: int) -> None:
-    """Return when process ``pid`` has exited.
-
-    Not ``Process.wait()``: asyncio's wait also waits for the pipes to close, which a
-    background child of the shell can hold open for as long as it likes.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return  # already exited and reaped
+async def _readable(fd: int) -> None:
+    """Return when ``fd`` is readable (a pipe with data or at its end, a pidfd whose process
+    has exited)."""
     loop = asyncio.get_running_loop()
-    exited: asyncio.Future[None] = loop.create_future()
+    ready: asyncio.Future[None] = loop.create_future()
 
-    def on_exit() -> None:
-        if not exited.done():
-            exited.set_result(None)
+    def on_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
 
-    loop.add_reader(fd, on_exit)
+    loop.add_reader(fd, on_ready)
     try:
-        await exited
+        await ready
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
 
 
 def _kill_group(pid: int) -> None:
@@ -123,35 +119,40 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-async def _spawn(argv: list[str], cwd: str | None, env: dict[str, str]) -> asyncio.subprocess.Process:
-    """Start ``argv`` in its own process group.
+@attrs.define
+class _Child:
+    """A started command: its process, a pidfd that turns readable when it exits (not
+    asyncio's child watcher: that costs a thread per process on Python 3.11, and its
+    ``wait`` also waits for pipes a background child may hold), and the pid mark taken just
+    before it started (``ownership.pids_since``)."""
 
-    The spawn itself is shielded: cancelled mid-spawn, asyncio would kill only the shell and
-    then wait for pipes that the shell's children still hold, hanging the cancel for as long
-    as the command runs. Instead, a cancel that lands here waits for the spawn to finish,
-    kills the whole group, and re-raises.
-    """
-    spawning = asyncio.ensure_future(
-        asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            # Own session = own process group, so a kill reaches the shell's children too.
-            start_new_session=True,
-        )
-    )
-    try:
-        return await asyncio.shield(spawning)
-    except asyncio.CancelledError:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(Exception):
-                proc = await spawning
-                _kill_group(proc.pid)
-                await proc.wait()
-        raise
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+    mark: PidMark | None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def pipes(self) -> tuple[int, int]:
+        """The read ends of stdout and stderr, non-blocking."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        fds = self.proc.stdout.fileno(), self.proc.stderr.fileno()
+        for fd in fds:
+            os.set_blocking(fd, False)
+        return fds
+
+    def reap(self) -> int:
+        """The exit code (negative: the signal that ended it); only once the pidfd is readable."""
+        code = self.proc.poll()
+        assert code is not None, "reaped before it exited"
+        return code
+
+    def close(self) -> None:
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        os.close(self.pidfd)
 
 
 _CMD_FIX = 'fix: a shell command, e.g. {"cmd": "echo hi"}, or an argument list, e.g. {"cmd": ["echo", "hi"]}'
@@ -189,24 +190,49 @@ def _command(payload: Mapping[str, Any]) -> list[str]:
 _SECRET_VARS = frozenset({"DSPY_INFRA_TOKEN", "DSPY_INFRA_TLS_KEY"})
 
 
-def child_environment(settings: Settings | None, marker: str) -> dict[str, str]:
-    """The environment of a task's command: ours, without the server's credentials (the
-    token under any name, the TLS key path), plus the attempt marker."""
-    secrets: list[str] = []
+def child_environment(settings: Settings | None, marker: str) -> dict[bytes, bytes]:
+    """The environment of a task's command, as the system holds it (bytes): ours, without
+    the server's credentials (the token under any name, the TLS key path), plus the
+    attempt marker."""
+    secrets: tuple[bytes, ...] = ()
     if settings is not None:
-        if settings.token:
-            secrets.append(settings.token)
-        if settings.tls_key:
-            secrets.append(settings.tls_key)
-    env: dict[str, str] = {}
-    for name, value in os.environ.items():
-        if name in _SECRET_VARS or name == ATTEMPT_ENV:
-            continue
-        if any(value == s or (len(s) >= 8 and s in value) for s in secrets):
-            continue
-        env[name] = value
-    env[ATTEMPT_ENV] = marker
+        secrets = tuple(os.fsencode(s) for s in (settings.token, settings.tls_key) if s)
+    current = _environ_bytes()
+    global _env_cache
+    cached = _env_cache
+    if cached is not None and cached[0] == current and cached[1] == secrets:
+        env = cached[2].copy()
+    else:
+        snapshot = dict(current)  # one step: another thread may change the environment
+        kept = {
+            name: value
+            for name, value in snapshot.items()
+            if name not in _SECRET_VARS_B
+            and name != _ATTEMPT_ENV_B
+            and not any(value == s or (len(s) >= 8 and s in value) for s in secrets)
+        }
+        # Keyed by a copy of the environment: a change (os.environ, putenv through it) is
+        # seen on the next call.
+        _env_cache = (snapshot, secrets, kept)
+        env = kept.copy()
+    env[_ATTEMPT_ENV_B] = os.fsencode(marker)
     return env
+
+
+_SECRET_VARS_B = frozenset(os.fsencode(name) for name in _SECRET_VARS)
+_ATTEMPT_ENV_B = os.fsencode(ATTEMPT_ENV)
+#: (environment it was made from, secrets it left out, the environment without them)
+_env_cache: tuple[dict[bytes, bytes], tuple[bytes, ...], dict[bytes, bytes]] | None = None
+
+
+def _environ_bytes() -> Mapping[bytes, bytes]:
+    """This process's environment as bytes, without copying it: ``os.environ``'s own store
+    (what ``os.environb`` reads; decoding it to text costs more than the rest of a spawn's
+    preparation)."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        return data
+    return dict(os.environb)
 
 
 def _check_exec_allowed(settings: Settings | None) -> None:
@@ -295,6 +321,11 @@ class _Output:
             if len(self._pending) >= self._BATCH:
                 await self.flush()
 
+    def take_pending(self) -> bytes:
+        """The output not yet written to the log (the caller writes it)."""
+        data, self._pending = bytes(self._pending), bytearray()
+        return data
+
     async def flush(self) -> None:
         async with self._lock:
             if self.log is not None and self._pending:
@@ -312,10 +343,16 @@ class _Output:
         return result
 
 
-async def _drain_into(stream: asyncio.StreamReader | None, output: _Output, capture: _Capture) -> None:
-    if stream is None:
-        return
-    while chunk := await stream.read(65536):
+async def _drain_into(fd: int, output: _Output, capture: _Capture) -> None:
+    """Read the non-blocking pipe ``fd`` to its end into ``capture`` (and the log)."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await _readable(fd)
+            continue
+        if not chunk:
+            return
         await output.feed(capture, chunk)
 
 
@@ -366,11 +403,53 @@ def _record_spawned(att: _Attempt, ctx: TaskContext, pid: int) -> None:
     )
 
 
-def _end_escaped(att: _Attempt, ctx: TaskContext) -> None:
+def _launch(
+    att: _Attempt, ctx: TaskContext, argv: list[str], cwd: str | None, env: Mapping[bytes, bytes]
+) -> _Child:
+    """Blocking: record the attempt, open its log, start the command in its own process
+    group, record its pid. The record comes first: a crash right after the spawn still
+    leaves the marker to find."""
+    if att.registry is not None:
+        att.registry.write(AttemptRecord(ctx.spec.id, ctx.attempt, att.marker, recorded_at=time.time()))
+    if att.log is not None:
+        att.log.open()
+    mark = pid_mark()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            # Own session = own process group, so a kill reaches the shell's children too.
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise _spawn_failure(exc, argv, cwd) from None
+    pidfd: int | None = None
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        if att.registry is not None:
+            _record_spawned(att, ctx, proc.pid)
+    except BaseException:
+        # Not waiting for the pipes: something that left the group may hold them.
+        _kill_group(proc.pid)
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    return _Child(proc, pidfd, mark)
+
+
+def _end_escaped(att: _Attempt, ctx: TaskContext, mark: PidMark | None) -> None:
     """Blocking: SIGKILL the attempt's descendants that left its process group (they still
-    carry its marker)."""
+    carry its marker; all started after ``mark``, when there is one)."""
     for _ in range(5):
-        stray = [st for st in find_marked(att.scope, {ctx.spec.id}) if st.pid != os.getpid()]
+        stray = find_marked(att.scope, {ctx.spec.id}, pids=pids_since(mark))
         if not stray:
             break
         for st in stray:
@@ -380,12 +459,25 @@ def _end_escaped(att: _Attempt, ctx: TaskContext) -> None:
         time.sleep(0.01)
 
 
-def _finish_attempt(att: _Attempt, ctx: TaskContext, *, swept: bool) -> None:
-    """Blocking: end what the attempt left (unless ``swept`` already), close its log,
-    forget its record."""
+def _only_the_child_since(child: _Child) -> bool:
+    """True when no pid but the command's own was handed out since it started: nothing it
+    started can be alive outside its (killed) group, so there is nothing to sweep. Reads
+    three small ``/proc`` files (no disk), so it runs on the loop."""
+    window = pids_since(child.mark)
+    return window is not None and all(pid == child.pid for pids in window for pid in pids)
+
+
+def _finish_attempt(
+    att: _Attempt, ctx: TaskContext, log_tail: bytes, mark: PidMark | None, *, swept: bool
+) -> None:
+    """Blocking: end what the attempt left (unless ``swept`` already), write the rest of its
+    output to its log and close it, forget its record."""
     if not swept:
-        _end_escaped(att, ctx)
+        _end_escaped(att, ctx, mark)
     if att.log is not None:
+        with contextlib.suppress(OSError):
+            if log_tail:
+                att.log.write(log_tail)
         with contextlib.suppress(OSError):
             att.log.close()
     if att.registry is not None:
@@ -399,36 +491,50 @@ async def exec_handler(ctx: TaskContext) -> dict[str, Any]:
     att = _attempt(ctx)
     env = child_environment(ctx.settings, att.marker)
     output = _Output(att.log)
-    proc: asyncio.subprocess.Process | None = None
-    swept = False
+    child: _Child | None = None
+    exited = swept = False
     try:
-        # Recorded before the spawn: a crash right after it still leaves the marker to find.
-        await anyio.to_thread.run_sync(_start_attempt, att, ctx)
-        try:
-            proc = await _spawn(argv, cwd, env)
-        except OSError as exc:
-            raise _spawn_failure(exc, argv, cwd) from None
+        # One thread hop records the attempt, opens its log and starts the command.
+        # Shielded: a cancel that lands meanwhile waits for the start, then the finally
+        # below ends the whole group.
+        with anyio.CancelScope(shield=True):
+            child = await anyio.to_thread.run_sync(_launch, att, ctx, argv, cwd, env)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        assert child is not None  # (the shielded scope swallows no error of the start)
+        stdout, stderr = child.pipes()
         async with anyio.create_task_group() as tg:
-            if att.registry is not None:
-                tg.start_soon(anyio.to_thread.run_sync, _record_spawned, att, ctx, proc.pid)
-            tg.start_soon(_drain_into, proc.stdout, output, output.out)
-            tg.start_soon(_drain_into, proc.stderr, output, output.err)
-            await _exited(proc.pid)
+            tg.start_soon(_drain_into, stdout, output, output.out)
+            tg.start_soon(_drain_into, stderr, output, output.err)
+            await _readable(child.pidfd)
+            exited = True
             # The task is the shell: background children it left behind (which may hold the
             # pipes open) end with it, those that left its group too, then the drains read
             # what is left and see EOF.
-            _kill_group(proc.pid)
-            await anyio.to_thread.run_sync(_end_escaped, att, ctx)
+            _kill_group(child.pid)
+            if not _only_the_child_since(child):
+                await anyio.to_thread.run_sync(_end_escaped, att, ctx, child.mark)
             swept = True
-        exit_code = await proc.wait()
+        exit_code = child.reap()
     finally:
         with anyio.CancelScope(shield=True):
-            if proc is not None and proc.returncode is None:
-                _kill_group(proc.pid)
-                await proc.wait()
-            with contextlib.suppress(Exception):
-                await output.flush()
-            await anyio.to_thread.run_sync(functools.partial(_finish_attempt, att, ctx, swept=swept))
+            if child is not None:
+                if not exited:
+                    _kill_group(child.pid)
+                    await _readable(child.pidfd)
+                child.reap()
+                child.close()
+            log_tail = output.take_pending()
+            if swept and att.registry is None and not log_tail and (att.log is None or att.log.empty):
+                # Nothing to sweep, remove or write: closing an empty file needs no thread.
+                if att.log is not None:
+                    with contextlib.suppress(OSError):
+                        att.log.close()
+            else:
+                await anyio.to_thread.run_sync(
+                    functools.partial(
+                        _finish_attempt, att, ctx, log_tail, child.mark if child else None, swept=swept
+                    )
+                )
     result = output.result(exit_code)
     if exit_code != 0:
         raise ExecFailed(exit_code, result)
@@ -450,14 +556,6 @@ def _spawn_failure(exc: OSError, argv: list[str], cwd: str | None) -> Exception:
             " (fix: a program on PATH or an absolute path to an executable)"
         )
     return exc
-
-
-def _start_attempt(att: _Attempt, ctx: TaskContext) -> None:
-    """Blocking: record the attempt (no pid yet) and open its log."""
-    if att.registry is not None:
-        att.registry.write(AttemptRecord(ctx.spec.id, ctx.attempt, att.marker, recorded_at=time.time()))
-    if att.log is not None:
-        att.log.open()
 
 
 #: How much of a failed command's output its error message shows (the end of it).

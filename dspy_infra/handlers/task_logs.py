@@ -91,12 +91,26 @@ class AttemptLog:
         self._fh: int | None = None
 
     def open(self) -> None:
-        new = not self.dir.exists()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.dir)
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            new = True
+        except FileExistsError:
+            new = False
+        else:
+            new = True
         self._fh = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        _drop_old_attempts(self.dir, self.attempt)
         if new:
+            # Nothing older in a directory just made.
             _maybe_prune(self.root)
+        else:
+            _drop_old_attempts(self.dir, self.attempt)
+
+    @property
+    def empty(self) -> bool:
+        """True while nothing was written."""
+        return self._head_written == 0 and not self._tail
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk``: to the file while the head has room, else to the kept tail."""
