@@ -238,7 +238,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
     ) -> tuple[int, list[dict[str, Any]]]:
         """How many tasks of a ``SubmitTasks`` were accepted, and the ``RejectedTask`` fields
         of the others. A bad task fails alone (its error names the field); the others go
-        in, all with one group commit (``submit_each`` answers for each task)."""
+        in, all with one group commit (``submit_batch`` names the ones it refused)."""
         rejected: list[dict[str, Any]] = []
         good: list[tuple[int, TaskSpec]] = []
         index = 0
@@ -263,13 +263,11 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
                     task_id = doc.get("id") if isinstance(doc, dict) else None
                     rejected.append(_rejected(index, task_id if isinstance(task_id, str) else "", exc))
                 index += 1
-        outcomes = await self.infra.scheduler.submit_each([spec for _, spec in good])
-        refused = False
-        for (i, spec), outcome in zip(good, outcomes, strict=True):
-            if isinstance(outcome, InfraError):
-                rejected.append(_rejected(i, spec.id, outcome))
-                refused = True
-        if refused:
+        refusals = await self.infra.scheduler.submit_batch([spec for _, spec in good])
+        for at, error in refusals:
+            i, spec = good[at]
+            rejected.append(_rejected(i, spec.id, error))
+        if refusals:
             rejected.sort(key=lambda r: int(r["index"]))
         return index - len(rejected), rejected
 

@@ -1,0 +1,162 @@
+"""``SubmitTasks`` throughput of durable servers built from different source trees, in
+alternating rounds (each round one batch phase on each server, so that load from other
+processes on the machine falls on all of them alike; compare the ratios, not the rates).
+
+``python benchmarks/profiles/batch_ab.py NAME=SRC_ROOT [NAME=SRC_ROOT ...] [--rounds 6]
+[--n 10000] [--spy NAME --out FILE]`` (a tree: e.g. ``git archive main | tar -x -C /tmp/main``).
+Also prints each server's CPU time (all threads, until 3 s after the last batch) per task:
+less noisy than the rates on a busy machine. Each round: bulk JSON (``tasks_json``) and typed (``tasks``) batches of 1,000 tasks, two in
+flight, as ``benchmarks/rpc.py`` sends them. ``--spy NAME``: py-spy records that server for
+the whole run (``--out``, speedscope; ``--format raw`` for collapsed stacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import rpc
+from grpclib.client import Channel
+
+_PORT = re.compile(r"grpc=127\.0\.0\.1:(\d+)")
+
+
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU of a process (all its threads), or of one of its threads."""
+    where = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(where).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """(all threads, the event loop's thread: the main one) CPU seconds."""
+    return _cpu_seconds(pid), _cpu_seconds(pid, pid)
+
+
+def _start(root: str, settings: dict[str, object], cwd: str) -> tuple[subprocess.Popen[str], int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
+    env["PYTHONPATH"] = root
+    proc = subprocess.Popen(
+        [sys.executable, "-c", rpc.INFRA_SERVER, json.dumps(settings)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = _PORT.search(line)
+        if match:
+            return proc, int(match[1])
+    raise SystemExit(f"server from {root} did not start (exit {proc.wait()})")
+
+
+async def _drive(
+    ports: dict[str, int], rounds: int, n: int, typed: bool
+) -> dict[str, dict[str, list[float]]]:
+    channels = {name: Channel("127.0.0.1", port) for name, port in ports.items()}
+    stubs = {name: rpc.pb.OrchestratorServiceStub(ch) for name, ch in channels.items()}
+    rates: dict[str, dict[str, list[float]]] = {name: {"bulk": [], "typed": []} for name in ports}
+    try:
+        for name, stub in stubs.items():  # warm-up
+            await rpc._batched(stub, f"{name}-warm", 2000, 1000, 2, typed=False)
+        for r in range(rounds):
+            for name, stub in stubs.items():
+                rates[name]["bulk"].append(await rpc._batched(stub, f"{name}-b{r}", n, 1000, 2, typed=False))
+            for name, stub in stubs.items():
+                if not typed:
+                    break
+                rates[name]["typed"].append(
+                    await rpc._batched(stub, f"{name}-t{r}", n // 4, 1000, 2, typed=True)
+                )
+    finally:
+        for ch in channels.values():
+            ch.close()
+    return rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trees", nargs="+", help="NAME=SRC_ROOT")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--n", type=int, default=10_000, help="bulk tasks per server per round")
+    parser.add_argument("--bulk-only", action="store_true", help="no typed batches")
+    parser.add_argument("--spy", help="the NAME of the server to record with py-spy")
+    parser.add_argument("--out", default="batch.speedscope.json")
+    parser.add_argument("--format", default="speedscope")
+    args = parser.parse_args()
+    trees = dict(t.split("=", 1) for t in args.trees)
+    procs: list[subprocess.Popen[str]] = []
+    ports: dict[str, int] = {}
+    spy: subprocess.Popen[bytes] | None = None
+    with tempfile.TemporaryDirectory() as home:
+        try:
+            for name, root in trees.items():
+                settings = {
+                    "home": f"{home}/{name}",
+                    "backend": "process",
+                    "grpc_port": 0,
+                    "env_manager_port": 0,
+                    "http_port": 0,
+                    "durable": True,
+                    "retention": 2 * args.n * (args.rounds + 1) + 10_000,
+                }
+                proc, ports[name] = _start(root, settings, home)
+                procs.append(proc)
+                if name == args.spy:
+                    spy_bin = Path(sys.executable).parent / "py-spy"
+                    spy = subprocess.Popen(
+                        [str(spy_bin), "record", "-p", str(proc.pid), "-o", args.out, "-r", "250"]
+                        + ["-f", args.format, "--threads"],
+                        stdout=subprocess.DEVNULL,
+                    )
+                    time.sleep(1.0)  # py-spy attached
+            began = time.time()
+            cpu_before = {name: _cpu(proc.pid) for name, proc in zip(trees, procs, strict=True)}
+            rates = asyncio.run(_drive(ports, args.rounds, args.n, not args.bulk_only))
+            time.sleep(3.0)  # accepted tasks still running finish (their CPU is the batch's too)
+            cpu = {
+                name: tuple(a - b for a, b in zip(_cpu(proc.pid), cpu_before[name], strict=True))
+                for name, proc in zip(trees, procs, strict=True)
+            }
+        finally:
+            if spy is not None:
+                spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+                spy.wait(60)
+            for proc in procs:
+                rpc.stop(proc)
+    print(f"{args.rounds} rounds, {time.time() - began:.0f} s, load {os.getloadavg()[0]:.1f}")
+    first = next(iter(rates))
+    tasks = 2000 + args.rounds * (args.n + (0 if args.bulk_only else args.n // 4))
+    for name in rates:
+        total, loop = cpu[name]
+        print(
+            f"server CPU {name:>8}: {total / tasks * 1e6:6.1f} us per task, its loop thread"
+            f" {loop / tasks * 1e6:6.1f} us ({tasks} tasks)"
+        )
+    for kind in ("bulk",) if args.bulk_only else ("bulk", "typed"):
+        for name, per in rates.items():
+            med = statistics.median(per[kind])
+            ratios = [a / b for a, b in zip(per[kind], rates[first][kind], strict=True)]
+            print(
+                f"{kind:>5} {name:>8}: median {med:7.0f} tasks/s  rounds "
+                + " ".join(f"{x:.0f}" for x in per[kind])
+                + f"  / {first} per round: "
+                + " ".join(f"{x:.2f}" for x in ratios)
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
