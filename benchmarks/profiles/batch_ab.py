@@ -4,6 +4,8 @@ processes on the machine falls on all of them alike; compare the ratios, not the
 
 ``python benchmarks/profiles/batch_ab.py NAME=SRC_ROOT [NAME=SRC_ROOT ...] [--rounds 6]
 [--n 10000] [--spy NAME --out FILE]`` (a tree: e.g. ``git archive main | tar -x -C /tmp/main``).
+``--phase sw``: sequential ``SubmitAndWait`` calls instead (``--n`` per server per round,
+through ``OrchestratorClient``), p50/p99 and server CPU per call.
 Also prints each server's CPU time (all threads, until 3 s after the last batch) per task:
 less noisy than the rates on a busy machine. Each round: bulk JSON (``tasks_json``) and typed (``tasks``) batches of 1,000 tasks, two in
 flight, as ``benchmarks/rpc.py`` sends them. ``--spy NAME``: py-spy records that server for
@@ -86,11 +88,29 @@ async def _drive(
     return rates
 
 
+async def _drive_sw(ports: dict[str, int], rounds: int, n: int) -> dict[str, dict[str, list[float]]]:
+    """Sequential ``SubmitAndWait`` calls through ``OrchestratorClient``, ``n`` per round."""
+    channels = {name: Channel("127.0.0.1", port) for name, port in ports.items()}
+    calls = {name: rpc._sw_call(ch, "client") for name, ch in channels.items()}
+    latencies: dict[str, dict[str, list[float]]] = {name: {"sw": []} for name in ports}
+    try:
+        for name, call in calls.items():  # warm-up
+            await rpc._submit_and_wait(call, f"{name}-warm", 200)
+        for r in range(rounds):
+            for name, call in calls.items():
+                latencies[name]["sw"] += await rpc._submit_and_wait(call, f"{name}-sw{r}", n)
+    finally:
+        for ch in channels.values():
+            ch.close()
+    return latencies
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", nargs="+", help="NAME=SRC_ROOT")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--n", type=int, default=10_000, help="bulk tasks per server per round")
+    parser.add_argument("--phase", choices=("batch", "sw"), default="batch")
     parser.add_argument("--bulk-only", action="store_true", help="no typed batches")
     parser.add_argument("--spy", help="the NAME of the server to record with py-spy")
     parser.add_argument("--out", default="batch.speedscope.json")
@@ -124,7 +144,10 @@ def main() -> int:
                     time.sleep(1.0)  # py-spy attached
             began = time.time()
             cpu_before = {name: _cpu(proc.pid) for name, proc in zip(trees, procs, strict=True)}
-            rates = asyncio.run(_drive(ports, args.rounds, args.n, not args.bulk_only))
+            if args.phase == "sw":
+                rates = asyncio.run(_drive_sw(ports, args.rounds, args.n))
+            else:
+                rates = asyncio.run(_drive(ports, args.rounds, args.n, not args.bulk_only))
             time.sleep(3.0)  # accepted tasks still running finish (their CPU is the batch's too)
             cpu = {
                 name: tuple(a - b for a, b in zip(_cpu(proc.pid), cpu_before[name], strict=True))
@@ -138,6 +161,16 @@ def main() -> int:
                 rpc.stop(proc)
     print(f"{args.rounds} rounds, {time.time() - began:.0f} s, load {os.getloadavg()[0]:.1f}")
     first = next(iter(rates))
+    if args.phase == "sw":
+        tasks = 200 + args.rounds * args.n
+        for name, per in rates.items():
+            total, loop = cpu[name]
+            print(
+                f"SubmitAndWait {name:>8}: p50 {rpc._pct(per['sw'], 0.5):.3f} ms p99 {rpc._pct(per['sw'], 0.99):.3f}"
+                f" ms ({rpc._pct(per['sw'], 0.5) / rpc._pct(rates[first]['sw'], 0.5):.2f}x {first});"
+                f" server CPU {total / tasks * 1e6:.0f} us per call, its loop thread {loop / tasks * 1e6:.0f} us"
+            )
+        return 0
     tasks = 2000 + args.rounds * (args.n + (0 if args.bulk_only else args.n // 4))
     for name in rates:
         total, loop = cpu[name]

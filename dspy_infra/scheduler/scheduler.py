@@ -546,8 +546,10 @@ class Scheduler(AsyncResource):
         store's log before it runs (as an attempt record needs); the flush that delivers the
         result covers it too: one disk flush per task instead of two. A timeout tells the
         caller that the task stays queued, so that answer waits for the row's flush."""
-        outcome = (await self.submit_each((spec,), acknowledged=False))[0]
-        if isinstance(outcome, InfraError):
+        outcome = (await self._intake((spec,), False, False))[0]
+        if type(outcome) is TaskRecord:
+            outcome = outcome.rejection  # (no TaskState: the result is what is returned)
+        if outcome is not None:
             raise outcome
         try:
             return await self.wait(spec.id, timeout)
@@ -775,8 +777,11 @@ class Scheduler(AsyncResource):
             rec.waiters = []
         rec.waiters.append(fut)
         try:
-            with anyio.fail_after(timeout):
-                await fut
+            if timeout is None:
+                await fut  # (a cancel scope that never fires costs more than the rest of wait)
+            else:
+                with anyio.fail_after(timeout):
+                    await fut
         except TimeoutError:
             raise DeadlineExceeded(
                 f"task {task_id!r} is still {rec.status.value} after {timeout:g}s",
