@@ -106,7 +106,9 @@ async def _drive_sw(ports: dict[str, int], rounds: int, n: int) -> dict[str, dic
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("trees", nargs="+", help="NAME=SRC_ROOT")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--n", type=int, default=10_000, help="bulk tasks per server per round")
@@ -137,8 +139,19 @@ def main() -> int:
                 if name == args.spy:
                     spy_bin = Path(sys.executable).parent / "py-spy"
                     spy = subprocess.Popen(
-                        [str(spy_bin), "record", "-p", str(proc.pid), "-o", args.out, "-r", "250"]
-                        + ["-f", args.format, "--threads"],
+                        [
+                            str(spy_bin),
+                            "record",
+                            "-p",
+                            str(proc.pid),
+                            "-o",
+                            args.out,
+                            "-r",
+                            "250",
+                            "-f",
+                            args.format,
+                            "--threads",
+                        ],
                         stdout=subprocess.DEVNULL,
                     )
                     time.sleep(1.0)  # py-spy attached

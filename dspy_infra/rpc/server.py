@@ -237,7 +237,8 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         assert message is not None
         state = await self.infra.scheduler.submit(self._spec(message))
         await _send_unary(
-            stream, cv.upb_messages().SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
+            stream,
+            cv.upb_messages().SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status)),
         )
 
     def _spec(self, req: Any) -> TaskSpec:
