@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rpc
 from grpclib.client import Channel
 
-_PORT = re.compile(r"grpc=127\.0\.0\.1:(\d+)")
-
 
 def _cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User + system CPU of a process (all its threads), or of one of its threads."""
@@ -45,24 +42,6 @@ def _cpu_seconds(pid: int, tid: int | None = None) -> float:
 def _cpu(pid: int) -> tuple[float, float]:
     """(all threads, the event loop's thread: the main one) CPU seconds."""
     return _cpu_seconds(pid), _cpu_seconds(pid, pid)
-
-
-def _start(root: str, settings: dict[str, object], cwd: str) -> tuple[subprocess.Popen[str], int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
-    env["PYTHONPATH"] = root
-    proc = subprocess.Popen(
-        [sys.executable, "-c", rpc.INFRA_SERVER, json.dumps(settings)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        match = _PORT.search(line)
-        if match:
-            return proc, int(match[1])
-    raise SystemExit(f"server from {root} did not start (exit {proc.wait()})")
 
 
 #: Per server: loop CPU seconds spent while its own phases were measured (the rest is work
@@ -147,7 +126,9 @@ def main() -> int:
                     "durable": True,
                     "retention": 2 * args.n * (args.rounds + 1) + 10_000,
                 }
-                proc, ports[name] = _start(root, settings, home)
+                proc, ports[name] = rpc._start(
+                    rpc.INFRA_SERVER, json.dumps(settings), cwd=home, root=Path(root)
+                )
                 procs.append(proc)
                 if name == args.spy:
                     spy_bin = Path(sys.executable).parent / "py-spy"
