@@ -93,9 +93,10 @@ raise SystemExit(asyncio.run(run_server(load_settings(**json.loads(sys.argv[1]))
 _PORT = re.compile(r"grpc=127\.0\.0\.1:(\d+)")
 
 
-def _start(code: str, *args: str, cwd: str) -> tuple[subprocess.Popen[str], int]:
+def _start(code: str, *args: str, cwd: str, root: Path = ROOT) -> tuple[subprocess.Popen[str], int]:
+    """A server running ``code`` with ``root``'s dspy_infra (another tree for A/B runs)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSPY_INFRA_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(root)
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env, cwd=cwd
     )

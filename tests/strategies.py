@@ -31,6 +31,7 @@ __all__ = [
     "attempt_journal_plans",
     "attempt_plans",
     "bad_workflow_specs",
+    "batch_intake_plans",
     "codes",
     "container_fields",
     "dags",
@@ -363,6 +364,24 @@ def poisoned_batches(draw: st.DrawFn) -> list[list[tuple[int, bool]]]:
             start = cut
     return batches
 
+
+#: Batches for ``Scheduler.submit_batch``, submitted concurrently in this order; each entry:
+#: ("new", priority) a fresh task, ("same", k) / ("clash", k) the id of the k-th fresh task so
+#: far (modulo their number) with the same / other content, or what the scheduler refuses:
+#: ("bad_class", 0) an unknown class, ("bad_handler", 0) a handler that is not a string,
+#: ("too_big", 0) a payload over ``max_payload_bytes``.
+batch_intake_plans = st.lists(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("new"), priorities),
+            st.tuples(st.sampled_from(["same", "clash"]), st.integers(0, 30)),
+            st.tuples(st.sampled_from(["bad_class", "bad_handler", "too_big"]), st.just(0)),
+        ),
+        max_size=12,
+    ),
+    min_size=1,
+    max_size=3,
+)
 
 #: What each run of a task does, in order: finish, raise, or take its process down ("crash").
 attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, max_size=6)

@@ -153,6 +153,41 @@ async def _relay(stream: AsyncIterator[_In], convert: Callable[[_In], _Out]) -> 
             await aclose()
 
 
+class _HeldOutput:
+    """One stream's view of its HTTP/2 connection while it writes a unary answer
+    (``_send_unary``): ``data_to_send`` leaves the frames in the connection's buffer, so the
+    answer's headers, message and trailers leave in one write instead of three. The buffer
+    is the connection's, in frame order: a frame of another stream written meanwhile (if a
+    send waits for the socket or the flow-control window) takes ours with it, in order."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        return b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def _send_unary(stream: grpclib.server.Stream[Any, Any], message: Any) -> None:
+    """Send a unary call's answer and its OK trailers with one socket write (grpclib writes
+    each frame as it builds it: three ``send`` calls, three segments for the client to read)."""
+    h2_stream: Any = stream._stream  # grpclib has no public seam for this
+    conn = h2_stream._h2_connection
+    h2_stream._h2_connection = _HeldOutput(conn)
+    try:
+        await stream.send_message(message)
+        await stream.send_trailing_metadata()
+    finally:
+        h2_stream._h2_connection = conn
+        data = conn.data_to_send()
+        if data:
+            h2_stream._transport.write(data)
+
+
 class _UpbType(type):
     """A stand-in for one of ``rpc/upb.py``'s classes in a handler's request or reply type:
     grpclib's codec only calls ``FromString`` on it and ``isinstance`` against it, and both
@@ -201,8 +236,9 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         message = await stream.recv_message()
         assert message is not None
         state = await self.infra.scheduler.submit(self._spec(message))
-        await stream.send_message(
-            cv.upb_messages().SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status))
+        await _send_unary(
+            stream,
+            cv.upb_messages().SubmitTaskResponse(success=True, task_id=state.id, status=str(state.status)),
         )
 
     def _spec(self, req: Any) -> TaskSpec:
@@ -231,14 +267,14 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         message = await stream.recv_message()
         assert message is not None
         accepted, rejected = await self._submit_tasks(message.tasks, message.tasks_json)
-        await stream.send_message(cv.upb_messages().SubmitTasksResponse(accepted=accepted, rejected=rejected))
+        await _send_unary(stream, cv.upb_messages().SubmitTasksResponse(accepted=accepted, rejected=rejected))
 
     async def _submit_tasks(
         self, typed: Iterable[Any], tasks_json: bytes
     ) -> tuple[int, list[dict[str, Any]]]:
         """How many tasks of a ``SubmitTasks`` were accepted, and the ``RejectedTask`` fields
         of the others. A bad task fails alone (its error names the field); the others go
-        in, all with one group commit (``submit_each`` answers for each task)."""
+        in, all with one group commit (``submit_batch`` names the ones it refused)."""
         rejected: list[dict[str, Any]] = []
         good: list[tuple[int, TaskSpec]] = []
         index = 0
@@ -263,13 +299,11 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
                     task_id = doc.get("id") if isinstance(doc, dict) else None
                     rejected.append(_rejected(index, task_id if isinstance(task_id, str) else "", exc))
                 index += 1
-        outcomes = await self.infra.scheduler.submit_each([spec for _, spec in good])
-        refused = False
-        for (i, spec), outcome in zip(good, outcomes, strict=True):
-            if isinstance(outcome, InfraError):
-                rejected.append(_rejected(i, spec.id, outcome))
-                refused = True
-        if refused:
+        refusals = await self.infra.scheduler.submit_batch([spec for _, spec in good])
+        for at, error in refusals:
+            i, spec = good[at]
+            rejected.append(_rejected(i, spec.id, error))
+        if refusals:
             rejected.sort(key=lambda r: int(r["index"]))
         return index - len(rejected), rejected
 
@@ -321,7 +355,7 @@ class OrchestratorService(orch_pb.OrchestratorServiceBase):
         spec = self._spec(message.task)
         timeout = _non_negative(message.timeout_seconds, "timeout_seconds")
         result = await self.infra.scheduler.submit_and_wait(spec, timeout)
-        await stream.send_message(cv.task_result_to_upb(result))
+        await _send_unary(stream, cv.task_result_to_upb(result))
 
     async def get_queue_status(self, message: orch_pb.GetQueueStatusRequest) -> orch_pb.QueueStatusResponse:
         queues = await self.infra.queue_status()

@@ -86,6 +86,7 @@ from .context import (
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
 from .queue import ClassQueue
 from .store import (
+    InsertRow,
     MemoryStore,
     PrunedId,
     SqliteStore,
@@ -545,8 +546,10 @@ class Scheduler(AsyncResource):
         store's log before it runs (as an attempt record needs); the flush that delivers the
         result covers it too: one disk flush per task instead of two. A timeout tells the
         caller that the task stays queued, so that answer waits for the row's flush."""
-        outcome = (await self.submit_each((spec,), acknowledged=False))[0]
-        if isinstance(outcome, InfraError):
+        outcome = (await self._intake((spec,), False, False))[0]
+        if type(outcome) is TaskRecord:
+            outcome = outcome.rejection  # (no TaskState: the result is what is returned)
+        if outcome is not None:
             raise outcome
         try:
             return await self.wait(spec.id, timeout)
@@ -568,7 +571,30 @@ class Scheduler(AsyncResource):
         is in the log; if the disk flush then fails, the error is raised though the task
         stays queued (it was never acknowledged, and the store acknowledges nothing more).
         """
-        # One entry per spec: its error, or its record (turned into its state at the end).
+        outcomes = await self._intake(specs, all_or_nothing, acknowledged)
+        for index, outcome in enumerate(outcomes):
+            if type(outcome) is TaskRecord:
+                outcomes[index] = outcome.rejection if outcome.rejection is not None else outcome.state()
+        return outcomes
+
+    async def submit_batch(self, specs: Sequence[TaskSpec]) -> list[tuple[int, InfraError]]:
+        """Accept a batch for a caller that answers with refusals only (``SubmitTasks``):
+        (index, error) of each refused spec, in order; every other spec is accepted, or was
+        already (the same id and content). The same rules, group commit and acknowledgement
+        as ``submit_each`` (returns once every accepted row is flushed to the disk), without
+        building a ``TaskState`` per task that such a caller would throw away."""
+        refused: list[tuple[int, InfraError]] = []
+        for index, outcome in enumerate(await self._intake(specs, False, True)):
+            if type(outcome) is TaskRecord:
+                if outcome.rejection is not None:
+                    refused.append((index, outcome.rejection))
+            else:
+                refused.append((index, outcome))
+        return refused
+
+    async def _intake(self, specs: Sequence[TaskSpec], all_or_nothing: bool, acknowledged: bool) -> list[Any]:
+        """``submit_each``'s work: one entry per spec, its error or its record (whose
+        ``rejection`` is set if the store refused its row)."""
         outcomes: list[Any] = [None] * len(specs)
         # Parallel lists rather than a tuple per spec: in a batch of thousands such
         # temporaries outlive the young collections and make the full ones come sooner.
@@ -600,6 +626,7 @@ class Scheduler(AsyncResource):
         now = time.time()
         tasks = self._tasks
         fresh: list[TaskRecord] = []
+        rows: list[InsertRow] = []
         for index, cq, text in zip(checked, queues, texts, strict=True):
             spec = specs[index]
             if cq is None or spec.id in tasks:
@@ -611,7 +638,7 @@ class Scheduler(AsyncResource):
             if self._durable:
                 rec.stored = False
                 rec.payload_text = text
-                self._store.insert(rec.insert_row())
+                rows.append(rec.insert_row())
             self.bus.emit(
                 "task_submitted",
                 spec.id,
@@ -621,6 +648,9 @@ class Scheduler(AsyncResource):
                 self._notify(rec)
             fresh.append(rec)
             outcomes[index] = rec
+        if rows:
+            # One append: the store's writer never takes a batch's rows in two transactions.
+            self._store.insert_many(rows)
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
         if self._durable and (
@@ -637,9 +667,6 @@ class Scheduler(AsyncResource):
             await self._committed(self._flushed(fresh) if acknowledged else None, flushed=acknowledged)
         else:
             self._accepted(fresh, None)
-        for index, outcome in enumerate(outcomes):
-            if type(outcome) is TaskRecord:
-                outcomes[index] = outcome.rejection if outcome.rejection is not None else outcome.state()
         return outcomes
 
     def _accepted(self, fresh: list[TaskRecord], error: InfraError | None, flushed: bool = True) -> None:
@@ -750,8 +777,11 @@ class Scheduler(AsyncResource):
             rec.waiters = []
         rec.waiters.append(fut)
         try:
-            with anyio.fail_after(timeout):
-                await fut
+            if timeout is None:
+                await fut  # (a cancel scope that never fires costs more than the rest of wait)
+            else:
+                with anyio.fail_after(timeout):
+                    await fut
         except TimeoutError:
             raise DeadlineExceeded(
                 f"task {task_id!r} is still {rec.status.value} after {timeout:g}s",

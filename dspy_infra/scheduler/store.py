@@ -357,6 +357,9 @@ class MemoryStore:
     def insert(self, row: InsertRow) -> None:
         pass
 
+    def insert_many(self, rows: list[InsertRow]) -> None:
+        pass
+
     def put(self, row: UpdateRow) -> None:
         pass
 
@@ -526,6 +529,13 @@ class SqliteStore:
     def insert(self, row: InsertRow) -> None:
         """A newly accepted task."""
         self._enqueue(row)
+
+    def insert_many(self, rows: list[InsertRow]) -> None:
+        """Newly accepted tasks, queued at once (the writer takes them in one transaction)."""
+        self._ops.extend(rows)
+        if not self._awake:
+            self._awake = True
+            self._wake.set()
 
     def put(self, row: UpdateRow) -> None:
         """A changed task (its row exists, or its insert is queued before this)."""

@@ -5,6 +5,7 @@ both services is called, and at least one stream of each."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -396,3 +397,47 @@ def test_exec_policy_holds_for_payload_json_too(stubs: dict[str, Any], tmp_path:
                 timeout=10,
             )
             assert batch.accepted == 0 and [r.code for r in batch.rejected] == [7]
+
+
+def test_held_answers_interleave_with_a_stream_on_one_connection(
+    stubs: dict[str, Any], server: ServeProcess
+) -> None:
+    """The per-task calls' answers are held in the HTTP/2 connection's buffer and written
+    once (``rpc/server.py``): many such calls at once on one connection, next to a server
+    stream writing its own frames, all get their answers (a frame out of order would break
+    the connection's header compression)."""
+    pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
+    with grpc.insecure_channel(server.addr) as channel:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        events = stub.StreamEvents(pb.StreamEventsRequest(), timeout=60)
+        seen: list[str] = []
+
+        def read_events() -> None:
+            try:
+                for event in events:
+                    seen.append(event.event_type)
+            except grpc.RpcError as exc:  # cancelled at the end of the test
+                assert exc.code() == grpc.StatusCode.CANCELLED
+
+        reader = threading.Thread(target=read_events)
+        reader.start()
+        try:
+            calls = []
+            for i in range(150):
+                task = pb.SubmitTaskRequest(id=f"w{i}", payload={"handler": "noop"})
+                calls.append(stub.SubmitAndWait.future(pb.SubmitAndWaitRequest(task=task), timeout=60))
+                calls.append(
+                    stub.SubmitTask.future(pb.SubmitTaskRequest(id=f"s{i}", payload={"handler": "noop"}))
+                )
+                batch = [{"id": f"b{i}-{k}", "payload": {"handler": "noop"}} for k in range(5)]
+                calls.append(
+                    stub.SubmitTasks.future(pb.SubmitTasksRequest(tasks_json=json.dumps(batch).encode()))
+                )
+            answers = [call.result(timeout=60) for call in calls]
+        finally:
+            events.cancel()
+            reader.join(10)
+        assert [a.status for a in answers[0::3]] == ["completed"] * 150
+        assert all(a.success for a in answers[1::3])
+        assert [(a.accepted, len(a.rejected)) for a in answers[2::3]] == [(5, 0)] * 150
+        assert seen, "the event stream wrote its frames in between"
