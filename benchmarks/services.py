@@ -31,6 +31,12 @@ port before Redis listens inside, so an accept would time the proxy, not the ser
 3. **Container handler.** The ``container`` task handler against a raw one-shot container
    (``benchmarks/containers.py``). Target: the task <= 1.1x raw on both engines.
 
+4. **Phases** (``--phases N``, first). Where the engine spends one start call: the same
+   create body on the service network and on the default ``bridge``, split by the engine's
+   own events (``network connect``, then ``start``). On Docker the service network's extra is
+   between the two: the runtime's prestart hook sets up the embedded DNS resolver that every
+   user-defined network gets (the default ``bridge`` has none), whatever the create body says.
+
 Engines come from ``tests/engines.py`` (``bash scripts/engines.sh start``); the Redis image
 is built there from the host's ``redis-server`` (no registry needed). Prints each figure with
 its ratio; the last line is one JSON object (keys prefixed by engine).
@@ -263,6 +269,71 @@ async def engine_call_rows(bench: Bench) -> None:
             print(f"{bench.kind:6s}   {line}")
 
 
+async def phase_rows(bench: Bench, rounds: int) -> dict[str, Any]:
+    """Where one ``POST /containers/{id}/start`` spends its time, on the service network
+    and on the default ``bridge`` (the same create body otherwise), from the engine's own
+    event stamps: the call until the endpoint's ``network connect`` event (address, port
+    publishing), from there to the container's ``start`` event (runtime create, the
+    network namespace set up in the runtime's prestart hook, where a user-defined network
+    also gets its embedded DNS resolver; then the process starts) and the reply after it."""
+    docker = bench.backend.docker
+    subscriber = docker.events.subscribe()
+    stamps: dict[str, dict[str, float]] = {}
+
+    async def read_events() -> None:
+        while (event := await subscriber.get()) is not None:
+            actor = event.get("Actor") or {}
+            attributes = actor.get("Attributes") or {}
+            who = attributes.get("container") if event.get("Type") == "network" else actor.get("ID")
+            if who:
+                stamps.setdefault(str(who), {})[str(event.get("Action"))] = event["timeNano"] / 1e9
+
+    samples: dict[str, list[tuple[float, float, float, float]]] = {"network": [], "bridge": []}
+    shuffler = random.Random(13)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_events)
+        await asyncio.sleep(0.2)  # the subscription is open before the first start
+        for round_ in range(rounds + 1):  # round 0 warms up, untimed
+            for kind in shuffler.sample(list(samples), len(samples)):
+                network = bench.backend.network if kind == "network" else "bridge"
+                spec = _spec("redis", bench.images.redis, engines.free_port())
+                config = container_config(
+                    spec, instance_name="redis", labels=bench.labels("redis"), network=network
+                )
+                container = await docker.containers.create(config, name=f"bench-phase-{uuid.uuid4().hex[:8]}")
+                called = time.time()
+                await container.start()
+                replied = time.time()
+                await asyncio.sleep(0.1)  # the events arrive
+                seen = stamps.pop(container.id, {})
+                if round_ and "connect" in seen and "start" in seen:
+                    samples[kind].append(
+                        (
+                            seen["connect"] - called,
+                            seen["start"] - seen["connect"],
+                            replied - seen["start"],
+                            replied - called,
+                        )
+                    )
+                await bench.clean()
+        await docker.events.stop()
+        tg.cancel_scope.cancel()
+    out: dict[str, Any] = {}
+    for kind, values in samples.items():
+        medians = [statistics.median(v[i] for v in values) * 1000 for i in range(4)]
+        print(
+            f"{bench.kind:6s} start call on {kind:7s}  to network connect {medians[0]:6.1f} ms,"
+            f" to start event {medians[1]:6.1f} ms, to reply {medians[2]:5.1f} ms; whole call {medians[3]:6.1f} ms"
+            f"  (n={len(values)})"
+        )
+        out[f"phase_{kind}_start_call_ms"] = round(medians[3], 1)
+    if samples["network"] and samples["bridge"]:
+        ratio = _median_ratio([v[3] for v in samples["network"]], [v[3] for v in samples["bridge"]])
+        out["phase_network_over_bridge"] = round(ratio, 3)
+        print(f"{bench.kind:6s} start call: service network / default bridge  {ratio:.3f}")
+    return out
+
+
 def _testcontainers_missing() -> str:
     try:
         import testcontainers.community.redis  # noqa: F401
@@ -354,6 +425,7 @@ async def run_engine(
     contexts: dict[str, tuple[bytes, str]],
     skip_tc: str,
     calls: bool = False,
+    phases: int = 0,
 ) -> dict[str, Any]:
     start_rounds, graph_rounds, container_rounds = rounds
     async with aiodocker.Docker(url=host) as docker:
@@ -376,7 +448,9 @@ async def run_engine(
                 await backend.prepare([_spec("redis", images.redis, 0)])
                 if calls:
                     await engine_call_rows(bench)
-                out = await start_rows(bench, start_rounds, skip_tc) if start_rounds else {}
+                out = await phase_rows(bench, phases) if phases else {}
+                if start_rounds:
+                    out |= await start_rows(bench, start_rounds, skip_tc)
                 if graph_rounds:
                     out |= await graph_rows(bench, graph_rounds)
                 if container_rounds:
@@ -402,6 +476,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--calls", action="store_true", help="first print the engine calls of an open, a start and the graph"
     )
+    parser.add_argument(
+        "--phases",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first time N start calls on the service network and on the default bridge, split by the engine's events",
+    )
     args = parser.parse_args(argv)
     kinds = engines.ENGINE_KINDS if args.engine == "all" else (args.engine,)
     # Its Ryuk reaper container image is not here offline; our rounds remove what they start.
@@ -419,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         os.environ["DOCKER_HOST"] = host  # testcontainers' docker client reads it
         rounds = (args.n, args.rounds, args.containers)
-        found = asyncio.run(run_engine(kind, host, rounds, contexts, skip_tc, args.calls))
+        found = asyncio.run(run_engine(kind, host, rounds, contexts, skip_tc, args.calls, args.phases))
         result |= {f"{kind}_{key}": value for key, value in found.items()}
     print(json.dumps(result, sort_keys=True))
 

@@ -139,7 +139,15 @@ class _StartRun:
     roots_pending: set[str] = attrs.field(factory=set)
     roots_created: anyio.Event = attrs.field(factory=anyio.Event)
     unprepared: dict[str, InfraError] = attrs.field(factory=dict)
+    #: This owner's instances of each service as listed once when the start began (one
+    #: engine listing serves the orphan sweep and each service's first adoption check);
+    #: a service's entry is taken by its first check. A later check lists again.
+    listed: dict[str, list[Instance]] = attrs.field(factory=dict)
     finished: int = 0
+
+    def take_listed(self, name: str) -> list[Instance] | None:
+        """The instances listed for ``name`` at the start, once; ``None`` when already taken."""
+        return self.listed.pop(name, None)
 
     @property
     def progress(self) -> int:
@@ -445,8 +453,10 @@ class ServiceManager(AsyncResource):
             run.done[name] = anyio.Event()
             if not specs[name].depends_on:
                 run.roots_pending.add(name)
-        await self._prepare(run)
-        await self._remove_orphans(keep=set(specs))
+        listed = await self._prepare_and_list(run)
+        for name in specs:
+            run.listed[name] = [i for i in listed if i.labels.get(LABEL_SERVICE) == name]
+        await self._remove_orphans(keep=set(specs), listed=listed)
         try:
             if parallel:
                 async with anyio.create_task_group() as tg:
@@ -486,6 +496,32 @@ class ServiceManager(AsyncResource):
             elif name not in self.owned:
                 self.owned.append(name)
         return up
+
+    async def _prepare_and_list(self, run: _StartRun) -> list[Instance]:
+        """``_prepare`` and the one listing of this owner's instances, at once (independent
+        engine calls: image inspects, a container list). The first error is raised as it is
+        (not in an exception group), as when they ran one after the other."""
+        listed: list[Instance] = []
+        errors: list[Exception] = []
+
+        async def prepare() -> None:
+            try:
+                await self._prepare(run)
+            except Exception as exc:
+                errors.append(exc)
+
+        async def list_owned() -> None:
+            try:
+                listed.extend(await self.backend.list_instances(self.ownership.filter()))
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prepare)
+            tg.start_soon(list_owned)
+        if errors:
+            raise errors[0]
+        return listed
 
     async def _prepare(self, run: _StartRun) -> None:
         """Backend preparation once; when it refuses, find out which services it refuses (so
@@ -562,7 +598,12 @@ class ServiceManager(AsyncResource):
             if name in run.begun or run.done[name].is_set() or current is not None:
                 return
             try:
-                if await self.backend.list_instances({LABEL_OWNER: self.owner, LABEL_SERVICE: name}):
+                existing = run.listed.get(name)  # left for ``_bring_up``'s adoption check
+                if existing is None:
+                    existing = run.listed[name] = await self.backend.list_instances(
+                        self.ownership.filter(name)
+                    )
+                if existing:
                     return
                 instance = await self.backend.create(
                     spec, instance_name=instance_name, labels=self._labels(spec)
@@ -615,7 +656,7 @@ class ServiceManager(AsyncResource):
             self._managed[name] = _Managed(spec=spec, instance=instance, status=ServiceStatus.STARTING)
             run.created.append(name)
             return await self._await_ready(spec, instance)
-        adopted = await self._try_adopt(spec)
+        adopted = await self._try_adopt(spec, run.take_listed(name))
         if adopted is not None:
             return adopted
         await self._notify(run, name, ServiceStatus.STARTING, "starting")
@@ -705,9 +746,13 @@ class ServiceManager(AsyncResource):
             await anyio.sleep(delay)
             delay = min(delay * 2, spec.health.interval)
 
-    async def _try_adopt(self, spec: ServiceSpec) -> tuple[str, str] | None:
-        """Adopt a matching healthy instance; remove the others of this service."""
-        existing = await self.backend.list_instances({LABEL_OWNER: self.owner, LABEL_SERVICE: spec.name})
+    async def _try_adopt(
+        self, spec: ServiceSpec, existing: list[Instance] | None = None
+    ) -> tuple[str, str] | None:
+        """Adopt a matching healthy instance; remove the others of this service. ``existing``:
+        its instances as just listed (else they are listed now)."""
+        if existing is None:
+            existing = await self.backend.list_instances(self.ownership.filter(spec.name))
         for inst in existing:
             if inst.labels.get(LABEL_SPEC_HASH) != spec.spec_hash:
                 continue
@@ -766,11 +811,11 @@ class ServiceManager(AsyncResource):
         """True when ``service`` was started with ``keep`` (it outlives its owner)."""
         return self.ownership.is_kept(self.ownership.instance_name(service))
 
-    async def _remove_orphans(self, keep: set[str]) -> list[str]:
-        """Remove this owner's instances whose owner process is gone, except services in
-        ``keep`` (the start about to run adopts or recreates those)."""
+    async def _remove_orphans(self, keep: set[str], listed: list[Instance]) -> list[str]:
+        """Remove this owner's instances (``listed``) whose owner process is gone, except
+        services in ``keep`` (the start about to run adopts or recreates those)."""
         removed: list[str] = []
-        for inst in await self.backend.list_instances(self.ownership.filter()):
+        for inst in listed:
             service = inst.labels.get(LABEL_SERVICE, "")
             if service in keep or service in self._managed:
                 continue

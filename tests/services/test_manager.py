@@ -35,13 +35,22 @@ from dspy_infra.backends.base import LABEL_OWNER, LABEL_SERVICE, Backend
 from dspy_infra.backends.docker import DockerBackend
 from dspy_infra.backends.process import ProcessBackend
 from dspy_infra.config import Settings
-from dspy_infra.errors import ConfigError, CycleError, HealthCheckFailed, MissingBinary, NotFound, SpecError
+from dspy_infra.errors import (
+    BackendUnavailable,
+    ConfigError,
+    CycleError,
+    HealthCheckFailed,
+    MissingBinary,
+    NotFound,
+    SpecError,
+)
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import (
     DependsOn,
     Event,
     HealthCheck,
+    Instance,
     PortMapping,
     QueueStatus,
     RestartPolicy,
@@ -460,6 +469,50 @@ async def test_dependents_are_created_while_their_dependencies_start(kit: Kit) -
         assert starting["top"].timestamp >= healthy["base"].timestamp  # ...started only after
         assert await _http_ok(*mgr.endpoint("top"))
         await mgr.stop()
+    assert await _owned(kit) == []
+
+
+async def test_a_start_lists_the_owners_instances_once_however_many_services(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: every start listed the owner's instances for the orphan sweep, then again
+    # for each service's adoption check and each dependent's create-ahead check (five engine
+    # listings for a four-service graph, each an engine call on the start's path).
+    listings: list[dict[str, str]] = []
+    real_list = kit.backend.list_instances
+
+    async def counting_list(labels: dict[str, str]) -> list[Instance]:
+        listings.append(dict(labels))
+        return await real_list(labels)
+
+    specs = [
+        _http(kit, "base"),
+        _http(kit, "left", "base"),
+        _http(kit, "right", "base"),
+        _http(kit, "top", "left", "right"),
+    ]
+    async with _manager(kit, *specs) as mgr:
+        monkeypatch.setattr(kit.backend, "list_instances", counting_list)
+        assert sorted(await mgr.ensure(["top"])) == ["base", "left", "right", "top"]
+        assert listings == [{LABEL_OWNER: kit.settings.resolved_owner()}]
+        monkeypatch.undo()
+        await mgr.stop()
+    assert await _owned(kit) == []
+
+
+async def test_an_engine_refusing_the_start_listing_raises_its_own_error(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listing runs beside the backend's preparation; its error comes out as it is, not
+    # inside an exception group, so callers can catch it by its class.
+    async def refusing_list(labels: dict[str, str]) -> list[Instance]:
+        raise BackendUnavailable("list instances: the engine is gone", field="docker_host")
+
+    async with _manager(kit, _http(kit, "web")) as mgr:
+        monkeypatch.setattr(kit.backend, "list_instances", refusing_list)
+        with pytest.raises(BackendUnavailable, match="the engine is gone"):
+            await mgr.ensure(["web"])
+        monkeypatch.undo()
     assert await _owned(kit) == []
 
 
