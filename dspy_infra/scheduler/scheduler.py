@@ -627,6 +627,11 @@ class Scheduler(AsyncResource):
         tasks = self._tasks
         fresh: list[TaskRecord] = []
         rows: list[InsertRow] = []
+        # A lone task whose attempt must be flushed before it starts (work outside this
+        # process) may start with its submit: its row then records the attempt, and one
+        # flush covers both (a batch keeps the queue's priority order instead).
+        lone = len(checked) == 1
+        early: TaskRecord | None = None
         for index, cq, text in zip(checked, queues, texts, strict=True):
             spec = specs[index]
             if cq is None or spec.id in tasks:
@@ -638,6 +643,9 @@ class Scheduler(AsyncResource):
             if self._durable:
                 rec.stored = False
                 rec.payload_text = text
+                if lone and self._starts_with_intake(cq, spec):
+                    self._mark_started(cq, rec, now)
+                    early = rec
                 rows.append(rec.insert_row())
             self.bus.emit(
                 "task_submitted",
@@ -651,6 +659,8 @@ class Scheduler(AsyncResource):
         if rows:
             # One append: the store's writer never takes a batch's rows in two transactions.
             self._store.insert_many(rows)
+        if early is not None:
+            self._start_with_intake(early)
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
         if self._durable and (
@@ -945,8 +955,38 @@ class Scheduler(AsyncResource):
         self._start(cq, rec)
         return rec
 
+    def _starts_with_intake(self, cq: ClassQueue, spec: TaskSpec) -> bool:
+        """Whether a new task may start at its submit, its row recording the attempt: its
+        attempt waits for a flush anyway (work outside this process), a slot is free and no
+        task of its class is queued (nothing it would overtake)."""
+        synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
+        return synced and self._dispatching and not cq.queued and cq.sem.try_acquire()
+
+    def _start_with_intake(self, rec: TaskRecord) -> None:
+        """Hand ``rec``, started by ``_intake`` (its slot taken, its row queued with the
+        attempt), to a worker; the attempt waits for the row's flush (``intake_gate``)."""
+        assert self._loop is not None
+        gate: asyncio.Future[InfraError | None] = self._loop.create_future()
+
+        def flushed(error: InfraError | None) -> None:
+            if not gate.done():
+                gate.set_result(error)
+
+        # Registered in the same loop step as the row: the flush that acknowledges the
+        # submit covers the attempt too (one flush where there were two).
+        self._store.after_commit(flushed)
+        rec.intake_gate = gate
+        cq = self._queues[rec.spec.task_class]
+        self._announce_start(cq, rec)
+        self._hand_to_worker(cq, rec)
+
     def _start(self, cq: ClassQueue, rec: TaskRecord) -> None:
-        now = time.time()
+        self._mark_started(cq, rec, time.time())
+        if self._durable:
+            self._store.put(rec.update_row())
+        self._announce_start(cq, rec)
+
+    def _mark_started(self, cq: ClassQueue, rec: TaskRecord, now: float) -> None:
         rec.status = _RUNNING
         rec.attempts += 1
         rec.started_at = now
@@ -960,8 +1000,8 @@ class Scheduler(AsyncResource):
         cq.m_wait.observe(waited)
         if cq.gpu_wait is not None:
             cq.gpu_wait.observe(waited)
-        if self._durable:
-            self._store.put(rec.update_row())
+
+    def _announce_start(self, cq: ClassQueue, rec: TaskRecord) -> None:
         self.bus.emit("task_started", rec.spec.id, {"task_class": cq.cls.name, "attempt": rec.attempts})
         if self._listeners:
             self._notify(rec)
@@ -969,14 +1009,17 @@ class Scheduler(AsyncResource):
     def _pump(self, cq: ClassQueue) -> None:
         """Start as many queued tasks of ``cq`` as its free slots allow."""
         while (rec := self._take(cq)) is not None:
-            while cq.idle:
-                parked = cq.idle.popleft()
-                if not parked.done():
-                    parked.set_result(rec)
-                    break
-            else:
-                assert self._tg is not None
-                self._tg.start_soon(self._worker, cq, rec)
+            self._hand_to_worker(cq, rec)
+
+    def _hand_to_worker(self, cq: ClassQueue, rec: TaskRecord) -> None:
+        """Run started ``rec`` on a parked worker of ``cq``, or on a new one."""
+        while cq.idle:
+            parked = cq.idle.popleft()
+            if not parked.done():
+                parked.set_result(rec)
+                return
+        assert self._tg is not None
+        self._tg.start_soon(self._worker, cq, rec)
 
     async def _worker(self, cq: ClassQueue, first: TaskRecord) -> None:
         """Run tasks of one class until cancelled at shutdown; park while there is no work."""
@@ -1043,7 +1086,17 @@ class Scheduler(AsyncResource):
                 # within a loop step and ignores cancel(), so a cancellation arrives then,
                 # without a shield's extra future per attempt.
                 synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
-                if synced:
+                if rec.intake_gate is not None:
+                    gate, rec.intake_gate = rec.intake_gate, None
+                    store_error = await asyncio.shield(gate)
+                    if rec.rejection is not None:
+                        # The store refused the submit's row: the task was never accepted
+                        # (its submitter got the error), so its attempt never happened.
+                        rec.worker = None
+                        self._inflight -= 1
+                        self._idle_check()
+                        return
+                elif synced:
                     store_error = await asyncio.shield(self._attempt_gate(True, rec))
                 else:
                     store_error = await self._attempt_gate(False, rec)

@@ -57,6 +57,9 @@ class TaskRecord:
     write_error: InfraError | None = None
     #: The payload's JSON text, computed once at submit (size check and store row).
     payload_text = ""
+    #: Set when the task's first attempt started with its submit (``Scheduler._intake``):
+    #: resolves once the submit's row, which records that attempt, is on the disk.
+    intake_gate: asyncio.Future[InfraError | None] | None = None
     #: Attempts in a row that could not start because their record was not saved.
     unsaved_starts = 0
 
