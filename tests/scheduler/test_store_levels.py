@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +266,34 @@ async def test_submit_and_wait_flushes_once_per_task_and_a_timeout_answers_only_
         state = await sched.submit(slow)  # acknowledged: waits for a flush of its own
         assert state.id == "slow" and flushes.finished > marked
         await sched.cancel("slow")
+
+
+async def test_a_lone_exec_task_s_submit_flush_records_its_attempt_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exec attempt must be on disk before its process starts. A lone task submitted while
+    a slot is free starts with its submit, its inserted row recording the attempt: the flush
+    that acknowledges the submit covers the attempt too, so submit then wait costs two
+    flushes (acknowledgement, result), not three. The row on disk says attempt 1 before the
+    command runs (the command reads it through its own connection)."""
+    flushes = FlushCounter()
+    monkeypatch.setattr(store_module.os, "fdatasync", flushes)
+    cfg = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
+    pm = build_plugin_manager(load_entry_points=False)
+    db = tmp_path / "state" / "state.db"
+    query = "SELECT status, attempts FROM tasks WHERE id = ?"
+    probe = f"import sqlite3, sys; print(sqlite3.connect({str(db)!r}).execute({query!r}, (sys.argv[1],)).fetchone())"
+    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+        await sched.submit(TaskSpec("warm", payload={"handler": "exec", "cmd": "true"}))
+        await sched.wait("warm", timeout=20)
+        before = flushes.finished
+        for i in range(10):
+            await sched.submit(TaskSpec(f"e{i}", payload={"handler": "exec", "cmd": "true"}))
+            result = await sched.wait(f"e{i}", timeout=20)
+            assert result.status is TaskStatus.COMPLETED, result.error
+        assert flushes.finished - before <= 20, flushes.finished - before
+        argv = [sys.executable, "-c", probe, "row"]
+        await sched.submit(TaskSpec("row", payload={"handler": "exec", "cmd": argv}))
+        result = await sched.wait("row", timeout=20)
+        assert result.status is TaskStatus.COMPLETED, result.error
+        assert result.result["stdout"].strip() == "('running', 1)"
