@@ -124,6 +124,8 @@ IDLE_TIMEOUT = 60.0
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
 #: Calls a runner serves at once: its one attempt, plus cancel, collect and adoption calls.
 RUNNER_CALLS = 16
+#: Runners started in a row for one attempt before it fails (each died before it answered).
+RUNNER_STARTS = 3
 
 
 class RayAttemptLost(HandlerFailure):
@@ -520,7 +522,28 @@ class RayExecutor(AsyncResource):
             # The rest are older still: they exit by themselves (or have).
             for stale in [runner, *pool.idle]:
                 pool.forget(stale)
-        return await anyio.to_thread.run_sync(self._new_runner, class_name, pool)
+        return await self._started_runner(class_name, pool)
+
+    async def _started_runner(self, class_name: str, pool: _Pool) -> _Runner:
+        """A new runner, once placed and answering (waiting, like a Ray task, until a node
+        with the class's resources has room). One that dies before it answers never ran an
+        attempt (its node died as it was placed there, say): another takes its place."""
+        ray = self._ray
+        assert ray is not None
+        for tries_left in reversed(range(RUNNER_STARTS)):
+            runner = await anyio.to_thread.run_sync(self._new_runner, class_name, pool)
+            try:
+                await runner.handle.held.remote()
+            except ray.exceptions.RayError as exc:
+                pool.forget(runner)
+                if not tries_left:
+                    raise RayAttemptLost(f"ray: no runner of {class_name!r} could start: {exc}") from None
+                log.warning(
+                    "ray: a runner of %r died before it started (%s); starting another", class_name, exc
+                )
+                continue
+            return runner
+        raise AssertionError("unreachable")
 
     def _new_runner(self, class_name: str, pool: _Pool) -> _Runner:
         """Blocking (a named actor is registered with the cluster before this returns)."""
