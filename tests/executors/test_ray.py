@@ -35,7 +35,7 @@ from dspy_infra.errors import ConfigError, ResourceUnavailable, Unavailable
 from dspy_infra.executors import ray as ray_executor
 from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
-from dspy_infra.models import TaskSpec, TaskStatus
+from dspy_infra.models import TaskResult, TaskSpec, TaskState, TaskStatus
 from dspy_infra.ownership import end_leftover_attempts, pid_alive
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
@@ -503,9 +503,7 @@ async def test_a_retry_runs_anew_rather_than_adopting_the_attempt_it_retries(
         await sched.submit(exec_task("flaky", "on_ray", cmd, max_attempts=2))
         result = await sched.wait("flaky", timeout=120)
         state = await sched.get("flaky")
-    assert result.status is TaskStatus.COMPLETED, result.error
-    assert result.result["stdout"] == "ok\n" and state.attempts == 2
-    assert runs.read_text() == "run\nrun\n"
+    assert_second_attempt_finished(result, state, runs)
 
 
 async def test_a_runner_idle_for_its_idle_timeout_exits_by_itself(tmp_path: Path, namespace: str) -> None:
@@ -542,18 +540,17 @@ def _runners_in(namespace: str) -> list[str]:
 async def test_a_runner_killed_mid_attempt_fails_it_as_lost_and_the_retry_runs(
     tmp_path: Path, namespace: str, durable: bool
 ) -> None:
+    # The first attempt writes its runner's pid (the command's parent) and waits: the
+    # runner is SIGKILLed under it. The retry finds the pid written and ends at once.
     runs, pid_file = tmp_path / "runs", tmp_path / "runner.pid"
-    cmd = f"echo run >> {runs}; if [ ! -e {pid_file} ]; then echo $PPID > {pid_file}; sleep 300; fi; echo ok"
     settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
     async with open_scheduler(tmp_path, durable=durable, **settings) as sched:
-        await sched.submit(exec_task("victim", "on_ray", cmd, max_attempts=2))
-        runner = int(await wait_for_text(pid_file, timeout=120))
-        os.kill(runner, signal.SIGKILL)
+        cmd = f"echo run >> {runs}; if [ ! -e {pid_file} ]; then echo $PPID > {pid_file}; sleep 300; fi"
+        await sched.submit(exec_task("victim", "on_ray", cmd + "; echo ok", max_attempts=2))
+        os.kill(int(await wait_for_text(pid_file, timeout=120)), signal.SIGKILL)
         result = await sched.wait("victim", timeout=120)
         state = await sched.get("victim")
-    assert result.status is TaskStatus.COMPLETED, result.error
-    assert result.result["stdout"] == "ok\n" and state.attempts == 2
-    assert runs.read_text() == "run\nrun\n"
+    assert_second_attempt_finished(result, state, runs)
 
 
 async def test_cancel_ends_the_whole_process_tree_of_a_running_exec(tmp_path: Path, namespace: str) -> None:
@@ -572,6 +569,13 @@ async def test_cancel_ends_the_whole_process_tree_of_a_running_exec(tmp_path: Pa
         await sched.submit(exec_task("next", "on_ray", "echo ok"))
         after = await sched.wait("next", timeout=60)
     assert after.status is TaskStatus.COMPLETED and after.result["stdout"] == "ok\n"
+
+
+def assert_second_attempt_finished(result: TaskResult, state: TaskState, runs: Path) -> None:
+    """The task completed ("ok") on its second attempt, its command run once per attempt."""
+    assert result.status is TaskStatus.COMPLETED, result.error
+    assert result.result["stdout"] == "ok\n" and state.attempts == 2
+    assert runs.read_text() == "run\nrun\n"
 
 
 def _raylet_pids(resource: str) -> list[int]:
