@@ -124,6 +124,8 @@ IDLE_TIMEOUT = 60.0
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
 #: Calls a runner serves at once: its one attempt, plus cancel, collect and adoption calls.
 RUNNER_CALLS = 16
+#: Seconds before its idle timeout from which a runner gets no new attempt.
+IDLE_MARGIN = 5.0
 #: Runners started in a row for one attempt before it fails (each died before it answered).
 RUNNER_STARTS = 3
 
@@ -331,9 +333,11 @@ class _Pool:
     lock: anyio.Lock = attrs.field(factory=anyio.Lock)
 
     def fresh(self, runner: _Runner, now: float) -> bool:
-        # Half the runner's idle time: a runner about to exit by itself is never given an
-        # attempt (its clock started a little before ours).
-        return now - runner.used < self.options.idle_timeout / 2
+        # A runner about to exit by itself is never given an attempt: its idle clock started
+        # a little before ours, and a call it gets after deciding to exit is refused
+        # ("busy"), but one that reaches it after it died fails as a lost attempt.
+        timeout = self.options.idle_timeout
+        return now - runner.used < timeout - min(timeout / 2, IDLE_MARGIN)
 
     def take(self, runner: _Runner) -> None:
         if runner in self.idle:
@@ -497,7 +501,8 @@ class RayExecutor(AsyncResource):
         if more is None or whole is None:
             return None
         pool = self._pools.get(class_name)
-        idle = len(pool.idle) if pool is not None else 0
+        now = time.monotonic()
+        idle = sum(pool.fresh(runner, now) for runner in pool.idle) if pool is not None else 0
         return min(self._inflight[class_name] + idle + more, whole)
 
     # -- runners --------------------------------------------------------------------------

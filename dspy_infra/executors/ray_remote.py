@@ -148,6 +148,8 @@ class AttemptRunner:
         #: Task id -> when its held attempt ended (uncollected outcomes expire).
         self._ended: dict[str, float] = {}
         self._running: str | None = None
+        #: Set once it has decided to exit: later calls are refused, never started.
+        self._exiting = False
         self._idle_since = time.monotonic()
         self._watch: asyncio.Task[None] | None = None
 
@@ -200,7 +202,7 @@ class AttemptRunner:
         if held is None:
             if call is None:
                 return {"status": "unknown"}
-            if self._running is not None:
+            if self._running is not None or self._exiting:
                 return {"status": "busy"}
             attempt = asyncio.get_running_loop().create_task(_run_handler(call))
             held = self._held[task_id] = (key, attempt)
@@ -248,10 +250,10 @@ class AttemptRunner:
         self._exit()
         return True
 
-    @staticmethod
-    def _exit() -> None:
+    def _exit(self) -> None:
         """End this runner (Ray's ``kill``, which also frees its name: ``exit_actor`` from an
         async actor left the actor hanging, serving no call, on Ray 2.60)."""
         import ray
 
+        self._exiting = True
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
