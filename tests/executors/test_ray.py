@@ -28,13 +28,14 @@ import pytest
 from adoption import RAY_ADDRESS, adoption_round, wait_for_text
 from harness import open_scheduler
 from hypothesis import given
-from strategies import ray_demands
+from strategies import ray_demands, runner_calls
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import ConfigError, ResourceUnavailable, Unavailable
 from dspy_infra.executors import ray as ray_executor
 from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
+from dspy_infra.executors.ray_remote import AttemptRunner
 from dspy_infra.models import TaskResult, TaskSpec, TaskState, TaskStatus
 from dspy_infra.ownership import end_leftover_attempts, pid_alive
 from dspy_infra.scheduler.context import TaskContext
@@ -251,6 +252,57 @@ def test_fitting_attempts_is_the_largest_count_that_fits(
     for name, amount in demand.items():
         assert fits * amount <= free.get(name, 0.0) + 1e-3
     assert any((fits + 1) * amount > free.get(name, 0.0) for name, amount in demand.items())
+
+
+@given(runner_calls)
+def test_a_runner_starts_each_task_at_most_once_until_its_outcome_is_dropped(
+    calls: list[tuple[str, int, int]],
+) -> None:
+    # The runner (in process: its attempt logic needs no cluster) against a model of what
+    # it holds: a call for a task it holds adopts that attempt's outcome, never starting
+    # another; only a dropped (collected, or retried) outcome lets the task start again.
+    import ray_probe
+
+    async def scenario() -> None:
+        runner = AttemptRunner(idle_timeout=3600.0, keep=True)
+        held: dict[str, int] = {}  # task id -> attempt held (the model)
+        expected: list[tuple[str, int]] = []
+        ray_probe.STARTED.clear()
+        for what, index, attempt in calls:
+            task_id, key = f"t{index}", f"scope:t{index}:{attempt}"
+            if what == "collect":
+                await runner.collect([(task_id, f"scope:{task_id}:{held.get(task_id)}")])
+                held.pop(task_id, None)
+                continue
+            drop = None
+            if what == "retry" and task_id in held:
+                drop = f"scope:{task_id}:{held.pop(task_id)}"
+            call = None
+            if what != "adopt":
+                call = {
+                    "handler": "ray_probe:count",
+                    "task_id": task_id,
+                    "task_class": "c",
+                    "payload": {},
+                    "attempt": attempt,
+                    "exec_policy": "allow",
+                }
+            outcome = await runner.run(task_id, key, call, drop)
+            if task_id in held:
+                assert outcome["result"] == {"attempt": held[task_id]}
+                assert ("adopted" in outcome) == (held[task_id] != attempt)
+            elif call is None:
+                assert outcome == {"status": "unknown"}
+            else:
+                assert outcome == {"status": "ended", "ok": True, "result": {"attempt": attempt}}
+                held[task_id] = attempt
+                expected.append((task_id, attempt))
+        assert ray_probe.STARTED == expected
+        assert sorted((t, k) for t, k, _ in await runner.held()) == sorted(
+            (t, f"scope:{t}:{a}") for t, a in held.items()
+        )
+
+    asyncio.run(scenario())
 
 
 def test_handles_survive_the_start_that_ends_leftover_local_attempts(tmp_path: Path) -> None:
