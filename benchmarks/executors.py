@@ -11,15 +11,23 @@ function). For each path and task:
 - latency: ``--m`` tasks one after another, p50 and p99 of submit-to-result, interleaved
   task by task across the paths (so a busy machine weighs on all of them alike).
 
-dspy_infra's Ray path runs memory-only (``durable = false``: the scheduler submits its own
-Ray task per attempt) and durable (through the detached keeper actor that lets attempts
-outlive their owner, every attempt's row flushed to the store before it is submitted);
+dspy_infra's Ray path runs memory-only (``durable = false``: attempts run on the scheduler's
+own warm runner actors) and durable (on detached, named runners that let attempts outlive
+their owner, every attempt's row flushed to the store before it is submitted);
 ``local_durable`` shows what the durable store alone costs. ``exec`` on the dspy_infra paths is dspy_infra's ``exec`` handler (task log, process-group and marker
 sweep), which costs more than a bare ``subprocess.run`` on any executor: compare ``local``
 with ``bare_ray`` to see it. Prints a table; the last line is one JSON object with, per task, the overhead
 ratios of dspy_infra's Ray path over bare Ray: ``throughput_ratio`` = bare tasks/s /
 dspy_infra tasks/s and ``p50_ratio`` = dspy_infra p50 / bare p50 (1.0 = no overhead;
 target <= 1.2), for the memory-only and the durable path.
+
+A runner holds its class's resources while it waits for the next attempt, and the test
+cluster has 2 CPUs: one path's runners would starve the next path. So before each timed run
+every executor's idle runners are released (``RayExecutor.release_idle``) until the
+cluster's CPUs are all free again, and every path, bare Ray included, gets an untimed
+warm-up run of its own right before its timed one (the runners it starts are what a warm
+app has). A durable run leaves no runners behind (the executor ends its idle ones when it
+closes; any left are killed at the end).
 
 Needs the ray extra and a cluster: ``bash scripts/ray.sh start`` (``--address``, default
 127.0.0.1:26379, with ``RAY_AUTH_MODE=token``).
@@ -46,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dspy_infra.config import load_settings
 from dspy_infra.events import EventBus
+from dspy_infra.executors.ray import COLLECT_DELAY, RayExecutor
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec
 from dspy_infra.plugins import build_plugin_manager
@@ -127,15 +136,42 @@ async def open_scheduler(
     return await stack.enter_async_context(sched)
 
 
-async def _kill_keeper(home: str, namespace: str) -> None:
-    """A durable run leaves its detached keeper (that is its point): remove it afterwards."""
+def ray_executor(sched: Scheduler) -> RayExecutor:
+    """The scheduler's Ray executor (its ``run`` is what the scheduler holds)."""
+    executor = sched._executors["ray"].__self__  # type: ignore[attr-defined]
+    assert isinstance(executor, RayExecutor)
+    return executor
+
+
+async def release_runners(executors: list[RayExecutor]) -> None:
+    """Untimed: end every idle runner and wait until the cluster's CPUs are all free."""
+    import ray
+
+    await asyncio.sleep(COLLECT_DELAY + 0.1)  # outcomes in hand that long are collected first
+    for executor in executors:
+        await executor.release_idle()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        free, total = await asyncio.to_thread(lambda: (ray.available_resources(), ray.cluster_resources()))
+        if free.get("CPU", 0.0) >= total.get("CPU", 0.0) - 1e-6:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _kill_runners(home: str, namespace: str) -> None:
+    """A durable run's runners are detached (that is their point): the executor ends its
+    idle ones when it closes; kill any left."""
     import ray
 
     from dspy_infra.ownership import durable_scope
 
+    prefix = f"dspy_infra-runner-{durable_scope(Path(home))}-"
+
     def kill() -> None:
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(f"dspy_infra-keeper-{durable_scope(Path(home))}", namespace=namespace))
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["namespace"] == namespace and actor["name"].startswith(prefix):
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(actor["name"], namespace=namespace))
 
     await asyncio.to_thread(kill)
 
@@ -157,7 +193,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         homes = {name: stack.enter_context(tempfile.TemporaryDirectory()) for name in ("mem", "durable")}
         memory = await open_scheduler(stack, homes["mem"], False, overrides)
         durable = await open_scheduler(stack, homes["durable"], True, overrides)
-        stack.push_async_callback(_kill_keeper, homes["durable"], "dspy-bench")
+        stack.push_async_callback(_kill_runners, homes["durable"], "dspy-bench")
+        executors = [ray_executor(memory), ray_executor(durable)]
         paths = [
             scheduler_path("local", memory, "local"),
             scheduler_path("local_durable", durable, "local"),
@@ -165,16 +202,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             scheduler_path("dspy_ray", memory, "on_ray"),
             scheduler_path("dspy_ray_durable", durable, "on_ray"),
         ]
-        # Warm Ray's worker pool and the keeper before anything is timed.
+        # Warm Ray's worker pool and the code paths before anything is timed.
         for kind in PAYLOADS:
             for path in paths:
                 await throughput(path, kind, 2 * width, width)
+                await release_runners(executors)
         rates: dict[str, dict[str, list[float]]] = {k: {p.name: [] for p in paths} for k in PAYLOADS}
         latencies: dict[str, dict[str, list[float]]] = {k: {p.name: [] for p in paths} for k in PAYLOADS}
         for _ in range(args.rounds):
             for kind in PAYLOADS:
                 for path in paths:
+                    await release_runners(executors)
+                    await throughput(path, kind, 2 * width, width)  # warm-up
                     rates[kind][path.name].append(await throughput(path, kind, args.n, width))
+                await release_runners(executors)
+                for path in paths:  # warm-up: one runner per dspy path, a warm worker for bare Ray
+                    for _ in range(3):
+                        await path.one(kind)
                 # Latency interleaved task by task, so every path sees the same machine.
                 for _ in range(args.m):
                     for path in paths:

@@ -64,6 +64,7 @@ __all__ = [
     "ray_demands",
     "remote_task_docs",
     "result_keys",
+    "runner_calls",
     "service_cli_names",
     "service_cli_ports",
     "service_cli_service_specs",
@@ -827,6 +828,14 @@ ray_demands = st.dictionaries(
     st.sampled_from(["CPU", "GPU", "worker2", "head", "memory"]),
     st.one_of(st.integers(1, 64).map(float), st.floats(0.001, 64.0, allow_nan=False)),
     max_size=4,
+)
+
+#: Calls owners make on one Ray runner, in order: (what, task index, attempt number); what is
+#: "run" (start or adopt), "adopt" (no call: only adopt), "retry" (drop the outcome held,
+#: then run) or "collect" (the owner recorded the outcome held).
+runner_calls = st.lists(
+    st.tuples(st.sampled_from(["run", "adopt", "retry", "collect"]), st.integers(0, 2), st.integers(1, 4)),
+    max_size=30,
 )
 
 

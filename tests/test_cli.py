@@ -195,7 +195,7 @@ def test_template_table_examples_are_valid_for_the_real_parsers(tmp_path: Path) 
     loaded = load_settings(path, env={})
     assert set(loaded.services) == {"redis", "web"}
     assert set(loaded.task_classes) == {"cpu_short", "embed", "train"}
-    assert ray_classes(loaded)["train"].task_options()["resources"] == {"worker2": 1}
+    assert ray_classes(loaded)["train"].actor_options()["resources"] == {"worker2": 1}
     web = parse_service_table("web", loaded.services["web"])
     assert web.command[:3] == ("python3", "-m", "http.server")
     assert web.ports[0].container_port == 8000 and web.health.kind == "http"

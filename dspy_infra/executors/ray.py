@@ -16,57 +16,65 @@ Configuration::
     resources = { worker2 = 1 }         # custom resources of the cluster's nodes
     runtime_env = { env_vars = { HF_HOME = "/data/hf" } }
     namespace = "dspy_infra"            # default: ray_namespace
+    idle_timeout = 60                   # seconds an idle runner keeps the resources
 
-One attempt is one Ray task (``max_retries=0``: retries, timeouts and priorities stay the
-scheduler's) with the class's resources and runtime env, running the task's handler on the
+Attempts run on warm *runners* (``ray_remote.AttemptRunner``): async actors created with
+the class's resources and runtime env, each running one attempt at a time in its own
+persistent event loop, so an attempt is one actor call, with no worker lease per attempt.
+A class has as many runners as attempts it ran at once (at most its concurrency, and the
+cluster's capacity bounds that); a runner idle for ``idle_timeout`` seconds exits by itself
+and its resources (GPUs) go back to the cluster (at once when the owner stops). Retries,
+timeouts and priorities stay the scheduler's. An attempt runs the task's handler on the
 cluster (``payload["handler"]``: a built-in such as ``exec``, ``http``, ``sleep``, or
 ``"package.module:function"``, an async function importable there; ``exec`` when only
 ``cmd`` is given). Results and errors come back as from a local handler: the same JSON
 result (``exec`` output bounded the same way), ``PermanentFailure`` fails the task, other
 failures fail the attempt with the handler's message and result.
 
-Survives its owner: attempts are submitted by a named, detached *keeper* actor
-(``ray_remote.AttemptKeeper``, one per state directory and namespace, placed on the owner's
-node), so they belong to the keeper, not to this process. An attempt's handle needs no
-file of its own: it is the keeper's name (state directory's scope, class namespace) and the
-task id, and the scheduler has flushed the attempt's row (running, attempt N) to its store
+Survives its owner: a durable scheduler's runners are detached and named (state
+directory's scope, class, a random suffix), so an attempt belongs to its runner, not to
+this process, and the runner keeps its outcome until the owner has it. An attempt's handle
+needs no file of its own: it is the key (scope, task id, attempt) the runner holds it
+under, and the scheduler has flushed the attempt's row (running, attempt N) to its store
 before it calls ``run``, so the one fsync of the attempt covers it. After a crash (SIGKILL
 included) or a graceful stop that left the attempt running, the task's next attempt asks
-the keeper for the task, in the same call that would start it: the keeper hands over the
-attempt it holds (watched to its end, or its outcome if it has ended): it never runs twice.
-Only when the keeper holds nothing for the task (it never got it, or the keeper itself was
-lost) does the task run anew. The keeper drops an outcome a second after the owner has it
-(``COLLECT_DELAY``; the scheduler commits the task's end within milliseconds), or at once
-when the owner retries the task. Do not change a class's namespace while attempts run: the
-next start would ask another keeper and run them anew. A memory-only scheduler submits its
-attempts itself, one hop shorter: they end with this process (a restart has nothing to
-adopt them for).
+the class's named runners (once per start, at the first adoption) which holds the task and
+takes over the attempt there (watched to its end, or its outcome if it has ended): it never
+runs twice. Only when no runner holds the task (it never got it, or the runner was lost)
+does the task run anew; a first attempt never asks. A runner drops an outcome a second
+after the owner has it (``COLLECT_DELAY``; the scheduler commits the task's end within
+milliseconds), or at once when the owner retries the task; a runner holding an outcome
+nobody collected (its owner never came back) keeps it, and its resources, for a week. Do
+not change a class's namespace while attempts run: the next start would ask other runners
+and run them anew. A memory-only scheduler's runners are its own (not detached, unnamed):
+they end with this process (a restart has nothing to adopt them for).
 
-Cancel (task cancel, timeout) asks the keeper to ``ray.cancel`` the attempt: a SIGINT that
-cancels the handler (``exec`` ends its process group), then, after
-``ray_remote.CANCEL_GRACE`` seconds, a forced cancel that kills the worker. A graceful stop
-of the owner cancels it the same way only for a class with ``on_shutdown = "cancel"``;
-otherwise (``leave_running``) the attempt runs on under its keeper, and the
-next start adopts it as after a crash.
+Cancel (task cancel, timeout) asks the runner to cancel the attempt's handler (``exec``
+ends its process group); a runner that has not ended it after ``ray_remote.CANCEL_GRACE``
+seconds is killed. A graceful stop of the owner cancels it the same way only for a class
+with ``on_shutdown = "cancel"``; otherwise (``leave_running``) the attempt runs on under its
+runner, and the next start adopts it as after a crash.
 
-A lost worker, node or keeper fails the attempt with ``RayAttemptLost`` (retried per the
-task's ``max_attempts``); a cluster that does not answer at start is ``Unavailable``.
-The class's adaptive limit is bounded by what the cluster reports available
+A lost runner or node fails the attempt with ``RayAttemptLost`` (retried per the task's
+``max_attempts``); a cluster that does not answer at start is ``Unavailable``. The class's
+adaptive limit is bounded by what the cluster reports available
 (``ray.available_resources()``, polled off the loop every few seconds): the attempts in
-flight plus as many more as the free resources fit.
+flight and the idle runners plus as many more as the free resources fit.
 
-Every blocking Ray call (``ray.init``, actor lookup, ``available_resources``) runs in a
-worker thread; ObjectRefs are awaited on the loop.
+Every blocking Ray call (``ray.init``, creating a named runner, finding runners,
+``available_resources``) runs in a worker thread; ObjectRefs are awaited on the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import math
 import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import ModuleType
@@ -84,15 +92,7 @@ from ..ownership import attempt_marker, durable_scope
 from ..scheduler.context import ExecutorFactory, TaskContext
 from ..values import check_finite, check_json_object, preview
 from .background import BackgroundTask
-from .ray_remote import (
-    CANCEL_GRACE,
-    AttemptKeeper,
-    Outcome,
-    cancel_attempt,
-    ended,
-    outcome_of_error,
-    run_attempt,
-)
+from .ray_remote import CANCEL_GRACE, AttemptRunner, Outcome, outcome_of_error
 
 __all__ = [
     "RAY_CLASS",
@@ -113,15 +113,25 @@ log = logging.getLogger(__name__)
 RAY_INSTALL_HINT = "pip install 'dspy-infra[ray]'"
 #: The built-in class whose tasks run on Ray (``dspy_infra_task_classes`` below).
 RAY_CLASS = "ray"
-RAY_CLASS_FIELDS = ("num_cpus", "num_gpus", "resources", "runtime_env", "namespace")
+RAY_CLASS_FIELDS = ("num_cpus", "num_gpus", "resources", "runtime_env", "namespace", "idle_timeout")
 #: Seconds between two ``ray.available_resources()`` polls (the adaptive limit's bound).
 CAPACITY_INTERVAL = 5.0
-#: Seconds an outcome in hand stays with the keeper before it is told to drop it.
+#: Seconds an outcome in hand stays with its runner before it is told to drop it.
 COLLECT_DELAY = 1.0
+#: Default seconds an idle runner waits for another attempt before it exits.
+IDLE_TIMEOUT = 60.0
+#: At most one week: a runner holds its class's resources (GPUs) while it waits.
+MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
+#: Calls a runner serves at once: its one attempt, plus cancel, collect and adoption calls.
+RUNNER_CALLS = 16
+#: Seconds before its idle timeout from which a runner gets no new attempt.
+IDLE_MARGIN = 5.0
+#: Runners started in a row for one attempt before it fails (each died before it answered).
+RUNNER_STARTS = 3
 
 
 class RayAttemptLost(HandlerFailure):
-    """The attempt ended without an outcome: its worker, node or keeper died, or it was
+    """The attempt ended without an outcome: its runner or node died, or it was
     cancelled on the cluster. Retried per the task's ``max_attempts``."""
 
 
@@ -138,9 +148,10 @@ class RayClassOptions:
     num_gpus: float = 0.0
     resources: dict[str, float] = attrs.field(factory=dict)
     runtime_env: dict[str, Any] = attrs.field(factory=dict)
+    idle_timeout: float = IDLE_TIMEOUT
 
-    def task_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``RemoteFunction.options`` for one attempt."""
+    def actor_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``ActorClass.options`` for one of the class's runners."""
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.resources:
             options["resources"] = dict(self.resources)
@@ -167,10 +178,24 @@ def _amount(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"must be a number, got {preview(value)}", field=field, fix="e.g. 1 or 0.5")
     try:
-        return check_finite(float(value), field, lo=0.0)
+        return check_finite(value, field, lo=0.0)
     except ValueError:
         raise ConfigError(
             f"must be a finite number >= 0, got {preview(value)}", field=field, fix="e.g. 1 or 0.5"
+        ) from None
+
+
+def _idle_timeout(value: Any, field: str) -> float:
+    fix = "seconds an idle runner keeps the class's resources, e.g. idle_timeout = 60"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"must be a number of seconds, got {preview(value)}", field=field, fix=fix)
+    try:
+        return check_finite(value, field, lo=1.0, hi=MAX_IDLE_TIMEOUT)
+    except ValueError:
+        raise ConfigError(
+            f"must be between 1 and {MAX_IDLE_TIMEOUT:.0f} seconds, got {preview(value)}",
+            field=field,
+            fix=fix,
         ) from None
 
 
@@ -218,6 +243,8 @@ def _class_options(name: str, table: Mapping[str, Any], settings: Settings) -> R
                 fix='e.g. namespace = "dspy_infra"',
             )
         options["namespace"] = namespace
+    if "idle_timeout" in table:
+        options["idle_timeout"] = _idle_timeout(table["idle_timeout"], f"{where}.idle_timeout")
     return RayClassOptions(**options)
 
 
@@ -281,6 +308,52 @@ def _import_ray(field: str) -> ModuleType:
     return ray
 
 
+@attrs.define(eq=False)
+class _Runner:
+    """The owner's view of one runner actor."""
+
+    handle: Any
+    #: Its actor name (durable owners' runners only).
+    name: str | None
+    #: When its last call ended, on the owner's clock (-inf: not ours to give new attempts).
+    used: float
+
+
+@attrs.define(eq=False)
+class _Pool:
+    """One class's runners (see ``RayExecutor``)."""
+
+    options: RayClassOptions
+    #: Runners free for a new attempt, the warmest last.
+    idle: list[_Runner] = attrs.field(factory=list)
+    #: Actor name -> runner, for every named runner this owner knows.
+    named: dict[str, _Runner] = attrs.field(factory=dict)
+    #: Task id -> (runner, key) of attempts left by an earlier owner, once asked (adoption).
+    holders: dict[str, tuple[_Runner, str]] | None = None
+    lock: anyio.Lock = attrs.field(factory=anyio.Lock)
+
+    def fresh(self, runner: _Runner, now: float) -> bool:
+        # A runner about to exit by itself is never given an attempt: its idle clock started
+        # a little before ours, and a call it gets after deciding to exit is refused
+        # ("busy"), but one that reaches it after it died fails as a lost attempt.
+        timeout = self.options.idle_timeout
+        return now - runner.used < timeout - min(timeout / 2, IDLE_MARGIN)
+
+    def take(self, runner: _Runner) -> None:
+        if runner in self.idle:
+            self.idle.remove(runner)
+
+    def give_back(self, runner: _Runner) -> None:
+        runner.used = time.monotonic()
+        if runner not in self.idle:
+            self.idle.append(runner)
+
+    def forget(self, runner: _Runner) -> None:
+        self.take(runner)
+        if runner.name is not None:
+            self.named.pop(runner.name, None)
+
+
 class RayExecutor(AsyncResource):
     """Runs attempts on a Ray cluster (see the module docstring). An async context manager:
     entering connects to the cluster (in a thread) and starts the capacity poller (a
@@ -299,18 +372,13 @@ class RayExecutor(AsyncResource):
         home = settings.resolved_home()
         #: Attempts outlive this process and are adopted after a restart (Scheduler recovery).
         self.survives_owner = settings.durable
-        #: (namespace, task id) -> (key, when) of outcomes in hand the keeper still holds.
-        self._uncollected: dict[tuple[str, str], tuple[str, float]] = {}
-        # Attempt keys and the keeper's name: the same across restarts (what adoption needs).
+        #: Task id -> (runner, key, when) of outcomes in hand the runner still holds.
+        self._uncollected: dict[str, tuple[_Runner, str, float]] = {}
+        # Attempt keys and runner names: the same across restarts (what adoption needs).
         self._scope = durable_scope(home)
         self._ray: ModuleType | None = None
-        self._keeper_class: Any = None
-        self._remote_run: Any = None
-        #: Class name -> the attempt function with the class's options (memory-only path).
-        self._remotes: dict[str, Any] = {}
-        self._keepers: dict[str, Any] = {}
-        self._keeper_lock = anyio.Lock()
-        self._node_id = ""
+        self._runner_class: Any = None
+        self._pools: dict[str, _Pool] = {}
         self._available: dict[str, float] | None = None
         self._total: dict[str, float] | None = None
         self._inflight: Counter[str] = Counter()
@@ -329,14 +397,34 @@ class RayExecutor(AsyncResource):
 
     async def aclose(self) -> None:
         # The Ray connection stays: a driver is per process, and others in this process
-        # (another scheduler, the app itself) may use it. Detached keepers stay too: they
-        # hold the attempts a restart adopts.
+        # (another scheduler, the app itself) may use it. Runners still running an attempt
+        # stay too (a durable owner's hold the attempts a restart adopts); idle ones go, so
+        # their resources return to the cluster now rather than after their idle time.
         await self._poller.stop()
         # Every task's end is committed by now (the scheduler closes its store first).
         with anyio.move_on_after(10):
             for ref in self._collect(math.inf):
                 with contextlib.suppress(Exception):
                     await ref
+            await self.release_idle()
+        self._pools.clear()
+
+    async def release_idle(self) -> None:
+        """End the runners waiting for an attempt now, rather than after their
+        ``idle_timeout``: their resources go back to the cluster (the next attempt starts a
+        new runner). Runners holding an attempt, or an outcome in hand for less than
+        ``COLLECT_DELAY``, stay."""
+        for ref in self._collect(time.monotonic() - COLLECT_DELAY):
+            with contextlib.suppress(Exception):
+                await ref
+        retiring: list[Any] = []
+        for pool in self._pools.values():
+            retiring += [runner.handle.retire.remote() for runner in pool.idle]
+            for runner in list(pool.idle):
+                pool.forget(runner)
+        for ref in retiring:
+            with contextlib.suppress(Exception):  # it exits: its call fails with RayActorError
+                await ref
 
     async def _background(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -346,19 +434,18 @@ class RayExecutor(AsyncResource):
 
     def leave_running(self, class_names: frozenset[str]) -> None:
         """The owner stops gracefully: attempts of ``class_names`` cancelled from now on keep
-        running under their keeper for the next start (``DetachableExecutor``)."""
+        running on their runners for the next start (``DetachableExecutor``)."""
         self._leaving = class_names
 
     async def cancel_left(self, task_id: str, class_name: str) -> None:
         """Cancel the attempt an earlier owner left for ``task_id`` (cancelled before the
-        task adopted it), through the class's keeper."""
+        task adopted it), on the runner that holds it."""
         if not self.survives_owner:
             return
-        options = self.classes.get(class_name) or RayClassOptions(namespace=self.settings.ray_namespace)
-        keeper = await self._keeper(options.namespace)
-        with contextlib.suppress(Exception):
-            await keeper.cancel.remote(task_id)
-        keeper.collect.remote([(task_id, None)])
+        pool = self._pool(class_name)
+        holder = await self._holder(pool, task_id)
+        if holder is not None:
+            await self._cancel_on(pool, holder[0], task_id)
 
     def _connect(self) -> None:
         ray = self._ray
@@ -379,10 +466,9 @@ class RayExecutor(AsyncResource):
                     fix="start it (`ray start --head`), set ray_address to its head (HOST:PORT), and"
                     " give this process the cluster's auth settings (e.g. RAY_AUTH_MODE=token)",
                 ) from None
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._keeper_class = ray.remote(AttemptKeeper)
-        # Retries are the scheduler's, never Ray's.
-        self._remote_run = ray.remote(max_retries=0)(run_attempt)
+        # Retries are the scheduler's, never Ray's (an actor's default: no restarts, no
+        # task retries).
+        self._runner_class = ray.remote(AttemptRunner)
 
     # -- the adaptive limit's bound --------------------------------------------------------
 
@@ -401,9 +487,10 @@ class RayExecutor(AsyncResource):
             await anyio.sleep(self.capacity_interval)
 
     def capacity(self, class_name: str) -> int | None:
-        """Attempts of ``class_name`` the cluster can run now: those in flight plus as many
-        more as its free resources fit, and never more than its whole resources fit (attempts
-        in flight may still wait in Ray's queue). None: unknown yet, or the class asks for
+        """Attempts of ``class_name`` the cluster can run now: those in flight, its idle
+        runners (their resources are held, so not free) and as many more as its free
+        resources fit, and never more than its whole resources fit (attempts in flight may
+        still wait for a runner's placement). None: unknown yet, or the class asks for
         nothing."""
         options = self.classes.get(class_name)
         if options is None or self._available is None or self._total is None:
@@ -413,42 +500,137 @@ class RayExecutor(AsyncResource):
         whole = fitting_attempts(demand, self._total)
         if more is None or whole is None:
             return None
-        return min(self._inflight[class_name] + more, whole)
+        pool = self._pools.get(class_name)
+        now = time.monotonic()
+        idle = sum(pool.fresh(runner, now) for runner in pool.idle) if pool is not None else 0
+        return min(self._inflight[class_name] + idle + more, whole)
 
-    # -- keepers --------------------------------------------------------------------------
+    # -- runners --------------------------------------------------------------------------
 
-    async def _keeper(self, namespace: str) -> Any:
-        keeper = self._keepers.get(namespace)
-        if keeper is not None:
-            return keeper
-        async with self._keeper_lock:
-            if namespace not in self._keepers:
-                self._keepers[namespace] = await anyio.to_thread.run_sync(self._open_keeper, namespace)
-            return self._keepers[namespace]
+    def _pool(self, class_name: str) -> _Pool:
+        pool = self._pools.get(class_name)
+        if pool is None:
+            options = self.classes.get(class_name) or RayClassOptions(namespace=self.settings.ray_namespace)
+            pool = self._pools[class_name] = _Pool(options)
+        return pool
 
-    def _open_keeper(self, namespace: str) -> Any:
+    def _prefix(self, class_name: str) -> str:
+        return f"dspy_infra-runner-{self._scope}-{class_name}-"
+
+    async def _acquire(self, class_name: str, pool: _Pool) -> _Runner:
+        """A runner free for a new attempt: the warmest idle one, else a new one."""
+        now = time.monotonic()
+        while pool.idle:
+            runner = pool.idle.pop()
+            if pool.fresh(runner, now):
+                return runner
+            # The rest are older still: they exit by themselves (or have).
+            for stale in [runner, *pool.idle]:
+                pool.forget(stale)
+        return await self._started_runner(class_name, pool)
+
+    async def _started_runner(self, class_name: str, pool: _Pool) -> _Runner:
+        """A new runner, once placed and answering (waiting, like a Ray task, until a node
+        with the class's resources has room). One that dies before it answers never ran an
+        attempt (its node died as it was placed there, say): another takes its place."""
         ray = self._ray
         assert ray is not None
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        for tries_left in reversed(range(RUNNER_STARTS)):
+            runner = await anyio.to_thread.run_sync(self._new_runner, class_name, pool)
+            try:
+                await runner.handle.held.remote()
+            except ray.exceptions.RayError as exc:
+                pool.forget(runner)
+                if not tries_left:
+                    raise RayAttemptLost(f"ray: no runner of {class_name!r} could start: {exc}") from None
+                log.warning(
+                    "ray: a runner of %r died before it started (%s); starting another", class_name, exc
+                )
+                continue
+            return runner
+        raise AssertionError("unreachable")
 
-        options: dict[str, Any] = {
-            "name": f"dspy_infra-keeper-{self._scope}",
-            "namespace": namespace,
-            "get_if_exists": True,
-            "num_cpus": 0,
-            "max_concurrency": 10_000,
-            # Next to its owner: a keeper on a node that goes away takes its attempts along.
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=self._node_id, soft=True),
-            # Outlives this process: it holds the attempts a restart adopts.
-            "lifetime": "detached",
-        }
-        keeper = self._keeper_class.options(**options).remote()
-        ray.get(keeper.ping.remote(), timeout=120)
-        return keeper
+    def _new_runner(self, class_name: str, pool: _Pool) -> _Runner:
+        """Blocking (a named actor is registered with the cluster before this returns)."""
+        options: dict[str, Any] = {**pool.options.actor_options(), "max_concurrency": RUNNER_CALLS}
+        name = None
+        if self.survives_owner:
+            # Outlives this process: it holds the attempt a restart adopts.
+            name = self._prefix(class_name) + uuid.uuid4().hex[:12]
+            options.update(name=name, namespace=pool.options.namespace, lifetime="detached")
+        handle = self._runner_class.options(**options).remote(pool.options.idle_timeout, self.survives_owner)
+        runner = _Runner(handle, name, time.monotonic())
+        if name is not None:
+            pool.named[name] = runner
+        return runner
 
-    def _forget_keeper(self, namespace: str, keeper: Any) -> None:
-        if self._keepers.get(namespace) is keeper:
-            del self._keepers[namespace]
+    async def _holder(self, pool: _Pool, task_id: str) -> tuple[_Runner, str] | None:
+        """The runner holding an attempt of ``task_id`` left by an earlier owner, and its
+        key (the class's named runners are asked once, at the first adoption)."""
+        if pool.holders is None:
+            async with pool.lock:
+                if pool.holders is None:
+                    class_name = next(name for name, p in self._pools.items() if p is pool)
+                    pool.holders = await anyio.to_thread.run_sync(self._discover, class_name, pool)
+        return pool.holders.pop(task_id, None)
+
+    def _discover(self, class_name: str, pool: _Pool) -> dict[str, tuple[_Runner, str]]:
+        """Blocking: task id -> (runner, key) of every attempt the class's named runners
+        hold (a running attempt wins over an ended one for the same task)."""
+        ray = self._ray
+        assert ray is not None
+        namespace, prefix = pool.options.namespace, self._prefix(class_name)
+        asked: list[tuple[_Runner, Any]] = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != namespace or not name.startswith(prefix):
+                continue
+            runner = pool.named.get(name)
+            if runner is None:
+                try:
+                    handle = ray.get_actor(name, namespace=namespace)
+                except ValueError:  # exited meanwhile
+                    continue
+                # Not given new attempts: its idle clock is its own.
+                runner = pool.named[name] = _Runner(handle, name, -math.inf)
+            asked.append((runner, runner.handle.held.remote()))
+        holders: dict[str, tuple[_Runner, str]] = {}
+        running: set[str] = set()
+        for runner, ref in asked:
+            try:
+                held = ray.get(ref, timeout=120)
+            except Exception as exc:  # exited or lost meanwhile: it holds nothing
+                log.debug("ray: runner %s did not answer: %s", runner.name, exc)
+                continue
+            for task_id, key, is_running in held:
+                if task_id not in running:
+                    holders[task_id] = (runner, key)
+                    if is_running:
+                        running.add(task_id)
+        return holders
+
+    async def _cancel_on(self, pool: _Pool, runner: _Runner, task_id: str) -> None:
+        """Cancel the task's attempt on ``runner`` (the handler cleans up: ``exec`` ends its
+        process group); a runner that does not end it within ``CANCEL_GRACE`` is killed."""
+        ray = self._ray
+        assert ray is not None
+        with anyio.CancelScope(shield=True):
+            done = False
+            with contextlib.suppress(Exception), anyio.move_on_after(CANCEL_GRACE + 10):
+                done = await runner.handle.cancel.remote(task_id)
+            if not done:
+                pool.forget(runner)
+                with contextlib.suppress(Exception):
+                    await anyio.to_thread.run_sync(
+                        functools.partial(ray.kill, runner.handle, no_restart=True)
+                    )
+                return
+            if self.survives_owner:
+                # Whatever attempt the runner held for the task, it is over: a retry must
+                # not adopt it.
+                runner.handle.collect.remote([(task_id, None)])
+            if runner.used != -math.inf:
+                pool.give_back(runner)
 
     # -- one attempt ----------------------------------------------------------------------
 
@@ -490,25 +672,14 @@ class RayExecutor(AsyncResource):
                 "the Ray executor is not running", fix="use it as `async with RayExecutor(...)`"
             )
         cls_name = ctx.spec.task_class
-        options = self.classes.get(cls_name) or RayClassOptions(namespace=self.settings.ray_namespace)
         call = self._call(ctx)
         self._inflight[cls_name] += 1
         try:
-            outcome = await self._outcome(ctx, call, options)
+            outcome = await self._outcome(ctx, call)
         finally:
             self._inflight[cls_name] -= 1
-        return _result(outcome, ctx)
-
-    async def _outcome(self, ctx: TaskContext, call: dict[str, Any], options: RayClassOptions) -> Outcome:
-        if not self.survives_owner:
-            return await self._run_owned(ctx.spec.task_class, call, options)
-        # The attempt's handle is its key (scope, task id, attempt) and the class's keeper:
-        # nothing of it needs writing here, since the scheduler flushed the attempt's row
-        # (running, attempt N) before calling us. The keeper adopts in the same call.
-        key = attempt_marker(self._scope, ctx.spec.id, ctx.attempt)
-        outcome = await self._through_keeper(ctx, options.namespace, key, call, options.task_options())
         if outcome["status"] == "unknown":  # only an adoption asks without a call
-            raise RayAttemptLost("ray: the attempt keeper lost the attempt it was given")
+            raise RayAttemptLost("ray: the runner lost the attempt it was given")
         if "adopted" in outcome:
             log.warning(
                 "ray: task %r attempt %d adopted %s, left running by an earlier owner",
@@ -516,51 +687,52 @@ class RayExecutor(AsyncResource):
                 ctx.attempt,
                 outcome["adopted"],
             )
-        return outcome
+        return _result(outcome, ctx)
 
-    async def _run_owned(self, cls_name: str, call: dict[str, Any], options: RayClassOptions) -> Outcome:
-        """Memory-only: the attempt is this process's own Ray task (it ends with us, and a
-        restart has nothing to adopt), one hop shorter than through a keeper."""
-        ray = self._ray
-        assert ray is not None
-        remote = self._remotes.get(cls_name)
-        if remote is None:
-            remote = self._remotes[cls_name] = self._remote_run.options(**options.task_options())
-        ref = remote.remote(call)
-        try:
-            return ended(await ref)
-        except ray.exceptions.RayError as exc:
-            return outcome_of_error(exc)
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
-                await anyio.to_thread.run_sync(cancel_attempt, ref)
-            raise
-
-    async def _through_keeper(
-        self,
-        ctx: TaskContext,
-        namespace: str,
-        key: str,
-        call: dict[str, Any] | None,
-        task_options: dict[str, Any] | None,
-    ) -> Outcome:
-        """Through the keeper, in one call: adopt the attempt it holds for the task, or
-        start ``call`` under ``key``; wait for its outcome. Cancelled meanwhile, the attempt
-        is cancelled on the cluster first (unless the owner is stopping and the class
-        leaves it running: ``leave_running``). The outcome is dropped by the keeper a
-        little after it is in hand (``_collect_loop``), once the scheduler has recorded it."""
-        ray = self._ray
-        assert ray is not None
-        keeper = await self._keeper(namespace)
+    async def _outcome(self, ctx: TaskContext, call: dict[str, Any]) -> Outcome:
+        """Run ``call`` on a runner of the class, or adopt the attempt a runner holds for the
+        task. Nothing of the attempt needs writing here: the scheduler flushed its row
+        (running, attempt N) before calling us, and its handle is the runner's name and the
+        attempt's key, found again by asking the class's runners."""
         task_id = ctx.spec.id
-        had = self._uncollected.pop((namespace, task_id), None)
+        pool = self._pool(ctx.spec.task_class)
+        key = attempt_marker(self._scope, task_id, ctx.attempt)
+        target: _Runner | None = None
+        drop: str | None = None
+        # A first attempt has nothing to adopt; a later one may (a restart, a retry).
+        if self.survives_owner and ctx.attempt > 1:
+            had = self._uncollected.pop(task_id, None)
+            if had is not None:  # a retry here: its runner drops the outcome we have
+                target, drop = had[0], had[1]
+            else:
+                holder = await self._holder(pool, task_id)
+                target = holder[0] if holder is not None else None
+        while True:
+            if target is not None:
+                runner = target
+                pool.take(runner)
+            else:
+                runner = await self._acquire(ctx.spec.task_class, pool)
+            outcome = await self._on_runner(ctx, pool, runner, key, call, drop)
+            if outcome["status"] != "busy":
+                return outcome
+            target = drop = None  # it runs another attempt: a free runner runs this one
+
+    async def _on_runner(
+        self, ctx: TaskContext, pool: _Pool, runner: _Runner, key: str, call: dict[str, Any], drop: str | None
+    ) -> Outcome:
+        """One ``run`` call on ``runner``. Cancelled meanwhile, the attempt is cancelled on
+        the runner first (unless the owner is stopping and the class leaves it running:
+        ``leave_running``). A durable runner drops the outcome a little after it is in hand
+        (``_collect_loop``), once the scheduler has recorded it."""
+        ray = self._ray
+        assert ray is not None
+        task_id = ctx.spec.id
         try:
-            outcome: Outcome = await keeper.run.remote(task_id, key, call, task_options, had and had[0])
-        except ray.exceptions.RayActorError as exc:
-            self._forget_keeper(namespace, keeper)
-            raise RayAttemptLost(
-                f"ray: the attempt keeper died (its node left the cluster?): {exc}"
-            ) from None
+            outcome: Outcome = await runner.handle.run.remote(task_id, key, call, drop)
+        except ray.exceptions.RayError as exc:
+            pool.forget(runner)
+            return outcome_of_error(exc)
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()) and ctx.spec.task_class in self._leaving:
                 log.warning(
@@ -569,19 +741,17 @@ class RayExecutor(AsyncResource):
                     task_id,
                 )
                 raise
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE + 30):
-                with contextlib.suppress(Exception):
-                    await keeper.cancel.remote(task_id)
-                # Whatever attempt the keeper held for the task (this one, or one it was
-                # adopting), it is over: a retry must not adopt it.
-                keeper.collect.remote([(task_id, None)])
+            await self._cancel_on(pool, runner, task_id)
             raise
-        if outcome["status"] != "unknown":
-            self._uncollected[(namespace, task_id)] = (outcome.get("adopted", key), time.monotonic())
+        if outcome["status"] == "busy":
+            return outcome
+        pool.give_back(runner)
+        if self.survives_owner and outcome["status"] != "unknown":
+            self._uncollected[task_id] = (runner, outcome.get("adopted", key), time.monotonic())
         return outcome
 
     async def _collect_loop(self) -> None:
-        """Tell the keepers, in one call each per ``COLLECT_DELAY``, which outcomes to drop:
+        """Tell the runners, in one call each per ``COLLECT_DELAY``, which outcomes to drop:
         those in hand for at least that long (the scheduler commits a task's end within
         milliseconds of it; until then a crash leaves the outcome for the next owner)."""
         while True:
@@ -589,18 +759,13 @@ class RayExecutor(AsyncResource):
             self._collect(time.monotonic() - COLLECT_DELAY)
 
     def _collect(self, before: float) -> list[Any]:
-        """Send the keepers the outcomes in hand since ``before`` to drop; their refs."""
-        sent: list[Any] = []
-        due: dict[str, list[tuple[str, str]]] = {}
-        for (namespace, task_id), (key, at) in list(self._uncollected.items()):
+        """Send the runners the outcomes in hand since ``before`` to drop; their refs."""
+        due: dict[_Runner, list[tuple[str, str]]] = {}
+        for task_id, (runner, key, at) in list(self._uncollected.items()):
             if at <= before:
-                del self._uncollected[(namespace, task_id)]
-                due.setdefault(namespace, []).append((task_id, key))
-        for namespace, done in due.items():
-            keeper = self._keepers.get(namespace)
-            if keeper is not None:
-                sent.append(keeper.collect.remote(done))
-        return sent
+                del self._uncollected[task_id]
+                due.setdefault(runner, []).append((task_id, key))
+        return [runner.handle.collect.remote(done) for runner, done in due.items()]
 
 
 def _result(outcome: Outcome, ctx: TaskContext) -> dict[str, Any]:

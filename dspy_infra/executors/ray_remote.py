@@ -1,41 +1,39 @@
 """What runs on the Ray cluster for the ``ray`` executor (``ray.py`` wraps these with
 ``ray.remote``; this module imports Ray only inside functions that run where Ray is).
 
-- ``run_attempt(call)``: one attempt, a Ray task with the class's resources. It runs the
-  named handler (a built-in such as ``exec`` or ``http``, found through the same plugin hook
-  as on the owner, or ``"package.module:function"``, an async function importable on the
-  cluster) in its own event loop and returns an *outcome*, a plain dict: ``{"ok": true,
-  "result": {...}}`` or ``{"ok": false, "permanent": bool, "error": "...", "result": {...}}``
-  (handler errors travel as data, not as pickled exceptions). A cancel from Ray (SIGINT in
-  the worker's main thread) cancels the handler, so ``exec`` ends its process group.
-- ``AttemptKeeper``: a detached, named async actor (one per owner and namespace) that
-  submits attempts and keeps each one's outcome until its owner collects it. Tasks the
-  keeper submits belong to the keeper, so they outlive a crashed or stopped owner; the
-  task's next attempt, from a restarted owner, asks the same keeper for the same task and
-  gets the attempt it holds.
+- ``AttemptRunner``: an async actor with the class's resources (num_cpus, num_gpus, custom
+  resources, runtime env) that runs one attempt at a time, as a task of its own persistent
+  event loop, so an attempt is one actor call on a warm runner, no worker lease per
+  attempt. An attempt runs the named handler (a built-in such as ``exec`` or ``http``,
+  found through the same plugin hook as on the owner, or ``"package.module:function"``, an
+  async function importable on the cluster) and returns an *outcome*, a plain dict:
+  ``{"ok": true, "result": {...}}`` or ``{"ok": false, "permanent": bool, "error": "...",
+  "result": {...}}`` (handler errors travel as data, not as pickled exceptions). Cancel
+  (the runner's ``cancel``) cancels the handler, so ``exec`` ends its process group.
+  A durable owner's runners are detached and named (scope, class, a random suffix): an
+  attempt belongs to its runner, not to the owner, which keeps the outcome until the owner
+  collects it; a restarted owner finds the runner holding a task by asking the class's
+  named runners. Idle runners exit by themselves (``[ray_classes.NAME] idle_timeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import importlib
 import inspect
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AttemptKeeper", "Outcome", "cancel_attempt", "ended", "outcome_of_error", "run_attempt"]
+__all__ = ["CANCEL_GRACE", "AttemptRunner", "Outcome", "ended", "outcome_of_error"]
 
 Outcome = dict[str, Any]
 
 #: Seconds a cancelled attempt gets to end by itself (its handler's clean-up: ``exec``
-#: ends its process group) before Ray kills its worker.
+#: ends its process group) before its owner kills the runner.
 CANCEL_GRACE = 5.0
 #: Outcomes nobody collected are dropped this long after the attempt ended (an owner that
 #: never came back).
@@ -104,50 +102,6 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
         await shared.aclose()
 
 
-_worker_loop: asyncio.AbstractEventLoop | None = None
-#: The attempt this worker runs now (what a SIGINT from ``ray.cancel`` cancels).
-_running: asyncio.Task[Outcome] | None = None
-
-
-def _cancel_running() -> None:
-    if _running is not None:
-        _running.cancel()
-
-
-def run_attempt(call: Mapping[str, Any]) -> Outcome:
-    """One attempt on a Ray worker (wrapped by ``ray.remote(max_retries=0)``: retries are the
-    scheduler's). Ray's cancel interrupts the main thread with SIGINT; the handler is
-    cancelled then, so its clean-up runs, and the cancellation propagates to Ray.
-
-    A Ray worker runs one task at a time, so one event loop per worker process, with its
-    SIGINT handler installed once, serves every attempt it runs (a new loop and handler
-    per attempt cost more than a no-op handler)."""
-    global _worker_loop, _running
-    if _worker_loop is None or _worker_loop.is_closed():
-        _worker_loop = asyncio.new_event_loop()
-        if threading.current_thread() is threading.main_thread():
-            _worker_loop.add_signal_handler(signal.SIGINT, _cancel_running)
-    task = _running = _worker_loop.create_task(_run_handler(call))
-    try:
-        return _worker_loop.run_until_complete(task)
-    finally:
-        _running = None
-
-
-def cancel_attempt(ref: Any) -> None:
-    """Blocking: cancel the attempt behind ``ref`` (SIGINT first: the handler cleans up, exec
-    ends its process group); if it has not ended after ``CANCEL_GRACE`` seconds, kill its
-    worker. Only the owner of ``ref`` may call it."""
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.cancel(ref, force=False)
-    ready, _ = ray.wait([ref], timeout=CANCEL_GRACE)
-    if not ready:
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=True)
-
-
 def outcome_of_error(exc: BaseException) -> Outcome:
     """The outcome of an attempt whose ref raised ``exc`` instead of returning one."""
     import ray
@@ -167,76 +121,115 @@ def ended(outcome: Outcome) -> Outcome:
     return outcome if "status" in outcome else {"status": "ended", **outcome}
 
 
-class AttemptKeeper:
-    """Submits attempts and keeps their outcomes until collected (see the module docstring).
+class AttemptRunner:
+    """A warm runner of one class's attempts (see the module docstring): an async actor
+    created with the class's resources, running one attempt at a time as a task of its own
+    event loop.
 
-    Holds at most one attempt per task (the keeper is per owner, so a task id is unique
-    here). ``run(task_id, key, call, options, drop)`` returns the outcome of the attempt it
-    holds for the task, whatever its key (one left by an earlier owner is *adopted*: the
-    outcome then names its key under ``"adopted"``), or starts ``call`` under ``key`` when it
-    holds none; with ``call`` None it only adopts: ``{"status": "unknown"}`` when it holds
-    none (never started, or the keeper was restarted and lost it). ``drop`` names the key of
-    an outcome the caller already has (a retry must not adopt the attempt it retries).
-    ``collect`` drops outcomes their owner has recorded.
+    ``run(task_id, key, call, drop)`` returns the outcome of the attempt it holds for the
+    task, whatever its key (one left by an earlier owner is *adopted*: the outcome then
+    names its key under ``"adopted"``), or starts ``call`` under ``key`` when it holds none
+    and runs nothing else (``{"status": "busy"}`` when it does); with ``call`` None it only
+    adopts: ``{"status": "unknown"}`` when it holds nothing for the task. ``drop`` names the
+    key of an outcome the caller already has (a retry must not adopt the attempt it
+    retries). With ``keep`` (a durable owner) an outcome stays until ``collect``: the owner
+    may die before it records it, and its successor asks again; without, it is dropped once
+    returned.
+
+    Idle (nothing running, nothing held) for ``idle_timeout`` seconds, the runner exits by
+    itself, giving its resources (GPUs) back to the cluster.
     """
 
-    def __init__(self) -> None:
-        import ray
-
-        # Retries are the scheduler's, never Ray's: a lost attempt fails, then the task's
-        # policy decides.
-        self._remote_run = ray.remote(max_retries=0)(run_attempt)
-        #: Task id -> (key, ref) of the attempt held for it.
-        self._held: dict[str, tuple[str, Any]] = {}
+    def __init__(self, idle_timeout: float, keep: bool) -> None:
+        self._idle_timeout = idle_timeout
+        self._keep = keep
+        #: Task id -> (key, the attempt's asyncio task) of the attempts held.
+        self._held: dict[str, tuple[str, asyncio.Task[Outcome]]] = {}
         #: Task id -> when its held attempt ended (uncollected outcomes expire).
         self._ended: dict[str, float] = {}
+        self._running: str | None = None
+        #: Set once it has decided to exit: later calls are refused, never started.
+        self._exiting = False
+        self._idle_since = time.monotonic()
+        self._watch: asyncio.Task[None] | None = None
+
+    def _touch(self) -> None:
+        self._idle_since = time.monotonic()
+        if self._watch is None:  # started by the first call: __init__ runs outside the loop
+            self._watch = asyncio.get_running_loop().create_task(self._watch_idle())
+
+    async def _watch_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(self._idle_timeout / 4, 10.0))
+            self._expire()
+            if self._idle():
+                self._exit()
+                return
+
+    def _idle(self) -> bool:
+        return (
+            self._running is None
+            and not self._held
+            and time.monotonic() - self._idle_since >= self._idle_timeout
+        )
 
     def _expire(self) -> None:
         cutoff = time.time() - UNCOLLECTED_TTL
         for task_id in [t for t, at in self._ended.items() if at < cutoff]:
-            self._held.pop(task_id, None)
-            self._ended.pop(task_id, None)
+            self._drop(task_id, None)
 
     def _drop(self, task_id: str, key: str | None) -> None:
         held = self._held.get(task_id)
-        if held is not None and (key is None or held[0] == key):
+        if held is not None and held[1].done() and (key is None or held[0] == key):
             del self._held[task_id]
             self._ended.pop(task_id, None)
 
-    async def run(
-        self,
-        task_id: str,
-        key: str,
-        call: Mapping[str, Any] | None,
-        options: Mapping[str, Any] | None,
-        drop: str | None = None,
-    ) -> Outcome:
-        """The outcome of the task's attempt (see the class docstring). Kept until
-        ``collect``: the caller may die before it records it, and its successor asks again."""
-        import ray
+    def _finished(self, task_id: str) -> None:
+        self._ended[task_id] = time.time()
+        self._running = None
+        self._idle_since = time.monotonic()
 
+    async def run(
+        self, task_id: str, key: str, call: Mapping[str, Any] | None, drop: str | None = None
+    ) -> Outcome:
+        """The outcome of the task's attempt (see the class docstring)."""
+        self._touch()
         if drop is not None:
             self._drop(task_id, drop)
+        elif not self._keep:  # nobody adopts here: an ended attempt of the task is over
+            self._drop(task_id, None)
         held = self._held.get(task_id)
         if held is None:
-            if call is None or options is None:
+            if call is None:
                 return {"status": "unknown"}
-            self._expire()
-            held = self._held[task_id] = (key, self._remote_run.options(**options).remote(call))
-        held_key, ref = held
+            if self._running is not None or self._exiting:
+                return {"status": "busy"}
+            attempt = asyncio.get_running_loop().create_task(_run_handler(call))
+            held = self._held[task_id] = (key, attempt)
+            self._running = task_id
+            attempt.add_done_callback(lambda _: self._finished(task_id))
+        held_key, attempt = held
         try:
-            outcome: Outcome = ended(await ref)
-        except ray.exceptions.RayError as exc:
-            outcome = outcome_of_error(exc)
-        self._ended.setdefault(task_id, time.time())
+            # Shielded: only ``cancel`` ends the attempt, never a cancelled call.
+            outcome = ended(await asyncio.shield(attempt))
+        except asyncio.CancelledError:
+            if not attempt.cancelled():
+                raise
+            outcome = {"status": "cancelled"}
+        if not self._keep:
+            self._drop(task_id, None)
         return outcome if held_key == key else {**outcome, "adopted": held_key}
 
-    async def cancel(self, task_id: str) -> None:
-        """Cancel the task's attempt (``cancel_attempt``, in a thread: the keeper serves
-        others meanwhile)."""
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel the task's attempt (its handler cleans up: ``exec`` ends its process
+        group); whether it ended within ``CANCEL_GRACE`` seconds (if not, the owner kills
+        the runner)."""
         held = self._held.get(task_id)
-        if held is not None:
-            await asyncio.to_thread(cancel_attempt, held[1])
+        if held is None or held[1].done():
+            return True
+        held[1].cancel()
+        await asyncio.wait([held[1]], timeout=CANCEL_GRACE)
+        return held[1].done()
 
     async def collect(self, done: list[tuple[str, str | None]]) -> None:
         """Drop the outcomes of these (task id, key) pairs: their owner has recorded them
@@ -244,5 +237,23 @@ class AttemptKeeper:
         for task_id, key in done:
             self._drop(task_id, key)
 
-    async def ping(self) -> bool:
+    async def held(self) -> list[tuple[str, str, bool]]:
+        """(task id, key, still running) of every attempt held (adoption after a restart)."""
+        self._touch()
+        return [(task_id, key, not attempt.done()) for task_id, (key, attempt) in self._held.items()]
+
+    async def retire(self) -> bool:
+        """Exit now (its owner no longer needs it), unless it runs or holds an attempt
+        (False)."""
+        if self._running is not None or self._held:
+            return False
+        self._exit()
         return True
+
+    def _exit(self) -> None:
+        """End this runner (Ray's ``kill``, which also frees its name: ``exit_actor`` from an
+        async actor left the actor hanging, serving no call, on Ray 2.60)."""
+        import ray
+
+        self._exiting = True
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

@@ -1,7 +1,7 @@
 """The ``ray`` executor against the real two-node Ray cluster of ``bash scripts/ray.sh start``
 (head with the custom resource ``head``, a second raylet with ``worker2``).
 
-Every task goes through the real Scheduler to real Ray tasks submitted by the keeper actor;
+Every task goes through the real Scheduler to the executor's real runner actors;
 the SIGKILL test kills a real owner process mid-task and lets a new one adopt the attempt;
 the node-loss test starts a private third raylet, SIGKILLs it mid-task and starts another.
 Config refusals, the journal and the capacity arithmetic need no cluster.
@@ -28,14 +28,15 @@ import pytest
 from adoption import RAY_ADDRESS, adoption_round, wait_for_text
 from harness import open_scheduler
 from hypothesis import given
-from strategies import ray_demands
+from strategies import ray_demands, runner_calls
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import ConfigError, ResourceUnavailable, Unavailable
 from dspy_infra.executors import ray as ray_executor
 from dspy_infra.executors.journal import HandleJournal, RemoteHandle
 from dspy_infra.executors.ray import RayClassOptions, RayExecutor, fitting_attempts, ray_classes
-from dspy_infra.models import TaskSpec, TaskStatus
+from dspy_infra.executors.ray_remote import AttemptRunner
+from dspy_infra.models import TaskResult, TaskSpec, TaskState, TaskStatus
 from dspy_infra.ownership import end_leftover_attempts, pid_alive
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
@@ -58,8 +59,8 @@ def ray_settings(tmp_path: Path, namespace: str, **classes: dict[str, Any]) -> d
 
 @pytest.fixture
 def namespace(ray_cluster: str) -> Iterator[str]:
-    """A Ray namespace of the test's own; its keeper actors are killed afterwards (detached
-    ones would outlive the test)."""
+    """A Ray namespace of the test's own; its named runners are killed afterwards (detached
+    ones left running would outlive the test)."""
     name = f"dspy-test-{uuid.uuid4().hex[:10]}"
     yield name
     import ray
@@ -201,6 +202,11 @@ def test_ray_options_for_a_class_not_on_ray_are_refused() -> None:
         ({"resources": 3}, "ray_classes.t.resources", "worker2"),
         ({"runtime_env": "pip"}, "ray_classes.t.runtime_env", "env_vars"),
         ({"namespace": ""}, "ray_classes.t.namespace", "namespace ="),
+        ({"idle_timeout": 0.5}, "ray_classes.t.idle_timeout", "idle_timeout = 60"),
+        ({"idle_timeout": "60"}, "ray_classes.t.idle_timeout", "idle_timeout = 60"),
+        ({"idle_timeout": float("inf")}, "ray_classes.t.idle_timeout", "idle_timeout = 60"),
+        ({"idle_timeout": 10**400}, "ray_classes.t.idle_timeout", "idle_timeout = 60"),
+        ({"num_cpus": 10**400}, "ray_classes.t.num_cpus", "e.g. 1"),
     ],
 )
 def test_bad_ray_options_are_refused_naming_the_field(table: dict[str, Any], field: str, fix: str) -> None:
@@ -212,15 +218,19 @@ def test_bad_ray_options_are_refused_naming_the_field(table: dict[str, Any], fie
     assert caught.value.field == field and fix in str(caught.value)
 
 
-def test_ray_options_map_to_the_task_options_and_demand() -> None:
+def test_ray_options_map_to_the_runner_options_and_demand() -> None:
     settings = load_settings(
         env={},
         ray_namespace="ns",
         task_classes={"t": {"executor": "ray", "max_concurrency": 1}},
-        ray_classes={"t": {"num_gpus": 1, "resources": {"worker2": 0.5}, "runtime_env": PROBE_ENV}},
+        ray_classes={
+            "t": {"num_gpus": 1, "resources": {"worker2": 0.5}, "runtime_env": PROBE_ENV, "idle_timeout": 5}
+        },
     )
     options = ray_classes(settings)["t"]
-    assert options.task_options() == {
+    assert options.idle_timeout == 5.0
+    assert ray_classes(load_settings(env={}, ray_address=RAY_ADDRESS))["ray"].idle_timeout == 60.0
+    assert options.actor_options() == {
         "num_cpus": 1.0,
         "num_gpus": 1.0,
         "resources": {"worker2": 0.5},
@@ -242,6 +252,57 @@ def test_fitting_attempts_is_the_largest_count_that_fits(
     for name, amount in demand.items():
         assert fits * amount <= free.get(name, 0.0) + 1e-3
     assert any((fits + 1) * amount > free.get(name, 0.0) for name, amount in demand.items())
+
+
+@given(runner_calls)
+def test_a_runner_starts_each_task_at_most_once_until_its_outcome_is_dropped(
+    calls: list[tuple[str, int, int]],
+) -> None:
+    # The runner (in process: its attempt logic needs no cluster) against a model of what
+    # it holds: a call for a task it holds adopts that attempt's outcome, never starting
+    # another; only a dropped (collected, or retried) outcome lets the task start again.
+    import ray_probe
+
+    async def scenario() -> None:
+        runner = AttemptRunner(idle_timeout=3600.0, keep=True)
+        held: dict[str, int] = {}  # task id -> attempt held (the model)
+        expected: list[tuple[str, int]] = []
+        ray_probe.STARTED.clear()
+        for what, index, attempt in calls:
+            task_id, key = f"t{index}", f"scope:t{index}:{attempt}"
+            if what == "collect":
+                await runner.collect([(task_id, f"scope:{task_id}:{held.get(task_id)}")])
+                held.pop(task_id, None)
+                continue
+            drop = None
+            if what == "retry" and task_id in held:
+                drop = f"scope:{task_id}:{held.pop(task_id)}"
+            call = None
+            if what != "adopt":
+                call = {
+                    "handler": "ray_probe:count",
+                    "task_id": task_id,
+                    "task_class": "c",
+                    "payload": {},
+                    "attempt": attempt,
+                    "exec_policy": "allow",
+                }
+            outcome = await runner.run(task_id, key, call, drop)
+            if task_id in held:
+                assert outcome["result"] == {"attempt": held[task_id]}
+                assert ("adopted" in outcome) == (held[task_id] != attempt)
+            elif call is None:
+                assert outcome == {"status": "unknown"}
+            else:
+                assert outcome == {"status": "ended", "ok": True, "result": {"attempt": attempt}}
+                held[task_id] = attempt
+                expected.append((task_id, attempt))
+        assert ray_probe.STARTED == expected
+        assert sorted((t, k) for t, k, _ in await runner.held()) == sorted(
+            (t, f"scope:{t}:{a}") for t, a in held.items()
+        )
+
+    asyncio.run(scenario())
 
 
 def test_handles_survive_the_start_that_ends_leftover_local_attempts(tmp_path: Path) -> None:
@@ -279,7 +340,7 @@ async def test_exec_on_ray_gives_the_result_a_local_exec_gives(tmp_path: Path, n
 
 async def test_one_task_runs_on_ray_through_the_built_in_class(tmp_path: Path, namespace: str) -> None:
     # No class of one's own: ray_address alone, and task_class="ray". The command's parent
-    # is a Ray worker process (its title is "ray::run_attempt").
+    # is the class's runner, a Ray actor process (its title is "ray::AttemptRunner...").
     settings = {"ray_address": RAY_ADDRESS, "ray_namespace": namespace, "shutdown_grace": 0.5}
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
         await sched.submit(
@@ -287,7 +348,7 @@ async def test_one_task_runs_on_ray_through_the_built_in_class(tmp_path: Path, n
         )
         result = await sched.wait("solo", timeout=120)
     assert result.status is TaskStatus.COMPLETED, result.error
-    assert result.result["stdout"].startswith("ray::run_attempt"), result.result
+    assert result.result["stdout"].startswith("ray::AttemptRunner"), result.result
 
 
 async def test_a_task_pinned_by_a_custom_resource_runs_on_that_node(tmp_path: Path, namespace: str) -> None:
@@ -366,8 +427,8 @@ async def test_the_scheduler_keeps_a_ray_class_s_limit_within_the_cluster(
 
 
 async def test_ray_calls_never_block_the_event_loop(tmp_path: Path, namespace: str) -> None:
-    # Connecting, creating the detached keeper and fsyncing the handle all happen while a
-    # watchdog ticks; blocking calls on the loop (ray.init, ray.get) showed gaps of seconds.
+    # Connecting, creating a detached named runner and fsyncing the attempt all happen while
+    # a watchdog ticks; blocking calls on the loop (ray.init, ray.get) showed gaps of seconds.
     gaps: list[float] = []
 
     async def watchdog() -> None:
@@ -397,7 +458,7 @@ async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(
     tmp_path: Path, namespace: str, restart: str
 ) -> None:
     # while_running: the new owner watches the same attempt to its end; after_it_ended: the
-    # keeper kept the outcome for it. Either way the command ran once.
+    # runner kept the outcome for it. Either way the command ran once.
     runs, ended = tmp_path / "runs", tmp_path / "ended"
     settings = {"home": str(tmp_path / "home"), **ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})}
     task = {
@@ -412,8 +473,8 @@ async def test_a_sigkilled_owner_s_attempt_is_adopted_and_runs_once(
 async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
     tmp_path: Path, namespace: str, restart: str
 ) -> None:
-    # A durable scheduler stops (a deploy) mid-attempt: the attempt runs on under its keeper
-    # with its handle, and the next start adopts it (or collects its outcome). Runs once.
+    # A durable scheduler stops (a deploy) mid-attempt: the attempt runs on under its runner,
+    # and the next start adopts it (or collects its outcome). Runs once.
     runs, ended = tmp_path / "runs", tmp_path / "ended"
     settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
     cmd = f"echo run >> {runs}; sleep 5; echo finished; echo yes > {ended}"
@@ -468,8 +529,8 @@ async def test_on_shutdown_cancel_ends_the_attempt_at_a_graceful_stop(tmp_path: 
     assert await _gone(pid), "the command outlived a graceful stop with on_shutdown = 'cancel'"
 
 
-async def test_an_attempt_the_keeper_never_got_runs_anew_once(tmp_path: Path, namespace: str) -> None:
-    # The owner recorded attempt 1 and died before its keeper had it (or the keeper was lost
+async def test_an_attempt_no_runner_got_runs_anew_once(tmp_path: Path, namespace: str) -> None:
+    # The owner recorded attempt 1 and died before a runner had it (or the runner was lost
     # with its node): attempt 2 finds nothing to adopt, so the task runs, once.
     runs = tmp_path / "runs"
     settings = load_settings(
@@ -485,7 +546,7 @@ async def test_an_attempt_the_keeper_never_got_runs_anew_once(tmp_path: Path, na
 async def test_a_retry_runs_anew_rather_than_adopting_the_attempt_it_retries(
     tmp_path: Path, namespace: str
 ) -> None:
-    # Attempt 1 fails; its outcome stays with the keeper a moment (for an owner that would
+    # Attempt 1 fails; its outcome stays with its runner a moment (for an owner that would
     # crash before recording it). Attempt 2, a retry in the same owner, must run again.
     marker, runs = tmp_path / "failed-once", tmp_path / "runs"
     cmd = f"echo run >> {runs}; if [ -e {marker} ]; then echo ok; else touch {marker}; exit 1; fi"
@@ -494,6 +555,76 @@ async def test_a_retry_runs_anew_rather_than_adopting_the_attempt_it_retries(
         await sched.submit(exec_task("flaky", "on_ray", cmd, max_attempts=2))
         result = await sched.wait("flaky", timeout=120)
         state = await sched.get("flaky")
+    assert_second_attempt_finished(result, state, runs)
+
+
+async def test_a_runner_idle_for_its_idle_timeout_exits_by_itself(tmp_path: Path, namespace: str) -> None:
+    # Runners hold their class's resources (GPUs) while they wait: idle for idle_timeout,
+    # each exits and its resources go back, while the owner runs on. The command's parent
+    # is its runner, so $PPID names the runner's process.
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0, "idle_timeout": 1})
+    async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        await sched.submit(exec_task("once", "on_ray", "echo $PPID"))
+        result = await sched.wait("once", timeout=120)
+        assert result.status is TaskStatus.COMPLETED, result.error
+        runner = int(result.result["stdout"])
+        # The durable runner keeps the outcome until it is collected (~1 s), then idles 1 s.
+        assert await _gone(runner, timeout=60), "the idle runner never exited"
+        assert not await asyncio.to_thread(_runners_in, namespace)
+        # The next task starts a new runner.
+        await sched.submit(exec_task("again", "on_ray", "echo $PPID"))
+        again = await sched.wait("again", timeout=120)
+    assert again.status is TaskStatus.COMPLETED, again.error
+    assert int(again.result["stdout"]) != runner
+
+
+def _runners_in(namespace: str) -> list[str]:
+    import ray
+
+    return [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == namespace and actor["name"].startswith("dspy_infra-runner-")
+    ]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_a_runner_killed_mid_attempt_fails_it_as_lost_and_the_retry_runs(
+    tmp_path: Path, namespace: str, durable: bool
+) -> None:
+    # The first attempt writes its runner's pid (the command's parent) and waits: the
+    # runner is SIGKILLed under it. The retry finds the pid written and ends at once.
+    runs, pid_file = tmp_path / "runs", tmp_path / "runner.pid"
+    settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
+    async with open_scheduler(tmp_path, durable=durable, **settings) as sched:
+        cmd = f"echo run >> {runs}; if [ ! -e {pid_file} ]; then echo $PPID > {pid_file}; sleep 300; fi"
+        await sched.submit(exec_task("victim", "on_ray", cmd + "; echo ok", max_attempts=2))
+        os.kill(int(await wait_for_text(pid_file, timeout=120)), signal.SIGKILL)
+        result = await sched.wait("victim", timeout=120)
+        state = await sched.get("victim")
+    assert_second_attempt_finished(result, state, runs)
+
+
+async def test_cancel_ends_the_whole_process_tree_of_a_running_exec(tmp_path: Path, namespace: str) -> None:
+    # The command starts a child of its own and waits for it: a cancel ends both.
+    pids = tmp_path / "pids"
+    cmd = f"sleep 300 & echo $$ $! > {pids}; wait"
+    async with ray_scheduler(tmp_path, namespace, on_ray={"num_cpus": 0}) as sched:
+        await sched.submit(exec_task("tree", "on_ray", cmd))
+        shell, child = (int(pid) for pid in (await wait_for_text(pids)).split())
+        assert pid_alive(shell) and pid_alive(child)
+        await sched.cancel("tree")
+        result = await sched.wait("tree", timeout=60)
+        assert result.status is TaskStatus.CANCELLED
+        assert await _gone(shell) and await _gone(child), "a process of the cancelled attempt lived on"
+        # The runner survived the cancel and runs the next attempt.
+        await sched.submit(exec_task("next", "on_ray", "echo ok"))
+        after = await sched.wait("next", timeout=60)
+    assert after.status is TaskStatus.COMPLETED and after.result["stdout"] == "ok\n"
+
+
+def assert_second_attempt_finished(result: TaskResult, state: TaskState, runs: Path) -> None:
+    """The task completed ("ok") on its second attempt, its command run once per attempt."""
     assert result.status is TaskStatus.COMPLETED, result.error
     assert result.result["stdout"] == "ok\n" and state.attempts == 2
     assert runs.read_text() == "run\nrun\n"
@@ -555,7 +686,7 @@ async def test_losing_the_node_mid_task_fails_the_attempt_and_the_retry_finishes
                 await anyio.sleep(0.2)
             state = await sched.get("survive")
             assert state.attempts == 2 and state.status is not TaskStatus.COMPLETED, state
-            assert "lost with its worker or node" in state.error or "keeper" in state.error, state.error
+            assert "lost with its worker or node" in state.error, state.error
             await asyncio.to_thread(_start_node, resource)
             result = await sched.wait("survive", timeout=180)
         assert result.status is TaskStatus.COMPLETED, result.error
