@@ -252,7 +252,7 @@ class Infra(TaskSubmitter, AsyncResource):
 
         Raises ``NotFound`` for an unknown task, or an attempt whose log is not kept.
         """
-        from .handlers.task_logs import log_root, read_task_log
+        from .scheduler.task_logs import log_root, read_task_log
         from .values import check_int, check_text, preview
 
         check_text(task_id, "task_id")

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from strategies import any_task_ids, output_chunks
 
 from dspy_infra.handlers.basic import _Capture
-from dspy_infra.handlers.task_logs import AttemptLog, read_task_log
 from dspy_infra.ownership import (
     ATTEMPT_ENV,
     LABEL_OWNER,
@@ -34,6 +33,7 @@ from dspy_infra.ownership import (
     same_process,
     sweep_action,
 )
+from dspy_infra.scheduler.task_logs import AttemptLog, read_task_log
 
 SCOPE = f"test-{os.getpid()}"
 

@@ -90,6 +90,7 @@ from ..hookspecs import hookimpl
 from ..models import TaskClass
 from ..ownership import attempt_marker, durable_scope
 from ..scheduler.context import ExecutorFactory, TaskContext
+from ..scheduler.task_logs import keep_attempt_log
 from ..values import check_finite, check_json_object, preview
 from .background import BackgroundTask
 from .ray_remote import CANCEL_GRACE, AttemptRunner, Outcome, outcome_of_error
@@ -687,6 +688,11 @@ class RayExecutor(AsyncResource):
                 ctx.attempt,
                 outcome["adopted"],
             )
+        text = outcome.get("log")
+        if text is not None:
+            # The log came back with the outcome: kept where this owner's task_log finds
+            # it, as for a local attempt (before the result, so a caller can read it then).
+            await anyio.to_thread.run_sync(keep_attempt_log, self.settings, ctx.spec.id, ctx.attempt, text)
         return _result(outcome, ctx)
 
     async def _outcome(self, ctx: TaskContext, call: dict[str, Any]) -> Outcome:

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import inspect
@@ -84,22 +85,46 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
     from ..values import check_json_object
 
     shared = SharedResources()
+    settings = _worker_settings(call["exec_policy"])
+    outcome: Outcome
     try:
         try:
             name = call["handler"]
             handler = _builtin_handlers().get(name) or _import_handler(name)
             spec = TaskSpec(call["task_id"], task_class=call["task_class"], payload=call["payload"])
-            ctx = TaskContext(spec, call["attempt"], _worker_settings(call["exec_policy"]), shared)
+            ctx = TaskContext(spec, call["attempt"], settings, shared)
             result = check_json_object(await handler(ctx), "result")
         except PermanentFailure as exc:
-            return {"ok": False, "permanent": True, "error": str(exc), "result": dict(exc.result or {})}
+            outcome = {"ok": False, "permanent": True, "error": str(exc), "result": dict(exc.result or {})}
         except HandlerFailure as exc:
-            return {"ok": False, "permanent": False, "error": str(exc), "result": dict(exc.result or {})}
+            outcome = {"ok": False, "permanent": False, "error": str(exc), "result": dict(exc.result or {})}
         except Exception as exc:
-            return {"ok": False, "permanent": False, "error": f"{type(exc).__name__}: {exc}", "result": {}}
-        return {"ok": True, "result": result}
+            outcome = {"ok": False, "permanent": False, "error": f"{type(exc).__name__}: {exc}", "result": {}}
+        else:
+            outcome = {"ok": True, "result": result}
     finally:
         await shared.aclose()
+    log = _take_log(settings, call["task_id"], call["attempt"])
+    if log is not None:
+        outcome["log"] = log
+    return outcome
+
+
+def _take_log(settings: Any, task_id: str, attempt: int) -> str | None:
+    """The attempt's task log as the handler wrote it on this worker (bounded like every
+    task log), removed here: it goes back with the outcome, and the owner keeps it where
+    its ``task_log`` finds it. None when the handler wrote none. Read on the runner's loop:
+    the runner serves one attempt at a time, and the file is at most ``TASK_LOG_BYTES``."""
+    from ..scheduler.task_logs import attempt_log_path, log_root
+
+    path = attempt_log_path(log_root(settings), task_id, attempt)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return data.decode("utf-8", errors="replace")
 
 
 def outcome_of_error(exc: BaseException) -> Outcome:

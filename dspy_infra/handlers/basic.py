@@ -72,8 +72,8 @@ from ..scheduler.context import (
     payload_number,
     payload_text,
 )
+from ..scheduler.task_logs import AttemptLog, log_root, volatile_scope
 from ..values import json_text, preview
-from .task_logs import AttemptLog, log_root, volatile_scope
 
 __all__ = [
     "RESULT_OUTPUT_BYTES",

@@ -40,6 +40,7 @@ from dspy_infra.models import TaskResult, TaskSpec, TaskState, TaskStatus
 from dspy_infra.ownership import end_leftover_attempts, pid_alive
 from dspy_infra.scheduler.context import TaskContext
 from dspy_infra.scheduler.scheduler import Scheduler
+from dspy_infra.scheduler.task_logs import log_root, read_task_log
 
 HERE = Path(__file__).resolve().parent
 #: Workers import ``ray_probe`` from this directory.
@@ -332,6 +333,11 @@ async def test_exec_on_ray_gives_the_result_a_local_exec_gives(tmp_path: Path, n
         remote = await sched.wait("remote", timeout=120)
         local = await sched.wait("local", timeout=60)
         failed = await sched.wait("fails", timeout=120)
+        # The task log comes back with the outcome and is kept where a local one is.
+        root = log_root(sched.settings)
+        logs = {task: read_task_log(root, task, 1) for task in ("remote", "local", "fails")}
+    assert logs["remote"] == logs["local"] and sorted(logs["remote"].splitlines()) == ["err", "out"]
+    assert logs["fails"] == "bad\n"
     assert remote.status is TaskStatus.COMPLETED, remote.error
     assert remote.result == local.result == {"exit_code": 0, "stdout": "out\n", "stderr": "err\n"}
     assert failed.status is TaskStatus.FAILED

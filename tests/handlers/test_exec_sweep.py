@@ -16,10 +16,10 @@ import pytest
 from dspy_infra import ownership
 from dspy_infra.config import Settings, load_settings
 from dspy_infra.handlers.basic import ExecFailed, exec_handler
-from dspy_infra.handlers.task_logs import log_root, read_task_log
 from dspy_infra.models import TaskSpec
 from dspy_infra.ownership import ATTEMPT_ENV, find_marked, pid_mark, pids_since
 from dspy_infra.scheduler.context import TaskContext
+from dspy_infra.scheduler.task_logs import log_root, read_task_log
 
 
 def _alive(pid: int) -> bool:

@@ -12,10 +12,10 @@ import pytest
 from dspy_infra.config import load_settings
 from dspy_infra.errors import NotFound, PermanentFailure, SpecError
 from dspy_infra.handlers.basic import RESULT_OUTPUT_BYTES, exec_handler
-from dspy_infra.handlers.task_logs import TASK_LOG_ATTEMPTS, AttemptLog, read_task_log
 from dspy_infra.infra import Infra
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.context import TaskContext
+from dspy_infra.scheduler.task_logs import TASK_LOG_ATTEMPTS, AttemptLog, read_task_log
 
 
 def _settings(home: Path, **kw: object) -> object:

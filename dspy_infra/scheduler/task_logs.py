@@ -32,6 +32,8 @@ __all__ = [
     "TASK_LOG_ATTEMPTS",
     "TASK_LOG_BYTES",
     "AttemptLog",
+    "attempt_log_path",
+    "keep_attempt_log",
     "log_root",
     "read_task_log",
     "volatile_scope",
@@ -67,6 +69,22 @@ def log_root(settings: Settings) -> Path:
     return settings.resolved_home() / _LOGS_DIR / store
 
 
+def attempt_log_path(root: Path, task_id: str, attempt: int) -> Path:
+    """The file of one attempt's log under ``root`` (``log_root``)."""
+    return _task_dir(root, task_id) / f"{attempt}.log"
+
+
+def keep_attempt_log(settings: Settings, task_id: str, attempt: int, text: str) -> None:
+    """Store ``text`` as the log of one attempt (one that ran elsewhere: its executor
+    brought the log back), bounded and pruned like a log written here."""
+    log = AttemptLog(log_root(settings), task_id, attempt)
+    log.open()
+    try:
+        log.write(text.encode("utf-8", errors="replace"))
+    finally:
+        log.close()
+
+
 def _task_dir(root: Path, task_id: str) -> Path:
     return root / hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
@@ -81,7 +99,7 @@ class AttemptLog:
     def __init__(self, root: Path, task_id: str, attempt: int, *, limit: int = TASK_LOG_BYTES) -> None:
         self.root = root
         self.dir = _task_dir(root, task_id)
-        self.path = self.dir / f"{attempt}.log"
+        self.path = attempt_log_path(root, task_id, attempt)
         self.attempt = attempt
         self._head_limit = limit // 2
         self._tail_limit = limit - self._head_limit
