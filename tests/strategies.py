@@ -851,3 +851,6 @@ on_shutdown_classes = st.lists(
     max_size=8,
     unique_by=lambda cls: cls.name,
 )
+
+#: Output an attempt writes to its task log: chunks of bytes (some empty, some past a small limit).
+log_chunks = st.lists(st.binary(max_size=700), max_size=12)

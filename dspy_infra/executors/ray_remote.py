@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import importlib
 import inspect
@@ -72,8 +71,9 @@ def _import_handler(path: str) -> Any:
 def _worker_settings(exec_policy: str) -> Any:
     from ..config import Settings
 
-    # The worker's own state directory: only the exec handler's task log lands there (the
-    # owner keeps the result). Never durable: the owner recovers, not the worker.
+    # The worker's own state directory: what the handlers' markers are scoped by (task logs
+    # go back to the owner in memory: ``MemoryLog``). Never durable: the owner recovers,
+    # not the worker.
     home = Path(tempfile.gettempdir()) / "dspy-infra-ray-worker"
     return Settings(home=home, durable=False, exec_policy=exec_policy)
 
@@ -82,17 +82,19 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
     from ..errors import HandlerFailure, PermanentFailure
     from ..models import TaskSpec
     from ..scheduler.context import SharedResources, TaskContext
+    from ..scheduler.task_logs import MemoryLog
     from ..values import check_json_object
 
     shared = SharedResources()
     settings = _worker_settings(call["exec_policy"])
+    log = MemoryLog()
     outcome: Outcome
     try:
         try:
             name = call["handler"]
             handler = _builtin_handlers().get(name) or _import_handler(name)
             spec = TaskSpec(call["task_id"], task_class=call["task_class"], payload=call["payload"])
-            ctx = TaskContext(spec, call["attempt"], settings, shared)
+            ctx = TaskContext(spec, call["attempt"], settings, shared, log)
             result = check_json_object(await handler(ctx), "result")
         except PermanentFailure as exc:
             outcome = {"ok": False, "permanent": True, "error": str(exc), "result": dict(exc.result or {})}
@@ -104,27 +106,12 @@ async def _run_handler(call: Mapping[str, Any]) -> Outcome:
             outcome = {"ok": True, "result": result}
     finally:
         await shared.aclose()
-    log = _take_log(settings, call["task_id"], call["attempt"])
-    if log is not None:
-        outcome["log"] = log
+    # The attempt's task log goes back with the outcome (this node keeps no file of it);
+    # the owner keeps it where its task_log finds it.
+    text = log.text()
+    if text is not None:
+        outcome["log"] = text
     return outcome
-
-
-def _take_log(settings: Any, task_id: str, attempt: int) -> str | None:
-    """The attempt's task log as the handler wrote it on this worker (bounded like every
-    task log), removed here: it goes back with the outcome, and the owner keeps it where
-    its ``task_log`` finds it. None when the handler wrote none. Read on the runner's loop:
-    the runner serves one attempt at a time, and the file is at most ``TASK_LOG_BYTES``."""
-    from ..scheduler.task_logs import attempt_log_path, log_root
-
-    path = attempt_log_path(log_root(settings), task_id, attempt)
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    with contextlib.suppress(OSError):
-        path.unlink()
-    return data.decode("utf-8", errors="replace")
 
 
 def outcome_of_error(exc: BaseException) -> Outcome:

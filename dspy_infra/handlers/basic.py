@@ -72,7 +72,7 @@ from ..scheduler.context import (
     payload_number,
     payload_text,
 )
-from ..scheduler.task_logs import AttemptLog, log_root, volatile_scope
+from ..scheduler.task_logs import AttemptLog, TaskLog, log_root, volatile_scope
 from ..values import json_text, preview
 
 __all__ = [
@@ -308,7 +308,7 @@ class _Output:
 
     _BATCH = 256 * 1024
 
-    def __init__(self, log: AttemptLog | None) -> None:
+    def __init__(self, log: TaskLog | None) -> None:
         self.out, self.err = _Capture(), _Capture()
         self.log = log
         self._pending = bytearray()
@@ -367,7 +367,7 @@ class _Attempt:
     scope: str
     marker: str
     registry: AttemptRegistry | None
-    log: AttemptLog | None
+    log: TaskLog | None
 
 
 def _attempt(ctx: TaskContext) -> _Attempt:
@@ -382,7 +382,9 @@ def _attempt(ctx: TaskContext) -> _Attempt:
         scope, registry = f"{volatile_scope()}-{durable_scope(settings.resolved_home())}", None
     else:
         scope, registry = volatile_scope(), None
-    log = AttemptLog(log_root(settings), ctx.spec.id, ctx.attempt) if settings is not None else None
+    log: TaskLog | None = ctx.log
+    if log is None and settings is not None:
+        log = AttemptLog(log_root(settings), ctx.spec.id, ctx.attempt)
     return _Attempt(scope, attempt_marker(scope, ctx.spec.id, ctx.attempt), registry, log)
 
 

@@ -18,7 +18,7 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 import attrs
@@ -27,6 +27,9 @@ from ..config import Settings
 from ..errors import ConfigError, PermanentFailure
 from ..models import TaskClass, TaskSpec
 from ..values import preview
+
+if TYPE_CHECKING:
+    from .task_logs import TaskLog
 
 __all__ = [
     "TAIL_BYTES",
@@ -86,12 +89,15 @@ class SharedResources:
 @attrs.frozen
 class TaskContext:
     """What a handler gets: the task's spec, which attempt this is (1-based), the scheduler's
-    settings and the resources it owns for handlers (both None outside a scheduler)."""
+    settings and the resources it owns for handlers (both None outside a scheduler), and
+    where the attempt's task log goes when the caller keeps it itself (``log``: a Ray runner
+    ships it back with the outcome; None: the scheduler's task log directory)."""
 
     spec: TaskSpec
     attempt: int
     settings: Settings | None = None
     shared: SharedResources | None = None
+    log: TaskLog | None = None
 
     @property
     def payload(self) -> Mapping[str, Any]:

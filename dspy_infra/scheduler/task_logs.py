@@ -32,6 +32,8 @@ __all__ = [
     "TASK_LOG_ATTEMPTS",
     "TASK_LOG_BYTES",
     "AttemptLog",
+    "MemoryLog",
+    "TaskLog",
     "attempt_log_path",
     "keep_attempt_log",
     "log_root",
@@ -89,23 +91,85 @@ def _task_dir(root: Path, task_id: str) -> Path:
     return root / hashlib.sha256(task_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-class AttemptLog:
-    """The log file of one attempt, written as output arrives, bounded to ``limit`` bytes.
+class TaskLog:
+    """One attempt's log, written as output arrives, bounded to ``limit`` bytes: the first
+    half as it is written, the last half kept until ``close``, with a line saying how many
+    bytes in between were left out. Where the bytes go is the subclass's: a file
+    (``AttemptLog``) or memory (``MemoryLog``). ``open`` before the first ``write``; writes
+    before ``open`` or after ``close`` are dropped."""
 
-    ``write`` is blocking (call it off the loop); the scheduler's one-attempt-at-a-time rule
-    means one writer per file.
-    """
-
-    def __init__(self, root: Path, task_id: str, attempt: int, *, limit: int = TASK_LOG_BYTES) -> None:
-        self.root = root
-        self.dir = _task_dir(root, task_id)
-        self.path = attempt_log_path(root, task_id, attempt)
-        self.attempt = attempt
+    def __init__(self, *, limit: int = TASK_LOG_BYTES) -> None:
         self._head_limit = limit // 2
         self._tail_limit = limit - self._head_limit
         self._head_written = 0
         self._tail = bytearray()
         self._omitted = 0
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def _is_open(self) -> bool:
+        raise NotImplementedError
+
+    def _emit(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def empty(self) -> bool:
+        """True while nothing was written."""
+        return self._head_written == 0 and not self._tail
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk``: to the log while the head has room, else to the kept tail."""
+        if not self._is_open():
+            return
+        room = self._head_limit - self._head_written
+        if room > 0:
+            head = chunk[:room]
+            self._emit(head)
+            self._head_written += len(head)
+            chunk = chunk[room:]
+        if chunk:
+            self._tail += chunk
+            if len(self._tail) > 2 * self._tail_limit:
+                cut = len(self._tail) - self._tail_limit
+                self._omitted += cut
+                del self._tail[:cut]
+
+    def close(self) -> None:
+        """Write the kept tail (after a note of what was left out) and close the log."""
+        if not self._is_open():
+            return
+        try:
+            if len(self._tail) > self._tail_limit:
+                cut = len(self._tail) - self._tail_limit
+                self._omitted += cut
+                del self._tail[:cut]
+            if self._omitted:
+                self._emit(f"\n[dspy_infra: {self._omitted} bytes of output omitted here]\n".encode())
+            if self._tail:
+                self._emit(bytes(self._tail))
+        finally:
+            self._release()
+            self._tail = bytearray()
+
+
+class AttemptLog(TaskLog):
+    """The log file of one attempt under ``root`` (``log_root``).
+
+    Blocking (call it off the loop); the scheduler's one-attempt-at-a-time rule means one
+    writer per file.
+    """
+
+    def __init__(self, root: Path, task_id: str, attempt: int, *, limit: int = TASK_LOG_BYTES) -> None:
+        super().__init__(limit=limit)
+        self.root = root
+        self.dir = _task_dir(root, task_id)
+        self.path = attempt_log_path(root, task_id, attempt)
+        self.attempt = attempt
         self._fh: int | None = None
 
     def open(self) -> None:
@@ -125,45 +189,46 @@ class AttemptLog:
         else:
             _drop_old_attempts(self.dir, self.attempt)
 
-    @property
-    def empty(self) -> bool:
-        """True while nothing was written."""
-        return self._head_written == 0 and not self._tail
+    def _is_open(self) -> bool:
+        return self._fh is not None
 
-    def write(self, chunk: bytes) -> None:
-        """Append ``chunk``: to the file while the head has room, else to the kept tail."""
-        if self._fh is None:
-            return
-        room = self._head_limit - self._head_written
-        if room > 0:
-            head = chunk[:room]
-            os.write(self._fh, head)
-            self._head_written += len(head)
-            chunk = chunk[room:]
-        if chunk:
-            self._tail += chunk
-            if len(self._tail) > 2 * self._tail_limit:
-                cut = len(self._tail) - self._tail_limit
-                self._omitted += cut
-                del self._tail[:cut]
+    def _emit(self, data: bytes) -> None:
+        assert self._fh is not None
+        os.write(self._fh, data)
 
-    def close(self) -> None:
-        """Write the kept tail (after a note of what was left out) and close the file."""
-        if self._fh is None:
-            return
-        try:
-            if len(self._tail) > self._tail_limit:
-                cut = len(self._tail) - self._tail_limit
-                self._omitted += cut
-                del self._tail[:cut]
-            if self._omitted:
-                os.write(self._fh, f"\n[dspy_infra: {self._omitted} bytes of output omitted here]\n".encode())
-            if self._tail:
-                os.write(self._fh, bytes(self._tail))
-        finally:
-            os.close(self._fh)
-            self._fh = None
-            self._tail = bytearray()
+    def _release(self) -> None:
+        assert self._fh is not None
+        os.close(self._fh)
+        self._fh = None
+
+
+class MemoryLog(TaskLog):
+    """One attempt's log kept in memory, bounded like a file: for an attempt whose log
+    travels back to its owner (a Ray runner returns it with the outcome), so the node it
+    ran on writes no file. ``text()`` after ``close``: None if it was never opened."""
+
+    def __init__(self, *, limit: int = TASK_LOG_BYTES) -> None:
+        super().__init__(limit=limit)
+        self._data: bytearray | None = None
+        self._open = False
+
+    def open(self) -> None:
+        self._data = bytearray()
+        self._open = True
+
+    def _is_open(self) -> bool:
+        return self._open
+
+    def _emit(self, data: bytes) -> None:
+        assert self._data is not None
+        self._data += data
+
+    def _release(self) -> None:
+        self._open = False
+
+    def text(self) -> str | None:
+        """What was logged (undecodable bytes as U+FFFD, as ``read_task_log`` reads a file)."""
+        return None if self._data is None else self._data.decode("utf-8", errors="replace")
 
 
 def _attempt_files(task_dir: Path) -> list[tuple[int, Path]]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from strategies import log_chunks
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import NotFound, PermanentFailure, SpecError
@@ -15,7 +17,7 @@ from dspy_infra.handlers.basic import RESULT_OUTPUT_BYTES, exec_handler
 from dspy_infra.infra import Infra
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.scheduler.context import TaskContext
-from dspy_infra.scheduler.task_logs import TASK_LOG_ATTEMPTS, AttemptLog, read_task_log
+from dspy_infra.scheduler.task_logs import TASK_LOG_ATTEMPTS, AttemptLog, MemoryLog, read_task_log
 
 
 def _settings(home: Path, **kw: object) -> object:
@@ -191,3 +193,20 @@ def test_a_first_attempt_starts_the_log_afresh(tmp_path: Path) -> None:
         log.write(text)
         log.close()
     assert read_task_log(tmp_path, "reused") == "=== attempt 1 ===\nnew\n"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=log_chunks)
+def test_a_memory_log_keeps_exactly_what_a_log_file_keeps(tmp_path: Path, chunks: list[bytes]) -> None:
+    # A Ray runner keeps the attempt's log in memory and ships it back: the owner must get
+    # what a local attempt's file would hold, bounds and omission note included.
+    root = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+    on_disk = AttemptLog(root, "t", 1, limit=1000)
+    in_memory = MemoryLog(limit=1000)
+    for log in (on_disk, in_memory):
+        log.open()
+        for chunk in chunks:
+            log.write(chunk)
+        log.close()
+    assert in_memory.text() == read_task_log(root, "t", 1)
+    assert MemoryLog().text() is None  # never opened: the handler wrote no log
