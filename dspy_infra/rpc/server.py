@@ -175,8 +175,13 @@ class _HeldOutput:
 async def _send_unary(stream: grpclib.server.Stream[Any, Any], message: Any) -> None:
     """Send a unary call's answer and its OK trailers with one socket write (grpclib writes
     each frame as it builds it: three ``send`` calls, three segments for the client to read)."""
-    h2_stream: Any = stream._stream  # grpclib has no public seam for this
-    conn = h2_stream._h2_connection
+    h2_stream: Any = getattr(stream, "_stream", None)  # grpclib has no public seam for this
+    conn = getattr(h2_stream, "_h2_connection", None)
+    if conn is None or not hasattr(h2_stream, "_transport"):
+        # Another grpclib than the one this was written against: its plain three writes.
+        await stream.send_message(message)
+        await stream.send_trailing_metadata()
+        return
     h2_stream._h2_connection = _HeldOutput(conn)
     try:
         await stream.send_message(message)

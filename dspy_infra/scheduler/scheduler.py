@@ -631,7 +631,7 @@ class Scheduler(AsyncResource):
         # process) may start with its submit: its row then records the attempt, and one
         # flush covers both (a batch keeps the queue's priority order instead).
         lone = len(checked) == 1
-        early: TaskRecord | None = None
+        early: tuple[ClassQueue, TaskRecord] | None = None
         for index, cq, text in zip(checked, queues, texts, strict=True):
             spec = specs[index]
             if cq is None or spec.id in tasks:
@@ -645,7 +645,7 @@ class Scheduler(AsyncResource):
                 rec.payload_text = text
                 if lone and self._starts_with_intake(cq, spec):
                     self._mark_started(cq, rec, now)
-                    early = rec
+                    early = (cq, rec)
                 rows.append(rec.insert_row())
             self.bus.emit(
                 "task_submitted",
@@ -660,7 +660,7 @@ class Scheduler(AsyncResource):
             # One append: the store's writer never takes a batch's rows in two transactions.
             self._store.insert_many(rows)
         if early is not None:
-            self._start_with_intake(early)
+            self._start_with_intake(*early)
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
         if self._durable and (
@@ -959,10 +959,9 @@ class Scheduler(AsyncResource):
         """Whether a new task may start at its submit, its row recording the attempt: its
         attempt waits for a flush anyway (work outside this process), a slot is free and no
         task of its class is queued (nothing it would overtake)."""
-        synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
-        return synced and self._dispatching and not cq.queued and cq.sem.try_acquire()
+        return _attempt_needs_flush(cq, spec) and self._dispatching and not cq.queued and cq.sem.try_acquire()
 
-    def _start_with_intake(self, rec: TaskRecord) -> None:
+    def _start_with_intake(self, cq: ClassQueue, rec: TaskRecord) -> None:
         """Hand ``rec``, started by ``_intake`` (its slot taken, its row queued with the
         attempt), to a worker; the attempt waits for the row's flush (``intake_gate``)."""
         assert self._loop is not None
@@ -976,7 +975,6 @@ class Scheduler(AsyncResource):
         # submit covers the attempt too (one flush where there were two).
         self._store.after_commit(flushed)
         rec.intake_gate = gate
-        cq = self._queues[rec.spec.task_class]
         self._announce_start(cq, rec)
         self._hand_to_worker(cq, rec)
 
@@ -1085,7 +1083,7 @@ class Scheduler(AsyncResource):
                 # the flush gate is shielded (it may take a while); the journal gate opens
                 # within a loop step and ignores cancel(), so a cancellation arrives then,
                 # without a shield's extra future per attempt.
-                synced = cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
+                synced = _attempt_needs_flush(cq, spec)
                 if rec.intake_gate is not None:
                     gate, rec.intake_gate = rec.intake_gate, None
                     store_error = await asyncio.shield(gate)
@@ -1470,6 +1468,13 @@ class Scheduler(AsyncResource):
         """How many ``stream_results`` consumers are attached (one that left or fell behind
         no longer counts: its buffer is released)."""
         return len(self._subscribers)
+
+
+def _attempt_needs_flush(cq: ClassQueue, spec: TaskSpec) -> bool:
+    """Whether an attempt of ``spec`` does work outside this process (an executor's, or an
+    ``exec``/``container`` handler's), so its record must be on the disk before it starts,
+    not only in the store's log."""
+    return cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
 
 
 def _result_object(result: Mapping[str, Any]) -> dict[str, Any]:

@@ -533,9 +533,7 @@ class SqliteStore:
     def insert_many(self, rows: list[InsertRow]) -> None:
         """Newly accepted tasks, queued at once (the writer takes them in one transaction)."""
         self._ops.extend(rows)
-        if not self._awake:
-            self._awake = True
-            self._wake.set()
+        self._wake_writer()
 
     def put(self, row: UpdateRow) -> None:
         """A changed task (its row exists, or its insert is queued before this)."""
@@ -590,6 +588,9 @@ class SqliteStore:
 
     def _enqueue(self, op: Any) -> None:
         self._ops.append(op)
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         if not self._awake:
             self._awake = True
             self._wake.set()
