@@ -22,6 +22,14 @@ id as ASCII-escaped JSON text (no raw newline, whatever the id holds); a line th
 parse (a write torn by a power cut) is skipped, which loses nothing the store's guarantees
 promise (an unflushed attempt record of an in-process handler may be lost to a power cut,
 as the store's log may be).
+
+A task that starts at its submit, before its row is in the store's log (``submit_and_wait``
+acknowledges nothing before the result, so its row need only survive this process's death
+before the task runs, the level this journal gives), has its whole row journaled instead: a
+line ``+[...]``, the row's values as one ASCII JSON array (``SqliteStore.record_started``).
+Recovery inserts such a row when the database has neither the task nor its pruned id, then
+counts its attempt as above; a task that takes its process down before its row reached the
+log is then found, counted, and not run beyond its ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -29,28 +37,64 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
+from typing import Any
 
-__all__ = ["JOURNAL_FILE_NAMES", "ROTATE_BYTES", "AttemptJournal", "parse_journal"]
+__all__ = ["JOURNAL_FILE_NAMES", "ROTATE_BYTES", "AttemptJournal", "JournalContents", "parse_journal"]
 
 JOURNAL_FILE_NAMES = ("attempts.0.journal", "attempts.1.journal")
 #: Appends switch to the other file once the active one is this large.
 ROTATE_BYTES = 1 << 20
+_ROW_TEXT = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 
 
-def parse_journal(data: bytes, into: dict[str, int]) -> None:
-    """Fold the lines of one journal file into ``into`` (task id -> highest attempt)."""
+#: Values in a journaled row (``SqliteStore``'s insert row); its id is the first, its attempts the tenth.
+ROW_LENGTH = 16
+_ROW_ATTEMPTS = 9
+
+
+class JournalContents:
+    """What the journal files record: task id -> the highest attempt seen started, and the
+    rows of tasks that started at their submit (the latest per id)."""
+
+    __slots__ = ("attempts", "rows")
+
+    def __init__(self) -> None:
+        self.attempts: dict[str, int] = {}
+        self.rows: dict[str, list[Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.attempts or self.rows)
+
+
+def parse_journal(data: bytes, into: JournalContents) -> None:
+    """Fold the lines of one journal file into ``into``."""
+    attempts = into.attempts
     for line in data.split(b"\n"):
-        text, _, number = line.rpartition(b" ")
+        if line.startswith(b"+"):
+            try:
+                row = json.loads(line[1:])
+            except ValueError:  # a torn line
+                continue
+            if not (isinstance(row, list) and len(row) == ROW_LENGTH and isinstance(row[0], str)):
+                continue
+            number = row[_ROW_ATTEMPTS]
+            if type(number) is not int:
+                continue
+            into.rows[row[0]] = row
+            if number > attempts.get(row[0], 0):
+                attempts[row[0]] = number
+            continue
+        text, _, number_text = line.rpartition(b" ")
         try:
             task_id = json.loads(text)
-            attempt = int(number)
+            attempt = int(number_text)
         except ValueError:  # a torn or empty line
             continue
-        if isinstance(task_id, str) and attempt > into.get(task_id, 0):
-            into[task_id] = attempt
+        if isinstance(task_id, str) and attempt > attempts.get(task_id, 0):
+            attempts[task_id] = attempt
 
 
 class AttemptJournal:
@@ -69,9 +113,9 @@ class AttemptJournal:
         #: The file waiting to be emptied (its records not yet known to be in the store).
         self._retiring: int | None = None
 
-    def read(self) -> dict[str, int]:
-        """Task id -> the highest attempt either file records as started."""
-        seen: dict[str, int] = {}
+    def read(self) -> JournalContents:
+        """What both files record."""
+        seen = JournalContents()
         for path in self.paths:
             with contextlib.suppress(FileNotFoundError):
                 parse_journal(path.read_bytes(), seen)
@@ -90,7 +134,18 @@ class AttemptJournal:
         switched: the caller calls ``retire`` once every row queued so far is in the store.
 
         Raises ``OSError`` when the write fails (nothing is then known to be recorded)."""
-        data = "".join([f"{_quote(task_id)} {attempt}\n" for task_id, attempt in entries]).encode("ascii")
+        return self._write("".join([f"{_quote(task_id)} {attempt}\n" for task_id, attempt in entries]))
+
+    def append_rows(self, rows: Sequence[Sequence[Any]]) -> bool:
+        """Record these tasks' whole rows, each with the attempt it holds as started (one
+        write); otherwise as ``append``. Raises ``ValueError`` for a row JSON cannot hold
+        (the caller records it another way), ``OSError`` when the write fails."""
+        return self._write(
+            "".join(["+" + _ROW_TEXT(list(row)) + "\n" for row in rows])  # ASCII: no raw newline
+        )
+
+    def _write(self, text: str) -> bool:
+        data = text.encode("ascii")
         if not data:
             return False
         fd = self._fds[self._active]

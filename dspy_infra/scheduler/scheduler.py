@@ -196,6 +196,9 @@ class Scheduler(AsyncResource):
         self._synced_start_gate: asyncio.Future[InfraError | None] | None = None
         #: Attempts waiting at ``_start_gate``: written to the attempt journal when it opens.
         self._journaled: list[TaskRecord] = []
+        #: The gate of a task that started at its submit with its row in the attempt
+        #: journal: already open (set at start).
+        self._open_gate: asyncio.Future[InfraError | None] | None = None
         #: Monotonic deadline of the shutdown grace once ``drain`` was first called.
         self._drain_deadline: float | None = None
 
@@ -203,6 +206,8 @@ class Scheduler(AsyncResource):
 
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
+        self._open_gate = self._loop.create_future()
+        self._open_gate.set_result(None)
         self._loop_thread = threading.get_ident()
         # nvidia-smi is a subprocess: detect off the loop. The result is cached for the
         # process, so the built-in classes hook (called below, on the loop) finds it ready.
@@ -627,11 +632,16 @@ class Scheduler(AsyncResource):
         tasks = self._tasks
         fresh: list[TaskRecord] = []
         rows: list[InsertRow] = []
-        # A lone task whose attempt must be flushed before it starts (work outside this
-        # process) may start with its submit: its row then records the attempt, and one
-        # flush covers both (a batch keeps the queue's priority order instead).
+        # A lone task may start with its submit when a slot is free and none of its class is
+        # queued (a batch keeps the queue's priority order instead): its row then records
+        # the attempt. One whose attempt must be flushed first (work outside this process)
+        # waits for the submit's flush, which covers both. For a caller that acknowledges
+        # nothing before the result (submit_and_wait), an in-process task starts at once:
+        # its row goes to the attempt journal from here, the level its attempt needs, so it
+        # waits for no writer thread (the result's flush covers the row).
         lone = len(checked) == 1
         early: tuple[ClassQueue, TaskRecord] | None = None
+        journaled = False
         for index, cq, text in zip(checked, queues, texts, strict=True):
             spec = specs[index]
             if cq is None or spec.id in tasks:
@@ -643,9 +653,10 @@ class Scheduler(AsyncResource):
             if self._durable:
                 rec.stored = False
                 rec.payload_text = text
-                if lone and self._starts_with_intake(cq, spec):
+                if lone and self._starts_with_intake(cq, spec, acknowledged):
                     self._mark_started(cq, rec, now)
                     early = (cq, rec)
+                    journaled = not _attempt_needs_flush(cq, spec)
                 rows.append(rec.insert_row())
             self.bus.emit(
                 "task_submitted",
@@ -656,11 +667,21 @@ class Scheduler(AsyncResource):
                 self._notify(rec)
             fresh.append(rec)
             outcomes[index] = rec
-        if rows:
+        if journaled:
+            try:
+                self._store.record_started(rows)
+            except (OSError, ValueError) as exc:
+                # Not known to be recorded: the attempt waits for the row's flush instead.
+                log.warning("the attempt journal could not be written (%s); waiting for the store", exc)
+                journaled = False
+        elif rows:
             # One append: the store's writer never takes a batch's rows in two transactions.
             self._store.insert_many(rows)
         if early is not None:
-            self._start_with_intake(*early)
+            if journaled:
+                self._start_journaled(*early)
+            else:
+                self._start_with_intake(*early)
         # Existing tasks whose row is committed need no wait; new ones (or ones whose insert is
         # still in flight, from a concurrent submit) do.
         if self._durable and (
@@ -674,6 +695,8 @@ class Scheduler(AsyncResource):
             # running before the acknowledgement gives nothing away).
             if fresh:
                 self._store.after_write(lambda error: self._accepted(fresh, error, flushed=False))
+            if journaled:
+                return outcomes  # (its row survives this process's death: it is journaled)
             await self._committed(self._flushed(fresh) if acknowledged else None, flushed=acknowledged)
         else:
             self._accepted(fresh, None)
@@ -955,11 +978,17 @@ class Scheduler(AsyncResource):
         self._start(cq, rec)
         return rec
 
-    def _starts_with_intake(self, cq: ClassQueue, spec: TaskSpec) -> bool:
-        """Whether a new task may start at its submit, its row recording the attempt: its
-        attempt waits for a flush anyway (work outside this process), a slot is free and no
-        task of its class is queued (nothing it would overtake)."""
-        return _attempt_needs_flush(cq, spec) and self._dispatching and not cq.queued and cq.sem.try_acquire()
+    def _starts_with_intake(self, cq: ClassQueue, spec: TaskSpec, acknowledged: bool) -> bool:
+        """Whether a new task may start at its submit, its row recording the attempt (the
+        slot is then taken): a slot is free and no task of its class is queued (nothing it
+        would overtake), and either its attempt waits for a flush anyway (work outside this
+        process) or nothing is acknowledged before its result and its id was never pruned
+        (it runs before the store's trigger could refuse its row)."""
+        if not (self._dispatching and not cq.queued):
+            return False
+        if not _attempt_needs_flush(cq, spec) and (acknowledged or self._store.is_pruned(spec.id)):
+            return False
+        return cq.sem.try_acquire()
 
     def _start_with_intake(self, cq: ClassQueue, rec: TaskRecord) -> None:
         """Hand ``rec``, started by ``_intake`` (its slot taken, its row queued with the
@@ -975,6 +1004,13 @@ class Scheduler(AsyncResource):
         # submit covers the attempt too (one flush where there were two).
         self._store.after_commit(flushed)
         rec.intake_gate = gate
+        self._announce_start(cq, rec)
+        self._hand_to_worker(cq, rec)
+
+    def _start_journaled(self, cq: ClassQueue, rec: TaskRecord) -> None:
+        """Hand ``rec``, started by ``_intake`` with its row in the attempt journal, to a
+        worker: its attempt is recorded, there is nothing to wait for."""
+        rec.intake_gate = self._open_gate
         self._announce_start(cq, rec)
         self._hand_to_worker(cq, rec)
 

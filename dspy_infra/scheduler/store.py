@@ -67,7 +67,7 @@ import os
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
@@ -79,7 +79,7 @@ import attrs
 from ..errors import AlreadyExists, FailedPrecondition, InfraError, SpecError, Unavailable
 from ..models import TaskSpec, TaskStatus
 from ..values import json_text, preview
-from .journal import ROTATE_BYTES, AttemptJournal
+from .journal import ROTATE_BYTES, ROW_LENGTH, AttemptJournal, JournalContents
 
 __all__ = [
     "DB_FILE_NAME",
@@ -142,7 +142,7 @@ InsertRow = tuple[Any, ...]
 #: A changed task: (status, attempts, result JSON, error, started_at, completed_at,
 #: duration_ms, id), the parameters of the UPDATE in order.
 UpdateRow = tuple[str, int, str, str, float, float, float, str]
-_INSERT_LEN = 16
+_INSERT_LEN = ROW_LENGTH  # (16: the journal keeps such rows too)
 _UPDATE_LEN = 8
 #: A pruned task: (id, content hash): its row goes, its id stays in ``pruned``.
 _PRUNE_LEN = 2
@@ -369,6 +369,12 @@ class MemoryStore:
     def record_attempts(self, attempts: list[tuple[str, int]]) -> None:
         pass
 
+    def record_started(self, rows: list[InsertRow]) -> None:
+        pass
+
+    def is_pruned(self, task_id: str) -> bool:
+        return False  # (the scheduler keeps a memory-only server's pruned ids itself)
+
     def after_commit(self, callback: CommitCallback) -> None:
         callback(None)
 
@@ -429,6 +435,13 @@ class SqliteStore:
         #: Set (writer thread) when a commit failed or refused rows: the journal is then
         #: kept at close, since the rows it stands in for may be missing.
         self._rows_lost = False
+        #: A read-only connection for ``is_pruned``, used on the loop only.
+        self._reader: sqlite3.Connection | None = None
+        #: Whether the ``pruned`` table may hold an id (False: ``is_pruned`` needs no read).
+        self._any_pruned = True
+        #: Ids whose prune is queued but not yet in the log (the reader cannot see them yet).
+        self._pruning: set[str] = set()
+        self._pruning_batch: list[str] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -488,16 +501,24 @@ class SqliteStore:
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             _replay_journal(conn, self._journal.read())
             rows = [task for r in conn.execute(_SELECT) if (task := _stored(r)) is not None]
+            self._any_pruned = conn.execute("SELECT EXISTS (SELECT 1 FROM pruned)").fetchone()[0] == 1
             self._journal.open()
             if wal:
                 # The log exists once the connection has written (user_version above); it
                 # keeps its inode while the connection is open (no journal_size_limit).
                 self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+                # WAL readers never wait for the writer, and see each commit once it is in
+                # the log. Without WAL a read could wait for the writer's lock: no reader,
+                # and ``is_pruned`` answers "maybe" (the caller takes the slower path).
+                self._reader = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+                )
         except sqlite3.Error as exc:
             self._release_lock()
             raise translate_sqlite_error(exc, self.path) from None
         except OSError as exc:
             conn.close()
+            self._close_reader()
             self._release_lock()
             raise translate_sqlite_error(exc, self.path) from None
         except BaseException:
@@ -506,6 +527,12 @@ class SqliteStore:
         self._conn = conn
         # The pruned ids stay on disk (the trigger refuses them); none are loaded.
         return OpenedState(rows, {})
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                reader.close()
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -521,6 +548,7 @@ class SqliteStore:
         self._waiting.set()
         thread, self._thread = self._thread, None
         await anyio.to_thread.run_sync(thread.join)
+        self._close_reader()
         # Every row is written (or it is not known that they are): empty the journal only then.
         self._journal.close(empty=self._dead is None and not self._rows_lost)
 
@@ -542,6 +570,38 @@ class SqliteStore:
     def prune(self, task_id: str, content_hash: str) -> None:
         """A finished task leaves retention: its row goes, its id and hash stay."""
         self._enqueue((task_id, content_hash))
+        # Until the prune is in the log, ``is_pruned`` answers from memory: one marker per
+        # loop step (after all of that step's prunes) says when.
+        self._any_pruned = True
+        self._pruning.add(task_id)
+        if self._pruning_batch is None:
+            self._pruning_batch = []
+            asyncio.get_running_loop().call_soon(self._seal_pruning_batch)
+        self._pruning_batch.append(task_id)
+
+    def _seal_pruning_batch(self) -> None:
+        batch, self._pruning_batch = self._pruning_batch or [], None
+
+        def written(error: InfraError | None) -> None:
+            if error is None:  # (a failed prune keeps its id here: "maybe pruned" is safe)
+                self._pruning.difference_update(batch)
+
+        self._enqueue(_Written(written))
+
+    def is_pruned(self, task_id: str) -> bool:
+        """Whether ``task_id`` was pruned (reusing it is refused), or may have been: True
+        also when the store cannot tell (no reader). For a caller about to run a task before
+        its row is written (``record_started``), which the ``pruned`` trigger would refuse
+        only afterwards. On the loop: one indexed point read (WAL readers take no lock),
+        and none at all while nothing was ever pruned."""
+        if not self._any_pruned:
+            return False
+        if task_id in self._pruning or self._reader is None:
+            return True
+        try:
+            return self._reader.execute("SELECT 1 FROM pruned WHERE id = ?", (task_id,)).fetchone() is not None
+        except sqlite3.Error:
+            return True
 
     def record_attempts(self, attempts: list[tuple[str, int]]) -> None:
         """Record (task id, attempt) as started, in the journal: in the kernel when this
@@ -551,6 +611,22 @@ class SqliteStore:
         if self._journal.append(attempts):
             # The other file is written from now on; the full one is emptied once every row
             # queued so far (those of all the attempts it holds) is in the log.
+            self._enqueue(_Written(self._retire_journal))
+
+    def record_started(self, rows: list[InsertRow]) -> None:
+        """Tasks that start at their submit, before their rows are in the log: each row
+        (recording its first attempt as running) is queued for the writer and written whole
+        to the journal, so it survives this process's death when this returns, like
+        ``after_write``'s level, without waiting for the writer thread. For a caller that
+        acknowledges nothing before the flush of the task's result (``submit_and_wait``).
+
+        Raises ``OSError`` (or ``ValueError``) when the journal write fails: the rows are
+        queued, but nothing is known to be recorded yet."""
+        if self._thread is None:
+            raise OSError("the task store is closed")
+        self._ops.extend(rows)  # before the journal's retire marker, if it switches files
+        self._wake_writer()
+        if self._journal.append_rows(rows):
             self._enqueue(_Written(self._retire_journal))
 
     def _retire_journal(self, error: InfraError | None) -> None:
@@ -867,33 +943,46 @@ class SqliteStore:
         return self._conn
 
 
-def _replay_journal(conn: sqlite3.Connection, started: dict[str, int]) -> None:
-    """Raise each unfinished task's attempts to the highest the journal saw start (that
-    attempt was interrupted: ``running``), flushed before the journal is emptied."""
-    if not started:
+def _replay_journal(conn: sqlite3.Connection, journal: JournalContents) -> None:
+    """Insert each journaled row the database lacks (a task that started at its submit
+    before its row reached the log; not if its id was pruned since), then raise each
+    unfinished task's attempts to the highest the journal saw start (that attempt was
+    interrupted: ``running``), flushed before the journal is emptied."""
+    if not journal:
         return
     level = int(conn.execute("PRAGMA synchronous").fetchone()[0])
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("BEGIN")
-    for task_id, attempt in started.items():
-        # One statement per task: a row the database refuses (as it refused the attempt's
-        # own row) keeps what it had and fails alone, never the store's start.
-        try:
-            conn.execute("SAVEPOINT replay")
-            conn.execute(
-                "UPDATE tasks SET status = 'running', attempts = ? WHERE id = ? AND attempts < ?"
-                " AND status IN ('pending', 'running')",
-                (attempt, task_id, attempt),
-            )
-            conn.execute("RELEASE replay")
-        except sqlite3.DatabaseError as exc:
-            conn.execute("ROLLBACK TO replay")
-            conn.execute("RELEASE replay")
-            log.error(
-                "task %s: its journaled attempt %d could not be saved: %s", preview(task_id), attempt, exc
-            )
+    for task_id, row in journal.rows.items():
+        known = conn.execute(
+            "SELECT 1 FROM tasks WHERE id = ? UNION ALL SELECT 1 FROM pruned WHERE id = ?", (task_id, task_id)
+        ).fetchone()
+        if known is None:
+            _replay_one(conn, task_id, "its journaled row", _insert_sql(1), row)
+    for task_id, attempt in journal.attempts.items():
+        _replay_one(
+            conn,
+            task_id,
+            f"its journaled attempt {attempt}",
+            "UPDATE tasks SET status = 'running', attempts = ? WHERE id = ? AND attempts < ?"
+            " AND status IN ('pending', 'running')",
+            (attempt, task_id, attempt),
+        )
     conn.execute("COMMIT")
     conn.execute(f"PRAGMA synchronous={level}")
+
+
+def _replay_one(conn: sqlite3.Connection, task_id: str, what: str, sql: str, params: Sequence[Any]) -> None:
+    # One statement per task: a row the database refuses (as it refused the task's own row)
+    # keeps what it had and fails alone, never the store's start.
+    try:
+        conn.execute("SAVEPOINT replay")
+        conn.execute(sql, params)
+        conn.execute("RELEASE replay")
+    except sqlite3.DatabaseError as exc:
+        conn.execute("ROLLBACK TO replay")
+        conn.execute("RELEASE replay")
+        log.error("task %s: %s could not be saved: %s", preview(task_id), what, exc)
 
 
 def _row_id(row: tuple[Any, ...]) -> str:

@@ -11,6 +11,7 @@ SQLite's backup API) into a fresh directory that a new store opens.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,16 +24,19 @@ from hypothesis import HealthCheck, given, settings
 from strategies import attempt_journal_plans
 
 from dspy_infra.config import load_settings
+from dspy_infra.errors import AlreadyExists
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
 from dspy_infra.plugins import build_plugin_manager
-from dspy_infra.scheduler.journal import JOURNAL_FILE_NAMES, AttemptJournal, parse_journal
+from dspy_infra.scheduler.journal import JOURNAL_FILE_NAMES, AttemptJournal, JournalContents, parse_journal
 from dspy_infra.scheduler.scheduler import Scheduler
 from dspy_infra.scheduler.store import SqliteStore
 from dspy_infra.scheduler.task import TaskRecord
 
 IDS = ("plain", 'odd "id"\nwith a newline', "ünï ✓")
+#: Tasks submitted during the plan, starting at their submit (their rows journaled whole).
+LATE_IDS = ("late", 'late "odd"\n✓')
 
 
 class Held:
@@ -42,9 +46,16 @@ class Held:
         self.conn = conn
         self.go = threading.Event()
         self.go.set()
+        #: When set, a prune's statements wait (in its open transaction) for ``prunes_go``.
+        self.prunes_wait = False
+        self.prunes = threading.Event()
+        self.prunes_go = threading.Event()
 
     def execute(self, *args: Any) -> Any:
         self.go.wait(30)
+        if self.prunes_wait and str(args[0]).startswith("DELETE"):
+            self.prunes.set()
+            self.prunes_go.wait(30)
         return self.conn.execute(*args)
 
     def close(self) -> None:
@@ -58,32 +69,47 @@ async def _written(store: SqliteStore) -> None:
 
 
 async def _run_plan(tmp: Path, plan: list[tuple[str, int]]) -> tuple[dict[str, int], dict[str, Any]]:
-    """Play ``plan`` on a live store, kill, reopen: (attempts started per id, rows found)."""
+    """Play ``plan`` on a live store, kill, reopen: (attempts started per id, what was found)."""
     store = SqliteStore(tmp / "live", journal_rotate_bytes=16)  # rotates every attempt or two
     await store.open()
     held = store.wrap_connection(Held)
     recs: dict[str, TaskRecord] = {}
+    pruned: set[str] = set()
     try:
-        for seq, task_id in enumerate(IDS):
-            rec = TaskRecord(TaskSpec(task_id, payload={"handler": "noop"}), seq, 1.0)
-            recs[task_id] = rec
-            store.insert(rec.insert_row())
+        for seq, task_id in enumerate((*IDS, *LATE_IDS)):
+            recs[task_id] = TaskRecord(TaskSpec(task_id, payload={"handler": "noop"}), seq, 1.0)
+        for task_id in IDS:
+            store.insert(recs[task_id].insert_row())
         await _written(store)
         held.go.clear()  # from here on rows wait for a "commit" step
         started = dict.fromkeys(IDS, 0)
         for what, index in plan:
-            rec = recs[IDS[index]]
+            rec = recs[(*IDS, *LATE_IDS)[index]]
+            task_id = rec.spec.id
             if what == "commit":
                 held.go.set()
                 await _written(store)
                 held.go.clear()
+            elif task_id in pruned:
+                continue
+            elif what == "prune":
+                if rec.status.terminal:
+                    store.prune(task_id, rec.spec.content_hash)
+                    pruned.add(task_id)
+                    assert store.is_pruned(task_id), "a queued prune counts at once"
             elif rec.status.terminal:
                 continue
+            elif what == "start" and task_id not in started:
+                # Submitted and started at once (Scheduler._intake for submit_and_wait).
+                assert not store.is_pruned(task_id)
+                rec.status, rec.attempts = TaskStatus.RUNNING, 1
+                store.record_started([rec.insert_row()])
+                started[task_id] = 1
             elif what == "start" and rec.status is not TaskStatus.RUNNING:
                 rec.status, rec.attempts = TaskStatus.RUNNING, rec.attempts + 1
                 store.put(rec.update_row())  # queued first, as Scheduler._start does
-                store.record_attempts([(rec.spec.id, rec.attempts)])
-                started[rec.spec.id] = rec.attempts
+                store.record_attempts([(task_id, rec.attempts)])
+                started[task_id] = rec.attempts
             elif what in ("fail", "complete") and rec.status is TaskStatus.RUNNING:
                 rec.status = TaskStatus.PENDING if what == "fail" else TaskStatus.COMPLETED
                 store.put(rec.update_row())
@@ -95,22 +121,35 @@ async def _run_plan(tmp: Path, plan: list[tuple[str, int]]) -> tuple[dict[str, i
     again = SqliteStore(tmp / "image")
     opened = await again.open()
     try:
+        refused = {task_id for task_id in pruned if again.is_pruned(task_id)}
         journal_after = AttemptJournal(tmp / "image").read()
     finally:
         await again.aclose()
     found = {row.spec.id: (row.status, row.attempts) for row in opened.tasks}
-    return started, {"rows": found, "journal_after_open": journal_after}
+    return started, {
+        "rows": found,
+        "pruned": pruned,
+        "pruned_refused_after": refused,
+        "journal_after_open": (journal_after.attempts, journal_after.rows),
+    }
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=attempt_journal_plans)
 def test_a_kill_at_any_point_counts_every_started_attempt_and_no_other(
     tmp_path_factory: pytest.TempPathFactory, plan: list[tuple[str, int]]
 ) -> None:
     started, after = anyio.run(_run_plan, tmp_path_factory.mktemp("journal"), plan)
-    rows = after["rows"]
-    assert set(rows) == set(IDS), "no task lost"
+    rows, pruned = after["rows"], after["pruned"]
+    # A pruned task's row may be gone or not yet (its prune not in the log at the kill), but
+    # it never comes back from the journal as unfinished work.
+    kept = {task_id: row for task_id, row in rows.items() if task_id not in pruned}
+    assert set(kept) == set(started) - pruned, "no task lost, none made up (a late one only once started)"
+    for task_id in pruned & set(rows):
+        assert rows[task_id][0].terminal, (task_id, rows[task_id])
     for task_id, attempts in started.items():
+        if task_id in pruned:
+            continue
         status, found = rows[task_id]
         # Lost: an attempt that ran but is not counted (it could run once too often).
         # Phantom: an attempt counted that never started (a task failed for nothing).
@@ -119,13 +158,19 @@ def test_a_kill_at_any_point_counts_every_started_attempt_and_no_other(
             # Running at the kill, or its end not yet in the log: that attempt was
             # interrupted (recovery retries it only while attempts remain).
             assert status in (TaskStatus.RUNNING, TaskStatus.PENDING)
-    assert after["journal_after_open"] == {}, "opening applies the journal, then empties it"
+    gone = pruned - set(rows)
+    assert after["pruned_refused_after"] >= gone, "a pruned id whose row is gone stays refused"
+    assert after["journal_after_open"] == ({}, {}), "opening applies the journal, then empties it"
 
 
 def test_torn_and_foreign_lines_are_skipped() -> None:
-    seen: dict[str, int] = {}
-    parse_journal(b'"a" 1\n"a" 3\n"b" 2\n"a" 2\n"c" 4\n"torn\n[1] 5\n"d" x\n"e', seen)
-    assert seen == {"a": 3, "b": 2, "c": 4}
+    seen = JournalContents()
+    row = ["r", 7, "cpu_short", 0, None, 3, "", "{}", "running", 2, "", "", 1.0, 1.5, 0.0, 0.0]
+    data = b'"a" 1\n"a" 3\n"b" 2\n"a" 2\n"c" 4\n"torn\n[1] 5\n"d" x\n"e\n'
+    data += b"+" + json.dumps(row).encode() + b"\n+" + json.dumps(row).encode()[:30] + b"\n+[1,2]\n+{}\n"
+    parse_journal(data, seen)
+    assert seen.attempts == {"a": 3, "b": 2, "c": 4, "r": 2}
+    assert seen.rows == {"r": row}
 
 
 async def test_in_process_attempts_do_not_wait_for_the_writer_thread(tmp_path: Path) -> None:
@@ -202,3 +247,77 @@ async def test_a_journaled_attempt_the_database_refuses_fails_alone_at_start(tmp
     await again.aclose()
     found = {row.spec.id: (row.status, row.attempts) for row in opened.tasks}
     assert found == {"refused": (TaskStatus.PENDING, 0), "fine": (TaskStatus.RUNNING, 3)}
+
+
+async def test_submit_and_wait_starts_a_task_before_its_row_is_in_the_log(tmp_path: Path) -> None:
+    """``submit_and_wait`` acknowledges nothing before the result, so an in-process task
+    starts at once, its whole row in the journal: with the writer thread held it still runs,
+    and a kill then leaves it found and counted (it takes its process down at most
+    ``max_attempts`` times). Its result waits for the flush of both rows."""
+    cfg = load_settings(env={}, home=tmp_path / "state", durable=True, shutdown_grace=0.2)
+    pm = build_plugin_manager(load_entry_points=False)
+    ran = anyio.Event()
+    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+
+        async def probe(ctx: Any) -> dict[str, Any]:
+            ran.set()
+            await anyio.sleep(3600)
+            return {}
+
+        sched.register_handler("probe", probe)
+        assert isinstance(sched.store, SqliteStore)
+        held = sched.store.wrap_connection(Held)
+        held.go.clear()
+        try:
+            waiter = asyncio.ensure_future(
+                sched.submit_and_wait(TaskSpec("t", payload={"handler": "probe"}, max_attempts=1))
+            )
+            with anyio.fail_after(10):
+                await ran.wait()
+            await anyio.sleep(0.01)
+            crash_image(cfg.resolved_home(), tmp_path / "image")
+        finally:
+            held.go.set()
+        rows = sqlite3.connect(tmp_path / "image" / "state.db").execute("SELECT id FROM tasks")
+        assert rows.fetchall() == [], "the row had not reached the log"
+        await sched.cancel("t")
+        result = await waiter
+        assert result.status is TaskStatus.CANCELLED
+    cfg2 = load_settings(env={}, home=tmp_path / "image", durable=True, shutdown_grace=0.2)
+    async with Scheduler(cfg2, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+        state = await sched.get("t")
+        assert state.status is TaskStatus.FAILED and state.attempts == 1, state
+        assert "during attempt 1 of 1" in state.error
+        assert state.spec.payload == {"handler": "probe"}
+
+
+@pytest.mark.parametrize("prune_in_the_log", [True, False], ids=["pruned-in-log", "prune-still-queued"])
+async def test_submit_and_wait_never_runs_a_pruned_id_again(tmp_path: Path, prune_in_the_log: bool) -> None:
+    """A task starting at its submit runs before the store's trigger could refuse a pruned id:
+    the id is checked first, in the database or among the prunes still queued for it."""
+    cfg = load_settings(env={}, home=tmp_path / "state", durable=True, retention=1)
+    pm = build_plugin_manager(load_entry_points=False)
+    runs: dict[str, int] = {}
+    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+
+        async def count(ctx: Any) -> dict[str, Any]:
+            runs[ctx.spec.id] = runs.get(ctx.spec.id, 0) + 1
+            return {}
+
+        sched.register_handler("count", count)
+        assert isinstance(sched.store, SqliteStore)
+        held = sched.store.wrap_connection(Held)
+        await sched.submit_and_wait(TaskSpec("a", payload={"handler": "count"}))
+        held.prunes_wait = not prune_in_the_log  # "a"'s prune then waits in its transaction
+        await sched.submit_and_wait(TaskSpec("b", payload={"handler": "count"}))  # "a" leaves
+        assert "a" not in sched._tasks, "a left retention"  # noqa: SLF001
+        if prune_in_the_log:
+            await sched.submit_and_wait(TaskSpec("c", payload={"handler": "count"}))  # after a's prune
+        else:
+            await anyio.to_thread.run_sync(held.prunes.wait, 10)
+        again = asyncio.ensure_future(sched.submit_and_wait(TaskSpec("a", payload={"handler": "count"})))
+        await anyio.sleep(0.05)
+        held.prunes_go.set()
+        with pytest.raises(AlreadyExists, match="pruned|already"):
+            await again
+    assert runs.get("a") == 1 and runs.get("b") == 1
