@@ -390,8 +390,8 @@ attempt_plans = st.lists(st.sampled_from(["ok", "fail", "crash"]), min_size=1, m
 #: What happens to five tasks before a kill (the first three submitted at the start, the last
 #: two not): ("start", i) an attempt of task i starts (its row queued, the attempt journaled;
 #: for a task not yet submitted, its submit: its whole row, attempt 1 running, journaled),
-#: ("fail", i) / ("complete", i) it ends (row queued), ("prune", i) a finished task leaves
-#: retention, ("commit", 0) every queued row reaches the store's log. The plan ends at the kill.
+#: ("fail", i) / ("complete", i) it ends (row queued), ("prune", i) a finished task
+#: whose end is in the log leaves retention, ("commit", 0) every queued row reaches the store's log. The plan ends at the kill.
 attempt_journal_plans = st.lists(
     st.one_of(
         st.tuples(st.sampled_from(["start", "start", "fail", "complete", "prune"]), st.integers(0, 4)),

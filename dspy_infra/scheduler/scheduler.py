@@ -547,9 +547,11 @@ class Scheduler(AsyncResource):
     async def submit_and_wait(self, spec: TaskSpec, timeout: float | None = None) -> TaskResult:
         """Submit ``spec`` and wait for its result (``DeadlineExceeded`` after ``timeout``).
 
-        No acknowledgement is given before the result, so the task's row need only be in the
-        store's log before it runs (as an attempt record needs); the flush that delivers the
-        result covers it too: one disk flush per task instead of two. A timeout tells the
+        No acknowledgement is given before the result, so the task's row need only survive
+        this process's death before it runs (as an attempt record needs); the flush that
+        delivers the result covers it too: one disk flush per task instead of two. A lone
+        in-process task with a free slot starts at once, its row in the attempt journal
+        (``_intake``), without waiting for the store's writer thread. A timeout tells the
         caller that the task stays queued, so that answer waits for the row's flush."""
         outcome = (await self._intake((spec,), False, False))[0]
         if type(outcome) is TaskRecord:
@@ -571,8 +573,9 @@ class Scheduler(AsyncResource):
         A refused task leaves no trace; its neighbours are accepted. With
         ``all_or_nothing``, a spec that fails validation raises before anything is accepted.
         ``acknowledged`` (the default): return once the rows are on disk. False: once they
-        are in the store's log, for a caller that acknowledges nothing before a result
-        (``submit_and_wait``). Either way a task is queued (and may run) as soon as its row
+        are in the store's log (or, for a lone in-process task that starts at once, in the
+        attempt journal: the same level), for a caller that acknowledges nothing before a
+        result (``submit_and_wait``). Either way a task is queued (and may run) as soon as its row
         is in the log; if the disk flush then fails, the error is raised though the task
         stays queued (it was never acknowledged, and the store acknowledges nothing more).
         """

@@ -21,7 +21,11 @@ Two levels of "saved", because they guard against different failures:
 
 In-process attempts reach the second level without the writer thread: ``record_attempts``
 appends them to the attempt journal (``journal.py``) from the loop, and ``open`` replays the
-journal into the rows before loading them.
+journal into the rows before loading them. ``record_started`` does the same for whole rows
+(a task that starts at its submit, for a caller that acknowledges nothing before its
+result); such a caller first asks ``is_pruned``, since the ``pruned`` trigger would refuse
+the row only after the task ran: one indexed read on a read-only connection (in WAL mode
+readers take no lock and never wait for the writer), or none while nothing was pruned.
 
 The connection runs with ``synchronous=NORMAL`` (commits write the log but do not flush it)
 and a second thread, the *syncer*, flushes the log once for every group of commits that
