@@ -603,7 +603,9 @@ class SqliteStore:
         if task_id in self._pruning or self._reader is None:
             return True
         try:
-            return self._reader.execute("SELECT 1 FROM pruned WHERE id = ?", (task_id,)).fetchone() is not None
+            return (
+                self._reader.execute("SELECT 1 FROM pruned WHERE id = ?", (task_id,)).fetchone() is not None
+            )
         except sqlite3.Error:
             return True
 

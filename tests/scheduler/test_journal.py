@@ -11,9 +11,11 @@ SQLite's backup API) into a fresh directory that a new store opens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,26 @@ class Held:
 
     def close(self) -> None:
         self.conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _writer_held(sched: Scheduler) -> AsyncIterator[Held]:
+    """No row of ``sched`` reaches the store's log inside the block."""
+    assert isinstance(sched.store, SqliteStore)
+    held = sched.store.wrap_connection(Held)
+    held.go.clear()
+    try:
+        yield held
+    finally:
+        held.go.set()
+
+
+async def _crash_once_running(ran: anyio.Event, home: Path, image: Path) -> None:
+    """Once the handler runs, copy what a crash would leave of ``home`` into ``image``."""
+    with anyio.fail_after(10):
+        await ran.wait()
+    await anyio.sleep(0.01)
+    crash_image(home, image)
 
 
 async def _written(store: SqliteStore) -> None:
@@ -200,17 +222,9 @@ async def test_in_process_attempts_do_not_wait_for_the_writer_thread(tmp_path: P
         sched.register_handler("probe", probe)
         await sched.submit(TaskSpec("first", "one", {"handler": "blocker"}))
         await sched.submit(TaskSpec("t", "one", {"handler": "probe"}, max_attempts=1))  # queued
-        assert isinstance(sched.store, SqliteStore)
-        held = sched.store.wrap_connection(Held)
-        held.go.clear()
-        try:
+        async with _writer_held(sched):
             release.set()  # "t" starts now, while no row can reach the log
-            with anyio.fail_after(10):
-                await ran.wait()
-            await anyio.sleep(0.01)
-            crash_image(cfg.resolved_home(), tmp_path / "image")
-        finally:
-            held.go.set()
+            await _crash_once_running(ran, cfg.resolved_home(), tmp_path / "image")
         rows = sqlite3.connect(tmp_path / "image" / "state.db").execute(
             "SELECT status, attempts FROM tasks WHERE id = 't'"
         )
@@ -268,19 +282,11 @@ async def test_submit_and_wait_starts_a_task_before_its_row_is_in_the_log(tmp_pa
             return {}
 
         sched.register_handler("probe", probe)
-        assert isinstance(sched.store, SqliteStore)
-        held = sched.store.wrap_connection(Held)
-        held.go.clear()
-        try:
+        async with _writer_held(sched):
             waiter = asyncio.ensure_future(
                 sched.submit_and_wait(TaskSpec("t", payload={"handler": "probe"}, max_attempts=1))
             )
-            with anyio.fail_after(10):
-                await ran.wait()
-            await anyio.sleep(0.01)
-            crash_image(cfg.resolved_home(), tmp_path / "image")
-        finally:
-            held.go.set()
+            await _crash_once_running(ran, cfg.resolved_home(), tmp_path / "image")
         rows = sqlite3.connect(tmp_path / "image" / "state.db").execute("SELECT id FROM tasks")
         assert rows.fetchall() == [], "the row had not reached the log"
         await sched.cancel("t")
