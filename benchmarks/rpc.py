@@ -7,7 +7,8 @@ this process, using the generated betterproto2/grpclib stubs for both. Measured 
 - throughput: ``--n`` calls, ``--concurrency`` in flight on one channel (submit_per_s);
 - batched: ``SubmitTasks`` (an addition to the contract) in batches of ``--batch``;
 - submit -> result (issue 11): ``SubmitAndWait`` round trips (p50/p99, sequential) and
-  ``--clients`` concurrent callers doing them (tasks/s), on the durable server, next to the
+  ``--clients`` concurrent callers doing them (tasks/s), on the durable server (and the
+  sequential round trips on the memory-only server: the store's share), next to the
   same through two calls (``SubmitTask`` then ``WaitTask``) and next to the peers
   (``benchmarks/peers.py``: Ray ``ray.get(f.remote())``, Celery ``delay().get()``, each
   where installed, else skipped with the reason). The echo answers ``SubmitAndWait`` too and
@@ -252,7 +253,12 @@ async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> 
     durable = _sw_call(channel, args.client)
     echo_channel = Channel("127.0.0.1", ports["echo"])
     echo = _sw_call(echo_channel, args.client)
+    # The memory-only server too: the same scheduler and gRPC work without the store, so the
+    # store's share of the round trip (its thread hand-offs and the flush) shows.
+    memory_channel = Channel("127.0.0.1", ports["memory"])
+    memory = _sw_call(memory_channel, args.client)
     one: list[float] = []
+    memory_one: list[float] = []
     two: list[float] = []
     floor: list[float] = []
     many_elapsed = echo_many_elapsed = 0.0
@@ -261,9 +267,11 @@ async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> 
     try:
         await _submit_and_wait(durable, "sw-warm", 100)
         await _submit_and_wait(echo, "echo-warm", 100)
+        await _submit_and_wait(memory, "memory-warm", 100)
         for r in range(rounds):
             one += await _submit_and_wait(durable, f"sw{r}", args.rt_n // rounds)
             floor += await _submit_and_wait(echo, f"echo-sw{r}", args.rt_n // rounds)
+            memory_one += await _submit_and_wait(memory, f"memory-sw{r}", args.rt_n // rounds)
             two += await _two_calls(stub, f"two{r}", args.rt_n // rounds)
             many_elapsed += per_round / await _many_clients(
                 ports["durable"], f"many{r}", per_round, args.clients, args.client
@@ -274,11 +282,14 @@ async def _round_trip_phase(ports: dict[str, int], args: argparse.Namespace) -> 
     finally:
         channel.close()
         echo_channel.close()
+        memory_channel.close()
     return {
         "sw_p50_ms": _pct(one, 0.5),
         "sw_p99_ms": _pct(one, 0.99),
         "echo_sw_p50_ms": _pct(floor, 0.5),
         "echo_sw_p99_ms": _pct(floor, 0.99),
+        "memory_sw_p50_ms": _pct(memory_one, 0.5),
+        "memory_sw_p99_ms": _pct(memory_one, 0.99),
         "two_call_p50_ms": _pct(two, 0.5),
         "two_call_p99_ms": _pct(two, 0.99),
         "many_clients_per_s": per_round * rounds / many_elapsed,
@@ -365,7 +376,11 @@ def main() -> int:
                     "http_port": 0,
                     "durable": durable,
                     # Keep every submitted task: pruning is not what is measured here.
-                    "retention": 2 * args.n + 2 * args.batch_n + 10_000,
+                    "retention": 2 * args.n
+                    + 2 * args.batch_n
+                    + 20 * args.batch
+                    + 2 * (args.rt_n + args.tp_n)
+                    + 10_000,
                 }
                 proc, ports[name] = _start(INFRA_SERVER, json.dumps(settings), cwd=home)
                 procs.append(proc)
@@ -418,6 +433,11 @@ def main() -> int:
         f" -> dspy p50 {rt['sw_p50_ms'] / rt['echo_sw_p50_ms']:.2f}x,"
         f" many clients {rt['many_clients_per_s'] / rt['echo_many_clients_per_s']:.2f}x of the floor"
     )
+    print(
+        f"    memory-only server (no store): SubmitAndWait p50 {rt['memory_sw_p50_ms']:.3f} ms"
+        f" p99 {rt['memory_sw_p99_ms']:.3f} ms -> the durable store adds"
+        f" {rt['sw_p50_ms'] - rt['memory_sw_p50_ms']:.3f} ms at the p50"
+    )
     summary.update({k: round(v, 4) for k, v in rt.items()})
     for peer, fig in peers.items():
         if "skipped" in fig:
@@ -437,6 +457,11 @@ def main() -> int:
         summary[f"many_clients_vs_{peer}"] = round(rt["many_clients_per_s"] / per_s, 3)
         summary[f"echo_many_clients_vs_{peer}"] = round(rt["echo_many_clients_per_s"] / per_s, 3)
         summary[f"echo_sw_p50_vs_{peer}"] = round(rt["echo_sw_p50_ms"] / p50, 3)
+        summary[f"memory_sw_p50_vs_{peer}"] = round(rt["memory_sw_p50_ms"] / p50, 3)
+        print(
+            f"{'':>8}  the memory-only server against {peer}: p50 {rt['memory_sw_p50_ms'] / p50:.2f}x,"
+            f" p99 {rt['memory_sw_p99_ms'] / p99:.2f}x"
+        )
         print(
             f"{'':>8}  the echo floor against {peer}: p50 {rt['echo_sw_p50_ms'] / p50:.2f}x,"
             f" {args.clients} clients {rt['echo_many_clients_per_s'] / per_s:.2f}x"
