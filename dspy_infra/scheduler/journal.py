@@ -28,7 +28,8 @@ acknowledges nothing before the result, so its row need only survive this proces
 before the task runs, the level this journal gives), has its whole row journaled instead: a
 line ``+[...]``, the row's values as one ASCII JSON array (``SqliteStore.record_started``).
 Recovery inserts such a row when the database has neither the task nor its pruned id, then
-counts its attempt as above; a task that takes its process down before its row reached the
+counts its attempt as above (unless a line ``-"<id>"`` says the database refused that row:
+its submitter got the error, so it was never accepted); a task that takes its process down before its row reached the
 log is then found, counted, and not run beyond its ``max_attempts``.
 """
 
@@ -59,20 +60,36 @@ class JournalContents:
     """What the journal files record: task id -> the highest attempt seen started, and the
     rows of tasks that started at their submit (the latest per id)."""
 
-    __slots__ = ("attempts", "rows")
+    __slots__ = ("attempts", "refused", "rows")
 
     def __init__(self) -> None:
         self.attempts: dict[str, int] = {}
         self.rows: dict[str, list[Any]] = {}
+        #: Ids whose journaled row the database refused. Kept apart and applied by
+        #: ``replayable_rows``, whatever the order of the lines: two files take turns, so
+        #: their lines are not read in the order they were written.
+        self.refused: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.attempts or self.rows)
+
+    def replayable_rows(self) -> dict[str, list[Any]]:
+        """The journaled rows to insert where the database lacks them (a row refused once is
+        not: its submitter got the error; so is a later submit of the same id, rarely, which
+        was not acknowledged either)."""
+        return {task_id: row for task_id, row in self.rows.items() if task_id not in self.refused}
 
 
 def parse_journal(data: bytes, into: JournalContents) -> None:
     """Fold the lines of one journal file into ``into``."""
     attempts = into.attempts
     for line in data.split(b"\n"):
+        if line.startswith(b"-"):
+            with contextlib.suppress(ValueError):
+                refused = json.loads(line[1:])
+                if isinstance(refused, str):
+                    into.refused.add(refused)
+            continue
         if line.startswith(b"+"):
             try:
                 row = json.loads(line[1:])
@@ -143,6 +160,11 @@ class AttemptJournal:
         return self._write(
             "".join(["+" + _ROW_TEXT(list(row)) + "\n" for row in rows])  # ASCII: no raw newline
         )
+
+    def forget(self, task_ids: Iterable[str]) -> bool:
+        """The database refused these tasks' rows: a journaled row of theirs is not replayed.
+        Otherwise as ``append``."""
+        return self._write("".join([f"-{_quote(task_id)}\n" for task_id in task_ids]))
 
     def _write(self, text: str) -> bool:
         data = text.encode("ascii")

@@ -446,6 +446,8 @@ class SqliteStore:
         #: Ids whose prune is queued but not yet in the log (the reader cannot see them yet).
         self._pruning: set[str] = set()
         self._pruning_batch: list[str] | None = None
+        #: Whether ``record_started`` journaled rows (a refused one is then marked there).
+        self._rows_journaled = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -632,6 +634,7 @@ class SqliteStore:
             raise OSError("the task store is closed")
         self._ops.extend(rows)  # before the journal's retire marker, if it switches files
         self._wake_writer()
+        self._rows_journaled = True
         if self._journal.append_rows(rows):
             self._enqueue(_Written(self._retire_journal))
 
@@ -860,6 +863,14 @@ class SqliteStore:
         self, rejected: dict[str, InfraError], callbacks: list[CommitCallback], error: InfraError | None
     ) -> None:
         """On the loop: rejected rows first (so no callback sees them as written), then callbacks."""
+        if rejected and self._rows_journaled:
+            # A refused row was never accepted (its caller got the error): the journal must
+            # not bring it back at the next start.
+            try:
+                if self._journal.forget(rejected):
+                    self._enqueue(_Written(self._retire_journal))
+            except OSError as exc:
+                log.warning("could not mark refused rows in the attempt journal: %s", exc)
         try:
             if rejected and self._on_rejected is not None:
                 self._on_rejected(rejected)
@@ -959,7 +970,7 @@ def _replay_journal(conn: sqlite3.Connection, journal: JournalContents) -> None:
     level = int(conn.execute("PRAGMA synchronous").fetchone()[0])
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("BEGIN")
-    for task_id, row in journal.rows.items():
+    for task_id, row in journal.replayable_rows().items():
         known = conn.execute(
             "SELECT 1 FROM tasks WHERE id = ? UNION ALL SELECT 1 FROM pruned WHERE id = ?", (task_id, task_id)
         ).fetchone()

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from strategies import attempt_journal_plans
 
 from dspy_infra.config import load_settings
-from dspy_infra.errors import AlreadyExists
+from dspy_infra.errors import AlreadyExists, NotFound, SpecError
 from dspy_infra.events import EventBus
 from dspy_infra.metrics import InfraMetrics
 from dspy_infra.models import TaskSpec, TaskStatus
@@ -195,7 +195,9 @@ def test_torn_and_foreign_lines_are_skipped() -> None:
     data += b"+" + json.dumps(row).encode() + b"\n+" + json.dumps(row).encode()[:30] + b"\n+[1,2]\n+{}\n"
     parse_journal(data, seen)
     assert seen.attempts == {"a": 3, "b": 2, "c": 4, "r": 2}
-    assert seen.rows == {"r": row}
+    assert seen.rows == {"r": row} and seen.replayable_rows() == {"r": row}
+    parse_journal(b'-"r"\n-"torn\n-[1]\n', seen)  # (in either file: the order of files does not matter)
+    assert seen.refused == {"r"} and seen.replayable_rows() == {}
 
 
 async def test_in_process_attempts_do_not_wait_for_the_writer_thread(tmp_path: Path) -> None:
@@ -330,3 +332,44 @@ async def test_submit_and_wait_never_runs_a_pruned_id_again(tmp_path: Path, prun
         with pytest.raises(AlreadyExists, match="pruned|already"):
             await again
     assert runs.get("a") == 1 and runs.get("b") == 1
+
+
+async def test_a_started_task_whose_row_the_database_refused_does_not_come_back(tmp_path: Path) -> None:
+    """A task that started at its submit runs before the database sees its row. If the
+    database then refuses the row, the submitter gets the error (the task was never
+    accepted), and the journal must not bring the row back at the next start, even once
+    the database would take it (a full disk that has space again)."""
+    home = tmp_path / "state"
+    store = SqliteStore(home)
+    await store.open()
+    await store.aclose()
+    conn = sqlite3.connect(home / "state.db")
+    conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON tasks WHEN NEW.id = 'refused'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+    )
+    conn.commit()
+    conn.close()
+    cfg = load_settings(env={}, home=home, durable=True, shutdown_grace=0.2)
+    pm = build_plugin_manager(load_entry_points=False)
+    runs: list[str] = []
+
+    async def count(ctx: Any) -> dict[str, Any]:
+        runs.append(ctx.spec.id)
+        return {}
+
+    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+        sched.register_handler("count", count)
+        with pytest.raises(SpecError, match="could not be stored"):
+            await sched.submit_and_wait(TaskSpec("refused", payload={"handler": "count"}))
+        fine = await sched.submit_and_wait(TaskSpec("fine", payload={"handler": "count"}))
+        assert fine.status is TaskStatus.COMPLETED
+    assert runs == ["refused", "fine"], "it started at its submit, before the refusal"
+    conn = sqlite3.connect(home / "state.db")
+    conn.execute("DROP TRIGGER refuse")
+    conn.commit()
+    conn.close()
+    async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
+        assert (await sched.get("fine")).status is TaskStatus.COMPLETED
+        with pytest.raises(NotFound):
+            await sched.get("refused")
