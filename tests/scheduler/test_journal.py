@@ -364,7 +364,9 @@ async def test_a_started_task_whose_row_the_database_refused_does_not_come_back(
             await sched.submit_and_wait(TaskSpec("refused", payload={"handler": "count"}))
         fine = await sched.submit_and_wait(TaskSpec("fine", payload={"handler": "count"}))
         assert fine.status is TaskStatus.COMPLETED
-    assert runs == ["refused", "fine"], "it started at its submit, before the refusal"
+    # "refused" started at its submit; whether its handler ran before the refusal came back
+    # is a race (a refused task that has not run yet never does).
+    assert runs in (["refused", "fine"], ["fine"]), runs
     conn = sqlite3.connect(home / "state.db")
     conn.execute("DROP TRIGGER refuse")
     conn.commit()
