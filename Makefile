@@ -43,19 +43,24 @@ proto: venv
 	$(BIN)/python scripts/gen_proto.py
 
 # Every row of issue 11's table, each with its ratio to its floor or peer (Ray and Celery run
-# where installed: pip install -e '.[bench]'); each script's last line is JSON. The 10-minute
+# where installed: pip install -e '.[bench]'); each script's last line is JSON, its output is
+# kept in $(BENCH_OUT), and the last step prints the whole table from them. The 10-minute
 # soak is separate: $(BIN)/python benchmarks/memory.py --soak 600.
+BENCH_OUT ?= .bench
+bench: SHELL := /bin/bash
+bench: .SHELLFLAGS := -o pipefail -c
 bench: venv
-	$(BIN)/python benchmarks/scheduler.py
-	$(BIN)/python benchmarks/exec_handler.py
-	$(BIN)/python benchmarks/rpc.py
-	$(BIN)/python benchmarks/startup.py
-	$(BIN)/python benchmarks/memory.py
-	$(BIN)/python benchmarks/services.py
-	if [ -f benchmarks/containers.py ]; then $(BIN)/python benchmarks/containers.py; fi
-	$(BIN)/python benchmarks/workflows.py
+	mkdir -p $(BENCH_OUT) && rm -f $(BENCH_OUT)/*.out
+	$(BIN)/python -u benchmarks/scheduler.py | tee $(BENCH_OUT)/scheduler.out
+	$(BIN)/python -u benchmarks/exec_handler.py | tee $(BENCH_OUT)/exec_handler.out
+	$(BIN)/python -u benchmarks/rpc.py | tee $(BENCH_OUT)/rpc.out
+	$(BIN)/python -u benchmarks/startup.py | tee $(BENCH_OUT)/startup.out
+	$(BIN)/python -u benchmarks/memory.py | tee $(BENCH_OUT)/memory.out
+	$(BIN)/python -u benchmarks/services.py | tee $(BENCH_OUT)/services.out
+	$(BIN)/python -u benchmarks/workflows.py | tee $(BENCH_OUT)/workflows.out
 	# The ray executor against bare Ray on the two-node cluster (make ray-start; needs EXTRAS=ray).
-	if $(BIN)/python -c 'import ray' 2>/dev/null; then RAY_AUTH_MODE=token $(BIN)/python benchmarks/executors.py; else echo 'benchmarks/executors.py: skipped (no ray: make venv EXTRAS=ray)'; fi
+	if $(BIN)/python -c 'import ray' 2>/dev/null; then RAY_AUTH_MODE=token $(BIN)/python -u benchmarks/executors.py | tee $(BENCH_OUT)/executors.out; else echo 'benchmarks/executors.py: skipped (no ray: make venv EXTRAS=ray)'; fi
+	$(BIN)/python benchmarks/summary.py $(BENCH_OUT)
 
 # As root on Debian: the engines and servers the engine tests use (what CI installs).
 engines-deps:
