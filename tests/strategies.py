@@ -74,6 +74,7 @@ __all__ = [
     "states",
     "step_names",
     "store_op_plans",
+    "submit_and_wait_plans",
     "submit_task_request_fields",
     "task_doc",
     "task_ids",
@@ -398,6 +399,23 @@ attempt_journal_plans = st.lists(
         st.tuples(st.just("commit"), st.just(0)),
     ),
     max_size=30,
+)
+
+#: Rounds of submissions to a durable scheduler that keeps 2 finished tasks: each round runs
+#: its submissions at once; each is (id, content variant, how: "submit_and_wait", "submit"
+#: then wait, or "batch" (the same task twice in one submit_many) then wait).
+submit_and_wait_plans = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.integers(0, 1),
+            st.sampled_from(["submit_and_wait", "submit_and_wait", "submit", "batch"]),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=12,
 )
 
 #: Operations on the durable store, in the order the loop queues them: ("insert", n) rows,

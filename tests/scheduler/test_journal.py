@@ -15,15 +15,16 @@ import contextlib
 import json
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from harness import NO_GPU, crash_image
+from harness import NO_GPU, crash_image, open_scheduler
 from hypothesis import HealthCheck, given, settings
-from strategies import attempt_journal_plans
+from strategies import attempt_journal_plans, submit_and_wait_plans
 
 from dspy_infra.config import load_settings
 from dspy_infra.errors import AlreadyExists, NotFound, SpecError
@@ -375,3 +376,58 @@ async def test_a_started_task_whose_row_the_database_refused_does_not_come_back(
         assert (await sched.get("fine")).status is TaskStatus.COMPLETED
         with pytest.raises(NotFound):
             await sched.get("refused")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=submit_and_wait_plans)
+def test_tasks_started_at_their_submit_run_once_whatever_is_resubmitted_or_pruned(
+    tmp_path_factory: pytest.TempPathFactory, plan: list[list[tuple[str, int, str]]]
+) -> None:
+    """``submit_and_wait`` starts a lone task at once, before its row is written: concurrent
+    and repeated submissions of the same ids (same or other content, through any intake,
+    before and after the id left retention) never run an id twice, never accept other
+    content for an id, and each accepted ``submit_and_wait`` gets the task's result."""
+    home = tmp_path_factory.mktemp("sw")
+
+    async def scenario() -> tuple[Counter[str], dict[str, int], list[tuple[str, int, bool]]]:
+        runs = Counter[str]()
+        ran_with: dict[str, int] = {}
+
+        async def count(ctx: Any) -> dict[str, Any]:
+            runs[ctx.spec.id] += 1
+            ran_with[ctx.spec.id] = int(ctx.spec.payload["variant"])
+            await anyio.lowlevel.checkpoint()
+            return {"variant": ctx.spec.payload["variant"]}
+
+        outcomes: list[tuple[str, int, bool]] = []
+        async with open_scheduler(home, durable=True, retention=2, shutdown_grace=0.5) as sched:
+            sched.register_handler("count", count)
+
+            async def one(task_id: str, variant: int, how: str) -> None:
+                spec = TaskSpec(task_id, payload={"handler": "count", "variant": variant})
+                try:
+                    if how == "submit_and_wait":
+                        result = await sched.submit_and_wait(spec, timeout=10)
+                        assert result.status is TaskStatus.COMPLETED, result
+                        assert result.result == {"variant": variant}
+                    elif how == "submit":
+                        await sched.submit(spec)
+                    else:
+                        await sched.submit_many([spec, spec])
+                except AlreadyExists:
+                    outcomes.append((task_id, variant, False))
+                    return
+                outcomes.append((task_id, variant, True))
+                with contextlib.suppress(NotFound):  # (gone: finished and already pruned)
+                    await sched.wait(task_id, timeout=10)
+
+            for round_ in plan:
+                await asyncio.gather(*(one(*submission) for submission in round_))
+        return runs, ran_with, outcomes
+
+    runs, ran_with, outcomes = anyio.run(scenario)
+    assert all(n == 1 for n in runs.values()), runs
+    for task_id, variant, accepted in outcomes:
+        if accepted:
+            assert ran_with.get(task_id) == variant, "only the content that ran is ever accepted"
+    assert set(runs) == {task_id for task_id, _, accepted in outcomes if accepted}
