@@ -513,12 +513,7 @@ class SqliteStore:
                 # The log exists once the connection has written (user_version above); it
                 # keeps its inode while the connection is open (no journal_size_limit).
                 self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-                # WAL readers never wait for the writer, and see each commit once it is in
-                # the log. Without WAL a read could wait for the writer's lock: no reader,
-                # and ``is_pruned`` answers "maybe" (the caller takes the slower path).
-                self._reader = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-                )
+                self._reader = self._open_reader()
         except sqlite3.Error as exc:
             self._release_lock()
             raise translate_sqlite_error(exc, self.path) from None
@@ -533,6 +528,21 @@ class SqliteStore:
         self._conn = conn
         # The pruned ids stay on disk (the trigger refuses them); none are loaded.
         return OpenedState(rows, {})
+
+    def _open_reader(self) -> sqlite3.Connection | None:
+        """The read-only connection ``is_pruned`` uses (WAL only: WAL readers never wait for
+        the writer, and see each commit once it is in the log). None if it cannot be opened:
+        ``is_pruned`` then answers "maybe", and callers take the slower path."""
+        try:
+            return sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            log.debug("no read-only connection to %s: %s", self.path, exc)
+            return None
 
     def _close_reader(self) -> None:
         reader, self._reader = self._reader, None

@@ -307,7 +307,9 @@ async def test_submit_and_wait_starts_a_task_before_its_row_is_in_the_log(tmp_pa
 async def test_submit_and_wait_never_runs_a_pruned_id_again(tmp_path: Path, prune_in_the_log: bool) -> None:
     """A task starting at its submit runs before the store's trigger could refuse a pruned id:
     the id is checked first, in the database or among the prunes still queued for it."""
-    cfg = load_settings(env={}, home=tmp_path / "state", durable=True, retention=1)
+    # (a state directory whose path a URI must escape: the store's read-only connection is
+    # opened by URI)
+    cfg = load_settings(env={}, home=tmp_path / "state ?#%20 ü", durable=True, retention=1)
     pm = build_plugin_manager(load_entry_points=False)
     runs: dict[str, int] = {}
     async with Scheduler(cfg, bus=EventBus(), metrics=InfraMetrics(), plugins=pm, hardware=NO_GPU) as sched:
@@ -325,6 +327,8 @@ async def test_submit_and_wait_never_runs_a_pruned_id_again(tmp_path: Path, prun
         assert "a" not in sched._tasks, "a left retention"
         if prune_in_the_log:
             await sched.submit_and_wait(TaskSpec("c", payload={"handler": "count"}))  # after a's prune
+            # The answer comes from the database (no prune is queued now), and is exact.
+            assert sched.store.is_pruned("a") and not sched.store.is_pruned("never-submitted")
         else:
             await anyio.to_thread.run_sync(held.prunes.wait, 10)
         again = asyncio.ensure_future(sched.submit_and_wait(TaskSpec("a", payload={"handler": "count"})))
