@@ -393,6 +393,40 @@ class MemoryStore:
 _Wrapper = TypeVar("_Wrapper")
 
 
+class _Wakeup:
+    """A thread's wake-up call: ``set`` (from one other thread) wakes ``wait``; a set that
+    nobody consumed yet is not repeated. A raw lock used as a binary semaphore, where
+    ``threading.Event`` runs a ``Condition`` (Python code taking a lock) on every set: the
+    loop sets these once or twice per task, and each set cost more than the rest of what
+    the loop does for the store."""
+
+    __slots__ = ("_lock", "_pending")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # locked: nothing to wake for
+        self._pending = False
+
+    def set(self) -> None:
+        # Only the setting thread makes _pending True, and only after the sleeper consumed
+        # the last set (it resets _pending after taking the lock), so the lock is held here.
+        if not self._pending:
+            self._pending = True
+            self._lock.release()
+
+    def wait(self, timeout: float = -1) -> bool:
+        """Sleep until set (at most ``timeout`` seconds); True if it was."""
+        if self._lock.acquire(timeout=timeout):
+            self._pending = False
+            return True
+        return False
+
+    def clear(self) -> None:
+        """Consume a set that came meanwhile."""
+        if self._lock.acquire(blocking=False):
+            self._pending = False
+
+
 class SqliteStore:
     """Durable store in ``<home>/state.db`` with one writer thread and group commit."""
 
@@ -414,10 +448,10 @@ class SqliteStore:
         self._interval = commit_interval
         # deque append/popleft are atomic: the loop appends, the writer pops, no lock per op.
         self._ops: deque[Any] = deque()
-        self._wake = threading.Event()
+        self._wake = _Wakeup()
         #: Set when someone waits on a queued operation (a callback, the stop marker): ends
         #: the group-commit window at once, since waiters add nothing until they are answered.
-        self._waiting = threading.Event()
+        self._waiting = _Wakeup()
         #: False once the writer has started draining: the next op must set ``_wake``.
         self._awake = False
         self._thread: threading.Thread | None = None
@@ -427,7 +461,7 @@ class SqliteStore:
         self._wal_fd: int | None = None
         #: Written groups whose ``after_commit`` callbacks wait for the next flush, in order.
         self._unsynced: deque[Any] = deque()
-        self._sync_wake = threading.Event()
+        self._sync_wake = _Wakeup()
         self._syncer: threading.Thread | None = None
         #: Set when a flush failed: what the log holds may not be on disk, nothing more is
         #: acknowledged.
@@ -662,8 +696,7 @@ class SqliteStore:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(callback)
-        if not self._waiting.is_set():
-            self._waiting.set()
+        self._waiting.set()
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)
@@ -675,8 +708,7 @@ class SqliteStore:
             callback(Unavailable("the task store is closed"))
             return
         self._enqueue(_Written(callback))
-        if not self._waiting.is_set():
-            self._waiting.set()
+        self._waiting.set()
         if self._dead is not None:
             # The writer died after (or while) draining: fail what it will never take.
             self._fail_queued(self._dead)

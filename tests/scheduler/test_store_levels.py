@@ -297,3 +297,32 @@ async def test_a_lone_exec_task_s_submit_flush_records_its_attempt_too(
         result = await sched.wait("row", timeout=20)
         assert result.status is TaskStatus.COMPLETED, result.error
         assert result.result["stdout"].strip() == "('running', 1)"
+
+
+def test_a_wakeup_is_never_lost_between_a_setter_and_its_sleeper() -> None:
+    """The store's threads sleep on ``_Wakeup`` (a lock used as a binary semaphore): whatever
+    the interleaving, an item appended before ``set`` is seen by the sleeper's next drain,
+    and a set nobody consumed yet is not doubled (a second release would raise)."""
+    from collections import deque
+
+    from dspy_infra.scheduler.store import _Wakeup
+
+    wake, items, seen = _Wakeup(), deque[int](), []
+    n = 20_000
+
+    def sleeper() -> None:
+        while len(seen) < n:
+            if not wake.wait(10):
+                return  # lost: the assertion below says so
+            if len(seen) % 7 == 0:
+                wake.clear()  # as the writer does after its window
+            while items:
+                seen.append(items.popleft())
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    for i in range(n):
+        items.append(i)
+        wake.set()
+    thread.join(30)
+    assert seen == list(range(n))
