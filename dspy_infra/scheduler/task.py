@@ -69,6 +69,9 @@ class TaskRecord:
         self.submitted_at = now
         self.ready_at = now
 
+    #: Set by ``__init__``; every other attribute has a class-level default above.
+    INIT_ATTRIBUTES = ("spec", "seq", "submitted_at", "ready_at")
+
     def insert_row(self) -> InsertRow:
         spec = self.spec
         return (
@@ -123,3 +126,27 @@ class TaskRecord:
         return TaskResult(
             self.spec.id, self.status, dict(self.result), self.error, self.duration_ms, self.completed_at
         )
+
+
+def _share_attribute_names() -> None:
+    """Put every attribute name of a record in the key table its instances share.
+
+    CPython keeps one key table per class for its instances' attributes and stores each
+    instance's values in a small array; but every new instance shrinks the room left in the
+    table for names not yet in it, and an instance that sets a name the table has no room
+    for gets a dict of its own. A batch submitted before any task of the process ran used
+    up that room, so every record grew its own dict once its task started: a second object
+    per task for the garbage collector to track (and to walk in every full collection) and
+    slower attribute access. Setting every name once on a throwaway record, before any real
+    one exists, puts them all in the table (a record's attributes are its ``__init__``'s
+    and the class-level defaults; tests/scheduler/test_hot_path.py checks that running
+    tasks leaves no record with a dict of its own)."""
+    probe = TaskRecord.__new__(TaskRecord)
+    for name in TaskRecord.INIT_ATTRIBUTES:
+        setattr(probe, name, None)
+    for name, value in vars(TaskRecord).items():
+        if not name.startswith("_") and not name.isupper() and not callable(value):
+            setattr(probe, name, value)
+
+
+_share_attribute_names()
