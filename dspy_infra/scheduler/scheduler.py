@@ -84,7 +84,7 @@ from .context import (
     classes_left_running,
 )
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
-from .queue import ClassQueue
+from .queue import ClassQueue, queue_key
 from .store import (
     InsertRow,
     MemoryStore,
@@ -696,8 +696,9 @@ class Scheduler(AsyncResource):
                 rec.flushed = False
             if rec.status is _PENDING and rec.timer is None:
                 cq = queues[rec.spec.task_class]  # checked at submit; classes never go away
-                cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
-                heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
+                key = queue_key(rec.spec.priority, rec.seq)  # _enqueue, inlined for batches
+                cq.queued[key] = rec
+                heapq.heappush(cq.heap, key)
                 touched[cq.cls.name] = cq
         for cq in touched.values():
             self._pump(cq)
@@ -917,7 +918,7 @@ class Scheduler(AsyncResource):
         if rec.status is _PENDING:
             cq = self._queues.get(rec.spec.task_class)
             if cq is not None:
-                cq.queued.pop(rec.seq, None)
+                cq.queued.pop(queue_key(rec.spec.priority, rec.seq), None)
             if rec.timer is not None:
                 rec.timer.cancel()
                 rec.timer = None
@@ -939,19 +940,20 @@ class Scheduler(AsyncResource):
 
     def _enqueue(self, cq: ClassQueue, rec: TaskRecord, now: float) -> None:
         rec.ready_at = now
-        cq.queued[rec.seq] = rec
-        heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
+        key = queue_key(rec.spec.priority, rec.seq)
+        cq.queued[key] = rec
+        heapq.heappush(cq.heap, key)
 
     def _take(self, cq: ClassQueue) -> TaskRecord | None:
         """Next queued task of ``cq`` if a slot is free (the slot is then taken)."""
         if not self._dispatching:
             return None
         heap, queued = cq.heap, cq.queued
-        while heap and heap[0][1] not in queued:
+        while heap and heap[0] not in queued:
             heapq.heappop(heap)  # entry of a task cancelled while queued
         if not heap or not cq.sem.try_acquire():
             return None
-        rec = queued.pop(heapq.heappop(heap)[1])
+        rec = queued.pop(heapq.heappop(heap))
         self._start(cq, rec)
         return rec
 

@@ -1,5 +1,6 @@
 """What the scheduler's hot path keeps cheap without changing what callers see: every task
-record keeps its attributes in the class's shared key table (no dict of its own)."""
+record keeps its attributes in the class's shared key table (no dict of its own); a class's
+queue orders tasks by one int key exactly as by (priority desc, submission order)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dspy_infra.scheduler.queue import queue_key
 
 #: Run in a fresh interpreter: the key table is shared by every record of the process, and
 #: what an earlier test did to it must not decide this one.
@@ -66,3 +71,14 @@ def test_records_keep_no_dict_of_their_own(durable: bool) -> None:
     records, own = map(int, done.stdout.split())
     assert records == 503
     assert own == 0
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(-(2**31), 2**31 - 1), st.integers(-(2**63), 2**63 - 1)),
+        unique_by=lambda entry: entry[1],
+    )
+)
+def test_queue_key_orders_as_priority_then_submission(entries: list[tuple[int, int]]) -> None:
+    by_key = sorted(entries, key=lambda entry: queue_key(*entry))
+    assert by_key == sorted(entries, key=lambda entry: (-entry[0], entry[1]))
