@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from ..errors import (
     InfraError,
@@ -23,6 +26,61 @@ _PENDING = TaskStatus.PENDING
 #: The result of a task that has none yet (shared: results are replaced, never mutated).
 NO_RESULT: dict[str, Any] = {}
 _NO_RESULT = NO_RESULT
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The setters of the slots ``names`` of the attrs class ``cls``, once it is checked that
+    its constructor does nothing but store exactly these fields (no validator, converter or
+    post-init step that storing them directly would skip): an import error, not a silently
+    unchecked view, if ``models.py`` changes them."""
+    fields = attrs.fields(cls)
+    if (
+        tuple(f.name for f in fields) != names
+        or any(f.validator is not None or f.converter is not None for f in fields)
+        or hasattr(cls, "__attrs_post_init__")
+        or "__slots__" not in vars(cls)
+    ):
+        raise TypeError(f"{cls.__name__} is not the class TaskRecord's views were written for")
+    return tuple(vars(cls)[name].__set__ for name in names)
+
+
+# The public views are built field by field through their slots: both are frozen attrs
+# classes, whose generated __init__ stores each field through object.__setattr__ at about
+# twice the cost, and a task builds one or two of them (tests/scheduler/test_task_record.py
+# checks them against the keyword forms).
+_new = object.__new__
+(
+    _state_spec,
+    _state_status,
+    _state_attempts,
+    _state_result,
+    _state_error,
+    _state_submitted_at,
+    _state_started_at,
+    _state_completed_at,
+    _state_duration_ms,
+) = _slot_setters(
+    TaskState,
+    (
+        "spec",
+        "status",
+        "attempts",
+        "result",
+        "error",
+        "submitted_at",
+        "started_at",
+        "completed_at",
+        "duration_ms",
+    ),
+)
+(
+    _result_task_id,
+    _result_status,
+    _result_result,
+    _result_error,
+    _result_duration_ms,
+    _result_completed_at,
+) = _slot_setters(TaskResult, ("task_id", "status", "result", "error", "duration_ms", "completed_at"))
 
 
 class TaskRecord:
@@ -105,27 +163,29 @@ class TaskRecord:
             self.spec.id,
         )
 
-    # Both built with positional arguments, in the classes' field order: attrs parses
-    # keywords at about twice the cost, and these run once or twice per task
-    # (tests/scheduler/test_task_record.py checks the order against the keyword forms).
     def state(self) -> TaskState:
-        return TaskState(
-            self.spec,
-            self.status,
-            self.attempts,
-            dict(self.result),
-            self.error,
-            self.submitted_at,
-            self.started_at,
-            self.completed_at,
-            self.duration_ms,
-        )
+        state: TaskState = _new(TaskState)  # (the slot setters above say why)
+        _state_spec(state, self.spec)
+        _state_status(state, self.status)
+        _state_attempts(state, self.attempts)
+        _state_result(state, dict(self.result))
+        _state_error(state, self.error)
+        _state_submitted_at(state, self.submitted_at)
+        _state_started_at(state, self.started_at)
+        _state_completed_at(state, self.completed_at)
+        _state_duration_ms(state, self.duration_ms)
+        return state
 
     def to_result(self) -> TaskResult:
         # Without building the TaskState first (once per task); the same as TaskResult.of.
-        return TaskResult(
-            self.spec.id, self.status, dict(self.result), self.error, self.duration_ms, self.completed_at
-        )
+        result: TaskResult = _new(TaskResult)
+        _result_task_id(result, self.spec.id)
+        _result_status(result, self.status)
+        _result_result(result, dict(self.result))
+        _result_error(result, self.error)
+        _result_duration_ms(result, self.duration_ms)
+        _result_completed_at(result, self.completed_at)
+        return result
 
 
 def _share_attribute_names() -> None:
