@@ -72,18 +72,25 @@ class EventBus:
         if self._listeners:
             self.publish(type, resource_id, data)
             return
-        self._append(type, resource_id, data, self._clock())
+        # _append, inlined: three calls per task.
+        self._ring.extend((type, resource_id, data, self._clock()))  # (the tuple dies at once)
+        self._next_seq += 1
+        if self._waited:
+            self._wake()
 
     def _append(
         self, type: str, resource_id: str, data: Mapping[str, object] | None, timestamp: float
     ) -> None:
-        self._ring.extend((type, resource_id, data, timestamp))  # (the tuple dies at once)
+        self._ring.extend((type, resource_id, data, timestamp))
         self._next_seq += 1
-        # Wake every waiting subscriber; the next waiters get a fresh Event.
         if self._waited:
-            self._waited = False
-            wakeup, self._wakeup = self._wakeup, asyncio.Event()
-            wakeup.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake every waiting subscriber; the next waiters get a fresh Event."""
+        self._waited = False
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
 
     @property
     def _oldest(self) -> int:

@@ -80,7 +80,6 @@ from .context import (
     ExecutorFactory,
     Handler,
     SharedResources,
-    TaskContext,
     classes_left_running,
 )
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
@@ -1107,11 +1106,11 @@ class Scheduler(AsyncResource):
                     return
             handler = self._handler_for(cq, spec)
             if spec.timeout is None:
-                result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
+                result = await handler(rec.attempt_context(self.settings, self._shared))
             else:
                 timeout_cm = asyncio.timeout(spec.timeout)
                 async with timeout_cm:
-                    result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
+                    result = await handler(rec.attempt_context(self.settings, self._shared))
         except asyncio.CancelledError:
             if rec.cancel_requested and not self._stopping and me.uncancel() == 0:
                 rec.worker = None

@@ -9,10 +9,12 @@ from typing import Any
 
 import attrs
 
+from ..config import Settings
 from ..errors import (
     InfraError,
 )
 from ..models import TaskResult, TaskSpec, TaskState, TaskStatus
+from .context import SharedResources, TaskContext
 from .store import (
     STATUS_TEXT,
     InsertRow,
@@ -44,10 +46,11 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any
     return tuple(vars(cls)[name].__set__ for name in names)
 
 
-# The public views are built field by field through their slots: both are frozen attrs
-# classes, whose generated __init__ stores each field through object.__setattr__ at about
-# twice the cost, and a task builds one or two of them (tests/scheduler/test_task_record.py
-# checks them against the keyword forms).
+# The public views and the handler's context are built field by field through their slots:
+# all are frozen attrs classes, whose generated __init__ stores each field through
+# object.__setattr__ at about twice the cost, and a task builds two or three of them
+# (tests/scheduler/test_task_record.py and test_hot_path.py check them against the keyword
+# forms).
 _new = object.__new__
 (
     _state_spec,
@@ -81,6 +84,9 @@ _new = object.__new__
     _result_duration_ms,
     _result_completed_at,
 ) = _slot_setters(TaskResult, ("task_id", "status", "result", "error", "duration_ms", "completed_at"))
+_context_spec, _context_attempt, _context_settings, _context_shared, _context_log = _slot_setters(
+    TaskContext, ("spec", "attempt", "settings", "shared", "log")
+)
 
 
 class TaskRecord:
@@ -175,6 +181,16 @@ class TaskRecord:
         _state_completed_at(state, self.completed_at)
         _state_duration_ms(state, self.duration_ms)
         return state
+
+    def attempt_context(self, settings: Settings, shared: SharedResources) -> TaskContext:
+        """What the handler of the attempt now starting gets (its task log: the scheduler's)."""
+        ctx: TaskContext = _new(TaskContext)
+        _context_spec(ctx, self.spec)
+        _context_attempt(ctx, self.attempts)
+        _context_settings(ctx, settings)
+        _context_shared(ctx, shared)
+        _context_log(ctx, None)
+        return ctx
 
     def to_result(self) -> TaskResult:
         # Without building the TaskState first (once per task); the same as TaskResult.of.

@@ -1,6 +1,7 @@
 """What the scheduler's hot path keeps cheap without changing what callers see: every task
 record keeps its attributes in the class's shared key table (no dict of its own); a class's
-queue orders tasks by one int key exactly as by (priority desc, submission order)."""
+queue orders tasks by one int key exactly as by (priority desc, submission order); a
+handler's context built through its slots equals the constructor's."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import task_specs
 
+from dspy_infra.config import load_settings
+from dspy_infra.models import TaskSpec
+from dspy_infra.scheduler.context import SharedResources, TaskContext
 from dspy_infra.scheduler.queue import queue_key
+from dspy_infra.scheduler.task import TaskRecord
 
 #: Run in a fresh interpreter: the key table is shared by every record of the process, and
 #: what an earlier test did to it must not decide this one.
@@ -73,6 +79,7 @@ def test_records_keep_no_dict_of_their_own(durable: bool) -> None:
     assert own == 0
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(-(2**31), 2**31 - 1), st.integers(-(2**63), 2**63 - 1)),
@@ -82,3 +89,14 @@ def test_records_keep_no_dict_of_their_own(durable: bool) -> None:
 def test_queue_key_orders_as_priority_then_submission(entries: list[tuple[int, int]]) -> None:
     by_key = sorted(entries, key=lambda entry: queue_key(*entry))
     assert by_key == sorted(entries, key=lambda entry: (-entry[0], entry[1]))
+
+
+@settings(deadline=None)  # a shared machine: the first example may wait for the CPU
+@given(spec=task_specs(), attempts=st.integers(1, 1000))
+def test_attempt_context_equals_the_constructed_one(spec: TaskSpec, attempts: int) -> None:
+    cfg, shared = load_settings(env={}), SharedResources()
+    rec = TaskRecord(spec, 0, 1.0)
+    rec.attempts = attempts
+    ctx = rec.attempt_context(cfg, shared)
+    assert ctx == TaskContext(spec=spec, attempt=attempts, settings=cfg, shared=shared)
+    assert type(ctx) is TaskContext and ctx.log is None and ctx.payload is spec.payload
