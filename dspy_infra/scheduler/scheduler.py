@@ -92,7 +92,7 @@ from .store import (
     StoredTask,
     encode_json_object,
 )
-from .task import TaskRecord
+from .task import NO_RESULT, TaskRecord
 
 __all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "STREAM_BUFFER_LIMIT", "Scheduler", "retry_delay"]
 
@@ -1141,7 +1141,9 @@ class Scheduler(AsyncResource):
                 return
         if result is not None and not error:
             try:
-                clean = result if type(result) is dict and not result else _result_object(result)
+                # An empty result is kept as the shared NO_RESULT (a record's result is only
+                # ever copied out, never changed), not as one more object per retained task.
+                clean = NO_RESULT if type(result) is dict and not result else _result_object(result)
             except SpecError as exc:
                 error, retryable = f"the handler's result cannot be kept: {exc}", False
             else:
@@ -1369,16 +1371,16 @@ class Scheduler(AsyncResource):
             rec.waiters = None
         if self._subscribers:
             result = rec.to_result()
-            overflowed: list[Subscriber] = []
+            overflowed: list[Subscriber] | None = None
             for sub in self._subscribers:
                 if sub.wanted is None or rec.spec.id in sub.wanted:
                     sub.buffer.append(result)  # Subscriber.push, inlined: once per task
                     if sub.wanted is None and len(sub.buffer) > STREAM_BUFFER_LIMIT:
-                        overflowed.append(sub)
+                        overflowed = [*(overflowed or ()), sub]
                     wakeup = sub.wakeup
                     if wakeup is not None and not wakeup.done():
                         wakeup.set_result(None)
-            for sub in overflowed:
+            for sub in overflowed or ():
                 # A consumer that stopped reading must not hold results without bound.
                 sub.overflowed = True
                 sub.buffer.clear()
