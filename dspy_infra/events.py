@@ -97,16 +97,11 @@ class EventBus:
         """The sequence number of the oldest kept event (``_next_seq`` when none is kept)."""
         return self._next_seq - len(self._ring) // _SLOTS
 
-    def _entries(
-        self, start: int = 0, stop: int | None = None
-    ) -> Iterator[tuple[int, str, str, Mapping[str, object] | None, float]]:
-        """(seq, type, resource id, data, timestamp) of the kept events ``start`` to ``stop``
-        (positions in the ring, oldest first); the caller must not append meanwhile."""
-        seq = self._oldest + start
-        slots = itertools.islice(self._ring, start * _SLOTS, None if stop is None else stop * _SLOTS)
-        for type, resource_id, data, timestamp in zip(slots, slots, slots, slots, strict=True):
-            yield seq, type, resource_id, data, timestamp
-            seq += 1
+    def _entries(self) -> Iterator[tuple[str, str, Mapping[str, object] | None, float]]:
+        """(type, resource id, data, timestamp) of every kept event, oldest first; the caller
+        must not append meanwhile."""
+        slots = iter(self._ring)
+        return zip(slots, slots, slots, slots, strict=True)
 
     def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``fn`` synchronously on every event (for metrics); returns the remover."""
@@ -125,7 +120,7 @@ class EventBus:
         # Compared on the raw entries: only the matches are built into Events.
         return [
             _event(type, rid, data, timestamp)
-            for _, type, rid, data, timestamp in self._entries()
+            for type, rid, data, timestamp in self._entries()
             if (resource_id is None or rid == resource_id)
             and (wanted is None or type in wanted)
             and (since is None or timestamp >= since)
@@ -165,10 +160,13 @@ class EventBus:
             # One page at a time: a subscriber holds at most PAGE entries (not a copy of the
             # whole ring), and a replay of the whole history gives the loop a turn per page,
             # so the consumer's cancellation (a client that left) lands between pages.
+            # The page holds the ring's own slots (no tuple per entry): an unread stream keeps
+            # PAGE * 4 references, whatever it was asked to replay.
             start = cursor - oldest
-            page = list(self._entries(start, start + PAGE))
-            for seq, type, resource_id, data, timestamp in page:
-                cursor = seq + 1
+            page = list(itertools.islice(self._ring, start * _SLOTS, (start + PAGE) * _SLOTS))
+            slots = iter(page)
+            for type, resource_id, data, timestamp in zip(slots, slots, slots, slots, strict=True):
+                seq, cursor = cursor, cursor + 1
                 if wanted is not None and type not in wanted:
                     continue
                 if since is not None and timestamp < since:

@@ -863,17 +863,22 @@ class Scheduler(AsyncResource):
         wanted = set(task_ids) if task_ids else None
         remaining: set[str] = set()
         if wanted is not None:
+            tasks = self._tasks
             for task_id in wanted:
-                rec = self._record(task_id)
+                rec = tasks.get(task_id) or self._record(task_id)  # (which raises NotFound)
                 if not rec.delivered:
                     remaining.add(task_id)
         sub = Subscriber(wanted)
         self._subscribers.add(sub)
         try:
             if include_completed:
-                ids: Iterable[str] = (
-                    [t for t in task_ids if t not in remaining] if task_ids else list(self._finished)
-                )
+                ids: Iterable[str]
+                if not task_ids:
+                    ids = list(self._finished)
+                elif len(remaining) == len(task_ids):
+                    ids = ()  # every one is still to come (a batch streamed as it was submitted)
+                else:
+                    ids = [t for t in task_ids if t not in remaining]
                 for task_id in ids:
                     done = self._tasks.get(task_id)
                     if done is not None and done.delivered:
