@@ -453,7 +453,9 @@ class Scheduler(AsyncResource):
     # -- submit ---------------------------------------------------------------------------
 
     def _check(self, spec: TaskSpec) -> tuple[ClassQueue, str]:
-        """Refuse what this scheduler cannot run; returns the class queue and payload text."""
+        """Refuse what this scheduler cannot run; returns the class queue and the payload's
+        JSON text, or "" from a memory-only scheduler (which keeps no row) when the payload
+        is plainly within the limit (``TaskRecord.insert_row`` encodes a missing text)."""
         if not self._accepting:
             raise Unavailable("the scheduler is not running", fix="start it (async with Scheduler(...))")
         cq = self._queues.get(spec.task_class)
@@ -479,6 +481,8 @@ class Scheduler(AsyncResource):
                 " DSPY_INFRA_EXEC_POLICY to run commands, or use another handler",
             )
         limit = self.settings.max_payload_bytes
+        if not self._durable and _plainly_within(payload, limit):
+            return cq, ""  # (the text would only be measured, at twice the cost of this test)
         text = encode_json_object(payload) if payload else "{}"
         if len(text) * 4 > limit:  # cheap bound first; exact UTF-8 size only when it may matter
             size = len(text.encode("utf-8"))
@@ -1483,6 +1487,19 @@ def _attempt_needs_flush(cq: ClassQueue, spec: TaskSpec) -> bool:
     ``exec``/``container`` handler's), so its record must be on the disk before it starts,
     not only in the store's log."""
     return cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
+
+
+def _plainly_within(payload: Mapping[str, Any], limit: int) -> bool:
+    """Whether a flat map of strings is certainly at most ``limit`` bytes as the JSON text
+    ``_check`` measures, told from its lengths alone: a character takes at most 12 bytes
+    there (``encode_json_object`` escapes every non-ASCII one, an astral one as two
+    ``\\uXXXX``), an entry 6 more (quotes, colon, comma), the braces 2. False for any other
+    payload (a value that is not a string) or one too close to tell."""
+    try:
+        chars = len("".join(payload)) + len("".join(payload.values()))
+    except TypeError:
+        return False
+    return 12 * chars + 6 * len(payload) + 2 <= limit
 
 
 def _result_object(result: Mapping[str, Any]) -> dict[str, Any]:

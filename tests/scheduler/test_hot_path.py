@@ -1,23 +1,30 @@
 """What the scheduler's hot path keeps cheap without changing what callers see: every task
 record keeps its attributes in the class's shared key table (no dict of its own); a class's
 queue orders tasks by one int key exactly as by (priority desc, submission order); a
-handler's context built through its slots equals the constructor's."""
+handler's context built through its slots equals the constructor's; a memory-only scheduler
+that skips encoding a plainly small payload refuses and accepts exactly what a durable one
+does."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+from harness import open_scheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import task_specs
 
 from dspy_infra.config import load_settings
+from dspy_infra.errors import SpecError
 from dspy_infra.models import TaskSpec
 from dspy_infra.scheduler.context import SharedResources, TaskContext
 from dspy_infra.scheduler.queue import queue_key
+from dspy_infra.scheduler.scheduler import _plainly_within
+from dspy_infra.scheduler.store import encode_json_object
 from dspy_infra.scheduler.task import TaskRecord
 
 #: Run in a fresh interpreter: the key table is shared by every record of the process, and
@@ -100,3 +107,48 @@ def test_attempt_context_equals_the_constructed_one(spec: TaskSpec, attempts: in
     ctx = rec.attempt_context(cfg, shared)
     assert ctx == TaskContext(spec=spec, attempt=attempts, settings=cfg, shared=shared)
     assert type(ctx) is TaskContext and ctx.log is None and ctx.payload is spec.payload
+
+
+@settings(deadline=None)
+@given(
+    payload=st.dictionaries(
+        st.text(st.characters(codec="utf-8"), max_size=8),
+        st.text(st.characters(codec="utf-8"), max_size=30),
+        max_size=6,
+    ),
+    limit=st.integers(2, 1200),
+)
+def test_a_plainly_small_payload_is_within_the_limit(payload: dict[str, str], limit: int) -> None:
+    """Whatever the characters (escapes, quotes, multi-byte, astral), the bound from lengths
+    alone is never below the size the scheduler measures (its JSON text in UTF-8 bytes)."""
+    size = len(encode_json_object(payload).encode("utf-8"))
+    if _plainly_within(payload, limit):
+        assert size <= limit
+    assert _plainly_within(payload, 12 * size + 2)  # and a generous limit is told at once
+
+
+@pytest.mark.parametrize("size", [150, 190, 196, 198, 199, 200, 201, 202, 210, 400])
+async def test_memory_and_durable_refuse_the_same_payloads(tmp_path: Path, size: int) -> None:
+    """A memory-only scheduler skips encoding a payload plainly below the limit; near the
+    limit it encodes like a durable one, so both refuse (or accept) the same payloads."""
+    frame = len(encode_json_object({"handler": "noop", "data": ""}))
+    payloads = [
+        {"handler": "noop", "data": "x" * (size - frame)},  # 1 byte each
+        {"handler": "noop", "data": "\x01" * ((size - frame) // 6)},  # escaped: 6 bytes each
+        {"handler": "noop", "data": "\U0001f600" * ((size - frame) // 12)},  # 12 bytes each
+        {"handler": "noop", "data": ["x" * (size - frame - 2)]},  # not a flat map of strings
+    ]
+    outcomes: dict[bool, list[str]] = {}
+    for durable in (False, True):
+        async with open_scheduler(tmp_path / str(durable), durable=durable, max_payload_bytes=200) as sched:
+            got = []
+            for i, payload in enumerate(payloads):
+                try:
+                    await sched.submit(TaskSpec(f"p{i}", payload=payload))
+                    got.append("accepted")
+                except SpecError as exc:
+                    assert exc.field == "payload"
+                    got.append(str(exc))
+            outcomes[durable] = got
+    assert outcomes[False] == outcomes[True]
+    assert (outcomes[False][0] == "accepted") == (size <= 200)  # the edge is exercised
