@@ -1314,16 +1314,23 @@ class Scheduler(AsyncResource):
         window.finished += 1
         if status is _FAILED:
             window.errors += 1
-        cq.m_duration[status].observe(now - rec.started_at)
-        if status is _FAILED:
             cq.m_errors.pending += 1
+        cq.m_duration[status].observe(now - rec.started_at)
         if result is not None:
             rec.result = result
-        self._terminal(rec, status, error, now)
+        self._terminal(rec, status, error, now, cq=cq)
 
     def _terminal(
-        self, rec: TaskRecord, status: TaskStatus, error: str, now: float, *, count_inflight: bool = True
+        self,
+        rec: TaskRecord,
+        status: TaskStatus,
+        error: str,
+        now: float,
+        *,
+        count_inflight: bool = True,
+        cq: ClassQueue | None = None,
     ) -> None:
+        """``rec`` ends as ``status``; ``cq``: its class queue, when the caller has it."""
         if count_inflight:
             self._inflight -= 1
         rec.status = status
@@ -1331,7 +1338,8 @@ class Scheduler(AsyncResource):
         rec.completed_at = now
         if rec.started_at:
             rec.duration_ms = (now - rec.started_at) * 1000.0
-        cq = self._queues.get(rec.spec.task_class)
+        if cq is None:
+            cq = self._queues.get(rec.spec.task_class)
         if cq is not None:
             cq.m_total[status].pending += 1
         if self._durable:
@@ -1378,11 +1386,12 @@ class Scheduler(AsyncResource):
                 if not fut.done():
                     fut.set_result(None)
             rec.waiters = None
+        task_id = rec.spec.id
         if self._subscribers:
             result = rec.to_result()
             overflowed: list[Subscriber] | None = None
             for sub in self._subscribers:
-                if sub.wanted is None or rec.spec.id in sub.wanted:
+                if sub.wanted is None or task_id in sub.wanted:
                     sub.buffer.append(result)  # Subscriber.push, inlined: once per task
                     if sub.wanted is None and len(sub.buffer) > STREAM_BUFFER_LIMIT:
                         overflowed = [*(overflowed or ()), sub]
@@ -1395,9 +1404,10 @@ class Scheduler(AsyncResource):
                 sub.buffer.clear()
                 self._subscribers.discard(sub)
                 sub.close()
-        if self._tasks.get(rec.spec.id) is rec:
-            self._finished[rec.spec.id] = None
-            if len(self._finished) > self.settings.retention:
+        if self._tasks.get(task_id) is rec:
+            finished = self._finished
+            finished[task_id] = None
+            if len(finished) > self.settings.retention:
                 self._prune()
 
     def _prune(self) -> None:
