@@ -15,7 +15,8 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from .models import Event
 
@@ -24,13 +25,12 @@ __all__ = ["PAGE", "EventBus"]
 #: Events a subscriber copies out of the ring at a time; it yields to the loop between pages.
 PAGE = 256
 
-_Raw = tuple[str, str, Mapping[str, object] | None, float]
+#: Slots per event in the ring: type, resource id, data, timestamp.
+_SLOTS = 4
 
 
-def _materialize(item: Event | _Raw) -> Event:
-    if isinstance(item, Event):
-        return item
-    type, resource_id, data, timestamp = item
+def _event(type: str, resource_id: str, data: Mapping[str, object] | None, timestamp: float) -> Event:
+    """The ``Event`` of one ring entry (an ``emit``'s data becomes strings only here)."""
     return Event(type, resource_id, {k: str(v) for k, v in (data or {}).items()}, timestamp)
 
 
@@ -38,9 +38,12 @@ class EventBus:
     """In-process event bus. Call ``publish`` from the event loop's thread."""
 
     def __init__(self, history: int = 10_000, *, clock: Callable[[], float] = time.time) -> None:
-        # Entries are Events, or (type, resource_id, data, timestamp) from ``emit`` that
-        # become Events when read.
-        self._ring: deque[tuple[int, Event | _Raw]] = deque(maxlen=history)
+        # One flat ring of four slots per event (type, resource id, data, timestamp), not a
+        # tuple per event: a tuple that holds a dict stays tracked by the garbage collector
+        # for as long as it lives, and with three events per task the ring's tuples were
+        # most of what a scheduler's tasks left for the full collections to walk. The
+        # sequence number of an entry is its position counted back from ``_next_seq``.
+        self._ring: deque[Any] = deque(maxlen=history * _SLOTS)
         self._next_seq = 0
         self._clock = clock
         self._wakeup = asyncio.Event()
@@ -56,7 +59,7 @@ class EventBus:
             data={k: str(v) for k, v in (data or {}).items()},
             timestamp=self._clock(),
         )
-        self._append(event)
+        self._append(event.type, event.resource_id, event.data, event.timestamp)
         for listener in self._listeners:
             listener(event)
         return event
@@ -69,16 +72,36 @@ class EventBus:
         if self._listeners:
             self.publish(type, resource_id, data)
             return
-        self._append((type, resource_id, data, self._clock()))
-
-    def _append(self, item: Event | _Raw) -> None:
-        self._ring.append((self._next_seq, item))
+        # _append, inlined: three calls per task.
+        self._ring.extend((type, resource_id, data, self._clock()))  # (the tuple dies at once)
         self._next_seq += 1
-        # Wake every waiting subscriber; the next waiters get a fresh Event.
         if self._waited:
-            self._waited = False
-            wakeup, self._wakeup = self._wakeup, asyncio.Event()
-            wakeup.set()
+            self._wake()
+
+    def _append(
+        self, type: str, resource_id: str, data: Mapping[str, object] | None, timestamp: float
+    ) -> None:
+        self._ring.extend((type, resource_id, data, timestamp))
+        self._next_seq += 1
+        if self._waited:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake every waiting subscriber; the next waiters get a fresh Event."""
+        self._waited = False
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+    @property
+    def _oldest(self) -> int:
+        """The sequence number of the oldest kept event (``_next_seq`` when none is kept)."""
+        return self._next_seq - len(self._ring) // _SLOTS
+
+    def _entries(self) -> Iterator[tuple[str, str, Mapping[str, object] | None, float]]:
+        """(type, resource id, data, timestamp) of every kept event, oldest first; the caller
+        must not append meanwhile."""
+        slots = iter(self._ring)
+        return zip(slots, slots, slots, slots, strict=True)
 
     def add_listener(self, fn: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``fn`` synchronously on every event (for metrics); returns the remover."""
@@ -94,20 +117,13 @@ class EventBus:
     ) -> list[Event]:
         """The kept events (optionally of these types, since a time, about one resource)."""
         wanted = set(types) if types else None
-        if resource_id is not None:
-            # Compared on the raw entries: only the matches are built into Events.
-            items = (
-                item
-                for _, item in self._ring
-                if (item.resource_id if isinstance(item, Event) else item[1]) == resource_id
-            )
-        else:
-            items = (item for _, item in self._ring)
-        events = (_materialize(item) for item in items)
+        # Compared on the raw entries: only the matches are built into Events.
         return [
-            e
-            for e in events
-            if (wanted is None or e.type in wanted) and (since is None or e.timestamp >= since)
+            _event(type, rid, data, timestamp)
+            for type, rid, data, timestamp in self._entries()
+            if (resource_id is None or rid == resource_id)
+            and (wanted is None or type in wanted)
+            and (since is None or timestamp >= since)
         ]
 
     def close(self) -> None:
@@ -132,11 +148,11 @@ class EventBus:
         if after is not None:
             cursor = min(max(after + 1, 0), self._next_seq)
         elif since is not None:
-            cursor = self._ring[0][0] if self._ring else self._next_seq
+            cursor = self._oldest
         else:
             cursor = self._next_seq
         while True:
-            oldest = self._ring[0][0] if self._ring else self._next_seq
+            oldest = self._oldest
             if cursor < oldest:
                 missed = oldest - cursor
                 cursor = oldest
@@ -144,16 +160,18 @@ class EventBus:
             # One page at a time: a subscriber holds at most PAGE entries (not a copy of the
             # whole ring), and a replay of the whole history gives the loop a turn per page,
             # so the consumer's cancellation (a client that left) lands between pages.
+            # The page holds the ring's own slots (no tuple per entry): an unread stream keeps
+            # PAGE * 4 references, whatever it was asked to replay.
             start = cursor - oldest
-            page = list(itertools.islice(self._ring, start, start + PAGE))
-            for seq, item in page:
-                cursor = seq + 1
-                event = _materialize(item)
-                if wanted is not None and event.type not in wanted:
+            page = list(itertools.islice(self._ring, start * _SLOTS, (start + PAGE) * _SLOTS))
+            slots = iter(page)
+            for type, resource_id, data, timestamp in zip(slots, slots, slots, slots, strict=True):
+                seq, cursor = cursor, cursor + 1
+                if wanted is not None and type not in wanted:
                     continue
-                if since is not None and event.timestamp < since:
+                if since is not None and timestamp < since:
                     continue
-                yield seq, event
+                yield seq, _event(type, resource_id, data, timestamp)
             del page
             if cursor < self._next_seq:
                 await asyncio.sleep(0)

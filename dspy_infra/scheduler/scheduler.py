@@ -80,11 +80,10 @@ from .context import (
     ExecutorFactory,
     Handler,
     SharedResources,
-    TaskContext,
     classes_left_running,
 )
 from .delivery import STREAM_BUFFER_LIMIT, Subscriber
-from .queue import ClassQueue
+from .queue import ClassQueue, queue_key
 from .store import (
     InsertRow,
     MemoryStore,
@@ -93,7 +92,7 @@ from .store import (
     StoredTask,
     encode_json_object,
 )
-from .task import TaskRecord
+from .task import NO_RESULT, TaskRecord
 
 __all__ = ["RETRY_BACKOFF_BASE", "RETRY_BACKOFF_CAP", "STREAM_BUFFER_LIMIT", "Scheduler", "retry_delay"]
 
@@ -459,7 +458,9 @@ class Scheduler(AsyncResource):
     # -- submit ---------------------------------------------------------------------------
 
     def _check(self, spec: TaskSpec) -> tuple[ClassQueue, str]:
-        """Refuse what this scheduler cannot run; returns the class queue and payload text."""
+        """Refuse what this scheduler cannot run; returns the class queue and the payload's
+        JSON text, or "" from a memory-only scheduler (which keeps no row) when the payload
+        is plainly within the limit (``TaskRecord.insert_row`` encodes a missing text)."""
         if not self._accepting:
             raise Unavailable("the scheduler is not running", fix="start it (async with Scheduler(...))")
         cq = self._queues.get(spec.task_class)
@@ -485,6 +486,8 @@ class Scheduler(AsyncResource):
                 " DSPY_INFRA_EXEC_POLICY to run commands, or use another handler",
             )
         limit = self.settings.max_payload_bytes
+        if not self._durable and _plainly_within(payload, limit):
+            return cq, ""  # (the text would only be measured, at twice the cost of this test)
         text = encode_json_object(payload) if payload else "{}"
         if len(text) * 4 > limit:  # cheap bound first; exact UTF-8 size only when it may matter
             size = len(text.encode("utf-8"))
@@ -722,8 +725,9 @@ class Scheduler(AsyncResource):
                 rec.flushed = False
             if rec.status is _PENDING and rec.timer is None:
                 cq = queues[rec.spec.task_class]  # checked at submit; classes never go away
-                cq.queued[rec.seq] = rec  # _enqueue, inlined for batches
-                heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
+                key = queue_key(rec.spec.priority, rec.seq)  # _enqueue, inlined for batches
+                cq.queued[key] = rec
+                heapq.heappush(cq.heap, key)
                 touched[cq.cls.name] = cq
         for cq in touched.values():
             self._pump(cq)
@@ -889,17 +893,22 @@ class Scheduler(AsyncResource):
         wanted = set(task_ids) if task_ids else None
         remaining: set[str] = set()
         if wanted is not None:
+            tasks = self._tasks
             for task_id in wanted:
-                rec = self._record(task_id)
+                rec = tasks.get(task_id) or self._record(task_id)  # (which raises NotFound)
                 if not rec.delivered:
                     remaining.add(task_id)
         sub = Subscriber(wanted)
         self._subscribers.add(sub)
         try:
             if include_completed:
-                ids: Iterable[str] = (
-                    [t for t in task_ids if t not in remaining] if task_ids else list(self._finished)
-                )
+                ids: Iterable[str]
+                if not task_ids:
+                    ids = list(self._finished)
+                elif len(remaining) == len(task_ids):
+                    ids = ()  # every one is still to come (a batch streamed as it was submitted)
+                else:
+                    ids = [t for t in task_ids if t not in remaining]
                 for task_id in ids:
                     done = self._tasks.get(task_id)
                     if done is not None and done.delivered:
@@ -943,7 +952,7 @@ class Scheduler(AsyncResource):
         if rec.status is _PENDING:
             cq = self._queues.get(rec.spec.task_class)
             if cq is not None:
-                cq.queued.pop(rec.seq, None)
+                cq.queued.pop(queue_key(rec.spec.priority, rec.seq), None)
             if rec.timer is not None:
                 rec.timer.cancel()
                 rec.timer = None
@@ -965,19 +974,20 @@ class Scheduler(AsyncResource):
 
     def _enqueue(self, cq: ClassQueue, rec: TaskRecord, now: float) -> None:
         rec.ready_at = now
-        cq.queued[rec.seq] = rec
-        heapq.heappush(cq.heap, (-rec.spec.priority, rec.seq))
+        key = queue_key(rec.spec.priority, rec.seq)
+        cq.queued[key] = rec
+        heapq.heappush(cq.heap, key)
 
     def _take(self, cq: ClassQueue) -> TaskRecord | None:
         """Next queued task of ``cq`` if a slot is free (the slot is then taken)."""
         if not self._dispatching:
             return None
         heap, queued = cq.heap, cq.queued
-        while heap and heap[0][1] not in queued:
+        while heap and heap[0] not in queued:
             heapq.heappop(heap)  # entry of a task cancelled while queued
         if not heap or not cq.sem.try_acquire():
             return None
-        rec = queued.pop(heapq.heappop(heap)[1])
+        rec = queued.pop(heapq.heappop(heap))
         self._start(cq, rec)
         return rec
 
@@ -1144,11 +1154,11 @@ class Scheduler(AsyncResource):
                     return
             handler = self._handler_for(cq, spec)
             if spec.timeout is None:
-                result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
+                result = await handler(rec.attempt_context(self.settings, self._shared))
             else:
                 timeout_cm = asyncio.timeout(spec.timeout)
                 async with timeout_cm:
-                    result = await handler(TaskContext(spec, rec.attempts, self.settings, self._shared))
+                    result = await handler(rec.attempt_context(self.settings, self._shared))
         except asyncio.CancelledError:
             if rec.cancel_requested and not self._stopping and me.uncancel() == 0:
                 rec.worker = None
@@ -1179,7 +1189,9 @@ class Scheduler(AsyncResource):
                 return
         if result is not None and not error:
             try:
-                clean = result if type(result) is dict and not result else _result_object(result)
+                # An empty result is kept as the shared NO_RESULT (a record's result is only
+                # ever copied out, never changed), not as one more object per retained task.
+                clean = NO_RESULT if type(result) is dict and not result else _result_object(result)
             except SpecError as exc:
                 error, retryable = f"the handler's result cannot be kept: {exc}", False
             else:
@@ -1341,16 +1353,23 @@ class Scheduler(AsyncResource):
         window.finished += 1
         if status is _FAILED:
             window.errors += 1
-        cq.m_duration[status].observe(now - rec.started_at)
-        if status is _FAILED:
             cq.m_errors.pending += 1
+        cq.m_duration[status].observe(now - rec.started_at)
         if result is not None:
             rec.result = result
-        self._terminal(rec, status, error, now)
+        self._terminal(rec, status, error, now, cq=cq)
 
     def _terminal(
-        self, rec: TaskRecord, status: TaskStatus, error: str, now: float, *, count_inflight: bool = True
+        self,
+        rec: TaskRecord,
+        status: TaskStatus,
+        error: str,
+        now: float,
+        *,
+        count_inflight: bool = True,
+        cq: ClassQueue | None = None,
     ) -> None:
+        """``rec`` ends as ``status``; ``cq``: its class queue, when the caller has it."""
         if count_inflight:
             self._inflight -= 1
         rec.status = status
@@ -1358,7 +1377,8 @@ class Scheduler(AsyncResource):
         rec.completed_at = now
         if rec.started_at:
             rec.duration_ms = (now - rec.started_at) * 1000.0
-        cq = self._queues.get(rec.spec.task_class)
+        if cq is None:
+            cq = self._queues.get(rec.spec.task_class)
         if cq is not None:
             cq.m_total[status].pending += 1
         if self._durable:
@@ -1405,26 +1425,28 @@ class Scheduler(AsyncResource):
                 if not fut.done():
                     fut.set_result(None)
             rec.waiters = None
+        task_id = rec.spec.id
         if self._subscribers:
             result = rec.to_result()
-            overflowed: list[Subscriber] = []
+            overflowed: list[Subscriber] | None = None
             for sub in self._subscribers:
-                if sub.wanted is None or rec.spec.id in sub.wanted:
+                if sub.wanted is None or task_id in sub.wanted:
                     sub.buffer.append(result)  # Subscriber.push, inlined: once per task
                     if sub.wanted is None and len(sub.buffer) > STREAM_BUFFER_LIMIT:
-                        overflowed.append(sub)
+                        overflowed = [*(overflowed or ()), sub]
                     wakeup = sub.wakeup
                     if wakeup is not None and not wakeup.done():
                         wakeup.set_result(None)
-            for sub in overflowed:
+            for sub in overflowed or ():
                 # A consumer that stopped reading must not hold results without bound.
                 sub.overflowed = True
                 sub.buffer.clear()
                 self._subscribers.discard(sub)
                 sub.close()
-        if self._tasks.get(rec.spec.id) is rec:
-            self._finished[rec.spec.id] = None
-            if len(self._finished) > self.settings.retention:
+        if self._tasks.get(task_id) is rec:
+            finished = self._finished
+            finished[task_id] = None
+            if len(finished) > self.settings.retention:
                 self._prune()
 
     def _prune(self) -> None:
@@ -1514,6 +1536,19 @@ def _attempt_needs_flush(cq: ClassQueue, spec: TaskSpec) -> bool:
     ``exec``/``container`` handler's), so its record must be on the disk before it starts,
     not only in the store's log."""
     return cq.cls.executor != "local" or spec.payload.get("handler") in _OUTSIDE_HANDLERS
+
+
+def _plainly_within(payload: Mapping[str, Any], limit: int) -> bool:
+    """Whether a flat map of strings is certainly at most ``limit`` bytes as the JSON text
+    ``_check`` measures, told from its lengths alone: a character takes at most 12 bytes
+    there (``encode_json_object`` escapes every non-ASCII one, an astral one as two
+    ``\\uXXXX``), an entry 6 more (quotes, colon, comma), the braces 2. False for any other
+    payload (a value that is not a string) or one too close to tell."""
+    try:
+        chars = len("".join(payload)) + len("".join(payload.values()))
+    except TypeError:
+        return False
+    return 12 * chars + 6 * len(payload) + 2 <= limit
 
 
 def _result_object(result: Mapping[str, Any]) -> dict[str, Any]:

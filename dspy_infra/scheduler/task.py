@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import attrs
+
+from ..config import Settings
 from ..errors import (
     InfraError,
 )
 from ..models import TaskResult, TaskSpec, TaskState, TaskStatus
+from .context import SharedResources, TaskContext
 from .store import (
     STATUS_TEXT,
     InsertRow,
@@ -23,6 +28,65 @@ _PENDING = TaskStatus.PENDING
 #: The result of a task that has none yet (shared: results are replaced, never mutated).
 NO_RESULT: dict[str, Any] = {}
 _NO_RESULT = NO_RESULT
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The setters of the slots ``names`` of the attrs class ``cls``, once it is checked that
+    its constructor does nothing but store exactly these fields (no validator, converter or
+    post-init step that storing them directly would skip): an import error, not a silently
+    unchecked view, if ``models.py`` changes them."""
+    fields = attrs.fields(cls)
+    if (
+        tuple(f.name for f in fields) != names
+        or any(f.validator is not None or f.converter is not None for f in fields)
+        or hasattr(cls, "__attrs_post_init__")
+        or "__slots__" not in vars(cls)
+    ):
+        raise TypeError(f"{cls.__name__} is not the class TaskRecord's views were written for")
+    return tuple(vars(cls)[name].__set__ for name in names)
+
+
+# The public views and the handler's context are built field by field through their slots:
+# all are frozen attrs classes, whose generated __init__ stores each field through
+# object.__setattr__ at about twice the cost, and a task builds two or three of them
+# (tests/scheduler/test_task_record.py and test_hot_path.py check them against the keyword
+# forms).
+_new = object.__new__
+(
+    _state_spec,
+    _state_status,
+    _state_attempts,
+    _state_result,
+    _state_error,
+    _state_submitted_at,
+    _state_started_at,
+    _state_completed_at,
+    _state_duration_ms,
+) = _slot_setters(
+    TaskState,
+    (
+        "spec",
+        "status",
+        "attempts",
+        "result",
+        "error",
+        "submitted_at",
+        "started_at",
+        "completed_at",
+        "duration_ms",
+    ),
+)
+(
+    _result_task_id,
+    _result_status,
+    _result_result,
+    _result_error,
+    _result_duration_ms,
+    _result_completed_at,
+) = _slot_setters(TaskResult, ("task_id", "status", "result", "error", "duration_ms", "completed_at"))
+_context_spec, _context_attempt, _context_settings, _context_shared, _context_log = _slot_setters(
+    TaskContext, ("spec", "attempt", "settings", "shared", "log")
+)
 
 
 class TaskRecord:
@@ -69,6 +133,9 @@ class TaskRecord:
         self.submitted_at = now
         self.ready_at = now
 
+    #: Set by ``__init__``; every other attribute has a class-level default above.
+    INIT_ATTRIBUTES = ("spec", "seq", "submitted_at", "ready_at")
+
     def insert_row(self) -> InsertRow:
         spec = self.spec
         return (
@@ -102,24 +169,60 @@ class TaskRecord:
             self.spec.id,
         )
 
-    # Both built with positional arguments, in the classes' field order: attrs parses
-    # keywords at about twice the cost, and these run once or twice per task
-    # (tests/scheduler/test_task_record.py checks the order against the keyword forms).
     def state(self) -> TaskState:
-        return TaskState(
-            self.spec,
-            self.status,
-            self.attempts,
-            dict(self.result),
-            self.error,
-            self.submitted_at,
-            self.started_at,
-            self.completed_at,
-            self.duration_ms,
-        )
+        state: TaskState = _new(TaskState)  # (the slot setters above say why)
+        _state_spec(state, self.spec)
+        _state_status(state, self.status)
+        _state_attempts(state, self.attempts)
+        _state_result(state, dict(self.result))
+        _state_error(state, self.error)
+        _state_submitted_at(state, self.submitted_at)
+        _state_started_at(state, self.started_at)
+        _state_completed_at(state, self.completed_at)
+        _state_duration_ms(state, self.duration_ms)
+        return state
+
+    def attempt_context(self, settings: Settings, shared: SharedResources) -> TaskContext:
+        """What the handler of the attempt now starting gets (its task log: the scheduler's)."""
+        ctx: TaskContext = _new(TaskContext)
+        _context_spec(ctx, self.spec)
+        _context_attempt(ctx, self.attempts)
+        _context_settings(ctx, settings)
+        _context_shared(ctx, shared)
+        _context_log(ctx, None)
+        return ctx
 
     def to_result(self) -> TaskResult:
         # Without building the TaskState first (once per task); the same as TaskResult.of.
-        return TaskResult(
-            self.spec.id, self.status, dict(self.result), self.error, self.duration_ms, self.completed_at
-        )
+        result: TaskResult = _new(TaskResult)
+        _result_task_id(result, self.spec.id)
+        _result_status(result, self.status)
+        _result_result(result, dict(self.result))
+        _result_error(result, self.error)
+        _result_duration_ms(result, self.duration_ms)
+        _result_completed_at(result, self.completed_at)
+        return result
+
+
+def _share_attribute_names() -> None:
+    """Put every attribute name of a record in the key table its instances share.
+
+    CPython keeps one key table per class for its instances' attributes and stores each
+    instance's values in a small array; but every new instance shrinks the room left in the
+    table for names not yet in it, and an instance that sets a name the table has no room
+    for gets a dict of its own. A batch submitted before any task of the process ran used
+    up that room, so every record grew its own dict once its task started: a second object
+    per task for the garbage collector to track (and to walk in every full collection) and
+    slower attribute access. Setting every name once on a throwaway record, before any real
+    one exists, puts them all in the table (a record's attributes are its ``__init__``'s
+    and the class-level defaults; tests/scheduler/test_hot_path.py checks that running
+    tasks leaves no record with a dict of its own)."""
+    probe = TaskRecord.__new__(TaskRecord)
+    for name in TaskRecord.INIT_ATTRIBUTES:
+        setattr(probe, name, None)
+    for name, value in vars(TaskRecord).items():
+        if not name.startswith("_") and not name.isupper() and not callable(value):
+            setattr(probe, name, value)
+
+
+_share_attribute_names()
