@@ -28,9 +28,10 @@ acknowledges nothing before the result, so its row need only survive this proces
 before the task runs, the level this journal gives), has its whole row journaled instead: a
 line ``+[...]``, the row's values as one ASCII JSON array (``SqliteStore.record_started``).
 Recovery inserts such a row when the database has neither the task nor its pruned id, then
-counts its attempt as above (unless a line ``-"<id>"`` says the database refused that row:
-its submitter got the error, so it was never accepted); a task that takes its process down before its row reached the
-log is then found, counted, and not run beyond its ``max_attempts``.
+counts its attempt as above; a task that takes its process down before its row reached the
+log is then found, counted, and not run beyond its ``max_attempts``. A line ``-"<id>"`` says
+the database refused that row (its submitter got the error, so it was never accepted): it is
+not inserted.
 """
 
 from __future__ import annotations

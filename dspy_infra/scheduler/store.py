@@ -676,8 +676,7 @@ class SqliteStore:
         queued, but nothing is known to be recorded yet."""
         if self._thread is None:
             raise OSError("the task store is closed")
-        self._ops.extend(rows)  # before the journal's retire marker, if it switches files
-        self._wake_writer()
+        self.insert_many(rows)  # before the journal's retire marker, if it switches files
         self._rows_journaled = True
         if self._journal.append_rows(rows):
             self._enqueue(_Written(self._retire_journal))
