@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import signal
 import socket
 import ssl
@@ -33,7 +34,10 @@ from .errors import InfraError, SpecError, Unavailable
 from .http import build_app
 from .infra import Infra
 from .rpc.server import EnvManagerService, OrchestratorService, build_grpc_server
+from .services.prometheus import scrape_address, write_scrape_target
 from .values import preview
+
+log = logging.getLogger(__name__)
 
 __all__ = ["InfraServer", "check_bind", "run_server", "server_ssl_context"]
 
@@ -146,7 +150,21 @@ class InfraServer(AsyncResource):
         except BaseException:
             await self.aclose()
             raise
+        await self._publish_scrape_target(tls is not None)
         return self
+
+    async def _publish_scrape_target(self, https: bool) -> None:
+        """Tell the built-in Prometheus where this server's ``/metrics`` is now (its port
+        may be new at every start); a state directory that cannot take it costs a warning."""
+        address = scrape_address(self.host, self.http_port)
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: write_scrape_target(
+                    self.settings, "dspy_infra", address, scheme="https" if https else "http"
+                )
+            )
+        except OSError as exc:
+            log.warning("could not write the Prometheus scrape target %s: %s", address, exc)
 
     async def _serve_grpc(
         self, services: list[Any], port: int, tls: ssl.SSLContext | None, field: str

@@ -64,7 +64,6 @@ __all__ = [
     "parse_overrides",
     "parse_service_table",
     "spec_to_toml",
-    "write_support_files",
 ]
 
 _OPTIONAL_RESTART = RestartPolicy(mode="on-failure", max_restarts=3)
@@ -166,7 +165,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
             "--web.listen-address={listen_host}:{port}",
         ),
         ports=(PortMapping(9090, 0),),
-        health=HealthCheck(kind="http", path="/-/healthy", port=9090),
+        health=HealthCheck(kind="http", path="/-/ready", port=9090),  # /-/healthy answers before queries do
         required=False,
         restart=_OPTIONAL_RESTART,
     ),
@@ -491,20 +490,3 @@ def spec_to_toml(spec: ServiceSpec) -> str:
             value = [d.name if d.condition == "service_healthy" else attrs.asdict(d) for d in value]
         lines.append(f"{a.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
-
-
-def write_support_files(settings: Settings) -> None:
-    """Files built-in services read from the state dir (blocking: call in a thread)."""
-    prom = settings.resolved_home() / "prometheus"
-    config = prom / "prometheus.yml"
-    if config.exists():
-        return
-    prom.mkdir(parents=True, exist_ok=True)
-    config.write_text(
-        "# Written by dspy_infra; edit freely (it is not overwritten).\n"
-        "global:\n  scrape_interval: 15s\n"
-        "scrape_configs:\n"
-        "  - job_name: prometheus\n    static_configs:\n      - targets: ['127.0.0.1:9090']\n"
-        "  - job_name: dspy_infra\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{settings.http_port}']\n"
-    )

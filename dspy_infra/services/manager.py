@@ -89,7 +89,7 @@ from ..ownership import (
     sweep_action,
 )
 from ..plugins import collect_mapping
-from .catalog import build_catalog, parse_overrides, write_support_files
+from .catalog import build_catalog, parse_overrides
 from .graph import (
     check_host_ports,
     dependency_closure,
@@ -103,6 +103,7 @@ from .health import last_log_lines, probe_for, run_probe, wait_until_healthy
 from .monitor import ManagedService as _Managed
 from .monitor import ServiceMonitor
 from .monitor import failure_reason as _reason
+from .prometheus import write_config as write_prometheus_config
 
 __all__ = ["ServiceManager", "instance_name_for"]
 
@@ -225,7 +226,7 @@ class ServiceManager(AsyncResource):
         self._backend = await self._resolve_backend()
         self._backend_type = type(self._backend)
         try:
-            await anyio.to_thread.run_sync(write_support_files, self.settings)
+            await anyio.to_thread.run_sync(write_prometheus_config, self.settings)
             await self._sweep_on_open()
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()

@@ -24,10 +24,10 @@ from dspy_infra.services.catalog import (
     apply_fields,
     build_catalog,
     parse_overrides,
-    write_support_files,
 )
 from dspy_infra.services.graph import validate_graph
 from dspy_infra.services.manager import ServiceManager
+from dspy_infra.services.prometheus import write_config
 
 
 def _catalog(tmp_path: Path, toml: str = "", extra: list[ServiceSpec] | None = None, plugins=()) -> dict:
@@ -84,7 +84,7 @@ def test_builtins_match_the_design_table(tmp_path: Path) -> None:
         assert [d.name for d in spec.depends_on] == deps
         assert (spec.health.kind, spec.required) == (kind, required)
     assert cat["reddb"].health.path == "/health" and cat["ollama"].health.path == "/api/tags"
-    assert cat["prometheus"].health.path == "/-/healthy"
+    assert cat["prometheus"].health.path == "/-/ready"
     validate_graph(cat)
 
 
@@ -97,7 +97,7 @@ def test_process_commands_and_home_expansion(tmp_path: Path) -> None:
     home = str(tmp_path / "home")
     assert any(arg == f"--config.file={home}/prometheus/prometheus.yml" for arg in cat["prometheus"].command)
     assert not cat["kafka"].command and not cat["ollama"].command  # container-only
-    write_support_files(Settings(home=home))
+    write_config(Settings(home=home))
     assert "scrape_configs" in (Path(home) / "prometheus" / "prometheus.yml").read_text()
 
 
