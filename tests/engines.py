@@ -38,6 +38,7 @@ import tarfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 import aiodocker
@@ -52,7 +53,7 @@ from dspy_infra.config import Settings
 REQUIRE_ENGINES = os.environ.get("DSPY_INFRA_REQUIRE_ENGINES") == "1"
 
 
-def skip_or_fail(reason: str) -> None:
+def skip_or_fail(reason: str) -> NoReturn:
     """Skip with ``reason`` locally; fail under DSPY_INFRA_REQUIRE_ENGINES=1 (CI), so a missing
     engine or binary never hides."""
     if REQUIRE_ENGINES:
@@ -405,7 +406,7 @@ def engine_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def engine(engine_kind: str, request: pytest.FixtureRequest) -> Engine:
     """Each real engine in turn (Docker Engine, then Podman)."""
-    return request.getfixturevalue(f"{engine_kind}_engine")  # type: ignore[no-any-return]
+    return request.getfixturevalue(f"{engine_kind}_engine")
 
 
 @pytest.fixture

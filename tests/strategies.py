@@ -192,6 +192,10 @@ def _nested(depth: int, leaf: Any = 1) -> Any:
 
 #: Task documents (HTTP /queue/submit bodies, SubmitTasks.tasks_json entries) that are wrong
 #: in at least one field. None of them may create a task.
+_TASK_KEYS: frozenset[str] = frozenset(
+    {"id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id"}
+)
+
 hostile_task_docs = st.one_of(
     # Wrong type or range of a known field.
     st.fixed_dictionaries(
@@ -224,7 +228,6 @@ hostile_task_docs = st.one_of(
     ),
     st.one_of(st.lists(json_values, max_size=3), st.integers(), st.text(max_size=10), st.none()),
 )
-_TASK_KEYS = {"id", "class", "payload", "priority", "timeout", "max_attempts", "workflow_id"}
 
 
 def _doc_bytes(doc: Any) -> bytes:
@@ -472,11 +475,11 @@ wire_json_values = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12),
+    | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12),
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(
-            st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=8),
+            st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=8),
             children,
             max_size=4,
         )
@@ -486,7 +489,7 @@ wire_json_values = st.recursive(
 
 #: JSON objects (payloads, results, workflow inputs and outputs) as they travel on the wire.
 wire_json_objects = st.dictionaries(
-    st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=12),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12),
     wire_json_values,
     max_size=6,
 )
@@ -500,7 +503,7 @@ names = st.from_regex(r"[a-z][a-z0-9-]{0,20}", fullmatch=True)
 label_keys = st.from_regex(r"[a-z][a-z0-9._-]{0,15}", fullmatch=True)
 
 
-text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20)
+text_values = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
 
 #: Keyword arguments of a betterproto2 ``SubmitTaskRequest``: any value each field can carry.
 submit_task_request_fields = st.fixed_dictionaries(
@@ -568,7 +571,7 @@ def service_specs(draw: st.DrawFn) -> ServiceSpec:
 lines = st.lists(
     st.tuples(
         st.sampled_from(["stdout", "stderr"]),
-        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30),
+        st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\n"), max_size=30),
     ),
     max_size=25,
 )
@@ -577,7 +580,7 @@ lines = st.lists(
 # -- executors/test_slurm.py ---------------------------------------------------------------
 
 slurm_task_ids = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=256
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=256
 )
 
 
@@ -697,7 +700,7 @@ prior_restarts = st.integers(0, 60)
 
 # -- services/test_service_cli.py ----------------------------------------------------------
 
-text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12)
 
 
 service_cli_names = st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True)
@@ -745,7 +748,7 @@ service_handles_port_numbers = st.integers(1, 65535)
 
 # -- test_cli.py ---------------------------------------------------------------------------
 
-key = st.text(st.characters(blacklist_characters="=", blacklist_categories=("Cs",)), min_size=1).filter(
+key = st.text(st.characters(blacklist_characters="=", blacklist_categories=["Cs"]), min_size=1).filter(
     lambda k: k.strip() == k and k != ""
 )
 

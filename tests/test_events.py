@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator, Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dspy_infra.events import EventBus
+from dspy_infra.events import Event, EventBus
 
 
-def ticking_clock() -> tuple[itertools.count[int], object]:
+def ticking_clock() -> tuple[itertools.count[int], Callable[[], float]]:
     counter = itertools.count()
     return counter, lambda: float(next(counter))
 
 
-async def collect(agen: object, n: int) -> list[object]:
+async def collect(agen: AsyncIterator[Event], n: int) -> list[Event]:
     out = []
-    async for item in agen:  # type: ignore[attr-defined]
+    async for item in agen:
         out.append(item)
         if len(out) == n:
             break
@@ -41,7 +42,7 @@ async def test_live_subscriber_gets_only_matching_types_in_order() -> None:
 
 async def test_replay_since_timestamp_then_live() -> None:
     _, clock = ticking_clock()
-    bus = EventBus(clock=clock)  # type: ignore[arg-type]
+    bus = EventBus(clock=clock)
     for i in range(5):
         bus.publish("tick", str(i))  # timestamps 0..4
     sub = bus.subscribe(since=3.0)
@@ -62,9 +63,9 @@ async def test_subscriber_that_falls_behind_is_told_how_many_it_missed() -> None
     for i in range(10):
         bus.publish("tick", str(i))
     got = await asyncio.wait_for(collect(sub, 4), 2)
-    assert got[0].type == "events_dropped"  # type: ignore[attr-defined]
-    assert got[0].data == {"missed": "7"}  # events 0..6 left the ring unseen  # type: ignore[attr-defined]
-    assert [e.resource_id for e in got[1:]] == ["7", "8", "9"]  # type: ignore[attr-defined]
+    assert got[0].type == "events_dropped"
+    assert got[0].data == {"missed": "7"}  # events 0..6 left the ring unseen
+    assert [e.resource_id for e in got[1:]] == ["7", "8", "9"]
 
 
 async def test_close_ends_subscriptions_after_draining() -> None:
@@ -75,7 +76,7 @@ async def test_close_ends_subscriptions_after_draining() -> None:
     bus.publish("a", "1")
     bus.close()
     got = await asyncio.wait_for(reader, 2)
-    assert [e.type for e in got] == ["a"]  # type: ignore[attr-defined]
+    assert [e.type for e in got] == ["a"]
 
 
 def test_listener_sees_every_event_synchronously() -> None:

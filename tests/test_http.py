@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -154,4 +155,5 @@ def test_task_json_is_accepted_as_written_or_refused_naming_the_key(doc: dict[st
     assert spec.id == (doc.get("id") or spec.id) and spec.id
     assert spec.task_class == (doc.get("class") or "cpu_short")
     assert spec.priority == (doc.get("priority") or 0)
-    assert set(spec.payload) == set(doc.get("payload") or {})  # type: ignore[arg-type]
+    payload: Any = doc.get("payload") or {}
+    assert set(spec.payload) == set(payload)

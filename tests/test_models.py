@@ -51,7 +51,7 @@ from dspy_infra.models import (
 )
 def test_bad_task_specs_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(SpecError) as err:
-        TaskSpec(**kwargs)  # type: ignore[arg-type]
+        TaskSpec(**kwargs)
     assert err.value.field == field
 
 
@@ -109,7 +109,7 @@ def test_service_spec_checks() -> None:
     with pytest.raises(SpecError, match="volumes"):
         VolumeMount("data", "relative/path")
     with pytest.raises(SpecError, match="command"):
-        ServiceSpec("a", command="redis-server --port 1")  # type: ignore[arg-type]
+        ServiceSpec("a", command="redis-server --port 1")
 
 
 def test_spec_hash_ignores_restart_policy_but_not_image() -> None:
@@ -148,5 +148,5 @@ def test_coerce_str_map_always_yields_strings(value: dict[str, object]) -> None:
 )
 def test_task_class_fields_are_type_checked(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(SpecError) as err:
-        TaskClass("x", **kwargs)  # type: ignore[arg-type]
+        TaskClass("x", **kwargs)
     assert err.value.field == field

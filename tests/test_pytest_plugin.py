@@ -17,9 +17,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiodocker
+import attrs
 import pytest
 from engines import Engine, docker_engine, engine, engine_kind, podman_engine, unique_name  # noqa: F401  (fixtures, used by name)
 from harness import processes_with
@@ -81,15 +83,24 @@ def assert_nothing_left(token: str, port: int) -> None:
     assert not port_open(port)
 
 
+@attrs.frozen
+class Web:
+    """The test service the conftest declares: where it listens, its marker, its pid file."""
+
+    port: int
+    token: str
+    pidfile: Path
+
+
 @pytest.fixture
-def web(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+def web(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Iterator[Web]:
     port, token = free_port(), f"dspy-plugin-test-{uuid.uuid4().hex}"
     pidfile = pytester.path / "service-pids.txt"
     monkeypatch.setenv("WEB_PORT", str(port))
     monkeypatch.setenv("WEB_TOKEN", token)
     monkeypatch.setenv("WEB_PIDFILE", str(pidfile))
     pytester.makeconftest(CONFTEST)
-    yield {"port": port, "token": token, "pidfile": pidfile}
+    yield Web(port, token, pidfile)
     for pid in processes_with(token):  # never leave a leak to the next test, even on failure
         os.kill(pid, 9)
 
@@ -98,7 +109,7 @@ def started_pids(pidfile: Path) -> list[str]:
     return pidfile.read_text().split() if pidfile.exists() else []
 
 
-def test_infra_fixture_marker_and_factory(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+def test_infra_fixture_marker_and_factory(pytester: pytest.Pytester, web: Web) -> None:
     pytester.makepyfile(
         f"""
         import urllib.request
@@ -107,17 +118,17 @@ def test_infra_fixture_marker_and_factory(pytester: pytest.Pytester, web: dict[s
         @pytest.mark.infra_services("web")
         def test_marker_starts_the_service(infra_endpoints):
             ep = infra_endpoints["web"]
-            assert (ep.host, ep.port) == ("127.0.0.1", {web["port"]})
-            assert ep.ports == {{{web["port"]}: {web["port"]}}}
+            assert (ep.host, ep.port) == ("127.0.0.1", {web.port})
+            assert ep.ports == {{{web.port}: {web.port}}}
             with urllib.request.urlopen(f"http://{{ep.address}}/") as resp:
                 assert resp.status == 200
             # The same handle as infra.services["web"]: a URL from its http health check.
             from dspy_infra.services.handles import ServiceHandle
             assert isinstance(ep, ServiceHandle) and str(ep.status) == "healthy"
-            assert ep.url == f"http://127.0.0.1:{web["port"]}" == ep.get_connection_url()
+            assert ep.url == f"http://127.0.0.1:{web.port}" == ep.get_connection_url()
 
         def test_factory_returns_the_same_endpoint(infra_service):
-            assert infra_service("web").port == {web["port"]}
+            assert infra_service("web").port == {web.port}
 
         def test_infra_runs_tasks(infra):
             infra.submit_task("t1", "cpu_short", {{"handler": "exec", "cmd": "echo plugin"}})
@@ -131,8 +142,8 @@ def test_infra_fixture_marker_and_factory(pytester: pytest.Pytester, web: dict[s
     )
     result = pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
-    assert len(started_pids(web["pidfile"])) == 1  # type: ignore[arg-type]
-    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+    assert len(started_pids(web.pidfile)) == 1
+    assert_nothing_left(web.token, web.port)
 
 
 def test_markers_are_registered_and_options_shown(pytester: pytest.Pytester) -> None:
@@ -157,7 +168,7 @@ def test_bad_marker_argument_is_a_usage_error(pytester: pytest.Pytester) -> None
     result.stdout.fnmatch_lines(["*service names must be non-empty strings, got 42*"])
 
 
-def test_ctrl_c_mid_session_leaves_nothing_behind(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+def test_ctrl_c_mid_session_leaves_nothing_behind(pytester: pytest.Pytester, web: Web) -> None:
     pytester.makepyfile(
         """
         import os, signal
@@ -173,11 +184,11 @@ def test_ctrl_c_mid_session_leaves_nothing_behind(pytester: pytest.Pytester, web
     )
     result = pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERRUPTED
-    assert len(started_pids(web["pidfile"])) == 1  # type: ignore[arg-type]
-    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+    assert len(started_pids(web.pidfile)) == 1
+    assert_nothing_left(web.token, web.port)
 
 
-def test_xdist_workers_share_one_service(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+def test_xdist_workers_share_one_service(pytester: pytest.Pytester, web: Web) -> None:
     pytester.makepyfile(
         f"""
         import os, time, urllib.request
@@ -189,7 +200,7 @@ def test_xdist_workers_share_one_service(pytester: pytest.Pytester, web: dict[st
             ep = infra_endpoints["web"]
             with urllib.request.urlopen(f"http://{{ep.address}}/") as resp:
                 assert resp.status == 200
-            with open(os.path.join({str(web["pidfile"].parent)!r}, "workers.txt"), "a") as fh:  # type: ignore[union-attr]
+            with open(os.path.join({str(web.pidfile.parent)!r}, "workers.txt"), "a") as fh:
                 fh.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
             time.sleep(0.5)  # keep both workers busy at once
         """
@@ -198,11 +209,11 @@ def test_xdist_workers_share_one_service(pytester: pytest.Pytester, web: dict[st
     result.assert_outcomes(passed=4)
     workers = set((pytester.path / "workers.txt").read_text().split())
     assert workers == {"gw0", "gw1"}
-    assert len(started_pids(web["pidfile"])) == 1  # type: ignore[arg-type]
-    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+    assert len(started_pids(web.pidfile)) == 1
+    assert_nothing_left(web.token, web.port)
 
 
-def test_reuse_keeps_the_service_for_the_next_run(pytester: pytest.Pytester, web: dict[str, object]) -> None:
+def test_reuse_keeps_the_service_for_the_next_run(pytester: pytest.Pytester, web: Web) -> None:
     pytester.makepyfile(
         """
         import pytest
@@ -214,14 +225,14 @@ def test_reuse_keeps_the_service_for_the_next_run(pytester: pytest.Pytester, web
     )
     args = ("--infra-backend", "process", "--infra-reuse", "-p", "no:cacheprovider")
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
-    assert port_open(web["port"])  # type: ignore[arg-type]
+    assert port_open(web.port)
     pytester.runpytest_subprocess(*args).assert_outcomes(passed=1)
-    assert len(started_pids(web["pidfile"])) == 1  # adopted by spec hash, not started again  # type: ignore[arg-type]
+    assert len(started_pids(web.pidfile)) == 1  # adopted by spec hash, not started again
     # A run without --infra-reuse adopts it too, and then stops it.
     pytester.runpytest_subprocess("--infra-backend", "process", "-p", "no:cacheprovider").assert_outcomes(
         passed=1
     )
-    assert_nothing_left(web["token"], web["port"])  # type: ignore[arg-type]
+    assert_nothing_left(web.token, web.port)
 
 
 # -- the coordination primitives, in-process --------------------------------------------------

@@ -89,7 +89,7 @@ def engine_for_kind(backend_kind: str, request: pytest.FixtureRequest) -> Engine
     """The engine (sync fixture, so session setup happens outside any running loop)."""
     if backend_kind == "process":
         return None
-    return request.getfixturevalue(f"{backend_kind}_engine")  # type: ignore[no-any-return]
+    return request.getfixturevalue(f"{backend_kind}_engine")
 
 
 @pytest.fixture

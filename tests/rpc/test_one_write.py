@@ -21,7 +21,8 @@ async def test_a_submit_and_wait_answer_is_one_write(tmp_path: Path, monkeypatch
     async with in_process_server(tmp_path / "s") as (_infra, server):
         port = server.grpc_port
         writes: list[int] = []
-        real_write = selector_events._SelectorSocketTransport.write
+        transport_class: Any = selector_events._SelectorSocketTransport  # type: ignore[attr-defined]  # (private: no stub)
+        real_write = transport_class.write
 
         def counting_write(self: Any, data: Any) -> None:
             if data and self.get_extra_info("sockname")[1] == port:  # the server's side
@@ -32,7 +33,7 @@ async def test_a_submit_and_wait_answer_is_one_write(tmp_path: Path, monkeypatch
         client = OrchestratorClient(channel, "test", token=None, owns_channel=True)
         try:
             await client.submit_and_wait(TaskSpec("warm", payload={"handler": "noop"}))
-            monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", counting_write)
+            monkeypatch.setattr(transport_class, "write", counting_write)
             for i in range(5):
                 writes.clear()
                 result = await client.submit_and_wait(TaskSpec(f"t{i}", payload={"handler": "noop"}))

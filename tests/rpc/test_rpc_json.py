@@ -331,7 +331,7 @@ async def test_execute_task_answers_json_results_on_its_string_map(tmp_path: Pat
 def test_event_data_travels_on_its_string_map() -> None:
     from dspy_infra.models import Event
 
-    msg = cv.event_to_pb(Event(type="t", resource_id="r", data={"s": "x", "n": 2}, timestamp=1.0))  # type: ignore[dict-item]
+    msg = cv.event_to_pb(Event(type="t", resource_id="r", data={"s": "x", "n": 2}, timestamp=1.0))
     assert orch_pb.SystemEvent.parse(bytes(msg)).data == {"s": "x", "n": "2"}
 
 

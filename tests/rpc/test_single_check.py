@@ -75,7 +75,7 @@ def test_a_task_document_is_refused_exactly_when_the_two_checks_refused_it(doc: 
     got = _outcome(lambda: wire.spec_from_doc(doc, generate_id=False))
     assert got == expected
     if isinstance(got, TaskSpec):
-        assert json.dumps(got.payload, sort_keys=True) == json.dumps(expected.payload, sort_keys=True)  # type: ignore[union-attr]
+        assert json.dumps(got.payload, sort_keys=True) == json.dumps(expected.payload, sort_keys=True)
 
 
 def _message(build: Callable[[], object]) -> str | None:
@@ -138,7 +138,7 @@ def test_the_old_string_map_is_checked_where_it_is_read(old_map: dict[str, str])
 
 def test_with_checked_payload_refuses_anything_but_a_plain_dict() -> None:
     with pytest.raises(TypeError):
-        TaskSpec.with_checked_payload({"a": 1}.items(), id="t")  # type: ignore[arg-type]
+        TaskSpec.with_checked_payload({"a": 1}.items(), id="t")
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ def test_a_result_sent_by_upb_reads_back_as_betterproto2_sent_it(
 
 
 def test_the_server_serves_the_hot_calls_with_upb_and_the_rest_with_betterproto2() -> None:
-    mapping = OrchestratorService.__mapping__(OrchestratorService(infra=None))  # type: ignore[arg-type]
+    mapping = OrchestratorService.__mapping__(OrchestratorService(infra=None))
     route = "/orchestrator.v1.OrchestratorService/"
     data = bytes(orch_pb.SubmitAndWaitRequest(task=orch_pb.SubmitTaskRequest(id="t")))
     for method, request, reply in (

@@ -120,7 +120,7 @@ async def _incarnations(tmp: Path, plan: list[str], max_attempts: int) -> tuple[
         if what == "fail":
             raise RuntimeError("failed on purpose")
         if what == "crash":
-            crash_image(ctx.settings.resolved_home(), tmp / f"h{len(runs)}")  # type: ignore[union-attr]
+            crash_image(ctx.settings.resolved_home(), tmp / f"h{len(runs)}")
             crash_events[-1].set()
             await anyio.sleep(3600)
         return {"run": len(runs)}

@@ -122,7 +122,7 @@ async def test_registered_handler_runs_with_context(tmp_path: Path) -> None:
 
     async def echo(ctx: TaskContext) -> Mapping[str, str]:
         seen.append(ctx)
-        return {"text": ctx.payload["text"], "n": 3}  # type: ignore[dict-item]
+        return {"text": ctx.payload["text"], "n": 3}
 
     async with running(tmp_path) as sched:
         sched.register_handler("echo", echo)

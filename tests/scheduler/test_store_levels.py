@@ -166,9 +166,18 @@ def test_a_written_callback_does_not_wait_for_a_stalled_flush_but_an_acknowledge
         await store.open()
         store.insert(TaskRecord(TaskSpec("a"), 0, 1.0).insert_row())
         committed, written = anyio.Event(), anyio.Event()
-        store.after_commit(lambda error: (order.append("commit"), committed.set()))
+
+        def on_commit(error: object) -> None:
+            order.append("commit")
+            committed.set()
+
+        def on_write(error: object) -> None:
+            order.append("write")
+            written.set()
+
+        store.after_commit(on_commit)
         store.insert(TaskRecord(TaskSpec("b"), 1, 1.0).insert_row())
-        store.after_write(lambda error: (order.append("write"), written.set()))
+        store.after_write(on_write)
         with anyio.fail_after(10):
             await written.wait()
         assert set(_attempts(store.path)) == {"a", "b"}
@@ -307,7 +316,7 @@ def test_a_wakeup_is_never_lost_between_a_setter_and_its_sleeper() -> None:
 
     from dspy_infra.scheduler.store import _Wakeup
 
-    wake, items, seen = _Wakeup(), deque[int](), []
+    wake, items, seen = _Wakeup(), deque[int](), list[int]()
     n = 20_000
 
     def sleeper() -> None:

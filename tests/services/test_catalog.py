@@ -4,6 +4,7 @@ extras and plugins (later wins), and bad fields named ``services.NAME.KEY``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -30,7 +31,9 @@ from dspy_infra.services.manager import ServiceManager
 from dspy_infra.services.prometheus import write_config
 
 
-def _catalog(tmp_path: Path, toml: str = "", extra: list[ServiceSpec] | None = None, plugins=()) -> dict:
+def _catalog(
+    tmp_path: Path, toml: str = "", extra: list[ServiceSpec] | None = None, plugins: Sequence[object] = ()
+) -> dict[str, ServiceSpec]:
     path = tmp_path / "dspy-infra.toml"
     path.write_text(toml)
     cfg = load_settings(path, env={}, home=str(tmp_path / "home"))

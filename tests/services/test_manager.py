@@ -245,7 +245,7 @@ async def _open_kit(backend: str, engine: Any, tmp_path: Path) -> AsyncIterator[
                 await be.remove(inst.id)
             if backend != "process":
                 with contextlib.suppress(Exception):
-                    await (await be.docker.networks.get(settings.network)).delete()  # type: ignore[attr-defined]
+                    await (await be.docker.networks.get(settings.network)).delete()
 
 
 @pytest.fixture
@@ -519,7 +519,7 @@ async def test_an_engine_refusing_the_start_listing_raises_its_own_error(
 @pytest.mark.parametrize("backend", ["docker", "podman"], indirect=True)
 async def test_stopping_every_service_removes_the_network_the_start_made(kit: Kit) -> None:
     # Regression: `dspy-infra down` left the service network on the engine, for good.
-    docker = kit.backend.docker  # type: ignore[attr-defined]
+    docker = kit.backend.docker
     network = kit.settings.network
 
     async def networks() -> list[str]:
@@ -780,7 +780,7 @@ async def test_real_redis(kit: Kit) -> None:
 
         health = mgr.health(["redis"], interval=0.05)
         first = await health.__anext__()
-        await health.aclose()  # type: ignore[attr-defined]
+        await health.aclose()
         assert first.healthy and first.details["kind"] == "redis"
 
         assert await mgr.stop(["redis"], timeout=5) == {"redis": "stopped"}

@@ -145,7 +145,7 @@ async def test_pinned_ports_and_placeholders_in_command_and_env(
 
 async def test_a_placeholder_naming_no_published_port_is_refused(tmp_path: Path) -> None:
     bad = ServiceSpec(name="web", command=["sleep", "{port.81}"], ports=[PortMapping(80, 0)])
-    cfg = Settings(**base_settings(tmp_path / "state"))  # type: ignore[arg-type]
+    cfg = Settings(**base_settings(tmp_path / "state"))
     async with Infra(cfg, services=[bad], load_entry_points=False) as infra:
         with pytest.raises(errors.SpecError) as info:
             await infra.ensure_services(["web"])
@@ -211,7 +211,7 @@ async def test_docker_publishes_on_a_free_host_port(
         _check_is_ours(handle, redis_on_6379)
         backend = infra.services.backend
         listed = await backend.list_instances({"dspy_infra.service": "cache"})
-        raw = await backend.docker.containers.container(listed[0].id).show()  # type: ignore[attr-defined]
+        raw = await backend.docker.containers.container(listed[0].id).show()
         assert f"ADVERTISED={handle.address}" in raw["Config"]["Env"]
         assert raw["Config"]["Cmd"][:3] == ["/usr/bin/redis-server", "--port", "6379"]
 
@@ -309,7 +309,7 @@ async def test_a_port_on_all_interfaces_is_not_narrowed_to_loopback(tmp_path: Pa
         assert handle.host == "127.0.0.1" and handle.url == f"http://127.0.0.1:{handle.port}"
         state = (await infra.services.status(["web"]))["web"]
         backend = infra.services.backend
-        record = json.loads((backend.root / state.instance_id / "record.json").read_text())  # type: ignore[attr-defined]
+        record = json.loads((backend.root / state.instance_id / "record.json").read_text())
         assert record["command"][-3:] == [str(handle.port), "--bind", "0.0.0.0"]
 
 
