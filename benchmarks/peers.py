@@ -167,7 +167,7 @@ def _celery(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 os.environ["BENCH_REDIS_URL"] = env["BENCH_REDIS_URL"]
                 sys.path.insert(0, str(workdir))
-                import bench_tasks  # type: ignore[import-not-found]
+                import bench_tasks
 
                 bench_tasks.noop.delay().get(timeout=60)  # the worker is up
                 return _measure(

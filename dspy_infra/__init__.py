@@ -28,10 +28,12 @@ if TYPE_CHECKING:  # the lazy names' types, for type checkers and editors
         CycleError,
         DeadlineExceeded,
         FailedPrecondition,
+        HandlerFailure,
         HealthCheckFailed,
         InfraError,
         MissingBinary,
         NotFound,
+        PermanentFailure,
         PermissionDenied,
         ResourceUnavailable,
         ServiceError,
@@ -57,6 +59,7 @@ if TYPE_CHECKING:  # the lazy names' types, for type checkers and editors
         TaskStatus,
         VolumeMount,
     )
+    from .scheduler.context import TaskContext
     from .services.handles import ServiceHandle
     from .sync import SyncInfra, ensure_infra_sync
     from .workflows import RunState, RunUpdate, StepSpec, StepState, Workflow, WorkflowSpec
@@ -66,10 +69,11 @@ _MODULES: dict[str, str] = {
     ".api": "InfraAPI",
     ".config": "Settings load_settings",
     ".ensure": "ensure_infra shutdown_infra use_infra",
-    ".errors": "AlreadyExists BackendError BackendUnavailable ConfigError CycleError DeadlineExceeded FailedPrecondition HealthCheckFailed InfraError MissingBinary NotFound PermissionDenied ResourceUnavailable ServiceError SpecError TaskError Unauthenticated Unavailable",
+    ".errors": "AlreadyExists BackendError BackendUnavailable ConfigError CycleError DeadlineExceeded FailedPrecondition HealthCheckFailed InfraError MissingBinary NotFound PermissionDenied ResourceUnavailable ServiceError SpecError TaskError Unauthenticated Unavailable HandlerFailure PermanentFailure",
     ".hookspecs": "hookimpl",
     ".infra": "Infra",
     ".models": "DependsOn Event HealthCheck PortMapping Resources RestartPolicy ServiceSpec TaskClass TaskResult TaskSpec TaskState TaskStatus VolumeMount",
+    ".scheduler.context": "TaskContext",
     ".services.handles": "ServiceHandle",
     ".sync": "SyncInfra ensure_infra_sync",
     ".workflows": "RunState RunUpdate StepSpec StepState Workflow WorkflowSpec",
@@ -81,13 +85,15 @@ _LAZY: dict[str, str] = {name: module for module, names in _MODULES.items() for 
 # fmt: off
 __all__ = [
     "AlreadyExists", "BackendError", "BackendUnavailable", "ConfigError", "CycleError",
-    "DeadlineExceeded", "DependsOn", "Event", "FailedPrecondition", "HealthCheck", "HealthCheckFailed",
-    "Infra", "InfraAPI", "InfraError", "MissingBinary", "NotFound", "PermissionDenied", "PortMapping",
-    "ResourceUnavailable", "Resources", "RestartPolicy", "RunState", "RunUpdate", "ServiceError",
-    "ServiceHandle", "ServiceSpec", "Settings", "SpecError", "StepSpec", "StepState", "SyncInfra",
-    "TaskClass", "TaskError", "TaskResult", "TaskSpec", "TaskState", "TaskStatus", "Unauthenticated",
-    "Unavailable", "VolumeMount", "Workflow", "WorkflowSpec", "__version__", "ensure_infra",
-    "ensure_infra_sync", "hookimpl", "load_settings", "shutdown_infra", "use_infra",
+    "DeadlineExceeded", "DependsOn", "Event", "FailedPrecondition", "HandlerFailure",
+    "HealthCheck", "HealthCheckFailed", "Infra", "InfraAPI", "InfraError", "MissingBinary",
+    "NotFound", "PermanentFailure", "PermissionDenied", "PortMapping", "ResourceUnavailable",
+    "Resources", "RestartPolicy", "RunState", "RunUpdate", "ServiceError", "ServiceHandle",
+    "ServiceSpec", "Settings", "SpecError", "StepSpec", "StepState", "SyncInfra", "TaskClass",
+    "TaskContext", "TaskError", "TaskResult", "TaskSpec", "TaskState", "TaskStatus",
+    "Unauthenticated", "Unavailable", "VolumeMount", "Workflow", "WorkflowSpec", "__version__",
+    "ensure_infra", "ensure_infra_sync", "hookimpl", "load_settings", "shutdown_infra",
+    "use_infra",
 ]
 # fmt: on
 

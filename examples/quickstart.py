@@ -4,7 +4,7 @@ import asyncio
 import tempfile
 from typing import Any
 
-from dspy_infra import AlreadyExists, use_infra
+from dspy_infra import AlreadyExists, TaskContext, use_infra
 
 
 async def main() -> None:
@@ -17,7 +17,7 @@ async def main() -> None:
 
 async def tour(infra: Any) -> None:
     @infra.handler("shout")  # your own handler: async, gets the task context, returns a JSON object
-    async def shout(ctx):
+    async def shout(ctx: TaskContext) -> dict[str, str]:
         return {"text": ctx.payload["text"].upper()}
 
     await infra.submit_task(
