@@ -117,7 +117,8 @@ SERVER = """
 import asyncio, json, sys
 from dspy_infra.config import load_settings
 from dspy_infra.serve import run_server
-raise SystemExit(asyncio.run(run_server(load_settings(**json.loads(sys.argv[1])))))
+# own_process: as `dspy-infra serve` runs it
+raise SystemExit(asyncio.run(run_server(load_settings(**json.loads(sys.argv[1])), own_process=True)))
 """
 _PORT = re.compile(r"grpc=127\.0\.0\.1:(\d+)")
 

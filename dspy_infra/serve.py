@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -39,7 +40,14 @@ from .values import preview
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InfraServer", "check_bind", "run_server", "server_ssl_context"]
+__all__ = [
+    "SERVER_GC_THRESHOLD",
+    "InfraServer",
+    "check_bind",
+    "run_server",
+    "server_ssl_context",
+    "tune_gc_for_a_server",
+]
 
 #: Seconds InfraServer.aclose waits for connections to close after cancelling the calls.
 _CLOSE_TIMEOUT = 5.0
@@ -196,16 +204,39 @@ class InfraServer(AsyncResource):
 # -- dspy-infra serve ------------------------------------------------------------------------
 
 
+#: Allocations between two young collections in a process that only serves (the default,
+#: 700, suits a program of short-lived objects; a server keeps thousands of tasks and their
+#: events alive, and each collection that comes sooner also walks them sooner).
+SERVER_GC_THRESHOLD = 20_000
+
+
+def tune_gc_for_a_server() -> None:
+    """Set this process's garbage collector for a long-running server: what exists once it
+    serves (modules, classes, the stores' state) moves out of the collector's sight
+    (``gc.freeze``), and young collections come every ``SERVER_GC_THRESHOLD`` allocations.
+    Process-wide, so only for a process that is the server (``dspy-infra serve``). Measured
+    (docs/performance.md): the collector's share of a batch run fell from about a fifth of
+    the loop, and the server's RSS stays flat over the 10-minute soak."""
+    gc.collect()  # garbage of the start is freed, not frozen
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, SERVER_GC_THRESHOLD), middle, old)
+
+
 async def run_server(
     settings: Settings,
     *,
     stop_services: bool = False,
     on_ready: Callable[[InfraServer], None] | None = None,
+    own_process: bool = False,
 ) -> int:
     """Run an embedded Infra with its servers until SIGTERM/SIGINT, then shut down gracefully:
     stop accepting, give running tasks ``settings.shutdown_grace`` seconds to finish (the rest
     stay durable for the next start), and stop the services only when ``stop_services``.
-    Prints one ``dspy-infra serving ...`` line with the bound addresses when ready."""
+    Prints one ``dspy-infra serving ...`` line with the bound addresses when ready.
+    ``own_process``: this process is only the server (``dspy-infra serve``), so its garbage
+    collector is set for one once it serves (``tune_gc_for_a_server``); an application that
+    runs a server among other work keeps its own settings (the default)."""
     check_bind(settings)  # refuse before starting anything
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -224,6 +255,8 @@ async def run_server(
                     f" http={scheme}://{server.host}:{server.http_port}",
                     flush=True,
                 )
+                if own_process:
+                    tune_gc_for_a_server()
                 if on_ready is not None:
                     on_ready(server)
                 await stop.wait()

@@ -31,7 +31,7 @@ import asyncio, json, sys
 from dspy_infra.config import load_settings
 from dspy_infra.serve import run_server
 settings = load_settings(**json.loads(sys.argv[1]))
-raise SystemExit(asyncio.run(run_server(settings)))
+raise SystemExit(asyncio.run(run_server(settings, own_process=True)))
 """
 
 

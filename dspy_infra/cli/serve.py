@@ -34,7 +34,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     from ..serve import run_server
 
-    return int(asyncio.run(run_server(settings, stop_services=args.stop_services)) or 0)
+    return int(asyncio.run(run_server(settings, stop_services=args.stop_services, own_process=True)) or 0)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
