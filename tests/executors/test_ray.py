@@ -27,7 +27,7 @@ import anyio
 import pytest
 from adoption import RAY_ADDRESS, adoption_round, wait_for_text
 from harness import open_scheduler
-from hypothesis import given
+from hypothesis import given, settings
 from strategies import ray_demands, runner_calls
 
 from dspy_infra.config import load_settings
@@ -255,6 +255,7 @@ def test_fitting_attempts_is_the_largest_count_that_fits(
     assert any((fits + 1) * amount > free.get(name, 0.0) for name, amount in demand.items())
 
 
+@settings(deadline=None)  # asyncio.run per example: no per-example time limit on a loaded machine
 @given(runner_calls)
 def test_a_runner_starts_each_task_at_most_once_until_its_outcome_is_dropped(
     calls: list[tuple[str, int, int]],
