@@ -23,6 +23,9 @@ PROTOS = ("orchestrator/v1/orchestrator.proto", "env_manager/v1/env_manager.prot
 #: guards against held the loop for 2 s (one replaying client) to 135 s; the fixed code stays
 #: under 0.1 s, and the rest is room for a machine shared by several test runs.
 STALL_BOUND = 1.0
+#: The bound for tests whose guarded bug held the loop for many seconds (its comment says how
+#: long): more room for a loaded machine, still far below the stall it catches.
+LONG_STALL_BOUND = 2.0
 
 
 @attrs.define

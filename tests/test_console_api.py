@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from _rpc_support import in_process_server
 from engines import skip_or_fail
@@ -239,11 +240,18 @@ async def test_queues_and_overview(api: tuple[Any, str, Infra, Any]) -> None:
     session, base, infra, _server = api
     await infra.submit_task("bad", payload={"handler": "fail"})
     await infra.wait("bad", timeout=30)
-    async with session.get(f"{base}/queues") as resp:
-        queues = {q["class"]: q for q in (await _json(resp))["queues"]}
-    expected = (await infra.queue_status())["cpu_short"]
-    assert queues["cpu_short"]["limit"] == expected.limit
-    assert queues["cpu_short"]["max_limit"] == expected.max_limit
+    # The adaptive limiter may change the limit between two reads: compare against reads
+    # taken just before and just after the HTTP one, retried until those two agree.
+    with anyio.fail_after(30):
+        while True:
+            before = (await infra.queue_status())["cpu_short"]
+            async with session.get(f"{base}/queues") as resp:
+                queues = {q["class"]: q for q in (await _json(resp))["queues"]}
+            after = (await infra.queue_status())["cpu_short"]
+            if (before.limit, before.max_limit) == (after.limit, after.max_limit):
+                break
+    assert queues["cpu_short"]["limit"] == after.limit
+    assert queues["cpu_short"]["max_limit"] == after.max_limit
     async with session.get(f"{base}/overview") as resp:
         overview = await _json(resp)
     assert [t["id"] for t in overview["recent_failures"]] == ["bad"]

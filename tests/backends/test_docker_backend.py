@@ -461,13 +461,15 @@ async def test_image_healthcheck_state_is_reported(engine_backend: DockerBackend
     spec = ServiceSpec(
         name=unique_name("hc"),
         image=engine.images.busybox_health,
-        command=["sh", "-c", "sleep 1.5; touch /tmp/ready; exec sleep 60"],
+        # Ready only once the test says so: "starting" is seen however slow the engine is.
+        command=["sh", "-c", "while [ ! -e /tmp/go ]; do sleep 0.1; done; touch /tmp/ready; exec sleep 60"],
         health=HealthCheck(kind="engine"),
     )
     instance = await _run(engine_backend, spec)
     first = await engine_backend.inspect(instance.id)
     assert first.engine_health == "starting"  # /tmp/ready does not exist yet
     seen = {first.engine_health}
+    assert (await engine_backend.exec(instance.id, ["touch", "/tmp/go"])).exit_code == 0
     with anyio.fail_after(20):
         while (state := (await engine_backend.inspect(instance.id)).engine_health) != "healthy":
             seen.add(state)

@@ -105,10 +105,15 @@ async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(backend: Proces
 
 async def test_graceful_stop_keeps_the_exit_code_and_last_lines(backend: ProcessBackend) -> None:
     spec = ServiceSpec(
-        name="polite", command=["sh", "-c", "trap 'echo bye; exit 7' TERM; while :; do sleep 0.05; done"]
+        name="polite",
+        command=["sh", "-c", "trap 'echo bye; exit 7' TERM; echo ready; while :; do sleep 0.05; done"],
     )
     inst = await backend.run(spec, instance_name="polite", labels={})
-    await anyio.sleep(0.2)
+    with anyio.fail_after(10):
+        while True:  # wait until the trap is set (the script printed its first line)
+            if [e async for e in backend.logs(inst.id, service_name="polite")]:
+                break
+            await anyio.sleep(0.02)
     await backend.stop(inst.id, timeout=5)
     after = await backend.inspect(inst.id)
     assert (after.state, after.exit_code) == ("exited", 7)
@@ -195,9 +200,14 @@ async def test_stats_see_a_busy_process(backend: ProcessBackend) -> None:
         name="busy", command=[sys.executable, "-c", "x = bytearray(30_000_000)\nwhile True: pass"]
     )
     inst = await backend.run(spec, instance_name="busy", labels={})
-    await anyio.sleep(0.3)
-    usage = await backend.stats(inst.id)
-    assert usage.cpu_percent > 20 and usage.memory_bytes > 30_000_000
+    # How soon the interpreter has started, allocated and got the CPU depends on the machine's
+    # load: sample until one window sees both (each sample is a fresh measurement).
+    with anyio.fail_after(15):
+        while True:
+            usage = await backend.stats(inst.id)
+            if usage.cpu_percent > 20 and usage.memory_bytes > 30_000_000:
+                break
+            await anyio.sleep(0.1)
     await backend.stop(inst.id, timeout=2)
     assert (await backend.stats(inst.id)).memory_bytes == 0
 

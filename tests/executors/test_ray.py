@@ -27,7 +27,7 @@ import anyio
 import pytest
 from adoption import RAY_ADDRESS, adoption_round, wait_for_text
 from harness import open_scheduler
-from hypothesis import given
+from hypothesis import given, settings
 from strategies import ray_demands, runner_calls
 
 from dspy_infra.config import load_settings
@@ -255,6 +255,7 @@ def test_fitting_attempts_is_the_largest_count_that_fits(
     assert any((fits + 1) * amount > free.get(name, 0.0) for name, amount in demand.items())
 
 
+@settings(deadline=None)  # asyncio.run per example: no per-example time limit on a loaded machine
 @given(runner_calls)
 def test_a_runner_starts_each_task_at_most_once_until_its_outcome_is_dropped(
     calls: list[tuple[str, int, int]],
@@ -395,10 +396,11 @@ async def test_cancel_ends_the_remote_command_and_its_process(tmp_path: Path, na
 async def test_timeout_fails_the_task_and_ends_the_remote_command(tmp_path: Path, namespace: str) -> None:
     pid_file = tmp_path / "pid"
     async with ray_scheduler(tmp_path, namespace, on_ray={"num_cpus": 0}) as sched:
-        await sched.submit(exec_task("slow", "on_ray", f"echo $$ > {pid_file}; exec sleep 300", timeout=8.0))
+        # The timeout also covers starting the attempt on the cluster (slow on a loaded machine).
+        await sched.submit(exec_task("slow", "on_ray", f"echo $$ > {pid_file}; exec sleep 300", timeout=20.0))
         pid = int(await wait_for_text(pid_file))
         result = await sched.wait("slow", timeout=90)
-    assert result.status is TaskStatus.FAILED and "timed out after 8s" in result.error
+    assert result.status is TaskStatus.FAILED and "timed out after 20s" in result.error
     assert await _gone(pid)
 
 
@@ -484,16 +486,28 @@ async def test_a_graceful_stop_leaves_the_attempt_to_the_next_start(
 ) -> None:
     # A durable scheduler stops (a deploy) mid-attempt: the attempt runs on under its runner,
     # and the next start adopts it (or collects its outcome). Runs once.
-    runs, ended = tmp_path / "runs", tmp_path / "ended"
+    # The command runs until the test creates `go`, so "still running" does not depend on
+    # how fast the stop and the restart are.
+    runs, ended, go = tmp_path / "runs", tmp_path / "ended", tmp_path / "go"
     settings = ray_settings(tmp_path, namespace, on_ray={"num_cpus": 0})
-    cmd = f"echo run >> {runs}; sleep 5; echo finished; echo yes > {ended}"
+    cmd = f"echo run >> {runs}; while [ ! -e {go} ]; do sleep 0.2; done; echo finished; echo yes > {ended}"
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
         await sched.submit(exec_task("train/deploy", "on_ray", cmd))
         await wait_for_text(runs, timeout=120)
     assert not ended.exists(), "the attempt was not running when the owner stopped"
     if restart == "after_it_ended":
+        go.touch()
         await wait_for_text(ended, timeout=60)
     async with open_scheduler(tmp_path, durable=True, **settings) as sched:
+        if restart == "while_running":
+            with anyio.fail_after(120):  # the next start's attempt has taken the command over
+                while True:
+                    current = await sched.get("train/deploy")
+                    if current.status is TaskStatus.RUNNING and current.attempts == 2:
+                        break
+                    await anyio.sleep(0.1)
+            assert not ended.exists()
+            go.touch()
         result = await sched.wait("train/deploy", timeout=120)
         state = await sched.get("train/deploy")
     assert result.status is TaskStatus.COMPLETED, result.error

@@ -192,8 +192,12 @@ async def test_a_graceful_stop_leaves_the_job_to_the_next_start(
 ) -> None:
     # A durable scheduler stops (a deploy) while a job runs: the job keeps running with its
     # handle, and the next start adopts it (watched, or collected if it ended meanwhile).
-    runs = tmp_path / "runs"
-    task = slurm_task("train/deploy", f"echo run >> {runs}; sleep 5; echo finished")
+    # The job runs until the test creates `go`, so "still running" does not depend on how
+    # fast the stop and the restart are.
+    runs, go = tmp_path / "runs", tmp_path / "go"
+    task = slurm_task(
+        "train/deploy", f"echo run >> {runs}; while [ ! -e {go} ]; do sleep 0.2; done; echo finished"
+    )
     async with scheduler(tmp_path, slurm="cli", durable=True) as sched:
         await sched.submit(task)
         job_id = await _running_job(job_name(task.id))
@@ -202,8 +206,18 @@ async def test_a_graceful_stop_leaves_the_job_to_the_next_start(
     handle = HandleJournal(tmp_path).read(task.id)
     assert handle is not None and handle.fields["job_id"] == job_id
     if restart == "after_it_ended":
+        go.touch()
         assert await _left_queue(job_id)
     async with scheduler(tmp_path, slurm="cli", durable=True) as sched:
+        if restart == "while_running":
+            with anyio.fail_after(60):  # the next start's attempt has taken the job over
+                while True:
+                    current = await sched.get(task.id)
+                    if current.status is TaskStatus.RUNNING and current.attempts == 2:
+                        break
+                    await anyio.sleep(0.1)
+            assert (await _job_state(job_id)).state == "RUNNING"
+            go.touch()
         result = await sched.wait(task.id, timeout=120)
         state = await sched.get(task.id)
     assert result.status is TaskStatus.COMPLETED, result.error
@@ -521,8 +535,12 @@ async def test_sigterm_to_serve_leaves_the_job_and_the_next_serve_adopts_it(
 ) -> None:
     # What `dspy-infra serve` runs, stopped by SIGTERM (a deploy) while a task's job runs,
     # then started again on the same state directory: the job ran once, its result arrives.
-    runs, home = tmp_path / "runs", tmp_path / "home"
-    task = slurm_task("train/serve", f"echo run >> {runs}; sleep 5; echo finished")
+    runs, home, go = tmp_path / "runs", tmp_path / "home", tmp_path / "go"
+    # The job runs until the test creates `go` (once the next serve is up), however long the
+    # stop and the restart take.
+    task = slurm_task(
+        "train/serve", f"echo run >> {runs}; while [ ! -e {go} ]; do sleep 0.2; done; echo finished"
+    )
     with serve_process(home, slurm="cli", shutdown_grace=0.5) as server:
         remote = await RemoteInfra.connect(server.addr, required=True)
         assert remote is not None
@@ -539,6 +557,7 @@ async def test_sigterm_to_serve_leaves_the_job_and_the_next_serve_adopts_it(
         remote = await RemoteInfra.connect(server.addr, required=True)
         assert remote is not None
         try:
+            go.touch()
             result = await remote.wait(task.id, timeout=120)
         finally:
             await remote.aclose()

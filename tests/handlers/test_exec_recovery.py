@@ -360,7 +360,9 @@ async def test_recovery_waits_for_leftovers_off_the_event_loop(tmp_path: Path) -
                 # SIGTERM was ignored, so SIGKILL ended it.
                 assert leftover.poll() == -signal.SIGKILL or proc_stat(leftover.pid) is None
             stop.set()
-        assert longest < 0.5, f"the event loop stalled {longest:.2f}s while leftovers were ended"
+        # The bug held the loop for the whole 2 s grace (DEFAULT_GRACE) between SIGTERM and
+        # SIGKILL; the rest of the bound is room for a loaded machine.
+        assert longest < 1.5, f"the event loop stalled {longest:.2f}s while leftovers were ended"
     finally:
         leftover.kill()
         leftover.wait()

@@ -88,10 +88,23 @@ async def test_exec_without_cmd_is_a_permanent_failure_naming_the_field() -> Non
 async def test_exec_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
     # The shell starts a background grandchild: a kill of the shell alone would leak it.
-    cmd = f"sleep 30 & echo $! > {pidfile}; wait"
-    with anyio.move_on_after(0.5) as scope:
+    # The pid is written whole (tmp + mv); the handler is cancelled once it is there, however
+    # long the shell took to start.
+    cmd = f"sleep 30 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; wait"
+    finished = False
+
+    async def run() -> None:
+        nonlocal finished
         await exec_handler(handler_context(cmd=cmd))
-    assert scope.cancelled_caught
+        finished = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(10):
+            while not pidfile.exists():  # noqa: ASYNC110 - a file a subprocess writes; no event to await
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    assert not finished, "the command ended by itself, not by the cancel"
     grandchild = int(pidfile.read_text())
     for _ in range(100):  # up to 5 s for the kill to land
         if not _alive(grandchild):

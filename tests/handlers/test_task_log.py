@@ -4,6 +4,7 @@ readable through ``Infra.task_log``; and the exec handler's environment and poli
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import anyio
@@ -161,14 +162,21 @@ async def test_exec_takes_an_argument_list_without_a_shell(tmp_path: Path) -> No
 async def test_a_finished_attempt_leaves_no_record_and_no_escaped_descendant(tmp_path: Path) -> None:
     pidfile = tmp_path / "escaped.pid"
     settings = load_settings(env={}, home=tmp_path / "home")
-    cmd = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 30' & sleep 0.2"
+    # The command waits for the escaped child's pid (written whole: tmp + mv), however late
+    # the child starts; the child keeps the output pipes.
+    cmd = (
+        f"setsid sh -c 'echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 30'"
+        f" & while [ ! -s {pidfile} ]; do sleep 0.01; done"
+    )
     # Regression: the escaped child held the output pipes, so the attempt lasted its 30 s.
     with anyio.fail_after(10):
         await exec_handler(_ctx(settings, cmd=cmd))
     escaped = int(pidfile.read_text())
     from dspy_infra.ownership import proc_stat
 
-    st = proc_stat(escaped)
+    deadline = time.monotonic() + 5  # SIGKILLed at the attempt's end; dying takes the kernel a moment
+    while (st := proc_stat(escaped)) is not None and not st.dead and time.monotonic() < deadline:  # noqa: ASYNC110 - another process; no event to await
+        await anyio.sleep(0.02)
     assert st is None or st.dead, "a descendant that left the process group outlived its attempt"
     assert list((tmp_path / "home" / "attempts").glob("*.json")) == []
     assert os.listdir(tmp_path / "home" / "attempts") == []
@@ -177,7 +185,7 @@ async def test_a_finished_attempt_leaves_no_record_and_no_escaped_descendant(tmp
 async def test_a_timed_out_attempt_keeps_its_output_in_the_log(tmp_path: Path) -> None:
     async with Infra(_settings(tmp_path / "home"), load_entry_points=False) as infra:
         await infra.submit_task(
-            "slow", payload={"handler": "exec", "cmd": "echo before; sleep 30; echo after"}, timeout=1.0
+            "slow", payload={"handler": "exec", "cmd": "echo before; sleep 30; echo after"}, timeout=5.0
         )
         done = await infra.wait("slow", timeout=30)
         assert done.status is TaskStatus.FAILED and "timed out" in done.error

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dspy_infra.config import load_settings
@@ -73,6 +73,7 @@ async def test_a_failed_open_is_not_kept_and_the_next_get_tries_again() -> None:
     assert ledger.events == [("open", "a"), ("close", "a")]
 
 
+@settings(deadline=None)  # each example starts a loop and sleeps for real: no per-example time limit
 @given(st.lists(st.sampled_from("abcde"), max_size=20))
 def test_opens_equal_distinct_keys_and_every_open_is_closed(keys: list[str]) -> None:
     async def scenario() -> list[tuple[str, object]]:

@@ -346,19 +346,30 @@ async def test_missing_result_key_fails_the_step_before_its_task_exists(tmp_path
             await scheduler.get(f"{run_id}.c")
 
 
-FAN = (
-    sh("root", "true"),
-    sh("bad", "echo broken >&2; exit 3", "root"),
-    sh("after-bad", "true", "bad"),
-    sh("slow", "sleep 0.5", "root"),
-    sh("after-slow", "true", "slow"),
-)
+def fan(go: Path) -> tuple[dict[str, Any], ...]:
+    """``bad`` fails while ``slow`` runs: ``slow`` ends only once ``go`` exists."""
+    return (
+        sh("root", "true"),
+        sh("bad", "echo broken >&2; exit 3", "root"),
+        sh("after-bad", "true", "bad"),
+        sh("slow", f"while [ ! -e {go} ]; do sleep 0.02; done", "root"),
+        sh("after-slow", "true", "slow"),
+    )
 
 
 async def test_default_policy_fails_the_run_and_starts_nothing_new(tmp_path: Path) -> None:
+    go = tmp_path / "go"
     async with running(tmp_path) as (scheduler, engine, bus):
-        await engine.create_workflow("fan", spec=spec_of(*FAN))
+        await engine.create_workflow("fan", spec=spec_of(*fan(go)))
         run_id = await engine.start_run("fan")
+        with anyio.fail_after(30):  # `slow` is held until `bad` has failed, however slow the machine
+            while True:
+                steps = (await engine.get_run(run_id)).steps
+                if steps["bad"].status is StepStatus.FAILED:
+                    break
+                await anyio.sleep(0.02)
+        assert steps["slow"].status is StepStatus.RUNNING
+        go.touch()
         run = await final(engine, run_id)
         status = {n: s.status for n, s in run.steps.items()}
         assert status == {
@@ -378,7 +389,9 @@ async def test_default_policy_fails_the_run_and_starts_nothing_new(tmp_path: Pat
 
 async def test_continue_on_failure_lets_independent_branches_finish(tmp_path: Path) -> None:
     async with running(tmp_path) as (scheduler, engine, _bus):
-        await engine.create_workflow("fan-cof", spec=spec_of(*FAN, continue_on_failure=True))
+        go = tmp_path / "go"
+        go.touch()  # the order of `bad` and `slow` does not matter here
+        await engine.create_workflow("fan-cof", spec=spec_of(*fan(go), continue_on_failure=True))
         run_id = await engine.start_run("fan-cof")
         run = await final(engine, run_id)
         assert run.steps["after-slow"].status is StepStatus.COMPLETED
