@@ -764,11 +764,15 @@ class ServiceManager(AsyncResource):
                 return _COMPLETED, "completed earlier (adopted)"
             if inst.state == "exited" or spec.one_shot:
                 continue
-            # An instance whose owner is alive is being started by that owner: give it the
-            # whole startup time. One left by a dead owner must answer quickly.
+            # An instance whose owner is alive is being started by that owner, and a kept one
+            # was kept on purpose (it may hold data): both get the whole startup time before
+            # they are given up and removed. A leftover of a dead owner must answer quickly.
             owner_alive = await anyio.to_thread.run_sync(self._owner_alive, inst)
+            kept = not owner_alive and await anyio.to_thread.run_sync(self.ownership.is_kept, inst.name)
             wait = (
-                spec.health.startup_timeout if owner_alive else min(_ADOPT_WAIT, spec.health.startup_timeout)
+                spec.health.startup_timeout
+                if owner_alive or kept
+                else min(_ADOPT_WAIT, spec.health.startup_timeout)
             )
             try:
                 result = await wait_until_healthy(

@@ -60,6 +60,7 @@ from dspy_infra.models import (
     VolumeMount,
 )
 from dspy_infra.plugins import build_plugin_manager
+from dspy_infra.services import manager as manager_module
 from dspy_infra.services.catalog import apply_fields
 from dspy_infra.services.manager import ServiceManager, instance_name_for
 
@@ -108,6 +109,14 @@ class ProcessKit:
         port = free_port()
         return {"command": ["sh", "-c", script], "ports": [f"{port}:{port}"]}
 
+    def served_dir(self) -> str:
+        """Where an HTTP service of ``http_fields`` serves its files from, as its exec sees it."""
+        return str(self.web_root)
+
+    def move_command(self, source: str, target: str) -> list[str]:
+        """A command that renames a file, as an exec in the service runs it."""
+        return ["mv", source, target]
+
     def redis(self, name: str = "redis") -> ServiceSpec:
         exe = shutil.which("redis-server")
         if exe is None:
@@ -154,6 +163,12 @@ class ContainerKit(ProcessKit):
             "ports": [{"container_port": 8080, "host_port": 0}],
             "health": {**_HTTP_HEALTH, "port": 8080},
         }
+
+    def served_dir(self) -> str:
+        return "/www"
+
+    def move_command(self, source: str, target: str) -> list[str]:
+        return ["/bin/busybox", "mv", source, target]  # (the image links only a few applets)
 
     def script_fields(self, script: str) -> dict[str, Any]:
         return {
@@ -710,10 +725,9 @@ anyio.run(main)
 """
 
 
-async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> None:
-    """A new manager on the home adopts the dead owner's kept service when it opens (and
-    monitors it from then on) and reaps the rest, whatever it is asked to start."""
-    fields = {"keep": kit.http_fields(), "orphan": kit.http_fields()}
+async def _owner_killed_after_starting(kit: Kit, fields: dict[str, dict[str, Any]]) -> dict[str, Instance]:
+    """Run ``_CHILD`` (which keeps "keep" and starts the rest), SIGKILL it once its services
+    are up; this owner's instances by service."""
     child = await anyio.open_process(
         [sys.executable, "-c", _CHILD, json.dumps(kit.child_settings()), json.dumps(fields)],
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -728,7 +742,14 @@ async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> No
         await child.wait()
         await child.aclose()
     owner = {LABEL_OWNER: kit.settings.resolved_owner()}
-    listed = {i.labels["dspy_infra.service"]: i for i in await kit.backend.list_instances(owner)}
+    return {i.labels["dspy_infra.service"]: i for i in await kit.backend.list_instances(owner)}
+
+
+async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> None:
+    """A new manager on the home adopts the dead owner's kept service when it opens (and
+    monitors it from then on) and reaps the rest, whatever it is asked to start."""
+    fields = {"keep": kit.http_fields(), "orphan": kit.http_fields()}
+    listed = await _owner_killed_after_starting(kit, fields)
     web_port = apply_fields("orphan", fields["orphan"]).ports[0].container_port
     orphan_address = kit.backend.probe_address(listed["orphan"], web_port)
     assert await _http_ok(*orphan_address)  # its services outlived it
@@ -745,6 +766,40 @@ async def test_sigkilled_owner_then_start_again_adopts_and_reaps(kit: Kit) -> No
         assert not await _http_ok(*orphan_address)
         assert await _owned(kit) == [listed["keep"].name]
         await mgr.stop()
+    assert await _owned(kit) == []
+
+
+async def test_a_kept_service_slow_to_answer_is_adopted_not_removed(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept instance (it may hold data) gets its whole startup time to answer when the next
+    owner opens, not the few seconds a dead owner's leftover gets: on a loaded machine the
+    short wait removed a Redis the user had kept (`dspy-infra up --keep`, then `services`)."""
+    monkeypatch.setattr(manager_module, "_ADOPT_WAIT", 0.3)  # the leftover's wait, made short
+    fields = {"keep": kit.http_fields(), "orphan": kit.http_fields()}
+    listed = await _owner_killed_after_starting(kit, fields)
+    served = kit.served_dir()
+    page, hidden = f"{served}/index.html", f"{served}/index.hidden"
+    # The kept service stops answering its probe (404) for longer than the leftover's wait.
+    assert (await kit.backend.exec(listed["keep"].id, kit.move_command(page, hidden))).exit_code == 0
+
+    async def answer_again() -> None:
+        await anyio.sleep(1.5)
+        assert (await kit.backend.exec(listed["keep"].id, kit.move_command(hidden, page))).exit_code == 0
+
+    bus = EventBus()
+    keep, orphan = apply_fields("keep", fields["keep"]), apply_fields("orphan", fields["orphan"])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(answer_again)
+        began = time.monotonic()
+        async with _manager(kit, keep, orphan, bus=bus) as mgr:
+            waited = time.monotonic() - began
+            assert _events(bus, "service_healthy")["keep"].data["adopted"] == "True"
+            assert (await mgr.status(["keep"]))["keep"].instance_id == listed["keep"].id
+            assert "keep" not in _events(bus, "service_orphan_removed")
+            assert "orphan" in _events(bus, "service_orphan_removed")
+            await mgr.stop()
+    assert waited >= 1.0  # it was adopted after the page came back, not before
     assert await _owned(kit) == []
 
 
