@@ -31,8 +31,11 @@ lint: venv
 	$(BIN)/ruff format --check dspy_infra tests benchmarks examples
 	$(BIN)/lint-imports
 
+# The tests import their helpers as top-level modules (engines, strategies): checked from tests/.
 typecheck: venv
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks examples
+	cd tests && $(abspath $(BIN))/mypy --config-file ../pyproject.toml --explicit-package-bases .
 
 unit: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -386,10 +386,10 @@ async def test_numbered_subscription_resumes_and_reports_what_left_the_history()
     for i in range(10):
         bus.publish("t", f"r{i}")
     bus.close()
-    got = [(seq, e.type, e.data) async for seq, e in bus.subscribe_numbered(after=2)]
+    dropped = [(seq, e.type, e.data) async for seq, e in bus.subscribe_numbered(after=2)]
     # Events 3..5 left the ring: one events_dropped (numbered as the last one it stands for).
-    assert got[0] == (5, "events_dropped", {"missed": "3"})
-    assert [seq for seq, _, _ in got[1:]] == [6, 7, 8, 9]
+    assert dropped[0] == (5, "events_dropped", {"missed": "3"})
+    assert [seq for seq, _, _ in dropped[1:]] == [6, 7, 8, 9]
 
 
 def test_history_of_one_resource_builds_only_its_events() -> None:

@@ -283,7 +283,7 @@ def test_engine_errors_translate_into_ours(status: int, message: str, kind: type
     assert type(error) is kind
     assert message in str(error) and "op t" in str(error)
     if "image" in message:
-        assert error.field == "image" and error.fix
+        assert isinstance(error, InfraError) and error.field == "image" and error.fix
 
 
 @pytest.mark.parametrize(
@@ -634,7 +634,7 @@ async def test_follow_yields_new_lines_live_and_closes_early(
             seen.append(entry.message)
             if len(seen) == 3:
                 break
-    await follow.aclose()  # type: ignore[attr-defined]
+    await follow.aclose()
     # Lines written after the stream opened, in order, and the service is untouched.
     numbers = [int(line.removeprefix("tick")) for line in seen]
     assert numbers == list(range(numbers[0], numbers[0] + 3))
@@ -870,7 +870,7 @@ async def test_wait_exit_on_podman_asks_libpod_with_a_short_interval(
         name=unique_name("w"), image=podman_engine.images.busybox, command=["sh", "-c", "exit 4"]
     )
     instance = await _run(podman_backend, spec)
-    docker._query_json = spy  # type: ignore[method-assign]
+    docker._query_json = spy
     try:
         with anyio.fail_after(60):
             assert await podman_backend.wait_exit(instance.id) == 4

@@ -92,7 +92,7 @@ def test_only_the_last_attempts_are_kept(tmp_path: Path) -> None:
 
 
 def _ctx(settings: object, **payload: object) -> TaskContext:
-    return TaskContext(TaskSpec("env", payload={"handler": "exec", **payload}), 1, settings)  # type: ignore[arg-type]
+    return TaskContext(TaskSpec("env", payload={"handler": "exec", **payload}), 1, settings)
 
 
 async def test_exec_never_sees_the_server_token_or_tls_key(

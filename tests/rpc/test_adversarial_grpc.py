@@ -373,7 +373,8 @@ def test_remote_commands_are_refused_under_exec_policy(
 ) -> None:
     pb, pb_grpc = stubs["orch"], stubs["orch_grpc"]
     env, env_grpc = stubs["env"], stubs["env_grpc"]
-    marker = Path(embedded_only.proc.args[-1]).parent / "pwned"  # never created
+    args: Any = embedded_only.proc.args  # (the argv list it was started with)
+    marker = Path(args[-1]).parent / "pwned"  # never created
     cmd = {"handler": "exec", "cmd": "id -un"}
     with grpc.insecure_channel(embedded_only.addr) as channel:
         orch = pb_grpc.OrchestratorServiceStub(channel)

@@ -25,10 +25,10 @@ class Ledger:
     """Records opens and closes of resources made by ``opener``."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, object]] = []
+        self.events: list[tuple[str, str]] = []
         self.fail_next = False
 
-    def opener(self, key: object) -> contextlib.AbstractAsyncContextManager[str]:
+    def opener(self, key: str) -> contextlib.AbstractAsyncContextManager[str]:
         @contextlib.asynccontextmanager
         async def resource() -> AsyncIterator[str]:
             await anyio.sleep(0.01)  # let concurrent callers pile up on the first open
@@ -76,7 +76,7 @@ async def test_a_failed_open_is_not_kept_and_the_next_get_tries_again() -> None:
 @settings(deadline=None)  # each example starts a loop and sleeps for real: no per-example time limit
 @given(st.lists(st.sampled_from("abcde"), max_size=20))
 def test_opens_equal_distinct_keys_and_every_open_is_closed(keys: list[str]) -> None:
-    async def scenario() -> list[tuple[str, object]]:
+    async def scenario() -> list[tuple[str, str]]:
         shared, ledger = SharedResources(), Ledger()
         for key in keys:
             assert await shared.get(key, lambda key=key: ledger.opener(key)) == f"resource-{key}"

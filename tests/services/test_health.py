@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def _spec(kind: str, port: int | None, **check: object) -> ServiceSpec:
     ports = [PortMapping(port, port)] if port else []
-    return ServiceSpec(name="svc", ports=ports, health=HealthCheck(kind=kind, **check))  # type: ignore[arg-type]
+    return ServiceSpec(name="svc", ports=ports, health=HealthCheck(kind=kind, **check))
 
 
 def _instance(port: int | None) -> Instance:
@@ -159,7 +159,7 @@ async def test_http_probe_checks_path_and_status(http_port: int, backend: Proces
     inst = _instance(http_port)
 
     async def check(**kw: object) -> ProbeResult:
-        return await probe_for(HealthCheck(kind="http", **kw)).check(  # type: ignore[arg-type]
+        return await probe_for(HealthCheck(kind="http", **kw)).check(
             backend, _spec("http", http_port, **kw), inst
         )
 

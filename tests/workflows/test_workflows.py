@@ -743,13 +743,13 @@ async def test_a_step_task_cancelled_from_outside_fails_the_run(tmp_path: Path) 
 
 def test_python_objects_of_the_wrong_shape_are_refused_naming_the_field() -> None:
     with pytest.raises(SpecError) as info:
-        StepSpec("a", depends_on=5)  # type: ignore[arg-type]
+        StepSpec("a", depends_on=5)
     assert info.value.field == "depends_on"
     with pytest.raises(SpecError) as info:
-        WorkflowSpec(steps=5)  # type: ignore[arg-type]
+        WorkflowSpec(steps=5)
     assert info.value.field == "steps"
     with pytest.raises(SpecError) as info:
-        WorkflowSpec(steps=[{"name": "a"}])  # type: ignore[list-item]
+        WorkflowSpec(steps=[{"name": "a"}])
     assert info.value.field == "steps[0]"
     # A whole-number timeout is the same spec as its float.
     assert StepSpec("a", timeout=5) == StepSpec("a", timeout=5.0)
