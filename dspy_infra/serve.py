@@ -155,10 +155,10 @@ class InfraServer(AsyncResource):
             sock = _listen(self.host, self.settings.http_port, "http_port")
             self.http_port = sock.getsockname()[1]
             await web.SockSite(self._http, sock, ssl_context=tls).start()
-        except BaseException:
+            await self._publish_scrape_target(tls is not None)
+        except BaseException:  # (a cancelled start too: nothing is left listening)
             await self.aclose()
             raise
-        await self._publish_scrape_target(tls is not None)
         return self
 
     async def _publish_scrape_target(self, https: bool) -> None:
