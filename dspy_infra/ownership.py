@@ -81,6 +81,7 @@ __all__ = [
     "pids_since",
     "proc_stat",
     "reap_before_start",
+    "replace_file",
     "same_process",
     "start_time_of",
     "sweep_action",
@@ -421,6 +422,12 @@ class AttemptRegistry:
                 continue
             out.append((path, AttemptRecord.from_json(text)))
         return out
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (blocking): a reader sees the old file or the
+    new one, never half of it; not flushed (``write_durably`` for that)."""
+    _replace_file(path, text, flush=False)
 
 
 def write_durably(path: Path, text: str) -> None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from ..config import Settings
+from ..ownership import replace_file
 
 __all__ = ["CONFIG_NAME", "TARGETS_DIR", "scrape_address", "write_config", "write_scrape_target"]
 
@@ -60,18 +59,6 @@ def _directory(settings: Settings) -> Path:
     return settings.resolved_home() / "prometheus"
 
 
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` in one rename, so Prometheus never reads half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_config(settings: Settings) -> Path:
     """``prometheus.yml`` unless the user has one (an unedited old one is replaced); its path."""
     directory = _directory(settings)
@@ -84,7 +71,7 @@ def write_config(settings: Settings) -> Path:
     except UnicodeDecodeError:
         return config  # not ours
     if current is None or _OLD_CONFIG.fullmatch(current):
-        _replace(config, _CONFIG)
+        replace_file(config, _CONFIG)
     return config
 
 
@@ -109,5 +96,5 @@ def write_scrape_target(settings: Settings, name: str, address: str, *, scheme: 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     doc = [{"targets": [address], "labels": {"__scheme__": scheme}}]
-    _replace(path, json.dumps(doc, indent=2) + "\n")
+    replace_file(path, json.dumps(doc, indent=2) + "\n")
     return path
