@@ -595,17 +595,27 @@ class DockerBackend(Backend):
         ``CheckDuplicate`` is best effort: two owners creating the network at once can both
         succeed, and containers then fail to start ("network is ambiguous"). Every creator
         lists the networks of that name; all agree the oldest one stays, and a creator whose
-        network is not that one removes it. Each waits until one is left before going on.
+        network is not that one removes it. Each waits until one is left before going on, and
+        until it saw one left twice: a creator that lists before another's network shows up
+        must not go on while the other keeps waiting for it to remove the older one.
         """
+        alone = 0
         for _ in range(50):
             async with self._api("network_list", self.network):
                 found = await self.docker.networks.list(filters={"name": [self.network]})
+            # By time, not by text: engines trim trailing zeros of the fraction, so as text
+            # "…01.25Z" sorts after "…01.251Z".
             same = sorted(
                 (n for n in found if n.get("Name") == self.network),
-                key=lambda n: (str(n.get("Created", "")), str(n.get("Id", ""))),
+                key=lambda n: (parse_engine_time(str(n.get("Created", ""))), str(n.get("Id", ""))),
             )
             if len(same) <= 1:
-                return
+                alone += 1
+                if alone == 2:
+                    return
+                await anyio.sleep(0.05)
+                continue
+            alone = 0
             keeper = str(same[0].get("Id", ""))
             if created != keeper and any(str(n.get("Id")) == created for n in same):
                 with contextlib.suppress(InfraError):
