@@ -140,6 +140,20 @@ def _str_tuple(value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+def _optional_str_tuple(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        raise SpecError(
+            f"expected a list of arguments, got the string {value!r}",
+            field="entrypoint",
+            fix='write it as a list, e.g. ["/bin/sh", "-c"], or [] to clear the image\'s',
+        )
+    return None if value is None else _str_tuple(value)
+
+
+#: ``ServiceSpec.network_mode`` values.
+NETWORK_MODES = ("service", "host")
+
+
 def _service_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
     validate_name(value, "name")
 
@@ -400,7 +414,8 @@ class VolumeMount:
     read_only: bool = False
 
     def __attrs_post_init__(self) -> None:
-        if not self.source or not self.target.startswith("/"):
+        # "{home}/...": the state directory, filled in by the catalog (see services/catalog.py).
+        if not self.source or not self.target.startswith(("/", "{home}")):
             raise SpecError(
                 f"bad volume {self.source!r}:{self.target!r}",
                 field="volumes",
@@ -524,8 +539,33 @@ class ServiceSpec:
     #: How clients reach it, e.g. ``"redis://{host}:{port}/0"`` (see ``services/handles.py``);
     #: empty: derived from the health check kind. Not part of the spec hash.
     url: str = ""
+    #: What a container runs ``command`` with: None keeps the image's ENTRYPOINT, ``()``
+    #: clears it (``command`` then runs as given, as a process runs it), a list replaces it.
+    #: A process runs ``entrypoint + command``.
+    entrypoint: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_str_tuple)
+    #: ``service``: the owner's container network, where other services reach it by name.
+    #: ``host``: the host's network (container backends): it binds free host ports itself
+    #: (``{port}``), reaches the host's loopback (a server bound to 127.0.0.1) and is not
+    #: reachable by name. A process is always on the host's network.
+    network_mode: str = "service"
+    #: The user a container runs as (``uid[:gid]``, or a name the image knows); "" keeps the
+    #: image's. ``{uid}`` and ``{gid}`` are the calling process's (files it writes to a bind
+    #: mount stay yours). A process runs as you: anything else is refused there.
+    user: str = ""
 
     def __attrs_post_init__(self) -> None:
+        if self.network_mode not in NETWORK_MODES:
+            raise SpecError(
+                f"unknown network mode {self.network_mode!r}",
+                field=f"services.{self.name}.network_mode",
+                fix="use service (the default: other services reach it by name) or host",
+            )
+        if not isinstance(self.user, str):
+            raise SpecError(
+                f"expected a string, got {self.user!r}",
+                field=f"services.{self.name}.user",
+                fix='write e.g. user = "1000:1000" or user = "{uid}:{gid}"',
+            )
         seen: set[int] = set()
         for p in self.ports:
             if p.host_port:
@@ -541,8 +581,19 @@ class ServiceSpec:
     @property
     def spec_hash(self) -> str:
         """Stable hash of everything that shapes the running instance (not restart policy)."""
-        doc = attrs.asdict(self, filter=lambda a, _v: a.name not in ("restart", "required", "url"))
+        doc = attrs.asdict(
+            self,
+            filter=lambda a, v: (
+                a.name not in ("restart", "required", "url")
+                # Fields added later count only when set, so an upgrade does not replace
+                # instances whose spec did not change.
+                and not (a.name in _LATER_SPEC_FIELDS and v == a.default)
+            ),
+        )
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_LATER_SPEC_FIELDS = frozenset({"entrypoint", "network_mode", "user"})
 
 
 class ServiceStatus(enum.StrEnum):

@@ -51,6 +51,7 @@ import attrs
 
 __all__ = [
     "ATTEMPT_ENV",
+    "LABEL_HOST_PORTS",
     "LABEL_NETWORK",
     "LABEL_OWNER",
     "LABEL_OWNER_PID",
@@ -644,6 +645,9 @@ LABEL_SPEC_HASH = "dspy_infra.spec_hash"
 #: On a network this library created (value "1"): only such a network is ever removed, and only
 #: once no container of anyone is on it; a network a user made and named in settings is left.
 LABEL_NETWORK = "dspy_infra.network"
+#: On a container on the host's network (``network_mode = "host"``): ``{container port: [host
+#: ip, host port]}`` as JSON, the ports it binds, which the engine publishes nowhere.
+LABEL_HOST_PORTS = "dspy_infra.host_ports"
 
 
 def owner_labels(owner: str) -> dict[str, str]:

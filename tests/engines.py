@@ -279,6 +279,31 @@ async def ensure_test_images(docker: aiodocker.Docker, contexts: dict[str, tuple
     )
 
 
+def prometheus_image(engine: Engine) -> str:
+    """A Prometheus image built like the official one (``prom/prometheus``): the binary at
+    ``/bin/prometheus`` as its ENTRYPOINT, run as ``nobody`` (65534), from Debian's binary
+    and the libraries it links. Built on first use (50 MB), not with the session's images."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        skip_or_fail("the prometheus binary is absent (apt-get install prometheus)")
+    files: dict[str, str | bytes] = {"rootfs/bin/prometheus": binary, "rootfs/prometheus/.keep": b""}
+    for library in _shared_libraries(binary):
+        files["rootfs" + library] = library
+    dockerfile = (
+        "FROM scratch\nCOPY rootfs/ /\nUSER 65534\nWORKDIR /prometheus\n"
+        'ENTRYPOINT ["/bin/prometheus"]\n'
+        'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]\n'
+    )
+    context = build_context(dockerfile, files)
+
+    async def build() -> str:
+        async with aiodocker.Docker(url=engine.host) as docker:
+            return await build_image(docker, "dspy-infra-test/prometheus", *context)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, build()).result()
+
+
 # ---------------------------------------------------------------------------------------
 # Fixtures
 

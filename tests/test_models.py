@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -118,6 +119,34 @@ def test_spec_hash_ignores_restart_policy_but_not_image() -> None:
     base = ServiceSpec("a", image="x:1")
     assert base.spec_hash == ServiceSpec("a", image="x:1", restart=RestartPolicy(mode="no")).spec_hash
     assert base.spec_hash != ServiceSpec("a", image="x:2").spec_hash
+
+
+def test_spec_fields_added_later_leave_existing_hashes_alone() -> None:
+    """An owner adopts a running instance only if its spec hash still matches: a new field at
+    its default must not change the hash, or an upgrade would replace every running service.
+    The figure is what the version before ``entrypoint``/``network_mode``/``user`` computed."""
+    spec = ServiceSpec("a", image="x:1", command=["a", "b"], ports=[PortMapping(80, 0)])
+    assert spec.spec_hash == "56f8f16a2534620a"
+    hashes = {
+        attrs.evolve(spec, entrypoint=()).spec_hash,
+        attrs.evolve(spec, network_mode="host").spec_hash,
+        attrs.evolve(spec, user="0").spec_hash,
+    }
+    assert spec.spec_hash not in hashes and len(hashes) == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"network_mode": "bridge"}, "services.a.network_mode"),
+        ({"user": 1000}, "services.a.user"),
+        ({"entrypoint": "sh -c"}, "entrypoint"),
+    ],
+)
+def test_container_fields_are_checked_naming_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError) as info:
+        ServiceSpec("a", **fields)
+    assert info.value.field == field
 
 
 def test_errors_render_field_and_fix() -> None:

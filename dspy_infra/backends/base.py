@@ -40,6 +40,7 @@ __all__ = [
     "free_port",
     "host_port_placeholders",
     "listen_port_placeholders",
+    "template_texts",
 ]
 
 
@@ -64,8 +65,9 @@ _PLACEHOLDER = re.compile(r"\{(port|host_port)(?:\.(\d+))?\}")
 _LISTEN_HOST = "{listen_host}"
 
 
-def _template_texts(spec: ServiceSpec) -> list[str]:
-    return [*spec.command, *spec.environment.values()]
+def template_texts(spec: ServiceSpec) -> list[str]:
+    """The texts whose placeholders a backend fills: entrypoint, command, environment values."""
+    return [*(spec.entrypoint or ()), *spec.command, *spec.environment.values()]
 
 
 def _placeholder_ports(spec: ServiceSpec, kind: str) -> set[int]:
@@ -73,7 +75,7 @@ def _placeholder_ports(spec: ServiceSpec, kind: str) -> set[int]:
     ``SpecError``."""
     known = [p.container_port for p in spec.ports]
     out: set[int] = set()
-    for text in _template_texts(spec):
+    for text in template_texts(spec):
         for match in _PLACEHOLDER.finditer(text):
             if match.group(1) != kind:
                 continue
@@ -127,7 +129,7 @@ def fill_port_placeholders(
 def expand_port_placeholders(
     spec: ServiceSpec, *, listen: Mapping[int, int], published: Mapping[int, int], listen_host: str
 ) -> ServiceSpec:
-    """``spec`` with the placeholders of its command and environment filled (see
+    """``spec`` with the placeholders of its entrypoint, command and environment filled (see
     ``fill_port_placeholders``)."""
     first = spec.ports[0].container_port if spec.ports else None
 
@@ -138,6 +140,7 @@ def expand_port_placeholders(
 
     return attrs.evolve(
         spec,
+        entrypoint=None if spec.entrypoint is None else tuple(fill(arg) for arg in spec.entrypoint),
         command=tuple(fill(arg) for arg in spec.command),
         environment={key: fill(value) for key, value in spec.environment.items()},
     )

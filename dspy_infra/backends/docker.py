@@ -43,7 +43,7 @@ from ..errors import (
 )
 from ..metrics import InfraMetrics
 from ..models import ExecResult, ImagePullProgress, Instance, LogEntry, ResourceUsage, ServiceSpec
-from ..ownership import LABEL_NETWORK
+from ..ownership import LABEL_HOST_PORTS, LABEL_NETWORK
 from .base import (
     LABEL_SERVICE,
     Backend,
@@ -51,6 +51,7 @@ from .base import (
     free_port,
     host_port_placeholders,
     listen_port_placeholders,
+    template_texts,
 )
 
 if TYPE_CHECKING:
@@ -150,7 +151,8 @@ def container_config(
     _require_image(spec)
     exposed: dict[str, dict[str, Any]] = {}
     bindings: dict[str, list[dict[str, str]]] = {}
-    for port in spec.ports:
+    host_network = spec.network_mode == "host"
+    for port in () if host_network else spec.ports:
         key = f"{port.container_port}/{port.protocol}"
         exposed[key] = {}
         if port.host_port is not None:
@@ -158,7 +160,7 @@ def container_config(
             host_port = str(port.host_port) if port.host_port else ""
             bindings.setdefault(key, []).append({"HostIp": port.host_ip, "HostPort": host_port})
     host_config: dict[str, Any] = {
-        "NetworkMode": network,
+        "NetworkMode": "host" if host_network else network,
         "PortBindings": bindings,
         "Binds": [
             f"{volume.source}:{volume.target}" + (":ro" if volume.read_only else "")
@@ -178,10 +180,21 @@ def container_config(
         "ExposedPorts": exposed,
         "HostConfig": host_config,
     }
-    if network not in BUILTIN_NETWORKS:  # engines refuse aliases on their built-in networks
+    if host_network:
+        # Nothing is published: the engine cannot report these ports, so they ride along.
+        config["Labels"][LABEL_HOST_PORTS] = json.dumps(
+            {str(p.container_port): [p.host_ip, p.host_port] for p in spec.ports if p.host_port}
+        )
+    elif network not in BUILTIN_NETWORKS:  # engines refuse aliases on their built-in networks
         config["NetworkingConfig"] = {"EndpointsConfig": {network: {"Aliases": [spec.name]}}}
+    if spec.entrypoint is not None:
+        # [""] clears it on both engines (what `docker run --entrypoint ""` sends); Podman
+        # reads an empty list as "keep the image's".
+        config["Entrypoint"] = list(spec.entrypoint) or [""]
     if spec.command:
         config["Cmd"] = list(spec.command)
+    if spec.user:
+        config["User"] = spec.user
     if spec.workdir:
         config["WorkingDir"] = spec.workdir
     return config
@@ -194,14 +207,22 @@ def with_ports_filled(spec: ServiceSpec) -> ServiceSpec:
     before the container exists, so a free host port is chosen here and pinned."""
     wanted = host_port_placeholders(spec)
     listen_placeholders = listen_port_placeholders(spec)  # validates {port.N} names too
-    if (
-        not wanted
-        and not listen_placeholders
-        and "{listen_host}" not in " ".join([*spec.command, *spec.environment.values()])
-    ):
+    if spec.network_mode == "host":
+        # On the host's network the service binds host ports itself: every port is a free one
+        # (or the pinned one), and {port} is that number, bound on the port's host address.
+        ports = tuple(
+            p if p.host_port else attrs.evolve(p, host_port=free_port(_local_ip(p.host_ip)))
+            for p in spec.ports
+        )
+        bound = {p.container_port: p.host_port for p in ports if p.host_port}
+        listen_host = _local_ip(ports[0].host_ip) if ports else "127.0.0.1"
+        return expand_port_placeholders(
+            attrs.evolve(spec, ports=ports), listen=bound, published=bound, listen_host=listen_host
+        )
+    if not wanted and not listen_placeholders and "{listen_host}" not in " ".join(template_texts(spec)):
         return spec
     ports = tuple(
-        attrs.evolve(p, host_port=free_port(p.host_ip if p.host_ip not in ("", "0.0.0.0") else "127.0.0.1"))
+        attrs.evolve(p, host_port=free_port(_local_ip(p.host_ip)))
         if p.container_port in wanted and not p.host_port
         else p
         for p in spec.ports
@@ -210,6 +231,12 @@ def with_ports_filled(spec: ServiceSpec) -> ServiceSpec:
     listen = {p.container_port: p.container_port for p in ports}
     published = {p.container_port: p.host_port for p in ports if p.host_port}
     return expand_port_placeholders(spec, listen=listen, published=published, listen_host="0.0.0.0")
+
+
+def _local_ip(host_ip: str) -> str:
+    """Where a free port is looked for (and a host-network service binds): a published port's
+    address, loopback for an unset or wildcard one."""
+    return host_ip if host_ip not in ("", "0.0.0.0") else "127.0.0.1"
 
 
 def _require_image(spec: ServiceSpec) -> None:
@@ -394,6 +421,13 @@ def _instance_from_inspect(data: Mapping[str, Any]) -> Instance:
     else:
         kind = "exited"
     ports: dict[int, tuple[str, int]] = {}
+    if LABEL_HOST_PORTS in labels:  # a host-network container (see container_config)
+        try:
+            ports = {
+                int(k): (str(ip), int(port)) for k, (ip, port) in json.loads(labels[LABEL_HOST_PORTS]).items()
+            }
+        except (ValueError, TypeError):
+            ports = {}  # not ours after all: report no ports rather than fail every listing
     for key, bound in ((data.get("NetworkSettings") or {}).get("Ports") or {}).items():
         number, _, _proto = key.partition("/")
         for binding in bound or ():

@@ -181,6 +181,14 @@ def _bindable(ip: str, port: int) -> bool:
     return _bind_error(ip, port) is None
 
 
+def as_process(spec: ServiceSpec) -> ServiceSpec:
+    """``spec`` as a process runs it: ``entrypoint + command`` (a container's ENTRYPOINT and
+    CMD); ``network_mode`` means nothing here, a process is on the host's network."""
+    if spec.entrypoint is None:
+        return spec
+    return attrs.evolve(spec, command=(*spec.entrypoint, *spec.command), entrypoint=None)
+
+
 class ProcessBackend(Backend):
     """Runs each service's ``command`` as a local process group (see the module docstring)."""
 
@@ -264,13 +272,24 @@ class ProcessBackend(Backend):
 
     @staticmethod
     def _check_volumes(spec: ServiceSpec) -> None:
-        # A process sees the host's files as they are: there is nothing to mount. Refusing is
-        # kinder than silently running without the files the spec asked for.
-        if spec.volumes:
+        # A process sees the host's files as they are: there is nothing to mount, and a bind
+        # mount of a host path at the same path (the built-in Prometheus's) is already true.
+        # Refusing the others is kinder than silently running without the files they ask for.
+        moved = [v for v in spec.volumes if not (v.source.startswith("/") and v.source == v.target)]
+        if moved:
             raise SpecError(
-                "the process backend cannot mount volumes",
+                f"the process backend cannot mount volumes ({moved[0].source}:{moved[0].target})",
                 field=f"services.{spec.name}.volumes",
                 fix="point the command at host paths (or set workdir), or use backend='docker'",
+            )
+
+    @staticmethod
+    def _check_user(spec: ServiceSpec) -> None:
+        if spec.user and spec.user not in (str(os.getuid()), f"{os.getuid()}:{os.getgid()}"):
+            raise SpecError(
+                f"a process runs as you (uid {os.getuid()}), not as {spec.user!r}",
+                field=f"services.{spec.name}.user",
+                fix='leave user unset (or "{uid}:{gid}"), or use backend="docker"',
             )
 
     def _ports(self, spec: ServiceSpec, *, assign: bool) -> dict[int, tuple[str, int]]:
@@ -324,8 +343,10 @@ class ProcessBackend(Backend):
     def _check(self, spec: ServiceSpec) -> dict[int, tuple[str, int]]:
         """Everything a spec needs here (binary on PATH, no volumes, unmapped ports); blocking
         (it looks through PATH), so called in a worker thread. Returns the published ports."""
+        spec = as_process(spec)
         self._check_binary(spec)
         self._check_volumes(spec)
+        self._check_user(spec)
         return self._ports(spec, assign=False)
 
     async def prepare(self, specs: Sequence[ServiceSpec]) -> None:
@@ -403,6 +424,7 @@ class ProcessBackend(Backend):
 
     def _spawn(self, spec: ServiceSpec, instance_name: str, labels: dict[str, str]) -> Instance:
         self._check(spec)
+        spec = as_process(spec)
         d = self._claim(instance_name)  # first: a running twin is AlreadyExists, not a port clash
         try:
             ports = self._free_ports(spec)

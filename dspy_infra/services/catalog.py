@@ -10,8 +10,9 @@
    known key;
 3. ``extra``: ``ServiceSpec`` objects given in Python.
 
-A ``{home}`` in a command argument expands to the state directory (the built-in Prometheus
-keeps its config and data there). ``{port}``, ``{port.N}``, ``{host_port}``, ``{host_port.N}``
+A ``{home}`` in a command argument or a volume path expands to the state directory (the
+built-in Prometheus keeps its config and data there); ``{uid}`` and ``{gid}`` in ``user`` to
+the calling process's ids. ``{port}``, ``{port.N}``, ``{host_port}``, ``{host_port.N}``
 and ``{listen_host}`` in a command or environment value are filled by the backend with the
 ports it assigns (see ``backends/base.py``). A ``command`` (and ``health.command``) may be a
 list of arguments or one string, split with shell rules (``shlex``; no shell runs it).
@@ -27,12 +28,16 @@ TOML shapes accepted::
     depends_on = ["redis", {name = "init", condition = "service_completed_successfully"}]
     volumes = ["data:/data", "/srv/conf:/etc/conf:ro"]
     restart = {mode = "on-failure", max_restarts = 3}
+    entrypoint = []                        # clear the image's; [..] replaces it
+    network_mode = "host"                  # the host's network instead of the service network
+    user = "{uid}:{gid}"                   # run the container as you
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -158,6 +163,8 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         name="prometheus",
         image="prom/prometheus:latest",
+        # The image's entrypoint is /bin/prometheus; the command names it, as a process needs.
+        entrypoint=(),
         command=(
             "prometheus",
             "--config.file={home}/prometheus/prometheus.yml",
@@ -165,6 +172,12 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
             "--web.listen-address={listen_host}:{port}",
         ),
         ports=(PortMapping(9090, 0),),
+        # In a container too: its config and data at the same paths as for a process, written
+        # as you (the image's own user could not write your directory), and on the host's
+        # network, where the server's /metrics listens (on loopback by default).
+        volumes=(VolumeMount("{home}/prometheus", "{home}/prometheus"),),
+        user="{uid}:{gid}",
+        network_mode="host",
         health=HealthCheck(kind="http", path="/-/ready", port=9090),  # /-/healthy answers before queries do
         required=False,
         restart=_OPTIONAL_RESTART,
@@ -310,6 +323,19 @@ def apply_fields(name: str, fields: Mapping[str, Any], base: ServiceSpec | None 
                 changes[key] = _parse_nested(key, value, getattr(base, key) if base else None, field)
             elif key == "command":
                 changes[key] = parse_command(value, field)
+            elif key == "entrypoint":
+                # [] or "" clears the image's entrypoint (as in Docker Compose).
+                changes[key] = () if value in ([], ()) or value == "" else parse_command(value, field)
+            elif key in ("network_mode", "user"):
+                if not isinstance(value, str):
+                    raise ConfigError(
+                        f"expected a string, got {preview(value)}",
+                        field=field,
+                        fix='write network_mode = "host"'
+                        if key == "network_mode"
+                        else 'write user = "{uid}:{gid}"',
+                    )
+                changes[key] = value
             elif key == "url":
                 if not isinstance(value, str):
                     raise ConfigError(
@@ -394,10 +420,21 @@ def parse_overrides(
     return {name: apply_fields(name, fields, catalog.get(name)) for name, fields in grouped.items()}
 
 
-def _expand_home(spec: ServiceSpec, home: Path) -> ServiceSpec:
-    if not any("{home}" in arg for arg in spec.command):
-        return spec
-    return attrs.evolve(spec, command=tuple(arg.replace("{home}", str(home)) for arg in spec.command))
+def _expand_host_values(spec: ServiceSpec, home: Path) -> ServiceSpec:
+    """``{home}`` in command arguments and volume paths; ``{uid}``/``{gid}`` in ``user``."""
+    changes: dict[str, Any] = {}
+    if any("{home}" in arg for arg in spec.command):
+        changes["command"] = tuple(arg.replace("{home}", str(home)) for arg in spec.command)
+    if any("{home}" in v.source + v.target for v in spec.volumes):
+        changes["volumes"] = tuple(
+            attrs.evolve(
+                v, source=v.source.replace("{home}", str(home)), target=v.target.replace("{home}", str(home))
+            )
+            for v in spec.volumes
+        )
+    if "{uid}" in spec.user or "{gid}" in spec.user:
+        changes["user"] = spec.user.replace("{uid}", str(os.getuid())).replace("{gid}", str(os.getgid()))
+    return attrs.evolve(spec, **changes) if changes else spec
 
 
 def build_catalog(
@@ -421,7 +458,7 @@ def build_catalog(
     if not expand_home:
         return catalog
     home = settings.resolved_home()
-    return {name: _expand_home(spec, home) for name, spec in catalog.items()}
+    return {name: _expand_host_values(spec, home) for name, spec in catalog.items()}
 
 
 # -- showing a spec as TOML ------------------------------------------------------------------
@@ -480,7 +517,9 @@ def spec_to_toml(spec: ServiceSpec) -> str:
             if changed:
                 lines.append(f"{a.name} = {_toml_value(changed)}")
             continue
-        if value in ((), {}, "", None) or (a.default is not attrs.NOTHING and value == a.default):
+        if value is None or (a.default is not attrs.NOTHING and value == a.default):
+            continue
+        if value in ((), {}, "") and a.name != "entrypoint":  # an empty entrypoint clears the image's
             continue
         if a.name == "ports":
             value = [_port_text(p) for p in value]

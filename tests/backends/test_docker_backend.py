@@ -9,6 +9,7 @@ Redis answering PING, and a pull with progress from the real local registry.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -66,7 +67,7 @@ from dspy_infra.errors import (
     SpecError,
 )
 from dspy_infra.models import HealthCheck, Instance, PortMapping, Resources, ServiceSpec, VolumeMount
-from dspy_infra.ownership import LABEL_NETWORK
+from dspy_infra.ownership import LABEL_HOST_PORTS, LABEL_NETWORK
 
 # Fixtures from engines.py, imported so pytest sees them in this module.
 __all__ = [
@@ -98,10 +99,25 @@ def test_container_config_carries_every_part_of_the_spec(
     config = container_config(spec, instance_name="x", labels=owner_labels, network=network)
     assert config["Image"] == spec.image
     # Ownership labels win over the spec's own; nothing of either is lost.
-    assert config["Labels"] == {**spec.labels, **owner_labels}
+    assert {k: v for k, v in config["Labels"].items() if k != LABEL_HOST_PORTS} == {
+        **spec.labels,
+        **owner_labels,
+    }
     assert sorted(config["Env"]) == sorted(f"{k}={v}" for k, v in spec.environment.items())
     assert config.get("Cmd", []) == list(spec.command)
+    # None keeps the image's entrypoint; an empty one clears it ([""]: both engines agree).
+    expected_entrypoint = None if spec.entrypoint is None else (list(spec.entrypoint) or [""])
+    assert config.get("Entrypoint") == expected_entrypoint
+    assert config.get("User", "") == spec.user
     host = config["HostConfig"]
+    if spec.network_mode == "host":
+        # Nothing published: the ports the service binds ride along in a label.
+        assert host["NetworkMode"] == "host" and "NetworkingConfig" not in config
+        assert config["ExposedPorts"] == {} and host["PortBindings"] == {}
+        assert config["Labels"][LABEL_HOST_PORTS] == json.dumps(
+            {str(p.container_port): [p.host_ip, p.host_port] for p in spec.ports if p.host_port}
+        )
+        return
     assert host["NetworkMode"] == network
     if network in BUILTIN_NETWORKS:  # engines refuse aliases there
         assert "NetworkingConfig" not in config
@@ -407,6 +423,41 @@ async def test_services_reach_each_other_by_name(engine_backend: DockerBackend, 
     instance = await _run(engine_backend, client)
     assert await _wait_exit_code(engine_backend, instance.id) == 0
     assert await _output(engine_backend, instance.id) == ["ok"]
+
+
+async def test_a_host_network_service_binds_its_own_free_port_on_loopback(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    """``network_mode = "host"``: no port is published; the service binds the free host port
+    ``{port}`` names on ``{listen_host}`` (loopback), and every later inspect or listing (an
+    adopting owner's) reports that port, which the engine itself cannot."""
+    spec = ServiceSpec(
+        name=unique_name("hostweb"),
+        image=engine.images.busybox,
+        command=["httpd", "-f", "-p", "{listen_host}:{port}", "-h", "/www"],
+        ports=[PortMapping(8080, 0)],
+        network_mode="host",
+    )
+    instance = await _run(engine_backend, spec)
+    ip, port = instance.ports[8080]
+    assert ip == "127.0.0.1" and port > 0
+    body = b""
+    with anyio.fail_after(10):
+        while b"ok" not in body:
+            try:
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+            except OSError:
+                await anyio.sleep(0.05)
+                continue
+            async with stream:
+                await stream.send(b"GET /index.html HTTP/1.0\r\n\r\n")
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        body += await stream.receive()
+    assert (await engine_backend.inspect(instance.id)).ports == {8080: ("127.0.0.1", port)}
+    [listed] = await engine_backend.list_instances(_labels(engine_backend, spec.name))
+    assert listed.ports == {8080: ("127.0.0.1", port)}
+    assert engine_backend.probe_address(listed, 8080) == ("127.0.0.1", port)
 
 
 async def test_named_volume_and_bind_mounts(

@@ -5,6 +5,7 @@ port-remap errors."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -145,6 +146,43 @@ async def test_missing_binary_and_port_remap_are_named(backend: ProcessBackend) 
     assert vol.value.field == "services.vol.volumes"
     same = ServiceSpec(name="web2", command=["sleep", "1"], ports=[PortMapping(8080, 0), PortMapping(9090)])
     await backend.prepare([same])  # 0 / None publish the container port as is
+
+
+async def test_a_process_runs_entrypoint_and_command_as_you_where_the_files_are(
+    backend: ProcessBackend, tmp_path: Path
+) -> None:
+    """The container-only fields mean what they can for a process: ``entrypoint + command``
+    runs; a host path mounted at the same path and ``network_mode = "host"`` need nothing;
+    another user, or a mount that moves a path, is refused naming the field."""
+    marker = tmp_path / "ran"
+    spec = ServiceSpec(
+        name="both",
+        entrypoint=["sh", "-c"],
+        command=[f"echo $0 > {marker}; sleep 30", "from-entrypoint"],
+        volumes=[VolumeMount(str(tmp_path), str(tmp_path))],
+        network_mode="host",
+        user=f"{os.getuid()}:{os.getgid()}",
+    )
+    await backend.prepare([spec])
+    instance = await backend.run(spec, instance_name="both", labels={})
+    try:
+        with anyio.fail_after(10):
+            while True:
+                if marker.exists() and marker.read_text():
+                    break
+                await anyio.sleep(0.02)
+        assert marker.read_text() == "from-entrypoint\n"
+    finally:
+        await backend.stop(instance.id, timeout=1)
+        await backend.remove(instance.id)
+    other = ServiceSpec(name="other", command=["sleep", "1"], user="12345")
+    with pytest.raises(SpecError) as user:
+        await backend.prepare([other])
+    assert user.value.field == "services.other.user" and "12345" in str(user.value)
+    moved = ServiceSpec(name="moved", command=["sleep", "1"], volumes=[VolumeMount(str(tmp_path), "/data")])
+    with pytest.raises(SpecError) as vol:
+        await backend.prepare([moved])
+    assert vol.value.field == "services.moved.volumes"
 
 
 async def test_a_port_held_by_someone_else_is_refused_before_starting(backend: ProcessBackend) -> None:

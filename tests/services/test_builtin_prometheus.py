@@ -2,11 +2,13 @@
 
 Its config finds targets through ``targets/*.json``, which a server rewrites at each start
 (``services/prometheus.py``); a real Prometheus (Debian's binary, on the process backend)
-started through the catalog must then report the server's job ``up``."""
+started through the catalog must then report the server's job ``up``; on Docker and Podman
+too (``test_the_builtin_prometheus_scrapes_the_server_from_a_container``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,10 +16,21 @@ import aiohttp
 import anyio
 import pytest
 from _rpc_support import in_process_server
-from engines import skip_or_fail
+from engines import (
+    Engine,
+    docker_engine,
+    engine,
+    engine_kind,
+    engine_settings,
+    podman_engine,
+    prometheus_image,
+    skip_or_fail,
+)
 
 from dspy_infra.config import Settings
 from dspy_infra.services.prometheus import scrape_address, write_config, write_scrape_target
+
+__all__ = ["docker_engine", "engine", "engine_kind", "podman_engine"]  # fixtures, imported on purpose
 
 # What versions before the targets directory wrote, with the port setting of the time.
 _OLD = (
@@ -71,11 +84,10 @@ def test_a_scrape_target_file_is_replaced_whole(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["dspy_infra.json"]  # no temporary left
 
 
-async def test_the_builtin_prometheus_scrapes_the_server_on_its_free_port(tmp_path: Path) -> None:
-    if shutil.which("prometheus") is None:
-        skip_or_fail("the prometheus binary is absent (apt-get install prometheus)")
-    async with in_process_server(tmp_path / "state") as (infra, server):
-        target = json.loads((tmp_path / "state" / "prometheus" / "targets" / "dspy_infra.json").read_text())
+async def _scrapes_the_server(home: Path, **overrides: object) -> None:
+    """Start the catalog's ``prometheus`` beside a server; its ``dspy_infra`` job must be up."""
+    async with in_process_server(home, **overrides) as (infra, server):
+        target = json.loads((home / "prometheus" / "targets" / "dspy_infra.json").read_text())
         assert target[0]["targets"] == [f"127.0.0.1:{server.http_port}"]
         await infra.ensure_services(["prometheus"])
         host, port = infra.services.endpoint("prometheus")
@@ -94,3 +106,33 @@ async def test_the_builtin_prometheus_scrapes_the_server_on_its_free_port(tmp_pa
                 up = (await resp.json())["data"]["result"]
     assert seen[0]["scrapeUrl"] == f"http://127.0.0.1:{server.http_port}/metrics"
     assert [float(series["value"][1]) for series in up] == [1.0]
+
+
+async def test_the_builtin_prometheus_scrapes_the_server_on_its_free_port(tmp_path: Path) -> None:
+    if shutil.which("prometheus") is None:
+        skip_or_fail("the prometheus binary is absent (apt-get install prometheus)")
+    await _scrapes_the_server(tmp_path / "state")
+
+
+async def test_the_builtin_prometheus_scrapes_the_server_from_a_container(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The same on Docker and Podman, from an image shaped like the official one (its own
+    ENTRYPOINT, run as nobody): the catalog's spec clears the entrypoint, mounts the state's
+    ``prometheus`` directory at the same path, runs as the caller and joins the host's network,
+    where the server listens on loopback. Before, the container could not start (its command
+    went to the image's entrypoint, its config was not there) and could not reach the server."""
+    image = prometheus_image(engine)
+    names = engine_settings(tmp_path)
+    home = tmp_path / "state"
+    await _scrapes_the_server(
+        home,
+        backend="docker",
+        docker_host=engine.host,
+        network=names.network,
+        owner=names.owner,
+        services={"prometheus": {"image": image}},
+    )
+    # What it wrote in the state directory is the caller's, so the user can remove it.
+    written = [p for p in (home / "prometheus" / "data").rglob("*")]
+    assert written and {p.stat().st_uid for p in written} == {os.getuid()}
