@@ -564,7 +564,7 @@ def service_specs(draw: st.DrawFn) -> ServiceSpec:
             memory_bytes=draw(st.one_of(st.none(), st.integers(4 << 20, 1 << 40))),
         ),
         entrypoint=draw(st.one_of(st.none(), st.lists(text_values, max_size=2))),
-        network_mode=draw(st.sampled_from(["service", "host"])),
+        network_mode=draw(st.sampled_from(["service", "bridge", "host"])),
         user=draw(st.sampled_from(["", "0", "1000:1000", "nobody"])),
     )
 
@@ -742,7 +742,7 @@ def service_cli_service_specs(draw: st.DrawFn) -> ServiceSpec:
         restart=RestartPolicy(max_restarts=draw(st.integers(0, 9))),
         url=draw(st.sampled_from(["", "redis://{host}:{port}/0", 'x"y\\z'])),
         entrypoint=draw(st.one_of(st.none(), st.lists(text, max_size=2))),
-        network_mode=draw(st.sampled_from(["service", "host"])),
+        network_mode=draw(st.sampled_from(["service", "bridge", "host"])),
         user=draw(st.sampled_from(["", "{uid}:{gid}", "1000"])),
     )
 

@@ -138,7 +138,7 @@ def test_spec_fields_added_later_leave_existing_hashes_alone() -> None:
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
-        ({"network_mode": "bridge"}, "services.a.network_mode"),
+        ({"network_mode": "overlay"}, "services.a.network_mode"),
         ({"user": 1000}, "services.a.user"),
         ({"entrypoint": "sh -c"}, "entrypoint"),
     ],

@@ -146,9 +146,12 @@ def container_config(
     """The body of ``POST /containers/create`` for ``spec`` (Docker and Podman alike).
 
     ``labels`` (ownership) win over ``spec.labels``; the service name is the container's
-    alias on ``network`` so other services reach it by name.
+    alias on ``network`` so other services reach it by name. ``spec.network_mode`` may put it
+    on the engine's default ``bridge`` or the host's network instead (no alias there).
     """
     _require_image(spec)
+    if spec.network_mode == "bridge":
+        network = "bridge"  # the engine's default network (Podman's compat API maps it too)
     exposed: dict[str, dict[str, Any]] = {}
     bindings: dict[str, list[dict[str, str]]] = {}
     host_network = spec.network_mode == "host"

@@ -118,6 +118,8 @@ def test_container_config_carries_every_part_of_the_spec(
             {str(p.container_port): [p.host_ip, p.host_port] for p in spec.ports if p.host_port}
         )
         return
+    if spec.network_mode == "bridge":  # the engine's default network, whatever the owner's
+        network = "bridge"
     assert host["NetworkMode"] == network
     if network in BUILTIN_NETWORKS:  # engines refuse aliases there
         assert "NetworkingConfig" not in config
@@ -441,23 +443,51 @@ async def test_a_host_network_service_binds_its_own_free_port_on_loopback(
     instance = await _run(engine_backend, spec)
     ip, port = instance.ports[8080]
     assert ip == "127.0.0.1" and port > 0
-    body = b""
-    with anyio.fail_after(10):
-        while b"ok" not in body:
-            try:
-                stream = await anyio.connect_tcp("127.0.0.1", port)
-            except OSError:
-                await anyio.sleep(0.05)
-                continue
-            async with stream:
-                await stream.send(b"GET /index.html HTTP/1.0\r\n\r\n")
-                with contextlib.suppress(anyio.EndOfStream):
-                    while True:
-                        body += await stream.receive()
+    assert await _http_body("127.0.0.1", port) == b"ok\n"
     assert (await engine_backend.inspect(instance.id)).ports == {8080: ("127.0.0.1", port)}
     [listed] = await engine_backend.list_instances(_labels(engine_backend, spec.name))
     assert listed.ports == {8080: ("127.0.0.1", port)}
     assert engine_backend.probe_address(listed, 8080) == ("127.0.0.1", port)
+
+
+async def test_a_bridge_service_is_on_the_engines_default_network_and_published(
+    engine_backend: DockerBackend, engine: Engine
+) -> None:
+    """``network_mode = "bridge"``: off the service network (no alias, no name resolver to set
+    up, as testcontainers starts its containers), its port published as usual."""
+    spec = ServiceSpec(
+        name=unique_name("bridgeweb"),
+        image=engine.images.busybox,
+        command=["httpd", "-f", "-p", "8080", "-h", "/www"],
+        ports=[PortMapping(8080, 0)],
+        network_mode="bridge",
+    )
+    instance = await _run(engine_backend, spec)
+    raw = await engine_backend.docker.containers.container(instance.id).show()
+    assert raw["HostConfig"]["NetworkMode"] == "bridge"
+    assert engine_backend.network not in (raw["NetworkSettings"]["Networks"] or {})
+    _ip, port = instance.ports[8080]
+    assert await _http_body("127.0.0.1", port) == b"ok\n"
+
+
+async def _http_body(host: str, port: int) -> bytes:
+    """The body of ``GET /index.html`` once something answers there (within 10 s)."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                stream = await anyio.connect_tcp(host, port)
+            except OSError:
+                await anyio.sleep(0.05)
+                continue
+            reply = b""
+            async with stream:
+                await stream.send(b"GET /index.html HTTP/1.0\r\n\r\n")
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    while True:
+                        reply += await stream.receive()
+            if b"\r\n\r\n" in reply:  # a port proxy may accept and close before the server listens
+                return reply.split(b"\r\n\r\n", 1)[1]
+            await anyio.sleep(0.05)
 
 
 async def test_named_volume_and_bind_mounts(
