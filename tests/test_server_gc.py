@@ -31,9 +31,33 @@ raise SystemExit(asyncio.run(run_server(settings, on_ready=ready, own_process=sy
 """
 
 
+# The command itself (``dspy-infra serve``): reports once the collector was set, then stops.
+_CLI_CHILD = """
+import gc, json, os, signal, sys
+import dspy_infra.serve as serve
+from dspy_infra.cli import main
+
+before = gc.get_threshold()
+tune = serve.tune_gc_for_a_server
+
+def tuned():
+    tune()
+    print("GC " + json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.get_freeze_count()}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+serve.tune_gc_for_a_server = tuned
+raise SystemExit(main(["--home", sys.argv[1], "serve", "--backend", "process",
+                       "--grpc-port", "0", "--env-manager-port", "0", "--http-port", "0"]))
+"""
+
+
 def _gc_state(home: Path, mode: str) -> dict[str, list[int] | int]:
+    if mode == "cli":
+        args = [sys.executable, "-c", _CLI_CHILD, str(home)]
+    else:
+        args = [sys.executable, "-c", _CHILD, json.dumps(base_settings(home)), mode]
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(base_settings(home)), mode],
+        args,
         capture_output=True,
         text=True,
         timeout=120,
@@ -46,12 +70,12 @@ def _gc_state(home: Path, mode: str) -> dict[str, list[int] | int]:
     return state
 
 
-@pytest.mark.parametrize("mode", ["own", "embedded"])
+@pytest.mark.parametrize("mode", ["own", "embedded", "cli"])
 def test_only_a_process_that_is_the_server_changes_its_collector(tmp_path: Path, mode: str) -> None:
     state = _gc_state(tmp_path / "home", mode)
     before, after = state["before"], state["after"]
     assert isinstance(before, list) and isinstance(after, list)
-    if mode == "own":
+    if mode in ("own", "cli"):  # the command is a server's own process
         assert after == [max(before[0], SERVER_GC_THRESHOLD), *before[1:]]
         assert isinstance(state["frozen"], int) and state["frozen"] > 10_000  # the start's objects
     else:
