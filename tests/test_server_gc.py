@@ -33,7 +33,7 @@ raise SystemExit(asyncio.run(run_server(settings, on_ready=ready, own_process=sy
 
 # The command itself (``dspy-infra serve``): reports once the collector was set, then stops.
 _CLI_CHILD = """
-import gc, json, os, signal, sys
+import gc, json, os, signal, sys, threading
 import dspy_infra.serve as serve
 from dspy_infra.cli import main
 
@@ -46,6 +46,10 @@ def tuned():
     os.kill(os.getpid(), signal.SIGTERM)
 
 serve.tune_gc_for_a_server = tuned
+# Never tuned: stop anyway (no GC line, so the test fails) instead of running until killed.
+timer = threading.Timer(60, os.kill, (os.getpid(), signal.SIGTERM))
+timer.daemon = True
+timer.start()
 raise SystemExit(main(["--home", sys.argv[1], "serve", "--backend", "process",
                        "--grpc-port", "0", "--env-manager-port", "0", "--http-port", "0"]))
 """
