@@ -129,8 +129,9 @@ class Settings:
     backend: str = attrs.field(default="auto", validator=_one_of("auto", "docker", "process"))
     #: Docker Engine / Podman API address; None = $DOCKER_HOST or the default socket.
     docker_host: str | None = None
-    #: User-defined container network the services share; made on the first start when missing,
-    #: removed once the last container on it is stopped (one you made yourself is never removed).
+    #: User-defined container network the services share (those with ``network_mode =
+    #: "service"``, the default); made on the first start when missing, removed once the last
+    #: container on it is stopped (one you made yourself is never removed).
     network: str = "dspy_infra"
     #: Ownership label value; None = derived from the state directory (one owner per home).
     owner: str | None = None
