@@ -493,8 +493,9 @@ class EnvManagerService(env_pb.EnvManagerServiceBase):
     ) -> AsyncIterator[env_pb.ServiceStatusUpdate]:
         names = _names(list(message.service_names), "service_names")
         if message.overrides:
-            # Every override field can change what runs (command, image, environment, volumes,
-            # health probe command), so under a restrictive policy none is taken remotely.
+            # Every override field can change what runs or with what reach (command,
+            # entrypoint, image, environment, volumes, user, network_mode, health probe
+            # command), so under a restrictive policy none is taken remotely.
             refuse_remote_command(self.infra.settings, "overriding a service's fields", "overrides")
         stream = self.infra.services.start(
             names, parallel=message.parallel, overrides=dict(message.overrides)

@@ -410,6 +410,22 @@ def test_remote_commands_are_refused_under_exec_policy(
                     )
                 )
             ),
+            # No command, but the host's network as root with the host's root mounted.
+            lambda: next(
+                iter(
+                    envm.StartServices(
+                        env.StartServicesRequest(
+                            service_names=["redis"],
+                            overrides={
+                                "redis.network_mode": "host",
+                                "redis.user": "0",
+                                "redis.volumes": '["/:/host"]',
+                            },
+                        ),
+                        timeout=10,
+                    )
+                )
+            ),
         ]
         for call in refused:
             with pytest.raises(grpc.RpcError) as info:
