@@ -429,7 +429,7 @@ def _instance_from_inspect(data: Mapping[str, Any]) -> Instance:
             ports = {
                 int(k): (str(ip), int(port)) for k, (ip, port) in json.loads(labels[LABEL_HOST_PORTS]).items()
             }
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):
             ports = {}  # not ours after all: report no ports rather than fail every listing
     for key, bound in ((data.get("NetworkSettings") or {}).get("Ports") or {}).items():
         number, _, _proto = key.partition("/")

@@ -49,6 +49,7 @@ from dspy_infra.backends.docker import (
     DockerBackend,
     LogDemuxer,
     PullTracker,
+    _instance_from_inspect,
     container_config,
     parse_engine_time,
     resolve_docker_host,
@@ -145,6 +146,35 @@ def test_container_config_carries_every_part_of_the_spec(
         assert abs(host["NanoCpus"] - spec.resources.cpus * 1e9) <= 1
     assert host.get("Memory") == spec.resources.memory_bytes
     json.dumps(config)  # the body is JSON as is
+
+
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.recursive(
+            st.none() | st.integers() | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ).map(json.dumps),
+    )
+)
+def test_a_host_ports_label_of_any_shape_never_breaks_an_inspect(text: str) -> None:
+    """The ports of a host-network container come from its label, which anyone who can label a
+    container can write: whatever it holds, the instance is read (without those ports when the
+    label is not ours)."""
+    data = {
+        "Id": "c1",
+        "Name": "/x",
+        "State": {"Running": True},
+        "Config": {"Labels": {LABEL_HOST_PORTS: text}},
+    }
+    instance = _instance_from_inspect(data)
+    assert all(
+        isinstance(k, int) and isinstance(v[0], str) and isinstance(v[1], int)
+        for k, v in instance.ports.items()
+    )
 
 
 def test_ports_bind_to_loopback_by_default() -> None:
