@@ -423,8 +423,8 @@ class ProcessBackend(Backend):
         raise AssertionError("unreachable")
 
     def _spawn(self, spec: ServiceSpec, instance_name: str, labels: dict[str, str]) -> Instance:
-        self._check(spec)
         spec = as_process(spec)
+        self._check(spec)
         d = self._claim(instance_name)  # first: a running twin is AlreadyExists, not a port clash
         try:
             ports = self._free_ports(spec)

@@ -326,16 +326,6 @@ def apply_fields(name: str, fields: Mapping[str, Any], base: ServiceSpec | None 
             elif key == "entrypoint":
                 # [] or "" clears the image's entrypoint (as in Docker Compose).
                 changes[key] = () if value in ([], ()) or value == "" else parse_command(value, field)
-            elif key in ("network_mode", "user"):
-                if not isinstance(value, str):
-                    raise ConfigError(
-                        f"expected a string, got {preview(value)}",
-                        field=field,
-                        fix='write network_mode = "host"'
-                        if key == "network_mode"
-                        else 'write user = "{uid}:{gid}"',
-                    )
-                changes[key] = value
             elif key == "url":
                 if not isinstance(value, str):
                     raise ConfigError(
