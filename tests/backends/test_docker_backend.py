@@ -457,19 +457,24 @@ async def test_services_reach_each_other_by_name(engine_backend: DockerBackend, 
     assert await _output(engine_backend, instance.id) == ["ok"]
 
 
+def _httpd(engine: Engine, prefix: str, listen: str, *, network_mode: str) -> ServiceSpec:
+    """busybox ``httpd`` serving ``/www`` (its index says ``ok``) on ``listen``, container port 8080."""
+    return ServiceSpec(
+        name=unique_name(prefix),
+        image=engine.images.busybox,
+        command=["httpd", "-f", "-p", listen, "-h", "/www"],
+        ports=[PortMapping(8080, 0)],
+        network_mode=network_mode,
+    )
+
+
 async def test_a_host_network_service_binds_its_own_free_port_on_loopback(
     engine_backend: DockerBackend, engine: Engine
 ) -> None:
     """``network_mode = "host"``: no port is published; the service binds the free host port
     ``{port}`` names on ``{listen_host}`` (loopback), and every later inspect or listing (an
     adopting owner's) reports that port, which the engine itself cannot."""
-    spec = ServiceSpec(
-        name=unique_name("hostweb"),
-        image=engine.images.busybox,
-        command=["httpd", "-f", "-p", "{listen_host}:{port}", "-h", "/www"],
-        ports=[PortMapping(8080, 0)],
-        network_mode="host",
-    )
+    spec = _httpd(engine, "hostweb", "{listen_host}:{port}", network_mode="host")
     instance = await _run(engine_backend, spec)
     ip, port = instance.ports[8080]
     assert ip == "127.0.0.1" and port > 0
@@ -485,13 +490,7 @@ async def test_a_bridge_service_is_on_the_engines_default_network_and_published(
 ) -> None:
     """``network_mode = "bridge"``: off the service network (no alias, no name resolver to set
     up, as testcontainers starts its containers), its port published as usual."""
-    spec = ServiceSpec(
-        name=unique_name("bridgeweb"),
-        image=engine.images.busybox,
-        command=["httpd", "-f", "-p", "8080", "-h", "/www"],
-        ports=[PortMapping(8080, 0)],
-        network_mode="bridge",
-    )
+    spec = _httpd(engine, "bridgeweb", "8080", network_mode="bridge")
     instance = await _run(engine_backend, spec)
     raw = await engine_backend.docker.containers.container(instance.id).show()
     assert raw["HostConfig"]["NetworkMode"] == "bridge"
